@@ -1,0 +1,116 @@
+"""Loading teachers: MAE / DeiT / timm / safetensors formats, pos-embed resampling, clear mismatch errors."""
+import argparse
+
+import pytest
+import safetensors.torch
+import torch
+import torch.nn.functional as F
+from conftest import TINY
+
+from models_dual_vit import build_dual_vit, create_vit
+from util.pretrained import CheckpointMismatchError, load_pretrained_weights
+
+ARCH = {k: v for k, v in TINY.items() if k != 'img_size'}
+
+
+def encoder(img_size=32, pool='token', **kw):
+    return create_vit('vit_base_patch16_224', num_classes=0, global_pool=pool, img_size=img_size, **{**ARCH, **kw})
+
+
+def mae_pretrain_checkpoint(src):
+    """What MAE's pre-training writes: encoder keys in timm layout, final norm, the decoder, args."""
+    model = dict(src.state_dict())
+    model['mask_token'] = torch.randn(1, 1, 32)
+    model['decoder_embed.weight'] = torch.randn(32, 48)
+    model['decoder_pos_embed'] = torch.randn(1, 10, 32)
+    model['decoder_blocks.0.attn.qkv.weight'] = torch.randn(96, 32)
+    return {'model': model, 'args': argparse.Namespace(model='mae_vit_base_patch16', mask_ratio=0.75), 'epoch': 799}
+
+
+def test_mae_pretrain_checkpoint_with_decoder_and_other_grid_loads(tmp_path):
+    src = encoder(img_size=24)  # 3x3 grid
+    path = tmp_path / 'mae_pretrain_vit_tiny.pth'
+    torch.save(mae_pretrain_checkpoint(src), path)
+
+    dual = build_dual_vit('vit_base_patch16_224', mode='distill', num_classes=5, img_size=32, teacher_kwargs=ARCH)
+    report = dual.load_teacher(str(path))  # teacher grid is 4x4, pools with fc_norm: norm.* is classifier side
+    for k, v in src.state_dict().items():
+        if k.startswith('blocks.') or k.startswith('patch_embed.') or k == 'cls_token':
+            torch.testing.assert_close(dual.teacher.state_dict()[k], v, rtol=0, atol=0)
+    # independent resampling: bicubic over the patch grid, the class token's embedding kept
+    pos = src.pos_embed.detach()
+    grid = pos[:, 1:].reshape(1, 3, 3, 48).permute(0, 3, 1, 2)
+    grid = F.interpolate(grid, size=(4, 4), mode='bicubic', align_corners=False)
+    expected = torch.cat([pos[:, :1], grid.permute(0, 2, 3, 1).reshape(1, 16, 48)], dim=1)
+    torch.testing.assert_close(dual.teacher.pos_embed.detach(), expected, rtol=1e-5, atol=1e-6)
+    assert any('norm.weight' in line for line in report)
+    assert all(not p.requires_grad for p in dual.teacher.parameters())
+
+
+def test_teacher_ema_entry_and_its_absence(tmp_path):
+    src, ema = encoder(), encoder()
+    path = tmp_path / 'ft.pth'
+    torch.save({'model': src.state_dict(), 'model_ema': ema.state_dict()}, path)
+    target = encoder()
+    load_pretrained_weights(target, str(path), use_ema=True)
+    torch.testing.assert_close(target.blocks[0].attn.qkv.weight, ema.blocks[0].attn.qkv.weight, rtol=0, atol=0)
+    load_pretrained_weights(target, str(path), use_ema=False)
+    torch.testing.assert_close(target.blocks[0].attn.qkv.weight, src.blocks[0].attn.qkv.weight, rtol=0, atol=0)
+
+    torch.save({'model': src.state_dict()}, path)
+    with pytest.raises(ValueError, match='no EMA weights.*--use_teacher_ema'):
+        load_pretrained_weights(target, str(path), use_ema=True)
+
+
+def test_safetensors_plain_and_ddp_prefixed_state_dicts(tmp_path):
+    src = encoder()
+    st = tmp_path / 'model.safetensors'
+    safetensors.torch.save_file({k: v.contiguous() for k, v in src.state_dict().items()}, str(st))
+    ddp = tmp_path / 'ddp.pth'
+    torch.save({'state_dict': {'module.' + k: v for k, v in src.state_dict().items()}}, ddp)
+    for path in (st, ddp):
+        target = encoder()
+        load_pretrained_weights(target, str(path))
+        for k, v in src.state_dict().items():
+            torch.testing.assert_close(target.state_dict()[k], v, rtol=0, atol=0)
+
+
+def test_finetuned_checkpoint_with_other_head_keeps_own_head(tmp_path):
+    src = create_vit('vit_base_patch16_224', num_classes=1000, global_pool='avg', **TINY)
+    path = tmp_path / 'deit_style.pth'
+    torch.save({'model': src.state_dict()}, path)
+    target = create_vit('vit_base_patch16_224', num_classes=5, global_pool='avg', **TINY)
+    head = target.head.weight.detach().clone()
+    report = load_pretrained_weights(target, str(path))
+    assert torch.equal(target.head.weight, head)
+    assert torch.equal(target.fc_norm.weight, src.fc_norm.weight)
+    assert any('head.weight' in line for line in report)
+
+
+def test_mismatched_checkpoint_names_keys_and_shapes(tmp_path):
+    wider = encoder(embed_dim=96)
+    path = tmp_path / 'wider.pth'
+    torch.save({'model': wider.state_dict()}, path)
+    with pytest.raises(CheckpointMismatchError) as err:
+        load_pretrained_weights(encoder(), str(path))
+    msg = str(err.value)
+    assert 'shapes that differ' in msg and 'blocks.0.attn.qkv.weight: checkpoint (288, 96) vs model (144, 48)' in msg
+
+    sd = encoder().state_dict()
+    sd = {k: v for k, v in sd.items() if not k.startswith('blocks.3.')}
+    sd['blocks.7.attn.qkv.weight'] = torch.zeros(1)
+    torch.save(sd, path)
+    with pytest.raises(CheckpointMismatchError) as err:
+        load_pretrained_weights(encoder(), str(path))
+    msg = str(err.value)
+    assert 'missing keys' in msg and 'blocks.3.attn.qkv.weight' in msg
+    assert 'unexpected keys (1): blocks.7.attn.qkv.weight' in msg
+
+
+def test_unreadable_and_missing_files(tmp_path):
+    bad = tmp_path / 'truncated.pth'
+    bad.write_bytes(b'not a checkpoint')
+    with pytest.raises(ValueError, match='cannot read checkpoint'):
+        load_pretrained_weights(encoder(), str(bad))
+    with pytest.raises(FileNotFoundError, match='nowhere.pth'):
+        load_pretrained_weights(encoder(), str(tmp_path / 'nowhere.pth'))

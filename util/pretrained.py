@@ -1,0 +1,121 @@
+"""Loading pre-trained ViT weights (teachers, fine-tuning starts) with strict, explained key checks.
+
+Accepted files: MAE pre-training and fine-tuning checkpoints (``model`` / ``model_ema`` entries),
+DeiT-style checkpoints (``model``), plain timm state dicts, ``.safetensors`` files, and this
+project's own checkpoints. timm's ``checkpoint_filter_fn`` does the format conversions it knows
+(DINOv2 and CLIP originals, position-embedding resampling over the patch grid: bicubic without
+antialiasing as in MAE, prefix tokens kept). Everything else must fit: a checkpoint that does not
+gets an error listing the missing and unexpected keys and the shapes that differ.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+from typing import Any
+
+import safetensors.torch
+import torch
+import torch.nn as nn
+from timm.models import clean_state_dict
+from timm.models.vision_transformer import checkpoint_filter_fn
+
+# Keys of MAE's pre-training decoder: part of the checkpoint, not of the encoder.
+IGNORED_PREFIXES = ('decoder_', 'mask_token')
+# Classifier-side parameters: a pre-training checkpoint has none (or a final ``norm`` where the model
+# pools with ``fc_norm``), a fine-tuned one has a head for another label set. They may be absent,
+# extra or of another shape; the model keeps its own freshly initialised ones.
+CLASSIFIER_PREFIXES = ('head.', 'fc_norm.', 'norm.')
+# Entries that hold a model's state dict, in the order they are looked for.
+STATE_DICT_ENTRIES = ('model', 'state_dict', 'module')
+EMA_ENTRIES = ('model_ema', 'state_dict_ema')
+
+
+class CheckpointMismatchError(ValueError):
+    """A checkpoint whose parameters do not fit the model."""
+
+
+def read_checkpoint(path: str) -> Any:
+    """The object stored in a ``.pth`` / ``.safetensors`` file, on the CPU."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"checkpoint not found: {path!r}")
+    if path.endswith('.safetensors'):
+        return safetensors.torch.load_file(path, device='cpu')
+    try:
+        # MAE and DeiT checkpoints store their argparse.Namespace of arguments beside the weights.
+        with torch.serialization.safe_globals([argparse.Namespace]):
+            return torch.load(path, map_location='cpu', weights_only=True)
+    except Exception as e:
+        raise ValueError(f"cannot read checkpoint {path!r} ({type(e).__name__}: {e}); "
+                         "expected a torch .pth file or a .safetensors file") from e
+
+
+def select_state_dict(checkpoint: Any, use_ema: bool = False, source: str = 'checkpoint') -> dict:
+    """The model weights inside a loaded checkpoint: its ``model_ema`` entry when ``use_ema``,
+    else its ``model`` (or ``state_dict``) entry, else the checkpoint itself when it is a state dict."""
+    if not isinstance(checkpoint, dict):
+        raise ValueError(f"{source}: expected a dict of tensors or of entries, got {type(checkpoint).__name__}")
+    if use_ema:
+        for key in EMA_ENTRIES:
+            if isinstance(checkpoint.get(key), dict):
+                return clean_state_dict(checkpoint[key])
+        raise ValueError(f"{source} has no EMA weights (no {' or '.join(EMA_ENTRIES)} entry; entries: "
+                         f"{', '.join(sorted(checkpoint)[:12])}); drop --use_teacher_ema to load its model weights")
+    for key in STATE_DICT_ENTRIES:
+        if isinstance(checkpoint.get(key), dict):
+            return clean_state_dict(checkpoint[key])
+    if checkpoint and all(isinstance(v, torch.Tensor) for v in checkpoint.values()):
+        return clean_state_dict(checkpoint)
+    raise ValueError(f"{source}: no model weights found (looked for entries {', '.join(STATE_DICT_ENTRIES)} "
+                     f"or a plain state dict; entries: {', '.join(sorted(map(str, checkpoint))[:12])})")
+
+
+def _is_classifier(key: str) -> bool:
+    return key.startswith(CLASSIFIER_PREFIXES)
+
+
+def _listing(title: str, items: list[str], limit: int = 20) -> str:
+    more = f" ... and {len(items) - limit} more" if len(items) > limit else ''
+    return f"{title} ({len(items)}): " + ', '.join(items[:limit]) + more
+
+
+def fit_state_dict(model: nn.Module, state_dict: dict, source: str = 'checkpoint') -> tuple[dict, list[str]]:
+    """The subset of ``state_dict`` to load into ``model`` and a report of what was left out.
+
+    Raises CheckpointMismatchError when encoder keys are missing or unexpected or have another shape.
+    """
+    if hasattr(model, 'patch_embed'):
+        # plain bicubic, as MAE's interpolate_pos_embed (timm's default adds antialiasing)
+        state_dict = checkpoint_filter_fn(state_dict, model, antialias=False)
+    state_dict = {k: v for k, v in state_dict.items() if not k.startswith(IGNORED_PREFIXES)}
+    own = model.state_dict()
+    missing = [k for k in own if k not in state_dict]
+    unexpected = [k for k in state_dict if k not in own]
+    reshaped = [f"{k}: checkpoint {tuple(state_dict[k].shape)} vs model {tuple(own[k].shape)}"
+                for k in own if k in state_dict and state_dict[k].shape != own[k].shape and not _is_classifier(k)]
+    problems = [k for k in missing if not _is_classifier(k)], [k for k in unexpected if not _is_classifier(k)]
+    if problems[0] or problems[1] or reshaped:
+        parts = [f"{source} does not fit {type(model).__name__}"]
+        if problems[0]:
+            parts.append(_listing('missing keys', problems[0]))
+        if problems[1]:
+            parts.append(_listing('unexpected keys', problems[1]))
+        if reshaped:
+            parts.append(_listing('shapes that differ', reshaped))
+        parts.append("check that --model / --teacher_model names the architecture the checkpoint was trained with")
+        raise CheckpointMismatchError('\n  '.join(parts))
+    kept = {k: v for k, v in state_dict.items() if k in own and v.shape == own[k].shape}
+    report = []
+    skipped = sorted(set(missing) | {k for k in own if k in state_dict and k not in kept})
+    if skipped:
+        report.append(_listing('kept the model\'s own (classifier side)', skipped))
+    if unexpected:
+        report.append(_listing('ignored from the checkpoint (classifier side)', unexpected))
+    return kept, report
+
+
+def load_pretrained_weights(model: nn.Module, path: str, use_ema: bool = False) -> list[str]:
+    """Load a pre-trained checkpoint into a timm ViT; returns report lines of what was not loaded."""
+    state_dict = select_state_dict(read_checkpoint(path), use_ema=use_ema, source=f"checkpoint {path!r}")
+    kept, report = fit_state_dict(model, state_dict, source=f"checkpoint {path!r}")
+    model.load_state_dict(kept, strict=False)
+    return [f"loaded {len(kept)} tensors from {path}" + (' (model_ema)' if use_ema else '')] + report
