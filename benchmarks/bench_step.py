@@ -1,0 +1,130 @@
+"""Time one training step per mode, and the teacher's forward alone.
+
+A step is forward, losses, backward and an AdamW update of the student. Each mode runs in its own
+child process so its peak memory is its own (CUDA: max allocated; CPU: peak resident set size).
+The last line is the ratio t(distill step) / (t(teacher forward) + t(plain student step)): what
+attention distillation costs beyond running a teacher beside a plain student (goal: <= 1.15).
+
+    python benchmarks/bench_step.py --model vit_tiny_patch16_224 --batch_size 32 --input_size 224
+    python benchmarks/bench_step.py --model dual_vit_large_patch16 --batch_size 32 --device cuda --amp bf16
+"""
+import argparse
+import multiprocessing as mp
+import os
+import resource
+import statistics
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+from models_dual_vit import build_dual_vit  # noqa: E402
+
+MODES = ('teacher_forward', 'none', 'copy', 'distill')
+
+
+def get_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument('--model', default='vit_tiny_patch16_224', help='dual_vit_*, MAE or timm ViT name')
+    p.add_argument('--batch_size', type=int, default=32, help='images per step')
+    p.add_argument('--input_size', type=int, default=224, help='image side in pixels')
+    p.add_argument('--nb_classes', type=int, default=1000, help='classifier width')
+    p.add_argument('--end_layer', type=int, default=0, help='transfer layers [0, depth + end_layer)')
+    p.add_argument('--drop_path', type=float, default=0.1, help='stochastic depth rate of the student')
+    p.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu', help='cpu or cuda')
+    p.add_argument('--amp', default=None, choices=['bf16', 'fp16', 'none'],
+                   help='autocast precision (default: bf16 on CUDA, none on CPU)')
+    p.add_argument('--steps', type=int, default=10, help='timed steps per mode (median reported)')
+    p.add_argument('--warmup', type=int, default=3, help='untimed steps per mode before timing')
+    p.add_argument('--threads', type=int, default=0, help='CPU threads (0: torch default)')
+    p.add_argument('--modes', default=','.join(MODES), help=f'comma-separated subset of {",".join(MODES)}')
+    args = p.parse_args(argv)
+    if args.amp is None:
+        args.amp = 'bf16' if args.device.startswith('cuda') else 'none'
+    return args
+
+
+def measure(args, mode: str, queue) -> None:
+    """Child process: time ``mode`` and put (median seconds per step, peak bytes) on the queue."""
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    torch.manual_seed(0)
+    transfer = 'distill' if mode == 'teacher_forward' else mode
+    model = build_dual_vit(args.model, mode=transfer, drop_path_rate=args.drop_path, end_layer=args.end_layer,
+                           num_classes=args.nb_classes, img_size=args.input_size).to(device)
+    x = torch.randn(args.batch_size, 3, args.input_size, args.input_size, device=device)
+    y = torch.randint(0, args.nb_classes, (args.batch_size,), device=device)
+    dtype = {'bf16': torch.bfloat16, 'fp16': torch.float16}.get(args.amp)
+    autocast = torch.autocast(device.type, dtype=dtype, enabled=dtype is not None)
+    scaler = torch.amp.GradScaler(device.type, enabled=args.amp == 'fp16')
+    opt = torch.optim.AdamW(model.student.parameters(), lr=1e-4)
+    model.train()
+
+    def step():
+        if mode == 'teacher_forward':
+            with torch.no_grad(), autocast:
+                model.teacher(x)
+            return
+        with autocast:
+            out = model(x)
+            logits, aux = out if isinstance(out, tuple) else (out, None)
+            loss = F.cross_entropy(logits, y)
+            if aux is not None:
+                loss = loss + 3.0 * aux
+        opt.zero_grad(set_to_none=True)
+        scaler.scale(loss).backward()
+        scaler.step(opt)
+        scaler.update()
+
+    def sync():
+        if device.type == 'cuda':
+            torch.cuda.synchronize()
+
+    for _ in range(args.warmup):
+        step()
+    sync()
+    if device.type == 'cuda':
+        torch.cuda.reset_peak_memory_stats()
+    times = []
+    for _ in range(args.steps):
+        t0 = time.perf_counter()
+        step()
+        sync()
+        times.append(time.perf_counter() - t0)
+    if device.type == 'cuda':
+        peak = torch.cuda.max_memory_allocated()
+    else:
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    queue.put((statistics.median(times), peak))
+
+
+def main(args) -> dict:
+    ctx = mp.get_context('spawn')
+    results = {}
+    for mode in args.modes.split(','):
+        queue = ctx.Queue()
+        proc = ctx.Process(target=measure, args=(args, mode, queue))
+        proc.start()
+        results[mode] = queue.get()
+        proc.join()
+    memory = 'peak CUDA memory' if args.device.startswith('cuda') else 'peak RSS'
+    device = torch.cuda.get_device_name() if args.device.startswith('cuda') else f'CPU x{torch.get_num_threads()}'
+    print(f"\n{args.model}, batch {args.batch_size}, {args.input_size}px, {device}, amp {args.amp}, "
+          f"end_layer {args.end_layer}, median of {args.steps} steps\n")
+    print(f"| mode | ms / step | images / s | {memory} (GiB) |")
+    print("| --- | ---: | ---: | ---: |")
+    for mode, (sec, peak) in results.items():
+        name = 'teacher forward (no grad)' if mode == 'teacher_forward' else f'{mode} step'
+        print(f"| {name} | {sec * 1e3:.1f} | {args.batch_size / sec:.1f} | {peak / 2 ** 30:.2f} |")
+    if {'teacher_forward', 'none', 'distill'} <= results.keys():
+        ratio = results['distill'][0] / (results['teacher_forward'][0] + results['none'][0])
+        print(f"\nt(distill step) / (t(teacher forward) + t(plain student step)) = {ratio:.3f}")
+    return results
+
+
+if __name__ == '__main__':
+    main(get_args())
