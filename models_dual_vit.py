@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from timm.layers import Attention
 from timm.models.vision_transformer import Block, VisionTransformer
 
-from util.pretrained import load_pretrained_weights
+from util.pretrained import LoadReport, load_pretrained_weights
 
 Tensor = torch.Tensor
 Captured = dict  # activation name ('q', 'k', 'v', 'attn', 'attn_logits') -> tensor
@@ -381,13 +381,29 @@ class DualViT(nn.Module):
             self.teacher.eval()  # the teacher never uses dropout; stochastic depth comes as shared masks
         return self
 
-    def load_teacher(self, path: str, use_ema: bool = False) -> list[str]:
-        """Load pre-trained teacher weights (see util.pretrained); returns the report lines."""
+    def load_teacher(self, path: str, use_ema: bool = False) -> LoadReport:
+        """Load pre-trained teacher weights (see util.pretrained.load_pretrained_weights)."""
         if self.teacher is None:
             raise ValueError("this model has no teacher (mode 'none')")
         report = load_pretrained_weights(self.teacher, path, use_ema=use_ema)
         self.teacher.requires_grad_(False)
         return report
+
+    def with_student(self, student: VisionTransformer) -> DualViT:
+        """The same teacher and transfer around another student (e.g. the EMA weights, for evaluation)."""
+        return DualViT(student, self.teacher, mode=self.mode.name if self.mode else None, layers=self.layers or None,
+                       share_drop_path=self.share_drop_path)
+
+    @property
+    def may_leave_student_parameters_unused(self) -> bool:
+        """Whether some trainable student parameters get no gradient: in copy, copy_q and copy_k the
+        student's own qk-norm of transferred layers is replaced by the teacher's activations (DDP must
+        then look for unused parameters)."""
+        if self.mode is None or self.mode.use != 'replace' or self.mode.exposes == 'v':
+            return False
+        attns = [self.student.blocks[i].attn for i in self.layers]
+        norms = [m for a in attns for m in (a.q_norm, a.k_norm)]
+        return any(p.requires_grad for m in norms for p in m.parameters())
 
     def draw_drop_path_masks(self, batch_size: int, device: torch.device) -> DropPathMasks:
         """Masks for one training step, drawn from the student's stochastic-depth rates."""

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import argparse
 import os
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from typing import Any
 
 import safetensors.torch
@@ -78,44 +80,65 @@ def _listing(title: str, items: list[str], limit: int = 20) -> str:
     return f"{title} ({len(items)}): " + ', '.join(items[:limit]) + more
 
 
-def fit_state_dict(model: nn.Module, state_dict: dict, source: str = 'checkpoint') -> tuple[dict, list[str]]:
-    """The subset of ``state_dict`` to load into ``model`` and a report of what was left out.
+def check_fits(model: nn.Module, state_dict: dict, source: str, tolerate: Callable[[str], bool]) -> None:
+    """Raise CheckpointMismatchError naming the missing and unexpected keys and the shapes that
+    differ, ignoring keys for which ``tolerate(key)`` is true."""
+    own = model.state_dict()
+    missing = [k for k in own if k not in state_dict and not tolerate(k)]
+    unexpected = [k for k in state_dict if k not in own and not tolerate(k)]
+    reshaped = [f"{k}: checkpoint {tuple(state_dict[k].shape)} vs model {tuple(own[k].shape)}"
+                for k in own if k in state_dict and state_dict[k].shape != own[k].shape and not tolerate(k)]
+    if not (missing or unexpected or reshaped):
+        return
+    parts = [f"{source} does not fit {type(model).__name__}"]
+    if missing:
+        parts.append(_listing('missing keys', missing))
+    if unexpected:
+        parts.append(_listing('unexpected keys', unexpected))
+    if reshaped:
+        parts.append(_listing('shapes that differ', reshaped))
+    parts.append("check that --model / --teacher_model / --student_model name the architecture the checkpoint "
+                 "was trained with (and --input_size, --nb_classes, --global_pool/--cls_token)")
+    raise CheckpointMismatchError('\n  '.join(parts))
 
-    Raises CheckpointMismatchError when encoder keys are missing or unexpected or have another shape.
+
+def load_exact(model: nn.Module, state_dict: dict, source: str) -> None:
+    """Load a state dict that must match the model key for key and shape for shape."""
+    check_fits(model, state_dict, source, tolerate=lambda k: False)
+    model.load_state_dict(state_dict)
+
+
+@dataclass
+class LoadReport:
+    path: str
+    loaded: set = field(default_factory=set)
+    lines: list = field(default_factory=list)
+
+    def __str__(self) -> str:
+        return '\n'.join([f"loaded {len(self.loaded)} tensors from {self.path}"] + self.lines)
+
+
+def load_pretrained_weights(model: nn.Module, path: str, use_ema: bool = False) -> LoadReport:
+    """Load a pre-trained checkpoint into a timm ViT.
+
+    Classifier-side keys (head, fc_norm, final norm) may be absent, extra or of another shape: the
+    model keeps its own. Any other difference raises CheckpointMismatchError.
     """
+    source = f"checkpoint {path!r}" + (' (model_ema)' if use_ema else '')
+    state_dict = select_state_dict(read_checkpoint(path), use_ema=use_ema, source=source)
     if hasattr(model, 'patch_embed'):
         # plain bicubic, as MAE's interpolate_pos_embed (timm's default adds antialiasing)
         state_dict = checkpoint_filter_fn(state_dict, model, antialias=False)
     state_dict = {k: v for k, v in state_dict.items() if not k.startswith(IGNORED_PREFIXES)}
+    check_fits(model, state_dict, source, tolerate=_is_classifier)
     own = model.state_dict()
-    missing = [k for k in own if k not in state_dict]
-    unexpected = [k for k in state_dict if k not in own]
-    reshaped = [f"{k}: checkpoint {tuple(state_dict[k].shape)} vs model {tuple(own[k].shape)}"
-                for k in own if k in state_dict and state_dict[k].shape != own[k].shape and not _is_classifier(k)]
-    problems = [k for k in missing if not _is_classifier(k)], [k for k in unexpected if not _is_classifier(k)]
-    if problems[0] or problems[1] or reshaped:
-        parts = [f"{source} does not fit {type(model).__name__}"]
-        if problems[0]:
-            parts.append(_listing('missing keys', problems[0]))
-        if problems[1]:
-            parts.append(_listing('unexpected keys', problems[1]))
-        if reshaped:
-            parts.append(_listing('shapes that differ', reshaped))
-        parts.append("check that --model / --teacher_model names the architecture the checkpoint was trained with")
-        raise CheckpointMismatchError('\n  '.join(parts))
     kept = {k: v for k, v in state_dict.items() if k in own and v.shape == own[k].shape}
-    report = []
-    skipped = sorted(set(missing) | {k for k in own if k in state_dict and k not in kept})
-    if skipped:
-        report.append(_listing('kept the model\'s own (classifier side)', skipped))
-    if unexpected:
-        report.append(_listing('ignored from the checkpoint (classifier side)', unexpected))
-    return kept, report
-
-
-def load_pretrained_weights(model: nn.Module, path: str, use_ema: bool = False) -> list[str]:
-    """Load a pre-trained checkpoint into a timm ViT; returns report lines of what was not loaded."""
-    state_dict = select_state_dict(read_checkpoint(path), use_ema=use_ema, source=f"checkpoint {path!r}")
-    kept, report = fit_state_dict(model, state_dict, source=f"checkpoint {path!r}")
     model.load_state_dict(kept, strict=False)
-    return [f"loaded {len(kept)} tensors from {path}" + (' (model_ema)' if use_ema else '')] + report
+    report = LoadReport(path, set(kept))
+    own_kept = sorted(k for k in own if k not in kept)
+    ignored = sorted(k for k in state_dict if k not in kept)
+    if own_kept:
+        report.lines.append(_listing("kept the model's own (classifier side)", own_kept))
+    if ignored:
+        report.lines.append(_listing('ignored from the checkpoint (classifier side)', ignored))
+    return report

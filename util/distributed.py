@@ -1,0 +1,109 @@
+"""Distributed set-up (torchrun, srun, submitit) and the few collectives the training loop needs."""
+from __future__ import annotations
+
+import datetime
+import os
+import subprocess
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+
+
+def is_dist() -> bool:
+    return dist.is_available() and dist.is_initialized()
+
+
+def get_rank() -> int:
+    return dist.get_rank() if is_dist() else 0
+
+
+def get_world_size() -> int:
+    return dist.get_world_size() if is_dist() else 1
+
+
+def is_main_process() -> bool:
+    return get_rank() == 0
+
+
+def log(*msg, all_ranks: bool = False) -> None:
+    """Print on rank 0 (or on every rank, prefixed by it), flushed at once: logs are read while jobs run."""
+    if all_ranks and get_world_size() > 1:
+        print(f"[rank {get_rank()}]", *msg, flush=True)
+    elif is_main_process():
+        print(*msg, flush=True)
+
+
+def _first_slurm_host(nodelist: str) -> str:
+    try:
+        out = subprocess.run(['scontrol', 'show', 'hostnames', nodelist], capture_output=True, text=True, check=True)
+        return out.stdout.split()[0]
+    except (OSError, subprocess.CalledProcessError, IndexError):
+        # a single host name, or the first of a plain comma-separated list
+        return nodelist.split(',')[0]
+
+
+def _environment_from_slurm() -> None:
+    """Fill torchrun's variables from an ``srun`` launch (one task per GPU)."""
+    os.environ.setdefault('RANK', os.environ['SLURM_PROCID'])
+    os.environ.setdefault('WORLD_SIZE', os.environ['SLURM_NTASKS'])
+    os.environ.setdefault('LOCAL_RANK', os.environ.get('SLURM_LOCALID', '0'))
+    os.environ.setdefault('MASTER_ADDR', _first_slurm_host(os.environ.get('SLURM_JOB_NODELIST', 'localhost')))
+    os.environ.setdefault('MASTER_PORT', str(20000 + int(os.environ.get('SLURM_JOB_ID', '0')) % 20000))
+
+
+def init_distributed_mode(args) -> None:
+    """Set ``args.distributed``, ``args.rank``, ``args.world_size``, ``args.gpu`` and join the process group.
+
+    torchrun (and submitit, which exports the same variables) sets RANK / WORLD_SIZE / LOCAL_RANK;
+    a bare ``srun`` sets SLURM_PROCID / SLURM_NTASKS / SLURM_LOCALID. Otherwise the run is single-process.
+    NCCL on CUDA, gloo on CPU.
+    """
+    if 'RANK' not in os.environ and int(os.environ.get('SLURM_NTASKS', '1')) > 1 and 'SLURM_PROCID' in os.environ:
+        _environment_from_slurm()
+    if 'RANK' not in os.environ or int(os.environ.get('WORLD_SIZE', '1')) < 1:
+        args.distributed, args.rank, args.world_size, args.gpu = False, 0, 1, 0
+        return
+    args.rank = int(os.environ['RANK'])
+    args.world_size = int(os.environ['WORLD_SIZE'])
+    args.gpu = int(os.environ.get('LOCAL_RANK', '0'))
+    args.distributed = True
+    use_cuda = str(args.device).startswith('cuda')
+    if use_cuda:
+        torch.cuda.set_device(args.gpu)
+        args.device = f'cuda:{args.gpu}'
+    backend = 'nccl' if use_cuda else 'gloo'
+    dist.init_process_group(backend=backend, init_method=args.dist_url, world_size=args.world_size,
+                            rank=args.rank, timeout=datetime.timedelta(minutes=args.dist_timeout))
+    log(f"distributed: {args.world_size} processes, backend {backend}, rendezvous {args.dist_url}")
+
+
+def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
+    if is_dist():
+        dist.all_reduce(t, op=dist.ReduceOp.SUM)
+    return t
+
+
+def all_reduce_max(t: torch.Tensor) -> torch.Tensor:
+    if is_dist():
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return t
+
+
+def barrier() -> None:
+    if is_dist():
+        dist.barrier()
+
+
+def destroy() -> None:
+    if is_dist():
+        dist.destroy_process_group()
+
+
+def broadcast_object(obj: Optional[object]) -> object:
+    """Rank 0's value of ``obj`` on every rank."""
+    if not is_dist():
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
