@@ -1,0 +1,227 @@
+"""One training epoch and one evaluation pass.
+
+A training step: forward (student, and teacher where the model has one), criterion, backward,
+optimizer step with clipping and loss scaling, EMA update. Loss terms are summed on the device and
+read back only every ``print_freq`` steps, so the loop does not wait on the host between steps;
+the same read-back checks that every loss was finite, agreed over all ranks.
+"""
+from __future__ import annotations
+
+import contextlib
+import time
+from collections.abc import Callable, Iterable
+from typing import Optional
+
+import torch
+import torch.nn as nn
+
+from util import lr_sched
+from util.distributed import all_reduce_sum, get_world_size, log
+
+
+class NonFiniteLossError(RuntimeError):
+    """A loss became NaN or infinite; training stops without writing a checkpoint."""
+
+
+class StepStats:
+    """Device-side sums of the loss terms between read-backs, and the first non-finite step."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.names: list[str] = []
+        self.sums: Optional[torch.Tensor] = None
+        self.steps = 0
+        self.images = 0
+        self.skipped = 0
+        self.first_bad_step = torch.full((), -1, dtype=torch.long, device=device)
+        self.bad_terms: Optional[torch.Tensor] = None
+
+    def add(self, terms: dict[str, torch.Tensor], step: int, images: int, skipped: int) -> None:
+        values = torch.stack([t.detach().float() for t in terms.values()])
+        if self.sums is None:
+            self.names = list(terms)
+            self.sums = torch.zeros_like(values)
+            self.bad_terms = torch.zeros_like(values)
+        self.sums += values
+        first = (self.first_bad_step < 0) & ~torch.isfinite(values).all()
+        self.first_bad_step = torch.where(first, step, self.first_bad_step)
+        self.bad_terms = torch.where(first, values, self.bad_terms)
+        self.steps += 1
+        self.images += images
+        self.skipped += skipped
+
+    def reduce(self) -> tuple[dict[str, float], int, int, Optional[tuple[int, dict[str, float]]]]:
+        """Sum over ranks; returns (mean of each term, images, skipped, first non-finite step or None).
+
+        One host synchronisation; every rank must call it at the same step."""
+        n = len(self.names)
+        bad = (self.first_bad_step >= 0).float().unsqueeze(0)
+        packed = torch.cat([self.sums, torch.tensor([self.steps, self.images, self.skipped], device=self.device,
+                                                    dtype=torch.float), bad])
+        packed = all_reduce_sum(packed).tolist()
+        steps = max(packed[n], 1.0)
+        means = {name: packed[i] / steps for i, name in enumerate(self.names)}
+        failure = None
+        if packed[n + 3] > 0:
+            step = int(self.first_bad_step.item())
+            failure = (step, dict(zip(self.names, self.bad_terms.tolist()))) if step >= 0 else (-1, {})
+        return means, int(packed[n + 1]), int(packed[n + 2]), failure
+
+    def reset(self) -> None:
+        if self.sums is not None:
+            self.sums.zero_()
+        self.steps = self.images = self.skipped = 0
+
+
+def train_one_epoch(
+        model: nn.Module,
+        criterion: Callable,
+        data_loader: Iterable,
+        optimizer: torch.optim.Optimizer,
+        device: torch.device,
+        epoch: int,
+        scaler: torch.amp.GradScaler,
+        args,
+        amp_dtype: Optional[torch.dtype] = None,
+        mixup_fn: Optional[Callable] = None,
+        model_ema: Optional[nn.Module] = None,
+        ema_source: Optional[nn.Module] = None,
+        log_writer=None,
+        start_step: int = 0,
+        steps_per_epoch: Optional[int] = None,
+        after_step: Optional[Callable[[int, int, Callable[[], None]], None]] = None,
+) -> dict[str, float]:
+    """Train for one epoch (or its rest, from ``start_step``) and return the epoch's mean loss terms.
+
+    ``args`` supplies accum_iter, clip_grad, print_freq and the lr schedule (lr, min_lr,
+    warmup_epochs, epochs). ``after_step(epoch, steps_done, check)`` runs after every step (the
+    preemption checkpoint); ``check()`` raises if a loss went non-finite since the last check.
+    """
+    model.train()
+    steps_per_epoch = steps_per_epoch or len(data_loader) + start_step
+    accum = args.accum_iter
+    autocast = torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None)
+    params = [p for p in model.parameters() if p.requires_grad]
+    window, total = StepStats(device), StepStats(device)
+    t_window = t_start = time.time()
+    lr = optimizer.param_groups[0]['lr']
+
+    def check(stats: StepStats) -> tuple[dict[str, float], int, int]:
+        means, images, skipped, failure = stats.reduce()
+        if failure is not None:
+            step, terms = failure
+            where = f"step {step}" if step >= 0 else "a step on another rank"
+            raise NonFiniteLossError(
+                f"non-finite loss at epoch {epoch}, {where} of {steps_per_epoch}: "
+                + ', '.join(f"{k}={v}" for k, v in terms.items())
+                + ". Training stopped; the last checkpoint written is intact. Lower the learning rate, "
+                  "set --clip_grad, or use --amp bf16 instead of fp16.")
+        return means, images, skipped
+
+    optimizer.zero_grad(set_to_none=True)
+    for step, (images, targets, skipped) in enumerate(data_loader, start=start_step):
+        if step % accum == 0:
+            lr = lr_sched.adjust_learning_rate(optimizer, epoch + step / steps_per_epoch, args)
+        if len(images) == 0:
+            raise RuntimeError(f"epoch {epoch} step {step}: every image of the batch failed to decode; "
+                               "check the data set (see the warnings above)")
+        images = images.to(device, non_blocking=True)
+        targets = targets.to(device, non_blocking=True)
+        if mixup_fn is not None:
+            if len(images) % 2:  # mixup pairs samples; an undecodable image can leave an odd batch
+                images, targets = images[:-1], targets[:-1]
+            images, targets = mixup_fn(images, targets)
+
+        update = (step + 1) % accum == 0
+        no_sync = model.no_sync() if hasattr(model, 'no_sync') and not update else contextlib.nullcontext()
+        with no_sync:
+            with autocast:
+                outputs = model(images)
+                loss, terms = criterion(outputs, targets)
+            scaler.scale(loss / accum).backward()
+        if update:
+            if args.clip_grad:
+                scaler.unscale_(optimizer)
+                torch.nn.utils.clip_grad_norm_(params, args.clip_grad)
+            scaler.step(optimizer)
+            scaler.update()
+            optimizer.zero_grad(set_to_none=True)
+            if model_ema is not None:
+                model_ema.update(ema_source)
+
+        window.add(terms, step, len(images), skipped)
+        total.add(terms, step, len(images), skipped)
+        last = step + 1 == steps_per_epoch
+        if (step + 1) % args.print_freq == 0 or last:
+            means, n_images, n_skipped = check(window)
+            elapsed = time.time() - t_window
+            per_step = (time.time() - t_start) / (step + 1 - start_step)
+            eta = per_step * (steps_per_epoch - step - 1)
+            log(f"Epoch [{epoch}] [{step + 1}/{steps_per_epoch}]  "
+                + '  '.join(f"{k} {v:.4f}" for k, v in means.items())
+                + f"  lr {lr:.3e}  {n_images / max(elapsed, 1e-9):.1f} img/s  eta {_hms(eta)}"
+                + (f"  skipped images {n_skipped}" if n_skipped else ''))
+            if log_writer is not None:
+                x = int((epoch + (step + 1) / steps_per_epoch) * 1000)  # epoch_1000x, as MAE
+                for k, v in means.items():
+                    log_writer.add_scalar(f'train/{k}', v, x)
+                log_writer.add_scalar('train/lr', lr, x)
+            window.reset()
+            t_window = time.time()
+        if after_step is not None:
+            after_step(epoch, step + 1, lambda: check(window))
+
+    means, n_images, n_skipped = check(total)
+    log(f"Epoch [{epoch}] averaged: " + '  '.join(f"{k} {v:.4f}" for k, v in means.items())
+        + f"  ({n_images} images on {get_world_size()} ranks in {_hms(time.time() - t_start)})")
+    return {**means, 'lr': lr, 'skipped_images': n_skipped}
+
+
+def _hms(seconds: float) -> str:
+    seconds = int(max(seconds, 0))
+    return f"{seconds // 3600}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}"
+
+
+@torch.no_grad()
+def evaluate(
+        data_loader: Iterable,
+        model: nn.Module,
+        device: torch.device,
+        amp_dtype: Optional[torch.dtype] = None,
+        distributed: bool = False,
+        name: str = '',
+) -> dict[str, float]:
+    """Top-1 / top-5 accuracy (%) and cross-entropy of ``model`` on a labelled loader.
+
+    With ``distributed``, each rank holds a disjoint shard and the counts are summed over ranks, so
+    the numbers are exact; otherwise every rank evaluates the whole set.
+    """
+    model.eval()
+    autocast = torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None)
+    sums = torch.zeros(5, dtype=torch.float64, device=device)  # correct1, correct5, loss, count, skipped
+    for images, targets, skipped in data_loader:
+        sums[4] += skipped
+        if len(images) == 0:
+            continue
+        images = images.to(device, non_blocking=True)
+        targets = targets.to(device, non_blocking=True)
+        with autocast:
+            logits = model(images)
+        logits = logits.float()
+        k = min(5, logits.shape[1])
+        top = logits.topk(k, dim=1).indices
+        hit = top.eq(targets[:, None])
+        sums[0] += hit[:, 0].sum()
+        sums[1] += hit.any(dim=1).sum()
+        sums[2] += nn.functional.cross_entropy(logits, targets, reduction='sum')
+        sums[3] += len(targets)
+    if distributed:
+        all_reduce_sum(sums)
+    correct1, correct5, loss, count, skipped = sums.tolist()
+    count = max(count, 1.0)
+    stats = {'acc1': 100.0 * correct1 / count, 'acc5': 100.0 * correct5 / count, 'loss': loss / count,
+             'images': int(count), 'skipped_images': int(skipped)}
+    log(f"* {name + ' ' if name else ''}Acc@1 {stats['acc1']:.3f} Acc@5 {stats['acc5']:.3f} "
+        f"loss {stats['loss']:.3f} ({stats['images']} images"
+        + (f", {stats['skipped_images']} skipped" if stats['skipped_images'] else '') + ")")
+    return stats

@@ -1,0 +1,476 @@
+"""Train a ViT student with attention transfer from a frozen teacher, or train / fine-tune a plain ViT.
+
+    # attention distillation (the seed's recipe, 64 GPUs; here via torchrun on one node)
+    torchrun --nproc_per_node 8 main_finetune.py --model dual_vit_large_patch16 --mode distill \\
+        --end_layer -6 --atd_weight 3.0 --finetune mae_pretrain_vit_large.pth --data_path $IMAGENET ...
+    # evaluate a checkpoint (model, mode and sizes come from the checkpoint)
+    python main_finetune.py --eval --resume output_dir/checkpoint.pth --data_path $IMAGENET
+
+Flow: arguments -> data -> model (teacher weights) -> optimizer, EMA -> resume -> epochs of
+train_one_epoch / checkpoint / evaluate -> log.txt and TensorBoard.
+"""
+from __future__ import annotations
+
+import argparse
+import ast
+import datetime
+import json
+import os
+import sys
+import time
+import traceback
+
+import torch
+from timm.data import Mixup
+from timm.layers import trunc_normal_
+from timm.utils import ModelEmaV3
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.tensorboard import SummaryWriter
+
+from engine_finetune import evaluate, train_one_epoch
+from models_dual_vit import MODE_CHOICES, DualViT, build_dual_vit, get_transfer_mode, resolve_model_name
+from util.checkpoint import (
+    load_training_checkpoint,
+    next_position,
+    resume_path,
+    rng_state,
+    save_atomic,
+    seed_epoch,
+    set_rng_state,
+)
+from util.datasets import ResumableDistributedSampler, ShardSampler, build_dataset, build_loader
+from util.distributed import barrier, destroy, get_rank, get_world_size, init_distributed_mode, is_main_process, log
+from util.losses import TransferCriterion, build_task_criterion
+from util.lr_decay import param_groups_lrd
+from util.pretrained import load_exact, load_pretrained_weights
+
+# The arguments that define the model: --eval --resume takes them from the checkpoint.
+MODEL_ARGS = ('model', 'mode', 'teacher_model', 'student_model', 'model_kwargs', 'student_kwargs', 'input_size',
+              'nb_classes', 'global_pool', 'transfer_layers', 'end_layer', 'share_drop_path')
+AMP_DTYPES = {'bf16': torch.bfloat16, 'fp16': torch.float16, 'none': None}
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser('Attention transfer / ViT fine-tuning', add_help=False)
+    p.add_argument('--batch_size', default=64, type=int,
+                   help='batch size per GPU (effective batch size is batch_size * accum_iter * # gpus)')
+    p.add_argument('--epochs', default=50, type=int, help='number of training epochs')
+    p.add_argument('--accum_iter', default=1, type=int,
+                   help='accumulate gradients over this many iterations (a larger effective batch in less memory)')
+
+    g = p.add_argument_group('model')
+    g.add_argument('--model', default='vit_large_patch16', type=str, metavar='MODEL',
+                   help='architecture of teacher and student: a dual name (dual_vit_large_patch16), an MAE name '
+                        '(vit_large_patch16) or any timm ViT name; plain training without --mode')
+    g.add_argument('--teacher_model', default=None, type=str,
+                   help='timm name of the teacher architecture, when it differs from --model '
+                        '(e.g. vit_base_patch14_dinov2); the student mirrors it unless --student_model is given')
+    g.add_argument('--student_model', default=None, type=str,
+                   help='timm name of a student architecture other than the teacher\'s (attention modes need '
+                        'the same heads and tokens in transferred layers)')
+    g.add_argument('--model_kwargs', default={}, nargs='*', type=str, metavar='KEY=VALUE',
+                   help='timm architecture arguments of the teacher (or plain model) and the mirrored student, '
+                        'e.g. patch_size=4 embed_dim=192 depth=6 num_heads=3')
+    g.add_argument('--student_kwargs', default={}, nargs='*', type=str, metavar='KEY=VALUE',
+                   help='timm architecture arguments of the student on top of (or, with --student_model, instead '
+                        'of) --model_kwargs, e.g. embed_dim=128 num_heads=2')
+    g.add_argument('--input_size', default=224, type=int, help='image input size')
+    g.add_argument('--drop_path', type=float, default=0.1, metavar='PCT', help='drop path rate (default: 0.1)')
+    g.add_argument('--global_pool', action='store_true', help='average-pool the tokens + fc_norm (default)')
+    g.set_defaults(global_pool=True)
+    g.add_argument('--cls_token', action='store_false', dest='global_pool',
+                   help='use the class token instead of global pooling for classification')
+
+    g = p.add_argument_group('attention transfer')
+    g.add_argument('--mode', default=None, type=str, choices=list(MODE_CHOICES) + [None],
+                   help='attention transfer mode; none (default) trains a plain ViT')
+    g.add_argument('--end_layer', default=0, type=int,
+                   help='transfer layers [0, depth + end_layer); 0 = all layers, -6 = all but the last 6')
+    g.add_argument('--transfer_layers', default=None, type=str,
+                   help='explicit transferred layers, e.g. 0-17 or 0,2,4 (overrides --end_layer)')
+    g.add_argument('--atd_weight', default=3, type=float,
+                   help='weight of the attention distillation loss (distill modes)')
+    g.add_argument('--no_share_drop_path', action='store_false', dest='share_drop_path',
+                   help='draw the student\'s stochastic-depth masks alone instead of sharing them with the teacher')
+    g.add_argument('--train_qkv', action='store_true', help='train only the student\'s qkv, head and fc_norm')
+
+    g = p.add_argument_group('optimizer')
+    g.add_argument('--clip_grad', type=float, default=None, metavar='NORM',
+                   help='clip gradient norm (default: None, no clipping)')
+    g.add_argument('--weight_decay', type=float, default=0.05, help='weight decay (default: 0.05)')
+    g.add_argument('--lr', type=float, default=None, metavar='LR', help='learning rate (absolute lr)')
+    g.add_argument('--blr', type=float, default=1e-3, metavar='LR',
+                   help='base learning rate: absolute_lr = base_lr * total_batch_size / 256')
+    g.add_argument('--beta2', type=float, default=0.999, metavar='BETA2', help='beta_2 of AdamW')
+    g.add_argument('--layer_decay', type=float, default=0.75, help='layer-wise lr decay from ELECTRA/BEiT')
+    g.add_argument('--min_lr', type=float, default=1e-6, metavar='LR',
+                   help='lower lr bound for cyclic schedulers that hit 0')
+    g.add_argument('--warmup_epochs', type=int, default=5, metavar='N', help='epochs to warm up the lr')
+    g.add_argument('--ema', default=None, type=float, metavar='ALPHA',
+                   help='EMA decay of the student (default: None, no EMA); evaluated beside the raw weights')
+    g.add_argument('--amp', default=None, choices=list(AMP_DTYPES),
+                   help='mixed precision: bf16 (default on CUDA, no loss scaling), fp16 (with a grad scaler), '
+                        'none (default on CPU)')
+
+    g = p.add_argument_group('augmentation')
+    g.add_argument('--color_jitter', type=float, default=None, metavar='PCT',
+                   help='color jitter factor (enabled only when not using Auto/RandAug)')
+    g.add_argument('--aa', type=str, default='rand-m9-mstd0.5-inc1', metavar='NAME',
+                   help='AutoAugment policy, "v0" or "original" or a RandAugment string; "none" disables it '
+                        '(default: rand-m9-mstd0.5-inc1)')
+    g.add_argument('--smoothing', type=float, default=0.1, help='label smoothing (default: 0.1)')
+    g.add_argument('--reprob', type=float, default=0.25, metavar='PCT', help='random erase prob (default: 0.25)')
+    g.add_argument('--remode', type=str, default='pixel', help='random erase mode (default: "pixel")')
+    g.add_argument('--recount', type=int, default=1, help='random erase count (default: 1)')
+    g.add_argument('--resplit', action='store_true', default=False,
+                   help='do not random erase first (clean) augmentation split')
+    g.add_argument('--mixup', type=float, default=0, help='mixup alpha, mixup enabled if > 0')
+    g.add_argument('--cutmix', type=float, default=0, help='cutmix alpha, cutmix enabled if > 0')
+    g.add_argument('--cutmix_minmax', type=float, nargs='+', default=None,
+                   help='cutmix min/max ratio, overrides alpha and enables cutmix if set (default: None)')
+    g.add_argument('--mixup_prob', type=float, default=1.0,
+                   help='probability of performing mixup or cutmix when either/both is enabled')
+    g.add_argument('--mixup_switch_prob', type=float, default=0.5,
+                   help='probability of switching to cutmix when both mixup and cutmix enabled')
+    g.add_argument('--mixup_mode', type=str, default='batch',
+                   help='how to apply mixup/cutmix params: per "batch", "pair", or "elem"')
+
+    g = p.add_argument_group('weights')
+    g.add_argument('--finetune', default='',
+                   help='pre-trained checkpoint: the teacher\'s weights in transfer modes (e.g. '
+                        'mae_pretrain_vit_large.pth), the starting weights in plain mode')
+    g.add_argument('--use_teacher_ema', action='store_true',
+                   help='take the model_ema entry of the --finetune checkpoint instead of model')
+
+    g = p.add_argument_group('data')
+    g.add_argument('--dataset_name', default='imagenet', type=str, metavar='DATASET',
+                   help='name of the data set, for the logs; data is read from --data_path in ImageFolder layout')
+    g.add_argument('--data_path', default='', type=str, help='data set root holding train/<class>/ and val/<class>/')
+    g.add_argument('--nb_classes', default=1000, type=int, help='number of classes (must match the class folders)')
+    g.add_argument('--num_workers', default=10, type=int, help='data loading processes per GPU')
+    g.add_argument('--pin_mem', action='store_true',
+                   help='pin CPU memory in the DataLoader for more efficient transfer to GPU (default)')
+    g.add_argument('--no_pin_mem', action='store_false', dest='pin_mem', help='do not pin CPU memory')
+    p.set_defaults(pin_mem=True)
+
+    g = p.add_argument_group('run')
+    g.add_argument('--output_dir', default='./output_dir', help='where to save checkpoints and log.txt; empty: none')
+    g.add_argument('--log_dir', default='./output_dir', help='where to write TensorBoard events')
+    g.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu',
+                   help='device to use for training / testing (default: cuda when available)')
+    g.add_argument('--seed', default=0, type=int, help='random seed')
+    g.add_argument('--resume', default='',
+                   help='checkpoint to resume from, or "allow": output_dir/checkpoint.pth if it exists, '
+                        'else start fresh')
+    g.add_argument('--start_epoch', default=0, type=int, metavar='N', help='start epoch (when not resuming)')
+    g.add_argument('--eval', action='store_true', help='evaluate only (with --resume CKPT or --finetune CKPT)')
+    g.add_argument('--dist_eval', action='store_true', default=False,
+                   help='shard evaluation over the processes (exact: every image counted once)')
+    g.add_argument('--save_every', default=20, type=int,
+                   help='also keep checkpoint-<epoch>.pth every N epochs and at the end (0: only checkpoint.pth)')
+    g.add_argument('--eval_every', default=1, type=int, help='evaluate every N epochs (and after the last)')
+    g.add_argument('--print_freq', default=20, type=int, help='print and log the loss every N steps')
+
+    g = p.add_argument_group('distributed')
+    g.add_argument('--world_size', default=1, type=int, help='number of distributed processes (set by torchrun)')
+    g.add_argument('--local_rank', default=-1, type=int, help='ignored; torchrun passes LOCAL_RANK')
+    g.add_argument('--dist_url', default='env://', help='url used to set up distributed training')
+    g.add_argument('--dist_timeout', default=30, type=int,
+                   help='minutes a collective may wait before the job fails (a hung rank ends the job)')
+    return p
+
+
+# ---------------------------------------------------------------------------------------------
+# Set-up helpers
+# ---------------------------------------------------------------------------------------------
+def parse_kwargs(items: list[str] | dict, flag: str) -> dict:
+    """``['patch_size=4', 'qk_norm=True']`` -> ``{'patch_size': 4, 'qk_norm': True}`` (values as Python literals)."""
+    if isinstance(items, dict):
+        return items
+    out = {}
+    for item in items:
+        key, sep, value = item.partition('=')
+        if not sep or not key:
+            raise ValueError(f"{flag}: {item!r} is not KEY=VALUE (e.g. {flag} patch_size=4 embed_dim=192)")
+        try:
+            out[key] = ast.literal_eval(value)
+        except (ValueError, SyntaxError):
+            out[key] = value
+    return out
+
+
+def resolve_args(args) -> tuple[dict | None, str | None]:
+    """Fill derived defaults and check the flags before any heavy work; returns (checkpoint to resume, its path)."""
+    if args.mode == 'none':
+        args.mode = None
+    args.model_kwargs = parse_kwargs(args.model_kwargs, '--model_kwargs')
+    args.student_kwargs = parse_kwargs(args.student_kwargs, '--student_kwargs')
+    if args.amp is None:
+        args.amp = 'bf16' if str(args.device).startswith('cuda') else 'none'
+    args.mixup_active = args.mixup > 0 or args.cutmix > 0.0 or args.cutmix_minmax is not None
+    path = resume_path(args.resume, args.output_dir)
+    ckpt = load_training_checkpoint(path) if path else None
+    if ckpt is not None and args.eval and isinstance(ckpt.get('args'), dict):
+        for key in MODEL_ARGS:
+            if key in ckpt['args']:
+                setattr(args, key, ckpt['args'][key])
+    if args.mode == 'none':
+        args.mode = None
+    resolve_model_name(args.model)
+    for name in ('teacher_model', 'student_model'):
+        if getattr(args, name):
+            resolve_model_name(getattr(args, name))
+    if not args.data_path:
+        raise ValueError("give --data_path: a folder holding train/<class>/ and val/<class>/")
+    transfer = get_transfer_mode(args.mode)
+    if args.finetune and not os.path.isfile(args.finetune):
+        raise FileNotFoundError(f"--finetune {args.finetune!r}: no such file")
+    has_teacher_weights = ckpt is not None and 'teacher' in ckpt
+    needs_teacher = transfer is not None and (not args.eval or transfer.needs_teacher_at_eval)
+    if needs_teacher and not args.finetune and not has_teacher_weights:
+        raise ValueError(f"mode {args.mode} needs the pre-trained teacher's weights: --finetune PATH "
+                         "(e.g. mae_pretrain_vit_large.pth)")
+    if args.eval and ckpt is None and not args.finetune:
+        raise ValueError("--eval needs a checkpoint: --resume CKPT (or --finetune CKPT for pre-trained weights)")
+    if args.mixup_active and args.batch_size % 2:
+        raise ValueError("mixup/cutmix pair up the images of a batch: --batch_size must be even "
+                         f"(got {args.batch_size})")
+    if args.accum_iter < 1 or args.print_freq < 1 or args.eval_every < 1:
+        raise ValueError("--accum_iter, --print_freq and --eval_every must be >= 1")
+    return ckpt, path
+
+
+def build_model(args, eval_only: bool = False) -> DualViT:
+    """The teacher/student pair (the student alone in plain mode, or to evaluate a distilled student)."""
+    transfer = get_transfer_mode(args.mode)
+    mode = args.mode
+    if eval_only and transfer is not None and not transfer.needs_teacher_at_eval:
+        mode = None  # a distilled student is a plain ViT at evaluation
+    teacher = args.teacher_model or args.model
+    student = args.student_model or teacher
+    student_kwargs = args.student_kwargs if args.student_model else {**args.model_kwargs, **args.student_kwargs}
+    return build_dual_vit(teacher if mode else None, student, mode=mode, drop_path_rate=args.drop_path,
+                          end_layer=args.end_layer, transfer_layers=args.transfer_layers,
+                          num_classes=args.nb_classes, global_pool=args.global_pool, img_size=args.input_size,
+                          share_drop_path=args.share_drop_path, teacher_kwargs=args.model_kwargs,
+                          student_kwargs=student_kwargs)
+
+
+def load_initial_weights(model: DualViT, args, ckpt: dict | None) -> None:
+    """--finetune: the teacher's weights in transfer modes (unless the checkpoint holds them), the
+    student's starting point in plain mode (unless a checkpoint is resumed)."""
+    if not args.finetune:
+        return
+    if model.teacher is not None:
+        if ckpt is None or 'teacher' not in ckpt:
+            log(f"teacher: {model.load_teacher(args.finetune, use_ema=args.use_teacher_ema)}")
+    elif ckpt is None:
+        report = load_pretrained_weights(model.student, args.finetune, use_ema=args.use_teacher_ema)
+        log(f"student: {report}")
+        if 'head.weight' not in report.loaded and hasattr(model.student.head, 'weight'):
+            trunc_normal_(model.student.head.weight, std=2e-5)  # MAE's fine-tuning head initialisation
+
+
+def restrict_to_qkv(student: torch.nn.Module) -> None:
+    """--train_qkv: freeze everything but the qkv projections, the head and fc_norm."""
+    for name, param in student.named_parameters():
+        param.requires_grad = 'qkv' in name or name.startswith(('head.', 'fc_norm.'))
+
+
+def wrap_ddp(model: DualViT, args) -> torch.nn.Module:
+    """DDP over the student's gradients; the frozen teacher is neither broadcast nor reduced."""
+    if not args.distributed:
+        return model
+    if model.teacher is not None:
+        ignored = [f'teacher.{n}' for n, _ in model.teacher.named_parameters()]
+        ignored += [f'teacher.{n}' for n, _ in model.teacher.named_buffers()]
+        DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(model, ignored)
+    device_ids = [args.gpu] if str(args.device).startswith('cuda') else None
+    return DistributedDataParallel(model, device_ids=device_ids,
+                                   find_unused_parameters=model.may_leave_student_parameters_unused)
+
+
+def checkpoint_state(model: DualViT, model_ema, optimizer, scaler, args, epoch: int, step: int | None) -> dict:
+    state = {'model': model.student.state_dict(), 'optimizer': optimizer.state_dict(),
+             'scaler': scaler.state_dict(), 'epoch': epoch, 'step': step, 'args': vars(args), 'rng': rng_state()}
+    if model.mode is not None and model.mode.needs_teacher_at_eval:
+        state['teacher'] = model.teacher.state_dict()
+    if model_ema is not None:
+        state['model_ema'] = model_ema.module.state_dict()
+    return state
+
+
+def restore_weights(ckpt: dict, path: str, model: DualViT, model_ema) -> None:
+    """The student, the teacher (copy modes) and the EMA student from a checkpoint."""
+    load_exact(model.student, ckpt['model'], f"checkpoint {path!r} (model)")
+    if 'teacher' in ckpt and model.teacher is not None:
+        load_exact(model.teacher, ckpt['teacher'], f"checkpoint {path!r} (teacher)")
+    if model_ema is not None:
+        if 'model_ema' not in ckpt:
+            raise ValueError(f"--ema is set but {path!r} holds no model_ema: resume without --ema, or from a run "
+                             "that kept one")
+        load_exact(model_ema.module, ckpt['model_ema'], f"checkpoint {path!r} (model_ema)")
+
+
+def write_log(args, stats: dict) -> None:
+    if args.output_dir and is_main_process():
+        with open(os.path.join(args.output_dir, 'log.txt'), 'a', encoding='utf-8') as f:
+            f.write(json.dumps(stats) + '\n')
+
+
+# ---------------------------------------------------------------------------------------------
+# main
+# ---------------------------------------------------------------------------------------------
+def main(args) -> dict:
+    ckpt, ckpt_path = resolve_args(args)
+    init_distributed_mode(args)
+    device = torch.device(args.device)
+    rank, world = get_rank(), get_world_size()
+    log(f"job dir: {os.path.dirname(os.path.realpath(__file__))}")
+    log(json.dumps({k: v for k, v in vars(args).items()}, indent=1, default=str))
+    torch.backends.cudnn.benchmark = True
+    seed_epoch(args.seed, 0, rank)
+
+    dataset_val = build_dataset(False, args)
+    dataset_train = None if args.eval else build_dataset(True, args)
+    if dataset_train is not None and dataset_train.classes != dataset_val.classes:
+        raise ValueError(f"train and val class folders differ under {args.data_path!r}")
+    sampler_val = ShardSampler(dataset_val, world, rank) if args.dist_eval else range(len(dataset_val))
+    loader_val = build_loader(dataset_val, sampler_val, args, train=False)
+
+    model = build_model(args, eval_only=args.eval)
+    load_initial_weights(model, args, ckpt)
+    if args.train_qkv:
+        restrict_to_qkv(model.student)
+    model.to(device)
+    amp_dtype = AMP_DTYPES[args.amp]
+    scaler = torch.amp.GradScaler(device.type, enabled=args.amp == 'fp16')
+    model_ema = ModelEmaV3(model.student, decay=args.ema) if args.ema is not None else None
+    n_parameters = sum(p.numel() for p in model.student.parameters() if p.requires_grad)
+    log(f"student: {type(model.student).__name__} {model.student.default_cfg.get('architecture')}, "
+        f"{n_parameters / 1e6:.2f}M trainable parameters; mode {args.mode or 'none'}"
+        + (f", transferred layers {model.layers}" if model.layers else ''))
+
+    def eval_all(epoch_model: DualViT, ema=None) -> dict:
+        stats = {f'test_{k}': v for k, v in
+                 evaluate(loader_val, epoch_model, device, amp_dtype, args.dist_eval, name='model').items()}
+        if ema is not None:
+            ema_stats = evaluate(loader_val, epoch_model.with_student(ema.module), device, amp_dtype,
+                                 args.dist_eval, name='EMA')
+            stats.update({f'ema_test_{k}': v for k, v in ema_stats.items()})
+        return stats
+
+    if args.eval:
+        if ckpt is not None:
+            model_ema = ModelEmaV3(model.student) if 'model_ema' in ckpt else None
+            restore_weights(ckpt, ckpt_path, model, model_ema)
+        stats = eval_all(model, model_ema)
+        destroy()
+        return stats
+
+    # ---- training ----
+    eff_batch_size = args.batch_size * args.accum_iter * world
+    if args.lr is None:
+        args.lr = args.blr * eff_batch_size / 256
+    log(f"base lr: {args.lr * 256 / eff_batch_size:.2e}  actual lr: {args.lr:.2e}  "
+        f"accumulate grad iterations: {args.accum_iter}  effective batch size: {eff_batch_size}")
+    sampler_train = ResumableDistributedSampler(dataset_train, world, rank, shuffle=True, seed=args.seed)
+    loader_train = build_loader(dataset_train, sampler_train, args, train=True)
+    steps_per_epoch = sampler_train.num_samples // args.batch_size  # the loader drops the last partial batch
+    if steps_per_epoch == 0:
+        raise ValueError(f"{len(dataset_train)} training images on {world} processes make no full batch of "
+                         f"{args.batch_size}; lower --batch_size")
+
+    groups = param_groups_lrd(model.student, args.weight_decay, model.student.no_weight_decay(), args.layer_decay)
+    optimizer = torch.optim.AdamW(groups, lr=args.lr, betas=(0.9, args.beta2))
+    mixup_fn = None
+    if args.mixup_active:
+        mixup_fn = Mixup(mixup_alpha=args.mixup, cutmix_alpha=args.cutmix, cutmix_minmax=args.cutmix_minmax,
+                         prob=args.mixup_prob, switch_prob=args.mixup_switch_prob, mode=args.mixup_mode,
+                         label_smoothing=args.smoothing, num_classes=args.nb_classes)
+    criterion = TransferCriterion(build_task_criterion(args.mixup_active, args.smoothing), args.atd_weight)
+
+    start_epoch, start_step, resume_rng = args.start_epoch, 0, None
+    if ckpt is not None:
+        restore_weights(ckpt, ckpt_path, model, model_ema)
+        optimizer.load_state_dict(ckpt['optimizer'])
+        scaler.load_state_dict(ckpt['scaler'])
+        start_epoch, start_step = next_position(ckpt)
+        resume_rng = ckpt.get('rng') if start_step else None
+        log(f"resumed from {ckpt_path}: epoch {start_epoch}, step {start_step}")
+    ddp_model = wrap_ddp(model, args)
+
+    log_writer = None
+    if is_main_process():
+        if args.output_dir:
+            os.makedirs(args.output_dir, exist_ok=True)
+        if args.log_dir:
+            os.makedirs(args.log_dir, exist_ok=True)
+            log_writer = SummaryWriter(log_dir=args.log_dir, purge_step=int(start_epoch * 1000) or None)
+
+    def save(epoch: int, step: int | None, extra_name: str | None = None) -> None:
+        if not args.output_dir:
+            return
+        if is_main_process():
+            state = checkpoint_state(model, model_ema, optimizer, scaler, args, epoch, step)
+            save_atomic(state, os.path.join(args.output_dir, 'checkpoint.pth'))
+            if extra_name:
+                save_atomic(state, os.path.join(args.output_dir, extra_name))
+        barrier()
+
+    log(f"start training for {args.epochs} epochs ({steps_per_epoch} steps each) from epoch {start_epoch}")
+    start_time, stats = time.time(), {}
+    max_acc = {'test_acc1': 0.0, 'ema_test_acc1': 0.0}
+    for epoch in range(start_epoch, args.epochs):
+        seed_epoch(args.seed, epoch, rank)
+        first_step = start_step if epoch == start_epoch else 0
+        if first_step and resume_rng is not None:
+            set_rng_state(resume_rng)
+        sampler_train.set_epoch(epoch, start_index=first_step * args.batch_size)
+        train_stats = train_one_epoch(
+            ddp_model, criterion, loader_train, optimizer, device, epoch, scaler, args, amp_dtype=amp_dtype,
+            mixup_fn=mixup_fn, model_ema=model_ema, ema_source=model.student, log_writer=log_writer,
+            start_step=first_step, steps_per_epoch=steps_per_epoch)
+        last = epoch + 1 == args.epochs
+        keep = args.save_every and ((epoch + 1) % args.save_every == 0 or last)
+        save(epoch, None, f'checkpoint-{epoch}.pth' if keep else None)
+
+        stats = {**{f'train_{k}': v for k, v in train_stats.items()}, 'epoch': epoch, 'n_parameters': n_parameters}
+        if (epoch + 1) % args.eval_every == 0 or last:
+            test_stats = eval_all(model, model_ema)
+            stats.update(test_stats)
+            for key in max_acc:
+                if key in test_stats:
+                    max_acc[key] = max(max_acc[key], test_stats[key])
+            log(f"max accuracy: {max_acc['test_acc1']:.2f}%"
+                + (f"  (EMA {max_acc['ema_test_acc1']:.2f}%)" if model_ema is not None else ''))
+            if log_writer is not None:
+                for k, v in test_stats.items():
+                    if k.endswith(('acc1', 'acc5', 'loss')):
+                        log_writer.add_scalar(f"perf/{k}", v, epoch)
+        write_log(args, stats)
+        if log_writer is not None:
+            log_writer.flush()
+
+    log(f"training time {datetime.timedelta(seconds=int(time.time() - start_time))}")
+    if log_writer is not None:
+        log_writer.close()
+    destroy()
+    return stats
+
+
+def run(argv=None) -> dict:
+    parser = argparse.ArgumentParser('Attention transfer / ViT fine-tuning', parents=[get_args_parser()],
+                                     description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    args = parser.parse_args(argv)
+    return main(args)
+
+
+if __name__ == '__main__':
+    try:
+        run()
+    except (ValueError, FileNotFoundError, RuntimeError) as e:
+        traceback.print_exc()
+        print(f"\nerror: {e}", file=sys.stderr, flush=True)
+        # a failed rank must take the job down, not leave the others waiting in a collective
+        os._exit(1)
