@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from typing import Optional
 
 import torch
@@ -17,6 +17,7 @@ import torch.nn as nn
 
 from util import lr_sched
 from util.distributed import all_reduce_sum, get_world_size, log
+from util.run_control import RunControl
 
 
 class NonFiniteLossError(RuntimeError):
@@ -50,14 +51,15 @@ class StepStats:
         self.images += images
         self.skipped += skipped
 
-    def reduce(self) -> tuple[dict[str, float], int, int, Optional[tuple[int, dict[str, float]]]]:
-        """Sum over ranks; returns (mean of each term, images, skipped, first non-finite step or None).
+    def reduce(self, extra: Sequence[float] = ()) -> tuple[dict[str, float], int, int, Optional[tuple], list[float]]:
+        """Sum over ranks; returns (mean of each term, images, skipped, first non-finite step or None,
+        the summed ``extra`` votes).
 
         One host synchronisation; every rank must call it at the same step."""
         n = len(self.names)
-        bad = (self.first_bad_step >= 0).float().unsqueeze(0)
-        packed = torch.cat([self.sums, torch.tensor([self.steps, self.images, self.skipped], device=self.device,
-                                                    dtype=torch.float), bad])
+        counts = [self.steps, self.images, self.skipped, 0.0, *extra]
+        packed = torch.cat([self.sums, torch.tensor(counts, device=self.device, dtype=torch.float)])
+        packed[n + 3] = (self.first_bad_step >= 0).float()
         packed = all_reduce_sum(packed).tolist()
         steps = max(packed[n], 1.0)
         means = {name: packed[i] / steps for i, name in enumerate(self.names)}
@@ -65,7 +67,7 @@ class StepStats:
         if packed[n + 3] > 0:
             step = int(self.first_bad_step.item())
             failure = (step, dict(zip(self.names, self.bad_terms.tolist()))) if step >= 0 else (-1, {})
-        return means, int(packed[n + 1]), int(packed[n + 2]), failure
+        return means, int(packed[n + 1]), int(packed[n + 2]), failure, packed[n + 4:]
 
     def reset(self) -> None:
         if self.sums is not None:
@@ -89,13 +91,13 @@ def train_one_epoch(
         log_writer=None,
         start_step: int = 0,
         steps_per_epoch: Optional[int] = None,
-        after_step: Optional[Callable[[int, int, Callable[[], None]], None]] = None,
+        control: Optional[RunControl] = None,
 ) -> dict[str, float]:
     """Train for one epoch (or its rest, from ``start_step``) and return the epoch's mean loss terms.
 
     ``args`` supplies accum_iter, clip_grad, print_freq and the lr schedule (lr, min_lr,
-    warmup_epochs, epochs). ``after_step(epoch, steps_done, check)`` runs after every step (the
-    preemption checkpoint); ``check()`` raises if a loss went non-finite since the last check.
+    warmup_epochs, epochs). At every read-back ``control`` (util.run_control) may write a
+    mid-epoch checkpoint or stop the loop, decided by all ranks together.
     """
     model.train()
     steps_per_epoch = steps_per_epoch or len(data_loader) + start_step
@@ -106,8 +108,8 @@ def train_one_epoch(
     t_window = t_start = time.time()
     lr = optimizer.param_groups[0]['lr']
 
-    def check(stats: StepStats) -> tuple[dict[str, float], int, int]:
-        means, images, skipped, failure = stats.reduce()
+    def check(stats: StepStats, extra: Sequence[float] = ()) -> tuple[dict[str, float], int, int, list[float]]:
+        means, images, skipped, failure, votes = stats.reduce(extra)
         if failure is not None:
             step, terms = failure
             where = f"step {step}" if step >= 0 else "a step on another rank"
@@ -116,7 +118,7 @@ def train_one_epoch(
                 + ', '.join(f"{k}={v}" for k, v in terms.items())
                 + ". Training stopped; the last checkpoint written is intact. Lower the learning rate, "
                   "set --clip_grad, or use --amp bf16 instead of fp16.")
-        return means, images, skipped
+        return means, images, skipped, votes
 
     optimizer.zero_grad(set_to_none=True)
     for step, (images, targets, skipped) in enumerate(data_loader, start=start_step):
@@ -153,7 +155,7 @@ def train_one_epoch(
         total.add(terms, step, len(images), skipped)
         last = step + 1 == steps_per_epoch
         if (step + 1) % args.print_freq == 0 or last:
-            means, n_images, n_skipped = check(window)
+            means, n_images, n_skipped, votes = check(window, control.local_flags() if control else ())
             elapsed = time.time() - t_window
             per_step = (time.time() - t_start) / (step + 1 - start_step)
             eta = per_step * (steps_per_epoch - step - 1)
@@ -168,10 +170,10 @@ def train_one_epoch(
                 log_writer.add_scalar('train/lr', lr, x)
             window.reset()
             t_window = time.time()
-        if after_step is not None:
-            after_step(epoch, step + 1, lambda: check(window))
+            if control is not None:
+                control.act(votes, epoch, step + 1, steps_per_epoch)
 
-    means, n_images, n_skipped = check(total)
+    means, n_images, n_skipped, _ = check(total)
     log(f"Epoch [{epoch}] averaged: " + '  '.join(f"{k} {v:.4f}" for k, v in means.items())
         + f"  ({n_images} images on {get_world_size()} ranks in {_hms(time.time() - t_start)})")
     return {**means, 'lr': lr, 'skipped_images': n_skipped}

@@ -38,11 +38,12 @@ from util.checkpoint import (
     seed_epoch,
     set_rng_state,
 )
-from util.datasets import ResumableDistributedSampler, ShardSampler, build_dataset, build_loader
+from util.datasets import LAYOUT, DataError, ResumableDistributedSampler, ShardSampler, build_dataset, build_loader
 from util.distributed import barrier, destroy, get_rank, get_world_size, init_distributed_mode, is_main_process, log
 from util.losses import TransferCriterion, build_task_criterion
 from util.lr_decay import param_groups_lrd
 from util.pretrained import load_exact, load_pretrained_weights
+from util.run_control import RunControl
 
 # The arguments that define the model: --eval --resume takes them from the checkpoint.
 MODEL_ARGS = ('model', 'mode', 'teacher_model', 'student_model', 'model_kwargs', 'student_kwargs', 'input_size',
@@ -169,7 +170,12 @@ def get_args_parser() -> argparse.ArgumentParser:
     g.add_argument('--save_every', default=20, type=int,
                    help='also keep checkpoint-<epoch>.pth every N epochs and at the end (0: only checkpoint.pth)')
     g.add_argument('--eval_every', default=1, type=int, help='evaluate every N epochs (and after the last)')
-    g.add_argument('--print_freq', default=20, type=int, help='print and log the loss every N steps')
+    g.add_argument('--print_freq', default=20, type=int,
+                   help='print and log the loss every N steps; mid-epoch checkpoints and preemption stops '
+                        'happen at these steps too')
+    g.add_argument('--checkpoint_minutes', default=10, type=float,
+                   help='also write checkpoint.pth inside an epoch every N minutes (0: only at epoch ends), so a '
+                        'preempted or crashed job loses at most that much training')
 
     g = p.add_argument_group('distributed')
     g.add_argument('--world_size', default=1, type=int, help='number of distributed processes (set by torchrun)')
@@ -222,6 +228,10 @@ def resolve_args(args) -> tuple[dict | None, str | None]:
             resolve_model_name(getattr(args, name))
     if not args.data_path:
         raise ValueError("give --data_path: a folder holding train/<class>/ and val/<class>/")
+    for split in ('val',) if args.eval else ('train', 'val'):
+        if not os.path.isdir(os.path.join(args.data_path, split)):
+            raise DataError(f"{split} data not found: {os.path.join(args.data_path, split)!r} is not a directory. "
+                            f"Expected the layout {LAYOUT}.")
     transfer = get_transfer_mode(args.mode)
     if args.finetune and not os.path.isfile(args.finetune):
         raise FileNotFoundError(f"--finetune {args.finetune!r}: no such file")
@@ -418,11 +428,13 @@ def main(args) -> dict:
                 save_atomic(state, os.path.join(args.output_dir, extra_name))
         barrier()
 
-    log(f"start training for {args.epochs} epochs ({steps_per_epoch} steps each) from epoch {start_epoch}")
+    control = RunControl(args.checkpoint_minutes, save)
+    log(f"start training for {args.epochs} epochs ({steps_per_epoch} steps each) from epoch {start_epoch}"
+        + (f", step {start_step}" if start_step else ''))
     start_time, stats = time.time(), {}
     max_acc = {'test_acc1': 0.0, 'ema_test_acc1': 0.0}
     for epoch in range(start_epoch, args.epochs):
-        seed_epoch(args.seed, epoch, rank)
+        seed_epoch(args.seed, epoch, rank, loader_train.generator)
         first_step = start_step if epoch == start_epoch else 0
         if first_step and resume_rng is not None:
             set_rng_state(resume_rng)
@@ -430,7 +442,7 @@ def main(args) -> dict:
         train_stats = train_one_epoch(
             ddp_model, criterion, loader_train, optimizer, device, epoch, scaler, args, amp_dtype=amp_dtype,
             mixup_fn=mixup_fn, model_ema=model_ema, ema_source=model.student, log_writer=log_writer,
-            start_step=first_step, steps_per_epoch=steps_per_epoch)
+            start_step=first_step, steps_per_epoch=steps_per_epoch, control=control)
         last = epoch + 1 == args.epochs
         keep = args.save_every and ((epoch + 1) % args.save_every == 0 or last)
         save(epoch, None, f'checkpoint-{epoch}.pth' if keep else None)

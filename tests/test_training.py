@@ -3,6 +3,7 @@ import glob
 import json
 import math
 import os
+import re
 import shutil
 import signal
 import socket
@@ -25,6 +26,7 @@ from util.losses import TransferCriterion
 from util.lr_decay import param_groups_lrd
 from util.lr_sched import adjust_learning_rate
 from util.pretrained import read_checkpoint
+from util.run_control import Preempted, clear_stop, request_stop
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MODES = ['none', 'copy', 'distill']
@@ -111,6 +113,48 @@ def test_resume_after_two_epochs_equals_three_uninterrupted(workdir):
     assert read_log(out)[-1] == read_log(full)[-1]
 
 
+def test_stop_mid_epoch_saves_position_and_resume_equals_uninterrupted(workdir, monkeypatch, capsys):
+    extra = ['--mode', 'distill', '--drop_path', '0.2', '--ema', '0.9', '--mixup', '0.8', '--print_freq', '1',
+             '--checkpoint_minutes', '0']
+    full, _ = train(workdir, 'mid_full', *extra)
+    forward, calls = TransferCriterion.forward, [0]
+
+    def preempt_in_second_epoch(self, outputs, targets):
+        calls[0] += 1
+        if calls[0] == 6 + 3:  # the signal arrives during epoch 1, step 2 (0-based)
+            request_stop()
+        return forward(self, outputs, targets)
+
+    monkeypatch.setattr(TransferCriterion, 'forward', preempt_in_second_epoch)
+    with pytest.raises(Preempted) as stop:
+        train(workdir, 'mid_part', *extra)
+    clear_stop()
+    monkeypatch.undo()
+    assert (stop.value.epoch, stop.value.step) == (1, 3)
+    out = str(workdir.root / 'mid_part')
+    saved = read_checkpoint(os.path.join(out, 'checkpoint.pth'))
+    assert (saved['epoch'], saved['step']) == (1, 3)
+    first = capsys.readouterr().out
+    main_finetune.run(tiny_args(workdir.data, out, '--finetune', workdir.teacher, '--lr', '3e-3', *extra,
+                                '--resume', 'allow'))
+    second = capsys.readouterr().out
+    pattern = r'Epoch \[1\] \[(\d)/6\]'
+    steps = re.findall(pattern, first.split('mid_part')[-1]) + re.findall(pattern, second)
+    assert steps == ['1', '2', '3', '4', '5', '6']  # every step of the epoch once: none twice, none skipped
+    a = read_checkpoint(os.path.join(full, 'checkpoint.pth'))
+    b = read_checkpoint(os.path.join(out, 'checkpoint.pth'))
+    for key in ('model', 'model_ema'):
+        for name, value in a[key].items():
+            assert torch.equal(value, b[key][name]), f'{key}.{name}'
+
+
+def test_periodic_checkpoints_inside_an_epoch(workdir, capsys):
+    out, _ = train(workdir, 'periodic', '--checkpoint_minutes', '1e-9', '--print_freq', '2', epochs=1)
+    written = re.findall(r'checkpoint written at epoch 0, step (\d)/6', capsys.readouterr().out)
+    assert written == ['2', '4']  # and at the epoch's end the epoch checkpoint
+    assert read_checkpoint(os.path.join(out, 'checkpoint.pth'))['step'] is None
+
+
 # ---- 5. bad data, and a kill during a checkpoint write ---------------------------------------------
 def test_corrupt_image_is_skipped_and_counted(workdir, tmp_path):
     data = str(tmp_path / 'data')
@@ -127,9 +171,10 @@ def test_corrupt_image_is_skipped_and_counted(workdir, tmp_path):
 
 
 def test_missing_or_empty_data_and_wrong_class_count_are_clear_errors(workdir, tmp_path):
-    with pytest.raises(DataError, match=r"'/no/such/place/val' is not a directory.*train/<class>"):
+    with pytest.raises(DataError, match=r"'/no/such/place/train' is not a directory.*train/<class>"):
         main_finetune.run(tiny_args('/no/such/place', str(tmp_path / 'a')))
     os.makedirs(tmp_path / 'empty' / 'val' / 'class_0')
+    os.makedirs(tmp_path / 'empty' / 'train' / 'class_0')
     with pytest.raises(DataError, match='holds no images'):
         main_finetune.run(tiny_args(str(tmp_path / 'empty'), str(tmp_path / 'b')))
     with pytest.raises(DataError, match='has 3 class folders but --nb_classes is 5; pass --nb_classes 3'):
@@ -229,6 +274,8 @@ SEED_COPY = """--batch_size 32 --model dual_vit_large_patch16 --mode copy --fine
 def test_seed_commands_parse_and_start(command, mode, layers, drop_path, tmp_path):
     ckpt = tmp_path / 'mae_pretrain_vit_large.pth'
     ckpt.touch()
+    os.makedirs(tmp_path / 'train')
+    os.makedirs(tmp_path / 'val')
     argv = command.format(ckpt=ckpt, data=tmp_path).split() + ['--output_dir', str(tmp_path / 'out')]
     parser = main_finetune.get_args_parser()
     args = parser.parse_args(argv)

@@ -60,7 +60,7 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state(state['cuda'])
 
 
-def seed_epoch(seed: int, epoch: int, rank: int) -> None:
+def seed_epoch(seed: int, epoch: int, rank: int, loader_generator: Optional[torch.Generator] = None) -> None:
     """Seed every generator from (seed, epoch, rank): an epoch's augmentations, mixup draws, drop-path
     masks and data-loader worker seeds then depend on nothing that happened before it, so a run
     resumed at an epoch boundary repeats the uninterrupted run exactly."""
@@ -68,6 +68,8 @@ def seed_epoch(seed: int, epoch: int, rank: int) -> None:
     torch.manual_seed(value)
     np.random.seed(value)
     random.seed(value)
+    if loader_generator is not None:  # the loader's own: its worker seeds do not draw on the global stream
+        loader_generator.manual_seed(value + 1)
 
 
 def resume_path(resume: str, output_dir: str) -> Optional[str]:

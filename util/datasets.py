@@ -144,4 +144,4 @@ def build_loader(dataset: Dataset, sampler: Sampler, args, train: bool, batch_si
     return DataLoader(
         dataset, sampler=sampler, batch_size=batch_size or args.batch_size, num_workers=args.num_workers,
         pin_memory=args.pin_mem and str(args.device).startswith('cuda'), drop_last=train,
-        collate_fn=collate_skipping_bad, persistent_workers=False)
+        collate_fn=collate_skipping_bad, persistent_workers=False, generator=torch.Generator())

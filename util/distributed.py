@@ -61,7 +61,7 @@ def init_distributed_mode(args) -> None:
     """
     if 'RANK' not in os.environ and int(os.environ.get('SLURM_NTASKS', '1')) > 1 and 'SLURM_PROCID' in os.environ:
         _environment_from_slurm()
-    if 'RANK' not in os.environ or int(os.environ.get('WORLD_SIZE', '1')) < 1:
+    if 'RANK' not in os.environ or int(os.environ.get('WORLD_SIZE', '1')) <= 1:
         args.distributed, args.rank, args.world_size, args.gpu = False, 0, 1, 0
         return
     args.rank = int(os.environ['RANK'])

@@ -1,0 +1,212 @@
+"""Launch main_finetune.py on SLURM through submitit: one task per GPU, preemption-safe, self-requeueing.
+
+    python submitit_finetune.py --job_dir $JOB_DIR --nodes 8 --batch_size 32 \\
+        --model dual_vit_large_patch16 --mode distill --end_layer -6 --atd_weight 3.0 \\
+        --finetune mae_pretrain_vit_large.pth --resume allow ... --data_path $IMAGENET
+
+Every flag of main_finetune.py is accepted, plus the job's own (--job_dir, --nodes, --ngpus, ...).
+Checkpoints, log.txt and TensorBoard events go to the job directory unless --output_dir / --log_dir
+say otherwise; submitit's logs are <job_dir>/<job id>_<task>_log.out / .err.
+
+On preemption or time-out SLURM sends USR2 to every task. The tasks agree on a step at their next
+sync point (every --print_freq steps), save the full state there (position inside the epoch,
+optimizer, EMA, scaler, RNG), and rank 0 requeues the job, which resumes from that state. Between
+signals, checkpoint.pth is refreshed every --checkpoint_minutes, which bounds what a crash loses.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import getpass
+import os
+import signal
+import sys
+import time
+from pathlib import Path
+
+import submitit
+
+import main_finetune
+
+REPO = os.path.dirname(os.path.abspath(__file__))
+SHARED_FOLDER = '/checkpoint'  # the cluster-wide folder some sites provide; jobs default to a folder in it
+DEFAULT_OUTPUT = './output_dir'
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser('submitit launcher for main_finetune.py',
+                                     parents=[main_finetune.get_args_parser()], description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    g = parser.add_argument_group('SLURM job')
+    g.add_argument('--job_dir', default='', type=str,
+                   help='job folder for submitit logs, checkpoints and log.txt ("%%j" becomes the job id); '
+                        f'default {SHARED_FOLDER}/<user>/experiments/%%j where that shared folder exists')
+    g.add_argument('--nodes', default=2, type=int, help='number of nodes to request')
+    g.add_argument('--ngpus', default=8, type=int, help='GPUs per node (one task per GPU)')
+    g.add_argument('--ncpus', default=10, type=int, help='CPUs per GPU task (data loading workers run on these)')
+    g.add_argument('--mem_gb', default=40, type=float, help='memory per GPU task, in GB')
+    g.add_argument('--timeout', default=4320, type=int, help='job time limit in minutes')
+    g.add_argument('--partition', default=None, type=str, help='SLURM partition (default: the cluster\'s)')
+    g.add_argument('--account', default=None, type=str, help='SLURM account to charge')
+    g.add_argument('--qos', default=None, type=str, help='SLURM quality of service')
+    g.add_argument('--constraint', default=None, type=str, help='SLURM node constraint, e.g. volta32gb')
+    g.add_argument('--use_volta32', action='store_true', help='request 32 GB V100s (sets --constraint volta32gb)')
+    g.add_argument('--exclude', default=None, type=str, help='nodes to exclude, e.g. node[01-03]')
+    g.add_argument('--comment', default=None, type=str, help='comment attached to the job')
+    g.add_argument('--name', default='attention-transfer', type=str, help='job name')
+    g.add_argument('--cluster', default='slurm', choices=['slurm', 'local', 'debug'],
+                   help='slurm: submit with sbatch; local: run the same tasks as processes on this machine; '
+                        'debug: run in this process')
+    g.add_argument('--signal_delay', default=120, type=int,
+                   help='seconds between the preemption / time-out signal and the kill (SLURM --signal=USR2@N)')
+    g.add_argument('--max_requeues', default=20, type=int,
+                   help='stop requeuing after the job was restarted this many times (preemptions, time-outs, '
+                        'node failures); it then ends with its error in the log')
+    return parser.parse_args(argv)
+
+
+def resolve_job_dir(job_dir: str) -> str:
+    if job_dir:
+        return job_dir
+    shared = Path(SHARED_FOLDER) / getpass.getuser()
+    if shared.is_dir():
+        return str(shared / 'experiments' / '%j')
+    raise ValueError(f"--job_dir is required: no shared folder {shared} was found on this cluster to put the job in")
+
+
+def restarts() -> int:
+    """How many times SLURM has requeued this job (preemption, time-out, node failure)."""
+    return int(os.environ.get('SLURM_RESTART_COUNT', '0') or 0)
+
+
+class Trainer:
+    """What submitit runs in every task: main_finetune.main() under the job's distributed environment."""
+
+    def __init__(self, args: argparse.Namespace) -> None:
+        self.args = args
+
+    def __call__(self) -> dict:
+        if REPO not in sys.path:
+            sys.path.insert(0, REPO)
+        import main_finetune as entry  # the job's own import, after its sys.path is set
+        from util.run_control import Preempted
+
+        args = copy.deepcopy(self.args)
+        self._setup_environment(args)
+        if restarts() > args.max_requeues:
+            raise RuntimeError(f"the job was restarted {restarts()} times (more than --max_requeues "
+                               f"{args.max_requeues}); not training again. See the earlier logs in {args.job_dir}")
+        self._install_preemption_handler(args)
+        try:
+            return entry.main(args)
+        except Preempted as stop:
+            signal.alarm(0)
+            self._requeue_after_save(stop)
+            return {}
+
+    def checkpoint(self) -> submitit.helpers.DelayedSubmission | None:
+        """Called by submitit on rank 0 before requeuing: the same job, resuming from its last checkpoint."""
+        if restarts() >= self.args.max_requeues:
+            print(f"not requeuing: the job has already been restarted {restarts()} times "
+                  f"(--max_requeues {self.args.max_requeues})", flush=True)
+            return None
+        args = copy.deepcopy(self.args)
+        last = Path(args.output_dir.replace('%j', submitit.JobEnvironment().job_id)) / 'checkpoint.pth'
+        if last.is_file():
+            args.resume = str(last)
+        return submitit.helpers.DelayedSubmission(type(self)(args))
+
+    # ---- inside the job ----------------------------------------------------------------------
+    def _setup_environment(self, args: argparse.Namespace) -> None:
+        """RANK / WORLD_SIZE / LOCAL_RANK / MASTER_ADDR / MASTER_PORT from submitit's JobEnvironment."""
+        env = submitit.JobEnvironment()
+        job_dir = args.job_dir.replace('%j', str(env.job_id))
+        args.output_dir = args.output_dir.replace('%j', str(env.job_id)) if args.output_dir else job_dir
+        args.log_dir = args.log_dir.replace('%j', str(env.job_id)) if args.log_dir else job_dir
+        args.job_dir = job_dir
+        os.environ['RANK'] = str(env.global_rank)
+        os.environ['WORLD_SIZE'] = str(env.num_tasks)
+        os.environ['LOCAL_RANK'] = str(env.local_rank)
+        os.environ['MASTER_ADDR'] = env.hostnames[0]
+        os.environ.setdefault('MASTER_PORT', str(20000 + int(str(env.job_id).split('_')[0]) % 20000))
+        print(f"task {env.global_rank}/{env.num_tasks} on {env.hostname} (restart {restarts()}), "
+              f"rendezvous {os.environ['MASTER_ADDR']}:{os.environ['MASTER_PORT']}", flush=True)
+
+    def _install_preemption_handler(self, args: argparse.Namespace) -> None:
+        """On USR2, ask the training loop to save and stop at its next sync point.
+
+        submitit's own handler (checkpoint + requeue) runs afterwards on rank 0; if the loop does not
+        reach a sync point in half the signal delay (e.g. the signal came during evaluation), an alarm
+        runs it directly, and the job resumes from the last periodic checkpoint instead."""
+        from util.run_control import request_stop
+
+        usr2 = submitit.JobEnvironment._usr_sig()
+        self._submitit_handler = signal.getsignal(usr2)
+        fallback = self._submitit_handler
+
+        def on_preemption(signum, frame):
+            request_stop()
+            signal.alarm(max(args.signal_delay // 2, 1))
+
+        def on_alarm(signum, frame):
+            print("the training loop did not stop in time: requeuing from the last checkpoint", flush=True)
+            if callable(fallback):
+                fallback(usr2, frame)
+
+        signal.signal(signal.SIGALRM, on_alarm)
+        signal.signal(usr2, on_preemption)
+
+    def _requeue_after_save(self, stop) -> None:
+        """All ranks saved at the same step; rank 0 requeues (submitit's handler), the others wait to be stopped."""
+        env = submitit.JobEnvironment()
+        print(f"preempted: state saved at epoch {stop.epoch}, step {stop.step}; requeuing", flush=True)
+        if env.global_rank == 0 and callable(self._submitit_handler):
+            self._submitit_handler(submitit.JobEnvironment._usr_sig(), None)  # checkpoint(), requeue, exit
+        time.sleep(max(self.args.signal_delay, 60))
+
+
+def build_executor(args: argparse.Namespace, job_dir: str) -> submitit.AutoExecutor:
+    cuda = str(args.device).startswith('cuda')
+    executor = submitit.AutoExecutor(folder=job_dir, cluster=args.cluster, slurm_max_num_timeout=args.max_requeues)
+    params = dict(
+        name=args.name, nodes=args.nodes, tasks_per_node=args.ngpus, gpus_per_node=args.ngpus if cuda else 0,
+        cpus_per_task=args.ncpus, mem_gb=args.mem_gb * args.ngpus, timeout_min=args.timeout,
+        slurm_signal_delay_s=args.signal_delay, slurm_srun_args=['--kill-on-bad-exit=1'],
+    )
+    constraint = 'volta32gb' if args.use_volta32 else args.constraint
+    for key, value in (('partition', args.partition), ('account', args.account), ('qos', args.qos),
+                       ('constraint', constraint), ('exclude', args.exclude), ('comment', args.comment)):
+        if value:
+            params[f'slurm_{key}'] = value
+    if args.cluster != 'slurm':
+        params = {k: v for k, v in params.items() if not k.startswith('slurm_') and k != 'gpus_per_node'}
+        if args.cluster == 'debug':
+            params.pop('tasks_per_node')
+    executor.update_parameters(**params)
+    return executor
+
+
+def main(argv=None) -> submitit.Job:
+    args = parse_args(argv)
+    job_dir = resolve_job_dir(args.job_dir)
+    if args.output_dir == DEFAULT_OUTPUT:
+        args.output_dir = job_dir
+    if args.log_dir == DEFAULT_OUTPUT:
+        args.log_dir = job_dir
+    args.job_dir = job_dir
+    main_finetune.resolve_args(copy.deepcopy(args))  # fail now on a bad flag, not after the queue wait
+    executor = build_executor(args, job_dir)  # submitit puts the job id in place of %j
+    job = executor.submit(Trainer(args))
+    logs = job_dir.replace('%j', str(job.job_id))
+    print(f"Submitted job_id: {job.job_id}")
+    print(f"logs: {logs}/{job.job_id}_<task>_log.out and .err; checkpoints and log.txt in "
+          f"{args.output_dir.replace('%j', str(job.job_id))}", flush=True)
+    return job
+
+
+if __name__ == '__main__':
+    try:
+        main()
+    except (ValueError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(1)
