@@ -34,10 +34,11 @@ def make_image_folder(root: str, classes: int = 3, train_per_class: int = 16, va
     return str(root)
 
 
-def make_teacher_checkpoint(path: str, classes: int = 3, sharpen: float = 6.0, **arch) -> str:
-    """An MAE-style teacher checkpoint of the tiny architecture whose attention depends on the input."""
+def make_teacher_checkpoint(path: str, classes: int = 3, sharpen: float = 6.0, img_size: int = 32, **arch) -> str:
+    """An MAE-style teacher checkpoint (tiny architecture unless ``arch`` says otherwise) whose attention
+    depends on the input."""
     torch.manual_seed(123)
-    vit = create_vit('vit_base_patch16_224', num_classes=classes, global_pool='avg', img_size=32,
+    vit = create_vit('vit_base_patch16_224', num_classes=classes, global_pool='avg', img_size=img_size,
                      **{**TINY_ARCH, **arch})
     with torch.no_grad():
         for blk in vit.blocks:
