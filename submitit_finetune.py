@@ -119,6 +119,8 @@ class Trainer:
     # ---- inside the job ----------------------------------------------------------------------
     def _setup_environment(self, args: argparse.Namespace) -> None:
         """RANK / WORLD_SIZE / LOCAL_RANK / MASTER_ADDR / MASTER_PORT from submitit's JobEnvironment."""
+        from util.distributed import port_for_job
+
         env = submitit.JobEnvironment()
         job_dir = args.job_dir.replace('%j', str(env.job_id))
         args.output_dir = args.output_dir.replace('%j', str(env.job_id)) if args.output_dir else job_dir
@@ -128,7 +130,7 @@ class Trainer:
         os.environ['WORLD_SIZE'] = str(env.num_tasks)
         os.environ['LOCAL_RANK'] = str(env.local_rank)
         os.environ['MASTER_ADDR'] = env.hostnames[0]
-        os.environ.setdefault('MASTER_PORT', str(20000 + int(str(env.job_id).split('_')[0]) % 20000))
+        os.environ.setdefault('MASTER_PORT', str(port_for_job(env.job_id)))
         print(f"task {env.global_rank}/{env.num_tasks} on {env.hostname} (restart {restarts()}), "
               f"rendezvous {os.environ['MASTER_ADDR']}:{os.environ['MASTER_PORT']}", flush=True)
 
@@ -201,6 +203,8 @@ def main(argv=None) -> submitit.Job:
     print(f"Submitted job_id: {job.job_id}")
     print(f"logs: {logs}/{job.job_id}_<task>_log.out and .err; checkpoints and log.txt in "
           f"{args.output_dir.replace('%j', str(job.job_id))}", flush=True)
+    if args.cluster == 'debug':
+        job.result()  # the debug executor runs the job here, in this process
     return job
 
 

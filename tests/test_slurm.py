@@ -11,6 +11,7 @@ import shutil
 import subprocess
 import sys
 import time
+from unittest import mock
 
 import pytest
 from helpers import make_image_folder, make_teacher_checkpoint
@@ -119,3 +120,28 @@ def test_preempted_job_requeues_resumes_and_finishes(cluster, tmp_path):
     stats = main_finetune.run(['--eval', '--resume', os.path.join(job_dir, 'checkpoint.pth'), '--data_path', data,
                                '--device', 'cpu', '--num_workers', '0'])
     assert stats['test_images'] == 18 and 0.0 <= stats['test_acc1'] <= 100.0
+
+
+# ---- the launcher without Slurm ------------------------------------------------------------------
+def test_debug_cluster_runs_the_job_in_process(tmp_path):
+    from helpers import tiny_args
+
+    import submitit_finetune
+
+    data = make_image_folder(str(tmp_path / 'data'))
+    argv = tiny_args(data, '', '--mode', 'none', '--lr', '3e-3', epochs=1)
+    i = argv.index('--output_dir')
+    del argv[i:i + 4]  # output_dir and log_dir default to the job directory
+    with mock.patch.dict(os.environ):
+        job = submitit_finetune.main(['--job_dir', str(tmp_path / 'job_%j'), '--cluster', 'debug', *argv])
+    job_dir = tmp_path / f'job_{job.job_id}'
+    assert (job_dir / 'checkpoint.pth').is_file() and (job_dir / 'log.txt').is_file()
+    assert list(job_dir.glob('events.out.tfevents.*'))
+
+
+def test_job_dir_is_required_without_a_shared_folder(tmp_path, monkeypatch):
+    import submitit_finetune
+
+    monkeypatch.setattr(submitit_finetune, 'SHARED_FOLDER', str(tmp_path / 'no_such_shared_folder'))
+    with pytest.raises(ValueError, match='--job_dir is required: no shared folder'):
+        submitit_finetune.main(['--data_path', str(tmp_path), '--cluster', 'debug'])

@@ -43,13 +43,19 @@ def _first_slurm_host(nodelist: str) -> str:
         return nodelist.split(',')[0]
 
 
+def port_for_job(job_id: str) -> int:
+    """A rendezvous port derived from a job id (same for every task of the job, and after a requeue)."""
+    digits = ''.join(c for c in str(job_id) if c.isdigit())[-9:]
+    return 20000 + int(digits or 0) % 20000
+
+
 def _environment_from_slurm() -> None:
     """Fill torchrun's variables from an ``srun`` launch (one task per GPU)."""
     os.environ.setdefault('RANK', os.environ['SLURM_PROCID'])
     os.environ.setdefault('WORLD_SIZE', os.environ['SLURM_NTASKS'])
     os.environ.setdefault('LOCAL_RANK', os.environ.get('SLURM_LOCALID', '0'))
     os.environ.setdefault('MASTER_ADDR', _first_slurm_host(os.environ.get('SLURM_JOB_NODELIST', 'localhost')))
-    os.environ.setdefault('MASTER_PORT', str(20000 + int(os.environ.get('SLURM_JOB_ID', '0')) % 20000))
+    os.environ.setdefault('MASTER_PORT', str(port_for_job(os.environ.get('SLURM_JOB_ID', '0'))))
 
 
 def init_distributed_mode(args) -> None:
