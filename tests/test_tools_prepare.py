@@ -87,3 +87,13 @@ def test_prepare_tinyimagenet_moves_val_into_class_folders(tmp_path):
                            reprob=0.0, remode='pixel', recount=1)
     train, val = build_dataset(True, args), build_dataset(False, args)
     assert train.classes == val.classes == wnids and len(train) == 4 and len(val) == 4
+
+
+def test_randaugment_posterize_at_full_magnitude_does_not_crash():
+    """timm's PosterizeIncreasing keeps 0 bits at magnitude 10 (reached by m9 with mstd 0.5); the pinned
+    Pillow turns that into a black image instead of raising (Pillow 13 raises)."""
+    from timm.data.auto_augment import AugmentOp
+
+    image = Image.fromarray(np.full((8, 8, 3), 200, dtype=np.uint8))
+    strongest = AugmentOp('PosterizeIncreasing', prob=1.0, magnitude=10)
+    assert np.asarray(strongest(image)).max() == 0
