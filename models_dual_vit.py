@@ -12,7 +12,7 @@ masks are shared between the two for free.
 """
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass
 from functools import partial
 from typing import Optional, Union
@@ -264,6 +264,27 @@ def draw_drop_path_masks(
     return [(draw(p1), draw(p2)) for p1, p2 in rates]
 
 
+def forward_with_capture(
+        vit: VisionTransformer,
+        x: Tensor,
+        attention_blocks: Collection[int] = (),
+        feature_blocks: Collection[int] = (),
+) -> tuple[Tensor, dict[int, Tensor], dict[int, Tensor]]:
+    """A ViT's logits, its attention probabilities (B, H, N, N) at ``attention_blocks`` and its block
+    outputs (B, N, C) at ``feature_blocks``, through the same attention code as the transfer."""
+    tokens = embed_tokens(vit, x)
+    maps, features = {}, {}
+    for i, blk in enumerate(vit.blocks):
+        attention = (partial(transfer_attention, blk.attn, expose='attn') if i in attention_blocks
+                     else _plain_attention(blk.attn))
+        tokens, captured = block_forward(blk, tokens, attention)
+        if i in attention_blocks:
+            maps[i] = captured['attn']
+        if i in feature_blocks:
+            features[i] = tokens
+    return vit.forward_head(vit.norm(tokens)), maps, features
+
+
 def check_supported(vit: nn.Module, role: str) -> None:
     """Raise a clear error unless ``vit`` is a timm ViT made of standard pre-norm Blocks."""
     if not isinstance(vit, VisionTransformer):
@@ -350,6 +371,11 @@ class DualViT(nn.Module):
             teacher.eval()
 
     @property
+    def needs_teacher_at_eval(self) -> bool:
+        """Whether evaluation runs the teacher too (copy modes): their checkpoints then hold it."""
+        return self.mode is not None and self.mode.needs_teacher_at_eval
+
+    @property
     def last_teacher_layer(self) -> int:
         """Index of the last teacher block that runs; -1 without a teacher."""
         return self.layers[-1] if self.layers else -1
@@ -410,7 +436,7 @@ class DualViT(nn.Module):
         return draw_drop_path_masks(drop_path_rates(self.student), batch_size, device)
 
     def forward(self, x: Tensor, drop_path_masks: Optional[DropPathMasks] = None):
-        if self.teacher is None or (not self.training and not self.mode.needs_teacher_at_eval):
+        if self.teacher is None or (not self.training and not self.needs_teacher_at_eval):
             return self.student(x)
         masks = drop_path_masks
         if masks is None and self.training and self.share_drop_path:

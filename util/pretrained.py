@@ -118,14 +118,15 @@ class LoadReport:
         return '\n'.join([f"loaded {len(self.loaded)} tensors from {self.path}"] + self.lines)
 
 
-def load_pretrained_weights(model: nn.Module, path: str, use_ema: bool = False) -> LoadReport:
-    """Load a pre-trained checkpoint into a timm ViT.
+def load_pretrained_weights(model: nn.Module, path: str, use_ema: bool = False, checkpoint: Any = None) -> LoadReport:
+    """Load a pre-trained checkpoint into a timm ViT (``checkpoint``: the file's content, if already read).
 
     Classifier-side keys (head, fc_norm, final norm) may be absent, extra or of another shape: the
     model keeps its own. Any other difference raises CheckpointMismatchError.
     """
     source = f"checkpoint {path!r}" + (' (model_ema)' if use_ema else '')
-    state_dict = select_state_dict(read_checkpoint(path), use_ema=use_ema, source=source)
+    checkpoint = read_checkpoint(path) if checkpoint is None else checkpoint
+    state_dict = select_state_dict(checkpoint, use_ema=use_ema, source=source)
     if hasattr(model, 'patch_embed'):
         # plain bicubic, as MAE's interpolate_pos_embed (timm's default adds antialiasing)
         state_dict = checkpoint_filter_fn(state_dict, model, antialias=False)
@@ -142,3 +143,22 @@ def load_pretrained_weights(model: nn.Module, path: str, use_ema: bool = False) 
     if ignored:
         report.lines.append(_listing('ignored from the checkpoint (classifier side)', ignored))
     return report
+
+
+# The arguments that define a model's architecture in this project's checkpoints.
+ARCHITECTURE_ARGS = ('model', 'model_kwargs', 'student_model', 'student_kwargs', 'teacher_model', 'nb_classes',
+                     'input_size', 'global_pool', 'mode')
+
+
+def trained_architecture(checkpoint: Any) -> dict | None:
+    """The trained model's architecture from a checkpoint written by main_finetune.py: timm name,
+    its arguments, classes, input size and pooling; None for checkpoints without those arguments."""
+    args = checkpoint.get('args') if isinstance(checkpoint, dict) else None
+    if not isinstance(args, dict) or 'model' not in args:
+        return None
+    transfer = args.get('mode') not in (None, '', 'none')
+    name = args.get('student_model') or (args.get('teacher_model') if transfer else None) or args['model']
+    kwargs = dict(args.get('student_kwargs') or {}) if args.get('student_model') else {
+        **(args.get('model_kwargs') or {}), **(args.get('student_kwargs') or {})}
+    return dict(model=name, model_kwargs=kwargs, nb_classes=args.get('nb_classes'),
+                input_size=args.get('input_size'), global_pool=args.get('global_pool', True))
