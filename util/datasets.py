@@ -145,3 +145,53 @@ def build_loader(dataset: Dataset, sampler: Sampler, args, train: bool, batch_si
         dataset, sampler=sampler, batch_size=batch_size or args.batch_size, num_workers=args.num_workers,
         pin_memory=args.pin_mem and str(args.device).startswith('cuda'), drop_last=train,
         collate_fn=collate_skipping_bad, persistent_workers=False, generator=torch.Generator())
+
+
+# ---------------------------------------------------------------------------------------------
+# Unlabelled "wild" images (Attention Probe)
+# ---------------------------------------------------------------------------------------------
+def list_images(root: str) -> list[str]:
+    """Every image file under ``root`` (any folder layout; class folders, if any, are ignored), as
+    paths relative to ``root`` in a fixed, sorted order."""
+    if not os.path.isdir(root):
+        raise DataError(f"wild image folder not found: {root!r}")
+    found = []
+    for folder, dirs, files in os.walk(root):
+        dirs.sort()
+        for name in sorted(files):
+            if name.lower().endswith(IMG_EXTENSIONS):
+                found.append(os.path.relpath(os.path.join(folder, name), root))
+    if not found:
+        raise DataError(f"no images ({', '.join(IMG_EXTENSIONS)}) under {root!r}")
+    return found
+
+
+class ImageFiles(Dataset):
+    """Images at ``root/<path>`` for the given relative paths; each item is (image, its index).
+    An undecodable image gives ``None`` (with a warning), which ``collate_skipping_bad`` drops."""
+
+    def __init__(self, root: str, paths: list[str], transform=None) -> None:
+        self.root, self.paths, self.transform = root, paths, transform
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, index: int):
+        path = os.path.join(self.root, self.paths[index])
+        try:
+            with open(path, 'rb') as f:
+                image = Image.open(f).convert('RGB')
+        except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
+            warnings.warn(f"skipping undecodable image {path}: {type(e).__name__}: {e}", stacklevel=1)
+            return None
+        return (self.transform(image) if self.transform is not None else image), index
+
+
+def wild_transform(input_size: int, train: bool) -> transforms.Compose:
+    """The Attention Probe reference's wild-image transforms: resize to input_size x input_size; for
+    training, a random crop with 4 pixels of padding and a horizontal flip."""
+    steps = [transforms.Resize((input_size, input_size))]
+    if train:
+        steps += [transforms.RandomCrop(input_size, padding=4), transforms.RandomHorizontalFlip()]
+    return transforms.Compose(steps + [transforms.ToTensor(),
+                                       transforms.Normalize(IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD)])
