@@ -1,0 +1,284 @@
+"""Attention Probe, step 1: score every image of an unlabelled "wild" set with a teacher and keep the
+most useful ones for distilling that teacher's task (Wang et al., ICASSP 2022).
+
+    python select_wild_data.py --teacher output_cifar10_teacher/checkpoint.pth \\
+        --wild_path $IMAGENET/train --num_select 650000 --output selected/cifar10.pth
+    torchrun --nproc_per_node 8 select_wild_data.py ...   # each rank scores its share of the chunks
+
+Per image: the output score CE(logits, argmax logits) (low = confident), and at the probe blocks the
+cosine similarity between the class token's attention over the patches and the uniform
+distribution (low = focused). The paper's ranking: attnlier * (probe scores summed over blocks) +
+outlier * output score, lowest kept (--score combined); --score output ranks as the released code
+does, --score probe by attention alone, --random keeps a random subset of the same size.
+
+Scores are written in chunks beside the output (<output>.chunks/); a rerun skips finished chunks,
+so an interrupted run over 1.28M images continues where it stopped. The output file holds the
+image paths, the selected indices, every score, the teacher's predictions, the soft-prediction sums
+over the selection and the class-balance weights; main_finetune.py --mode probe --selection reads it.
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import math
+import os
+import time
+
+import torch
+import torch.nn.functional as F
+from torch.utils.data import DataLoader
+
+from models_dual_vit import create_vit, forward_with_capture
+from models_probe import default_probe_blocks, parse_blocks
+from util.args import parse_kwargs
+from util.checkpoint import save_atomic
+from util.datasets import ImageFiles, collate_skipping_bad, list_images, wild_transform
+from util.distributed import barrier, broadcast_object, destroy, get_rank, get_world_size, init_distributed_mode, log
+from util.pretrained import load_pretrained_weights, read_checkpoint, trained_architecture
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser('Attention Probe: select wild data', description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument('--teacher', required=True,
+                   help='teacher checkpoint trained on the target task (main_finetune.py output, or any format '
+                        'the teacher loader accepts)')
+    p.add_argument('--model', default=None,
+                   help='teacher architecture (timm / MAE name); default: the one stored in the checkpoint')
+    p.add_argument('--model_kwargs', default=[], nargs='*', metavar='KEY=VALUE',
+                   help='timm architecture arguments of the teacher (default: from the checkpoint)')
+    p.add_argument('--nb_classes', default=None, type=int, help='classes of the target task (default: checkpoint)')
+    p.add_argument('--input_size', default=None, type=int, help='target task image size (default: checkpoint)')
+    p.add_argument('--cls_token', action='store_true', help='the teacher classifies from the class token '
+                   '(default: from the checkpoint; global average pooling otherwise)')
+    p.add_argument('--use_teacher_ema', action='store_true', help='take the checkpoint\'s model_ema entry')
+    p.add_argument('--wild_path', required=True,
+                   help='the wild image set: an ImageFolder or any folder tree of images (labels are ignored)')
+    p.add_argument('--output', required=True, help='selection file to write (.pth)')
+    p.add_argument('--num_select', default=650000, type=int, help='number of images to keep')
+    p.add_argument('--score', default='combined', choices=['combined', 'output', 'probe'],
+                   help='ranking: the paper\'s combination, the output score alone (the released code\'s '
+                        '--attnprobe_sel), or the attention probe alone')
+    p.add_argument('--attnlier', default=0.05, type=float, help='weight of the attention-probe scores')
+    p.add_argument('--outlier', default=0.9, type=float, help='weight of the output score')
+    p.add_argument('--probe_blocks', default=None, type=str,
+                   help='comma-separated teacher blocks to probe (default: those at 1/3 and 2/3 of the depth, '
+                        'e.g. 3,7 of 12)')
+    p.add_argument('--probe_heads', default='0', choices=['0', 'mean'],
+                   help='probe head 0 (the reference) or average the score over all heads')
+    p.add_argument('--random', action='store_true', help='baseline: keep a random subset of --num_select images')
+    p.add_argument('--seed', default=0, type=int, help='seed of the --random baseline')
+    p.add_argument('--chunk_size', default=50000, type=int, help='images per saved chunk of scores')
+    p.add_argument('--batch_size', default=256, type=int, help='images per forward pass')
+    p.add_argument('--num_workers', default=8, type=int, help='data loading processes per rank')
+    p.add_argument('--print_freq', default=50, type=int, help='log progress every N batches')
+    p.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu', help='cpu or cuda')
+    p.add_argument('--amp', default=None, choices=['bf16', 'none'],
+                   help='autocast precision of the teacher (default: bf16 on CUDA, none on CPU)')
+    p.add_argument('--dist_url', default='env://', help='url used to set up distributed scoring')
+    p.add_argument('--dist_timeout', default=120, type=int,
+                   help='minutes a rank may wait for the others (scoring shards can be uneven)')
+    return p
+
+
+# ---------------------------------------------------------------------------------------------
+# Scores
+# ---------------------------------------------------------------------------------------------
+def output_score(logits: torch.Tensor) -> torch.Tensor:
+    """CE(logits, argmax logits) per image = logsumexp - max."""
+    logits = logits.float()
+    return torch.logsumexp(logits, dim=1) - logits.max(dim=1).values
+
+
+def probe_score(attn: torch.Tensor, num_prefix_tokens: int, heads: str = '0') -> torch.Tensor:
+    """Cosine similarity between the class token's attention over the patches and the uniform
+    distribution, for head 0 or averaged over heads. attn: (B, H, N, N) probabilities."""
+    row = attn[:, :, 0, num_prefix_tokens:].float()
+    cosine = row.sum(-1) / (row.norm(dim=-1) * math.sqrt(row.shape[-1]))
+    return cosine[:, 0] if heads == '0' else cosine.mean(dim=1)
+
+
+def ranking(output: torch.Tensor, probe: torch.Tensor, kind: str, attnlier: float, outlier: float) -> torch.Tensor:
+    """The value to sort by (lowest kept). probe: (N, blocks)."""
+    if kind == 'output':
+        return output.clone()
+    if kind == 'probe':
+        return attnlier * probe.sum(dim=1)
+    return attnlier * probe.sum(dim=1) + outlier * output
+
+
+def class_balance_weights(soft_sums: torch.Tensor) -> torch.Tensor:
+    """Inverse of the per-class soft-prediction sums, normalised to sum to the number of classes."""
+    inverse = 1.0 / soft_sums.double().clamp_min(1e-12)
+    return (inverse / inverse.sum() * len(soft_sums)).float()
+
+
+@torch.no_grad()
+def score_chunk(teacher, dataset: ImageFiles, start: int, end: int, blocks: list[int], args, progress) -> dict:
+    """Scores of images [start, end): output, probe per block, prediction, soft prediction, decodable."""
+    n = end - start
+    result = {'start': start, 'end': end, 'output': torch.full((n,), float('inf')),
+              'probe': torch.full((n, len(blocks)), float('inf')), 'prediction': torch.full((n,), -1),
+              'soft': torch.zeros(n, args.nb_classes, dtype=torch.float16), 'valid': torch.zeros(n, dtype=torch.bool)}
+    subset = torch.utils.data.Subset(dataset, range(start, end))
+    loader = DataLoader(subset, batch_size=args.batch_size, num_workers=args.num_workers,
+                        collate_fn=collate_skipping_bad, pin_memory=str(args.device).startswith('cuda'))
+    device = torch.device(args.device)
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.amp == 'bf16')
+    for images, indices, skipped in loader:
+        progress(len(indices) + skipped)
+        if len(images) == 0:
+            continue
+        with autocast:
+            logits, maps, _ = forward_with_capture(teacher, images.to(device, non_blocking=True),
+                                                   attention_blocks=blocks)
+        rows = indices - start
+        result['output'][rows] = output_score(logits).cpu()
+        result['probe'][rows] = torch.stack(
+            [probe_score(maps[b], teacher.num_prefix_tokens, args.probe_heads) for b in blocks], dim=1).cpu()
+        result['prediction'][rows] = logits.argmax(dim=1).cpu()
+        result['soft'][rows] = F.softmax(logits.float(), dim=1).half().cpu()
+        result['valid'][rows] = True
+    return result
+
+
+# ---------------------------------------------------------------------------------------------
+# Set-up
+# ---------------------------------------------------------------------------------------------
+def build_teacher(args):
+    """The teacher classifier, architecture from its checkpoint's arguments unless given here."""
+    checkpoint = read_checkpoint(args.teacher)
+    arch = trained_architecture(checkpoint) or {}
+    args.model = args.model or arch.get('model')
+    if args.model is None:
+        raise ValueError(f"{args.teacher} does not record its architecture: give --model (and --model_kwargs)")
+    kwargs = {**(arch.get('model_kwargs') or {}), **parse_kwargs(args.model_kwargs, '--model_kwargs')}
+    args.nb_classes = args.nb_classes or arch.get('nb_classes')
+    args.input_size = args.input_size or arch.get('input_size') or 224
+    if not args.nb_classes:
+        raise ValueError(f"{args.teacher} does not record its number of classes: give --nb_classes")
+    pool = False if args.cls_token else arch.get('global_pool', True)
+    teacher = create_vit(args.model, num_classes=args.nb_classes, global_pool=pool, img_size=args.input_size,
+                         **kwargs)
+    report = load_pretrained_weights(teacher, args.teacher, use_ema=args.use_teacher_ema, checkpoint=checkpoint)
+    if 'head.weight' not in report.loaded:
+        raise ValueError(f"{args.teacher}: no classifier head for {args.nb_classes} classes; selection needs the "
+                         "teacher trained on the target task")
+    log(f"teacher {args.model} {kwargs}: {report}")
+    return teacher.eval().requires_grad_(False)
+
+
+def fingerprint(paths: list[str], args, blocks: list[int]) -> dict:
+    """What the chunks depend on; a rerun with anything else must not reuse them."""
+    digest = hashlib.sha256('\n'.join(paths).encode()).hexdigest()
+    stat = os.stat(args.teacher)
+    return {'images': len(paths), 'paths_sha256': digest, 'teacher': os.path.abspath(args.teacher),
+            'teacher_size': stat.st_size, 'teacher_mtime': int(stat.st_mtime), 'model': args.model,
+            'input_size': args.input_size, 'nb_classes': args.nb_classes, 'probe_blocks': blocks,
+            'probe_heads': args.probe_heads, 'chunk_size': args.chunk_size, 'use_teacher_ema': args.use_teacher_ema}
+
+
+def prepare_chunk_dir(chunk_dir: str, manifest: dict) -> None:
+    os.makedirs(chunk_dir, exist_ok=True)
+    path = os.path.join(chunk_dir, 'manifest.json')
+    if os.path.exists(path):
+        with open(path) as f:
+            previous = json.load(f)
+        if previous != manifest:
+            changed = sorted(k for k in manifest if previous.get(k) != manifest[k])
+            raise ValueError(f"{chunk_dir} holds scores of another run (different {', '.join(changed)}); "
+                             "delete it to score afresh, or give another --output")
+        return
+    with open(path, 'w') as f:
+        json.dump(manifest, f, indent=1)
+
+
+def chunk_path(chunk_dir: str, k: int) -> str:
+    return os.path.join(chunk_dir, f'chunk_{k:06d}.pth')
+
+
+def merge(chunk_dir: str, n_chunks: int) -> dict:
+    parts = [torch.load(chunk_path(chunk_dir, k), weights_only=True) for k in range(n_chunks)]
+    return {key: torch.cat([p[key] for p in parts]) for key in ('output', 'probe', 'prediction', 'soft', 'valid')}
+
+
+def select(scores: dict, args, blocks: list[int], paths: list[str]) -> dict:
+    valid = scores['valid']
+    n_valid = int(valid.sum())
+    if args.num_select > n_valid:
+        raise ValueError(f"--num_select {args.num_select} exceeds the {n_valid} decodable wild images")
+    value = ranking(scores['output'], scores['probe'], args.score, args.attnlier, args.outlier)
+    value[~valid] = float('inf')
+    if args.random:
+        generator = torch.Generator().manual_seed(args.seed)
+        candidates = valid.nonzero().flatten()
+        selected = candidates[torch.randperm(len(candidates), generator=generator)[:args.num_select]].sort().values
+    else:
+        selected = value.topk(args.num_select, largest=False).indices
+    soft_sums = scores['soft'][selected].double().sum(dim=0).float()
+    return {
+        'root': os.path.abspath(args.wild_path), 'paths': paths, 'selected': selected,
+        'ranking': 'random' if args.random else args.score, 'value': value,
+        'scores': {'output': scores['output'], 'probe': {b: scores['probe'][:, i] for i, b in enumerate(blocks)}},
+        'predictions': scores['prediction'], 'valid': valid, 'soft_sums': soft_sums,
+        'class_weights': class_balance_weights(soft_sums), 'nb_classes': args.nb_classes,
+        'input_size': args.input_size, 'args': dict(vars(args)),
+    }
+
+
+def main(args) -> dict | None:
+    if args.amp is None:
+        args.amp = 'bf16' if str(args.device).startswith('cuda') else 'none'
+    init_distributed_mode(args)
+    rank, world = get_rank(), get_world_size()
+    teacher = build_teacher(args).to(args.device)
+    blocks = parse_blocks(args.probe_blocks, len(teacher.blocks), default_probe_blocks(len(teacher.blocks))[:2])
+    paths = broadcast_object(list_images(args.wild_path) if rank == 0 else None)
+    chunk_dir = args.output + '.chunks'
+    if rank == 0:
+        prepare_chunk_dir(chunk_dir, fingerprint(paths, args, blocks))
+    barrier()
+    n_chunks = math.ceil(len(paths) / args.chunk_size)
+    todo = [k for k in range(rank, n_chunks, world) if not os.path.exists(chunk_path(chunk_dir, k))]
+    done_before = n_chunks - sum(1 for k in range(n_chunks) if not os.path.exists(chunk_path(chunk_dir, k)))
+    log(f"{len(paths)} wild images in {n_chunks} chunks of {args.chunk_size}; {done_before} already scored; "
+        f"probe blocks {blocks}, head {args.probe_heads}; {world} rank(s)")
+
+    dataset = ImageFiles(args.wild_path, paths, wild_transform(args.input_size, train=False))
+    my_total = sum(min(args.chunk_size, len(paths) - k * args.chunk_size) for k in todo)
+    state = {'seen': 0, 'batches': 0, 't0': time.time()}
+
+    def progress(n: int) -> None:
+        state['seen'] += n
+        state['batches'] += 1
+        if state['batches'] % args.print_freq == 0 or state['seen'] == my_total:
+            rate = state['seen'] / max(time.time() - state['t0'], 1e-9)
+            eta = (my_total - state['seen']) / max(rate, 1e-9)
+            log(f"scored {state['seen']}/{my_total} images on rank {rank}  {rate:.1f} img/s  "
+                f"eta {int(eta // 3600)}:{int(eta % 3600 // 60):02d}:{int(eta % 60):02d}")
+
+    for k in todo:
+        start, end = k * args.chunk_size, min((k + 1) * args.chunk_size, len(paths))
+        result = score_chunk(teacher, dataset, start, end, blocks, args, progress)
+        save_atomic(result, chunk_path(chunk_dir, k))
+    barrier()
+    selection = None
+    if rank == 0:
+        missing = [k for k in range(n_chunks) if not os.path.exists(chunk_path(chunk_dir, k))]
+        if missing:
+            raise RuntimeError(f"chunks {missing[:10]} were not scored; rerun to finish them")
+        selection = select(merge(chunk_dir, n_chunks), args, blocks, paths)
+        save_atomic(selection, args.output)
+        skipped = int((~selection['valid']).sum())
+        log(f"kept {len(selection['selected'])} of {len(paths)} images ({selection['ranking']} ranking"
+            + (f"; {skipped} undecodable skipped" if skipped else '') + f") -> {args.output}")
+        log("class-balance weights: " + ' '.join(f"{w:.3f}" for w in selection['class_weights'].tolist()[:20])
+            + (' ...' if args.nb_classes > 20 else ''))
+    barrier()
+    destroy()
+    return selection
+
+
+if __name__ == '__main__':
+    main(get_args_parser().parse_args())
