@@ -92,12 +92,14 @@ def train_one_epoch(
         start_step: int = 0,
         steps_per_epoch: Optional[int] = None,
         control: Optional[RunControl] = None,
+        aux_optimizer: Optional[torch.optim.Optimizer] = None,
 ) -> dict[str, float]:
     """Train for one epoch (or its rest, from ``start_step``) and return the epoch's mean loss terms.
 
     ``args`` supplies accum_iter, clip_grad, print_freq and the lr schedule (lr, min_lr,
     warmup_epochs, epochs). At every read-back ``control`` (util.run_control) may write a
-    mid-epoch checkpoint or stop the loop, decided by all ranks together.
+    mid-epoch checkpoint or stop the loop, decided by all ranks together. ``aux_optimizer`` steps
+    the criterion's own parameters (probe: noise adaptation), their gradients averaged over ranks.
     """
     model.train()
     steps_per_epoch = steps_per_epoch or len(data_loader) + start_step
@@ -121,6 +123,8 @@ def train_one_epoch(
         return means, images, skipped, votes
 
     optimizer.zero_grad(set_to_none=True)
+    if aux_optimizer is not None:
+        aux_optimizer.zero_grad(set_to_none=True)
     for step, (images, targets, skipped) in enumerate(data_loader, start=start_step):
         if step % accum == 0:
             lr = lr_sched.adjust_learning_rate(optimizer, epoch + step / steps_per_epoch, args)
@@ -146,6 +150,10 @@ def train_one_epoch(
                 scaler.unscale_(optimizer)
                 torch.nn.utils.clip_grad_norm_(params, args.clip_grad)
             scaler.step(optimizer)
+            if aux_optimizer is not None:
+                average_gradients(aux_optimizer)
+                scaler.step(aux_optimizer)
+                aux_optimizer.zero_grad(set_to_none=True)
             scaler.update()
             optimizer.zero_grad(set_to_none=True)
             if model_ema is not None:
@@ -177,6 +185,17 @@ def train_one_epoch(
     log(f"Epoch [{epoch}] averaged: " + '  '.join(f"{k} {v:.4f}" for k, v in means.items())
         + f"  ({n_images} images on {get_world_size()} ranks in {_hms(time.time() - t_start)})")
     return {**means, 'lr': lr, 'skipped_images': n_skipped}
+
+
+def average_gradients(optimizer: torch.optim.Optimizer) -> None:
+    """Average the gradients of parameters outside DDP (the criterion's) over ranks."""
+    world = get_world_size()
+    if world == 1:
+        return
+    for group in optimizer.param_groups:
+        for p in group['params']:
+            if p.grad is not None:
+                all_reduce_sum(p.grad).div_(world)
 
 
 def _hms(seconds: float) -> str:

@@ -12,7 +12,6 @@ train_one_epoch / checkpoint / evaluate -> log.txt and TensorBoard.
 from __future__ import annotations
 
 import argparse
-import ast
 import datetime
 import json
 import os
@@ -29,6 +28,8 @@ from torch.utils.tensorboard import SummaryWriter
 
 from engine_finetune import evaluate, train_one_epoch
 from models_dual_vit import MODE_CHOICES, DualViT, build_dual_vit, get_transfer_mode, resolve_model_name
+from models_probe import ProbeDistiller, build_probe_distiller
+from util.args import explicit_flags, parse_kwargs
 from util.checkpoint import (
     load_training_checkpoint,
     next_position,
@@ -38,17 +39,31 @@ from util.checkpoint import (
     seed_epoch,
     set_rng_state,
 )
-from util.datasets import LAYOUT, DataError, ResumableDistributedSampler, ShardSampler, build_dataset, build_loader
+from util.datasets import (
+    LAYOUT,
+    DataError,
+    ImageFiles,
+    ResumableDistributedSampler,
+    ShardSampler,
+    build_dataset,
+    build_loader,
+    wild_transform,
+)
 from util.distributed import barrier, destroy, get_rank, get_world_size, init_distributed_mode, is_main_process, log
-from util.losses import TransferCriterion, build_task_criterion
+from util.losses import ProbeCriterion, TransferCriterion, build_task_criterion
 from util.lr_decay import param_groups_lrd
-from util.pretrained import load_exact, load_pretrained_weights
+from util.pretrained import load_exact, load_pretrained_weights, read_checkpoint, trained_architecture
 from util.run_control import RunControl
 
 # The arguments that define the model: --eval --resume takes them from the checkpoint.
 MODEL_ARGS = ('model', 'mode', 'teacher_model', 'student_model', 'model_kwargs', 'student_kwargs', 'input_size',
-              'nb_classes', 'global_pool', 'transfer_layers', 'end_layer', 'share_drop_path')
+              'nb_classes', 'global_pool', 'transfer_layers', 'end_layer', 'share_drop_path', 'probe_blocks')
 AMP_DTYPES = {'bf16': torch.bfloat16, 'fp16': torch.float16, 'none': None}
+PROBE = 'probe'
+# The Attention Probe reference's recipe (AdamW, lr 7.5e-4, weight decay 0.025, batch 256, no label
+# tricks); --mode probe applies it to every one of these flags the command line does not set.
+PROBE_DEFAULTS = dict(lr=7.5e-4, weight_decay=0.025, batch_size=256, layer_decay=1.0, warmup_epochs=0,
+                      min_lr=0.0, smoothing=0.0, drop_path=0.0, aa='none', reprob=0.0, mixup=0.0, cutmix=0.0)
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -83,8 +98,9 @@ def get_args_parser() -> argparse.ArgumentParser:
                    help='use the class token instead of global pooling for classification')
 
     g = p.add_argument_group('attention transfer')
-    g.add_argument('--mode', default=None, type=str, choices=list(MODE_CHOICES) + [None],
-                   help='attention transfer mode; none (default) trains a plain ViT')
+    g.add_argument('--mode', default=None, type=str, choices=list(MODE_CHOICES) + [PROBE, None],
+                   help='attention transfer mode; probe: Attention Probe distillation; none (default) trains a '
+                        'plain ViT')
     g.add_argument('--end_layer', default=0, type=int,
                    help='transfer layers [0, depth + end_layer); 0 = all layers, -6 = all but the last 6')
     g.add_argument('--transfer_layers', default=None, type=str,
@@ -94,6 +110,27 @@ def get_args_parser() -> argparse.ArgumentParser:
     g.add_argument('--no_share_drop_path', action='store_false', dest='share_drop_path',
                    help='draw the student\'s stochastic-depth masks alone instead of sharing them with the teacher')
     g.add_argument('--train_qkv', action='store_true', help='train only the student\'s qkv, head and fc_norm')
+
+    g = p.add_argument_group('attention probe (--mode probe: distil on selected wild images, no labels)')
+    g.add_argument('--selection', default='', help='selection file written by select_wild_data.py')
+    g.add_argument('--eval_data_path', default='',
+                   help='the target task\'s folder with val/<class>/ to evaluate on (default: --data_path)')
+    g.add_argument('--kd_temperature', default=4.0, type=float, help='temperature T of the KD loss (times T^2)')
+    g.add_argument('--robust', action='store_true',
+                   help='weight each image\'s KD term by the class-balance weight of the teacher\'s prediction '
+                        '(the selection\'s weights plus uniform noise in [0, 0.1))')
+    g.add_argument('--no_noise_adaptation', action='store_false', dest='noise_adaptation',
+                   help='drop the noise adaptation layer (DFND) and its NLL loss')
+    g.add_argument('--noise_lr', default=1e-3, type=float, help='Adam lr of the noise adaptation parameters')
+    g.add_argument('--teacher_acc', default=None, type=float,
+                   help='teacher accuracy (0-1) on the target task, the diagonal of the noise transition matrix '
+                        '(default: measured on the evaluation set before training)')
+    g.add_argument('--patchattn', default=0.8, type=float, help='weight of the patch attention probe loss')
+    g.add_argument('--probe_blocks', default=None, type=str,
+                   help='teacher blocks whose features the patch probe compares, e.g. 3,7,11 (default: 1/3, 2/3 '
+                        'and the last block); student blocks are matched by relative depth')
+    g.add_argument('--probe_norm', default='tokens', choices=['tokens', 'channels'],
+                   help='L2-normalise features along the token axis (the reference) or the channel axis')
 
     g = p.add_argument_group('optimizer')
     g.add_argument('--clip_grad', type=float, default=None, metavar='NORM',
@@ -189,31 +226,20 @@ def get_args_parser() -> argparse.ArgumentParser:
 # ---------------------------------------------------------------------------------------------
 # Set-up helpers
 # ---------------------------------------------------------------------------------------------
-def parse_kwargs(items: list[str] | dict, flag: str) -> dict:
-    """``['patch_size=4', 'qk_norm=True']`` -> ``{'patch_size': 4, 'qk_norm': True}`` (values as Python literals)."""
-    if isinstance(items, dict):
-        return items
-    out = {}
-    for item in items:
-        key, sep, value = item.partition('=')
-        if not sep or not key:
-            raise ValueError(f"{flag}: {item!r} is not KEY=VALUE (e.g. {flag} patch_size=4 embed_dim=192)")
-        try:
-            out[key] = ast.literal_eval(value)
-        except (ValueError, SyntaxError):
-            out[key] = value
-    return out
+def apply_probe_defaults(args) -> None:
+    """In probe mode, the Attention Probe reference's recipe for every flag the command line left unset."""
+    explicit = getattr(args, 'explicit_flags', None)
+    if explicit is None:  # called from code: its values are taken as given
+        return
+    for key, value in PROBE_DEFAULTS.items():
+        if key not in explicit:
+            setattr(args, key, value)
 
 
 def resolve_args(args) -> tuple[dict | None, str | None]:
     """Fill derived defaults and check the flags before any heavy work; returns (checkpoint to resume, its path)."""
-    if args.mode == 'none':
-        args.mode = None
     args.model_kwargs = parse_kwargs(args.model_kwargs, '--model_kwargs')
     args.student_kwargs = parse_kwargs(args.student_kwargs, '--student_kwargs')
-    if args.amp is None:
-        args.amp = 'bf16' if str(args.device).startswith('cuda') else 'none'
-    args.mixup_active = args.mixup > 0 or args.cutmix > 0.0 or args.cutmix_minmax is not None
     path = resume_path(args.resume, args.output_dir)
     ckpt = load_training_checkpoint(path) if path else None
     if ckpt is not None and args.eval and isinstance(ckpt.get('args'), dict):
@@ -222,24 +248,46 @@ def resolve_args(args) -> tuple[dict | None, str | None]:
                 setattr(args, key, ckpt['args'][key])
     if args.mode == 'none':
         args.mode = None
+    probe = args.mode == PROBE
+    if probe and not args.eval:
+        apply_probe_defaults(args)
+    if args.amp is None:
+        args.amp = 'bf16' if str(args.device).startswith('cuda') else 'none'
+    args.mixup_active = args.mixup > 0 or args.cutmix > 0.0 or args.cutmix_minmax is not None
     resolve_model_name(args.model)
     for name in ('teacher_model', 'student_model'):
         if getattr(args, name):
             resolve_model_name(getattr(args, name))
-    if not args.data_path:
-        raise ValueError("give --data_path: a folder holding train/<class>/ and val/<class>/")
-    for split in ('val',) if args.eval else ('train', 'val'):
-        if not os.path.isdir(os.path.join(args.data_path, split)):
-            raise DataError(f"{split} data not found: {os.path.join(args.data_path, split)!r} is not a directory. "
+
+    args.eval_data_path = args.eval_data_path or args.data_path
+    if not args.eval_data_path:
+        raise ValueError("give --data_path: a folder holding train/<class>/ and val/<class>/"
+                         + (" (in probe mode, --eval_data_path: the target task's folder with val/<class>/)"
+                            if probe else ''))
+    splits = [(args.eval_data_path, 'val')]
+    if not args.eval and not probe:
+        splits.append((args.data_path, 'train'))
+    for root, split in splits:
+        if not os.path.isdir(os.path.join(root, split)):
+            raise DataError(f"{split} data not found: {os.path.join(root, split)!r} is not a directory. "
                             f"Expected the layout {LAYOUT}.")
-    transfer = get_transfer_mode(args.mode)
+
+    transfer = None if probe else get_transfer_mode(args.mode)
     if args.finetune and not os.path.isfile(args.finetune):
         raise FileNotFoundError(f"--finetune {args.finetune!r}: no such file")
     has_teacher_weights = ckpt is not None and 'teacher' in ckpt
-    needs_teacher = transfer is not None and (not args.eval or transfer.needs_teacher_at_eval)
+    needs_teacher = (probe and not args.eval) or (
+        transfer is not None and (not args.eval or transfer.needs_teacher_at_eval))
     if needs_teacher and not args.finetune and not has_teacher_weights:
-        raise ValueError(f"mode {args.mode} needs the pre-trained teacher's weights: --finetune PATH "
-                         "(e.g. mae_pretrain_vit_large.pth)")
+        raise ValueError(f"mode {args.mode} needs the teacher's weights: --finetune PATH "
+                         + ("(the teacher trained on the target task)" if probe else
+                            "(e.g. mae_pretrain_vit_large.pth)"))
+    if probe and not args.eval:
+        if not args.selection or not os.path.isfile(args.selection):
+            raise FileNotFoundError(f"mode probe trains on a selection of wild images: --selection FILE written by "
+                                    f"select_wild_data.py (got {args.selection!r})")
+        if args.mixup_active:
+            raise ValueError("mode probe has no labels to mix: drop --mixup / --cutmix")
     if args.eval and ckpt is None and not args.finetune:
         raise ValueError("--eval needs a checkpoint: --resume CKPT (or --finetune CKPT for pre-trained weights)")
     if args.mixup_active and args.batch_size % 2:
@@ -250,19 +298,32 @@ def resolve_args(args) -> tuple[dict | None, str | None]:
     return ckpt, path
 
 
-def build_model(args, eval_only: bool = False) -> DualViT:
-    """The teacher/student pair (the student alone in plain mode, or to evaluate a distilled student)."""
-    transfer = get_transfer_mode(args.mode)
+def build_model(args, eval_only: bool = False) -> DualViT | ProbeDistiller:
+    """The teacher/student pair (the student alone in plain mode, or to evaluate a distilled student).
+
+    The student's resolved timm name and arguments are written back to ``args.student_model`` /
+    ``args.student_kwargs``, so that every checkpoint describes its student completely."""
+    probe = args.mode == PROBE
+    transfer = None if probe else get_transfer_mode(args.mode)
     mode = args.mode
-    if eval_only and transfer is not None and not transfer.needs_teacher_at_eval:
+    if eval_only and (probe or (transfer is not None and not transfer.needs_teacher_at_eval)):
         mode = None  # a distilled student is a plain ViT at evaluation
-    teacher = args.teacher_model or args.model
+    teacher, teacher_kwargs, teacher_pool = args.teacher_model or args.model, args.model_kwargs, args.global_pool
+    if mode == PROBE and args.finetune:  # the target-task teacher's own architecture, as its checkpoint records it
+        arch = trained_architecture(read_checkpoint(args.finetune))
+        if arch is not None and not args.teacher_model:
+            teacher, teacher_kwargs, teacher_pool = arch['model'], arch['model_kwargs'], arch['global_pool']
     student = args.student_model or teacher
-    student_kwargs = args.student_kwargs if args.student_model else {**args.model_kwargs, **args.student_kwargs}
+    student_kwargs = args.student_kwargs if args.student_model else {**teacher_kwargs, **args.student_kwargs}
+    args.student_model, args.student_kwargs = resolve_model_name(student), student_kwargs
+    if mode == PROBE:
+        return build_probe_distiller(teacher, student, args.nb_classes, args.input_size, args.global_pool,
+                                     args.drop_path, args.probe_blocks, teacher_kwargs, student_kwargs,
+                                     teacher_global_pool=teacher_pool)
     return build_dual_vit(teacher if mode else None, student, mode=mode, drop_path_rate=args.drop_path,
                           end_layer=args.end_layer, transfer_layers=args.transfer_layers,
                           num_classes=args.nb_classes, global_pool=args.global_pool, img_size=args.input_size,
-                          share_drop_path=args.share_drop_path, teacher_kwargs=args.model_kwargs,
+                          share_drop_path=args.share_drop_path, teacher_kwargs=teacher_kwargs,
                           student_kwargs=student_kwargs)
 
 
@@ -300,13 +361,49 @@ def wrap_ddp(model: DualViT, args) -> torch.nn.Module:
                                    find_unused_parameters=model.may_leave_student_parameters_unused)
 
 
-def checkpoint_state(model: DualViT, model_ema, optimizer, scaler, args, epoch: int, step: int | None) -> dict:
+def build_train_dataset(args):
+    """The labelled training split, or in probe mode the selected wild images (unlabelled)."""
+    if args.mode != PROBE:
+        return build_dataset(True, args)
+    selection = read_checkpoint(args.selection)
+    if selection.get('nb_classes') not in (None, args.nb_classes):
+        raise ValueError(f"{args.selection} was selected for a {selection['nb_classes']}-class teacher, "
+                         f"but --nb_classes is {args.nb_classes}")
+    paths = [selection['paths'][i] for i in selection['selected'].tolist()]
+    log(f"probe training set: {len(paths)} wild images selected ({selection.get('ranking')}) from {selection['root']}")
+    return ImageFiles(selection['root'], paths, wild_transform(args.input_size, train=True))
+
+
+def build_criterion(args, model, loader_val, device, amp_dtype) -> torch.nn.Module:
+    """TransferCriterion (task loss + atd_weight * transfer loss), or in probe mode the ProbeCriterion."""
+    if args.mode != PROBE:
+        return TransferCriterion(build_task_criterion(args.mixup_active, args.smoothing), args.atd_weight)
+    if args.noise_adaptation and args.teacher_acc is None:
+        stats = evaluate(loader_val, model.teacher, device, amp_dtype, args.dist_eval, name='teacher')
+        args.teacher_acc = stats['acc1'] / 100.0
+        log(f"teacher accuracy on the evaluation set: {args.teacher_acc:.4f} (the noise transition's diagonal; "
+            "set --teacher_acc to use a known value instead)")
+    weights = None
+    if args.robust:
+        clean = read_checkpoint(args.selection)['class_weights'].float()
+        generator = torch.Generator().manual_seed(args.seed)
+        weights = clean + torch.rand(clean.shape, generator=generator) * 0.1
+    return ProbeCriterion(args.nb_classes, args.kd_temperature, args.patchattn, args.noise_adaptation,
+                          args.teacher_acc if args.teacher_acc is not None else 1.0, weights,
+                          model.student.num_prefix_tokens, args.probe_norm)
+
+
+def checkpoint_state(model, model_ema, optimizer, scaler, criterion, aux_optimizer, args, epoch: int,
+                     step: int | None) -> dict:
     state = {'model': model.student.state_dict(), 'optimizer': optimizer.state_dict(),
              'scaler': scaler.state_dict(), 'epoch': epoch, 'step': step, 'args': vars(args), 'rng': rng_state()}
-    if model.mode is not None and model.mode.needs_teacher_at_eval:
+    if model.needs_teacher_at_eval:
         state['teacher'] = model.teacher.state_dict()
     if model_ema is not None:
         state['model_ema'] = model_ema.module.state_dict()
+    if aux_optimizer is not None:  # the criterion's own parameters (probe: noise adaptation)
+        state['criterion'] = criterion.state_dict()
+        state['aux_optimizer'] = aux_optimizer.state_dict()
     return state
 
 
@@ -341,9 +438,9 @@ def main(args) -> dict:
     torch.backends.cudnn.benchmark = True
     seed_epoch(args.seed, 0, rank)
 
-    dataset_val = build_dataset(False, args)
-    dataset_train = None if args.eval else build_dataset(True, args)
-    if dataset_train is not None and dataset_train.classes != dataset_val.classes:
+    dataset_val = build_dataset(False, args, root=os.path.join(args.eval_data_path, 'val'))
+    dataset_train = None if args.eval else build_train_dataset(args)
+    if getattr(dataset_train, 'classes', dataset_val.classes) != dataset_val.classes:
         raise ValueError(f"train and val class folders differ under {args.data_path!r}")
     sampler_val = ShardSampler(dataset_val, world, rank) if args.dist_eval else range(len(dataset_val))
     loader_val = build_loader(dataset_val, sampler_val, args, train=False)
@@ -398,13 +495,18 @@ def main(args) -> dict:
         mixup_fn = Mixup(mixup_alpha=args.mixup, cutmix_alpha=args.cutmix, cutmix_minmax=args.cutmix_minmax,
                          prob=args.mixup_prob, switch_prob=args.mixup_switch_prob, mode=args.mixup_mode,
                          label_smoothing=args.smoothing, num_classes=args.nb_classes)
-    criterion = TransferCriterion(build_task_criterion(args.mixup_active, args.smoothing), args.atd_weight)
+    criterion = build_criterion(args, model, loader_val, device, amp_dtype).to(device)
+    aux_params = [p for p in criterion.parameters() if p.requires_grad]
+    aux_optimizer = torch.optim.Adam(aux_params, lr=args.noise_lr) if aux_params else None
 
     start_epoch, start_step, resume_rng = args.start_epoch, 0, None
     if ckpt is not None:
         restore_weights(ckpt, ckpt_path, model, model_ema)
         optimizer.load_state_dict(ckpt['optimizer'])
         scaler.load_state_dict(ckpt['scaler'])
+        if aux_optimizer is not None:
+            criterion.load_state_dict(ckpt['criterion'])
+            aux_optimizer.load_state_dict(ckpt['aux_optimizer'])
         start_epoch, start_step = next_position(ckpt)
         resume_rng = ckpt.get('rng') if start_step else None
         log(f"resumed from {ckpt_path}: epoch {start_epoch}, step {start_step}")
@@ -422,7 +524,7 @@ def main(args) -> dict:
         if not args.output_dir:
             return
         if is_main_process():
-            state = checkpoint_state(model, model_ema, optimizer, scaler, args, epoch, step)
+            state = checkpoint_state(model, model_ema, optimizer, scaler, criterion, aux_optimizer, args, epoch, step)
             save_atomic(state, os.path.join(args.output_dir, 'checkpoint.pth'))
             if extra_name:
                 save_atomic(state, os.path.join(args.output_dir, extra_name))
@@ -442,6 +544,7 @@ def main(args) -> dict:
         train_stats = train_one_epoch(
             ddp_model, criterion, loader_train, optimizer, device, epoch, scaler, args, amp_dtype=amp_dtype,
             mixup_fn=mixup_fn, model_ema=model_ema, ema_source=model.student, log_writer=log_writer,
+            aux_optimizer=aux_optimizer,
             start_step=first_step, steps_per_epoch=steps_per_epoch, control=control)
         last = epoch + 1 == args.epochs
         keep = args.save_every and ((epoch + 1) % args.save_every == 0 or last)
@@ -475,6 +578,7 @@ def run(argv=None) -> dict:
     parser = argparse.ArgumentParser('Attention transfer / ViT fine-tuning', parents=[get_args_parser()],
                                      description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     args = parser.parse_args(argv)
+    args.explicit_flags = explicit_flags(parser, argv)
     return main(args)
 
 

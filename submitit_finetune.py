@@ -27,6 +27,7 @@ from pathlib import Path
 import submitit
 
 import main_finetune
+from util.args import explicit_flags
 
 REPO = os.path.dirname(os.path.abspath(__file__))
 SHARED_FOLDER = '/checkpoint'  # the cluster-wide folder some sites provide; jobs default to a folder in it
@@ -62,7 +63,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     g.add_argument('--max_requeues', default=20, type=int,
                    help='stop requeuing after the job was restarted this many times (preemptions, time-outs, '
                         'node failures); it then ends with its error in the log')
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    args.explicit_flags = explicit_flags(parser, argv)
+    return args
 
 
 def resolve_job_dir(job_dir: str) -> str:

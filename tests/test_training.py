@@ -171,7 +171,7 @@ def test_corrupt_image_is_skipped_and_counted(workdir, tmp_path):
 
 
 def test_missing_or_empty_data_and_wrong_class_count_are_clear_errors(workdir, tmp_path):
-    with pytest.raises(DataError, match=r"'/no/such/place/train' is not a directory.*train/<class>"):
+    with pytest.raises(DataError, match=r"'/no/such/place/val' is not a directory.*train/<class>"):
         main_finetune.run(tiny_args('/no/such/place', str(tmp_path / 'a')))
     os.makedirs(tmp_path / 'empty' / 'val' / 'class_0')
     os.makedirs(tmp_path / 'empty' / 'train' / 'class_0')
@@ -179,7 +179,7 @@ def test_missing_or_empty_data_and_wrong_class_count_are_clear_errors(workdir, t
         main_finetune.run(tiny_args(str(tmp_path / 'empty'), str(tmp_path / 'b')))
     with pytest.raises(DataError, match='has 3 class folders but --nb_classes is 5; pass --nb_classes 3'):
         main_finetune.run(tiny_args(workdir.data, str(tmp_path / 'c')) + ['--nb_classes', '5'])
-    with pytest.raises(ValueError, match='needs the pre-trained teacher'):
+    with pytest.raises(ValueError, match=r"mode distill needs the teacher's weights: --finetune PATH"):
         main_finetune.run(tiny_args(workdir.data, str(tmp_path / 'd'), '--mode', 'distill'))
 
 
