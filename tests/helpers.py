@@ -1,11 +1,14 @@
 """Generated data and checkpoints for the end-to-end tests (nothing is downloaded)."""
 import os
+import socket
 
 import numpy as np
 import torch
 from PIL import Image
 
 from models_dual_vit import create_vit
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 # timm architecture arguments of a tiny ViT, as main_finetune.py takes them
 TINY_KWARGS = ['patch_size=8', 'embed_dim=48', 'depth=4', 'num_heads=3']
@@ -54,3 +57,9 @@ def tiny_args(data: str, out: str, *extra: str, epochs: int = 2) -> list[str]:
             '--batch_size', '8', '--epochs', str(epochs), '--warmup_epochs', '0', '--blr', '2e-3',
             '--layer_decay', '1.0', '--weight_decay', '0.0', '--aa', 'none', '--reprob', '0', '--smoothing', '0',
             '--drop_path', '0.0', '--num_workers', '0', '--device', 'cpu', '--print_freq', '2', *extra]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(('localhost', 0))
+        return s.getsockname()[1]

@@ -3,12 +3,14 @@ pipeline (teacher trained here -> selection from a generated wild set -> probe d
 import json
 import math
 import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import colour_image, make_image_folder, make_teacher_checkpoint, tiny_args
+from helpers import ROOT, colour_image, free_port, make_image_folder, make_teacher_checkpoint, tiny_args
 from PIL import Image
 
 import main_finetune
@@ -247,3 +249,32 @@ def test_teacher_selection_probe_distillation_end_to_end(tmp_path):
     main_finetune.run(argv[:argv.index('--epochs') + 1] + ['3'] + argv[argv.index('--epochs') + 2:]
                       + ['--resume', 'allow'])
     assert [json.loads(line)['epoch'] for line in open(os.path.join(out, 'log.txt'))] == [0, 1, 2]
+
+
+def test_torchrun_selection_shards_and_probe_ranks_agree(setup, tmp_path):
+    root, teacher_path, wild = setup
+    single = run_selection(teacher_path, wild, str(tmp_path / 'single.pth'))
+    port = str(free_port())
+    cmd = [sys.executable, '-m', 'torch.distributed.run', '--nproc_per_node', '2', '--master_port', port,
+           os.path.join(ROOT, 'select_wild_data.py'), '--teacher', teacher_path, '--wild_path', wild, '--output',
+           str(tmp_path / 'sharded.pth'), '--num_select', '10', '--chunk_size', '7', '--batch_size', '5',
+           '--num_workers', '0', '--device', 'cpu']
+    env = {**os.environ, 'OMP_NUM_THREADS': '1'}
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=240, env=env, cwd=ROOT)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    sharded = read_checkpoint(str(tmp_path / 'sharded.pth'))
+    assert torch.equal(sharded['selected'], single['selected'])
+    torch.testing.assert_close(sharded['scores']['output'], single['scores']['output'])
+
+    target = make_image_folder(str(tmp_path / 'target'))
+    out = str(tmp_path / 'student')
+    cmd = [sys.executable, '-m', 'torch.distributed.run', '--nproc_per_node', '2', '--master_port', str(free_port()),
+           os.path.join(ROOT, 'tests', 'ddp_worker.py'), '--mode', 'probe', '--finetune', teacher_path,
+           '--selection', str(tmp_path / 'sharded.pth'), '--eval_data_path', target, '--nb_classes', '3',
+           '--input_size', '32', '--epochs', '1', '--batch_size', '2', '--num_workers', '0', '--device', 'cpu',
+           '--dist_eval', '--output_dir', out, '--log_dir', out]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=240, env=env, cwd=ROOT)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    r0, r1 = (torch.load(os.path.join(out, f'rank{r}_epoch0.pt')) for r in (0, 1))
+    assert all(torch.equal(v, r1[k]) for k, v in r0.items())
+    assert read_checkpoint(os.path.join(out, 'checkpoint.pth'))['criterion']['noise_params'].abs().sum() > 0

@@ -14,11 +14,10 @@ import time
 from unittest import mock
 
 import pytest
-from helpers import make_image_folder, make_teacher_checkpoint
+from helpers import ROOT, make_image_folder, make_teacher_checkpoint
 
 import main_finetune
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CLUSTER = os.path.join(ROOT, 'tests', 'slurm', 'cluster.sh')
 ARCH = dict(patch_size=8, embed_dim=192, depth=6, num_heads=3)
 

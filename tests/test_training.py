@@ -6,7 +6,6 @@ import os
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import textwrap
@@ -15,7 +14,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from helpers import make_image_folder, make_teacher_checkpoint, tiny_args
+from helpers import ROOT, free_port, make_image_folder, make_teacher_checkpoint, tiny_args
 
 import main_finetune
 from engine_finetune import NonFiniteLossError
@@ -28,7 +27,6 @@ from util.lr_sched import adjust_learning_rate
 from util.pretrained import read_checkpoint
 from util.run_control import Preempted, clear_stop, request_stop
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MODES = ['none', 'copy', 'distill']
 
 
@@ -294,12 +292,6 @@ def test_seed_commands_parse_and_start(command, mode, layers, drop_path, tmp_pat
 
 
 # ---- 4. torchrun -------------------------------------------------------------------------------
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(('localhost', 0))
-        return s.getsockname()[1]
-
-
 def torchrun(args, env=None, timeout=240):
     cmd = [sys.executable, '-m', 'torch.distributed.run', '--nproc_per_node', '2', '--master_port',
            str(free_port()), os.path.join(ROOT, 'tests', 'ddp_worker.py'), *args]
