@@ -8,6 +8,7 @@ the same read-back checks that every loss was finite, agreed over all ranks.
 from __future__ import annotations
 
 import contextlib
+import math
 import time
 from collections.abc import Callable, Iterable, Sequence
 from typing import Optional
@@ -217,32 +218,55 @@ def evaluate(
     With ``distributed``, each rank holds a disjoint shard and the counts are summed over ranks, so
     the numbers are exact; otherwise every rank evaluates the whole set.
     """
-    model.eval()
+    return evaluate_ensemble(data_loader, {name or 'model': model}, device, amp_dtype, distributed)[name or 'model']
+
+
+@torch.no_grad()
+def evaluate_ensemble(
+        data_loader: Iterable,
+        models: dict[str, nn.Module],
+        device: torch.device,
+        amp_dtype: Optional[torch.dtype] = None,
+        distributed: bool = False,
+) -> dict[str, dict[str, float]]:
+    """Each model's accuracy and loss and, for two or more, those of their ``ensemble``: the average
+    of their softmax outputs (its loss is the NLL of that average)."""
+    names = list(models) + (['ensemble'] if len(models) > 1 else [])
+    for model in models.values():
+        model.eval()
     autocast = torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None)
-    sums = torch.zeros(5, dtype=torch.float64, device=device)  # correct1, correct5, loss, count, skipped
+    sums = torch.zeros(len(names), 3, dtype=torch.float64, device=device)  # correct1, correct5, loss sum
+    counts = torch.zeros(2, dtype=torch.float64, device=device)  # images, skipped
     for images, targets, skipped in data_loader:
-        sums[4] += skipped
+        counts[1] += skipped
         if len(images) == 0:
             continue
         images = images.to(device, non_blocking=True)
         targets = targets.to(device, non_blocking=True)
-        with autocast:
-            logits = model(images)
-        logits = logits.float()
-        k = min(5, logits.shape[1])
-        top = logits.topk(k, dim=1).indices
-        hit = top.eq(targets[:, None])
-        sums[0] += hit[:, 0].sum()
-        sums[1] += hit.any(dim=1).sum()
-        sums[2] += nn.functional.cross_entropy(logits, targets, reduction='sum')
-        sums[3] += len(targets)
+        log_probs = []
+        for model in models.values():
+            with autocast:
+                logits = model(images)
+            log_probs.append(torch.log_softmax(logits.float(), dim=1))
+        if len(models) > 1:
+            log_probs.append(torch.logsumexp(torch.stack(log_probs), dim=0) - math.log(len(models)))
+        for row, lp in enumerate(log_probs):
+            top = lp.topk(min(5, lp.shape[1]), dim=1).indices
+            hit = top.eq(targets[:, None])
+            sums[row, 0] += hit[:, 0].sum()
+            sums[row, 1] += hit.any(dim=1).sum()
+            sums[row, 2] += nn.functional.nll_loss(lp, targets, reduction='sum')
+        counts[0] += len(targets)
     if distributed:
         all_reduce_sum(sums)
-    correct1, correct5, loss, count, skipped = sums.tolist()
-    count = max(count, 1.0)
-    stats = {'acc1': 100.0 * correct1 / count, 'acc5': 100.0 * correct5 / count, 'loss': loss / count,
-             'images': int(count), 'skipped_images': int(skipped)}
-    log(f"* {name + ' ' if name else ''}Acc@1 {stats['acc1']:.3f} Acc@5 {stats['acc5']:.3f} "
-        f"loss {stats['loss']:.3f} ({stats['images']} images"
-        + (f", {stats['skipped_images']} skipped" if stats['skipped_images'] else '') + ")")
-    return stats
+        all_reduce_sum(counts)
+    n, skipped = max(counts[0].item(), 1.0), int(counts[1].item())
+    results = {}
+    for row, name in enumerate(names):
+        correct1, correct5, loss = sums[row].tolist()
+        results[name] = {'acc1': 100.0 * correct1 / n, 'acc5': 100.0 * correct5 / n, 'loss': loss / n,
+                         'images': int(counts[0].item()), 'skipped_images': skipped}
+        log(f"* {name} Acc@1 {results[name]['acc1']:.3f} Acc@5 {results[name]['acc5']:.3f} "
+            f"loss {results[name]['loss']:.3f} ({results[name]['images']} images"
+            + (f", {skipped} skipped" if skipped else '') + ")")
+    return results

@@ -26,8 +26,8 @@ from timm.utils import ModelEmaV3
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.tensorboard import SummaryWriter
 
-from engine_finetune import evaluate, train_one_epoch
-from models_dual_vit import MODE_CHOICES, DualViT, build_dual_vit, get_transfer_mode, resolve_model_name
+from engine_finetune import evaluate, evaluate_ensemble, train_one_epoch
+from models_dual_vit import MODE_CHOICES, DualViT, build_dual_vit, create_vit, get_transfer_mode, resolve_model_name
 from models_probe import ProbeDistiller, build_probe_distiller
 from util.args import explicit_flags, parse_kwargs
 from util.checkpoint import (
@@ -202,6 +202,13 @@ def get_args_parser() -> argparse.ArgumentParser:
                         'else start fresh')
     g.add_argument('--start_epoch', default=0, type=int, metavar='N', help='start epoch (when not resuming)')
     g.add_argument('--eval', action='store_true', help='evaluate only (with --resume CKPT or --finetune CKPT)')
+    g.add_argument('--ensemble_with', default='', metavar='CKPT',
+                   help='with --eval: also evaluate this model and the average of both models\' softmax outputs '
+                        '(e.g. the fine-tuned teacher beside a distilled student)')
+    g.add_argument('--ensemble_model', default=None,
+                   help='architecture of --ensemble_with when its checkpoint does not record one (default: --model)')
+    g.add_argument('--ensemble_kwargs', default=[], nargs='*', metavar='KEY=VALUE',
+                   help='timm architecture arguments of --ensemble_model (default: --model_kwargs)')
     g.add_argument('--dist_eval', action='store_true', default=False,
                    help='shard evaluation over the processes (exact: every image counted once)')
     g.add_argument('--save_every', default=20, type=int,
@@ -288,6 +295,8 @@ def resolve_args(args) -> tuple[dict | None, str | None]:
                                     f"select_wild_data.py (got {args.selection!r})")
         if args.mixup_active:
             raise ValueError("mode probe has no labels to mix: drop --mixup / --cutmix")
+    if args.ensemble_with and not args.eval:
+        raise ValueError("--ensemble_with is an evaluation: add --eval (and --resume CKPT for the first model)")
     if args.eval and ckpt is None and not args.finetune:
         raise ValueError("--eval needs a checkpoint: --resume CKPT (or --finetune CKPT for pre-trained weights)")
     if args.mixup_active and args.batch_size % 2:
@@ -419,6 +428,31 @@ def restore_weights(ckpt: dict, path: str, model: DualViT, model_ema) -> None:
         load_exact(model_ema.module, ckpt['model_ema'], f"checkpoint {path!r} (model_ema)")
 
 
+def load_ensemble_member(args) -> torch.nn.Module:
+    """The model of --ensemble_with: a checkpoint of this project (any mode), or a classifier checkpoint
+    of --ensemble_model / --model's architecture (e.g. an MAE fine-tuned ViT)."""
+    path = args.ensemble_with
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"--ensemble_with {path!r}: no such file")
+    ckpt = read_checkpoint(path)
+    if isinstance(ckpt, dict) and isinstance(ckpt.get('args'), dict) and 'model' in ckpt['args']:
+        member_args = argparse.Namespace(**{**vars(args), **{k: ckpt['args'][k] for k in MODEL_ARGS
+                                                           if k in ckpt['args']}})
+        member_args.finetune = ''
+        member = build_model(member_args, eval_only=True)
+        restore_weights(ckpt, path, member, None)
+        return member
+    name = args.ensemble_model or args.teacher_model or args.model
+    kwargs = parse_kwargs(args.ensemble_kwargs, '--ensemble_kwargs') if args.ensemble_model else args.model_kwargs
+    member = create_vit(name, num_classes=args.nb_classes, global_pool=args.global_pool, img_size=args.input_size,
+                        **kwargs)
+    report = load_pretrained_weights(member, path, checkpoint=ckpt)
+    if 'head.weight' not in report.loaded:
+        raise ValueError(f"--ensemble_with {path}: no classifier head for {args.nb_classes} classes was loaded")
+    log(f"ensemble member: {report}")
+    return member
+
+
 def write_log(args, stats: dict) -> None:
     if args.output_dir and is_main_process():
         with open(os.path.join(args.output_dir, 'log.txt'), 'a', encoding='utf-8') as f:
@@ -471,7 +505,14 @@ def main(args) -> dict:
         if ckpt is not None:
             model_ema = ModelEmaV3(model.student) if 'model_ema' in ckpt else None
             restore_weights(ckpt, ckpt_path, model, model_ema)
-        stats = eval_all(model, model_ema)
+        if args.ensemble_with:
+            models = {'model': model, 'other': load_ensemble_member(args).to(device)}
+            results = evaluate_ensemble(loader_val, models, device, amp_dtype, args.dist_eval)
+            stats = {f'{prefix}{k}': v for name, prefix in (('model', 'test_'), ('other', 'other_test_'),
+                                                             ('ensemble', 'ensemble_test_'))
+                     for k, v in results[name].items()}
+        else:
+            stats = eval_all(model, model_ema)
         destroy()
         return stats
 
