@@ -1,0 +1,85 @@
+"""Export a trained student as a standalone timm model: model.safetensors and config.json.
+
+    python tools/export_student.py --checkpoint output_dir/checkpoint.pth --output exported/student [--ema]
+
+Any checkpoint of a plain, distill or probe run works. The folder loads with timm alone:
+
+    model = timm.create_model('local-dir:exported/student', pretrained=True)
+    # or, naming the architecture and its arguments as config.json records them:
+    model = timm.create_model(ARCH, pretrained=True, num_classes=K, **MODEL_ARGS,
+                              pretrained_cfg_overlay=dict(file='exported/student/model.safetensors', num_classes=K))
+
+A copy-mode student uses its teacher's attention maps in every forward pass and cannot run alone,
+so its export is refused.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from timm.data.constants import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD  # noqa: E402
+from timm.models._hub import save_for_hf  # noqa: E402
+
+from models_dual_vit import TRANSFER_MODES, create_vit, resolve_model_name  # noqa: E402
+from util.pretrained import load_exact, read_checkpoint, trained_architecture  # noqa: E402
+
+
+class ExportError(ValueError):
+    """A checkpoint that cannot be exported as a standalone model."""
+
+
+def export(checkpoint_path: str, output: str, use_ema: bool = False) -> dict:
+    """Write the student to ``output``; returns the architecture written to config.json."""
+    ckpt = read_checkpoint(checkpoint_path)
+    arch = trained_architecture(ckpt)
+    if arch is None:
+        raise ExportError(f"{checkpoint_path} does not record its architecture (no 'args' of main_finetune.py)")
+    mode = ckpt['args'].get('mode')
+    if mode in TRANSFER_MODES and TRANSFER_MODES[mode].needs_teacher_at_eval:
+        raise ExportError(
+            f"{checkpoint_path} is a {mode} student: in every forward pass it uses its teacher's "
+            f"{TRANSFER_MODES[mode].exposes} in place of its own, so it cannot run without the teacher. Train with "
+            "--mode distill for a standalone student; to use this one, keep the checkpoint (it holds the teacher "
+            "too) and evaluate it with main_finetune.py --eval --resume.")
+    key = 'model_ema' if use_ema else 'model'
+    if key not in ckpt:
+        raise ExportError(f"{checkpoint_path} holds no EMA weights (the run had no --ema); export without --ema")
+    pool = arch['global_pool']
+    pool = ('avg' if pool else 'token') if isinstance(pool, bool) else pool
+    name = resolve_model_name(arch['model'])
+    model_args = dict(arch['model_kwargs'], img_size=arch['input_size'], global_pool=pool)
+    student = create_vit(name, num_classes=arch['nb_classes'], **model_args)
+    load_exact(student, ckpt[key], f"checkpoint {checkpoint_path!r} ({key})")
+    student.pretrained_cfg = {k: v for k, v in student.pretrained_cfg.items()
+                              if k not in ('tag', 'hf_hub_id', 'url', 'license')}
+    size = arch['input_size']
+    data_config = dict(input_size=(3, size, size), interpolation='bicubic', mean=IMAGENET_DEFAULT_MEAN,
+                       std=IMAGENET_DEFAULT_STD, crop_pct=224 / 256 if size <= 224 else 1.0, crop_mode='center')
+    save_for_hf(student, output, model_args=model_args, safe_serialization=True, data_config=data_config)
+    return {'architecture': name, 'num_classes': arch['nb_classes'], 'model_args': model_args, 'weights': key}
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument('--checkpoint', required=True, help='checkpoint written by main_finetune.py')
+    parser.add_argument('--output', required=True, help='folder to write model.safetensors and config.json to')
+    parser.add_argument('--ema', action='store_true', help='export the EMA weights instead of the raw ones')
+    args = parser.parse_args(argv)
+    try:
+        info = export(args.checkpoint, args.output, args.ema)
+    except ExportError as e:
+        sys.exit(f"error: {e}")
+    kwargs = ', '.join(f'{k}={v!r}' for k, v in info['model_args'].items())
+    print(f"wrote {args.output}/model.safetensors and config.json ({info['weights']} weights of "
+          f"{info['architecture']}, {info['num_classes']} classes). Load it with timm alone:\n"
+          f"  timm.create_model('local-dir:{args.output}', pretrained=True)\n"
+          f"  timm.create_model('{info['architecture']}', pretrained=True, num_classes={info['num_classes']}, "
+          f"{kwargs}, pretrained_cfg_overlay=dict(file='{args.output}/model.safetensors', "
+          f"num_classes={info['num_classes']}))")
+
+
+if __name__ == '__main__':
+    main()
