@@ -1,0 +1,273 @@
+"""Teacher vs student attention: per-image maps, and per-layer agreement over a validation set.
+
+    python tools/visualize_attention.py --checkpoint output_dir/checkpoint.pth --data_path $DATA \\
+        --output_dir output_dir/attention
+
+Writes to --output_dir:
+  cls_attention_<k>.png       per image: the class token's attention over the image, per layer (rows) and
+                              head (columns), teacher on the left, student on the right
+  token_maps_<k>_layer<l>.png per image and chosen layer: the full token-by-token maps of both models
+  attention_metrics.csv/.png  per layer over the validation images: teacher-student cross-entropy
+                              CE(T, S) and Jensen-Shannon divergence, attention entropy and mean attention
+                              distance (pixels, over patch tokens) of each model
+
+The teacher comes from the checkpoint (copy modes), --teacher, or the run's --finetune file. Where
+teacher and student have different numbers of heads (probe students), the comparison uses the maps
+averaged over heads. Where transfer took hold, CE approaches the teacher's entropy and JSD nears 0;
+a layer whose JSD stays high is where it failed.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import math
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import matplotlib  # noqa: E402
+
+matplotlib.use('Agg')
+import matplotlib.pyplot as plt  # noqa: E402
+import torch  # noqa: E402
+from PIL import Image  # noqa: E402
+from torch.utils.data import DataLoader, Subset  # noqa: E402
+
+import main_finetune  # noqa: E402
+from models_dual_vit import forward_with_capture  # noqa: E402
+from util.datasets import build_dataset, build_transform, collate_skipping_bad  # noqa: E402
+from util.pretrained import load_exact, read_checkpoint  # noqa: E402
+
+METRICS = ('teacher_student_ce', 'jsd', 'teacher_entropy', 'student_entropy', 'teacher_distance_px',
+           'student_distance_px')
+
+
+# ---------------------------------------------------------------------------------------------
+# Metrics on attention probabilities (B, H, N, N); each is a sum over rows, to be averaged later
+# ---------------------------------------------------------------------------------------------
+def row_cross_entropy(t: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+    return -(t * s.clamp_min(1e-30).log()).sum(-1)
+
+
+def row_entropy(a: torch.Tensor) -> torch.Tensor:
+    return -torch.special.xlogy(a, a).sum(-1)
+
+
+def row_jsd(t: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+    m = 0.5 * (t + s)
+    return 0.5 * (torch.special.xlogy(t, t) - torch.special.xlogy(t, m)).sum(-1) + \
+        0.5 * (torch.special.xlogy(s, s) - torch.special.xlogy(s, m)).sum(-1)
+
+
+def patch_distances(grid: tuple[int, int], patch: int) -> torch.Tensor:
+    """Pixel distances between patch centres, (P, P)."""
+    rows, cols = torch.meshgrid(torch.arange(grid[0]), torch.arange(grid[1]), indexing='ij')
+    centres = torch.stack([rows.flatten(), cols.flatten()], 1).float() * patch
+    return torch.cdist(centres, centres)
+
+
+def row_distance(a: torch.Tensor, distances: torch.Tensor, prefix: int) -> torch.Tensor:
+    """Mean attention distance of each patch query over patch keys (weights renormalised over patches)."""
+    patches = a[..., prefix:, prefix:]
+    weights = patches / patches.sum(-1, keepdim=True).clamp_min(1e-30)
+    return (weights * distances).sum(-1)
+
+
+def comparable(t: torch.Tensor, s: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Maps with matching head counts: as they are, or both averaged over heads."""
+    if t.shape[1] == s.shape[1]:
+        return t, s
+    return t.mean(1, keepdim=True), s.mean(1, keepdim=True)
+
+
+# ---------------------------------------------------------------------------------------------
+# Models
+# ---------------------------------------------------------------------------------------------
+def load_models(checkpoint: str, teacher_path: str | None):
+    """(teacher or None, student) in eval mode, as the checkpoint's run built them."""
+    ckpt = read_checkpoint(checkpoint)
+    if not isinstance(ckpt.get('args'), dict):
+        raise ValueError(f"{checkpoint} does not record its run's arguments (not written by main_finetune.py)")
+    args = main_finetune.get_args_parser().parse_args([])
+    vars(args).update(ckpt['args'])
+    args.finetune = teacher_path or args.finetune
+    if args.mode in (None, 'none') and teacher_path:
+        raise ValueError("a plain run has no teacher to compare with; give a checkpoint of a transfer or probe run")
+    if args.mode not in (None, 'none') and 'teacher' not in ckpt and not os.path.isfile(args.finetune or ''):
+        raise FileNotFoundError(f"the teacher's weights are not in {checkpoint} and {args.finetune!r} does not "
+                                "exist: give --teacher PATH")
+    model = main_finetune.build_model(args)
+    load_exact(model.student, ckpt['model'], f"checkpoint {checkpoint!r} (model)")
+    teacher = getattr(model, 'teacher', None)
+    if teacher is not None:
+        if 'teacher' in ckpt:
+            load_exact(teacher, ckpt['teacher'], f"checkpoint {checkpoint!r} (teacher)")
+        else:
+            model.load_teacher(args.finetune, use_ema=args.use_teacher_ema)
+        teacher.eval()
+    return teacher, model.student.eval(), args
+
+
+@torch.no_grad()
+def maps_of(vit, images: torch.Tensor, layers: list[int]) -> dict[int, torch.Tensor]:
+    return forward_with_capture(vit, images, attention_blocks=layers)[1]
+
+
+# ---------------------------------------------------------------------------------------------
+# Figures
+# ---------------------------------------------------------------------------------------------
+def _grid(vit) -> tuple[int, int]:
+    return tuple(vit.patch_embed.grid_size)
+
+
+def plot_cls_attention(image: torch.Tensor, maps: dict[str, dict[int, torch.Tensor]], models: dict, heads: int,
+                       path: str) -> None:
+    names = list(maps)
+    layers = sorted(next(iter(maps.values())))
+    columns = [(name, h) for name in names for h in range(min(heads, maps[name][layers[0]].shape[1]))]
+    fig, axes = plt.subplots(len(layers), len(columns) + 1, figsize=(1.3 * (len(columns) + 1), 1.3 * len(layers)),
+                             squeeze=False)
+    shown = (image - image.min()) / (image.max() - image.min() + 1e-8)
+    for r, layer in enumerate(layers):
+        axes[r, 0].imshow(shown.permute(1, 2, 0).numpy())
+        axes[r, 0].set_ylabel(f'layer {layer}', fontsize=7)
+        for c, (name, head) in enumerate(columns, start=1):
+            vit = models[name]
+            row = maps[name][layer][0, head, 0, vit.num_prefix_tokens:].reshape(_grid(vit))
+            axes[r, c].imshow(row.numpy(), cmap='viridis')
+            if r == 0:
+                axes[r, c].set_title(f'{name} h{head}', fontsize=7)
+    for ax in axes.flat:
+        ax.set_xticks([])
+        ax.set_yticks([])
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_token_maps(maps: dict[str, dict[int, torch.Tensor]], layer: int, heads: int, path: str) -> None:
+    names = list(maps)
+    n_heads = max(min(heads, maps[n][layer].shape[1]) for n in names)
+    fig, axes = plt.subplots(len(names), n_heads, figsize=(2.2 * n_heads, 2.2 * len(names)), squeeze=False)
+    for r, name in enumerate(names):
+        for h in range(n_heads):
+            ax = axes[r, h]
+            if h < maps[name][layer].shape[1]:
+                ax.imshow(maps[name][layer][0, h].numpy(), cmap='magma')
+                ax.set_title(f'{name} layer {layer} head {h}', fontsize=7)
+            ax.set_xticks([])
+            ax.set_yticks([])
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_metrics(rows: list[dict], path: str) -> None:
+    layers = [r['layer'] for r in rows]
+    fig, axes = plt.subplots(1, 3, figsize=(12, 3.2))
+    panels = [('teacher-student agreement', [('teacher_student_ce', 'CE(T, S)'), ('jsd', 'JSD(T, S)')]),
+              ('attention entropy (nats)', [('teacher_entropy', 'teacher'), ('student_entropy', 'student')]),
+              ('mean attention distance (px)', [('teacher_distance_px', 'teacher'),
+                                                ('student_distance_px', 'student')])]
+    for ax, (title, series) in zip(axes, panels):
+        for key, label in series:
+            values = [r[key] for r in rows]
+            if any(v is not None for v in values):
+                ax.plot(layers, [math.nan if v is None else v for v in values], marker='o', label=label)
+        ax.set_title(title)
+        ax.set_xlabel('layer')
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+# ---------------------------------------------------------------------------------------------
+# main
+# ---------------------------------------------------------------------------------------------
+@torch.no_grad()
+def layer_metrics(teacher, student, loader, layers: list[int]) -> list[dict]:
+    """Per layer, each metric's mean over its rows (attention rows, or patch-query rows for distances)."""
+    sums = {layer: dict.fromkeys(METRICS, 0.0) for layer in layers}
+    counts = {layer: dict.fromkeys(METRICS, 0) for layer in layers}
+
+    def add(layer: int, key: str, values: torch.Tensor) -> None:
+        sums[layer][key] += values.sum().item()
+        counts[layer][key] += values.numel()
+
+    dist_s = patch_distances(_grid(student), student.patch_embed.patch_size[0])
+    dist_t = patch_distances(_grid(teacher), teacher.patch_embed.patch_size[0]) if teacher is not None else None
+    for images, _, _ in loader:
+        if len(images) == 0:
+            continue
+        s_maps = maps_of(student, images, layers)
+        t_maps = maps_of(teacher, images, layers) if teacher is not None else {}
+        for layer in layers:
+            s = s_maps[layer]
+            add(layer, 'student_entropy', row_entropy(s))
+            add(layer, 'student_distance_px', row_distance(s, dist_s, student.num_prefix_tokens))
+            if teacher is not None:
+                t = t_maps[layer]
+                tc, sc = comparable(t, s)
+                add(layer, 'teacher_student_ce', row_cross_entropy(tc, sc))
+                add(layer, 'jsd', row_jsd(tc, sc))
+                add(layer, 'teacher_entropy', row_entropy(t))
+                add(layer, 'teacher_distance_px', row_distance(t, dist_t, teacher.num_prefix_tokens))
+    return [{'layer': layer, **{k: sums[layer][k] / counts[layer][k] if counts[layer][k] else None for k in METRICS}}
+            for layer in layers]
+
+
+def main(argv=None) -> list[dict]:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument('--checkpoint', required=True, help='checkpoint written by main_finetune.py')
+    p.add_argument('--teacher', default=None, help='teacher weights when the checkpoint does not hold them '
+                   '(default: the run\'s --finetune file)')
+    p.add_argument('--data_path', required=True, help='folder with val/<class>/ images')
+    p.add_argument('--output_dir', required=True, help='where to write the PNG and CSV files')
+    p.add_argument('--images', nargs='*', default=None, help='images to draw maps for (default: the first '
+                   '--num_show validation images)')
+    p.add_argument('--num_show', default=4, type=int, help='validation images to draw maps for')
+    p.add_argument('--num_images', default=512, type=int, help='validation images the metrics average over')
+    p.add_argument('--map_layers', default=None, help='layers whose full token maps are drawn (default: first, '
+                   'middle, last)')
+    p.add_argument('--heads', default=4, type=int, help='heads drawn per model')
+    p.add_argument('--batch_size', default=16, type=int, help='images per forward pass (maps of every layer are '
+                   'kept at once)')
+    p.add_argument('--num_workers', default=4, type=int, help='data loading processes')
+    a = p.parse_args(argv)
+    os.makedirs(a.output_dir, exist_ok=True)
+    teacher, student, args = load_models(a.checkpoint, a.teacher)
+    depth = len(student.blocks) if teacher is None else min(len(student.blocks), len(teacher.blocks))
+    layers = list(range(depth))
+    map_layers = [int(x) for x in a.map_layers.split(',')] if a.map_layers else sorted({0, depth // 2, depth - 1})
+    args.data_path = a.data_path
+    dataset = build_dataset(False, args, root=os.path.join(a.data_path, 'val'))
+    transform = build_transform(False, args)
+
+    models = {'teacher': teacher, 'student': student} if teacher is not None else {'student': student}
+    shown = [transform(Image.open(f).convert('RGB')) for f in a.images] if a.images else [
+        dataset[i][0] for i in range(min(a.num_show, len(dataset)))]
+    for k, image in enumerate(shown):
+        maps = {name: maps_of(vit, image[None], layers) for name, vit in models.items()}
+        plot_cls_attention(image, maps, models, a.heads, os.path.join(a.output_dir, f'cls_attention_{k}.png'))
+        for layer in map_layers:
+            plot_token_maps(maps, layer, a.heads, os.path.join(a.output_dir, f'token_maps_{k}_layer{layer}.png'))
+
+    subset = Subset(dataset, range(min(a.num_images, len(dataset))))
+    loader = DataLoader(subset, batch_size=a.batch_size, num_workers=a.num_workers, collate_fn=collate_skipping_bad)
+    rows = layer_metrics(teacher, student, loader, layers)
+    with open(os.path.join(a.output_dir, 'attention_metrics.csv'), 'w', newline='') as f:
+        writer = csv.DictWriter(f, fieldnames=['layer', *METRICS])
+        writer.writeheader()
+        writer.writerows({k: ('' if v is None else v) for k, v in r.items()} for r in rows)
+    plot_metrics(rows, os.path.join(a.output_dir, 'attention_metrics.png'))
+    print(f"wrote {len(shown)} images' maps and per-layer metrics over {len(subset)} images to {a.output_dir}")
+    for r in rows:
+        print('  layer {layer:2d}  '.format(**r) + '  '.join(
+            f"{k} {v:.4f}" for k, v in r.items() if k != 'layer' and v is not None))
+    return rows
+
+
+if __name__ == '__main__':
+    main()
