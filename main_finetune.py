@@ -156,6 +156,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     g.add_argument('--aa', type=str, default='rand-m9-mstd0.5-inc1', metavar='NAME',
                    help='AutoAugment policy, "v0" or "original" or a RandAugment string; "none" disables it '
                         '(default: rand-m9-mstd0.5-inc1)')
+    g.add_argument('--min_crop_scale', type=float, default=0.08,
+                   help='smallest area fraction of the random-resized crop (default: 0.08, ImageNet\'s)')
+    g.add_argument('--hflip', type=float, default=0.5, help='probability of a horizontal flip (default: 0.5)')
     g.add_argument('--smoothing', type=float, default=0.1, help='label smoothing (default: 0.1)')
     g.add_argument('--reprob', type=float, default=0.25, metavar='PCT', help='random erase prob (default: 0.25)')
     g.add_argument('--remode', type=str, default='pixel', help='random erase mode (default: "pixel")')
@@ -282,6 +285,10 @@ def resolve_args(args) -> tuple[dict | None, str | None]:
     transfer = None if probe else get_transfer_mode(args.mode)
     if args.finetune and not os.path.isfile(args.finetune):
         raise FileNotFoundError(f"--finetune {args.finetune!r}: no such file")
+    if args.finetune and not args.eval and args.output_dir and os.path.realpath(args.finetune) == os.path.realpath(
+            os.path.join(args.output_dir, 'checkpoint.pth')):
+        raise ValueError(f"--output_dir {args.output_dir!r} would overwrite the --finetune checkpoint with this run's "
+                         "checkpoint.pth; give the run its own output folder")
     has_teacher_weights = ckpt is not None and 'teacher' in ckpt
     needs_teacher = (probe and not args.eval) or (
         transfer is not None and (not args.eval or transfer.needs_teacher_at_eval))
@@ -380,7 +387,7 @@ def build_train_dataset(args):
                          f"but --nb_classes is {args.nb_classes}")
     paths = [selection['paths'][i] for i in selection['selected'].tolist()]
     log(f"probe training set: {len(paths)} wild images selected ({selection.get('ranking')}) from {selection['root']}")
-    return ImageFiles(selection['root'], paths, wild_transform(args.input_size, train=True))
+    return ImageFiles(selection['root'], paths, wild_transform(args.input_size, train=True, hflip=args.hflip))
 
 
 def build_criterion(args, model, loader_val, device, amp_dtype) -> torch.nn.Module:
@@ -468,7 +475,7 @@ def main(args) -> dict:
     device = torch.device(args.device)
     rank, world = get_rank(), get_world_size()
     log(f"job dir: {os.path.dirname(os.path.realpath(__file__))}")
-    log(json.dumps({k: v for k, v in vars(args).items()}, indent=1, default=str))
+    log(json.dumps(vars(args), indent=1, default=str))
     torch.backends.cudnn.benchmark = True
     seed_epoch(args.seed, 0, rank)
 

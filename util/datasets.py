@@ -80,6 +80,7 @@ def build_transform(is_train: bool, args) -> transforms.Compose:
     if is_train:
         return create_transform(
             input_size=args.input_size, is_training=True, color_jitter=args.color_jitter,
+            scale=(getattr(args, 'min_crop_scale', 0.08), 1.0), hflip=getattr(args, 'hflip', 0.5),
             auto_augment=args.aa if args.aa not in (None, '', 'none') else None, interpolation='bicubic',
             re_prob=args.reprob, re_mode=args.remode, re_count=args.recount,
             mean=IMAGENET_DEFAULT_MEAN, std=IMAGENET_DEFAULT_STD)
@@ -187,11 +188,13 @@ class ImageFiles(Dataset):
         return (self.transform(image) if self.transform is not None else image), index
 
 
-def wild_transform(input_size: int, train: bool) -> transforms.Compose:
+def wild_transform(input_size: int, train: bool, hflip: float = 0.5) -> transforms.Compose:
     """The Attention Probe reference's wild-image transforms: resize to input_size x input_size; for
-    training, a random crop with 4 pixels of padding and a horizontal flip."""
+    training, a random crop with 4 pixels of padding and a horizontal flip with probability ``hflip``."""
     steps = [transforms.Resize((input_size, input_size))]
     if train:
-        steps += [transforms.RandomCrop(input_size, padding=4), transforms.RandomHorizontalFlip()]
+        steps.append(transforms.RandomCrop(input_size, padding=4))
+        if hflip > 0:
+            steps.append(transforms.RandomHorizontalFlip(hflip))
     return transforms.Compose(steps + [transforms.ToTensor(),
                                        transforms.Normalize(IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD)])
