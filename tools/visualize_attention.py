@@ -177,6 +177,7 @@ def plot_metrics(rows: list[dict], path: str) -> None:
                 ax.plot(layers, [math.nan if v is None else v for v in values], marker='o', label=label)
         ax.set_title(title)
         ax.set_xlabel('layer')
+        ax.set_xticks(layers)
         ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=110)
