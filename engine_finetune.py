@@ -38,10 +38,10 @@ class StepStats:
         self.first_bad_step = torch.full((), -1, dtype=torch.long, device=device)
         self.bad_terms: Optional[torch.Tensor] = None
 
-    def add(self, terms: dict[str, torch.Tensor], step: int, images: int, skipped: int) -> None:
-        values = torch.stack([t.detach().float() for t in terms.values()])
+    def add(self, names: list[str], values: torch.Tensor, step: int, images: int, skipped: int) -> None:
+        """Accumulate one step's loss terms (``values[i]`` is term ``names[i]``), on the device."""
         if self.sums is None:
-            self.names = list(terms)
+            self.names = names
             self.sums = torch.zeros_like(values)
             self.bad_terms = torch.zeros_like(values)
         self.sums += values
@@ -160,8 +160,9 @@ def train_one_epoch(
             if model_ema is not None:
                 model_ema.update(ema_source)
 
-        window.add(terms, step, len(images), skipped)
-        total.add(terms, step, len(images), skipped)
+        names, values = list(terms), torch.stack([t.detach().float() for t in terms.values()])
+        window.add(names, values, step, len(images), skipped)
+        total.add(names, values, step, len(images), skipped)
         last = step + 1 == steps_per_epoch
         if (step + 1) % args.print_freq == 0 or last:
             means, n_images, n_skipped, votes = check(window, control.local_flags() if control else ())

@@ -246,12 +246,14 @@ def apply_probe_defaults(args) -> None:
             setattr(args, key, value)
 
 
-def resolve_args(args) -> tuple[dict | None, str | None]:
-    """Fill derived defaults and check the flags before any heavy work; returns (checkpoint to resume, its path)."""
+def resolve_args(args, read_resume: bool = True) -> tuple[dict | None, str | None]:
+    """Fill derived defaults and check the flags before any heavy work; returns (checkpoint to resume, its path).
+
+    ``read_resume=False`` (the SLURM launcher, at submission) only checks that the checkpoint exists."""
     args.model_kwargs = parse_kwargs(args.model_kwargs, '--model_kwargs')
     args.student_kwargs = parse_kwargs(args.student_kwargs, '--student_kwargs')
     path = resume_path(args.resume, args.output_dir)
-    ckpt = load_training_checkpoint(path) if path else None
+    ckpt = load_training_checkpoint(path) if path and read_resume else None
     if ckpt is not None and args.eval and isinstance(ckpt.get('args'), dict):
         for key in MODEL_ARGS:
             if key in ckpt['args']:
@@ -289,7 +291,7 @@ def resolve_args(args) -> tuple[dict | None, str | None]:
             os.path.join(args.output_dir, 'checkpoint.pth')):
         raise ValueError(f"--output_dir {args.output_dir!r} would overwrite the --finetune checkpoint with this run's "
                          "checkpoint.pth; give the run its own output folder")
-    has_teacher_weights = ckpt is not None and 'teacher' in ckpt
+    has_teacher_weights = (ckpt is not None and 'teacher' in ckpt) or (path is not None and not read_resume)
     needs_teacher = (probe and not args.eval) or (
         transfer is not None and (not args.eval or transfer.needs_teacher_at_eval))
     if needs_teacher and not args.finetune and not has_teacher_weights:

@@ -199,7 +199,7 @@ def main(argv=None) -> submitit.Job:
     if args.log_dir == DEFAULT_OUTPUT:
         args.log_dir = job_dir
     args.job_dir = job_dir
-    main_finetune.resolve_args(copy.deepcopy(args))  # fail now on a bad flag, not after the queue wait
+    main_finetune.resolve_args(copy.deepcopy(args), read_resume=False)  # fail on a bad flag now, not after the queue
     executor = build_executor(args, job_dir)  # submitit puts the job id in place of %j
     job = executor.submit(Trainer(args))
     logs = job_dir.replace('%j', str(job.job_id))
