@@ -354,3 +354,22 @@ def test_registry_names_build_reference_signature():
     assert len(model.teacher.blocks) == 12 and model.layers == list(range(6))
     assert model.student.global_pool == 'avg' and model.student.head.out_features == 10
     assert model.student.blocks[11].drop_path1.drop_prob == pytest.approx(0.1)
+
+
+# ---- mixed precision -----------------------------------------------------------------------------
+@pytest.mark.parametrize('mode', ['copy', 'distill', 'copy_q', 'distill_v'])
+def test_bf16_autocast_end_to_end_close_to_float32(mode):
+    model = tiny_pair(mode, drop_path=0.1)
+    model.train()
+    x = images()
+    masks = model.draw_drop_path_masks(4, x.device)
+    out32 = model(x, drop_path_masks=masks)
+    with torch.autocast('cpu', dtype=torch.bfloat16):
+        out16 = model(x, drop_path_masks=masks)
+    logits32, aux32 = out32 if isinstance(out32, tuple) else (out32, torch.zeros(()))
+    logits16, aux16 = out16 if isinstance(out16, tuple) else (out16, torch.zeros(()))
+    assert aux16.dtype == torch.float32  # transfer losses are computed in float32
+    (logits16.float().sum() + aux16).backward()
+    assert all(torch.isfinite(p.grad).all() for p in model.student.parameters() if p.grad is not None)
+    torch.testing.assert_close(logits16.float(), logits32, rtol=0.1, atol=0.1)
+    torch.testing.assert_close(aux16, aux32, rtol=0.05, atol=0.05)

@@ -322,3 +322,10 @@ def test_torchrun_nan_on_one_rank_stops_both(workdir):
     assert 'non-finite loss at epoch 0, a step on another rank' in proc.stderr + proc.stdout
     assert 'non-finite loss at epoch 0, step 3 of 6' in proc.stderr + proc.stdout
     assert time.time() - start < 120
+
+
+def test_fp16_with_grad_scaler_trains(workdir):
+    out, _ = train(workdir, 'fp16', '--mode', 'distill', '--amp', 'fp16', epochs=1)
+    log = read_log(out)
+    assert math.isfinite(log[0]['train_loss']) and math.isfinite(log[0]['test_acc1'])
+    assert read_checkpoint(os.path.join(out, 'checkpoint.pth'))['scaler']['scale'] > 0
