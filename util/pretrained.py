@@ -145,11 +145,6 @@ def load_pretrained_weights(model: nn.Module, path: str, use_ema: bool = False, 
     return report
 
 
-# The arguments that define a model's architecture in this project's checkpoints.
-ARCHITECTURE_ARGS = ('model', 'model_kwargs', 'student_model', 'student_kwargs', 'teacher_model', 'nb_classes',
-                     'input_size', 'global_pool', 'mode')
-
-
 def trained_architecture(checkpoint: Any) -> dict | None:
     """The trained model's architecture from a checkpoint written by main_finetune.py: timm name,
     its arguments, classes, input size and pooling; None for checkpoints without those arguments."""
