@@ -52,28 +52,69 @@ class StepStats:
         self.images += images
         self.skipped += skipped
 
-    def reduce(self, extra: Sequence[float] = ()) -> tuple[dict[str, float], int, int, Optional[tuple], list[float]]:
-        """Sum over ranks; returns (mean of each term, images, skipped, first non-finite step or None,
-        the summed ``extra`` votes).
+    def reduce(self, extra: Sequence[float] = ()) -> tuple[dict[str, float], int, int, int, Optional[tuple],
+                                                       list[float]]:
+        """Sum over ranks; returns (sum of each term, steps, images, skipped, first non-finite step or None,
+        the summed ``extra`` votes). Steps, images and skipped are summed over ranks too.
 
         One host synchronisation; every rank must call it at the same step."""
         n = len(self.names)
         counts = [self.steps, self.images, self.skipped, 0.0, *extra]
-        packed = torch.cat([self.sums, torch.tensor(counts, device=self.device, dtype=torch.float)])
+        sums = self.sums if self.sums is not None else torch.zeros(0, device=self.device)
+        packed = torch.cat([sums, torch.tensor(counts, device=self.device, dtype=torch.float)])
         packed[n + 3] = (self.first_bad_step >= 0).float()
         packed = all_reduce_sum(packed).tolist()
-        steps = max(packed[n], 1.0)
-        means = {name: packed[i] / steps for i, name in enumerate(self.names)}
         failure = None
         if packed[n + 3] > 0:
             step = int(self.first_bad_step.item())
             failure = (step, dict(zip(self.names, self.bad_terms.tolist()))) if step >= 0 else (-1, {})
-        return means, int(packed[n + 1]), int(packed[n + 2]), failure, packed[n + 4:]
+        sums = dict(zip(self.names, packed[:n]))
+        return sums, int(packed[n]), int(packed[n + 1]), int(packed[n + 2]), failure, packed[n + 4:]
 
     def reset(self) -> None:
         if self.sums is not None:
             self.sums.zero_()
         self.steps = self.images = self.skipped = 0
+
+
+class EpochTotals:
+    """The epoch's loss sums so far over all ranks, on the host, from the read-backs.
+
+    A mid-epoch checkpoint carries ``state()``; the resumed run starts from it, so the epoch's log line
+    covers the steps trained before the stop as well."""
+
+    def __init__(self, state: Optional[dict] = None) -> None:
+        state = state or {}
+        self.sums: dict[str, float] = dict(state.get('sums', {}))
+        self.steps = int(state.get('steps', 0))
+        self.images = int(state.get('images', 0))
+        self.skipped = int(state.get('skipped', 0))
+
+    def add(self, sums: dict[str, float], steps: int, images: int, skipped: int) -> None:
+        for name, value in sums.items():
+            self.sums[name] = self.sums.get(name, 0.0) + value
+        self.steps += steps
+        self.images += images
+        self.skipped += skipped
+
+    def means(self) -> dict[str, float]:
+        return {name: value / max(self.steps, 1) for name, value in self.sums.items()}
+
+    def state(self) -> dict:
+        return {'sums': dict(self.sums), 'steps': self.steps, 'images': self.images, 'skipped': self.skipped}
+
+
+def non_finite_advice(terms: dict[str, float]) -> str:
+    """What to do about a non-finite loss; the learning rate is blamed only when nothing points elsewhere.
+
+    When the task loss is still finite but another term is not, the student's predictions (and so its
+    weights) are fine and the weighted extra term (the teacher's side) is at fault, not the lr."""
+    task = terms.get('loss_task')
+    extra = [k for k, v in terms.items() if k not in ('loss', 'loss_task') and not math.isfinite(v)]
+    if task is not None and math.isfinite(task) and extra:
+        return (f"loss_task is finite but {', '.join(extra)} is not, so this is not a diverging learning rate: "
+                "check that term's weight (--atd_weight) and the teacher's weights (--finetune).")
+    return "Lower the learning rate, set --clip_grad, or use --amp bf16 instead of fp16."
 
 
 def train_one_epoch(
@@ -94,6 +135,7 @@ def train_one_epoch(
         steps_per_epoch: Optional[int] = None,
         control: Optional[RunControl] = None,
         aux_optimizer: Optional[torch.optim.Optimizer] = None,
+        partial: Optional[dict] = None,
 ) -> dict[str, float]:
     """Train for one epoch (or its rest, from ``start_step``) and return the epoch's mean loss terms.
 
@@ -101,27 +143,28 @@ def train_one_epoch(
     warmup_epochs, epochs). At every read-back ``control`` (util.run_control) may write a
     mid-epoch checkpoint or stop the loop, decided by all ranks together. ``aux_optimizer`` steps
     the criterion's own parameters (probe: noise adaptation), their gradients averaged over ranks.
+    ``partial`` is the resumed epoch's ``EpochTotals.state()`` from a mid-epoch checkpoint.
     """
     model.train()
     steps_per_epoch = steps_per_epoch or len(data_loader) + start_step
     accum = args.accum_iter
     autocast = torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None)
     params = [p for p in model.parameters() if p.requires_grad]
-    window, total = StepStats(device), StepStats(device)
+    window, totals = StepStats(device), EpochTotals(partial)
     t_window = t_start = time.time()
     lr = optimizer.param_groups[0]['lr']
 
     def check(stats: StepStats, extra: Sequence[float] = ()) -> tuple[dict[str, float], int, int, list[float]]:
-        means, images, skipped, failure, votes = stats.reduce(extra)
+        """Read the window back (all ranks), stop on a non-finite loss, add it to the epoch's totals."""
+        sums, steps, images, skipped, failure, votes = stats.reduce(extra)
         if failure is not None:
             step, terms = failure
             where = f"step {step}" if step >= 0 else "a step on another rank"
             raise NonFiniteLossError(
                 f"non-finite loss at epoch {epoch}, {where} of {steps_per_epoch}: "
-                + ', '.join(f"{k}={v}" for k, v in terms.items())
-                + ". Training stopped; the last checkpoint written is intact. Lower the learning rate, "
-                  "set --clip_grad, or use --amp bf16 instead of fp16.")
-        return means, images, skipped, votes
+                + ', '.join(f"{k}={v}" for k, v in terms.items()) + ". " + non_finite_advice(terms))
+        totals.add(sums, steps, images, skipped)
+        return {k: v / max(steps, 1) for k, v in sums.items()}, images, skipped, votes
 
     optimizer.zero_grad(set_to_none=True)
     if aux_optimizer is not None:
@@ -162,7 +205,6 @@ def train_one_epoch(
 
         names, values = list(terms), torch.stack([t.detach().float() for t in terms.values()])
         window.add(names, values, step, len(images), skipped)
-        total.add(names, values, step, len(images), skipped)
         last = step + 1 == steps_per_epoch
         if (step + 1) % args.print_freq == 0 or last:
             means, n_images, n_skipped, votes = check(window, control.local_flags() if control else ())
@@ -181,12 +223,15 @@ def train_one_epoch(
             window.reset()
             t_window = time.time()
             if control is not None:
-                control.act(votes, epoch, step + 1, steps_per_epoch)
+                control.act(votes, epoch, step + 1, steps_per_epoch, totals.state())
 
-    means, n_images, n_skipped, _ = check(total)
+    if window.steps:  # a loader shorter than steps_per_epoch: its last steps were not read back yet
+        check(window)
+    means = totals.means()
     log(f"Epoch [{epoch}] averaged: " + '  '.join(f"{k} {v:.4f}" for k, v in means.items())
-        + f"  ({n_images} images on {get_world_size()} ranks in {_hms(time.time() - t_start)})")
-    return {**means, 'lr': lr, 'skipped_images': n_skipped}
+        + f"  ({totals.images} images on {get_world_size()} ranks in {_hms(time.time() - t_start)}"
+        + (", resumed mid-epoch" if partial else '') + ")")
+    return {**means, 'lr': lr, 'skipped_images': totals.skipped}
 
 
 def average_gradients(optimizer: torch.optim.Optimizer) -> None:

@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
+import math
 import os
 import sys
 import time
@@ -26,15 +27,19 @@ from timm.utils import ModelEmaV3
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.tensorboard import SummaryWriter
 
-from engine_finetune import evaluate, evaluate_ensemble, train_one_epoch
+from engine_finetune import NonFiniteLossError, evaluate, evaluate_ensemble, train_one_epoch
 from models_dual_vit import MODE_CHOICES, DualViT, build_dual_vit, create_vit, get_transfer_mode, resolve_model_name
 from models_probe import ProbeDistiller, build_probe_distiller
 from util.args import explicit_flags, parse_kwargs
 from util.checkpoint import (
+    check_finite,
     load_training_checkpoint,
     next_position,
     resume_path,
+    resume_rng,
+    resume_step,
     rng_state,
+    samples_done,
     save_atomic,
     seed_epoch,
     set_rng_state,
@@ -49,11 +54,21 @@ from util.datasets import (
     build_loader,
     wild_transform,
 )
-from util.distributed import barrier, destroy, get_rank, get_world_size, init_distributed_mode, is_main_process, log
+from util.distributed import (
+    all_gather_object,
+    barrier,
+    destroy,
+    get_rank,
+    get_world_size,
+    init_distributed_mode,
+    is_main_process,
+    log,
+)
 from util.losses import ProbeCriterion, TransferCriterion, build_task_criterion
 from util.lr_decay import param_groups_lrd
+from util.output import checkpoint_bytes, output_dir_in_use, warn_if_little_space
 from util.pretrained import load_exact, load_pretrained_weights, read_checkpoint, trained_architecture
-from util.run_control import RunControl
+from util.run_control import Preempted, RunControl, stop_on_signals, stop_signal
 
 # The arguments that define the model: --eval --resume takes them from the checkpoint.
 MODEL_ARGS = ('model', 'mode', 'teacher_model', 'student_model', 'model_kwargs', 'student_kwargs', 'input_size',
@@ -412,9 +427,16 @@ def build_criterion(args, model, loader_val, device, amp_dtype) -> torch.nn.Modu
 
 
 def checkpoint_state(model, model_ema, optimizer, scaler, criterion, aux_optimizer, args, epoch: int,
-                     step: int | None) -> dict:
+                     step: int | None, partial: dict | None = None) -> dict:
+    """The whole training state; mid-epoch also the position in samples and the epoch's loss sums."""
+    world = get_world_size()
+    rngs = all_gather_object(rng_state())  # every rank's: a resume on as many ranks restores each its own
     state = {'model': model.student.state_dict(), 'optimizer': optimizer.state_dict(),
-             'scaler': scaler.state_dict(), 'epoch': epoch, 'step': step, 'args': vars(args), 'rng': rng_state()}
+             'scaler': scaler.state_dict(), 'epoch': epoch, 'step': step, 'args': vars(args), 'rng': rngs[0],
+             'rng_per_rank': rngs, 'world_size': world}
+    if step is not None:
+        state['samples'] = step * args.batch_size * world
+        state['partial_epoch'] = partial
     if model.needs_teacher_at_eval:
         state['teacher'] = model.teacher.state_dict()
     if model_ema is not None:
@@ -462,10 +484,22 @@ def load_ensemble_member(args) -> torch.nn.Module:
     return member
 
 
+def describe_checkpoint(path: str, epoch: int, step: int | None) -> str:
+    return f"{path} ({f'end of epoch {epoch}' if step is None else f'epoch {epoch}, step {step}'})"
+
+
+def last_good_sentence(last_good: str | None) -> str:
+    if last_good is None:
+        return "this run has written no checkpoint yet and resumed none."
+    return f"the last good checkpoint is {last_good}."
+
+
 def write_log(args, stats: dict) -> None:
+    """One JSON line; NaN and infinity (not JSON) are written as null."""
     if args.output_dir and is_main_process():
+        finite = {k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in stats.items()}
         with open(os.path.join(args.output_dir, 'log.txt'), 'a', encoding='utf-8') as f:
-            f.write(json.dumps(stats) + '\n')
+            f.write(json.dumps(finite, allow_nan=False) + '\n')
 
 
 # ---------------------------------------------------------------------------------------------
@@ -474,6 +508,12 @@ def write_log(args, stats: dict) -> None:
 def main(args) -> dict:
     ckpt, ckpt_path = resolve_args(args)
     init_distributed_mode(args)
+    start_epoch = next_position(ckpt)[0] if ckpt is not None else args.start_epoch
+    with output_dir_in_use(args, start_epoch), stop_on_signals(enabled=not args.eval):
+        return train_and_evaluate(args, ckpt, ckpt_path)
+
+
+def train_and_evaluate(args, ckpt: dict | None, ckpt_path: str | None) -> dict:
     device = torch.device(args.device)
     rank, world = get_rank(), get_world_size()
     log(f"job dir: {os.path.dirname(os.path.realpath(__file__))}")
@@ -549,7 +589,12 @@ def main(args) -> dict:
     aux_params = [p for p in criterion.parameters() if p.requires_grad]
     aux_optimizer = torch.optim.Adam(aux_params, lr=args.noise_lr) if aux_params else None
 
-    start_epoch, start_step, resume_rng = args.start_epoch, 0, None
+    if is_main_process() and args.output_dir:
+        saved = [model.student, criterion] + ([model_ema.module] if model_ema is not None else []) \
+            + ([model.teacher] if model.needs_teacher_at_eval else [])
+        warn_if_little_space(args.output_dir, checkpoint_bytes(saved, optimizer), bool(args.save_every))
+
+    start_epoch, start_step, start_rng, partial, last_good = args.start_epoch, 0, None, None, None
     if ckpt is not None:
         restore_weights(ckpt, ckpt_path, model, model_ema)
         optimizer.load_state_dict(ckpt['optimizer'])
@@ -557,9 +602,12 @@ def main(args) -> dict:
         if aux_optimizer is not None:
             criterion.load_state_dict(ckpt['criterion'])
             aux_optimizer.load_state_dict(ckpt['aux_optimizer'])
-        start_epoch, start_step = next_position(ckpt)
-        resume_rng = ckpt.get('rng') if start_step else None
-        log(f"resumed from {ckpt_path}: epoch {start_epoch}, step {start_step}")
+        start_epoch, start_step = resume_step(ckpt, ckpt_path, args.batch_size, world, steps_per_epoch)
+        if start_step:
+            start_rng, partial = resume_rng(ckpt, rank, world, args.batch_size), ckpt.get('partial_epoch')
+        log(f"resumed from {ckpt_path}: epoch {start_epoch}, step {start_step}"
+            + (f" of {steps_per_epoch} ({samples_done(ckpt)} samples of the epoch done)" if start_step else ''))
+        last_good = describe_checkpoint(ckpt_path, ckpt['epoch'], ckpt.get('step'))
     ddp_model = wrap_ddp(model, args)
 
     log_writer = None
@@ -568,17 +616,25 @@ def main(args) -> dict:
             os.makedirs(args.output_dir, exist_ok=True)
         if args.log_dir:
             os.makedirs(args.log_dir, exist_ok=True)
-            log_writer = SummaryWriter(log_dir=args.log_dir, purge_step=int(start_epoch * 1000) or None)
+            # points up to the resumed position (epoch_1000x, as the engine writes them) were trained: keep them
+            position = int((start_epoch + start_step / steps_per_epoch) * 1000)
+            log_writer = SummaryWriter(log_dir=args.log_dir, purge_step=position + 1 if position else None)
 
-    def save(epoch: int, step: int | None, extra_name: str | None = None) -> None:
+    def save(epoch: int, step: int | None, partial: dict | None = None, extra_name: str | None = None) -> None:
+        """checkpoint.pth (and ``extra_name``) on rank 0, unless any rank's state holds NaN or inf."""
+        nonlocal last_good
         if not args.output_dir:
             return
+        state = checkpoint_state(model, model_ema, optimizer, scaler, criterion, aux_optimizer, args, epoch, step,
+                                 partial)
+        path = os.path.join(args.output_dir, 'checkpoint.pth')
+        check_finite(state, describe_checkpoint(path, epoch, step), last_good)
         if is_main_process():
-            state = checkpoint_state(model, model_ema, optimizer, scaler, criterion, aux_optimizer, args, epoch, step)
-            save_atomic(state, os.path.join(args.output_dir, 'checkpoint.pth'))
+            save_atomic(state, path)
             if extra_name:
                 save_atomic(state, os.path.join(args.output_dir, extra_name))
         barrier()
+        last_good = describe_checkpoint(path, epoch, step)
 
     control = RunControl(args.checkpoint_minutes, save)
     log(f"start training for {args.epochs} epochs ({steps_per_epoch} steps each) from epoch {start_epoch}"
@@ -588,20 +644,25 @@ def main(args) -> dict:
     for epoch in range(start_epoch, args.epochs):
         seed_epoch(args.seed, epoch, rank, loader_train.generator)
         first_step = start_step if epoch == start_epoch else 0
-        if first_step and resume_rng is not None:
-            set_rng_state(resume_rng)
+        if first_step and start_rng is not None:
+            set_rng_state(start_rng)
         sampler_train.set_epoch(epoch, start_index=first_step * args.batch_size)
-        train_stats = train_one_epoch(
-            ddp_model, criterion, loader_train, optimizer, device, epoch, scaler, args, amp_dtype=amp_dtype,
-            mixup_fn=mixup_fn, model_ema=model_ema, ema_source=model.student, log_writer=log_writer,
-            aux_optimizer=aux_optimizer,
-            start_step=first_step, steps_per_epoch=steps_per_epoch, control=control)
+        try:
+            train_stats = train_one_epoch(
+                ddp_model, criterion, loader_train, optimizer, device, epoch, scaler, args, amp_dtype=amp_dtype,
+                mixup_fn=mixup_fn, model_ema=model_ema, ema_source=model.student, log_writer=log_writer,
+                aux_optimizer=aux_optimizer, partial=partial if first_step else None,
+                start_step=first_step, steps_per_epoch=steps_per_epoch, control=control)
+        except NonFiniteLossError as e:
+            e.args = (f"{e} Training stopped; " + last_good_sentence(last_good),)
+            raise
         last = epoch + 1 == args.epochs
         keep = args.save_every and ((epoch + 1) % args.save_every == 0 or last)
-        save(epoch, None, f'checkpoint-{epoch}.pth' if keep else None)
+        save(epoch, None, extra_name=f'checkpoint-{epoch}.pth' if keep else None)
 
         stats = {**{f'train_{k}': v for k, v in train_stats.items()}, 'epoch': epoch, 'n_parameters': n_parameters}
-        if (epoch + 1) % args.eval_every == 0 or last:
+        stopping = control.stop_at_epoch_end is not None  # a stop agreed at the last step: no evaluation now
+        if not stopping and ((epoch + 1) % args.eval_every == 0 or last):
             test_stats = eval_all(model, model_ema)
             stats.update(test_stats)
             for key in max_acc:
@@ -616,6 +677,7 @@ def main(args) -> dict:
         write_log(args, stats)
         if log_writer is not None:
             log_writer.flush()
+        control.stop_after_epoch()
 
     log(f"training time {datetime.timedelta(seconds=int(time.time() - start_time))}")
     if log_writer is not None:
@@ -635,6 +697,10 @@ def run(argv=None) -> dict:
 if __name__ == '__main__':
     try:
         run()
+    except Preempted as stop:  # SIGINT / SIGTERM: the checkpoint is written
+        print(f"stopped: checkpoint written at epoch {stop.epoch}, step {stop.step}; continue with --resume allow",
+              file=sys.stderr, flush=True)
+        os._exit(128 + stop_signal() if stop_signal() else 1)
     except (ValueError, FileNotFoundError, RuntimeError) as e:
         traceback.print_exc()
         print(f"\nerror: {e}", file=sys.stderr, flush=True)

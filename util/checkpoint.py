@@ -7,38 +7,130 @@ A checkpoint is a dict:
   optimizer, scaler, args (a dict), rng (per-rank generator states)
   epoch, step the position: ``step`` steps of epoch ``epoch`` are done; ``step`` is None once the
               epoch is complete (then training resumes at ``epoch + 1``)
+  samples     mid-epoch only: samples of the epoch consumed over all ranks (step x batch x world_size),
+  world_size  and the number of ranks; a resume with another batch size or world size continues there
+  partial_epoch  mid-epoch only: the epoch's loss sums so far (its log line covers the whole epoch)
+  rng_per_rank   every rank's generator states (``rng`` is rank 0's)
 """
 from __future__ import annotations
 
+import errno
+import math
 import os
 import random
+import re
 import tempfile
+from collections.abc import Iterator
 from typing import Any, Optional
 
 import numpy as np
 import torch
 
+from util.distributed import all_reduce_sum
+from util.errors import UserError
 from util.pretrained import read_checkpoint
+
+# Temporary files of save_atomic: '<target name>.<random>.tmp' beside the target (mkstemp's random part
+# has no dots).
+TMP_SUFFIX = '.tmp'
+_CHECKPOINT_TMP = re.compile(r'checkpoint(-\d+)?\.pth\.[^.]+' + re.escape(TMP_SUFFIX))
+
+
+class NonFiniteStateError(RuntimeError):
+    """The model or optimizer state holds NaN or infinite values: no checkpoint is written."""
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def save_atomic(obj: Any, path: str) -> None:
     """Write ``obj`` with torch.save to a temporary file beside ``path``, then rename it over ``path``.
 
-    A crash (or a kill) mid-write leaves the previous file untouched and loadable.
+    A crash (or a kill) mid-write leaves the previous file untouched and loadable. The file gets the
+    permissions of an ordinary new file (0666 minus the umask), not mkstemp's 0600, so colleagues on a
+    shared filesystem can read it. A full disk is reported as a UserError naming the file.
     """
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=os.path.basename(path) + '.', suffix='.tmp', dir=folder)
+    fd, tmp = tempfile.mkstemp(prefix=os.path.basename(path) + '.', suffix=TMP_SUFFIX, dir=folder)
     try:
+        os.fchmod(fd, 0o666 & ~_umask())
         with os.fdopen(fd, 'wb') as f:
             torch.save(obj, f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         if os.path.exists(tmp):
             os.remove(tmp)
+        if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise UserError(f"cannot write the checkpoint {path}: {os.strerror(e.errno)}. The previous "
+                            f"{os.path.basename(path)} (if any) is intact; free space in {folder} (or give "
+                            "--output_dir on a larger filesystem) and resume with --resume allow") from e
         raise
+
+
+def stale_temporaries(folder: str) -> list[str]:
+    """save_atomic's temporary files of training checkpoints in ``folder`` (checkpoint.pth.<random>.tmp,
+    checkpoint-<epoch>.pth.<random>.tmp): what killed writes leave behind."""
+    if not os.path.isdir(folder):
+        return []
+    return sorted(os.path.join(folder, e) for e in os.listdir(folder) if _CHECKPOINT_TMP.fullmatch(e))
+
+
+def non_finite_tensors(state: Any, prefix: str = '') -> Iterator[str]:
+    """Names of the floating-point tensors in a nested checkpoint dict that hold NaN or inf."""
+    if isinstance(state, torch.Tensor):
+        if state.is_floating_point() and not torch.isfinite(state).all():
+            yield prefix
+    elif isinstance(state, dict):
+        for key, value in state.items():
+            yield from non_finite_tensors(value, f'{prefix}.{key}' if prefix else str(key))
+    elif isinstance(state, (list, tuple)):
+        for i, value in enumerate(state):
+            yield from non_finite_tensors(value, f'{prefix}.{i}')
+    elif isinstance(state, float) and not math.isfinite(state):
+        yield prefix
+
+
+# The checkpoint entries that training changes (the teacher is frozen, the rest are counters and args).
+TRAINED_ENTRIES = ('model', 'model_ema', 'optimizer', 'criterion', 'aux_optimizer')
+
+
+def check_finite(state: dict, target: str, last_good: Optional[str]) -> None:
+    """Raise NonFiniteStateError on every rank if any rank's trained state holds NaN or inf.
+
+    A loss can be finite while the update after it overflows the weights; such a checkpoint would
+    fail again at once on resume, so it is not written and the message names the last good one."""
+    bad = [name for key in TRAINED_ENTRIES if key in state for name in non_finite_tensors(state[key], key)]
+    votes = all_reduce_sum(torch.tensor([float(len(bad))]))
+    if votes.item() == 0:
+        return
+    where = (', '.join(bad[:5]) + (f" and {len(bad) - 5} more" if len(bad) > 5 else '')) if bad else 'another rank'
+    resume = (f"the last good checkpoint is {last_good}: resume from it with a lower learning rate (or "
+              "--clip_grad, or --amp bf16 instead of fp16)" if last_good else
+              "no good checkpoint was written by this run (and none was resumed): start again with a lower "
+              "learning rate (or --clip_grad, or --amp bf16 instead of fp16)")
+    raise NonFiniteStateError(f"non-finite values in the model or optimizer state ({where}), although the losses "
+                              f"were finite: the last updates diverged. {target} was not written; {resume}.")
+
+
+def resume_rng(ckpt: dict, rank: int, world_size: int, batch_size: int) -> Optional[dict]:
+    """This rank's generator states to continue a mid-epoch checkpoint with, when the run is the same
+    shape (ranks and batch size): then the rest of the epoch draws what the uninterrupted run would
+    have. Otherwise None: the epoch's own seeding, exact in samples but not in augmentation draws."""
+    saved_batch = (ckpt.get('args') or {}).get('batch_size')
+    per_rank = ckpt.get('rng_per_rank')
+    if saved_batch != batch_size:
+        return None
+    if per_rank is not None and len(per_rank) == world_size:
+        return per_rank[rank]
+    if world_size == 1 and ckpt.get('world_size', 1) == 1:
+        return ckpt.get('rng')
+    return None
 
 
 def rng_state() -> dict:
@@ -96,7 +188,50 @@ def load_training_checkpoint(path: str) -> dict:
 
 
 def next_position(ckpt: dict) -> tuple[int, int]:
-    """(epoch, step) at which training continues after this checkpoint."""
+    """(epoch, step) at which training continues after this checkpoint, in its own batch size."""
     if ckpt.get('step') is None:
         return ckpt['epoch'] + 1, 0
     return ckpt['epoch'], ckpt['step']
+
+
+def samples_done(ckpt: dict) -> int:
+    """Samples of the checkpoint's epoch consumed over all ranks (0 for an end-of-epoch checkpoint).
+
+    The distributed sampler deals one permutation of the epoch round-robin over the ranks, so after
+    k steps of batch b on w ranks exactly the first k * b * w positions of that permutation are done,
+    whatever b and w were. Checkpoints written before 'samples' was recorded hold the step and args."""
+    if ckpt.get('step') is None:
+        return 0
+    if 'samples' in ckpt:
+        return int(ckpt['samples'])
+    args = ckpt.get('args') or {}
+    return int(ckpt['step']) * int(args.get('batch_size', 0)) * int(args.get('world_size', 1) or 1)
+
+
+def resume_step(ckpt: dict, path: str, batch_size: int, world_size: int, steps_per_epoch: int) -> tuple[int, int]:
+    """(epoch, step) at which this run, with its own batch size and number of ranks, continues ``ckpt``.
+
+    Exact when the samples done are a whole number of this run's steps: its step s covers the same
+    permutation positions as the saved run's. Otherwise continuing would train samples twice or skip
+    some, so it is refused. When nothing of the epoch is left (the saved run stopped at or past where
+    this run's epoch ends) the step is ``steps_per_epoch``: the epoch only needs its end (checkpoint,
+    evaluation, log line)."""
+    epoch, step = next_position(ckpt)
+    if step == 0:
+        return epoch, 0
+    done = samples_done(ckpt)
+    per_step = batch_size * world_size
+    if done == 0 or done % per_step:
+        saved_args = ckpt.get('args') or {}
+        saved_batch, saved_world = saved_args.get('batch_size'), ckpt.get('world_size', saved_args.get('world_size'))
+        fitting = [b for b in range(1, done + 1) if done % (b * world_size) == 0][-4:]
+        raise UserError(
+            f"--resume {path}: the checkpoint stopped after {done} samples of epoch {epoch} (--batch_size "
+            f"{saved_batch} on {saved_world} rank(s)); with --batch_size {batch_size} on {world_size} rank(s) "
+            f"({per_step} samples a step) that is not a whole number of steps, so the rest of the epoch cannot "
+            f"continue without training some samples twice or skipping some. Resume with --batch_size "
+            f"{saved_batch} on {saved_world} rank(s)"
+            + (f", or a --batch_size that divides it on {world_size} rank(s) ({', '.join(map(str, fitting))})"
+               if fitting else '')
+            + ", or from an end-of-epoch checkpoint (checkpoint-<epoch>.pth).")
+    return epoch, min(done // per_step, steps_per_epoch)

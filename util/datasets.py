@@ -117,7 +117,7 @@ class ResumableDistributedSampler(DistributedSampler):
 
     def set_epoch(self, epoch: int, start_index: int = 0) -> None:
         super().set_epoch(epoch)
-        self.start_index = start_index
+        self.start_index = min(start_index, self.num_samples)
 
     def __iter__(self) -> Iterator[int]:
         indices = list(super().__iter__())

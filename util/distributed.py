@@ -107,3 +107,12 @@ def broadcast_object(obj: Optional[object]) -> object:
     box = [obj]
     dist.broadcast_object_list(box, src=0)
     return box[0]
+
+
+def all_gather_object(obj: object) -> list:
+    """Every rank's ``obj``, in rank order, on every rank."""
+    if not is_dist():
+        return [obj]
+    out: list = [None] * get_world_size()
+    dist.all_gather_object(out, obj)
+    return out

@@ -4,16 +4,27 @@ The training loop already reads its loss sums back every ``print_freq`` steps wi
 two flags ride along: rank 0's "a checkpoint is due" (every ``--checkpoint_minutes``) and any
 rank's "stop requested" (set by a preemption signal handler). Every rank therefore sees the same
 decision at the same step: all save that step's state together, and on a stop all leave the loop
-together, so none is left waiting in a collective.
+together, so none is left waiting in a collective. A stop agreed at an epoch's last step is an end of
+epoch: the loop finishes the epoch (its checkpoint and log line) and stops after it.
+
+Outside SLURM, SIGINT and SIGTERM request the same orderly stop (``stop_on_signals``); a second
+signal exits at once.
 """
 from __future__ import annotations
 
+import os
+import signal
+import sys
+import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import Optional
 
 from util.distributed import is_main_process, log
 
 _stop_requested = False
+_stop_signal: Optional[int] = None
 
 
 def request_stop(*_signal_args) -> None:
@@ -22,13 +33,52 @@ def request_stop(*_signal_args) -> None:
     _stop_requested = True
 
 
+def _on_stop_signal(signum: int, _frame) -> None:
+    global _stop_signal
+    name = signal.Signals(signum).name
+    if _stop_signal is not None:
+        # os.write: print() is not safe inside a handler that interrupted another print
+        os.write(sys.stderr.fileno(), f"second {name}: exiting now, without a checkpoint\n".encode())
+        os._exit(128 + signum)
+    _stop_signal = signum
+    request_stop()
+    os.write(sys.stderr.fileno(), f"{name} received: stopping at the next step that is a multiple of "
+                                  f"--print_freq, after writing a checkpoint (send it again to exit at once)\n"
+             .encode())
+
+
+@contextmanager
+def stop_on_signals(enabled: bool = True) -> Iterator[None]:
+    """While training: SIGINT / SIGTERM checkpoint and stop at the next sync point; a second one exits at once.
+
+    Only where nobody else handles them (Python's defaults): under submitit, SLURM's signals stay its
+    own. The previous handlers come back afterwards."""
+    installed = {}
+    if enabled and threading.current_thread() is threading.main_thread():
+        defaults = {signal.SIGINT: signal.default_int_handler, signal.SIGTERM: signal.SIG_DFL}
+        for signum, default in defaults.items():
+            if signal.getsignal(signum) is default:
+                installed[signum] = signal.signal(signum, _on_stop_signal)
+    try:
+        yield
+    finally:
+        for signum, previous in installed.items():
+            signal.signal(signum, previous)
+
+
+def stop_signal() -> Optional[int]:
+    """The signal that requested the stop (SIGINT / SIGTERM), if one did."""
+    return _stop_signal
+
+
 def stop_requested() -> bool:
     return _stop_requested
 
 
 def clear_stop() -> None:
-    global _stop_requested
+    global _stop_requested, _stop_signal
     _stop_requested = False
+    _stop_signal = None
 
 
 class Preempted(Exception):
@@ -40,24 +90,38 @@ class Preempted(Exception):
 
 
 class RunControl:
-    """Holds the checkpoint clock and the save callback ``save(epoch, steps_done)``."""
+    """Holds the checkpoint clock and the save callback ``save(epoch, steps_done, partial_epoch)``."""
 
-    def __init__(self, checkpoint_minutes: float, save: Callable[[int, int], None]) -> None:
+    def __init__(self, checkpoint_minutes: float, save: Callable[[int, int, dict], None]) -> None:
         self.interval = checkpoint_minutes * 60.0
         self.save = save
         self.last_save = time.time()
+        self.stop_at_epoch_end: Optional[tuple[int, int]] = None
 
     def local_flags(self) -> list[float]:
         """This rank's votes: [checkpoint due (rank 0's clock), stop requested]."""
         due = self.interval > 0 and is_main_process() and time.time() - self.last_save >= self.interval
         return [float(due), float(stop_requested())]
 
-    def act(self, flags: list[float], epoch: int, steps_done: int, steps_per_epoch: int) -> None:
-        """Apply the all-reduced votes: save the state after ``steps_done`` steps, and stop if asked."""
+    def act(self, flags: list[float], epoch: int, steps_done: int, steps_per_epoch: int,
+            partial: Optional[dict] = None) -> None:
+        """Apply the all-reduced votes: save the state after ``steps_done`` steps, and stop if asked.
+
+        At the epoch's last step the epoch's own checkpoint follows: a stop there waits for it
+        (``stop_after_epoch``), since a mid-epoch checkpoint with nothing left of its epoch is useless."""
         due, stop = flags[0] > 0, flags[1] > 0
-        if stop or (due and steps_done < steps_per_epoch):  # at the epoch's end its own checkpoint follows
-            self.save(epoch, steps_done)
+        if steps_done >= steps_per_epoch:
+            if stop:
+                self.stop_at_epoch_end = (epoch, steps_done)
+            return
+        if stop or due:
+            self.save(epoch, steps_done, partial)
             self.last_save = time.time()
             log(f"checkpoint written at epoch {epoch}, step {steps_done}/{steps_per_epoch}")
         if stop:
             raise Preempted(epoch, steps_done)
+
+    def stop_after_epoch(self) -> None:
+        """Raise Preempted if a stop was agreed at the end of the epoch just saved."""
+        if self.stop_at_epoch_end is not None:
+            raise Preempted(*self.stop_at_epoch_end)
