@@ -66,7 +66,7 @@ from util.distributed import (
 )
 from util.losses import ProbeCriterion, TransferCriterion, build_task_criterion
 from util.lr_decay import param_groups_lrd
-from util.output import checkpoint_bytes, output_dir_in_use, warn_if_little_space
+from util.output import check_inputs_not_overwritten, checkpoint_bytes, output_dir_in_use, warn_if_little_space
 from util.pretrained import load_exact, load_pretrained_weights, read_checkpoint, trained_architecture
 from util.run_control import Preempted, RunControl, stop_on_signals, stop_signal
 
@@ -302,10 +302,8 @@ def resolve_args(args, read_resume: bool = True) -> tuple[dict | None, str | Non
     transfer = None if probe else get_transfer_mode(args.mode)
     if args.finetune and not os.path.isfile(args.finetune):
         raise FileNotFoundError(f"--finetune {args.finetune!r}: no such file")
-    if args.finetune and not args.eval and args.output_dir and os.path.realpath(args.finetune) == os.path.realpath(
-            os.path.join(args.output_dir, 'checkpoint.pth')):
-        raise ValueError(f"--output_dir {args.output_dir!r} would overwrite the --finetune checkpoint with this run's "
-                         "checkpoint.pth; give the run its own output folder")
+    if read_resume or not path:  # at submission the resumed epoch is unknown: the job checks it
+        check_inputs_not_overwritten(args, next_position(ckpt)[0] if ckpt is not None else args.start_epoch)
     has_teacher_weights = (ckpt is not None and 'teacher' in ckpt) or (path is not None and not read_resume)
     needs_teacher = (probe and not args.eval) or (
         transfer is not None and (not args.eval or transfer.needs_teacher_at_eval))
@@ -508,8 +506,7 @@ def write_log(args, stats: dict) -> None:
 def main(args) -> dict:
     ckpt, ckpt_path = resolve_args(args)
     init_distributed_mode(args)
-    start_epoch = next_position(ckpt)[0] if ckpt is not None else args.start_epoch
-    with output_dir_in_use(args, start_epoch), stop_on_signals(enabled=not args.eval):
+    with output_dir_in_use(args), stop_on_signals(enabled=not args.eval):
         return train_and_evaluate(args, ckpt, ckpt_path)
 
 
@@ -628,7 +625,7 @@ def train_and_evaluate(args, ckpt: dict | None, ckpt_path: str | None) -> dict:
         state = checkpoint_state(model, model_ema, optimizer, scaler, criterion, aux_optimizer, args, epoch, step,
                                  partial)
         path = os.path.join(args.output_dir, 'checkpoint.pth')
-        check_finite(state, describe_checkpoint(path, epoch, step), last_good)
+        check_finite(state, describe_checkpoint(path, epoch, step), last_good, device)
         if is_main_process():
             save_atomic(state, path)
             if extra_name:

@@ -100,13 +100,13 @@ def non_finite_tensors(state: Any, prefix: str = '') -> Iterator[str]:
 TRAINED_ENTRIES = ('model', 'model_ema', 'optimizer', 'criterion', 'aux_optimizer')
 
 
-def check_finite(state: dict, target: str, last_good: Optional[str]) -> None:
+def check_finite(state: dict, target: str, last_good: Optional[str], device: torch.device) -> None:
     """Raise NonFiniteStateError on every rank if any rank's trained state holds NaN or inf.
 
     A loss can be finite while the update after it overflows the weights; such a checkpoint would
     fail again at once on resume, so it is not written and the message names the last good one."""
     bad = [name for key in TRAINED_ENTRIES if key in state for name in non_finite_tensors(state[key], key)]
-    votes = all_reduce_sum(torch.tensor([float(len(bad))]))
+    votes = all_reduce_sum(torch.tensor([float(len(bad))], device=device))  # NCCL reduces device tensors only
     if votes.item() == 0:
         return
     where = (', '.join(bad[:5]) + (f" and {len(bad) - 5} more" if len(bad) > 5 else '')) if bad else 'another rank'
@@ -221,6 +221,8 @@ def resume_step(ckpt: dict, path: str, batch_size: int, world_size: int, steps_p
         return epoch, 0
     done = samples_done(ckpt)
     per_step = batch_size * world_size
+    if done >= steps_per_epoch * per_step:
+        return epoch, steps_per_epoch
     if done == 0 or done % per_step:
         saved_args = ckpt.get('args') or {}
         saved_batch, saved_world = saved_args.get('batch_size'), ckpt.get('world_size', saved_args.get('world_size'))
@@ -234,4 +236,4 @@ def resume_step(ckpt: dict, path: str, batch_size: int, world_size: int, steps_p
             + (f", or a --batch_size that divides it on {world_size} rank(s) ({', '.join(map(str, fitting))})"
                if fitting else '')
             + ", or from an end-of-epoch checkpoint (checkpoint-<epoch>.pth).")
-    return epoch, min(done // per_step, steps_per_epoch)
+    return epoch, done // per_step

@@ -28,16 +28,15 @@ INPUT_FLAGS = ('finetune', 'resume', 'ensemble_with', 'selection')
 
 
 @contextmanager
-def output_dir_in_use(args, start_epoch: int) -> Iterator[None]:
-    """Check the output folder before training (writable, no input overwritten), hold its lock for the
-    run, and clear the temporaries of killed writes. Rank 0 checks; every rank raises the same error."""
+def output_dir_in_use(args) -> Iterator[None]:
+    """Check that the output folder can be written before training, hold its lock for the run, and
+    clear the temporaries of killed writes. Rank 0 checks; every rank raises the same error."""
     lock, error = None, None
     if is_main_process() and args.output_dir and not args.eval:
         try:
             check_writable(args.output_dir, '--output_dir')
             if args.log_dir:
                 check_writable(args.log_dir, '--log_dir')
-            check_inputs_not_overwritten(args, start_epoch)
             lock = RunLock(args.output_dir)
             lock.acquire()
             remove_stale_temporaries(args.output_dir)
