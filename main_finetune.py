@@ -658,7 +658,8 @@ def train_and_evaluate(args, ckpt: dict | None, ckpt_path: str | None) -> dict:
         save(epoch, None, extra_name=f'checkpoint-{epoch}.pth' if keep else None)
 
         stats = {**{f'train_{k}': v for k, v in train_stats.items()}, 'epoch': epoch, 'n_parameters': n_parameters}
-        stopping = control.stop_at_epoch_end is not None  # a stop agreed at the last step: no evaluation now
+        # a stop agreed at the epoch's last step: no evaluation now (the run itself ends after the last epoch)
+        stopping = control.stop_at_epoch_end is not None and not last
         if not stopping and ((epoch + 1) % args.eval_every == 0 or last):
             test_stats = eval_all(model, model_ema)
             stats.update(test_stats)
@@ -674,7 +675,8 @@ def train_and_evaluate(args, ckpt: dict | None, ckpt_path: str | None) -> dict:
         write_log(args, stats)
         if log_writer is not None:
             log_writer.flush()
-        control.stop_after_epoch()
+        if not last:
+            control.stop_after_epoch()
 
     log(f"training time {datetime.timedelta(seconds=int(time.time() - start_time))}")
     if log_writer is not None:
