@@ -25,6 +25,19 @@ class NonFiniteLossError(RuntimeError):
     """A loss became NaN or infinite; training stops without writing a checkpoint."""
 
 
+def non_finite_advice(terms: dict[str, float]) -> str:
+    """What to do about a non-finite loss, from which of its terms are non-finite. A non-finite transfer
+    term (loss_atd, from the teacher's maps) beside a finite task loss (from the student's logits alone)
+    is not a learning-rate problem."""
+    atd, task = terms.get('loss_atd', 0.0), terms.get('loss_task', float('nan'))
+    if not math.isfinite(atd) and math.isfinite(task):
+        return ("The attention-transfer term loss_atd is non-finite while the task loss is finite: the teacher's "
+                "attention maps are not finite. Check the teacher checkpoint (--finetune) for NaN or "
+                "infinite weights, and use --amp bf16 instead of fp16 (an fp16 teacher can overflow); lowering the "
+                "learning rate will not help.")
+    return "Lower the learning rate, set --clip_grad, or use --amp bf16 instead of fp16."
+
+
 class StepStats:
     """Device-side sums of the loss terms between read-backs, and the first non-finite step."""
 
@@ -119,8 +132,7 @@ def train_one_epoch(
             raise NonFiniteLossError(
                 f"non-finite loss at epoch {epoch}, {where} of {steps_per_epoch}: "
                 + ', '.join(f"{k}={v}" for k, v in terms.items())
-                + ". Training stopped; the last checkpoint written is intact. Lower the learning rate, "
-                  "set --clip_grad, or use --amp bf16 instead of fp16.")
+                + ". Training stopped; the last checkpoint written is intact. " + non_finite_advice(terms))
         return means, images, skipped, votes
 
     optimizer.zero_grad(set_to_none=True)
