@@ -36,6 +36,7 @@ from PIL import Image, ImageDraw
 import main_finetune
 import select_wild_data
 from tools import visualize_attention
+from util.errors import run_cli
 
 SIZE = 32
 # Teacher and student architecture (timm vit_base_patch16_224 with these arguments): 64 patches of 4x4.
@@ -318,4 +319,4 @@ def main(argv=None) -> dict:
 
 
 if __name__ == '__main__':
-    sys.exit(0 if main() else 1)
+    sys.exit(0 if run_cli(main) else 1)

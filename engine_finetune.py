@@ -112,8 +112,10 @@ def non_finite_advice(terms: dict[str, float]) -> str:
     task = terms.get('loss_task')
     extra = [k for k, v in terms.items() if k not in ('loss', 'loss_task') and not math.isfinite(v)]
     if task is not None and math.isfinite(task) and extra:
-        return (f"loss_task is finite but {', '.join(extra)} is not, so this is not a diverging learning rate: "
-                "check that term's weight (--atd_weight) and the teacher's weights (--finetune).")
+        return (f"loss_task is finite but {', '.join(extra)} is not, so this is not a diverging learning rate "
+                "(lowering it will not help): check that term's weight (--atd_weight) and the teacher's weights "
+                "(--finetune) for NaN or infinite values, and use --amp bf16 instead of fp16 (an fp16 teacher "
+                "can overflow).")
     return "Lower the learning rate, set --clip_grad, or use --amp bf16 instead of fp16."
 
 

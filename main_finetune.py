@@ -18,7 +18,6 @@ import math
 import os
 import sys
 import time
-import traceback
 
 import torch
 from timm.data import Mixup
@@ -64,6 +63,7 @@ from util.distributed import (
     is_main_process,
     log,
 )
+from util.errors import UserError, run_cli
 from util.losses import ProbeCriterion, TransferCriterion, build_task_criterion
 from util.lr_decay import param_groups_lrd
 from util.output import check_inputs_not_overwritten, checkpoint_bytes, output_dir_in_use, warn_if_little_space
@@ -79,6 +79,8 @@ PROBE = 'probe'
 # tricks); --mode probe applies it to every one of these flags the command line does not set.
 PROBE_DEFAULTS = dict(lr=7.5e-4, weight_decay=0.025, batch_size=256, layer_decay=1.0, warmup_epochs=0,
                       min_lr=0.0, smoothing=0.0, drop_path=0.0, aa='none', reprob=0.0, mixup=0.0, cutmix=0.0)
+# What probe training reads from a selection file of select_wild_data.py.
+SELECTION_ENTRIES = ('root', 'paths', 'selected', 'class_weights')
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -261,14 +263,55 @@ def apply_probe_defaults(args) -> None:
             setattr(args, key, value)
 
 
+def _check_range(flag: str, value: float, low: float, high: float, low_open: bool = False,
+                 high_open: bool = False, meaning: str = '') -> None:
+    """Raise a UserError naming ``flag`` unless ``value`` lies in the interval (open ends as given)."""
+    above = value > low if low_open else value >= low
+    below = value < high if high_open else value <= high
+    if not (math.isfinite(value) and above and below):
+        interval = f"{'(' if low_open else '['}{low:g}, {high:g}{')' if high_open else ']'}"
+        raise UserError(f"--{flag} {value:g}: must lie in {interval}" + (f" ({meaning})" if meaning else ''))
+
+
+def check_values(args) -> None:
+    """Numeric flags that no run can use, rejected before anything is loaded."""
+    if not args.eval and args.epochs <= 0:
+        raise UserError(f"--epochs {args.epochs}: must be >= 1 (the total number of epochs to train; to only "
+                        "evaluate a checkpoint use --eval --resume CKPT)")
+    if not math.isfinite(args.atd_weight) or args.atd_weight < 0:
+        raise UserError(f"--atd_weight {args.atd_weight:g}: the weight of the attention distillation loss must be "
+                        "finite and >= 0 (the seed's distill recipe uses 3)")
+    _check_range('drop_path', args.drop_path, 0, 1, high_open=True, meaning='a stochastic-depth rate; 1 drops every '
+                 'block')
+    _check_range('smoothing', args.smoothing, 0, 1, high_open=True, meaning='label smoothing; 1 leaves no label')
+    _check_range('min_crop_scale', args.min_crop_scale, 0, 1, low_open=True,
+                 meaning='the smallest area fraction of the random-resized crop')
+    _check_range('hflip', args.hflip, 0, 1, meaning='a probability')
+
+
+def check_output_folders(args) -> None:
+    """--output_dir / --log_dir must be folders, or paths where one can be created."""
+    for flag in ('output_dir', 'log_dir'):
+        folder = getattr(args, flag)
+        existing = os.path.abspath(folder) if folder else ''
+        while existing and not os.path.exists(existing):
+            existing = os.path.dirname(existing)
+        if existing and not os.path.isdir(existing):
+            what = 'is a file' if existing == os.path.abspath(folder) else f'lies under the file {existing!r}'
+            raise UserError(f"--{flag} {folder!r} {what}, not a folder: give a folder path (it is created if "
+                            "missing)")
+
+
 def resolve_args(args, read_resume: bool = True) -> tuple[dict | None, str | None]:
     """Fill derived defaults and check the flags before any heavy work; returns (checkpoint to resume, its path).
 
     ``read_resume=False`` (the SLURM launcher, at submission) only checks that the checkpoint exists."""
+    check_values(args)
+    check_output_folders(args)
     args.model_kwargs = parse_kwargs(args.model_kwargs, '--model_kwargs')
     args.student_kwargs = parse_kwargs(args.student_kwargs, '--student_kwargs')
     path = resume_path(args.resume, args.output_dir)
-    ckpt = load_training_checkpoint(path) if path and read_resume else None
+    ckpt = load_training_checkpoint(path, to_train=not args.eval) if path and read_resume else None
     if ckpt is not None and args.eval and isinstance(ckpt.get('args'), dict):
         for key in MODEL_ARGS:
             if key in ckpt['args']:
@@ -288,9 +331,9 @@ def resolve_args(args, read_resume: bool = True) -> tuple[dict | None, str | Non
 
     args.eval_data_path = args.eval_data_path or args.data_path
     if not args.eval_data_path:
-        raise ValueError("give --data_path: a folder holding train/<class>/ and val/<class>/"
-                         + (" (in probe mode, --eval_data_path: the target task's folder with val/<class>/)"
-                            if probe else ''))
+        raise UserError("give --data_path: a folder holding train/<class>/ and val/<class>/"
+                        + (" (in probe mode, --eval_data_path: the target task's folder with val/<class>/)"
+                           if probe else ''))
     splits = [(args.eval_data_path, 'val')]
     if not args.eval and not probe:
         splits.append((args.data_path, 'train'))
@@ -301,31 +344,31 @@ def resolve_args(args, read_resume: bool = True) -> tuple[dict | None, str | Non
 
     transfer = None if probe else get_transfer_mode(args.mode)
     if args.finetune and not os.path.isfile(args.finetune):
-        raise FileNotFoundError(f"--finetune {args.finetune!r}: no such file")
+        raise UserError(f"--finetune {args.finetune!r}: no such file")
     if read_resume or not path:  # at submission the resumed epoch is unknown: the job checks it
         check_inputs_not_overwritten(args, next_position(ckpt)[0] if ckpt is not None else args.start_epoch)
     has_teacher_weights = (ckpt is not None and 'teacher' in ckpt) or (path is not None and not read_resume)
     needs_teacher = (probe and not args.eval) or (
         transfer is not None and (not args.eval or transfer.needs_teacher_at_eval))
     if needs_teacher and not args.finetune and not has_teacher_weights:
-        raise ValueError(f"mode {args.mode} needs the teacher's weights: --finetune PATH "
-                         + ("(the teacher trained on the target task)" if probe else
-                            "(e.g. mae_pretrain_vit_large.pth)"))
+        raise UserError(f"mode {args.mode} needs the teacher's weights: --finetune PATH "
+                        + ("(the teacher trained on the target task)" if probe else
+                           "(e.g. mae_pretrain_vit_large.pth)"))
     if probe and not args.eval:
         if not args.selection or not os.path.isfile(args.selection):
-            raise FileNotFoundError(f"mode probe trains on a selection of wild images: --selection FILE written by "
-                                    f"select_wild_data.py (got {args.selection!r})")
+            raise UserError(f"mode probe trains on a selection of wild images: --selection FILE written by "
+                            f"select_wild_data.py (got {args.selection!r})")
         if args.mixup_active:
-            raise ValueError("mode probe has no labels to mix: drop --mixup / --cutmix")
+            raise UserError("mode probe has no labels to mix: drop --mixup / --cutmix")
     if args.ensemble_with and not args.eval:
-        raise ValueError("--ensemble_with is an evaluation: add --eval (and --resume CKPT for the first model)")
+        raise UserError("--ensemble_with is an evaluation: add --eval (and --resume CKPT for the first model)")
     if args.eval and ckpt is None and not args.finetune:
-        raise ValueError("--eval needs a checkpoint: --resume CKPT (or --finetune CKPT for pre-trained weights)")
+        raise UserError("--eval needs a checkpoint: --resume CKPT (or --finetune CKPT for pre-trained weights)")
     if args.mixup_active and args.batch_size % 2:
-        raise ValueError("mixup/cutmix pair up the images of a batch: --batch_size must be even "
-                         f"(got {args.batch_size})")
+        raise UserError("mixup/cutmix pair up the images of a batch: --batch_size must be even "
+                        f"(got {args.batch_size})")
     if args.accum_iter < 1 or args.print_freq < 1 or args.eval_every < 1:
-        raise ValueError("--accum_iter, --print_freq and --eval_every must be >= 1")
+        raise UserError("--accum_iter, --print_freq and --eval_every must be >= 1")
     return ckpt, path
 
 
@@ -341,7 +384,7 @@ def build_model(args, eval_only: bool = False) -> DualViT | ProbeDistiller:
         mode = None  # a distilled student is a plain ViT at evaluation
     teacher, teacher_kwargs, teacher_pool = args.teacher_model or args.model, args.model_kwargs, args.global_pool
     if mode == PROBE and args.finetune:  # the target-task teacher's own architecture, as its checkpoint records it
-        arch = trained_architecture(read_checkpoint(args.finetune))
+        arch = trained_architecture(read_checkpoint(args.finetune, flag='--finetune'))
         if arch is not None and not args.teacher_model:
             teacher, teacher_kwargs, teacher_pool = arch['model'], arch['model_kwargs'], arch['global_pool']
     student = args.student_model or teacher
@@ -365,9 +408,9 @@ def load_initial_weights(model: DualViT, args, ckpt: dict | None) -> None:
         return
     if model.teacher is not None:
         if ckpt is None or 'teacher' not in ckpt:
-            log(f"teacher: {model.load_teacher(args.finetune, use_ema=args.use_teacher_ema)}")
+            log(f"teacher: {model.load_teacher(args.finetune, use_ema=args.use_teacher_ema, flag='--finetune')}")
     elif ckpt is None:
-        report = load_pretrained_weights(model.student, args.finetune, use_ema=args.use_teacher_ema)
+        report = load_pretrained_weights(model.student, args.finetune, use_ema=args.use_teacher_ema, flag='--finetune')
         log(f"student: {report}")
         if 'head.weight' not in report.loaded and hasattr(model.student.head, 'weight'):
             trunc_normal_(model.student.head.weight, std=2e-5)  # MAE's fine-tuning head initialisation
@@ -392,14 +435,24 @@ def wrap_ddp(model: DualViT, args) -> torch.nn.Module:
                                    find_unused_parameters=model.may_leave_student_parameters_unused)
 
 
+def read_selection(path: str) -> dict:
+    """A selection file of select_wild_data.py, checked for the entries probe training reads."""
+    selection = read_checkpoint(path, flag='--selection')
+    missing = [k for k in SELECTION_ENTRIES if not isinstance(selection, dict) or k not in selection]
+    if missing:
+        raise UserError(f"--selection {path!r} is not a selection file (no {', '.join(missing)} entries); write one "
+                        "with select_wild_data.py --teacher TEACHER --wild_path IMAGES --output FILE")
+    return selection
+
+
 def build_train_dataset(args):
     """The labelled training split, or in probe mode the selected wild images (unlabelled)."""
     if args.mode != PROBE:
         return build_dataset(True, args)
-    selection = read_checkpoint(args.selection)
+    selection = read_selection(args.selection)
     if selection.get('nb_classes') not in (None, args.nb_classes):
-        raise ValueError(f"{args.selection} was selected for a {selection['nb_classes']}-class teacher, "
-                         f"but --nb_classes is {args.nb_classes}")
+        raise UserError(f"{args.selection} was selected for a {selection['nb_classes']}-class teacher, "
+                        f"but --nb_classes is {args.nb_classes}")
     paths = [selection['paths'][i] for i in selection['selected'].tolist()]
     log(f"probe training set: {len(paths)} wild images selected ({selection.get('ranking')}) from {selection['root']}")
     return ImageFiles(selection['root'], paths, wild_transform(args.input_size, train=True, hflip=args.hflip))
@@ -416,7 +469,7 @@ def build_criterion(args, model, loader_val, device, amp_dtype) -> torch.nn.Modu
             "set --teacher_acc to use a known value instead)")
     weights = None
     if args.robust:
-        clean = read_checkpoint(args.selection)['class_weights'].float()
+        clean = read_selection(args.selection)['class_weights'].float()
         generator = torch.Generator().manual_seed(args.seed)
         weights = clean + torch.rand(clean.shape, generator=generator) * 0.1
     return ProbeCriterion(args.nb_classes, args.kd_temperature, args.patchattn, args.noise_adaptation,
@@ -452,8 +505,8 @@ def restore_weights(ckpt: dict, path: str, model: DualViT, model_ema) -> None:
         load_exact(model.teacher, ckpt['teacher'], f"checkpoint {path!r} (teacher)")
     if model_ema is not None:
         if 'model_ema' not in ckpt:
-            raise ValueError(f"--ema is set but {path!r} holds no model_ema: resume without --ema, or from a run "
-                             "that kept one")
+            raise UserError(f"--ema is set but {path!r} holds no model_ema: resume without --ema, or from a run "
+                            "that kept one")
         load_exact(model_ema.module, ckpt['model_ema'], f"checkpoint {path!r} (model_ema)")
 
 
@@ -462,8 +515,8 @@ def load_ensemble_member(args) -> torch.nn.Module:
     of --ensemble_model / --model's architecture (e.g. an MAE fine-tuned ViT)."""
     path = args.ensemble_with
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"--ensemble_with {path!r}: no such file")
-    ckpt = read_checkpoint(path)
+        raise UserError(f"--ensemble_with {path!r}: no such file")
+    ckpt = read_checkpoint(path, flag='--ensemble_with')
     if isinstance(ckpt, dict) and isinstance(ckpt.get('args'), dict) and 'model' in ckpt['args']:
         member_args = argparse.Namespace(**{**vars(args), **{k: ckpt['args'][k] for k in MODEL_ARGS
                                                            if k in ckpt['args']}})
@@ -475,9 +528,9 @@ def load_ensemble_member(args) -> torch.nn.Module:
     kwargs = parse_kwargs(args.ensemble_kwargs, '--ensemble_kwargs') if args.ensemble_model else args.model_kwargs
     member = create_vit(name, num_classes=args.nb_classes, global_pool=args.global_pool, img_size=args.input_size,
                         **kwargs)
-    report = load_pretrained_weights(member, path, checkpoint=ckpt)
+    report = load_pretrained_weights(member, path, checkpoint=ckpt, flag='--ensemble_with')
     if 'head.weight' not in report.loaded:
-        raise ValueError(f"--ensemble_with {path}: no classifier head for {args.nb_classes} classes was loaded")
+        raise UserError(f"--ensemble_with {path}: no classifier head for {args.nb_classes} classes was loaded")
     log(f"ensemble member: {report}")
     return member
 
@@ -490,6 +543,17 @@ def last_good_sentence(last_good: str | None) -> str:
     if last_good is None:
         return "this run has written no checkpoint yet and resumed none."
     return f"the last good checkpoint is {last_good}."
+
+
+def lr_floor_warning(lr: float, min_lr: float, eff_batch_size: int, accum_iter: int) -> str:
+    """The warning for a schedule whose floor (--min_lr) is above its peak: the half-cycle cosine then
+    rises from the peak towards the floor for the whole run instead of decaying. A recipe's --blr and
+    --min_lr are tuned together for its effective batch (the seed's copy recipe: 64 GPUs x 32)."""
+    factor = math.floor(min_lr / lr) + 1  # the smallest larger batch whose peak exceeds the floor
+    return (f"WARNING: --min_lr {min_lr:.2e} is above the peak lr {lr:.2e} (blr x effective batch "
+            f"{eff_batch_size} / 256), so the learning rate rises towards --min_lr for the whole run instead of "
+            f"decaying. The recipe was tuned for a larger effective batch: raise it, e.g. --accum_iter "
+            f"{accum_iter * factor} (peak {lr * factor:.2e}), or set --lr / --min_lr for this batch size.")
 
 
 def write_log(args, stats: dict) -> None:
@@ -505,6 +569,11 @@ def write_log(args, stats: dict) -> None:
 # ---------------------------------------------------------------------------------------------
 def main(args) -> dict:
     ckpt, ckpt_path = resolve_args(args)
+    if ckpt is not None and not args.eval and next_position(ckpt)[0] >= args.epochs:
+        # a finished run resumed again (e.g. --resume allow in a requeued job) is not an error
+        log(f"nothing to do: {ckpt_path} has finished epoch {next_position(ckpt)[0] - 1}, the last of --epochs "
+            f"{args.epochs}; to train longer raise --epochs, to evaluate add --eval")
+        return {}
     init_distributed_mode(args)
     with output_dir_in_use(args), stop_on_signals(enabled=not args.eval):
         return train_and_evaluate(args, ckpt, ckpt_path)
@@ -521,7 +590,8 @@ def train_and_evaluate(args, ckpt: dict | None, ckpt_path: str | None) -> dict:
     dataset_val = build_dataset(False, args, root=os.path.join(args.eval_data_path, 'val'))
     dataset_train = None if args.eval else build_train_dataset(args)
     if getattr(dataset_train, 'classes', dataset_val.classes) != dataset_val.classes:
-        raise ValueError(f"train and val class folders differ under {args.data_path!r}")
+        raise DataError(f"train and val class folders differ under {args.data_path!r}; give both splits the same "
+                        "class folders")
     sampler_val = ShardSampler(dataset_val, world, rank) if args.dist_eval else range(len(dataset_val))
     loader_val = build_loader(dataset_val, sampler_val, args, train=False)
 
@@ -568,12 +638,14 @@ def train_and_evaluate(args, ckpt: dict | None, ckpt_path: str | None) -> dict:
         args.lr = args.blr * eff_batch_size / 256
     log(f"base lr: {args.lr * 256 / eff_batch_size:.2e}  actual lr: {args.lr:.2e}  "
         f"accumulate grad iterations: {args.accum_iter}  effective batch size: {eff_batch_size}")
+    if args.min_lr > args.lr and is_main_process():
+        print(lr_floor_warning(args.lr, args.min_lr, eff_batch_size, args.accum_iter), file=sys.stderr, flush=True)
     sampler_train = ResumableDistributedSampler(dataset_train, world, rank, shuffle=True, seed=args.seed)
     loader_train = build_loader(dataset_train, sampler_train, args, train=True)
     steps_per_epoch = sampler_train.num_samples // args.batch_size  # the loader drops the last partial batch
     if steps_per_epoch == 0:
-        raise ValueError(f"{len(dataset_train)} training images on {world} processes make no full batch of "
-                         f"{args.batch_size}; lower --batch_size")
+        raise UserError(f"{len(dataset_train)} training images on {world} processes make no full batch of "
+                        f"{args.batch_size}; lower --batch_size")
 
     groups = param_groups_lrd(model.student, args.weight_decay, model.student.no_weight_decay(), args.layer_decay)
     optimizer = torch.optim.AdamW(groups, lr=args.lr, betas=(0.9, args.beta2))
@@ -693,15 +765,15 @@ def run(argv=None) -> dict:
     return main(args)
 
 
-if __name__ == '__main__':
+def run_reporting_stop(argv=None) -> dict:
+    """run(), with a requested stop (SIGINT / SIGTERM) reported in one line: its checkpoint is written."""
     try:
-        run()
-    except Preempted as stop:  # SIGINT / SIGTERM: the checkpoint is written
+        return run(argv)
+    except Preempted as stop:
         print(f"stopped: checkpoint written at epoch {stop.epoch}, step {stop.step}; continue with --resume allow",
               file=sys.stderr, flush=True)
         os._exit(128 + stop_signal() if stop_signal() else 1)
-    except (ValueError, FileNotFoundError, RuntimeError) as e:
-        traceback.print_exc()
-        print(f"\nerror: {e}", file=sys.stderr, flush=True)
-        # a failed rank must take the job down, not leave the others waiting in a collective
-        os._exit(1)
+
+
+if __name__ == '__main__':
+    run_cli(run_reporting_stop)

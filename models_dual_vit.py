@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from timm.layers import Attention
 from timm.models.vision_transformer import Block, VisionTransformer
 
+from util.errors import UserError
 from util.pretrained import LoadReport, load_pretrained_weights
 
 Tensor = torch.Tensor
@@ -288,12 +289,12 @@ def forward_with_capture(
 def check_supported(vit: nn.Module, role: str) -> None:
     """Raise a clear error unless ``vit`` is a timm ViT made of standard pre-norm Blocks."""
     if not isinstance(vit, VisionTransformer):
-        raise TypeError(
+        raise UserError(
             f"{role}: {type(vit).__name__} is not a timm VisionTransformer; attention transfer supports "
             "timm ViTs built from the standard pre-norm Block (vit_*, deit_*, DINO, DINOv2, CLIP, qk-norm).")
     for i, blk in enumerate(vit.blocks):
         if type(blk) is not Block or type(blk.attn) is not Attention:
-            raise TypeError(
+            raise UserError(
                 f"{role}: block {i} is {type(blk).__name__} with {type(blk.attn).__name__}; attention "
                 "transfer supports timm's pre-norm Block with timm.layers.Attention only (plain ViT, DeiT, "
                 "MAE, DINO, DINOv2, CLIP, qk-norm variants). Pick such a model, or train without a "
@@ -308,27 +309,34 @@ def parse_layers(spec: Union[str, Sequence[int], None], depth: int, end_layer: i
     """
     if spec is None or spec == '':
         if end_layer > 0:
-            raise ValueError(f"end_layer must be <= 0 (got {end_layer}): it counts layers from the top, "
-                             f"e.g. -6 transfers the first {depth - 6} of {depth}")
-        layers = list(range(depth + end_layer))
-    elif isinstance(spec, str):
+            raise UserError(f"--end_layer {end_layer}: must be <= 0, it counts layers from the top (0 = all {depth} "
+                            "layers, -1 = all but the last); to choose layers by index use --transfer_layers")
+        if depth + end_layer <= 0:
+            raise UserError(f"--end_layer {end_layer} leaves no layer of {depth} to transfer; use a value above "
+                            f"-{depth} (0 = all)")
+        return list(range(depth + end_layer))
+    if isinstance(spec, str):
         layers = []
         for part in spec.split(','):
             part = part.strip()
             try:
                 lo, _, hi = part.partition('-')
-                layers.extend(range(int(lo), int(hi) + 1) if hi else [int(lo)])
+                lo, hi = int(lo), int(hi) if hi else None
             except ValueError:
-                raise ValueError(
-                    f"transfer_layers {spec!r}: cannot read {part!r}; write e.g. '0-17' or '0,2,4'") from None
+                raise UserError(
+                    f"--transfer_layers {spec!r}: cannot read {part!r}; write e.g. '0-17' or '0,2,4'") from None
+            if hi is not None and hi < lo:
+                raise UserError(f"--transfer_layers {spec!r}: the range {part!r} is empty; write the lower layer "
+                                f"first ('{hi}-{lo}')")
+            layers.extend(range(lo, hi + 1) if hi is not None else [lo])
     else:
         layers = [int(i) for i in spec]
     layers = sorted(set(layers))
     if not layers:
-        raise ValueError(f"no layer selected for transfer (end_layer={end_layer}, depth={depth})")
+        raise UserError(f"--transfer_layers {spec!r} selects no layer; write e.g. '0-17' or '0,2,4'")
     bad = [i for i in layers if not 0 <= i < depth]
     if bad:
-        raise ValueError(f"transfer layers {bad} are outside the model's blocks 0..{depth - 1}")
+        raise UserError(f"--transfer_layers: layers {bad} are outside the model's blocks 0..{depth - 1}")
     return layers
 
 
@@ -398,8 +406,8 @@ class DualViT(nn.Module):
                 problems.append(f"layer {i}: teacher head_dim {ta.head_dim}, student {sa.head_dim} "
                                 f"(mode {self.mode.name} moves {self.mode.exposes} between them)")
         if problems:
-            raise ValueError(f"teacher and student are incompatible for mode {self.mode.name}:\n  - "
-                             + "\n  - ".join(problems))
+            raise UserError(f"teacher and student are incompatible for mode {self.mode.name}:\n  - "
+                            + "\n  - ".join(problems))
 
     def train(self, mode: bool = True) -> DualViT:
         super().train(mode)
@@ -407,11 +415,11 @@ class DualViT(nn.Module):
             self.teacher.eval()  # the teacher never uses dropout; stochastic depth comes as shared masks
         return self
 
-    def load_teacher(self, path: str, use_ema: bool = False) -> LoadReport:
+    def load_teacher(self, path: str, use_ema: bool = False, flag: str = '') -> LoadReport:
         """Load pre-trained teacher weights (see util.pretrained.load_pretrained_weights)."""
         if self.teacher is None:
             raise ValueError("this model has no teacher (mode 'none')")
-        report = load_pretrained_weights(self.teacher, path, use_ema=use_ema)
+        report = load_pretrained_weights(self.teacher, path, use_ema=use_ema, flag=flag)
         self.teacher.requires_grad_(False)
         return report
 
@@ -492,8 +500,8 @@ def resolve_model_name(name: str) -> str:
     """The timm architecture for a dual, MAE or timm model name."""
     name = DUAL_MODEL_NAMES.get(name, MAE_MODEL_NAMES.get(name, name))
     if not timm.is_model(name):
-        raise ValueError(f"unknown model {name!r}: give a dual_vit_* name ({', '.join(DUAL_MODEL_NAMES)}), "
-                         f"an MAE name ({', '.join(MAE_MODEL_NAMES)}) or a timm model name (timm.list_models())")
+        raise UserError(f"unknown model {name!r}: give a dual_vit_* name ({', '.join(DUAL_MODEL_NAMES)}), "
+                        f"an MAE name ({', '.join(MAE_MODEL_NAMES)}) or a timm model name (timm.list_models())")
     return name
 
 
@@ -512,9 +520,19 @@ def create_vit(
         **kwargs,
 ) -> VisionTransformer:
     """A randomly initialised timm ViT (no download) for a dual, MAE or timm name."""
-    return timm.create_model(
-        resolve_model_name(name), pretrained=False, num_classes=num_classes,
-        global_pool=_pool_name(global_pool), img_size=img_size, drop_path_rate=drop_path_rate, **kwargs)
+    arch = resolve_model_name(name)
+    try:
+        return timm.create_model(arch, pretrained=False, num_classes=num_classes, global_pool=_pool_name(global_pool),
+                                 img_size=img_size, drop_path_rate=drop_path_rate, **kwargs)
+    except (TypeError, ValueError, AssertionError) as e:
+        # timm's constructors reject a wrong name or argument with these, and their messages name
+        # neither the model nor the flag that set it
+        given = ' '.join(f'{k}={v!r}' for k, v in kwargs.items()) or 'none'
+        raise UserError(
+            f"timm cannot build {arch!r} with the arguments {given} ({type(e).__name__}: {e}). Check the name "
+            "(--model, --teacher_model, --student_model: a timm VisionTransformer such as vit_base_patch16_224) "
+            "and the KEY=VALUE arguments (--model_kwargs, --student_kwargs): known argument names, integers for "
+            "depth / embed_dim / num_heads, embed_dim divisible by num_heads") from e
 
 
 def build_dual_vit(

@@ -14,6 +14,7 @@ import torch.nn as nn
 from timm.models.vision_transformer import VisionTransformer
 
 from models_dual_vit import check_supported, create_vit, forward_with_capture
+from util.errors import UserError
 from util.pretrained import LoadReport, load_pretrained_weights
 
 Tensor = torch.Tensor
@@ -40,12 +41,15 @@ def parse_blocks(spec: Union[str, Sequence[int], None], depth: int, default: Seq
     if spec is None or spec == '':
         blocks = list(default)
     elif isinstance(spec, str):
-        blocks = [int(b) for b in spec.split(',')]
+        try:
+            blocks = [int(b) for b in spec.split(',')]
+        except ValueError:
+            raise UserError(f"--probe_blocks {spec!r}: write comma-separated block indices, e.g. 3,7,11") from None
     else:
         blocks = list(spec)
     bad = [b for b in blocks if not 0 <= b < depth]
     if bad:
-        raise ValueError(f"blocks {bad} are outside the teacher's blocks 0..{depth - 1}")
+        raise UserError(f"--probe_blocks: blocks {bad} are outside the teacher's blocks 0..{depth - 1}")
     return blocks
 
 
@@ -66,11 +70,12 @@ class ProbeDistiller(nn.Module):
         t_tokens = teacher.patch_embed.num_patches + teacher.num_prefix_tokens
         s_tokens = student.patch_embed.num_patches + student.num_prefix_tokens
         if t_tokens != s_tokens or teacher.num_prefix_tokens != student.num_prefix_tokens:
-            raise ValueError(f"the patch probe compares token grids: teacher has {t_tokens} tokens "
-                             f"({teacher.num_prefix_tokens} prefix), student {s_tokens} "
-                             f"({student.num_prefix_tokens} prefix); use the same patch and image size")
+            raise UserError(f"the patch probe compares token grids: teacher has {t_tokens} tokens "
+                            f"({teacher.num_prefix_tokens} prefix), student {s_tokens} "
+                            f"({student.num_prefix_tokens} prefix); use the same patch and image size")
         if teacher.num_classes != student.num_classes:
-            raise ValueError(f"teacher predicts {teacher.num_classes} classes, student {student.num_classes}")
+            raise UserError(f"teacher predicts {teacher.num_classes} classes, student {student.num_classes}; "
+                            "check --nb_classes")
         teacher.requires_grad_(False)
         teacher.eval()
 
@@ -89,12 +94,13 @@ class ProbeDistiller(nn.Module):
     def with_student(self, student: VisionTransformer) -> ProbeDistiller:
         return ProbeDistiller(student, self.teacher, self.teacher_blocks)
 
-    def load_teacher(self, path: str, use_ema: bool = False) -> LoadReport:
+    def load_teacher(self, path: str, use_ema: bool = False, flag: str = '') -> LoadReport:
         """The target-task teacher, head included: KD needs its predictions."""
-        report = load_pretrained_weights(self.teacher, path, use_ema=use_ema)
+        report = load_pretrained_weights(self.teacher, path, use_ema=use_ema, flag=flag)
         if 'head.weight' not in report.loaded:
-            raise ValueError(f"{path}: no classifier head for {self.teacher.num_classes} classes was loaded; probe "
-                             "distillation needs the teacher trained on the target task (check --nb_classes)")
+            raise UserError(f"{flag or 'checkpoint'} {path}: no classifier head for {self.teacher.num_classes} "
+                            "classes was loaded; probe distillation needs the teacher trained on the target task "
+                            "(check --nb_classes)")
         self.teacher.requires_grad_(False)
         return report
 

@@ -35,6 +35,7 @@ from util.args import parse_kwargs
 from util.checkpoint import save_atomic
 from util.datasets import ImageFiles, collate_skipping_bad, list_images, wild_transform
 from util.distributed import barrier, broadcast_object, destroy, get_rank, get_world_size, init_distributed_mode, log
+from util.errors import UserError, run_cli
 from util.pretrained import load_pretrained_weights, read_checkpoint, trained_architecture
 
 
@@ -148,23 +149,24 @@ def score_chunk(teacher, dataset: ImageFiles, start: int, end: int, blocks: list
 # ---------------------------------------------------------------------------------------------
 def build_teacher(args):
     """The teacher classifier, architecture from its checkpoint's arguments unless given here."""
-    checkpoint = read_checkpoint(args.teacher)
+    checkpoint = read_checkpoint(args.teacher, flag='--teacher')
     arch = trained_architecture(checkpoint) or {}
     args.model = args.model or arch.get('model')
     if args.model is None:
-        raise ValueError(f"{args.teacher} does not record its architecture: give --model (and --model_kwargs)")
+        raise UserError(f"--teacher {args.teacher} does not record its architecture: give --model (and --model_kwargs)")
     kwargs = {**(arch.get('model_kwargs') or {}), **parse_kwargs(args.model_kwargs, '--model_kwargs')}
     args.nb_classes = args.nb_classes or arch.get('nb_classes')
     args.input_size = args.input_size or arch.get('input_size') or 224
     if not args.nb_classes:
-        raise ValueError(f"{args.teacher} does not record its number of classes: give --nb_classes")
+        raise UserError(f"--teacher {args.teacher} does not record its number of classes: give --nb_classes")
     pool = False if args.cls_token else arch.get('global_pool', True)
     teacher = create_vit(args.model, num_classes=args.nb_classes, global_pool=pool, img_size=args.input_size,
                          **kwargs)
-    report = load_pretrained_weights(teacher, args.teacher, use_ema=args.use_teacher_ema, checkpoint=checkpoint)
+    report = load_pretrained_weights(teacher, args.teacher, use_ema=args.use_teacher_ema, checkpoint=checkpoint,
+                                     flag='--teacher')
     if 'head.weight' not in report.loaded:
-        raise ValueError(f"{args.teacher}: no classifier head for {args.nb_classes} classes; selection needs the "
-                         "teacher trained on the target task")
+        raise UserError(f"--teacher {args.teacher}: no classifier head for {args.nb_classes} classes; selection "
+                        "needs the teacher trained on the target task")
     log(f"teacher {args.model} {kwargs}: {report}")
     return teacher.eval().requires_grad_(False)
 
@@ -187,8 +189,8 @@ def prepare_chunk_dir(chunk_dir: str, manifest: dict) -> None:
             previous = json.load(f)
         if previous != manifest:
             changed = sorted(k for k in manifest if previous.get(k) != manifest[k])
-            raise ValueError(f"{chunk_dir} holds scores of another run (different {', '.join(changed)}); "
-                             "delete it to score afresh, or give another --output")
+            raise UserError(f"{chunk_dir} holds scores of another run (different {', '.join(changed)}); "
+                            "delete it to score afresh, or give another --output")
         return
     with open(path, 'w') as f:
         json.dump(manifest, f, indent=1)
@@ -207,7 +209,8 @@ def select(scores: dict, args, blocks: list[int], paths: list[str]) -> dict:
     valid = scores['valid']
     n_valid = int(valid.sum())
     if args.num_select > n_valid:
-        raise ValueError(f"--num_select {args.num_select} exceeds the {n_valid} decodable wild images")
+        raise UserError(f"--num_select {args.num_select} exceeds the {n_valid} decodable wild images (of "
+                        f"{len(paths)}; see the warnings above): lower --num_select")
     value = ranking(scores['output'], scores['probe'], args.score, args.attnlier, args.outlier)
     value[~valid] = float('inf')
     if args.random:
@@ -227,7 +230,18 @@ def select(scores: dict, args, blocks: list[int], paths: list[str]) -> dict:
     }
 
 
+def check_num_select(num_select: int, n_images: int | None = None, wild_path: str = '') -> None:
+    """Fail before scoring (hours on ImageNet) when the selection size cannot be met; ``n_images``:
+    the size of the wild set, once listed."""
+    if num_select <= 0:
+        raise UserError(f"--num_select {num_select}: must be a positive number of images to keep")
+    if n_images is not None and num_select > n_images:
+        raise UserError(f"--num_select {num_select} exceeds the {n_images} images under --wild_path {wild_path!r}: "
+                        "lower --num_select or give a larger wild set")
+
+
 def main(args) -> dict | None:
+    check_num_select(args.num_select)
     if args.amp is None:
         args.amp = 'bf16' if str(args.device).startswith('cuda') else 'none'
     init_distributed_mode(args)
@@ -235,6 +249,7 @@ def main(args) -> dict | None:
     teacher = build_teacher(args).to(args.device)
     blocks = parse_blocks(args.probe_blocks, len(teacher.blocks), default_probe_blocks(len(teacher.blocks))[:2])
     paths = broadcast_object(list_images(args.wild_path) if rank == 0 else None)
+    check_num_select(args.num_select, len(paths), args.wild_path)
     chunk_dir = args.output + '.chunks'
     if rank == 0:
         prepare_chunk_dir(chunk_dir, fingerprint(paths, args, blocks))
@@ -281,4 +296,4 @@ def main(args) -> dict | None:
 
 
 if __name__ == '__main__':
-    main(get_args_parser().parse_args())
+    run_cli(lambda: main(get_args_parser().parse_args()))

@@ -28,6 +28,7 @@ import submitit
 
 import main_finetune
 from util.args import explicit_flags
+from util.errors import UserError, run_cli
 
 REPO = os.path.dirname(os.path.abspath(__file__))
 SHARED_FOLDER = '/checkpoint'  # the cluster-wide folder some sites provide; jobs default to a folder in it
@@ -74,7 +75,7 @@ def resolve_job_dir(job_dir: str) -> str:
     shared = Path(SHARED_FOLDER) / getpass.getuser()
     if shared.is_dir():
         return str(shared / 'experiments' / '%j')
-    raise ValueError(f"--job_dir is required: no shared folder {shared} was found on this cluster to put the job in")
+    raise UserError(f"--job_dir is required: no shared folder {shared} was found on this cluster to put the job in")
 
 
 def restarts() -> int:
@@ -212,8 +213,4 @@ def main(argv=None) -> submitit.Job:
 
 
 if __name__ == '__main__':
-    try:
-        main()
-    except (ValueError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(1)
+    run_cli(main)

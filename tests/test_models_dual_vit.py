@@ -22,6 +22,7 @@ from models_dual_vit import (
     dual_vit_small_patch16,
     parse_layers,
 )
+from util.errors import UserError
 
 ALL_MODES = ['none'] + list(TRANSFER_MODES)
 
@@ -258,11 +259,11 @@ def test_layer_selection():
     assert parse_layers(None, 12, 0) == list(range(12))
     assert parse_layers('0-3,8', 12) == [0, 1, 2, 3, 8]
     assert parse_layers([2, 0], 12) == [0, 2]
-    with pytest.raises(ValueError, match='outside'):
+    with pytest.raises(UserError, match='outside'):
         parse_layers('11-12', 12)
-    with pytest.raises(ValueError, match="'0-17'"):
+    with pytest.raises(UserError, match="'0-17'"):
         parse_layers('a-b', 12)
-    with pytest.raises(ValueError, match='end_layer'):
+    with pytest.raises(UserError, match='end_layer'):
         parse_layers(None, 12, 3)
 
 
@@ -325,19 +326,19 @@ def test_different_student_checked_at_construction():
                            img_size=32, teacher_kwargs=arch, student_kwargs=dict(arch, embed_dim=24))
     model.train()
     assert torch.isfinite(model(images())[1])
-    with pytest.raises(ValueError, match='heads'):
+    with pytest.raises(UserError, match='heads'):
         build_dual_vit('vit_base_patch16_224', 'vit_base_patch16_224', mode='distill', num_classes=5,
                        img_size=32, teacher_kwargs=arch, student_kwargs=dict(arch, num_heads=4))
-    with pytest.raises(ValueError, match='head_dim'):
+    with pytest.raises(UserError, match='head_dim'):
         build_dual_vit('vit_base_patch16_224', 'vit_base_patch16_224', mode='copy_q', num_classes=5,
                        img_size=32, teacher_kwargs=arch, student_kwargs=dict(arch, embed_dim=24))
-    with pytest.raises(ValueError, match='tokens'):
+    with pytest.raises(UserError, match='tokens'):
         build_dual_vit('vit_base_patch16_224', 'vit_base_patch16_224', mode='copy', num_classes=5,
                        img_size=32, teacher_kwargs=arch, student_kwargs=dict(arch, patch_size=4))
 
 
 def test_unsupported_block_and_missing_teacher_are_clear_errors():
-    with pytest.raises(TypeError, match='ResPostBlock'):
+    with pytest.raises(UserError, match='ResPostBlock'):
         tiny_pair('distill', cfg=dict(block_fn=ResPostBlock))
     student = create_vit('vit_base_patch16_224', num_classes=5, **TINY)
     with pytest.raises(ValueError, match='needs a teacher'):

@@ -8,6 +8,7 @@ import torch.nn.functional as F
 from conftest import TINY
 
 from models_dual_vit import build_dual_vit, create_vit
+from util.errors import UserError
 from util.pretrained import CheckpointMismatchError, load_pretrained_weights
 
 ARCH = {k: v for k, v in TINY.items() if k != 'img_size'}
@@ -58,7 +59,7 @@ def test_teacher_ema_entry_and_its_absence(tmp_path):
     torch.testing.assert_close(target.blocks[0].attn.qkv.weight, src.blocks[0].attn.qkv.weight, rtol=0, atol=0)
 
     torch.save({'model': src.state_dict()}, path)
-    with pytest.raises(ValueError, match='no EMA weights.*--use_teacher_ema'):
+    with pytest.raises(UserError, match='no EMA weights.*--use_teacher_ema'):
         load_pretrained_weights(target, str(path), use_ema=True)
 
 
@@ -110,7 +111,7 @@ def test_mismatched_checkpoint_names_keys_and_shapes(tmp_path):
 def test_unreadable_and_missing_files(tmp_path):
     bad = tmp_path / 'truncated.pth'
     bad.write_bytes(b'not a checkpoint')
-    with pytest.raises(ValueError, match='cannot read checkpoint'):
+    with pytest.raises(UserError, match='cannot read the checkpoint'):
         load_pretrained_weights(encoder(), str(bad))
-    with pytest.raises(FileNotFoundError, match='nowhere.pth'):
+    with pytest.raises(UserError, match='nowhere.pth'):
         load_pretrained_weights(encoder(), str(tmp_path / 'nowhere.pth'))

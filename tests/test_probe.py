@@ -18,6 +18,7 @@ import select_wild_data
 from models_dual_vit import create_vit
 from models_probe import default_probe_blocks, match_layers
 from util.datasets import list_images, wild_transform
+from util.errors import UserError
 from util.losses import kd_loss, noise_transition_matrix, patch_attention_probe_loss
 from util.pretrained import read_checkpoint
 
@@ -166,7 +167,7 @@ def test_interrupted_selection_resumes_to_the_same_file(setup, monkeypatch):
         assert torch.equal(saved[key], reference[key]), key
     assert torch.equal(resumed['scores']['output'], reference['scores']['output'])
     # a rerun with other settings must not mix its scores with these
-    with pytest.raises(ValueError, match='scores of another run.*probe_heads'):
+    with pytest.raises(UserError, match='scores of another run.*probe_heads'):
         run_selection(teacher_path, wild, out, '--probe_heads', 'mean')
 
 

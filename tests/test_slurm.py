@@ -17,6 +17,7 @@ import pytest
 from helpers import ROOT, make_image_folder, make_teacher_checkpoint
 
 import main_finetune
+from util.errors import UserError
 
 CLUSTER = os.path.join(ROOT, 'tests', 'slurm', 'cluster.sh')
 ARCH = dict(patch_size=8, embed_dim=192, depth=6, num_heads=3)
@@ -142,5 +143,5 @@ def test_job_dir_is_required_without_a_shared_folder(tmp_path, monkeypatch):
     import submitit_finetune
 
     monkeypatch.setattr(submitit_finetune, 'SHARED_FOLDER', str(tmp_path / 'no_such_shared_folder'))
-    with pytest.raises(ValueError, match='--job_dir is required: no shared folder'):
+    with pytest.raises(UserError, match='--job_dir is required: no shared folder'):
         submitit_finetune.main(['--data_path', str(tmp_path), '--cluster', 'debug'])

@@ -21,6 +21,7 @@ from engine_finetune import NonFiniteLossError
 from models_dual_vit import create_vit
 from util.checkpoint import save_atomic
 from util.datasets import DataError
+from util.errors import UserError
 from util.losses import TransferCriterion
 from util.lr_decay import param_groups_lrd
 from util.lr_sched import adjust_learning_rate
@@ -177,7 +178,7 @@ def test_missing_or_empty_data_and_wrong_class_count_are_clear_errors(workdir, t
         main_finetune.run(tiny_args(str(tmp_path / 'empty'), str(tmp_path / 'b')))
     with pytest.raises(DataError, match='has 3 class folders but --nb_classes is 5; pass --nb_classes 3'):
         main_finetune.run(tiny_args(workdir.data, str(tmp_path / 'c')) + ['--nb_classes', '5'])
-    with pytest.raises(ValueError, match=r"mode distill needs the teacher's weights: --finetune PATH"):
+    with pytest.raises(UserError, match=r"mode distill needs the teacher's weights: --finetune PATH"):
         main_finetune.run(tiny_args(workdir.data, str(tmp_path / 'd'), '--mode', 'distill'))
 
 

@@ -24,16 +24,17 @@ from timm.data.constants import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD  # n
 from timm.models._hub import save_for_hf  # noqa: E402
 
 from models_dual_vit import TRANSFER_MODES, create_vit, resolve_model_name  # noqa: E402
+from util.errors import UserError, run_cli  # noqa: E402
 from util.pretrained import load_exact, read_checkpoint, trained_architecture  # noqa: E402
 
 
-class ExportError(ValueError):
+class ExportError(UserError):
     """A checkpoint that cannot be exported as a standalone model."""
 
 
 def export(checkpoint_path: str, output: str, use_ema: bool = False) -> dict:
     """Write the student to ``output``; returns the architecture written to config.json."""
-    ckpt = read_checkpoint(checkpoint_path)
+    ckpt = read_checkpoint(checkpoint_path, flag='--checkpoint')
     arch = trained_architecture(ckpt)
     if arch is None:
         raise ExportError(f"{checkpoint_path} does not record its architecture (no 'args' of main_finetune.py)")
@@ -58,7 +59,11 @@ def export(checkpoint_path: str, output: str, use_ema: bool = False) -> dict:
     size = arch['input_size']
     data_config = dict(input_size=(3, size, size), interpolation='bicubic', mean=IMAGENET_DEFAULT_MEAN,
                        std=IMAGENET_DEFAULT_STD, crop_pct=224 / 256 if size <= 224 else 1.0, crop_mode='center')
-    save_for_hf(student, output, model_args=model_args, safe_serialization=True, data_config=data_config)
+    try:
+        save_for_hf(student, output, model_args=model_args, safe_serialization=True, data_config=data_config)
+    except OSError as e:
+        raise ExportError(f"--output {output!r}: cannot write the exported model there ({type(e).__name__}: "
+                          f"{e.strerror or e}); give a folder you can write to") from e
     return {'architecture': name, 'num_classes': arch['nb_classes'], 'model_args': model_args, 'weights': key}
 
 
@@ -68,10 +73,7 @@ def main(argv=None) -> None:
     parser.add_argument('--output', required=True, help='folder to write model.safetensors and config.json to')
     parser.add_argument('--ema', action='store_true', help='export the EMA weights instead of the raw ones')
     args = parser.parse_args(argv)
-    try:
-        info = export(args.checkpoint, args.output, args.ema)
-    except ExportError as e:
-        sys.exit(f"error: {e}")
+    info = export(args.checkpoint, args.output, args.ema)
     kwargs = ', '.join(f'{k}={v!r}' for k, v in info['model_args'].items())
     print(f"wrote {args.output}/model.safetensors and config.json ({info['weights']} weights of "
           f"{info['architecture']}, {info['num_classes']} classes). Load it with timm alone:\n"
@@ -82,4 +84,4 @@ def main(argv=None) -> None:
 
 
 if __name__ == '__main__':
-    main()
+    run_cli(main)

@@ -14,9 +14,14 @@ from __future__ import annotations
 import argparse
 import os
 import pickle
+import sys
 
-import numpy as np
-from PIL import Image
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import numpy as np  # noqa: E402
+from PIL import Image  # noqa: E402
+
+from util.errors import UserError, run_cli  # noqa: E402
 
 CIFAR10 = dict(train=[f'data_batch_{i}' for i in range(1, 6)], val=['test_batch'], meta='batches.meta',
                names=b'label_names', labels=b'labels')
@@ -32,8 +37,8 @@ def detect(src: str) -> dict:
     for layout in (CIFAR10, CIFAR100):
         if all(os.path.isfile(os.path.join(src, name)) for name in layout['train'] + layout['val'] + [layout['meta']]):
             return layout
-    raise FileNotFoundError(
-        f"{src!r} is neither cifar-10-batches-py (data_batch_1..5, test_batch, batches.meta) nor "
+    raise UserError(
+        f"--src {src!r} is neither cifar-10-batches-py (data_batch_1..5, test_batch, batches.meta) nor "
         "cifar-100-python (train, test, meta); download and extract the python version of CIFAR first")
 
 
@@ -75,4 +80,4 @@ def main(argv=None) -> None:
 
 
 if __name__ == '__main__':
-    main()
+    run_cli(main)

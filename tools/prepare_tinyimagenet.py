@@ -11,6 +11,11 @@ from __future__ import annotations
 import argparse
 import os
 import shutil
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from util.errors import UserError, run_cli  # noqa: E402
 
 
 def read_annotations(path: str) -> dict[str, str]:
@@ -32,14 +37,16 @@ def reorganise_val(data_path: str) -> int:
     if not os.path.isdir(images):
         if os.path.isdir(val) and any(os.path.isdir(os.path.join(val, d)) for d in os.listdir(val)):
             return 0  # already reorganised
-        raise FileNotFoundError(f"{images!r} not found: give the extracted tiny-imagenet-200 folder")
+        raise UserError(f"--data_path {data_path!r}: {images!r} not found; give the extracted tiny-imagenet-200 "
+                        "folder")
     if not os.path.isfile(annotations):
-        raise FileNotFoundError(f"{annotations!r} not found: it holds the validation labels")
+        raise UserError(f"--data_path {data_path!r}: {annotations!r} not found; it holds the validation labels "
+                        "(extract tiny-imagenet-200 again)")
     labels = read_annotations(annotations)
     moved = 0
     for name in sorted(os.listdir(images)):
         if name not in labels:
-            raise ValueError(f"{name} in {images} has no line in {annotations}")
+            raise UserError(f"{name} in {images} has no line in {annotations}; extract tiny-imagenet-200 again")
         folder = os.path.join(val, labels[name])
         os.makedirs(folder, exist_ok=True)
         shutil.move(os.path.join(images, name), os.path.join(folder, name))
@@ -58,4 +65,4 @@ def main(argv=None) -> None:
 
 
 if __name__ == '__main__':
-    main()
+    run_cli(main)

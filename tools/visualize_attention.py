@@ -37,6 +37,7 @@ from torch.utils.data import DataLoader, Subset  # noqa: E402
 import main_finetune  # noqa: E402
 from models_dual_vit import forward_with_capture  # noqa: E402
 from util.datasets import build_dataset, build_transform, collate_skipping_bad  # noqa: E402
+from util.errors import UserError, run_cli  # noqa: E402
 from util.pretrained import load_exact, read_checkpoint  # noqa: E402
 
 METRICS = ('teacher_student_ce', 'jsd', 'teacher_entropy', 'student_entropy', 'teacher_distance_px',
@@ -86,17 +87,18 @@ def comparable(t: torch.Tensor, s: torch.Tensor) -> tuple[torch.Tensor, torch.Te
 # ---------------------------------------------------------------------------------------------
 def load_models(checkpoint: str, teacher_path: str | None):
     """(teacher or None, student) in eval mode, as the checkpoint's run built them."""
-    ckpt = read_checkpoint(checkpoint)
-    if not isinstance(ckpt.get('args'), dict):
-        raise ValueError(f"{checkpoint} does not record its run's arguments (not written by main_finetune.py)")
+    ckpt = read_checkpoint(checkpoint, flag='--checkpoint')
+    if not isinstance(ckpt, dict) or not isinstance(ckpt.get('args'), dict):
+        raise UserError(f"--checkpoint {checkpoint}: it does not record its run's arguments (not written by "
+                        "main_finetune.py); give a checkpoint.pth of a main_finetune.py run")
     args = main_finetune.get_args_parser().parse_args([])
     vars(args).update(ckpt['args'])
     args.finetune = teacher_path or args.finetune
     if args.mode in (None, 'none') and teacher_path:
-        raise ValueError("a plain run has no teacher to compare with; give a checkpoint of a transfer or probe run")
+        raise UserError("a plain run has no teacher to compare with; give a checkpoint of a transfer or probe run")
     if args.mode not in (None, 'none') and 'teacher' not in ckpt and not os.path.isfile(args.finetune or ''):
-        raise FileNotFoundError(f"the teacher's weights are not in {checkpoint} and {args.finetune!r} does not "
-                                "exist: give --teacher PATH")
+        raise UserError(f"the teacher's weights are not in {checkpoint} and {args.finetune!r} does not "
+                        "exist: give --teacher PATH")
     model = main_finetune.build_model(args)
     load_exact(model.student, ckpt['model'], f"checkpoint {checkpoint!r} (model)")
     teacher = getattr(model, 'teacher', None)
@@ -271,4 +273,4 @@ def main(argv=None) -> list[dict]:
 
 
 if __name__ == '__main__':
-    main()
+    run_cli(main)

@@ -6,6 +6,8 @@ import ast
 import copy
 from collections.abc import Sequence
 
+from util.errors import UserError
+
 
 def parse_kwargs(items: Sequence[str] | dict, flag: str) -> dict:
     """``['patch_size=4', 'qk_norm=True']`` -> ``{'patch_size': 4, 'qk_norm': True}`` (values as Python literals)."""
@@ -15,7 +17,7 @@ def parse_kwargs(items: Sequence[str] | dict, flag: str) -> dict:
     for item in items:
         key, sep, value = item.partition('=')
         if not sep or not key:
-            raise ValueError(f"{flag}: {item!r} is not KEY=VALUE (e.g. {flag} patch_size=4 embed_dim=192)")
+            raise UserError(f"{flag}: {item!r} is not KEY=VALUE (e.g. {flag} patch_size=4 embed_dim=192)")
         try:
             out[key] = ast.literal_eval(value)
         except (ValueError, SyntaxError):

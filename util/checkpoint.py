@@ -28,7 +28,7 @@ import torch
 
 from util.distributed import all_reduce_sum
 from util.errors import UserError
-from util.pretrained import read_checkpoint
+from util.pretrained import EMA_ENTRIES, read_checkpoint
 
 # Temporary files of save_atomic: '<target name>.<random>.tmp' beside the target (mkstemp's random part
 # has no dots).
@@ -173,17 +173,25 @@ def resume_path(resume: str, output_dir: str) -> Optional[str]:
         path = os.path.join(output_dir, 'checkpoint.pth') if output_dir else ''
         return path if path and os.path.isfile(path) else None
     if not os.path.isfile(resume):
-        raise FileNotFoundError(f"--resume {resume!r}: no such checkpoint (use --resume allow to start fresh "
-                                "when the output directory has none)")
+        raise UserError(f"--resume {resume!r}: no such checkpoint (use --resume allow to start fresh "
+                        "when the output directory has none)")
     return resume
 
 
-def load_training_checkpoint(path: str) -> dict:
-    """A training checkpoint (this project's, or MAE's / DeiT's: a dict with a 'model' entry)."""
-    ckpt = read_checkpoint(path)
+def load_training_checkpoint(path: str, to_train: bool = True) -> dict:
+    """A training checkpoint (this project's, or MAE's / DeiT's: a dict with a 'model' entry); to
+    continue training (``to_train``) it must hold the optimizer's state and the position too."""
+    ckpt = read_checkpoint(path, flag='--resume')
     if not isinstance(ckpt, dict) or not isinstance(ckpt.get('model'), dict):
-        raise ValueError(f"{path!r} is not a training checkpoint (it has no 'model' entry); "
-                         "to start from pre-trained weights use --finetune")
+        ema = isinstance(ckpt, dict) and any(isinstance(ckpt.get(k), dict) for k in EMA_ENTRIES)
+        raise UserError(f"--resume {path!r} is not a training checkpoint (it has no 'model' entry); "
+                        + ("it holds EMA weights only: to start from them use --finetune PATH --use_teacher_ema"
+                           if ema else "to start from pre-trained weights use --finetune"))
+    missing = [k for k in ('optimizer', 'epoch') if k not in ckpt]
+    if to_train and missing:
+        raise UserError(f"--resume {path!r} holds model weights only (no {' or '.join(missing)} entry), so no "
+                        "training run can continue from it; to start training from these weights use "
+                        f"--finetune {path} (and no --resume)")
     return ckpt
 
 

@@ -10,6 +10,7 @@ import warnings
 from collections.abc import Iterator
 from typing import Optional
 
+import numpy as np
 import torch
 from PIL import Image
 from timm.data import create_transform
@@ -18,11 +19,43 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 from torchvision import datasets, transforms
 from torchvision.datasets.folder import IMG_EXTENSIONS
 
+from util.errors import UserError
+
 LAYOUT = "data_path/train/<class>/<image> and data_path/val/<class>/<image> (ImageNet's folder layout)"
 
 
-class DataError(ValueError):
+class DataError(UserError):
     """A data set that cannot be used as given."""
+
+
+# Pillow's modes for 16-bit integer pixels (16-bit grayscale PNGs and TIFFs open as one of these;
+# 'I' is 32-bit, but the PNG and TIFF decoders use it for 16-bit samples too).
+SIXTEEN_BIT_MODES = ('I;16', 'I;16L', 'I;16B', 'I;16N', 'I')
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """An RGB image with 8 bits per channel. Pillow's ``convert('RGB')`` clips 16-bit and float pixels
+    instead of scaling them (a 16-bit PNG comes out almost white, a float TIFF in [0, 1] black), so
+    those are scaled here: 16-bit integers by 255 / 65535, floats in [0, 1] by 255. A float image
+    outside [0, 1] has no known white point: it raises ValueError (the data set skips it, warning)."""
+    if image.mode in SIXTEEN_BIT_MODES:
+        pixels = np.asarray(image, dtype=np.float64)
+        if pixels.min() < 0 or pixels.max() > 65535:
+            raise ValueError(f"{image.mode} pixels in [{pixels.min():g}, {pixels.max():g}] are not 16-bit values")
+        image = Image.fromarray(np.round(pixels * (255 / 65535)).astype(np.uint8))
+    elif image.mode == 'F':
+        pixels = np.asarray(image, dtype=np.float64)
+        if not np.isfinite(pixels).all() or pixels.min() < 0 or pixels.max() > 1:
+            raise ValueError(f"floating-point pixels in [{np.nanmin(pixels):g}, {np.nanmax(pixels):g}]: only [0, 1] "
+                             "can be converted to 8 bits without guessing; convert the file to 8-bit PNG or JPEG")
+        image = Image.fromarray(np.round(pixels * 255).astype(np.uint8))
+    return image.convert('RGB')
+
+
+def load_rgb(path: str) -> Image.Image:
+    """torchvision's PIL loader, with 16-bit and float images scaled to 8 bits (see ``to_rgb``)."""
+    with open(path, 'rb') as f:
+        return to_rgb(Image.open(f))
 
 
 class RobustImageFolder(datasets.ImageFolder):
@@ -31,6 +64,9 @@ class RobustImageFolder(datasets.ImageFolder):
     A single bad JPEG must not end a 200-epoch job; ``collate_skipping_bad`` drops the ``None``
     samples and counts them so that every epoch's log reports how many were skipped.
     """
+
+    def __init__(self, root: str, transform=None) -> None:
+        super().__init__(root, transform=transform, loader=load_rgb)
 
     def __getitem__(self, index: int):
         path, target = self.samples[index]
@@ -69,9 +105,44 @@ def image_folder(root: str, transform, split: str) -> RobustImageFolder:
         raise DataError(f"{split} data at {root!r} holds no images ({', '.join(IMG_EXTENSIONS)}). "
                         f"Expected the layout {LAYOUT}.")
     try:
-        return RobustImageFolder(root, transform=transform)
+        dataset = RobustImageFolder(root, transform=transform)
     except FileNotFoundError as e:
         raise DataError(f"{split} data at {root!r}: {e}. Expected the layout {LAYOUT}.") from e
+    warn_files_in_two_classes(dataset)
+    return dataset
+
+
+def _has_symlinks(folder: str) -> bool:
+    """Whether any entry under ``folder`` is a symbolic link (a directory walk that stats no file)."""
+    stack = [folder]
+    while stack:
+        with os.scandir(stack.pop()) as entries:
+            for entry in entries:
+                if entry.is_symlink():
+                    return True
+                if entry.is_dir(follow_symlinks=False):
+                    stack.append(entry.path)
+    return False
+
+
+def warn_files_in_two_classes(dataset: datasets.ImageFolder) -> None:
+    """Warn when one file is reached through two class folders: ImageFolder follows symbolic links, so a
+    link inside a class folder that points at the data root (or at another class) gives that class
+    the other classes' images too, silently. Only a tree with links needs the per-file check."""
+    if not _has_symlinks(dataset.root):
+        return
+    classes_of: dict[str, dict[int, str]] = {}
+    for path, target in dataset.samples:
+        classes_of.setdefault(os.path.realpath(path), {}).setdefault(target, path)
+    shared = {real: seen for real, seen in classes_of.items() if len(seen) > 1}
+    if not shared:
+        return
+    real, seen = next(iter(shared.items()))
+    example = ' and '.join(f"{path} (class {dataset.classes[target]})" for target, path in list(seen.items())[:2])
+    warnings.warn(f"{len(shared)} image files under {dataset.root} are reached through more than one class folder, "
+                  f"e.g. {real} as {example}: a symbolic link inside a class folder points outside it, so those "
+                  "images count as several classes. Remove the link or replace it with the files it should hold.",
+                  stacklevel=2)
 
 
 def build_transform(is_train: bool, args) -> transforms.Compose:
@@ -180,8 +251,7 @@ class ImageFiles(Dataset):
     def __getitem__(self, index: int):
         path = os.path.join(self.root, self.paths[index])
         try:
-            with open(path, 'rb') as f:
-                image = Image.open(f).convert('RGB')
+            image = load_rgb(path)
         except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
             warnings.warn(f"skipping undecodable image {path}: {type(e).__name__}: {e}", stacklevel=1)
             return None

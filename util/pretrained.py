@@ -21,6 +21,8 @@ import torch.nn as nn
 from timm.models import clean_state_dict
 from timm.models.vision_transformer import checkpoint_filter_fn
 
+from util.errors import UserError
+
 # Keys of MAE's pre-training decoder: part of the checkpoint, not of the encoder.
 IGNORED_PREFIXES = ('decoder_', 'mask_token')
 # Classifier-side parameters: a pre-training checkpoint has none (or a final ``norm`` where the model
@@ -32,43 +34,59 @@ STATE_DICT_ENTRIES = ('model', 'state_dict', 'module')
 EMA_ENTRIES = ('model_ema', 'state_dict_ema')
 
 
-class CheckpointMismatchError(ValueError):
+class CheckpointMismatchError(UserError):
     """A checkpoint whose parameters do not fit the model."""
 
 
-def read_checkpoint(path: str) -> Any:
-    """The object stored in a ``.pth`` / ``.safetensors`` file, on the CPU."""
+def read_checkpoint(path: str, flag: str = '') -> Any:
+    """The object stored in a ``.pth`` / ``.safetensors`` file, on the CPU; ``flag`` (e.g. ``--finetune``)
+    names the option that gave the path in the errors."""
+    source = f"{flag} {path!r}" if flag else f"checkpoint {path!r}"
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"checkpoint not found: {path!r}")
-    if path.endswith('.safetensors'):
-        return safetensors.torch.load_file(path, device='cpu')
+        raise UserError(f"{source}: no such file")
     try:
+        if path.endswith('.safetensors'):
+            return safetensors.torch.load_file(path, device='cpu')
         # MAE and DeiT checkpoints store their argparse.Namespace of arguments beside the weights.
         with torch.serialization.safe_globals([argparse.Namespace]):
             return torch.load(path, map_location='cpu', weights_only=True)
-    except Exception as e:
-        raise ValueError(f"cannot read checkpoint {path!r} ({type(e).__name__}: {e}); "
-                         "expected a torch .pth file or a .safetensors file") from e
+    except Exception as e:  # truncated, corrupt or foreign files; their messages do not name the path
+        raise UserError(f"{source}: cannot read the checkpoint ({type(e).__name__}: {_load_error_detail(e)}); "
+                        "expected a complete torch .pth file or .safetensors file (a truncated copy? copy it "
+                        "again)") from e
+
+
+def _load_error_detail(error: Exception) -> str:
+    """The informative part of a loader's message: torch's weights-only unpickler wraps it in a page of
+    advice (e.g. to load with weights_only=False) that does not apply to a corrupt file."""
+    text = str(error)
+    if 'WeightsUnpickler error:' in text:
+        text = text.split('WeightsUnpickler error:', 1)[1].split('Check the documentation', 1)[0]
+    lines = [line.strip() for line in text.strip().splitlines() if line.strip()]
+    return (lines[0] if lines else '')[:300]
 
 
 def select_state_dict(checkpoint: Any, use_ema: bool = False, source: str = 'checkpoint') -> dict:
     """The model weights inside a loaded checkpoint: its ``model_ema`` entry when ``use_ema``,
     else its ``model`` (or ``state_dict``) entry, else the checkpoint itself when it is a state dict."""
     if not isinstance(checkpoint, dict):
-        raise ValueError(f"{source}: expected a dict of tensors or of entries, got {type(checkpoint).__name__}")
+        raise UserError(f"{source}: expected a dict of tensors or of entries, got {type(checkpoint).__name__}")
     if use_ema:
         for key in EMA_ENTRIES:
             if isinstance(checkpoint.get(key), dict):
                 return clean_state_dict(checkpoint[key])
-        raise ValueError(f"{source} has no EMA weights (no {' or '.join(EMA_ENTRIES)} entry; entries: "
-                         f"{', '.join(sorted(checkpoint)[:12])}); drop --use_teacher_ema to load its model weights")
+        raise UserError(f"{source} has no EMA weights (no {' or '.join(EMA_ENTRIES)} entry; entries: "
+                        f"{', '.join(sorted(checkpoint)[:12])}); drop --use_teacher_ema to load its model weights")
     for key in STATE_DICT_ENTRIES:
         if isinstance(checkpoint.get(key), dict):
             return clean_state_dict(checkpoint[key])
     if checkpoint and all(isinstance(v, torch.Tensor) for v in checkpoint.values()):
         return clean_state_dict(checkpoint)
-    raise ValueError(f"{source}: no model weights found (looked for entries {', '.join(STATE_DICT_ENTRIES)} "
-                     f"or a plain state dict; entries: {', '.join(sorted(map(str, checkpoint))[:12])})")
+    if any(isinstance(checkpoint.get(key), dict) for key in EMA_ENTRIES):
+        raise UserError(f"{source} holds only EMA weights ({' or '.join(k for k in EMA_ENTRIES if k in checkpoint)} "
+                        "entry, no model entry): add --use_teacher_ema to load them")
+    raise UserError(f"{source}: no model weights found (looked for entries {', '.join(STATE_DICT_ENTRIES)} "
+                    f"or a plain state dict; entries: {', '.join(sorted(map(str, checkpoint))[:12])})")
 
 
 def _is_classifier(key: str) -> bool:
@@ -118,14 +136,16 @@ class LoadReport:
         return '\n'.join([f"loaded {len(self.loaded)} tensors from {self.path}"] + self.lines)
 
 
-def load_pretrained_weights(model: nn.Module, path: str, use_ema: bool = False, checkpoint: Any = None) -> LoadReport:
-    """Load a pre-trained checkpoint into a timm ViT (``checkpoint``: the file's content, if already read).
+def load_pretrained_weights(model: nn.Module, path: str, use_ema: bool = False, checkpoint: Any = None,
+                            flag: str = '') -> LoadReport:
+    """Load a pre-trained checkpoint into a timm ViT (``checkpoint``: the file's content, if already read;
+    ``flag``: the option that gave ``path``, for the errors).
 
     Classifier-side keys (head, fc_norm, final norm) may be absent, extra or of another shape: the
     model keeps its own. Any other difference raises CheckpointMismatchError.
     """
-    source = f"checkpoint {path!r}" + (' (model_ema)' if use_ema else '')
-    checkpoint = read_checkpoint(path) if checkpoint is None else checkpoint
+    source = (f"{flag} {path!r}" if flag else f"checkpoint {path!r}") + (' (model_ema)' if use_ema else '')
+    checkpoint = read_checkpoint(path, flag) if checkpoint is None else checkpoint
     state_dict = select_state_dict(checkpoint, use_ema=use_ema, source=source)
     if hasattr(model, 'patch_embed'):
         # plain bicubic, as MAE's interpolate_pos_embed (timm's default adds antialiasing)
