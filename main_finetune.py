@@ -188,7 +188,12 @@ def get_args_parser() -> argparse.ArgumentParser:
                    help='name of the data set, for the logs; data is read from --data_path in ImageFolder layout')
     g.add_argument('--data_path', default='', type=str, help='data set root holding train/<class>/ and val/<class>/')
     g.add_argument('--nb_classes', default=1000, type=int, help='number of classes (must match the class folders)')
-    g.add_argument('--num_workers', default=10, type=int, help='data loading processes per GPU')
+    g.add_argument('--num_workers', default=10, type=int,
+                   help='data loading processes per GPU; they persist across epochs and are re-seeded per epoch')
+    g.add_argument('--no_jpeg_draft', action='store_false', dest='jpeg_draft',
+                   help='decode JPEGs at full resolution; by default the crop is chosen from the header\'s size and '
+                        'the decoder reduces the scale (1/2 to 1/8) as far as the crop still covers the output size '
+                        '(same crops and random draws; pixels within about one grey level)')
     g.add_argument('--pin_mem', action='store_true',
                    help='pin CPU memory in the DataLoader for more efficient transfer to GPU (default)')
     g.add_argument('--no_pin_mem', action='store_false', dest='pin_mem', help='do not pin CPU memory')
