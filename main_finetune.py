@@ -402,7 +402,8 @@ def build_criterion(args, model, loader_val, device, amp_dtype) -> torch.nn.Modu
     if args.mode != PROBE:
         return TransferCriterion(build_task_criterion(args.mixup_active, args.smoothing), args.atd_weight)
     if args.noise_adaptation and args.teacher_acc is None:
-        stats = evaluate(loader_val, model.teacher, device, amp_dtype, args.dist_eval, name='teacher')
+        stats = evaluate(loader_val, model.teacher, device, amp_dtype, args.dist_eval, name='teacher',
+                         print_freq=args.print_freq)
         args.teacher_acc = stats['acc1'] / 100.0
         log(f"teacher accuracy on the evaluation set: {args.teacher_acc:.4f} (the noise transition's diagonal; "
             "set --teacher_acc to use a known value instead)")
@@ -508,10 +509,11 @@ def main(args) -> dict:
 
     def eval_all(epoch_model: DualViT, ema=None) -> dict:
         stats = {f'test_{k}': v for k, v in
-                 evaluate(loader_val, epoch_model, device, amp_dtype, args.dist_eval, name='model').items()}
+                 evaluate(loader_val, epoch_model, device, amp_dtype, args.dist_eval, name='model',
+                          print_freq=args.print_freq).items()}
         if ema is not None:
             ema_stats = evaluate(loader_val, epoch_model.with_student(ema.module), device, amp_dtype,
-                                 args.dist_eval, name='EMA')
+                                 args.dist_eval, name='EMA', print_freq=args.print_freq)
             stats.update({f'ema_test_{k}': v for k, v in ema_stats.items()})
         return stats
 
@@ -521,7 +523,7 @@ def main(args) -> dict:
             restore_weights(ckpt, ckpt_path, model, model_ema)
         if args.ensemble_with:
             models = {'model': model, 'other': load_ensemble_member(args).to(device)}
-            results = evaluate_ensemble(loader_val, models, device, amp_dtype, args.dist_eval)
+            results = evaluate_ensemble(loader_val, models, device, amp_dtype, args.dist_eval, args.print_freq)
             stats = {f'{prefix}{k}': v for name, prefix in (('model', 'test_'), ('other', 'other_test_'),
                                                              ('ensemble', 'ensemble_test_'))
                      for k, v in results[name].items()}

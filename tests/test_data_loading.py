@@ -1,6 +1,8 @@
-"""Reduced-scale JPEG decoding and persistent re-seeded workers."""
+"""Reduced-scale JPEG decoding, persistent re-seeded workers, and the progress lines."""
 import os
 import random
+import re
+import time
 from types import SimpleNamespace
 
 import numpy as np
@@ -12,6 +14,7 @@ from timm.data.transforms import RandomResizedCropAndInterpolation
 from torchvision import transforms
 
 from benchmarks.bench_data import natural_jpeg, recipe_args
+from engine_finetune import train_one_epoch
 from util.datasets import (
     DraftRandomResizedCrop,
     DraftResize,
@@ -150,3 +153,45 @@ def test_persistent_workers_are_reseeded_per_epoch():
         assert torch.equal(i, j) and torch.equal(a, b)
     draws = [d for d, _ in continued[0] + continued[1]]
     assert len({tuple(d.flatten().tolist()) for d in draws}) == len(draws)  # epochs and workers differ
+
+
+# ---- progress lines ----------------------------------------------------------------------------
+class SlowBatches:
+    """A loader whose every batch takes ``seconds`` to arrive."""
+
+    def __init__(self, batches: int, seconds: float) -> None:
+        self.batches, self.seconds = batches, seconds
+
+    def __len__(self) -> int:
+        return self.batches
+
+    def __iter__(self):
+        for _ in range(self.batches):
+            time.sleep(self.seconds)
+            yield torch.randn(2, 4), torch.tensor([0, 1]), 0
+
+
+def test_progress_line_reports_data_wait_and_run_eta(capsys):
+    """Batches take 0.3 s to arrive and steps 0.1 s: 75% of the time is spent waiting for data."""
+    model = torch.nn.Linear(4, 2)
+
+    def criterion(outputs, targets):
+        time.sleep(0.1)
+        loss = torch.nn.functional.cross_entropy(outputs, targets)
+        return loss, {'loss': loss}
+
+    args = SimpleNamespace(accum_iter=1, clip_grad=None, print_freq=2, lr=1e-3, min_lr=0.0, warmup_epochs=0,
+                           epochs=10)
+    optimizer = torch.optim.SGD(model.parameters(), lr=1e-3)
+    scaler = torch.amp.GradScaler('cpu', enabled=False)
+    train_one_epoch(model, criterion, SlowBatches(6, 0.3), optimizer, torch.device('cpu'), 0, scaler, args)
+    line = next(line for line in capsys.readouterr().out.splitlines() if line.startswith('Epoch [0] [2/6]'))
+    fields = re.search(r'data (\d+)%  eta (\d+):(\d\d):(\d\d) \(run (\d+):(\d\d):(\d\d)\)', line)
+    assert fields, line
+    data, *hms = (int(v) for v in fields.groups())
+    epoch_eta = hms[0] * 3600 + hms[1] * 60 + hms[2]
+    run_eta = hms[3] * 3600 + hms[4] * 60 + hms[5]
+    assert 60 <= data <= 80, line
+    # 4 steps left in the epoch, 4 + 9 * 6 in the run, about 0.4 s each
+    assert 1 <= epoch_eta <= 2 and 22 <= run_eta <= 28, line
+    assert ' mem ' not in line  # CUDA only
