@@ -75,7 +75,7 @@ def get_args(argv=None):
     p.add_argument('--step_model', default='vit_tiny_patch16_224', help='bench_step.py --model')
     p.add_argument('--step_mode', default='distill', choices=bench_step.MODES[1:], help='bench_step.py mode')
     p.add_argument('--step_batch_size', type=int, default=32, help='bench_step.py --batch_size')
-    p.add_argument('--step_steps', type=int, default=5, help='bench_step.py --steps')
+    p.add_argument('--step_steps', type=int, default=3, help='bench_step.py --steps')
     p.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu', help='bench_step.py --device')
     return p.parse_args(argv)
 
@@ -100,19 +100,21 @@ def per_process_rate(dataset, repeats: int) -> list[float]:
     return rates
 
 
-def loader_rate(dataset, args, repeats: int) -> list[float]:
-    """Images per second of the training loader, one timed epoch per repeat after a warm-up epoch."""
-    sampler = ResumableDistributedSampler(dataset, 1, 0, shuffle=True, seed=0)
-    loader = build_loader(dataset, sampler, args, train=True)
-    rates = []
-    for epoch in range(repeats + 1):
-        sampler.set_epoch(epoch)
+class LoaderEpochs:
+    """The training loader (persistent workers) of ``dataset``; ``rate()`` times one more epoch."""
+
+    def __init__(self, dataset, args) -> None:
+        self.sampler = ResumableDistributedSampler(dataset, 1, 0, shuffle=True, seed=0)
+        self.loader = build_loader(dataset, self.sampler, args, train=True)
+        self.epoch = 0
+
+    def rate(self) -> float:
+        self.sampler.set_epoch(self.epoch)
+        self.epoch += 1
         start, n = time.perf_counter(), 0
-        for images, _, _ in loader:
+        for images, _, _ in self.loader:
             n += len(images)
-        if epoch:
-            rates.append(n / (time.perf_counter() - start))
-    return rates
+        return n / (time.perf_counter() - start)
 
 
 def step_rate(args) -> tuple[float, str]:
@@ -120,13 +122,14 @@ def step_rate(args) -> tuple[float, str]:
         return args.step_images_per_s, 'given with --step_images_per_s'
     step_args = bench_step.get_args(['--model', args.step_model, '--batch_size', str(args.step_batch_size),
                                      '--input_size', str(args.input_size), '--device', args.device,
-                                     '--steps', str(args.step_steps), '--warmup', '2', '--modes', args.step_mode])
+                                     '--steps', str(args.step_steps), '--warmup', '1', '--modes', args.step_mode])
     seconds, _ = bench_step.main(step_args)[args.step_mode]
     return args.step_batch_size / seconds, (f'bench_step.py {args.step_model} {args.step_mode} step, batch '
                                             f'{args.step_batch_size}, {args.device}, amp {step_args.amp}')
 
 
 def main(args) -> list[tuple]:
+    step, source = step_rate(args)
     torch.set_num_threads(1)  # as in a DataLoader worker
     rows = []  # (what, decode, median images/s)
     with tempfile.TemporaryDirectory() as data:
@@ -140,11 +143,18 @@ def main(args) -> list[tuple]:
                     rates[d] += per_process_rate(dataset, 1)
             rows += [(f'{split} transform, 1 process', d, statistics.median(r)) for d, r in rates.items()]
         for workers in args.workers:
+            loaders = {}
             for d, draft in DECODES.items():
                 loader_args = recipe_args(data, args.input_size, args.batch_size, draft, workers)
-                rate = statistics.median(loader_rate(build_dataset(True, loader_args), loader_args, args.repeats))
-                rows.append((f'train loader, {workers} worker{"s" * (workers > 1)}', d, rate))
-    step, source = step_rate(args)
+                loaders[d] = LoaderEpochs(build_dataset(True, loader_args), loader_args)
+                loaders[d].rate()  # warm-up: starts the workers
+            rates = {d: [] for d in DECODES}
+            for _ in range(args.repeats):  # interleaved, as above
+                for d, loader in loaders.items():
+                    rates[d].append(loader.rate())
+            rows += [(f'train loader, {workers} worker{"s" * (workers > 1)}', d, statistics.median(r))
+                     for d, r in rates.items()]
+            del loaders
     w, h = args.image_size
     print(f"\n{args.images} generated JPEGs {w}x{h} (quality 90) -> {args.input_size}px, MAE recipe "
           f"(RandAugment rand-m9-mstd0.5-inc1, random erasing 0.25), loader batch {args.batch_size}, "
@@ -154,7 +164,7 @@ def main(args) -> list[tuple]:
     full = {what: rate for what, d, rate in rows if d == 'full'}
     for what, d, rate in rows:
         ratio = f"{rate / full[what]:.2f}" if d == 'draft' else ''
-        feed = f"{step / rate:.1f}" if what.endswith('1 process') else ''
+        feed = f"{step / rate:.2f}" if what.endswith('1 process') else ''
         print(f"| {what} | {d} | {rate:.1f} | {ratio} | {feed} |")
     print(f"| training step ({source}) | | {step:.1f} | | |")
     return rows
