@@ -30,6 +30,9 @@ class DataError(ValueError):
     """A data set that cannot be used as given."""
 
 
+DECODE_ERRORS = (OSError, SyntaxError, ValueError, Image.DecompressionBombError)
+
+
 class RobustImageFolder(datasets.ImageFolder):
     """ImageFolder whose undecodable images are skipped (``None``) with a warning, not raised.
 
@@ -49,9 +52,6 @@ class RobustImageFolder(datasets.ImageFolder):
             except OSError as e:  # a JPEG opened lazily (open_image) is decoded here: a corrupt one raises OSError
                 return _skip(path, e)
         return image, target
-
-
-DECODE_ERRORS = (OSError, SyntaxError, ValueError, Image.DecompressionBombError)
 
 
 def _skip(path: str, error: Exception) -> None:
@@ -114,7 +114,7 @@ def decode_region(image: Image.Image, box: tuple[float, float, float, float], si
     # draft picks the largest scale 1/s with s <= min(width // request_w, height // request_h), so the
     # reduced region (region / s) is at least ``size``
     request = (math.ceil(width * size[0] / region_w), math.ceil(height * size[1] / region_h))
-    drafted = image.draft('RGB', request)  # None: not a JPEG, already decoded, or no reduction possible
+    drafted = image.draft('RGB', request)  # None: not a JPEG, or already decoded
     image = image.convert('RGB')
     if drafted is None or image.size == (width, height):
         return image.crop(tuple(round(v) for v in box)).resize(size, resample)
