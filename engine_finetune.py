@@ -153,7 +153,8 @@ def train_one_epoch(
     autocast = torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None)
     params = [p for p in model.parameters() if p.requires_grad]
     window, totals = StepStats(device), EpochTotals(partial)
-    t_window = t_start = time.time()
+    t_window = t_start = t_ready = time.time()
+    data_wait = 0.0  # seconds of this window spent waiting for the loader's next batch
     lr = optimizer.param_groups[0]['lr']
 
     def check(stats: StepStats, extra: Sequence[float] = ()) -> tuple[dict[str, float], int, int, list[float]]:
@@ -172,6 +173,7 @@ def train_one_epoch(
     if aux_optimizer is not None:
         aux_optimizer.zero_grad(set_to_none=True)
     for step, (images, targets, skipped) in enumerate(data_loader, start=start_step):
+        data_wait += time.time() - t_ready
         if step % accum == 0:
             lr = lr_sched.adjust_learning_rate(optimizer, epoch + step / steps_per_epoch, args)
         if len(images) == 0:
@@ -212,10 +214,13 @@ def train_one_epoch(
             means, n_images, n_skipped, votes = check(window, control.local_flags() if control else ())
             elapsed = time.time() - t_window
             per_step = (time.time() - t_start) / (step + 1 - start_step)
-            eta = per_step * (steps_per_epoch - step - 1)
+            steps_left = steps_per_epoch - step - 1
+            run_steps_left = steps_left + (args.epochs - epoch - 1) * steps_per_epoch
             log(f"Epoch [{epoch}] [{step + 1}/{steps_per_epoch}]  "
                 + '  '.join(f"{k} {v:.4f}" for k, v in means.items())
-                + f"  lr {lr:.3e}  {n_images / max(elapsed, 1e-9):.1f} img/s  eta {_hms(eta)}"
+                + f"  lr {lr:.3e}  {n_images / max(elapsed, 1e-9):.1f} img/s"
+                + f"  {progress_fields(data_wait, elapsed, device)}"
+                + f"  eta {_hms(per_step * steps_left)} (run {_hms(per_step * run_steps_left)})"
                 + (f"  skipped images {n_skipped}" if n_skipped else ''))
             if log_writer is not None:
                 x = int((epoch + (step + 1) / steps_per_epoch) * 1000)  # epoch_1000x, as MAE
@@ -223,9 +228,10 @@ def train_one_epoch(
                     log_writer.add_scalar(f'train/{k}', v, x)
                 log_writer.add_scalar('train/lr', lr, x)
             window.reset()
-            t_window = time.time()
+            t_window, data_wait = time.time(), 0.0
             if control is not None:
                 control.act(votes, epoch, step + 1, steps_per_epoch, totals.state())
+        t_ready = time.time()
 
     if window.steps:  # a loader shorter than steps_per_epoch: its last steps were not read back yet
         check(window)
@@ -247,6 +253,14 @@ def average_gradients(optimizer: torch.optim.Optimizer) -> None:
                 all_reduce_sum(p.grad).div_(world)
 
 
+def progress_fields(data_wait: float, elapsed: float, device: torch.device) -> str:
+    """The share of ``elapsed`` seconds spent waiting for data and, on CUDA, the peak memory allocated."""
+    fields = f"data {100 * data_wait / max(elapsed, 1e-9):.0f}%"
+    if device.type == 'cuda':
+        fields += f"  mem {torch.cuda.max_memory_allocated(device) / 2 ** 30:.1f} GiB"
+    return fields
+
+
 def _hms(seconds: float) -> str:
     seconds = int(max(seconds, 0))
     return f"{seconds // 3600}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}"
@@ -260,13 +274,16 @@ def evaluate(
         amp_dtype: Optional[torch.dtype] = None,
         distributed: bool = False,
         name: str = '',
+        print_freq: int = 0,
 ) -> dict[str, float]:
     """Top-1 / top-5 accuracy (%) and cross-entropy of ``model`` on a labelled loader.
 
     With ``distributed``, each rank holds a disjoint shard and the counts are summed over ranks, so
-    the numbers are exact; otherwise every rank evaluates the whole set.
+    the numbers are exact; otherwise every rank evaluates the whole set. A progress line every
+    ``print_freq`` batches (0: none).
     """
-    return evaluate_ensemble(data_loader, {name or 'model': model}, device, amp_dtype, distributed)[name or 'model']
+    return evaluate_ensemble(data_loader, {name or 'model': model}, device, amp_dtype, distributed,
+                             print_freq)[name or 'model']
 
 
 @torch.no_grad()
@@ -276,6 +293,7 @@ def evaluate_ensemble(
         device: torch.device,
         amp_dtype: Optional[torch.dtype] = None,
         distributed: bool = False,
+        print_freq: int = 0,
 ) -> dict[str, dict[str, float]]:
     """Each model's accuracy and loss and, for two or more, those of their ``ensemble``: the average
     of their softmax outputs (its loss is the NLL of that average)."""
@@ -285,7 +303,11 @@ def evaluate_ensemble(
     autocast = torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None)
     sums = torch.zeros(len(names), 3, dtype=torch.float64, device=device)  # correct1, correct5, loss sum
     counts = torch.zeros(2, dtype=torch.float64, device=device)  # images, skipped
-    for images, targets, skipped in data_loader:
+    batches = len(data_loader) if hasattr(data_loader, '__len__') else 0
+    t_start = t_ready = time.time()
+    data_wait = 0.0
+    for batch, (images, targets, skipped) in enumerate(data_loader, start=1):
+        data_wait += time.time() - t_ready
         counts[1] += skipped
         if len(images) == 0:
             continue
@@ -305,6 +327,11 @@ def evaluate_ensemble(
             sums[row, 1] += hit.any(dim=1).sum()
             sums[row, 2] += nn.functional.nll_loss(lp, targets, reduction='sum')
         counts[0] += len(targets)
+        if print_freq and batch % print_freq == 0:
+            elapsed = time.time() - t_start
+            log(f"Test [{'/'.join(models)}] [{batch}/{batches}]  {progress_fields(data_wait, elapsed, device)}  "
+                f"eta {_hms(elapsed / batch * (batches - batch))}")
+        t_ready = time.time()
     if distributed:
         all_reduce_sum(sums)
         all_reduce_sum(counts)

@@ -205,7 +205,12 @@ def get_args_parser() -> argparse.ArgumentParser:
                    help='name of the data set, for the logs; data is read from --data_path in ImageFolder layout')
     g.add_argument('--data_path', default='', type=str, help='data set root holding train/<class>/ and val/<class>/')
     g.add_argument('--nb_classes', default=1000, type=int, help='number of classes (must match the class folders)')
-    g.add_argument('--num_workers', default=10, type=int, help='data loading processes per GPU')
+    g.add_argument('--num_workers', default=10, type=int,
+                   help='data loading processes per GPU; they persist across epochs and are re-seeded per epoch')
+    g.add_argument('--no_jpeg_draft', action='store_false', dest='jpeg_draft',
+                   help='decode JPEGs at full resolution; by default the crop is chosen from the header\'s size and '
+                        'the decoder reduces the scale (1/2 to 1/8) as far as the crop still covers the output size '
+                        '(same crops and random draws; pixels within about one grey level)')
     g.add_argument('--pin_mem', action='store_true',
                    help='pin CPU memory in the DataLoader for more efficient transfer to GPU (default)')
     g.add_argument('--no_pin_mem', action='store_false', dest='pin_mem', help='do not pin CPU memory')
@@ -463,7 +468,8 @@ def build_criterion(args, model, loader_val, device, amp_dtype) -> torch.nn.Modu
     if args.mode != PROBE:
         return TransferCriterion(build_task_criterion(args.mixup_active, args.smoothing), args.atd_weight)
     if args.noise_adaptation and args.teacher_acc is None:
-        stats = evaluate(loader_val, model.teacher, device, amp_dtype, args.dist_eval, name='teacher')
+        stats = evaluate(loader_val, model.teacher, device, amp_dtype, args.dist_eval, name='teacher',
+                         print_freq=args.print_freq)
         args.teacher_acc = stats['acc1'] / 100.0
         log(f"teacher accuracy on the evaluation set: {args.teacher_acc:.4f} (the noise transition's diagonal; "
             "set --teacher_acc to use a known value instead)")
@@ -610,10 +616,11 @@ def train_and_evaluate(args, ckpt: dict | None, ckpt_path: str | None) -> dict:
 
     def eval_all(epoch_model: DualViT, ema=None) -> dict:
         stats = {f'test_{k}': v for k, v in
-                 evaluate(loader_val, epoch_model, device, amp_dtype, args.dist_eval, name='model').items()}
+                 evaluate(loader_val, epoch_model, device, amp_dtype, args.dist_eval, name='model',
+                          print_freq=args.print_freq).items()}
         if ema is not None:
             ema_stats = evaluate(loader_val, epoch_model.with_student(ema.module), device, amp_dtype,
-                                 args.dist_eval, name='EMA')
+                                 args.dist_eval, name='EMA', print_freq=args.print_freq)
             stats.update({f'ema_test_{k}': v for k, v in ema_stats.items()})
         return stats
 
@@ -623,7 +630,7 @@ def train_and_evaluate(args, ckpt: dict | None, ckpt_path: str | None) -> dict:
             restore_weights(ckpt, ckpt_path, model, model_ema)
         if args.ensemble_with:
             models = {'model': model, 'other': load_ensemble_member(args).to(device)}
-            results = evaluate_ensemble(loader_val, models, device, amp_dtype, args.dist_eval)
+            results = evaluate_ensemble(loader_val, models, device, amp_dtype, args.dist_eval, args.print_freq)
             stats = {f'{prefix}{k}': v for name, prefix in (('model', 'test_'), ('other', 'other_test_'),
                                                              ('ensemble', 'ensemble_test_'))
                      for k, v in results[name].items()}

@@ -149,9 +149,13 @@ def test_stop_mid_epoch_saves_position_and_resume_equals_uninterrupted(workdir, 
 
 def test_periodic_checkpoints_inside_an_epoch(workdir, capsys):
     out, _ = train(workdir, 'periodic', '--checkpoint_minutes', '1e-9', '--print_freq', '2', epochs=1)
-    written = re.findall(r'checkpoint written at epoch 0, step (\d)/6', capsys.readouterr().out)
+    printed = capsys.readouterr().out
+    written = re.findall(r'checkpoint written at epoch 0, step (\d)/6', printed)
     assert written == ['2', '4']  # and at the epoch's end the epoch checkpoint
     assert read_checkpoint(os.path.join(out, 'checkpoint.pth'))['step'] is None
+    # the same run's progress lines (their numbers: tests/test_data_loading.py), training then evaluation
+    assert re.search(r'Epoch \[0\] \[2/6\] .* img/s  data \d+%  eta \d+:\d\d:\d\d \(run \d+:\d\d:\d\d\)', printed)
+    assert re.findall(r'Test \[model\] \[(\d)/3\]  data \d+%  eta \d+:\d\d:\d\d', printed) == ['2']
 
 
 # ---- 5. bad data, and a kill during a checkpoint write ---------------------------------------------

@@ -5,7 +5,10 @@ Layout: ``data_path/train/<class>/*`` and ``data_path/val/<class>/*`` (ImageNet'
 """
 from __future__ import annotations
 
+import io
+import math
 import os
+import random
 import warnings
 from collections.abc import Iterator
 from typing import Optional
@@ -15,7 +18,8 @@ import torch
 from PIL import Image
 from timm.data import create_transform
 from timm.data.constants import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
-from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
+from timm.data.transforms import RandomResizedCropAndInterpolation, interp_mode_to_str, str_to_pil_interp
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler, get_worker_info
 from torchvision import datasets, transforms
 from torchvision.datasets.folder import IMG_EXTENSIONS
 
@@ -58,6 +62,9 @@ def load_rgb(path: str) -> Image.Image:
         return to_rgb(Image.open(f))
 
 
+DECODE_ERRORS = (OSError, SyntaxError, ValueError, Image.DecompressionBombError)
+
+
 class RobustImageFolder(datasets.ImageFolder):
     """ImageFolder whose undecodable images are skipped (``None``) with a warning, not raised.
 
@@ -65,19 +72,25 @@ class RobustImageFolder(datasets.ImageFolder):
     samples and counts them so that every epoch's log reports how many were skipped.
     """
 
-    def __init__(self, root: str, transform=None) -> None:
-        super().__init__(root, transform=transform, loader=load_rgb)
+    def __init__(self, root: str, transform=None, loader=load_rgb) -> None:
+        super().__init__(root, transform=transform, loader=loader)
 
     def __getitem__(self, index: int):
         path, target = self.samples[index]
         try:
             image = self.loader(path)
-        except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
-            warnings.warn(f"skipping undecodable image {path}: {type(e).__name__}: {e}", stacklevel=1)
-            return None
+        except DECODE_ERRORS as e:
+            return _skip(path, e)
         if self.transform is not None:
-            image = self.transform(image)
+            try:
+                image = self.transform(image)
+            except OSError as e:  # a JPEG opened lazily (open_image) is decoded here: a corrupt one raises OSError
+                return _skip(path, e)
         return image, target
+
+
+def _skip(path: str, error: Exception) -> None:
+    warnings.warn(f"skipping undecodable image {path}: {type(error).__name__}: {error}", stacklevel=2)
 
 
 def collate_skipping_bad(batch: list) -> tuple[torch.Tensor, torch.Tensor, int]:
@@ -97,7 +110,7 @@ def _has_images(folder: str) -> bool:
     return False
 
 
-def image_folder(root: str, transform, split: str) -> RobustImageFolder:
+def image_folder(root: str, transform, split: str, loader=None) -> RobustImageFolder:
     """An ImageFolder at ``root`` with a clear error when it is missing or empty."""
     if not os.path.isdir(root):
         raise DataError(f"{split} data not found: {root!r} is not a directory. Expected the layout {LAYOUT}.")
@@ -105,7 +118,7 @@ def image_folder(root: str, transform, split: str) -> RobustImageFolder:
         raise DataError(f"{split} data at {root!r} holds no images ({', '.join(IMG_EXTENSIONS)}). "
                         f"Expected the layout {LAYOUT}.")
     try:
-        dataset = RobustImageFolder(root, transform=transform)
+        dataset = RobustImageFolder(root, transform=transform, **({'loader': loader} if loader else {}))
     except FileNotFoundError as e:
         raise DataError(f"{split} data at {root!r}: {e}. Expected the layout {LAYOUT}.") from e
     warn_files_in_two_classes(dataset)
@@ -145,19 +158,100 @@ def warn_files_in_two_classes(dataset: datasets.ImageFolder) -> None:
                   stacklevel=2)
 
 
+# ---------------------------------------------------------------------------------------------
+# Reduced-scale JPEG decoding: the crop is chosen from the header's size, then the decoder scales
+# by 1/2, 1/4 or 1/8 (PIL's Image.draft) as far as the crop still covers the output size.
+# ---------------------------------------------------------------------------------------------
+def open_image(path: str) -> Image.Image:
+    """The image at ``path``: a JPEG opened but not decoded (its header read), so that the first transform
+    can let the decoder reduce its scale; any other format decoded and converted to 8-bit RGB by
+    ``to_rgb`` (16-bit and float images scaled, not clipped)."""
+    with open(path, 'rb') as f:
+        image = Image.open(io.BytesIO(f.read()))
+    return image if image.format == 'JPEG' else to_rgb(image)
+
+
+def decode_region(image: Image.Image, box: tuple[float, float, float, float], size: tuple[int, int],
+                  resample: int) -> Image.Image:
+    """The region ``box`` (left, upper, right, lower, in pixels of the full image) of ``image`` in RGB,
+    resized to ``size`` (width, height).
+
+    An undecoded JPEG is decoded at the smallest scale (1, 1/2, 1/4, 1/8) at which the region is still
+    at least ``size``, and the region is mapped onto the reduced image; otherwise (any other image, or no
+    reduction possible) the result is ``image.crop(box).resize(size)``, exactly torchvision's."""
+    width, height = image.size
+    region_w, region_h = box[2] - box[0], box[3] - box[1]
+    # draft picks the largest scale 1/s with s <= min(width // request_w, height // request_h), so the
+    # reduced region (region / s) is at least ``size``
+    request = (math.ceil(width * size[0] / region_w), math.ceil(height * size[1] / region_h))
+    drafted = image.draft('RGB', request)  # None: not a JPEG, or already decoded
+    image = image.convert('RGB')
+    if drafted is None or image.size == (width, height):
+        return image.crop(tuple(round(v) for v in box)).resize(size, resample)
+    _, (_, _, full_w, full_h) = drafted  # the full image's extent in reduced pixels
+    sx, sy = full_w / width, full_h / height
+    return image.resize(size, resample, box=(box[0] * sx, box[1] * sy, box[2] * sx, box[3] * sy))
+
+
+class DraftRandomResizedCrop:
+    """timm's RandomResizedCropAndInterpolation with the crop drawn from the image's header size (the
+    same random draws, in the same order) and decoded at reduced scale by ``decode_region``."""
+
+    def __init__(self, crop: RandomResizedCropAndInterpolation) -> None:
+        self.crop = crop
+
+    def __call__(self, image: Image.Image) -> Image.Image:
+        crop = self.crop
+        top, left, h, w = crop.get_params(image, crop.scale, crop.ratio)
+        mode = random.choice(crop.interpolation) if isinstance(crop.interpolation, (tuple, list)) \
+            else crop.interpolation
+        out_h, out_w = crop.size
+        return decode_region(image, (left, top, left + w, top + h), (out_w, out_h),
+                             str_to_pil_interp(interp_mode_to_str(mode)))
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.crop!r})"
+
+
+class DraftResize:
+    """torchvision's Resize(size) (shorter side to ``size``) decoded at reduced scale by ``decode_region``."""
+
+    def __init__(self, size: int, resample: int = Image.BICUBIC) -> None:
+        self.size, self.resample = size, resample
+
+    def __call__(self, image: Image.Image) -> Image.Image:
+        width, height = image.size
+        short, long = min(width, height), max(width, height)
+        new_long = int(self.size * long / short)  # torchvision's rounding of the longer side
+        size = (self.size, new_long) if width <= height else (new_long, self.size)
+        return decode_region(image, (0, 0, width, height), size, self.resample)
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(size={self.size})"
+
+
 def build_transform(is_train: bool, args) -> transforms.Compose:
     """MAE's transforms: RandAugment, random erasing and a bicubic random-resized crop for training;
-    bicubic resize to input_size / 0.875 (above 224 px: no margin) and a centre crop for evaluation."""
+    bicubic resize to input_size / 0.875 (above 224 px: no margin) and a centre crop for evaluation.
+
+    With ``args.jpeg_draft`` the first step (crop or resize) takes a JPEG opened by ``open_image`` and
+    decodes it at reduced scale where the output does not need the full resolution."""
+    draft = getattr(args, 'jpeg_draft', False)
     if is_train:
-        return create_transform(
+        transform = create_transform(
             input_size=args.input_size, is_training=True, color_jitter=args.color_jitter,
             scale=(getattr(args, 'min_crop_scale', 0.08), 1.0), hflip=getattr(args, 'hflip', 0.5),
             auto_augment=args.aa if args.aa not in (None, '', 'none') else None, interpolation='bicubic',
             re_prob=args.reprob, re_mode=args.remode, re_count=args.recount,
             mean=IMAGENET_DEFAULT_MEAN, std=IMAGENET_DEFAULT_STD)
+        if draft:
+            transform.transforms[0] = DraftRandomResizedCrop(transform.transforms[0])
+        return transform
     crop_pct = 224 / 256 if args.input_size <= 224 else 1.0
+    resize_to = int(args.input_size / crop_pct)
     return transforms.Compose([
-        transforms.Resize(int(args.input_size / crop_pct), interpolation=transforms.InterpolationMode.BICUBIC),
+        DraftResize(resize_to) if draft else
+        transforms.Resize(resize_to, interpolation=transforms.InterpolationMode.BICUBIC),
         transforms.CenterCrop(args.input_size),
         transforms.ToTensor(),
         transforms.Normalize(IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD),
@@ -168,7 +262,8 @@ def build_dataset(is_train: bool, args, root: Optional[str] = None) -> RobustIma
     """``data_path/train`` or ``data_path/val`` with its transform; checks ``--nb_classes``."""
     split = 'train' if is_train else 'val'
     root = root or os.path.join(args.data_path, split)
-    dataset = image_folder(root, build_transform(is_train, args), split)
+    loader = open_image if getattr(args, 'jpeg_draft', False) else None
+    dataset = image_folder(root, build_transform(is_train, args), split, loader)
     if args.nb_classes != len(dataset.classes):
         raise DataError(f"{root!r} has {len(dataset.classes)} class folders but --nb_classes is {args.nb_classes}; "
                         f"pass --nb_classes {len(dataset.classes)} (or fix the folders)")
@@ -212,11 +307,59 @@ class ShardSampler(Sampler):
         return len(self.indices)
 
 
+class EpochSeeds(Sampler):
+    """Wraps a DistributedSampler: yields (worker seed key, index) pairs, the key being the sampler's
+    (seed, epoch, rank) when the epoch's iteration starts."""
+
+    def __init__(self, sampler: DistributedSampler) -> None:
+        self.sampler = sampler
+
+    def __iter__(self) -> Iterator[tuple[tuple[int, int, int], int]]:
+        key = (self.sampler.seed, self.sampler.epoch, self.sampler.rank)
+        return ((key, index) for index in self.sampler)
+
+    def __len__(self) -> int:
+        return len(self.sampler)
+
+
+class EpochSeededDataset(Dataset):
+    """Takes the (key, index) pairs of ``EpochSeeds``; a worker process re-seeds Python's, NumPy's and
+    torch's generators from (key, worker id) at its first item of each epoch.
+
+    Persistent workers are seeded once by PyTorch, so without this an epoch's augmentations would depend
+    on the epochs before it, and a run resumed at an epoch boundary would differ from the uninterrupted
+    one. In the main process (``num_workers`` 0) nothing is re-seeded: util.checkpoint.seed_epoch seeds
+    that stream per epoch."""
+
+    def __init__(self, dataset: Dataset) -> None:
+        self.dataset = dataset
+        self.key: Optional[tuple[int, int, int]] = None
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, item: tuple[tuple[int, int, int], int]):
+        key, index = item
+        worker = get_worker_info()
+        if worker is not None and key != self.key:
+            self.key = key
+            state = np.random.SeedSequence([*key, worker.id]).generate_state(2)
+            random.seed(int(state[0]))
+            np.random.seed(int(state[1]))
+            torch.manual_seed(int(state[0]) << 32 | int(state[1]))
+        return self.dataset[index]
+
+
 def build_loader(dataset: Dataset, sampler: Sampler, args, train: bool, batch_size: Optional[int] = None) -> DataLoader:
+    """The DataLoader; its workers (``--num_workers`` > 0) persist across epochs. A training sampler is a
+    DistributedSampler, whose (seed, epoch, rank) re-seeds the workers each epoch (``EpochSeededDataset``)."""
+    workers = args.num_workers
+    if train and workers > 0:
+        dataset, sampler = EpochSeededDataset(dataset), EpochSeeds(sampler)
     return DataLoader(
-        dataset, sampler=sampler, batch_size=batch_size or args.batch_size, num_workers=args.num_workers,
+        dataset, sampler=sampler, batch_size=batch_size or args.batch_size, num_workers=workers,
         pin_memory=args.pin_mem and str(args.device).startswith('cuda'), drop_last=train,
-        collate_fn=collate_skipping_bad, persistent_workers=False, generator=torch.Generator())
+        collate_fn=collate_skipping_bad, persistent_workers=workers > 0, generator=torch.Generator())
 
 
 # ---------------------------------------------------------------------------------------------
