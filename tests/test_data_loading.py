@@ -191,7 +191,9 @@ def test_progress_line_reports_data_wait_and_run_eta(capsys):
     data, *hms = (int(v) for v in fields.groups())
     epoch_eta = hms[0] * 3600 + hms[1] * 60 + hms[2]
     run_eta = hms[3] * 3600 + hms[4] * 60 + hms[5]
-    assert 60 <= data <= 80, line
-    # 4 steps left in the epoch, 4 + 9 * 6 in the run, about 0.4 s each
-    assert 1 <= epoch_eta <= 2 and 22 <= run_eta <= 28, line
+    assert 55 <= data <= 90, line  # 75% unloaded; the machine's load shifts it a little, not to 0 or 100
+    # 4 steps left in the epoch, 4 + 9 * 6 in the run, at the same time per step (about 0.4 s; more on a
+    # loaded machine): the whole-seconds epoch ETA brackets the run's
+    assert epoch_eta >= 1, line
+    assert 58 * epoch_eta // 4 <= run_eta <= 58 * (epoch_eta + 1) / 4, line
     assert ' mem ' not in line  # CUDA only
