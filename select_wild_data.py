@@ -31,7 +31,7 @@ from torch.utils.data import DataLoader
 
 from models_dual_vit import create_vit, forward_with_capture
 from models_probe import default_probe_blocks, parse_blocks
-from util.args import parse_kwargs
+from util.args import HelpFormatter, parse_kwargs
 from util.checkpoint import save_atomic
 from util.datasets import ImageFiles, collate_skipping_bad, list_images, wild_transform
 from util.distributed import barrier, broadcast_object, destroy, get_rank, get_world_size, init_distributed_mode, log
@@ -39,8 +39,7 @@ from util.pretrained import load_pretrained_weights, read_checkpoint, trained_ar
 
 
 def get_args_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser('Attention Probe: select wild data', description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser('python select_wild_data.py', description=__doc__, formatter_class=HelpFormatter)
     p.add_argument('--teacher', required=True,
                    help='teacher checkpoint trained on the target task (main_finetune.py output, or any format '
                         'the teacher loader accepts)')

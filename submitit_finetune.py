@@ -27,7 +27,7 @@ from pathlib import Path
 import submitit
 
 import main_finetune
-from util.args import explicit_flags
+from util.args import HelpFormatter, explicit_flags
 
 REPO = os.path.dirname(os.path.abspath(__file__))
 SHARED_FOLDER = '/checkpoint'  # the cluster-wide folder some sites provide; jobs default to a folder in it
@@ -35,9 +35,9 @@ DEFAULT_OUTPUT = './output_dir'
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser('submitit launcher for main_finetune.py',
+    parser = argparse.ArgumentParser('python submitit_finetune.py',
                                      parents=[main_finetune.get_args_parser()], description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+                                     formatter_class=HelpFormatter)
     g = parser.add_argument_group('SLURM job')
     g.add_argument('--job_dir', default='', type=str,
                    help='job folder for submitit logs, checkpoints and log.txt ("%%j" becomes the job id); '
@@ -196,7 +196,7 @@ def main(argv=None) -> submitit.Job:
     job_dir = resolve_job_dir(args.job_dir)
     if args.output_dir == DEFAULT_OUTPUT:
         args.output_dir = job_dir
-    if args.log_dir == DEFAULT_OUTPUT:
+    if args.log_dir in (None, DEFAULT_OUTPUT):
         args.log_dir = job_dir
     args.job_dir = job_dir
     main_finetune.resolve_args(copy.deepcopy(args), read_resume=False)  # fail on a bad flag now, not after the queue

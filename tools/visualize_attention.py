@@ -36,6 +36,7 @@ from torch.utils.data import DataLoader, Subset  # noqa: E402
 
 import main_finetune  # noqa: E402
 from models_dual_vit import forward_with_capture  # noqa: E402
+from util.args import HelpFormatter  # noqa: E402
 from util.datasets import build_dataset, build_transform, collate_skipping_bad  # noqa: E402
 from util.pretrained import load_exact, read_checkpoint  # noqa: E402
 
@@ -220,7 +221,8 @@ def layer_metrics(teacher, student, loader, layers: list[int]) -> list[dict]:
 
 
 def main(argv=None) -> list[dict]:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser('python tools/visualize_attention.py', description=__doc__,
+                                     formatter_class=HelpFormatter)
     p.add_argument('--checkpoint', required=True, help='checkpoint written by main_finetune.py')
     p.add_argument('--teacher', default=None, help='teacher weights when the checkpoint does not hold them '
                    '(default: the run\'s --finetune file)')
