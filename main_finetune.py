@@ -60,6 +60,7 @@ from util.pretrained import (
     load_exact,
     load_pretrained_weights,
     local_checkpoint,
+    pool_of_state_dict,
     read_checkpoint,
     select_state_dict,
 )
@@ -528,7 +529,7 @@ def load_ensemble_member(args) -> torch.nn.Module:
     pool = args.global_pool
     if named is not None:  # a timm: / hf-hub: name gives its architecture; timm pools by average iff it has fc_norm
         name, kwargs = named['model'], named['model_kwargs']
-        pool = named['global_pool'] or ('avg' if 'fc_norm.weight' in select_state_dict(ckpt) else 'token')
+        pool = named['global_pool'] or pool_of_state_dict(select_state_dict(ckpt))
     member = create_vit(name, num_classes=args.nb_classes, global_pool=pool, img_size=args.input_size, **kwargs)
     report = load_pretrained_weights(member, path, checkpoint=ckpt)
     if 'head.weight' not in report.loaded:

@@ -311,6 +311,12 @@ def trained_architecture(checkpoint: Any) -> dict | None:
                 mean=args.get('mean'), std=args.get('std'))
 
 
+def pool_of_state_dict(state_dict: dict) -> str:
+    """A timm ViT's pooling from its weights: timm gives average-pooling models an ``fc_norm`` (and no
+    final ``norm``), class-token models a final ``norm``."""
+    return 'avg' if 'fc_norm.weight' in state_dict else 'token'
+
+
 def checkpoint_architecture(spec: str) -> dict | None:
     """What a checkpoint argument says about its model, in trained_architecture()'s form: from a name
     (timm:, hf-hub:) or from a checkpoint written by main_finetune.py; None when it says nothing."""
