@@ -50,7 +50,16 @@ from util.datasets import (
     build_loader,
     wild_transform,
 )
-from util.distributed import barrier, destroy, get_rank, get_world_size, init_distributed_mode, is_main_process, log
+from util.distributed import (
+    barrier,
+    ddp_ignore,
+    destroy,
+    get_rank,
+    get_world_size,
+    init_distributed_mode,
+    is_main_process,
+    log,
+)
 from util.errors import UserError
 from util.losses import ProbeCriterion, TransferCriterion, build_task_criterion
 from util.lr_decay import param_groups_lrd
@@ -444,7 +453,7 @@ def wrap_ddp(model: DualViT, args) -> torch.nn.Module:
     if model.teacher is not None:
         ignored = [f'teacher.{n}' for n, _ in model.teacher.named_parameters()]
         ignored += [f'teacher.{n}' for n, _ in model.teacher.named_buffers()]
-        DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(model, ignored)
+        ddp_ignore(model, ignored)
     device_ids = [args.gpu] if str(args.device).startswith('cuda') else None
     return DistributedDataParallel(model, device_ids=device_ids,
                                    find_unused_parameters=model.may_leave_student_parameters_unused)

@@ -34,6 +34,14 @@ SHARED_FOLDER = '/checkpoint'  # the cluster-wide folder some sites provide; job
 DEFAULT_OUTPUT = './output_dir'
 
 
+def preemption_signal() -> signal.Signals:
+    """The signal SLURM sends before preemption or time-out, on which submitit checkpoints and requeues:
+    SIGUSR2 unless the SUBMITIT_PREEMPT_SIGNAL environment variable names another. Read from submitit's
+    public class attribute ``JobEnvironment.USR_SIG`` (its ``_usr_sig()`` helper is private);
+    tests/test_private_apis.py checks that the two agree."""
+    return signal.Signals['SIG' + submitit.JobEnvironment.USR_SIG]
+
+
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser('python submitit_finetune.py',
                                      parents=[main_finetune.get_args_parser()], description=__doc__,
@@ -145,7 +153,7 @@ class Trainer:
         runs it directly, and the job resumes from the last periodic checkpoint instead."""
         from util.run_control import request_stop
 
-        usr2 = submitit.JobEnvironment._usr_sig()
+        usr2 = preemption_signal()
         self._submitit_handler = signal.getsignal(usr2)
         fallback = self._submitit_handler
 
@@ -166,7 +174,7 @@ class Trainer:
         env = submitit.JobEnvironment()
         print(f"preempted: state saved at epoch {stop.epoch}, step {stop.step}; requeuing", flush=True)
         if env.global_rank == 0 and callable(self._submitit_handler):
-            self._submitit_handler(submitit.JobEnvironment._usr_sig(), None)  # checkpoint(), requeue, exit
+            self._submitit_handler(preemption_signal(), None)  # checkpoint(), requeue, exit
         time.sleep(max(self.args.signal_delay, 60))
 
 
