@@ -44,3 +44,4 @@ def test_ddp_ignores_what_ddp_ignore_names(tmp_path):
 def test_preemption_signal_is_submitits():
     assert preemption_signal() == signal.SIGUSR2  # submitit's default (SUBMITIT_PREEMPT_SIGNAL unset)
     assert preemption_signal() == submitit.JobEnvironment._usr_sig()  # the private helper it stands in for
+
