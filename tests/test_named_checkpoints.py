@@ -147,3 +147,29 @@ def test_mean_and_std_flags_override_the_teacher_and_reach_the_transforms(offlin
     x = build_transform(False, args)(grey)
     expected = (128 / 255 - torch.tensor([0.1, 0.2, 0.3])) / 0.5
     assert torch.allclose(x[:, 0, 0], expected, atol=1e-6)
+
+
+def test_wild_selection_with_a_named_teacher_uses_its_architecture_and_normalisation(offline, tmp_path):
+    """select_wild_data.py --teacher hf-hub:...: architecture, classes, pooling and mean/std from the hub
+    config; the scores are those of the same classifier built by timm from the cached files."""
+    import select_wild_data
+    from util.datasets import list_images, wild_transform
+    wild = make_image_folder(str(tmp_path / 'wild'), train_per_class=3, val_per_class=0)
+    args = select_wild_data.get_args_parser().parse_args(
+        ['--teacher', 'hf-hub:acme/tiny-clip-vit', '--wild_path', wild, '--output', str(tmp_path / 'sel.pth'),
+         '--num_select', '4', '--score', 'output', '--num_workers', '0', '--device', 'cpu'])
+    select_wild_data.main(args)
+    assert args.mean == pytest.approx(list(CLIP_MEAN)) and args.model == 'vit_base_patch16_224'
+    selection = read_checkpoint(str(tmp_path / 'sel.pth'))
+    reference = timm.create_model('vit_base_patch16_224', num_classes=3, img_size=32, global_pool='token',
+                                  pretrained=True, **TINY_ARCH,
+                                  pretrained_cfg_overlay=dict(file=str(offline / 'clip' / 'model.safetensors'),
+                                                              num_classes=3)).eval()
+    transform = wild_transform(32, train=False, mean=CLIP_MEAN, std=CLIP_STD)
+    from PIL import Image
+    images = torch.stack([transform(Image.open(os.path.join(wild, p)).convert('RGB'))
+                          for p in list_images(wild)])
+    with torch.no_grad():
+        logits = reference(images)
+    expected = torch.nn.functional.cross_entropy(logits, logits.argmax(1), reduction='none')
+    assert torch.allclose(selection['scores']['output'], expected, atol=1e-5)

@@ -324,6 +324,8 @@ def checkpoint_architecture(spec: str) -> dict | None:
         named = resolve_named(spec)
         if named.architecture is None:  # a URL: the file may still be one of this project's checkpoints
             return trained_architecture(read_checkpoint(named.path))
+        size = named.pretrained_cfg.get('input_size')
         return dict(model=named.architecture, model_kwargs=dict(named.model_args), nb_classes=named.num_classes,
-                    input_size=None, global_pool=named.global_pool, mean=named.mean, std=named.std)
+                    input_size=size[-1] if size else None, global_pool=named.global_pool, mean=named.mean,
+                    std=named.std)
     return trained_architecture(read_checkpoint(spec))
