@@ -21,6 +21,7 @@ import time
 
 import torch
 from timm.data import Mixup
+from timm.data.constants import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.layers import trunc_normal_
 from timm.utils import ModelEmaV3
 from torch.nn.parallel import DistributedDataParallel
@@ -29,7 +30,7 @@ from torch.utils.tensorboard import SummaryWriter
 from engine_finetune import NonFiniteLossError, evaluate, evaluate_ensemble, train_one_epoch
 from models_dual_vit import MODE_CHOICES, DualViT, build_dual_vit, create_vit, get_transfer_mode, resolve_model_name
 from models_probe import ProbeDistiller, build_probe_distiller
-from util.args import explicit_flags, parse_kwargs
+from util.args import HelpFormatter, annotate_mode_defaults, explicit_flags, parse_kwargs
 from util.checkpoint import (
     check_finite,
     load_training_checkpoint,
@@ -56,6 +57,7 @@ from util.datasets import (
 from util.distributed import (
     all_gather_object,
     barrier,
+    ddp_ignore,
     destroy,
     get_rank,
     get_world_size,
@@ -67,7 +69,16 @@ from util.errors import UserError, run_cli
 from util.losses import ProbeCriterion, TransferCriterion, build_task_criterion
 from util.lr_decay import param_groups_lrd
 from util.output import check_inputs_not_overwritten, checkpoint_bytes, output_dir_in_use, warn_if_little_space
-from util.pretrained import load_exact, load_pretrained_weights, read_checkpoint, trained_architecture
+from util.pretrained import (
+    checkpoint_architecture,
+    is_named,
+    load_exact,
+    load_pretrained_weights,
+    local_checkpoint,
+    pool_of_state_dict,
+    read_checkpoint,
+    select_state_dict,
+)
 from util.run_control import Preempted, RunControl, stop_on_signals, stop_signal
 
 # The arguments that define the model: --eval --resume takes them from the checkpoint.
@@ -75,6 +86,8 @@ MODEL_ARGS = ('model', 'mode', 'teacher_model', 'student_model', 'model_kwargs',
               'nb_classes', 'global_pool', 'transfer_layers', 'end_layer', 'share_drop_path', 'probe_blocks')
 AMP_DTYPES = {'bf16': torch.bfloat16, 'fp16': torch.float16, 'none': None}
 PROBE = 'probe'
+DEFAULT_MODEL = 'vit_large_patch16'
+EVAL_RESULTS = 'eval_results.json'
 # The Attention Probe reference's recipe (AdamW, lr 7.5e-4, weight decay 0.025, batch 256, no label
 # tricks); --mode probe applies it to every one of these flags the command line does not set.
 PROBE_DEFAULTS = dict(lr=7.5e-4, weight_decay=0.025, batch_size=256, layer_decay=1.0, warmup_epochs=0,
@@ -92,9 +105,11 @@ def get_args_parser() -> argparse.ArgumentParser:
                    help='accumulate gradients over this many iterations (a larger effective batch in less memory)')
 
     g = p.add_argument_group('model')
-    g.add_argument('--model', default='vit_large_patch16', type=str, metavar='MODEL',
+    g.add_argument('--model', default=None, type=str, metavar='MODEL',
                    help='architecture of teacher and student: a dual name (dual_vit_large_patch16), an MAE name '
-                        '(vit_large_patch16) or any timm ViT name; plain training without --mode')
+                        '(vit_large_patch16) or any timm ViT name; plain training without --mode (default: the '
+                        'architecture a --finetune name gives, e.g. timm:NAME or hf-hub:ORG/NAME, else '
+                        f'{DEFAULT_MODEL})')
     g.add_argument('--teacher_model', default=None, type=str,
                    help='timm name of the teacher architecture, when it differs from --model '
                         '(e.g. vit_base_patch14_dinov2); the student mirrors it unless --student_model is given')
@@ -115,9 +130,11 @@ def get_args_parser() -> argparse.ArgumentParser:
                    help='use the class token instead of global pooling for classification')
 
     g = p.add_argument_group('attention transfer')
-    g.add_argument('--mode', default=None, type=str, choices=list(MODE_CHOICES) + [PROBE, None],
-                   help='attention transfer mode; probe: Attention Probe distillation; none (default) trains a '
-                        'plain ViT')
+    g.add_argument('--mode', default='none', type=str, choices=list(MODE_CHOICES) + [PROBE],
+                   help='attention transfer mode; none trains a plain ViT; probe: Attention Probe distillation, '
+                        'which sets every one of ' + ', '.join(f'--{k}' for k in PROBE_DEFAULTS) + ' that the '
+                        'command line leaves unset to the reference\'s recipe (shown as "--mode probe: VALUE") '
+                        '(default: %(default)s)')
     g.add_argument('--end_layer', default=0, type=int,
                    help='transfer layers [0, depth + end_layer); 0 = all layers, -6 = all but the last 6')
     g.add_argument('--transfer_layers', default=None, type=str,
@@ -153,7 +170,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     g.add_argument('--clip_grad', type=float, default=None, metavar='NORM',
                    help='clip gradient norm (default: None, no clipping)')
     g.add_argument('--weight_decay', type=float, default=0.05, help='weight decay (default: 0.05)')
-    g.add_argument('--lr', type=float, default=None, metavar='LR', help='learning rate (absolute lr)')
+    g.add_argument('--lr', type=float, default=None, metavar='LR',
+                   help='learning rate (absolute lr; default: --blr x effective batch size / 256)')
     g.add_argument('--blr', type=float, default=1e-3, metavar='LR',
                    help='base learning rate: absolute_lr = base_lr * total_batch_size / 256')
     g.add_argument('--beta2', type=float, default=0.999, metavar='BETA2', help='beta_2 of AdamW')
@@ -181,7 +199,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     g.add_argument('--remode', type=str, default='pixel', help='random erase mode (default: "pixel")')
     g.add_argument('--recount', type=int, default=1, help='random erase count (default: 1)')
     g.add_argument('--resplit', action='store_true', default=False,
-                   help='do not random erase first (clean) augmentation split')
+                   help='does nothing here, accepted for MAE/DeiT command lines: it acts on augmentation splits, '
+                        'which this project does not use')
     g.add_argument('--mixup', type=float, default=0, help='mixup alpha, mixup enabled if > 0')
     g.add_argument('--cutmix', type=float, default=0, help='cutmix alpha, cutmix enabled if > 0')
     g.add_argument('--cutmix_minmax', type=float, nargs='+', default=None,
@@ -195,14 +214,25 @@ def get_args_parser() -> argparse.ArgumentParser:
 
     g = p.add_argument_group('weights')
     g.add_argument('--finetune', default='',
-                   help='pre-trained checkpoint: the teacher\'s weights in transfer modes (e.g. '
-                        'mae_pretrain_vit_large.pth), the starting weights in plain mode')
+                   help='pre-trained checkpoint: the teacher\'s weights in transfer and probe modes, the starting '
+                        'weights in plain mode. A file (e.g. mae_pretrain_vit_large.pth) or a name: '
+                        'timm:NAME[.tag] (e.g. timm:vit_base_patch14_dinov2.lvd142m), hf-hub:ORG/NAME or an '
+                        'https:// URL, downloaded once into the huggingface_hub / torch.hub cache and read from '
+                        'there offline (HF_HUB_OFFLINE=1); a name also gives the architecture when --model / '
+                        '--teacher_model is not set')
     g.add_argument('--use_teacher_ema', action='store_true',
                    help='take the model_ema entry of the --finetune checkpoint instead of model')
+    g.add_argument('--mean', default=None, type=float, nargs=3, metavar=('R', 'G', 'B'),
+                   help='input normalisation mean (default: the teacher\'s, from the pretrained config of a '
+                        '--finetune name or the checkpoint of a --mode probe teacher, else ImageNet\'s '
+                        '0.485 0.456 0.406); recorded in checkpoints and exports')
+    g.add_argument('--std', default=None, type=float, nargs=3, metavar=('R', 'G', 'B'),
+                   help='input normalisation std (default: as --mean; ImageNet\'s 0.229 0.224 0.225)')
 
     g = p.add_argument_group('data')
     g.add_argument('--dataset_name', default='imagenet', type=str, metavar='DATASET',
-                   help='name of the data set, for the logs; data is read from --data_path in ImageFolder layout')
+                   help='a label recorded in the logs and checkpoints, nothing more: the data always come from '
+                        '--data_path in the ImageFolder layout, whatever the name')
     g.add_argument('--data_path', default='', type=str, help='data set root holding train/<class>/ and val/<class>/')
     g.add_argument('--nb_classes', default=1000, type=int, help='number of classes (must match the class folders)')
     g.add_argument('--num_workers', default=10, type=int,
@@ -218,7 +248,7 @@ def get_args_parser() -> argparse.ArgumentParser:
 
     g = p.add_argument_group('run')
     g.add_argument('--output_dir', default='./output_dir', help='where to save checkpoints and log.txt; empty: none')
-    g.add_argument('--log_dir', default='./output_dir', help='where to write TensorBoard events')
+    g.add_argument('--log_dir', default=None, help='where to write TensorBoard events (default: --output_dir)')
     g.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu',
                    help='device to use for training / testing (default: cuda when available)')
     g.add_argument('--seed', default=0, type=int, help='random seed')
@@ -226,7 +256,9 @@ def get_args_parser() -> argparse.ArgumentParser:
                    help='checkpoint to resume from, or "allow": output_dir/checkpoint.pth if it exists, '
                         'else start fresh')
     g.add_argument('--start_epoch', default=0, type=int, metavar='N', help='start epoch (when not resuming)')
-    g.add_argument('--eval', action='store_true', help='evaluate only (with --resume CKPT or --finetune CKPT)')
+    g.add_argument('--eval', action='store_true',
+                   help=f'evaluate only (with --resume CKPT or --finetune CKPT); the results are printed and '
+                        f'written to output_dir/{EVAL_RESULTS}')
     g.add_argument('--ensemble_with', default='', metavar='CKPT',
                    help='with --eval: also evaluate this model and the average of both models\' softmax outputs '
                         '(e.g. the fine-tuned teacher beside a distilled student)')
@@ -239,6 +271,10 @@ def get_args_parser() -> argparse.ArgumentParser:
     g.add_argument('--save_every', default=20, type=int,
                    help='also keep checkpoint-<epoch>.pth every N epochs and at the end (0: only checkpoint.pth)')
     g.add_argument('--eval_every', default=1, type=int, help='evaluate every N epochs (and after the last)')
+    g.add_argument('--save_best', nargs='?', const='raw', default=None, choices=['raw', 'ema'],
+                   help='also keep checkpoint-best.pth, the checkpoint of the epoch with the best top-1: of the raw '
+                        'weights (--save_best or --save_best raw, as DeiT) or of the EMA weights (--save_best ema, '
+                        'needs --ema) (default: not kept)')
     g.add_argument('--print_freq', default=20, type=int,
                    help='print and log the loss every N steps; mid-epoch checkpoints and preemption stops '
                         'happen at these steps too')
@@ -252,6 +288,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     g.add_argument('--dist_url', default='env://', help='url used to set up distributed training')
     g.add_argument('--dist_timeout', default=30, type=int,
                    help='minutes a collective may wait before the job fails (a hung rank ends the job)')
+    annotate_mode_defaults(p, PROBE_DEFAULTS, PROBE)
     return p
 
 
@@ -323,12 +360,25 @@ def resolve_args(args, read_resume: bool = True) -> tuple[dict | None, str | Non
                 setattr(args, key, ckpt['args'][key])
     if args.mode == 'none':
         args.mode = None
+    if ckpt is not None and args.eval and isinstance(ckpt.get('args'), dict):
+        for key in ('mean', 'std'):  # the normalisation the checkpoint was trained with, unless overridden
+            if getattr(args, key, None) is None and ckpt['args'].get(key) is not None:
+                setattr(args, key, ckpt['args'][key])
+    if getattr(args, 'log_dir', None) is None:
+        args.log_dir = args.output_dir
     probe = args.mode == PROBE
     if probe and not args.eval:
         apply_probe_defaults(args)
     if args.amp is None:
         args.amp = 'bf16' if str(args.device).startswith('cuda') else 'none'
     args.mixup_active = args.mixup > 0 or args.cutmix > 0.0 or args.cutmix_minmax is not None
+    if args.finetune:
+        local_checkpoint(args.finetune, '--finetune')  # a name is resolved (downloaded) here, a missing file refused
+        follow_finetune_source(args, probe)
+    if not args.model:
+        args.model = DEFAULT_MODEL
+    args.mean = list(args.mean or IMAGENET_DEFAULT_MEAN)
+    args.std = list(args.std or IMAGENET_DEFAULT_STD)
     resolve_model_name(args.model)
     for name in ('teacher_model', 'student_model'):
         if getattr(args, name):
@@ -348,8 +398,6 @@ def resolve_args(args, read_resume: bool = True) -> tuple[dict | None, str | Non
                             f"Expected the layout {LAYOUT}.")
 
     transfer = None if probe else get_transfer_mode(args.mode)
-    if args.finetune and not os.path.isfile(args.finetune):
-        raise UserError(f"--finetune {args.finetune!r}: no such file")
     if read_resume or not path:  # at submission the resumed epoch is unknown: the job checks it
         check_inputs_not_overwritten(args, next_position(ckpt)[0] if ckpt is not None else args.start_epoch)
     has_teacher_weights = (ckpt is not None and 'teacher' in ckpt) or (path is not None and not read_resume)
@@ -365,6 +413,9 @@ def resolve_args(args, read_resume: bool = True) -> tuple[dict | None, str | Non
                             f"select_wild_data.py (got {args.selection!r})")
         if args.mixup_active:
             raise UserError("mode probe has no labels to mix: drop --mixup / --cutmix")
+    if args.save_best == 'ema' and args.ema is None and not args.eval:
+        raise UserError("--save_best ema keeps the checkpoint of the best EMA top-1, but there is no EMA: add --ema "
+                        "DECAY (e.g. --ema 0.9999), or use --save_best (raw weights)")
     if args.ensemble_with and not args.eval:
         raise UserError("--ensemble_with is an evaluation: add --eval (and --resume CKPT for the first model)")
     if args.eval and ckpt is None and not args.finetune:
@@ -375,6 +426,26 @@ def resolve_args(args, read_resume: bool = True) -> tuple[dict | None, str | Non
     if args.accum_iter < 1 or args.print_freq < 1 or args.eval_every < 1:
         raise UserError("--accum_iter, --print_freq and --eval_every must be >= 1")
     return ckpt, path
+
+
+def follow_finetune_source(args, probe: bool) -> None:
+    """What the --finetune checkpoint says about its model: a name (timm:, hf-hub:) gives the architecture
+    when --model / --teacher_model are not set, and its pretrained config's mean and std; this project's
+    checkpoint of a probe teacher gives the normalisation it was trained with. --mean / --std override;
+    ImageNet's are the fallback. (Other local files are not read here: MAE's and timm's record no
+    normalisation, and a large teacher would be read twice.)"""
+    arch = checkpoint_architecture(args.finetune) if is_named(args.finetune) or probe else None
+    if arch is None:
+        return
+    if is_named(args.finetune) and not args.model and not args.teacher_model:
+        args.model = arch['model']
+        args.model_kwargs = {**arch['model_kwargs'], **args.model_kwargs}
+        log(f"architecture from --finetune {args.finetune}: {args.model} {args.model_kwargs}")
+    if arch.get('mean') is not None and arch.get('std') is not None and (args.mean is None or args.std is None):
+        args.mean = args.mean or list(arch['mean'])
+        args.std = args.std or list(arch['std'])
+        log(f"input normalisation: mean {args.mean}, std {args.std} (the --finetune teacher's; --mean / --std "
+            "override)")
 
 
 def build_model(args, eval_only: bool = False) -> DualViT | ProbeDistiller:
@@ -389,7 +460,7 @@ def build_model(args, eval_only: bool = False) -> DualViT | ProbeDistiller:
         mode = None  # a distilled student is a plain ViT at evaluation
     teacher, teacher_kwargs, teacher_pool = args.teacher_model or args.model, args.model_kwargs, args.global_pool
     if mode == PROBE and args.finetune:  # the target-task teacher's own architecture, as its checkpoint records it
-        arch = trained_architecture(read_checkpoint(args.finetune, flag='--finetune'))
+        arch = checkpoint_architecture(args.finetune)
         if arch is not None and not args.teacher_model:
             teacher, teacher_kwargs, teacher_pool = arch['model'], arch['model_kwargs'], arch['global_pool']
     student = args.student_model or teacher
@@ -434,7 +505,7 @@ def wrap_ddp(model: DualViT, args) -> torch.nn.Module:
     if model.teacher is not None:
         ignored = [f'teacher.{n}' for n, _ in model.teacher.named_parameters()]
         ignored += [f'teacher.{n}' for n, _ in model.teacher.named_buffers()]
-        DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(model, ignored)
+        ddp_ignore(model, ignored)
     device_ids = [args.gpu] if str(args.device).startswith('cuda') else None
     return DistributedDataParallel(model, device_ids=device_ids,
                                    find_unused_parameters=model.may_leave_student_parameters_unused)
@@ -460,7 +531,8 @@ def build_train_dataset(args):
                         f"but --nb_classes is {args.nb_classes}")
     paths = [selection['paths'][i] for i in selection['selected'].tolist()]
     log(f"probe training set: {len(paths)} wild images selected ({selection.get('ranking')}) from {selection['root']}")
-    return ImageFiles(selection['root'], paths, wild_transform(args.input_size, train=True, hflip=args.hflip))
+    return ImageFiles(selection['root'], paths, wild_transform(args.input_size, train=True, hflip=args.hflip,
+                                                               mean=args.mean, std=args.std))
 
 
 def build_criterion(args, model, loader_val, device, amp_dtype) -> torch.nn.Module:
@@ -484,13 +556,14 @@ def build_criterion(args, model, loader_val, device, amp_dtype) -> torch.nn.Modu
 
 
 def checkpoint_state(model, model_ema, optimizer, scaler, criterion, aux_optimizer, args, epoch: int,
-                     step: int | None, partial: dict | None = None) -> dict:
-    """The whole training state; mid-epoch also the position in samples and the epoch's loss sums."""
+                     step: int | None, best: BestAccuracy, partial: dict | None = None) -> dict:
+    """The whole training state (with the best accuracies so far); mid-epoch also the position in samples
+    and the epoch's loss sums."""
     world = get_world_size()
     rngs = all_gather_object(rng_state())  # every rank's: a resume on as many ranks restores each its own
     state = {'model': model.student.state_dict(), 'optimizer': optimizer.state_dict(),
              'scaler': scaler.state_dict(), 'epoch': epoch, 'step': step, 'args': vars(args), 'rng': rngs[0],
-             'rng_per_rank': rngs, 'world_size': world}
+             'rng_per_rank': rngs, 'world_size': world, 'best': best.best}
     if step is not None:
         state['samples'] = step * args.batch_size * world
         state['partial_epoch'] = partial
@@ -517,12 +590,11 @@ def restore_weights(ckpt: dict, path: str, model: DualViT, model_ema) -> None:
 
 
 def load_ensemble_member(args) -> torch.nn.Module:
-    """The model of --ensemble_with: a checkpoint of this project (any mode), or a classifier checkpoint
-    of --ensemble_model / --model's architecture (e.g. an MAE fine-tuned ViT)."""
+    """The model of --ensemble_with: a checkpoint of this project (any mode), a classifier checkpoint
+    of --ensemble_model / --model's architecture (e.g. an MAE fine-tuned ViT), or a named classifier
+    (timm:NAME.tag, hf-hub:ORG/NAME: its own architecture; an https:// URL)."""
     path = args.ensemble_with
-    if not os.path.isfile(path):
-        raise UserError(f"--ensemble_with {path!r}: no such file")
-    ckpt = read_checkpoint(path, flag='--ensemble_with')
+    ckpt = read_checkpoint(local_checkpoint(path, '--ensemble_with'), flag='--ensemble_with')
     if isinstance(ckpt, dict) and isinstance(ckpt.get('args'), dict) and 'model' in ckpt['args']:
         member_args = argparse.Namespace(**{**vars(args), **{k: ckpt['args'][k] for k in MODEL_ARGS
                                                            if k in ckpt['args']}})
@@ -532,8 +604,12 @@ def load_ensemble_member(args) -> torch.nn.Module:
         return member
     name = args.ensemble_model or args.teacher_model or args.model
     kwargs = parse_kwargs(args.ensemble_kwargs, '--ensemble_kwargs') if args.ensemble_model else args.model_kwargs
-    member = create_vit(name, num_classes=args.nb_classes, global_pool=args.global_pool, img_size=args.input_size,
-                        **kwargs)
+    named = checkpoint_architecture(path) if is_named(path) and not args.ensemble_model else None
+    pool = args.global_pool
+    if named is not None:  # a timm: / hf-hub: name gives its architecture; timm pools by average iff it has fc_norm
+        name, kwargs = named['model'], named['model_kwargs']
+        pool = named['global_pool'] or pool_of_state_dict(select_state_dict(ckpt))
+    member = create_vit(name, num_classes=args.nb_classes, global_pool=pool, img_size=args.input_size, **kwargs)
     report = load_pretrained_weights(member, path, checkpoint=ckpt, flag='--ensemble_with')
     if 'head.weight' not in report.loaded:
         raise UserError(f"--ensemble_with {path}: no classifier head for {args.nb_classes} classes was loaded")
@@ -560,6 +636,56 @@ def lr_floor_warning(lr: float, min_lr: float, eff_batch_size: int, accum_iter: 
             f"{eff_batch_size} / 256), so the learning rate rises towards --min_lr for the whole run instead of "
             f"decaying. The recipe was tuned for a larger effective batch: raise it, e.g. --accum_iter "
             f"{accum_iter * factor} (peak {lr * factor:.2e}), or set --lr / --min_lr for this batch size.")
+
+
+def write_eval_results(args, stats: dict, ckpt_path: str | None) -> None:
+    """--eval: the results, and what was evaluated, in output_dir/eval_results.json (beside the printed lines)."""
+    log(f"evaluation: {json.dumps(stats)}")
+    if not args.output_dir or not is_main_process():
+        return
+    os.makedirs(args.output_dir, exist_ok=True)
+    record = {'checkpoint': ckpt_path or args.finetune, 'ensemble_with': args.ensemble_with or None,
+              'data_path': args.eval_data_path, 'mean': args.mean, 'std': args.std, **stats}
+    path = os.path.join(args.output_dir, EVAL_RESULTS)
+    with open(path + '.tmp', 'w', encoding='utf-8') as f:
+        json.dump(record, f, indent=1)
+    os.replace(path + '.tmp', path)
+    log(f"evaluation results written to {path}")
+
+
+class BestAccuracy:
+    """Best top-1 so far of the raw and EMA weights, with their epochs; kept in checkpoints so that a resumed
+    run continues the same record (--save_best keeps checkpoint-best.pth by the raw or EMA top-1)."""
+
+    KEYS = ('test_acc1', 'ema_test_acc1')
+
+    def __init__(self, state: dict | None = None):
+        self.best = dict(state or {})  # key -> {'acc1': value, 'epoch': epoch}
+
+    def update(self, stats: dict, epoch: int) -> list[str]:
+        """Record this epoch's accuracies; returns the keys whose best it improved."""
+        improved = []
+        for key in self.KEYS:
+            if key in stats and (key not in self.best or stats[key] > self.best[key]['acc1']):
+                self.best[key] = {'acc1': stats[key], 'epoch': epoch}
+                improved.append(key)
+        return improved
+
+    def log_fields(self) -> dict:
+        """best_test_acc1, best_test_acc1_epoch (and the EMA's) for log.txt."""
+        out = {}
+        for key, record in self.best.items():
+            out[f'best_{key}'] = record['acc1']
+            out[f'best_{key}_epoch'] = record['epoch']
+        return out
+
+    def summary(self, final: dict) -> str:
+        parts = []
+        for key, name in (('test_acc1', 'raw'), ('ema_test_acc1', 'EMA')):
+            if key in self.best:
+                parts.append(f"{name}: final {final.get(key, float('nan')):.2f}%, best {self.best[key]['acc1']:.2f}% "
+                             f"(epoch {self.best[key]['epoch']})")
+        return 'top-1 accuracy ' + '; '.join(parts) if parts else 'no evaluation ran'
 
 
 def write_log(args, stats: dict) -> None:
@@ -636,6 +762,7 @@ def train_and_evaluate(args, ckpt: dict | None, ckpt_path: str | None) -> dict:
                      for k, v in results[name].items()}
         else:
             stats = eval_all(model, model_ema)
+        write_eval_results(args, stats, ckpt_path)
         destroy()
         return stats
 
@@ -671,6 +798,7 @@ def train_and_evaluate(args, ckpt: dict | None, ckpt_path: str | None) -> dict:
         warn_if_little_space(args.output_dir, checkpoint_bytes(saved, optimizer), bool(args.save_every))
 
     start_epoch, start_step, start_rng, partial, last_good = args.start_epoch, 0, None, None, None
+    best = BestAccuracy(ckpt.get('best') if ckpt is not None else None)
     if ckpt is not None:
         restore_weights(ckpt, ckpt_path, model, model_ema)
         optimizer.load_state_dict(ckpt['optimizer'])
@@ -702,7 +830,7 @@ def train_and_evaluate(args, ckpt: dict | None, ckpt_path: str | None) -> dict:
         if not args.output_dir:
             return
         state = checkpoint_state(model, model_ema, optimizer, scaler, criterion, aux_optimizer, args, epoch, step,
-                                 partial)
+                                 best, partial)
         path = os.path.join(args.output_dir, 'checkpoint.pth')
         check_finite(state, describe_checkpoint(path, epoch, step), last_good, device)
         if is_main_process():
@@ -716,7 +844,7 @@ def train_and_evaluate(args, ckpt: dict | None, ckpt_path: str | None) -> dict:
     log(f"start training for {args.epochs} epochs ({steps_per_epoch} steps each) from epoch {start_epoch}"
         + (f", step {start_step}" if start_step else ''))
     start_time, stats = time.time(), {}
-    max_acc = {'test_acc1': 0.0, 'ema_test_acc1': 0.0}
+    best_key = {'raw': 'test_acc1', 'ema': 'ema_test_acc1'}.get(args.save_best)
     for epoch in range(start_epoch, args.epochs):
         seed_epoch(args.seed, epoch, rank, loader_train.generator)
         first_step = start_step if epoch == start_epoch else 0
@@ -742,11 +870,12 @@ def train_and_evaluate(args, ckpt: dict | None, ckpt_path: str | None) -> dict:
         if not stopping and ((epoch + 1) % args.eval_every == 0 or last):
             test_stats = eval_all(model, model_ema)
             stats.update(test_stats)
-            for key in max_acc:
-                if key in test_stats:
-                    max_acc[key] = max(max_acc[key], test_stats[key])
-            log(f"max accuracy: {max_acc['test_acc1']:.2f}%"
-                + (f"  (EMA {max_acc['ema_test_acc1']:.2f}%)" if model_ema is not None else ''))
+            improved = best.update(test_stats, epoch)
+            stats.update(best.log_fields())
+            if best_key in improved:  # checkpoint.pth is written again so that it records the new best too
+                save(epoch, None, extra_name='checkpoint-best.pth')
+                log(f"checkpoint-best.pth: epoch {epoch}, {best_key} {test_stats[best_key]:.2f}%")
+            log(best.summary(test_stats))
             if log_writer is not None:
                 for k, v in test_stats.items():
                     if k.endswith(('acc1', 'acc5', 'loss')):
@@ -758,6 +887,7 @@ def train_and_evaluate(args, ckpt: dict | None, ckpt_path: str | None) -> dict:
             control.stop_after_epoch()
 
     log(f"training time {datetime.timedelta(seconds=int(time.time() - start_time))}")
+    log(best.summary(stats))
     if log_writer is not None:
         log_writer.close()
     destroy()
@@ -765,8 +895,8 @@ def train_and_evaluate(args, ckpt: dict | None, ckpt_path: str | None) -> dict:
 
 
 def run(argv=None) -> dict:
-    parser = argparse.ArgumentParser('Attention transfer / ViT fine-tuning', parents=[get_args_parser()],
-                                     description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser('python main_finetune.py', parents=[get_args_parser()],
+                                     description=__doc__, formatter_class=HelpFormatter)
     args = parser.parse_args(argv)
     args.explicit_flags = explicit_flags(parser, argv)
     return main(args)

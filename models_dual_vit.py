@@ -293,9 +293,10 @@ def check_supported(vit: nn.Module, role: str) -> None:
             f"{role}: {type(vit).__name__} is not a timm VisionTransformer; attention transfer supports "
             "timm ViTs built from the standard pre-norm Block (vit_*, deit_*, DINO, DINOv2, CLIP, qk-norm).")
     for i, blk in enumerate(vit.blocks):
-        if type(blk) is not Block or type(blk.attn) is not Attention:
+        attn = getattr(blk, 'attn', None)  # parallel blocks (vit_*_18x2_*, vit_pwee_*) have none
+        if type(blk) is not Block or type(attn) is not Attention:
             raise UserError(
-                f"{role}: block {i} is {type(blk).__name__} with {type(blk.attn).__name__}; attention "
+                f"{role}: block {i} is {type(blk).__name__} with {type(attn).__name__}; attention "
                 "transfer supports timm's pre-norm Block with timm.layers.Attention only (plain ViT, DeiT, "
                 "MAE, DINO, DINOv2, CLIP, qk-norm variants). Pick such a model, or train without a "
                 "transfer mode (--mode none).")

@@ -27,24 +27,39 @@ import time
 
 import torch
 import torch.nn.functional as F
+from timm.data.constants import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from torch.utils.data import DataLoader
 
 from models_dual_vit import create_vit, forward_with_capture
 from models_probe import default_probe_blocks, parse_blocks
-from util.args import parse_kwargs
+from util.args import HelpFormatter, parse_kwargs
 from util.checkpoint import save_atomic
 from util.datasets import ImageFiles, collate_skipping_bad, list_images, wild_transform
 from util.distributed import barrier, broadcast_object, destroy, get_rank, get_world_size, init_distributed_mode, log
 from util.errors import UserError, run_cli
-from util.pretrained import load_pretrained_weights, read_checkpoint, trained_architecture
+from util.pretrained import (
+    checkpoint_architecture,
+    is_named,
+    load_pretrained_weights,
+    local_checkpoint,
+    pool_of_state_dict,
+    read_checkpoint,
+    select_state_dict,
+    trained_architecture,
+)
 
 
 def get_args_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser('Attention Probe: select wild data', description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser('python select_wild_data.py', description=__doc__, formatter_class=HelpFormatter)
     p.add_argument('--teacher', required=True,
                    help='teacher checkpoint trained on the target task (main_finetune.py output, or any format '
-                        'the teacher loader accepts)')
+                        'the teacher loader accepts), or a name: timm:NAME.tag, hf-hub:ORG/NAME (architecture, '
+                        'classes and normalisation from its config) or an https:// URL')
+    p.add_argument('--mean', default=None, type=float, nargs=3, metavar=('R', 'G', 'B'),
+                   help='input normalisation mean (default: the teacher\'s, as its checkpoint or hub config '
+                        'records it, else ImageNet\'s)')
+    p.add_argument('--std', default=None, type=float, nargs=3, metavar=('R', 'G', 'B'),
+                   help='input normalisation std (default: as --mean)')
     p.add_argument('--model', default=None,
                    help='teacher architecture (timm / MAE name); default: the one stored in the checkpoint')
     p.add_argument('--model_kwargs', default=[], nargs='*', metavar='KEY=VALUE',
@@ -150,7 +165,9 @@ def score_chunk(teacher, dataset: ImageFiles, start: int, end: int, blocks: list
 def build_teacher(args):
     """The teacher classifier, architecture from its checkpoint's arguments unless given here."""
     checkpoint = read_checkpoint(args.teacher, flag='--teacher')
-    arch = trained_architecture(checkpoint) or {}
+    arch = (checkpoint_architecture(args.teacher) if is_named(args.teacher) else trained_architecture(checkpoint)) or {}
+    args.mean = list(args.mean or arch.get('mean') or IMAGENET_DEFAULT_MEAN)
+    args.std = list(args.std or arch.get('std') or IMAGENET_DEFAULT_STD)
     args.model = args.model or arch.get('model')
     if args.model is None:
         raise UserError(f"--teacher {args.teacher} does not record its architecture: give --model (and --model_kwargs)")
@@ -159,7 +176,9 @@ def build_teacher(args):
     args.input_size = args.input_size or arch.get('input_size') or 224
     if not args.nb_classes:
         raise UserError(f"--teacher {args.teacher} does not record its number of classes: give --nb_classes")
-    pool = False if args.cls_token else arch.get('global_pool', True)
+    pool = False if args.cls_token else arch.get('global_pool')
+    if pool is None:  # not recorded (plain files, timm: names): timm's layout says it
+        pool = pool_of_state_dict(select_state_dict(checkpoint)) if is_named(args.teacher) else True
     teacher = create_vit(args.model, num_classes=args.nb_classes, global_pool=pool, img_size=args.input_size,
                          **kwargs)
     report = load_pretrained_weights(teacher, args.teacher, use_ema=args.use_teacher_ema, checkpoint=checkpoint,
@@ -174,8 +193,9 @@ def build_teacher(args):
 def fingerprint(paths: list[str], args, blocks: list[int]) -> dict:
     """What the chunks depend on; a rerun with anything else must not reuse them."""
     digest = hashlib.sha256('\n'.join(paths).encode()).hexdigest()
-    stat = os.stat(args.teacher)
-    return {'images': len(paths), 'paths_sha256': digest, 'teacher': os.path.abspath(args.teacher),
+    stat = os.stat(local_checkpoint(args.teacher, '--teacher'))
+    return {'images': len(paths), 'paths_sha256': digest, 'teacher': args.teacher if is_named(args.teacher) else
+            os.path.abspath(args.teacher), 'mean': args.mean, 'std': args.std,
             'teacher_size': stat.st_size, 'teacher_mtime': int(stat.st_mtime), 'model': args.model,
             'input_size': args.input_size, 'nb_classes': args.nb_classes, 'probe_blocks': blocks,
             'probe_heads': args.probe_heads, 'chunk_size': args.chunk_size, 'use_teacher_ema': args.use_teacher_ema}
@@ -260,7 +280,8 @@ def main(args) -> dict | None:
     log(f"{len(paths)} wild images in {n_chunks} chunks of {args.chunk_size}; {done_before} already scored; "
         f"probe blocks {blocks}, head {args.probe_heads}; {world} rank(s)")
 
-    dataset = ImageFiles(args.wild_path, paths, wild_transform(args.input_size, train=False))
+    dataset = ImageFiles(args.wild_path, paths, wild_transform(args.input_size, train=False, mean=args.mean,
+                                                               std=args.std))
     my_total = sum(min(args.chunk_size, len(paths) - k * args.chunk_size) for k in todo)
     state = {'seen': 0, 'batches': 0, 't0': time.time()}
 

@@ -27,7 +27,7 @@ from pathlib import Path
 import submitit
 
 import main_finetune
-from util.args import explicit_flags
+from util.args import HelpFormatter, explicit_flags
 from util.errors import UserError, run_cli
 
 REPO = os.path.dirname(os.path.abspath(__file__))
@@ -35,10 +35,18 @@ SHARED_FOLDER = '/checkpoint'  # the cluster-wide folder some sites provide; job
 DEFAULT_OUTPUT = './output_dir'
 
 
+def preemption_signal() -> signal.Signals:
+    """The signal SLURM sends before preemption or time-out, on which submitit checkpoints and requeues:
+    SIGUSR2 unless the SUBMITIT_PREEMPT_SIGNAL environment variable names another. Read from submitit's
+    public class attribute ``JobEnvironment.USR_SIG`` (its ``_usr_sig()`` helper is private);
+    tests/test_private_apis.py checks that the two agree."""
+    return signal.Signals['SIG' + submitit.JobEnvironment.USR_SIG]
+
+
 def parse_args(argv=None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser('submitit launcher for main_finetune.py',
+    parser = argparse.ArgumentParser('python submitit_finetune.py',
                                      parents=[main_finetune.get_args_parser()], description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+                                     formatter_class=HelpFormatter)
     g = parser.add_argument_group('SLURM job')
     g.add_argument('--job_dir', default='', type=str,
                    help='job folder for submitit logs, checkpoints and log.txt ("%%j" becomes the job id); '
@@ -146,7 +154,7 @@ class Trainer:
         runs it directly, and the job resumes from the last periodic checkpoint instead."""
         from util.run_control import request_stop
 
-        usr2 = submitit.JobEnvironment._usr_sig()
+        usr2 = preemption_signal()
         self._submitit_handler = signal.getsignal(usr2)
         fallback = self._submitit_handler
 
@@ -167,7 +175,7 @@ class Trainer:
         env = submitit.JobEnvironment()
         print(f"preempted: state saved at epoch {stop.epoch}, step {stop.step}; requeuing", flush=True)
         if env.global_rank == 0 and callable(self._submitit_handler):
-            self._submitit_handler(submitit.JobEnvironment._usr_sig(), None)  # checkpoint(), requeue, exit
+            self._submitit_handler(preemption_signal(), None)  # checkpoint(), requeue, exit
         time.sleep(max(self.args.signal_delay, 60))
 
 
@@ -197,7 +205,7 @@ def main(argv=None) -> submitit.Job:
     job_dir = resolve_job_dir(args.job_dir)
     if args.output_dir == DEFAULT_OUTPUT:
         args.output_dir = job_dir
-    if args.log_dir == DEFAULT_OUTPUT:
+    if args.log_dir in (None, DEFAULT_OUTPUT):
         args.log_dir = job_dir
     args.job_dir = job_dir
     main_finetune.resolve_args(copy.deepcopy(args), read_resume=False)  # fail on a bad flag now, not after the queue

@@ -22,12 +22,13 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 from models_dual_vit import build_dual_vit  # noqa: E402
+from util.args import HelpFormatter  # noqa: E402
 
 MODES = ('teacher_forward', 'none', 'copy', 'distill')
 
 
 def get_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser('python benchmarks/bench_step.py', description=__doc__, formatter_class=HelpFormatter)
     p.add_argument('--model', default='vit_tiny_patch16_224', help='dual_vit_*, MAE or timm ViT name')
     p.add_argument('--batch_size', type=int, default=32, help='images per step')
     p.add_argument('--input_size', type=int, default=224, help='image side in pixels')

@@ -63,3 +63,20 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(('localhost', 0))
         return s.getsockname()[1]
+
+
+def add_to_hub_cache(cache: str, repo_id: str, files: dict) -> str:
+    """Put files (name -> source path) into a huggingface_hub cache folder (HF_HUB_CACHE) as a download
+    of ``repo_id`` at revision main would leave them: refs/main naming a snapshot that holds the files."""
+    import shutil
+
+    commit = '0123456789abcdef0123456789abcdef01234567'
+    repo = os.path.join(cache, 'models--' + repo_id.replace('/', '--'))
+    os.makedirs(os.path.join(repo, 'refs'), exist_ok=True)
+    with open(os.path.join(repo, 'refs', 'main'), 'w') as f:
+        f.write(commit)
+    snapshot = os.path.join(repo, 'snapshots', commit)
+    os.makedirs(snapshot, exist_ok=True)
+    for name, source in files.items():
+        shutil.copy(source, os.path.join(snapshot, name))
+    return snapshot

@@ -374,3 +374,18 @@ def test_bf16_autocast_end_to_end_close_to_float32(mode):
     assert all(torch.isfinite(p.grad).all() for p in model.student.parameters() if p.grad is not None)
     torch.testing.assert_close(logits16.float(), logits32, rtol=0.1, atol=0.1)
     torch.testing.assert_close(aux16, aux32, rtol=0.05, atol=0.05)
+
+
+def test_families_the_readme_lists_as_refused_are_refused_with_a_message():
+    """README's list: BEiT/BEiTv2 (Beit), EVA (Eva) and parallel blocks are refused with a TypeError naming
+    the class, not an AttributeError from inside the check."""
+    import pytest
+    import timm
+
+    from models_dual_vit import check_supported
+    for name, expected in (('beitv2_base_patch16_224', 'Beit'), ('eva02_tiny_patch14_224', 'Eva'),
+                           ('vit_small_patch16_18x2_224', 'ParallelThingsBlock')):
+        model = timm.create_model(name, pretrained=False, depth=1, embed_dim=48, num_heads=3)
+        with pytest.raises(TypeError, match=expected):
+            check_supported(model, 'teacher')
+    check_supported(timm.create_model('vit_small_patch14_reg4_dinov2', pretrained=False, depth=1), 'teacher')

@@ -5,9 +5,14 @@
 Any checkpoint of a plain, distill or probe run works. The folder loads with timm alone:
 
     model = timm.create_model('local-dir:exported/student', pretrained=True)
-    # or, naming the architecture and its arguments as config.json records them:
-    model = timm.create_model(ARCH, pretrained=True, num_classes=K, **MODEL_ARGS,
-                              pretrained_cfg_overlay=dict(file='exported/student/model.safetensors', num_classes=K))
+    # or, naming the architecture and its arguments as config.json records them (num_classes included):
+    config = json.load(open('exported/student/config.json'))
+    model = timm.create_model(config['architecture'], pretrained=True, **config['model_args'],
+                              pretrained_cfg_overlay=dict(file='exported/student/model.safetensors',
+                                                          num_classes=config['num_classes']))
+
+config.json's pretrained_cfg holds the input normalisation the student was trained with (mean, std:
+the teacher's), as timm's resolve_data_config reads it.
 
 A copy-mode student uses its teacher's attention maps in every forward pass and cannot run alone,
 so its export is refused.
@@ -21,9 +26,10 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from timm.data.constants import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD  # noqa: E402
-from timm.models._hub import save_for_hf  # noqa: E402
+from timm.models import save_for_hf  # noqa: E402
 
 from models_dual_vit import TRANSFER_MODES, create_vit, resolve_model_name  # noqa: E402
+from util.args import HelpFormatter  # noqa: E402
 from util.errors import UserError, run_cli  # noqa: E402
 from util.pretrained import load_exact, read_checkpoint, trained_architecture  # noqa: E402
 
@@ -57,18 +63,22 @@ def export(checkpoint_path: str, output: str, use_ema: bool = False) -> dict:
     student.pretrained_cfg = {k: v for k, v in student.pretrained_cfg.items()
                               if k not in ('tag', 'hf_hub_id', 'url', 'license')}
     size = arch['input_size']
-    data_config = dict(input_size=(3, size, size), interpolation='bicubic', mean=IMAGENET_DEFAULT_MEAN,
-                       std=IMAGENET_DEFAULT_STD, crop_pct=224 / 256 if size <= 224 else 1.0, crop_mode='center')
+    # the normalisation the student was trained with (the teacher's; ImageNet's for older checkpoints)
+    mean, std = tuple(arch['mean'] or IMAGENET_DEFAULT_MEAN), tuple(arch['std'] or IMAGENET_DEFAULT_STD)
+    data_config = dict(input_size=(3, size, size), interpolation='bicubic', mean=mean, std=std,
+                       crop_pct=224 / 256 if size <= 224 else 1.0, crop_mode='center')
     try:
         save_for_hf(student, output, model_args=model_args, safe_serialization=True, data_config=data_config)
     except OSError as e:
         raise ExportError(f"--output {output!r}: cannot write the exported model there ({type(e).__name__}: "
                           f"{e.strerror or e}); give a folder you can write to") from e
-    return {'architecture': name, 'num_classes': arch['nb_classes'], 'model_args': model_args, 'weights': key}
+    return {'architecture': name, 'num_classes': arch['nb_classes'], 'model_args': model_args, 'weights': key,
+            'mean': mean, 'std': std}
 
 
 def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser('python tools/export_student.py', description=__doc__,
+                                     formatter_class=HelpFormatter)
     parser.add_argument('--checkpoint', required=True, help='checkpoint written by main_finetune.py')
     parser.add_argument('--output', required=True, help='folder to write model.safetensors and config.json to')
     parser.add_argument('--ema', action='store_true', help='export the EMA weights instead of the raw ones')

@@ -21,6 +21,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import numpy as np  # noqa: E402
 from PIL import Image  # noqa: E402
 
+from util.args import HelpFormatter  # noqa: E402
 from util.errors import UserError, run_cli  # noqa: E402
 
 CIFAR10 = dict(train=[f'data_batch_{i}' for i in range(1, 6)], val=['test_batch'], meta='batches.meta',
@@ -71,7 +72,8 @@ def convert(src: str, dst: str) -> dict[str, int]:
 
 
 def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser('python tools/prepare_cifar.py', description=__doc__,
+                                     formatter_class=HelpFormatter)
     parser.add_argument('--src', required=True, help='extracted cifar-10-batches-py or cifar-100-python folder')
     parser.add_argument('--dst', required=True, help='output root; train/ and val/ are created inside')
     args = parser.parse_args(argv)

@@ -15,6 +15,7 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from util.args import HelpFormatter  # noqa: E402
 from util.errors import UserError, run_cli  # noqa: E402
 
 
@@ -56,7 +57,8 @@ def reorganise_val(data_path: str) -> int:
 
 
 def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser('python tools/prepare_tinyimagenet.py', description=__doc__,
+                                     formatter_class=HelpFormatter)
     parser.add_argument('--data_path', required=True, help='the extracted tiny-imagenet-200 folder')
     args = parser.parse_args(argv)
     moved = reorganise_val(args.data_path)

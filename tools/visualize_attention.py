@@ -36,9 +36,10 @@ from torch.utils.data import DataLoader, Subset  # noqa: E402
 
 import main_finetune  # noqa: E402
 from models_dual_vit import forward_with_capture  # noqa: E402
+from util.args import HelpFormatter  # noqa: E402
 from util.datasets import build_dataset, build_transform, collate_skipping_bad  # noqa: E402
 from util.errors import UserError, run_cli  # noqa: E402
-from util.pretrained import load_exact, read_checkpoint  # noqa: E402
+from util.pretrained import is_named, load_exact, read_checkpoint  # noqa: E402
 
 METRICS = ('teacher_student_ce', 'jsd', 'teacher_entropy', 'student_entropy', 'teacher_distance_px',
            'student_distance_px')
@@ -96,7 +97,8 @@ def load_models(checkpoint: str, teacher_path: str | None):
     args.finetune = teacher_path or args.finetune
     if args.mode in (None, 'none') and teacher_path:
         raise UserError("a plain run has no teacher to compare with; give a checkpoint of a transfer or probe run")
-    if args.mode not in (None, 'none') and 'teacher' not in ckpt and not os.path.isfile(args.finetune or ''):
+    teacher_file = is_named(args.finetune or '') or os.path.isfile(args.finetune or '')  # a name comes from its cache
+    if args.mode not in (None, 'none') and 'teacher' not in ckpt and not teacher_file:
         raise UserError(f"the teacher's weights are not in {checkpoint} and {args.finetune!r} does not "
                         "exist: give --teacher PATH")
     model = main_finetune.build_model(args)
@@ -222,10 +224,11 @@ def layer_metrics(teacher, student, loader, layers: list[int]) -> list[dict]:
 
 
 def main(argv=None) -> list[dict]:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser('python tools/visualize_attention.py', description=__doc__,
+                                     formatter_class=HelpFormatter)
     p.add_argument('--checkpoint', required=True, help='checkpoint written by main_finetune.py')
-    p.add_argument('--teacher', default=None, help='teacher weights when the checkpoint does not hold them '
-                   '(default: the run\'s --finetune file)')
+    p.add_argument('--teacher', default=None, help='teacher weights when the checkpoint does not hold them: a file '
+                   'or a name (timm:NAME.tag, hf-hub:ORG/NAME, https:// URL) (default: the run\'s --finetune)')
     p.add_argument('--data_path', required=True, help='folder with val/<class>/ images')
     p.add_argument('--output_dir', required=True, help='where to write the PNG and CSV files')
     p.add_argument('--images', nargs='*', default=None, help='images to draw maps for (default: the first '

@@ -33,3 +33,27 @@ def explicit_flags(parser: argparse.ArgumentParser, argv: Sequence[str] | None) 
     probe._defaults.clear()
     namespace, _ = probe.parse_known_args(argv)
     return sorted(vars(namespace))
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """``--help`` with every option's default (unless its help already states it) and the description
+    as written. Flags without a value (store_true / store_false) are off unless given, so they show none."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ''
+        if action.nargs == 0 or 'default' in text or action.default is argparse.SUPPRESS:
+            return text
+        return text + ' (default: %(default)s)'
+
+
+def annotate_mode_defaults(parser: argparse.ArgumentParser, defaults: dict, mode: str) -> None:
+    """Add "MODE: VALUE" to the default shown in the help of each option that ``mode`` changes.
+
+    (argparse lists its actions only in the private ``_actions``, which explicit_flags reads too.)"""
+    for action in parser._actions:
+        if action.dest in defaults and action.help:
+            note = f"--mode {mode}: {defaults[action.dest]}"
+            if 'default' in action.help:
+                action.help = action.help + f' ({note})'
+            else:
+                action.help = action.help + f' (default: %(default)s; {note})'

@@ -10,7 +10,7 @@ import math
 import os
 import random
 import warnings
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from typing import Optional
 
 import numpy as np
@@ -230,20 +230,29 @@ class DraftResize:
         return f"{type(self).__name__}(size={self.size})"
 
 
+def normalization(args) -> tuple[tuple, tuple]:
+    """(mean, std) of the input normalisation: ``args.mean`` / ``args.std`` (the teacher's, as
+    main_finetune.resolve_args sets them), else ImageNet's."""
+    mean, std = getattr(args, 'mean', None), getattr(args, 'std', None)
+    return tuple(mean or IMAGENET_DEFAULT_MEAN), tuple(std or IMAGENET_DEFAULT_STD)
+
+
 def build_transform(is_train: bool, args) -> transforms.Compose:
     """MAE's transforms: RandAugment, random erasing and a bicubic random-resized crop for training;
     bicubic resize to input_size / 0.875 (above 224 px: no margin) and a centre crop for evaluation.
 
     With ``args.jpeg_draft`` the first step (crop or resize) takes a JPEG opened by ``open_image`` and
-    decodes it at reduced scale where the output does not need the full resolution."""
+    decodes it at reduced scale where the output does not need the full resolution. Both normalise with
+    ``normalization(args)``."""
     draft = getattr(args, 'jpeg_draft', False)
+    mean, std = normalization(args)
     if is_train:
         transform = create_transform(
             input_size=args.input_size, is_training=True, color_jitter=args.color_jitter,
             scale=(getattr(args, 'min_crop_scale', 0.08), 1.0), hflip=getattr(args, 'hflip', 0.5),
             auto_augment=args.aa if args.aa not in (None, '', 'none') else None, interpolation='bicubic',
             re_prob=args.reprob, re_mode=args.remode, re_count=args.recount,
-            mean=IMAGENET_DEFAULT_MEAN, std=IMAGENET_DEFAULT_STD)
+            mean=mean, std=std)
         if draft:
             transform.transforms[0] = DraftRandomResizedCrop(transform.transforms[0])
         return transform
@@ -254,7 +263,7 @@ def build_transform(is_train: bool, args) -> transforms.Compose:
         transforms.Resize(resize_to, interpolation=transforms.InterpolationMode.BICUBIC),
         transforms.CenterCrop(args.input_size),
         transforms.ToTensor(),
-        transforms.Normalize(IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD),
+        transforms.Normalize(mean, std),
     ])
 
 
@@ -401,7 +410,8 @@ class ImageFiles(Dataset):
         return (self.transform(image) if self.transform is not None else image), index
 
 
-def wild_transform(input_size: int, train: bool, hflip: float = 0.5) -> transforms.Compose:
+def wild_transform(input_size: int, train: bool, hflip: float = 0.5, mean: Sequence[float] = IMAGENET_DEFAULT_MEAN,
+                   std: Sequence[float] = IMAGENET_DEFAULT_STD) -> transforms.Compose:
     """The Attention Probe reference's wild-image transforms: resize to input_size x input_size; for
     training, a random crop with 4 pixels of padding and a horizontal flip with probability ``hflip``."""
     steps = [transforms.Resize((input_size, input_size))]
@@ -410,4 +420,4 @@ def wild_transform(input_size: int, train: bool, hflip: float = 0.5) -> transfor
         if hflip > 0:
             steps.append(transforms.RandomHorizontalFlip(hflip))
     return transforms.Compose(steps + [transforms.ToTensor(),
-                                       transforms.Normalize(IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD)])
+                                       transforms.Normalize(tuple(mean), tuple(std))])

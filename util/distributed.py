@@ -116,3 +116,15 @@ def all_gather_object(obj: object) -> list:
     out: list = [None] * get_world_size()
     dist.all_gather_object(out, obj)
     return out
+
+
+def ddp_ignore(module: torch.nn.Module, names: list[str]) -> None:
+    """Make DistributedDataParallel neither broadcast nor reduce these parameters and buffers of ``module``
+    (fully qualified names), e.g. a frozen teacher's.
+
+    PyTorch has no public API for this: DDP reads the names that its static method
+    ``_set_params_and_buffers_to_ignore_for_model`` stores on the module ("a workaround ... until the API is
+    finalized", pytorch/pytorch#43690). This is the one place that calls it;
+    tests/test_private_apis.py fails if PyTorch changes the method or stops honouring it."""
+    from torch.nn.parallel import DistributedDataParallel
+    DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(module, names)

@@ -2,7 +2,12 @@
 
 Accepted files: MAE pre-training and fine-tuning checkpoints (``model`` / ``model_ema`` entries),
 DeiT-style checkpoints (``model``), plain timm state dicts, ``.safetensors`` files, and this
-project's own checkpoints. timm's ``checkpoint_filter_fn`` does the format conversions it knows
+project's own checkpoints. Wherever a path is accepted, so are names, resolved to a local file in the
+usual caches (downloaded once with internet; from the cache alone with ``HF_HUB_OFFLINE=1``):
+``timm:NAME[.tag]`` (timm's pretrained weights, through huggingface_hub or torch.hub as timm's own
+config says), ``hf-hub:ORG/NAME[@revision]`` (a Hugging Face Hub repository in timm's layout:
+``config.json`` + ``model.safetensors``) and ``https://`` URLs (torch.hub's checkpoint cache).
+timm's ``checkpoint_filter_fn`` does the format conversions it knows
 (DINOv2 and CLIP originals, position-embedding resampling over the patch grid: bicubic without
 antialiasing as in MAE, prefix tokens kept). Everything else must fit: a checkpoint that does not
 gets an error listing the missing and unexpected keys and the shapes that differ.
@@ -10,15 +15,21 @@ gets an error listing the missing and unexpected keys and the shapes that differ
 from __future__ import annotations
 
 import argparse
+import functools
+import json
 import os
+import urllib.error
+import urllib.parse
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+import huggingface_hub
 import safetensors.torch
 import torch
 import torch.nn as nn
-from timm.models import clean_state_dict
+from huggingface_hub.errors import EntryNotFoundError, LocalEntryNotFoundError
+from timm.models import clean_state_dict, get_pretrained_cfg, split_model_name_tag
 from timm.models.vision_transformer import checkpoint_filter_fn
 
 from util.errors import UserError
@@ -38,10 +49,147 @@ class CheckpointMismatchError(UserError):
     """A checkpoint whose parameters do not fit the model."""
 
 
+# ---------------------------------------------------------------------------------------------
+# Checkpoints by name: timm:NAME[.tag], hf-hub:ORG/NAME[@revision], https:// URLs
+# ---------------------------------------------------------------------------------------------
+NAMED_PREFIXES = ('timm:', 'hf-hub:', 'https://', 'http://')
+# Files of a timm model repository on the Hugging Face Hub, in the order timm itself looks for them.
+HF_WEIGHT_FILES = ('model.safetensors', 'pytorch_model.bin')
+# Architecture arguments that main_finetune.py sets through its own flags (--input_size, --nb_classes,
+# --global_pool / --cls_token, --drop_path): a named model's recorded values of these are not kwargs.
+FLAG_MODEL_ARGS = ('img_size', 'num_classes', 'global_pool', 'drop_path_rate', 'in_chans')
+
+
+def is_named(spec: str) -> bool:
+    """Whether a checkpoint argument is a name (timm:, hf-hub:, URL) rather than a file path."""
+    return isinstance(spec, str) and spec.startswith(NAMED_PREFIXES)
+
+
+@dataclass
+class NamedCheckpoint:
+    """A checkpoint given by name, resolved to a local file, with what the name says about the model."""
+    spec: str
+    path: str
+    architecture: str | None = None  # timm architecture name, when the name gives one
+    model_args: dict = field(default_factory=dict)  # its timm arguments (without those set by flags)
+    num_classes: int | None = None
+    global_pool: str | None = None
+    pretrained_cfg: dict = field(default_factory=dict)  # timm's pretrained config (mean, std, input_size ...)
+
+    @property
+    def mean(self) -> tuple | None:
+        return tuple(self.pretrained_cfg['mean']) if self.pretrained_cfg.get('mean') else None
+
+    @property
+    def std(self) -> tuple | None:
+        return tuple(self.pretrained_cfg['std']) if self.pretrained_cfg.get('std') else None
+
+
+def _not_available(spec: str, where: str, error: Exception) -> UserError:
+    offline = huggingface_hub.is_offline_mode()
+    return UserError(
+        f"{spec!r}: the weights are not in the local cache ({where}) and cannot be downloaded "
+        f"({'HF_HUB_OFFLINE=1 is set' if offline else type(error).__name__ + ': ' + str(error)}). "
+        "Run once with internet access (and without HF_HUB_OFFLINE) to fill the cache, or give the path of a "
+        "local checkpoint file instead.")
+
+
+def _hf_hub_file(spec: str, repo_id: str, filenames: tuple[str, ...], revision: str | None = None) -> str:
+    """The local path of the first of ``filenames`` that the repository holds (cache first, as
+    huggingface_hub does; the cache alone with HF_HUB_OFFLINE=1)."""
+    last_error: Exception | None = None
+    for filename in filenames:
+        try:
+            return huggingface_hub.hf_hub_download(repo_id, filename, revision=revision)
+        except (EntryNotFoundError, LocalEntryNotFoundError) as e:  # not in the repo / not in the offline cache
+            last_error = e
+        except OSError as e:  # the repository does not exist, no network, ... (HfHubHTTPError is an OSError)
+            raise _not_available(spec, f"huggingface_hub cache {huggingface_hub.constants.HF_HUB_CACHE}", e) from e
+    raise _not_available(spec, f"huggingface_hub cache {huggingface_hub.constants.HF_HUB_CACHE}, "
+                               f"repository {repo_id}, files {' or '.join(filenames)}", last_error)
+
+
+def _url_file(spec: str, url: str) -> str:
+    """The local copy of a URL in torch.hub's checkpoint cache (where torch.hub.load_state_dict_from_url keeps it)."""
+    name = os.path.basename(urllib.parse.urlparse(url).path)
+    folder = os.path.join(torch.hub.get_dir(), 'checkpoints')
+    path = os.path.join(folder, name)
+    if os.path.isfile(path):
+        return path
+    if huggingface_hub.is_offline_mode():  # torch.hub has no offline switch: honour huggingface_hub's
+        raise _not_available(spec, path, RuntimeError('offline'))
+    os.makedirs(folder, exist_ok=True)
+    try:
+        torch.hub.download_url_to_file(url, path, progress=True)
+    except (OSError, urllib.error.URLError, ValueError) as e:
+        raise _not_available(spec, path, e) from e
+    return path
+
+
+def _resolve_timm(spec: str, name: str) -> NamedCheckpoint:
+    try:
+        cfg = get_pretrained_cfg(name)
+    except RuntimeError as e:  # a known architecture with an unknown tag
+        raise UserError(f"{spec!r}: {e} The tags are listed by timm.list_pretrained({name.split('.')[0] + '*'!r}).") \
+            from e
+    if cfg is None:
+        raise UserError(f"{spec!r}: timm has no pretrained weights named {name!r}; see timm.list_pretrained() "
+                        "(e.g. timm:vit_base_patch16_224.mae)")
+    arch, _ = split_model_name_tag(name)
+    if cfg.hf_hub_id:
+        repo, _, revision = cfg.hf_hub_id.partition('@')
+        files = (cfg.hf_hub_filename,) if cfg.hf_hub_filename else HF_WEIGHT_FILES
+        path = _hf_hub_file(spec, repo, files, revision or None)
+    elif cfg.url:
+        path = _url_file(spec, cfg.url)
+    elif cfg.file:
+        path = cfg.file
+    else:
+        raise UserError(f"{spec!r}: timm's pretrained config names no weights to download")
+    return NamedCheckpoint(spec, path, architecture=arch, num_classes=cfg.num_classes,
+                           pretrained_cfg=cfg.to_dict())
+
+
+def _resolve_hf_hub(spec: str, repo: str) -> NamedCheckpoint:
+    repo_id, _, revision = repo.partition('@')
+    config_path = _hf_hub_file(spec, repo_id, ('config.json',), revision or None)
+    with open(config_path, encoding='utf-8') as f:
+        config = json.load(f)
+    path = _hf_hub_file(spec, repo_id, HF_WEIGHT_FILES, revision or None)
+    model_args = {k: v for k, v in (config.get('model_args') or {}).items() if k not in FLAG_MODEL_ARGS}
+    pool = config.get('global_pool', (config.get('model_args') or {}).get('global_pool'))
+    return NamedCheckpoint(spec, path, architecture=config.get('architecture'), model_args=model_args,
+                           num_classes=config.get('num_classes'), global_pool=pool,
+                           pretrained_cfg=config.get('pretrained_cfg') or {})
+
+
+@functools.cache
+def resolve_named(spec: str) -> NamedCheckpoint:
+    """Resolve ``timm:NAME[.tag]``, ``hf-hub:ORG/NAME[@revision]`` or a URL to a local file (downloading it
+    into the usual cache when it is not there yet); raises UserError when that cannot be done."""
+    if spec.startswith('timm:'):
+        return _resolve_timm(spec, spec[len('timm:'):])
+    if spec.startswith('hf-hub:'):
+        return _resolve_hf_hub(spec, spec[len('hf-hub:'):])
+    return NamedCheckpoint(spec, _url_file(spec, spec))
+
+
+def local_checkpoint(spec: str, flag: str = 'checkpoint') -> str:
+    """The local file of a checkpoint argument: the path itself, or the cached file of a name."""
+    if is_named(spec):
+        return resolve_named(spec).path
+    if not os.path.isfile(spec):
+        raise UserError(f"{flag} {spec!r}: no such file. Give a checkpoint file, or a name: timm:NAME[.tag], "
+                        "hf-hub:ORG/NAME or an https:// URL")
+    return spec
+
+
 def read_checkpoint(path: str, flag: str = '') -> Any:
-    """The object stored in a ``.pth`` / ``.safetensors`` file, on the CPU; ``flag`` (e.g. ``--finetune``)
-    names the option that gave the path in the errors."""
+    """The object stored in a ``.pth`` / ``.safetensors`` file (or a named checkpoint's file), on the CPU;
+    ``flag`` (e.g. ``--finetune``) names the option that gave the path in the errors."""
     source = f"{flag} {path!r}" if flag else f"checkpoint {path!r}"
+    if is_named(path):
+        path = resolve_named(path).path
     if not os.path.isfile(path):
         raise UserError(f"{source}: no such file")
     try:
@@ -167,7 +315,8 @@ def load_pretrained_weights(model: nn.Module, path: str, use_ema: bool = False, 
 
 def trained_architecture(checkpoint: Any) -> dict | None:
     """The trained model's architecture from a checkpoint written by main_finetune.py: timm name,
-    its arguments, classes, input size and pooling; None for checkpoints without those arguments."""
+    its arguments, classes, input size, pooling and input normalisation (mean, std); None for checkpoints
+    without those arguments."""
     args = checkpoint.get('args') if isinstance(checkpoint, dict) else None
     if not isinstance(args, dict) or 'model' not in args:
         return None
@@ -176,4 +325,25 @@ def trained_architecture(checkpoint: Any) -> dict | None:
     kwargs = dict(args.get('student_kwargs') or {}) if args.get('student_model') else {
         **(args.get('model_kwargs') or {}), **(args.get('student_kwargs') or {})}
     return dict(model=name, model_kwargs=kwargs, nb_classes=args.get('nb_classes'),
-                input_size=args.get('input_size'), global_pool=args.get('global_pool', True))
+                input_size=args.get('input_size'), global_pool=args.get('global_pool', True),
+                mean=args.get('mean'), std=args.get('std'))
+
+
+def pool_of_state_dict(state_dict: dict) -> str:
+    """A timm ViT's pooling from its weights: timm gives average-pooling models an ``fc_norm`` (and no
+    final ``norm``), class-token models a final ``norm``."""
+    return 'avg' if 'fc_norm.weight' in state_dict else 'token'
+
+
+def checkpoint_architecture(spec: str) -> dict | None:
+    """What a checkpoint argument says about its model, in trained_architecture()'s form: from a name
+    (timm:, hf-hub:) or from a checkpoint written by main_finetune.py; None when it says nothing."""
+    if is_named(spec):
+        named = resolve_named(spec)
+        if named.architecture is None:  # a URL: the file may still be one of this project's checkpoints
+            return trained_architecture(read_checkpoint(named.path))
+        size = named.pretrained_cfg.get('input_size')
+        return dict(model=named.architecture, model_kwargs=dict(named.model_args), nb_classes=named.num_classes,
+                    input_size=size[-1] if size else None, global_pool=named.global_pool, mean=named.mean,
+                    std=named.std)
+    return trained_architecture(read_checkpoint(spec))
