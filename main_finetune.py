@@ -50,6 +50,7 @@ from util.datasets import (
     wild_transform,
 )
 from util.distributed import barrier, destroy, get_rank, get_world_size, init_distributed_mode, is_main_process, log
+from util.errors import UserError
 from util.losses import ProbeCriterion, TransferCriterion, build_task_criterion
 from util.lr_decay import param_groups_lrd
 from util.pretrained import load_exact, load_pretrained_weights, read_checkpoint, trained_architecture
@@ -110,6 +111,18 @@ def get_args_parser() -> argparse.ArgumentParser:
     g.add_argument('--no_share_drop_path', action='store_false', dest='share_drop_path',
                    help='draw the student\'s stochastic-depth masks alone instead of sharing them with the teacher')
     g.add_argument('--train_qkv', action='store_true', help='train only the student\'s qkv, head and fc_norm')
+    g.add_argument('--attention_impl', default='fused', choices=['fused', 'explicit'],
+                   help='fused (default): every mode through scaled_dot_product_attention, the teacher handing over '
+                        'q/k/v and the distillation loss computed in query-row chunks, so no N x N map is stored; '
+                        'explicit: N x N attention maps in float32 (diagnostics, benchmarks; same numbers)')
+
+    g = p.add_argument_group('speed and memory')
+    g.add_argument('--grad_checkpointing', action='store_true',
+                   help='recompute each student block in the backward pass instead of storing its activations '
+                        '(less memory, about one more forward of time); same losses and gradients')
+    g.add_argument('--compile', action='store_true',
+                   help='torch.compile the teacher and student blocks (the first steps compile); same losses and '
+                        'gradients up to float rounding')
 
     g = p.add_argument_group('attention probe (--mode probe: distil on selected wild images, no labels)')
     g.add_argument('--selection', default='', help='selection file written by select_wild_data.py')
@@ -304,6 +317,9 @@ def resolve_args(args, read_resume: bool = True) -> tuple[dict | None, str | Non
                                     f"select_wild_data.py (got {args.selection!r})")
         if args.mixup_active:
             raise ValueError("mode probe has no labels to mix: drop --mixup / --cutmix")
+    if probe and (args.grad_checkpointing or args.compile):
+        raise UserError("--grad_checkpointing and --compile apply to the attention transfer modes and plain training, "
+                        "not to --mode probe: drop them")
     if args.ensemble_with and not args.eval:
         raise ValueError("--ensemble_with is an evaluation: add --eval (and --resume CKPT for the first model)")
     if args.eval and ckpt is None and not args.finetune:
@@ -341,8 +357,8 @@ def build_model(args, eval_only: bool = False) -> DualViT | ProbeDistiller:
     return build_dual_vit(teacher if mode else None, student, mode=mode, drop_path_rate=args.drop_path,
                           end_layer=args.end_layer, transfer_layers=args.transfer_layers,
                           num_classes=args.nb_classes, global_pool=args.global_pool, img_size=args.input_size,
-                          share_drop_path=args.share_drop_path, teacher_kwargs=teacher_kwargs,
-                          student_kwargs=student_kwargs)
+                          share_drop_path=args.share_drop_path, attention_impl=args.attention_impl,
+                          teacher_kwargs=teacher_kwargs, student_kwargs=student_kwargs)
 
 
 def load_initial_weights(model: DualViT, args, ckpt: dict | None) -> None:
@@ -496,6 +512,10 @@ def main(args) -> dict:
     amp_dtype = AMP_DTYPES[args.amp]
     scaler = torch.amp.GradScaler(device.type, enabled=args.amp == 'fp16')
     model_ema = ModelEmaV3(model.student, decay=args.ema) if args.ema is not None else None
+    if args.grad_checkpointing:
+        model.set_grad_checkpointing(True)
+    if args.compile:  # after the EMA's deep copy, which must not share the compiled blocks
+        model.compile_blocks()
     n_parameters = sum(p.numel() for p in model.student.parameters() if p.requires_grad)
     log(f"student: {type(model.student).__name__} {model.student.default_cfg.get('architecture')}, "
         f"{n_parameters / 1e6:.2f}M trainable parameters; mode {args.mode or 'none'}"
@@ -539,7 +559,7 @@ def main(args) -> dict:
                          f"{args.batch_size}; lower --batch_size")
 
     groups = param_groups_lrd(model.student, args.weight_decay, model.student.no_weight_decay(), args.layer_decay)
-    optimizer = torch.optim.AdamW(groups, lr=args.lr, betas=(0.9, args.beta2))
+    optimizer = torch.optim.AdamW(groups, lr=args.lr, betas=(0.9, args.beta2), fused=device.type == 'cuda')
     mixup_fn = None
     if args.mixup_active:
         mixup_fn = Mixup(mixup_alpha=args.mixup, cutmix_alpha=args.cutmix, cutmix_minmax=args.cutmix_minmax,

@@ -259,11 +259,11 @@ def _project_qkv(attn: Attention, x: Tensor, only_v: bool) -> tuple[Optional[Ten
 
 
 def attention_logits_and_probs(q: Tensor, k: Tensor, scale: float) -> tuple[Tensor, Tensor]:
-    """Explicit attention map: float32 logits ``q k^T * scale`` and their softmax over keys.
+    """Explicit attention map: logits ``q k^T * scale`` in float32 (or wider) and their softmax over keys.
 
     The only place that builds an (B, H, N, N) map: diagnostics (forward_with_capture, attention
     probe scoring, visualisation) and ``--attention_impl explicit``."""
-    logits = ((q * scale) @ k.transpose(-2, -1)).float()
+    logits = _at_least_float32((q * scale) @ k.transpose(-2, -1))
     return logits, logits.softmax(dim=-1)
 
 
