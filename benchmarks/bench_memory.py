@@ -54,28 +54,23 @@ def run(args, size: int, mode: str, impl: str) -> tuple[float, int, int]:
     return result
 
 
-def main(args) -> dict:
-    rows = [('teacher_forward', 'fused'), ('none', 'fused'), ('copy', 'explicit'), ('copy', 'fused'),
-            ('distill', 'explicit'), ('distill', 'fused')]
-    sizes = [int(s) for s in args.sizes.split(',')]
-    results = {}
-    for size in sizes:
-        for mode, impl in rows:
-            results[size, mode, impl] = run(args, size, mode, impl)
-            sec, peak, before = results[size, mode, impl]
-            print(f"# {size}px {mode} {impl}: {sec * 1e3:.0f} ms, peak {peak / GiB:.3f} GiB, "
-                  f"step {(peak - before) / GiB:.3f} GiB", flush=True)
+ROWS = (('teacher_forward', 'fused'), ('none', 'fused'), ('copy', 'explicit'), ('copy', 'fused'),
+        ('distill', 'explicit'), ('distill', 'fused'))
 
+
+def print_table(args, results: dict, sizes: list[int]) -> None:
+    """The markdown table of the sizes measured so far, and the time ratios at the first size."""
     device = torch.cuda.get_device_name() if args.device.startswith('cuda') else f'CPU x{torch.get_num_threads()}'
     memory = 'peak CUDA memory' if args.device.startswith('cuda') else 'peak RSS'
     print(f"\n{args.model} pair, batch {args.batch_size}, {device}, amp {args.amp or 'default'}, drop_path "
-          f"{args.drop_path}, median of {args.steps} steps; memory ratios are to the plain student step\n")
+          f"{args.drop_path}, median of {args.steps} steps after {args.warmup} warm-up; memory ratios are to "
+          "the plain student step\n")
     print(f"| px | N | mode | attention | ms / step | {memory} (GiB) | x plain | step memory (GiB) | x plain |")
     print("| ---: | ---: | --- | --- | ---: | ---: | ---: | ---: | ---: |")
     for size in sizes:
         n = (size // 16) ** 2 + 1
         _, plain_peak, plain_before = results[size, 'none', 'fused']
-        for mode, impl in rows:
+        for mode, impl in ROWS:
             sec, peak, before = results[size, mode, impl]
             name = 'teacher forward' if mode == 'teacher_forward' else mode
             shown_impl = '' if mode in ('teacher_forward', 'none') else impl
@@ -88,6 +83,19 @@ def main(args) -> dict:
     for mode in ('copy', 'distill'):
         for impl in ('explicit', 'fused'):
             print(f"  {mode} {impl}: {results[size, mode, impl][0] / base:.3f}")
+    print(flush=True)
+
+
+def main(args) -> dict:
+    sizes = [int(s) for s in args.sizes.split(',')]
+    results = {}
+    for i, size in enumerate(sizes):
+        for mode, impl in ROWS:
+            results[size, mode, impl] = run(args, size, mode, impl)
+            sec, peak, before = results[size, mode, impl]
+            print(f"# {size}px {mode} {impl}: {sec * 1e3:.0f} ms, peak {peak / GiB:.3f} GiB, "
+                  f"step {(peak - before) / GiB:.3f} GiB", flush=True)
+        print_table(args, results, sizes[:i + 1])  # a partial run still leaves its tables
     return results
 
 
