@@ -311,15 +311,15 @@ def resolve_args(args, read_resume: bool = True) -> tuple[dict | None, str | Non
         raise ValueError(f"mode {args.mode} needs the teacher's weights: --finetune PATH "
                          + ("(the teacher trained on the target task)" if probe else
                             "(e.g. mae_pretrain_vit_large.pth)"))
+    if probe and (args.grad_checkpointing or args.compile):
+        raise UserError("--grad_checkpointing and --compile apply to the attention transfer modes and plain training, "
+                        "not to --mode probe: drop them")
     if probe and not args.eval:
         if not args.selection or not os.path.isfile(args.selection):
             raise FileNotFoundError(f"mode probe trains on a selection of wild images: --selection FILE written by "
                                     f"select_wild_data.py (got {args.selection!r})")
         if args.mixup_active:
             raise ValueError("mode probe has no labels to mix: drop --mixup / --cutmix")
-    if probe and (args.grad_checkpointing or args.compile):
-        raise UserError("--grad_checkpointing and --compile apply to the attention transfer modes and plain training, "
-                        "not to --mode probe: drop them")
     if args.ensemble_with and not args.eval:
         raise ValueError("--ensemble_with is an evaluation: add --eval (and --resume CKPT for the first model)")
     if args.eval and ckpt is None and not args.finetune:

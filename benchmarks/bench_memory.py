@@ -5,7 +5,10 @@ distill steps with ``--attention_impl explicit`` (N x N maps) and ``fused`` (SDP
 distillation loss). Each measurement runs in its own child process (benchmarks/bench_step.py), so
 its peak memory is its own: on CPU the process's peak resident set size, which includes the Python
 interpreter, torch and the weights; "step" is that peak minus the peak before the first step.
-All rows of one run are measured back to back, so compare ratios within a run.
+All rows of one run are measured back to back, so compare ratios within a run. On CPU the children
+run with glibc's MALLOC_MMAP_THRESHOLD_=65536: every large tensor is then its own mapping, returned to
+the system when freed, so the peak RSS follows the peak of live tensors instead of heap fragmentation
+(glibc otherwise raises the threshold as large blocks are freed and keeps them in the heap).
 
     python benchmarks/bench_memory.py --model vit_small_patch16_224 --batch_size 2 --sizes 224,448,672
 """
@@ -87,6 +90,8 @@ def print_table(args, results: dict, sizes: list[int]) -> None:
 
 
 def main(args) -> dict:
+    if not args.device.startswith('cuda'):
+        os.environ.setdefault('MALLOC_MMAP_THRESHOLD_', '65536')  # read by each child's glibc at start
     sizes = [int(s) for s in args.sizes.split(',')]
     results = {}
     for i, size in enumerate(sizes):

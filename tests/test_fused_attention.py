@@ -4,19 +4,24 @@ to the explicit N x N path, attention dropout, gradient checkpointing and torch.
 Reference numbers are computed here in float64 from q and k written out, never through the code
 under test.
 """
+import json
 import os
 
 import pytest
 import torch
 import torch.nn.functional as F
 from conftest import TINY
+from helpers import make_image_folder, make_teacher_checkpoint, tiny_args
 
+import main_finetune
 from models_dual_vit import (
     TRANSFER_MODES,
     attention_distillation_loss,
     build_dual_vit,
     transfer_attention,
 )
+from util.errors import UserError
+from util.pretrained import read_checkpoint
 
 
 def explicit_ce(q_s, k_s, q_t, k_t, scale_s, scale_t):
@@ -242,3 +247,29 @@ def test_compiled_blocks_equal_eager_step(backend):
     torch.testing.assert_close(aa, ab, rtol=1e-5, atol=1e-6)
     for name in ga:
         torch.testing.assert_close(ga[name], gb[name], rtol=1e-4, atol=1e-5, msg=name)
+
+
+# ---- 5. the command line -------------------------------------------------------------------------
+def test_cli_explicit_checkpointed_run_logs_the_fused_runs_losses(tmp_path, monkeypatch):
+    data = make_image_folder(str(tmp_path / 'data'), train_per_class=8, val_per_class=2)
+    teacher = make_teacher_checkpoint(str(tmp_path / 'teacher.pth'))
+    built = []
+    build = main_finetune.build_model
+    monkeypatch.setattr(main_finetune, 'build_model', lambda *a, **kw: built.append(build(*a, **kw)) or built[-1])
+    losses = {}
+    for name, extra in (('fused', []), ('explicit_ckpt', ['--attention_impl', 'explicit', '--grad_checkpointing'])):
+        out = str(tmp_path / name)
+        main_finetune.run(tiny_args(data, out, '--finetune', teacher, '--mode', 'distill', '--drop_path', '0.1',
+                                    *extra, epochs=1))
+        with open(f'{out}/log.txt') as f:
+            losses[name] = json.loads(f.readline())['train_loss']
+        args = read_checkpoint(f'{out}/checkpoint.pth')['args']
+        assert args['attention_impl'] == ('explicit' if extra else 'fused')
+        assert args['grad_checkpointing'] == bool(extra)
+        # the flags reach the model
+        assert built[-1].attention_impl == args['attention_impl']
+        assert built[-1].grad_checkpointing == built[-1].student.grad_checkpointing == bool(extra)
+    assert losses['fused'] == pytest.approx(losses['explicit_ckpt'], rel=1e-5)
+    with pytest.raises(UserError, match='--mode probe'):
+        main_finetune.run(tiny_args(data, str(tmp_path / 'probe'), '--finetune', teacher, '--mode', 'probe',
+                                    '--grad_checkpointing'))
