@@ -144,6 +144,18 @@ def get_args_parser() -> argparse.ArgumentParser:
     g.add_argument('--no_share_drop_path', action='store_false', dest='share_drop_path',
                    help='draw the student\'s stochastic-depth masks alone instead of sharing them with the teacher')
     g.add_argument('--train_qkv', action='store_true', help='train only the student\'s qkv, head and fc_norm')
+    g.add_argument('--attention_impl', default='fused', choices=['fused', 'explicit'],
+                   help='fused (default): every mode through scaled_dot_product_attention, the teacher handing over '
+                        'q/k/v and the distillation loss computed in query-row chunks, so no N x N map is stored; '
+                        'explicit: N x N attention maps in float32 (diagnostics, benchmarks; same numbers)')
+
+    g = p.add_argument_group('speed and memory')
+    g.add_argument('--grad_checkpointing', action='store_true',
+                   help='recompute each student block in the backward pass instead of storing its activations '
+                        '(less memory, about one more forward of time); same losses and gradients')
+    g.add_argument('--compile', action='store_true',
+                   help='torch.compile the teacher and student blocks (the first steps compile); same losses and '
+                        'gradients up to float rounding')
 
     g = p.add_argument_group('attention probe (--mode probe: distil on selected wild images, no labels)')
     g.add_argument('--selection', default='', help='selection file written by select_wild_data.py')
@@ -407,6 +419,9 @@ def resolve_args(args, read_resume: bool = True) -> tuple[dict | None, str | Non
         raise UserError(f"mode {args.mode} needs the teacher's weights: --finetune PATH "
                         + ("(the teacher trained on the target task)" if probe else
                            "(e.g. mae_pretrain_vit_large.pth)"))
+    if probe and (args.grad_checkpointing or args.compile):
+        raise UserError("--grad_checkpointing and --compile apply to the attention transfer modes and plain training, "
+                        "not to --mode probe: drop them")
     if probe and not args.eval:
         if not args.selection or not os.path.isfile(args.selection):
             raise UserError(f"mode probe trains on a selection of wild images: --selection FILE written by "
@@ -473,8 +488,8 @@ def build_model(args, eval_only: bool = False) -> DualViT | ProbeDistiller:
     return build_dual_vit(teacher if mode else None, student, mode=mode, drop_path_rate=args.drop_path,
                           end_layer=args.end_layer, transfer_layers=args.transfer_layers,
                           num_classes=args.nb_classes, global_pool=args.global_pool, img_size=args.input_size,
-                          share_drop_path=args.share_drop_path, teacher_kwargs=teacher_kwargs,
-                          student_kwargs=student_kwargs)
+                          share_drop_path=args.share_drop_path, attention_impl=args.attention_impl,
+                          teacher_kwargs=teacher_kwargs, student_kwargs=student_kwargs)
 
 
 def load_initial_weights(model: DualViT, args, ckpt: dict | None) -> None:
@@ -735,6 +750,10 @@ def train_and_evaluate(args, ckpt: dict | None, ckpt_path: str | None) -> dict:
     amp_dtype = AMP_DTYPES[args.amp]
     scaler = torch.amp.GradScaler(device.type, enabled=args.amp == 'fp16')
     model_ema = ModelEmaV3(model.student, decay=args.ema) if args.ema is not None else None
+    if args.grad_checkpointing:
+        model.set_grad_checkpointing(True)
+    if args.compile:  # after the EMA's deep copy, which must not share the compiled blocks
+        model.compile_blocks()
     n_parameters = sum(p.numel() for p in model.student.parameters() if p.requires_grad)
     log(f"student: {type(model.student).__name__} {model.student.default_cfg.get('architecture')}, "
         f"{n_parameters / 1e6:.2f}M trainable parameters; mode {args.mode or 'none'}"
@@ -782,7 +801,7 @@ def train_and_evaluate(args, ckpt: dict | None, ckpt_path: str | None) -> dict:
                         f"{args.batch_size}; lower --batch_size")
 
     groups = param_groups_lrd(model.student, args.weight_decay, model.student.no_weight_decay(), args.layer_decay)
-    optimizer = torch.optim.AdamW(groups, lr=args.lr, betas=(0.9, args.beta2))
+    optimizer = torch.optim.AdamW(groups, lr=args.lr, betas=(0.9, args.beta2), fused=device.type == 'cuda')
     mixup_fn = None
     if args.mixup_active:
         mixup_fn = Mixup(mixup_alpha=args.mixup, cutmix_alpha=args.cutmix, cutmix_minmax=args.cutmix_minmax,

@@ -6,9 +6,13 @@ re-implements a timm layer: it walks their blocks and calls their own submodules
 from the standard pre-norm ``Block`` works, and a trained student is a plain timm model.
 
 Teacher and student blocks run interleaved, layer by layer: the teacher hands over what the mode
-asks for in layer ``i`` right before the student runs layer ``i``. Only one layer of teacher maps is
-alive at a time, the teacher stops after the last layer the student needs, and stochastic-depth
-masks are shared between the two for free.
+asks for in layer ``i`` right before the student runs layer ``i``. The teacher stops after the last
+layer the student needs, and stochastic-depth masks are shared between the two for free.
+
+Every mode runs through ``scaled_dot_product_attention``: the teacher hands over q, k or v, never
+attention probabilities, and the distillation loss is computed in query-row chunks, so no N x N
+tensor is kept for the backward pass (``attention_impl='explicit'`` keeps the explicit maps, for
+diagnostics and benchmarks).
 """
 from __future__ import annotations
 
@@ -21,6 +25,7 @@ import timm
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+import torch.utils.checkpoint
 from timm.layers import Attention
 from timm.models.vision_transformer import Block, VisionTransformer
 
@@ -38,8 +43,9 @@ Captured = dict  # activation name ('q', 'k', 'v', 'attn', 'attn_logits') -> ten
 class TransferMode:
     """One attention-transfer mode.
 
-    exposes: the teacher activation handed over in each transferred layer: ``attn`` (attention
-        probabilities, shape (B, H, N, N)), or ``q`` / ``k`` / ``v`` (shape (B, H, N, head_dim)).
+    exposes: the teacher activation handed over in each transferred layer: ``attn`` (the attention
+        map, handed over as the q and k that define it, or with ``--attention_impl explicit`` as
+        probabilities of shape (B, H, N, N)), or ``q`` / ``k`` / ``v`` (shape (B, H, N, head_dim)).
     use: ``replace``: the student uses the teacher's activation in place of its own (copy modes;
         the teacher must run at evaluation too); ``loss``: the student computes its own and is
         pulled towards the teacher's by a loss (distill modes; the student runs alone at eval).
@@ -81,11 +87,11 @@ def get_transfer_mode(mode: Optional[str]) -> Optional[TransferMode]:
 # Losses
 # ---------------------------------------------------------------------------------------------
 class _AttentionCrossEntropy(torch.autograd.Function):
-    """Mean over rows of CE(p_t, softmax(s)) = logsumexp(s) - sum_j p_t[j] * s[j].
+    """Mean over rows of CE(p_t, softmax(s)) = logsumexp(s) - sum_j p_t[j] * s[j], from explicit maps.
 
     The identity holds because each teacher row sums to one. Backward uses the student's own
-    softmax (already kept alive by the attention's backward), so the loss keeps no N x N tensor of
-    its own: the gradient per row is (softmax(s) - p_t) / rows.
+    softmax (already kept alive by the attention's backward): the gradient per row is
+    (softmax(s) - p_t) / rows. Used by ``--attention_impl explicit`` only.
     """
 
     @staticmethod
@@ -108,7 +114,7 @@ def attention_cross_entropy(
         teacher_probs: Tensor,
         student_probs: Optional[Tensor] = None,
 ) -> Tensor:
-    """SPEC section 1's distillation loss for one layer, in float32 from the student's logits.
+    """SPEC section 1's distillation loss for one layer, in float32 from explicit student logits.
 
     mean over (batch, head, query i) of -sum_j teacher_probs[i, j] * log_softmax(student_logits)[i, j].
     ``student_probs`` (softmax of the logits) may be passed when the caller already has it.
@@ -117,6 +123,96 @@ def attention_cross_entropy(
     t = teacher_probs.to(s.dtype)
     p = s.softmax(dim=-1) if student_probs is None else student_probs.to(s.dtype)
     return _AttentionCrossEntropy.apply(s, p, t)
+
+
+# Query rows per chunk of the memory-efficient distillation loss: at most
+# batch x heads x ATTENTION_CE_CHUNK x N scores are alive at once (about 100 MB for ViT-L, batch 32,
+# N = 785, float32), however large N grows.
+ATTENTION_CE_CHUNK = 64
+
+
+class _ChunkedAttentionCrossEntropy(torch.autograd.Function):
+    """Mean over (batch, head, query row) of CE(softmax(T), softmax(S)), S = q_s k_s^T * scale_s,
+    T = q_t k_t^T * scale_t, without an N x N tensor kept for backward.
+
+    Forward walks the query rows in chunks and saves its inputs and two numbers per row (the
+    log-sum-exp of S and of T). Backward recomputes S and T chunk by chunk; the gradient of the
+    student logits is (softmax(S) - softmax(T)) / rows. The teacher's inputs get gradients only
+    when they require them (a teacher is normally frozen and runs under no_grad). Everything runs
+    in the inputs' dtype, which the caller makes float32 or wider, with autocast off.
+    """
+
+    @staticmethod
+    def forward(ctx, q_s: Tensor, k_s: Tensor, q_t: Tensor, k_t: Tensor,
+                scale_s: float, scale_t: float, chunk: int) -> Tensor:
+        n = q_s.shape[-2]
+        rows = q_s.numel() // q_s.shape[-1]
+        lse_s = q_s.new_empty(q_s.shape[:-1])
+        lse_t = q_s.new_empty(q_s.shape[:-1])
+        total = q_s.new_zeros(())
+        with torch.autocast(q_s.device.type, enabled=False):
+            for lo in range(0, n, chunk):
+                r = slice(lo, lo + chunk)
+                s = (q_s[..., r, :] * scale_s) @ k_s.transpose(-2, -1)
+                t = (q_t[..., r, :] * scale_t) @ k_t.transpose(-2, -1)
+                lse_s[..., r] = torch.logsumexp(s, dim=-1)
+                lse_t[..., r] = torch.logsumexp(t, dim=-1)
+                p_t = torch.exp(t - lse_t[..., r, None])
+                total += (lse_s[..., r] - (p_t * s).sum(dim=-1)).sum()
+        ctx.save_for_backward(q_s, k_s, q_t, k_t, lse_s, lse_t)
+        ctx.scales, ctx.chunk, ctx.rows = (scale_s, scale_t), chunk, rows
+        return total / rows
+
+    @staticmethod
+    def backward(ctx, grad_out: Tensor):
+        q_s, k_s, q_t, k_t, lse_s, lse_t = ctx.saved_tensors
+        scale_s, scale_t = ctx.scales
+        grad_student = ctx.needs_input_grad[0] or ctx.needs_input_grad[1]
+        grad_teacher = ctx.needs_input_grad[2] or ctx.needs_input_grad[3]
+        dq_s = torch.zeros_like(q_s) if grad_student else None
+        dk_s = torch.zeros_like(k_s) if grad_student else None
+        dq_t = torch.zeros_like(q_t) if grad_teacher else None
+        dk_t = torch.zeros_like(k_t) if grad_teacher else None
+        g = grad_out.to(q_s.dtype) / ctx.rows
+        with torch.autocast(q_s.device.type, enabled=False):
+            for lo in range(0, q_s.shape[-2], ctx.chunk):
+                r = slice(lo, lo + ctx.chunk)
+                s = (q_s[..., r, :] * scale_s) @ k_s.transpose(-2, -1)
+                t = (q_t[..., r, :] * scale_t) @ k_t.transpose(-2, -1)
+                p_t = torch.exp(t - lse_t[..., r, None])
+                if grad_teacher:  # d CE / d T = -p_t * (S - sum_j p_t S)
+                    ds_t = p_t * (s - (p_t * s).sum(dim=-1, keepdim=True)) * -g
+                    dq_t[..., r, :] = (ds_t @ k_t) * scale_t
+                    dk_t += (ds_t.transpose(-2, -1) @ q_t[..., r, :]) * scale_t
+                if grad_student:
+                    ds = (torch.exp(s - lse_s[..., r, None]) - p_t) * g
+                    dq_s[..., r, :] = (ds @ k_s) * scale_s
+                    dk_s += (ds.transpose(-2, -1) @ q_s[..., r, :]) * scale_s
+        return dq_s, dk_s, dq_t, dk_t, None, None, None
+
+
+def attention_distillation_loss(
+        q_s: Tensor,
+        k_s: Tensor,
+        q_t: Tensor,
+        k_t: Tensor,
+        scale_s: float,
+        scale_t: float,
+        chunk: int = ATTENTION_CE_CHUNK,
+) -> Tensor:
+    """SPEC section 1's distillation loss for one layer from queries and keys (B, H, N, head_dim):
+    mean over (b, h, i) of -sum_j softmax(T)[i, j] * log_softmax(S)[i, j], S = q_s k_s^T * scale_s,
+    T = q_t k_t^T * scale_t; no N x N tensor is stored (see _ChunkedAttentionCrossEntropy).
+
+    Computed in float32 (or the inputs' wider dtype), also under bf16/fp16 autocast. Student and
+    teacher may differ in head_dim, not in heads or tokens.
+    """
+    if q_s.shape[:-1] != q_t.shape[:-1] or k_s.shape[-2] != k_t.shape[-2]:
+        raise ValueError(f"student q {tuple(q_s.shape)} and teacher q {tuple(q_t.shape)} differ in batch, "
+                         "heads or tokens")
+    dtype = torch.promote_types(torch.promote_types(q_s.dtype, q_t.dtype), torch.float32)
+    q_s, k_s, q_t, k_t = (a.to(dtype) for a in (q_s, k_s, q_t, k_t))
+    return _ChunkedAttentionCrossEntropy.apply(q_s, k_s, q_t, k_t, float(scale_s), float(scale_t), int(chunk))
 
 
 def activation_mse(student: Tensor, teacher: Tensor) -> Tensor:
@@ -129,16 +225,23 @@ def _at_least_float32(x: Tensor) -> Tensor:
     return x.to(torch.promote_types(x.dtype, torch.float32))
 
 
-def transfer_loss(mode: TransferMode, student: Captured, teacher: Tensor) -> Tensor:
-    """The per-layer loss of a ``loss`` mode, from what the student's attention captured."""
-    if mode.exposes == 'attn':
-        return attention_cross_entropy(student['attn_logits'], teacher, student['attn'])
-    return activation_mse(student[mode.exposes], teacher)
+def transfer_loss(mode: TransferMode, student: Captured, teacher: Captured) -> Tensor:
+    """The per-layer loss of a ``loss`` mode, from what the student's and the teacher's attention
+    captured (explicit maps, or q and k with their scale: see transfer_attention)."""
+    if mode.exposes != 'attn':
+        return activation_mse(student[mode.exposes], teacher[mode.exposes])
+    if 'attn' in teacher:
+        return attention_cross_entropy(student['attn_logits'], teacher['attn'], student['attn'])
+    return attention_distillation_loss(student['q'], student['k'], teacher['q'], teacher['k'],
+                                       student['scale'], teacher['scale'])
 
 
 # ---------------------------------------------------------------------------------------------
 # Attention capture and injection over a timm Attention module
 # ---------------------------------------------------------------------------------------------
+ATTENTION_IMPLS = ('fused', 'explicit')
+
+
 def _project_qkv(attn: Attention, x: Tensor, only_v: bool) -> tuple[Optional[Tensor], Optional[Tensor], Tensor]:
     """q, k, v of shape (B, H, N, head_dim), q and k after the module's own qk-norm.
 
@@ -157,8 +260,11 @@ def _project_qkv(attn: Attention, x: Tensor, only_v: bool) -> tuple[Optional[Ten
 
 
 def attention_logits_and_probs(q: Tensor, k: Tensor, scale: float) -> tuple[Tensor, Tensor]:
-    """Explicit attention map: float32 logits ``q k^T * scale`` and their softmax over keys."""
-    logits = ((q * scale) @ k.transpose(-2, -1)).float()
+    """Explicit attention map: logits ``q k^T * scale`` in float32 (or wider) and their softmax over keys.
+
+    The only place that builds an (B, H, N, N) map: diagnostics (forward_with_capture, attention
+    probe scoring, visualisation) and ``--attention_impl explicit``."""
+    logits = _at_least_float32((q * scale) @ k.transpose(-2, -1))
     return logits, logits.softmax(dim=-1)
 
 
@@ -167,33 +273,43 @@ def transfer_attention(
         x: Tensor,
         expose: Optional[str] = None,
         given: Optional[Captured] = None,
+        impl: str = 'fused',
 ) -> tuple[Tensor, Captured]:
-    """Run a timm ``Attention`` module, exposing and/or replacing one of its activations.
+    """Run a timm ``Attention`` module, exposing and/or replacing some of its activations.
 
-    expose: ``q``, ``k``, ``v`` or ``attn`` (probabilities; the float32 logits come along as
-        ``attn_logits``); the returned dict holds it. ``None`` exposes nothing.
-    given: activations to use instead of the module's own, e.g. ``{'attn': teacher_probs}``.
+    expose: ``q``, ``k``, ``v`` or ``attn`` (the attention map); the returned dict holds it.
+        With ``impl='fused'`` the map is exposed as what defines it, ``q``, ``k`` and ``scale``;
+        with ``impl='explicit'`` as probabilities ``attn`` (B, H, N, N) with their float32 logits
+        ``attn_logits``. ``None`` exposes nothing.
+    given: activations to use instead of the module's own: ``q``, ``k`` or ``v``; ``q`` and ``k``
+        with the ``scale`` that goes with them (another model's attention map, fused); or ``attn``
+        (probabilities, explicit).
 
-    Attention maps are built explicitly only when one is exposed or given; otherwise the layer
-    uses ``scaled_dot_product_attention``.
+    With ``impl='fused'``, or without an explicit map exposed or given, the layer runs
+    ``scaled_dot_product_attention`` and no N x N tensor is built.
     """
+    if impl not in ATTENTION_IMPLS:
+        raise ValueError(f"attention impl {impl!r}: choose one of {', '.join(ATTENTION_IMPLS)}")
     given = given or {}
     B, N, _ = x.shape
-    q, k, v = _project_qkv(attn, x, only_v='attn' in given)
+    q, k, v = _project_qkv(attn, x, only_v='attn' in given or ('q' in given and 'k' in given))
     q, k, v = given.get('q', q), given.get('k', k), given.get('v', v)
+    scale = given.get('scale', attn.scale)
     captured: Captured = {}
     if expose in ('q', 'k', 'v'):
         captured[expose] = {'q': q, 'k': k, 'v': v}[expose]
+    elif expose == 'attn' and impl == 'fused':
+        captured.update(q=q, k=k, scale=scale)
 
     drop_p = attn.attn_drop.p if attn.training else 0.0
     if 'attn' in given:
         out = attn.attn_drop(given['attn']).to(v.dtype) @ v
-    elif expose == 'attn':
-        logits, probs = attention_logits_and_probs(q, k, attn.scale)
+    elif expose == 'attn' and impl == 'explicit':
+        logits, probs = attention_logits_and_probs(q, k, scale)
         captured['attn_logits'], captured['attn'] = logits, probs
         out = attn.attn_drop(probs).to(v.dtype) @ v
     else:
-        out = F.scaled_dot_product_attention(q, k, v, dropout_p=drop_p, scale=attn.scale)
+        out = F.scaled_dot_product_attention(q, k, v, dropout_p=drop_p, scale=scale)
 
     y = attn.norm(out.transpose(1, 2).reshape(B, N, attn.attn_dim))
     if attn.gate is not None:
@@ -276,7 +392,7 @@ def forward_with_capture(
     tokens = embed_tokens(vit, x)
     maps, features = {}, {}
     for i, blk in enumerate(vit.blocks):
-        attention = (partial(transfer_attention, blk.attn, expose='attn') if i in attention_blocks
+        attention = (partial(transfer_attention, blk.attn, expose='attn', impl='explicit') if i in attention_blocks
                      else _plain_attention(blk.attn))
         tokens, captured = block_forward(blk, tokens, attention)
         if i in attention_blocks:
@@ -359,8 +475,11 @@ class DualViT(nn.Module):
             layers: Union[str, Sequence[int], None] = None,
             end_layer: int = 0,
             share_drop_path: bool = True,
+            attention_impl: str = 'fused',
     ) -> None:
         super().__init__()
+        if attention_impl not in ATTENTION_IMPLS:
+            raise ValueError(f"attention_impl {attention_impl!r}: choose one of {', '.join(ATTENTION_IMPLS)}")
         self.mode = get_transfer_mode(mode)
         if self.mode is not None and teacher is None:
             raise ValueError(f"mode {mode!r} needs a teacher model; give one, or use mode 'none'")
@@ -369,6 +488,9 @@ class DualViT(nn.Module):
         self.student = student
         self.teacher = teacher
         self.share_drop_path = share_drop_path
+        self.attention_impl = attention_impl
+        self.grad_checkpointing = False
+        self._teacher_layer, self._student_layer = teacher_layer, student_layer
         self.layers: list[int] = []
         if teacher is not None:
             check_supported(teacher, 'teacher')
@@ -427,7 +549,27 @@ class DualViT(nn.Module):
     def with_student(self, student: VisionTransformer) -> DualViT:
         """The same teacher and transfer around another student (e.g. the EMA weights, for evaluation)."""
         return DualViT(student, self.teacher, mode=self.mode.name if self.mode else None, layers=self.layers or None,
-                       share_drop_path=self.share_drop_path)
+                       share_drop_path=self.share_drop_path, attention_impl=self.attention_impl)
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """Recompute each student block in the backward pass instead of keeping its activations:
+        timm's own mechanism for a student that runs alone, one torch.utils.checkpoint (non-reentrant)
+        per block in the transfer loop. Shared drop-path masks are inputs of the recomputed block and
+        its dropout draws are replayed (the RNG state is restored), so the step's losses and
+        gradients are those of the unchecked step."""
+        self.grad_checkpointing = enable
+        self.student.set_grad_checkpointing(enable)
+
+    def compile_blocks(self, **compile_kwargs) -> None:
+        """torch.compile the blocks: each student (and teacher) block for plain forwards, and the
+        per-layer teacher and student steps of the transfer loop. Same losses and gradients, faster
+        steps after the first (which compiles)."""
+        for vit in (self.student, self.teacher):
+            if vit is not None:
+                for blk in vit.blocks:
+                    blk.compile(**compile_kwargs)
+        self._teacher_layer = torch.compile(teacher_layer, **compile_kwargs)
+        self._student_layer = torch.compile(student_layer, **compile_kwargs)
 
     @property
     def may_leave_student_parameters_unused(self) -> bool:
@@ -451,32 +593,65 @@ class DualViT(nn.Module):
         if masks is None and self.training and self.share_drop_path:
             masks = self.draw_drop_path_masks(x.shape[0], x.device)
 
-        mode, t, s = self.mode, self.teacher, self.student
+        mode, t, s, impl = self.mode, self.teacher, self.student, self.attention_impl
+        checkpointed = self.grad_checkpointing and self.training and torch.is_grad_enabled()
         with torch.no_grad():
             tx = embed_tokens(t, x)
         sx = embed_tokens(s, x)
         loss = None
         for i, s_blk in enumerate(s.blocks):
             block_masks = masks[i] if masks is not None else None
-            attention = _plain_attention(s_blk.attn)
+            handed = None
             if i <= self.last_teacher_layer:
-                t_blk = t.blocks[i]
-                transferred = i in self.layers
-                t_attention = (partial(transfer_attention, t_blk.attn, expose=mode.exposes) if transferred
-                               else _plain_attention(t_blk.attn))
+                expose = mode.exposes if i in self.layers else None
                 with torch.no_grad():
-                    tx, handed = block_forward(t_blk, tx, t_attention, block_masks)
-                if transferred:
-                    attention = (partial(transfer_attention, s_blk.attn, given=handed) if mode.use == 'replace'
-                                 else partial(transfer_attention, s_blk.attn, expose=mode.exposes))
-            sx, captured = block_forward(s_blk, sx, attention, block_masks)
-            if captured:
-                layer_loss = transfer_loss(mode, captured, handed[mode.exposes])
+                    tx, handed = self._teacher_layer(t.blocks[i], tx, expose, impl, block_masks)
+            args = (mode, s_blk, sx, handed or None, impl, block_masks)
+            if checkpointed:
+                sx, layer_loss = torch.utils.checkpoint.checkpoint(self._student_layer, *args, use_reentrant=False)
+            else:
+                sx, layer_loss = self._student_layer(*args)
+            if layer_loss is not None:
                 loss = layer_loss if loss is None else loss + layer_loss
         logits = s.forward_head(s.norm(sx))
         if self.training and mode.use == 'loss':
             return logits, loss
         return logits
+
+
+def teacher_layer(
+        blk: Block,
+        x: Tensor,
+        expose: Optional[str],
+        impl: str,
+        masks: Optional[tuple[Optional[Tensor], Optional[Tensor]]],
+) -> tuple[Tensor, Captured]:
+    """One teacher block of the transfer loop: its output and what it hands over (``expose``)."""
+    attention = (partial(transfer_attention, blk.attn, expose=expose, impl=impl) if expose
+                 else _plain_attention(blk.attn))
+    return block_forward(blk, x, attention, masks)
+
+
+def student_layer(
+        mode: TransferMode,
+        blk: Block,
+        x: Tensor,
+        handed: Optional[Captured],
+        impl: str,
+        masks: Optional[tuple[Optional[Tensor], Optional[Tensor]]],
+) -> tuple[Tensor, Optional[Tensor]]:
+    """One student block of the transfer loop: its output and its transfer loss (None without one).
+
+    ``handed``: what the teacher's block handed over, None in a layer without transfer. A
+    ``replace`` mode uses it in place of the student's own activations; a ``loss`` mode compares."""
+    if handed is None:
+        attention = _plain_attention(blk.attn)
+    elif mode.use == 'replace':
+        attention = partial(transfer_attention, blk.attn, given=handed, impl=impl)
+    else:
+        attention = partial(transfer_attention, blk.attn, expose=mode.exposes, impl=impl)
+    x, captured = block_forward(blk, x, attention, masks)
+    return x, (transfer_loss(mode, captured, handed) if captured else None)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -547,6 +722,7 @@ def build_dual_vit(
         global_pool: Union[bool, str] = True,
         img_size: int = 224,
         share_drop_path: bool = True,
+        attention_impl: str = 'fused',
         teacher_kwargs: Optional[dict] = None,
         student_kwargs: Optional[dict] = None,
 ) -> DualViT:
@@ -567,7 +743,7 @@ def build_dual_vit(
             raise ValueError(f"mode {mode!r} needs a teacher model (--teacher_model or a dual_vit_* --model)")
         teacher = create_vit(teacher_model, drop_path_rate=0.0, **common, **teacher_kwargs)
     return DualViT(student, teacher, mode=mode, layers=transfer_layers, end_layer=end_layer,
-                   share_drop_path=share_drop_path)
+                   share_drop_path=share_drop_path, attention_impl=attention_impl)
 
 
 def _dual_factory(name: str) -> Callable[..., DualViT]:

@@ -2,8 +2,10 @@
 
 A step is forward, losses, backward and an AdamW update of the student. Each mode runs in its own
 child process so its peak memory is its own (CUDA: max allocated; CPU: peak resident set size).
-The last line is the ratio t(distill step) / (t(teacher forward) + t(plain student step)): what
-attention distillation costs beyond running a teacher beside a plain student (goal: <= 1.15).
+The last lines are the ratios t(distill step) / (t(teacher forward) + t(plain student step)) and
+t(copy step) / (same): what attention transfer costs beyond running a teacher beside a plain student
+(targets: <= 1.10 and <= 1.05). benchmarks/bench_memory.py runs it over input sizes and both
+attention implementations.
 
     python benchmarks/bench_step.py --model vit_tiny_patch16_224 --batch_size 32 --input_size 224
     python benchmarks/bench_step.py --model dual_vit_large_patch16 --batch_size 32 --device cuda --amp bf16
@@ -42,21 +44,33 @@ def get_args(argv=None):
     p.add_argument('--warmup', type=int, default=3, help='untimed steps per mode before timing')
     p.add_argument('--threads', type=int, default=0, help='CPU threads (0: torch default)')
     p.add_argument('--modes', default=','.join(MODES), help=f'comma-separated subset of {",".join(MODES)}')
+    p.add_argument('--attention_impl', default='fused', choices=['fused', 'explicit'],
+                   help='attention of the transfer modes: SDPA and the chunked loss, or explicit N x N maps')
     args = p.parse_args(argv)
     if args.amp is None:
         args.amp = 'bf16' if args.device.startswith('cuda') else 'none'
     return args
 
 
+def peak_memory(device: torch.device) -> int:
+    """Bytes: peak CUDA memory allocated since the last reset, or the process's peak resident set
+    size so far on CPU (Linux reports KiB)."""
+    if device.type == 'cuda':
+        return torch.cuda.max_memory_allocated()
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
 def measure(args, mode: str, queue) -> None:
-    """Child process: time ``mode`` and put (median seconds per step, peak bytes) on the queue."""
+    """Child process: time ``mode`` and put (median seconds per step, peak bytes, peak bytes before
+    the first step) on the queue."""
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     torch.manual_seed(0)
     transfer = 'distill' if mode == 'teacher_forward' else mode
     model = build_dual_vit(args.model, mode=transfer, drop_path_rate=args.drop_path, end_layer=args.end_layer,
-                           num_classes=args.nb_classes, img_size=args.input_size).to(device)
+                           num_classes=args.nb_classes, img_size=args.input_size,
+                           attention_impl=args.attention_impl).to(device)
     x = torch.randn(args.batch_size, 3, args.input_size, args.input_size, device=device)
     y = torch.randint(0, args.nb_classes, (args.batch_size,), device=device)
     dtype = {'bf16': torch.bfloat16, 'fp16': torch.float16}.get(args.amp)
@@ -85,6 +99,7 @@ def measure(args, mode: str, queue) -> None:
         if device.type == 'cuda':
             torch.cuda.synchronize()
 
+    before = peak_memory(device)
     for _ in range(args.warmup):
         step()
     sync()
@@ -96,11 +111,7 @@ def measure(args, mode: str, queue) -> None:
         step()
         sync()
         times.append(time.perf_counter() - t0)
-    if device.type == 'cuda':
-        peak = torch.cuda.max_memory_allocated()
-    else:
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    queue.put((statistics.median(times), peak))
+    queue.put((statistics.median(times), peak_memory(device), before))
 
 
 def main(args) -> dict:
@@ -115,15 +126,19 @@ def main(args) -> dict:
     memory = 'peak CUDA memory' if args.device.startswith('cuda') else 'peak RSS'
     device = torch.cuda.get_device_name() if args.device.startswith('cuda') else f'CPU x{torch.get_num_threads()}'
     print(f"\n{args.model}, batch {args.batch_size}, {args.input_size}px, {device}, amp {args.amp}, "
+          f"attention {args.attention_impl}, "
           f"end_layer {args.end_layer}, median of {args.steps} steps\n")
     print(f"| mode | ms / step | images / s | {memory} (GiB) |")
     print("| --- | ---: | ---: | ---: |")
-    for mode, (sec, peak) in results.items():
+    for mode, (sec, peak, _) in results.items():
         name = 'teacher forward (no grad)' if mode == 'teacher_forward' else f'{mode} step'
         print(f"| {name} | {sec * 1e3:.1f} | {args.batch_size / sec:.1f} | {peak / 2 ** 30:.2f} |")
     if {'teacher_forward', 'none', 'distill'} <= results.keys():
         ratio = results['distill'][0] / (results['teacher_forward'][0] + results['none'][0])
         print(f"\nt(distill step) / (t(teacher forward) + t(plain student step)) = {ratio:.3f}")
+    if {'teacher_forward', 'none', 'copy'} <= results.keys():
+        ratio = results['copy'][0] / (results['teacher_forward'][0] + results['none'][0])
+        print(f"t(copy step) / (t(teacher forward) + t(plain student step)) = {ratio:.3f}")
     return results
 
 
