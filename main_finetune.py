@@ -360,6 +360,16 @@ def load_initial_weights(model: DualViT, args, ckpt: dict | None) -> None:
             trunc_normal_(model.student.head.weight, std=2e-5)  # MAE's fine-tuning head initialisation
 
 
+def param_groups(model: DualViT | ProbeDistiller, args) -> list[dict]:
+    """The student's AdamW groups with layer-wise lr decay. Transfer modes count the layers as the
+    attention transfer reference groups its dual model (``num_layers = depth``: the last block shares
+    the head's scale); plain training and probe mode keep MAE's ``depth + 1``."""
+    transfer = args.mode != PROBE and get_transfer_mode(args.mode) is not None
+    num_layers = len(model.student.blocks) + (0 if transfer else 1)
+    return param_groups_lrd(model.student, args.weight_decay, model.student.no_weight_decay(), args.layer_decay,
+                            num_layers=num_layers)
+
+
 def restrict_to_qkv(student: torch.nn.Module) -> None:
     """--train_qkv: freeze everything but the qkv projections, the head and fc_norm."""
     for name, param in student.named_parameters():
@@ -538,7 +548,7 @@ def main(args) -> dict:
         raise ValueError(f"{len(dataset_train)} training images on {world} processes make no full batch of "
                          f"{args.batch_size}; lower --batch_size")
 
-    groups = param_groups_lrd(model.student, args.weight_decay, model.student.no_weight_decay(), args.layer_decay)
+    groups = param_groups(model, args)
     optimizer = torch.optim.AdamW(groups, lr=args.lr, betas=(0.9, args.beta2))
     mixup_fn = None
     if args.mixup_active:
