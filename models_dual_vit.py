@@ -21,7 +21,7 @@ import timm
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from timm.layers import Attention
+from timm.layers import Attention, trunc_normal_
 from timm.models.vision_transformer import Block, VisionTransformer
 
 from util.pretrained import LoadReport, load_pretrained_weights
@@ -547,6 +547,8 @@ def build_dual_vit(
         if teacher_model is None:
             raise ValueError(f"mode {mode!r} needs a teacher model (--teacher_model or a dual_vit_* --model)")
         teacher = create_vit(teacher_model, drop_path_rate=0.0, **common, **teacher_kwargs)
+        if student.cls_token is not None:  # the reference's class-token initialisation (timm's is std 1e-6)
+            trunc_normal_(student.cls_token, std=0.02)
     return DualViT(student, teacher, mode=mode, layers=transfer_layers, end_layer=end_layer,
                    share_drop_path=share_drop_path)
 

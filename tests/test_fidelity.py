@@ -3,6 +3,7 @@ from the stated rule, not with the code under test."""
 from types import SimpleNamespace
 
 import pytest
+import torch
 
 import main_finetune
 from models_dual_vit import build_dual_vit
@@ -33,3 +34,17 @@ def test_layer_decay_scales_per_parameter_name(mode, table):
     for name, value in scale.items():
         prefix = next(p for p in table if name.startswith(p))
         assert value == pytest.approx(decay ** table[prefix], rel=1e-12), name
+
+
+# ---- the student's class token: std 0.02 in transfer modes (the reference), timm's 1e-6 otherwise ------
+@pytest.mark.parametrize('mode', ['copy', 'distill', None])
+def test_student_class_token_initialisation(mode):
+    torch.manual_seed(0)
+    arch = dict(patch_size=16, embed_dim=768, depth=1, num_heads=12)
+    model = build_dual_vit('vit_base_patch16_224' if mode else None, 'vit_base_patch16_224', mode=mode,
+                           num_classes=3, img_size=32, teacher_kwargs=arch, student_kwargs=arch)
+    token = model.student.cls_token.detach().flatten()
+    if mode is None:
+        assert token.abs().max() < 1e-4  # timm's own
+    else:  # truncated normal, std 0.02 (truncated at +-2 absolute, i.e. not at all at this scale)
+        assert 0.017 < token.std().item() < 0.023 and token.abs().mean().item() > 0.01
