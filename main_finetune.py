@@ -47,9 +47,11 @@ from util.datasets import (
     ShardSampler,
     build_dataset,
     build_loader,
+    default_eval_crop_pct,
     wild_transform,
 )
 from util.distributed import barrier, destroy, get_rank, get_world_size, init_distributed_mode, is_main_process, log
+from util.errors import UserError
 from util.losses import ProbeCriterion, TransferCriterion, build_task_criterion
 from util.lr_decay import param_groups_lrd
 from util.pretrained import load_exact, load_pretrained_weights, read_checkpoint, trained_architecture
@@ -57,7 +59,8 @@ from util.run_control import RunControl
 
 # The arguments that define the model: --eval --resume takes them from the checkpoint.
 MODEL_ARGS = ('model', 'mode', 'teacher_model', 'student_model', 'model_kwargs', 'student_kwargs', 'input_size',
-              'nb_classes', 'global_pool', 'transfer_layers', 'end_layer', 'share_drop_path', 'probe_blocks')
+              'nb_classes', 'global_pool', 'transfer_layers', 'end_layer', 'share_drop_path', 'probe_blocks',
+              'eval_crop_pct')
 AMP_DTYPES = {'bf16': torch.bfloat16, 'fp16': torch.float16, 'none': None}
 PROBE = 'probe'
 # The Attention Probe reference's recipe (AdamW, lr 7.5e-4, weight decay 0.025, batch 256, no label
@@ -156,6 +159,10 @@ def get_args_parser() -> argparse.ArgumentParser:
     g.add_argument('--aa', type=str, default='rand-m9-mstd0.5-inc1', metavar='NAME',
                    help='AutoAugment policy, "v0" or "original" or a RandAugment string; "none" disables it '
                         '(default: rand-m9-mstd0.5-inc1)')
+    g.add_argument('--eval_crop_pct', type=float, default=None, metavar='FRACTION',
+                   help='evaluation: resize to input_size / FRACTION, then centre-crop input_size (default: 1.0 in '
+                        'probe mode and when the evaluation images already have the input size, else MAE\'s '
+                        '0.875 up to 224 px and 1.0 above); recorded in checkpoints')
     g.add_argument('--min_crop_scale', type=float, default=0.08,
                    help='smallest area fraction of the random-resized crop (default: 0.08, ImageNet\'s)')
     g.add_argument('--hflip', type=float, default=0.5, help='probability of a horizontal flip (default: 0.5)')
@@ -283,6 +290,11 @@ def resolve_args(args, read_resume: bool = True) -> tuple[dict | None, str | Non
         if not os.path.isdir(os.path.join(root, split)):
             raise DataError(f"{split} data not found: {os.path.join(root, split)!r} is not a directory. "
                             f"Expected the layout {LAYOUT}.")
+    if args.eval_crop_pct is None:
+        args.eval_crop_pct = default_eval_crop_pct(args.input_size, os.path.join(args.eval_data_path, 'val'), probe)
+    if not 0.0 < args.eval_crop_pct <= 1.0:
+        raise UserError(f"--eval_crop_pct {args.eval_crop_pct}: the crop fraction must be in (0, 1] (1.0: evaluate "
+                        "the image at the input size, uncropped; 0.875: MAE's ImageNet evaluation)")
 
     transfer = None if probe else get_transfer_mode(args.mode)
     if args.finetune and not os.path.isfile(args.finetune):

@@ -1,12 +1,18 @@
 """Fidelity to what the authors ran (issue 12): each test compares with a computation written here
 from the stated rule, not with the code under test."""
+import os
 from types import SimpleNamespace
 
+import numpy as np
 import pytest
 import torch
+from helpers import make_image_folder, tiny_args
+from PIL import Image
 
 import main_finetune
 from models_dual_vit import build_dual_vit
+from util.datasets import build_dataset, default_eval_crop_pct
+from util.errors import UserError
 
 ARCH = dict(patch_size=8, embed_dim=48, depth=4, num_heads=3)
 
@@ -48,3 +54,43 @@ def test_student_class_token_initialisation(mode):
         assert token.abs().max() < 1e-4  # timm's own
     else:  # truncated normal, std 0.02 (truncated at +-2 absolute, i.e. not at all at this scale)
         assert 0.017 < token.std().item() < 0.023 and token.abs().mean().item() > 0.01
+
+
+# ---- evaluation crop: 1.0 for images that already have the input size / probe mode, MAE's 0.875 otherwise ----
+def expected_eval_tensor(image: Image.Image, size: int, crop_pct: float) -> torch.Tensor:
+    """Bicubic resize of the shorter side to int(size / crop_pct), centre crop, then ImageNet normalisation,
+    written with PIL and numpy."""
+    side = int(size / crop_pct)
+    w, h = image.size
+    new = (side, int(side * h / w)) if w <= h else (int(side * w / h), side)
+    image = image.resize(new, Image.BICUBIC) if new != image.size else image
+    left, top = int(round((image.size[0] - size) / 2.0)), int(round((image.size[1] - size) / 2.0))
+    pixels = np.asarray(image.crop((left, top, left + size, top + size)), dtype=np.float32) / 255.0
+    mean, std = np.array([0.485, 0.456, 0.406]), np.array([0.229, 0.224, 0.225])
+    return torch.from_numpy(((pixels - mean) / std).transpose(2, 0, 1).astype(np.float32))
+
+
+@pytest.mark.parametrize('image_size,probe,expected_pct', [(32, False, 1.0), (32, True, 1.0), (48, False, 0.875),
+                                                           (48, True, 1.0)])
+def test_eval_crop_default_and_transform(tmp_path, image_size, probe, expected_pct):
+    data = make_image_folder(str(tmp_path / 'data'), classes=3, train_per_class=1, val_per_class=2, size=image_size)
+    assert default_eval_crop_pct(32, os.path.join(data, 'val'), probe) == expected_pct
+    dataset = build_dataset(False, SimpleNamespace(input_size=32, nb_classes=3, data_path=data,
+                                                   eval_crop_pct=expected_pct))
+    path, _ = dataset.samples[0]
+    torch.testing.assert_close(dataset[0][0], expected_eval_tensor(Image.open(path).convert('RGB'), 32, expected_pct),
+                               atol=1e-6, rtol=0)
+    if image_size == 32:  # the image as it is: no resampling at all
+        raw = torch.from_numpy(np.asarray(Image.open(path).convert('RGB'), dtype=np.float32) / 255.0)
+        assert torch.allclose(dataset[0][0][0], (raw[..., 0] - 0.485) / 0.229, atol=1e-6)
+
+
+def test_eval_crop_is_resolved_recorded_and_checked(tmp_path):
+    data = make_image_folder(str(tmp_path / 'data'), classes=3, train_per_class=2, val_per_class=1)
+    args = main_finetune.get_args_parser().parse_args(tiny_args(data, str(tmp_path / 'out')))
+    main_finetune.resolve_args(args)
+    assert args.eval_crop_pct == 1.0  # 32x32 images at --input_size 32
+    args = main_finetune.get_args_parser().parse_args(tiny_args(data, str(tmp_path / 'out'), '--eval_crop_pct', '0'))
+    with pytest.raises(UserError, match='--eval_crop_pct'):
+        main_finetune.resolve_args(args)
+    assert 'eval_crop_pct' in main_finetune.MODEL_ARGS  # --eval --resume takes the checkpoint's

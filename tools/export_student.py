@@ -24,6 +24,7 @@ from timm.data.constants import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD  # n
 from timm.models._hub import save_for_hf  # noqa: E402
 
 from models_dual_vit import TRANSFER_MODES, create_vit, resolve_model_name  # noqa: E402
+from util.datasets import mae_eval_crop_pct  # noqa: E402
 from util.pretrained import load_exact, read_checkpoint, trained_architecture  # noqa: E402
 
 
@@ -57,7 +58,8 @@ def export(checkpoint_path: str, output: str, use_ema: bool = False) -> dict:
                               if k not in ('tag', 'hf_hub_id', 'url', 'license')}
     size = arch['input_size']
     data_config = dict(input_size=(3, size, size), interpolation='bicubic', mean=IMAGENET_DEFAULT_MEAN,
-                       std=IMAGENET_DEFAULT_STD, crop_pct=224 / 256 if size <= 224 else 1.0, crop_mode='center')
+                       std=IMAGENET_DEFAULT_STD, crop_pct=arch['eval_crop_pct'] or mae_eval_crop_pct(size),
+                       crop_mode='center')
     save_for_hf(student, output, model_args=model_args, safe_serialization=True, data_config=data_config)
     return {'architecture': name, 'num_classes': arch['nb_classes'], 'model_args': model_args, 'weights': key}
 

@@ -74,9 +74,37 @@ def image_folder(root: str, transform, split: str) -> RobustImageFolder:
         raise DataError(f"{split} data at {root!r}: {e}. Expected the layout {LAYOUT}.") from e
 
 
+def mae_eval_crop_pct(input_size: int) -> float:
+    """MAE's evaluation crop fraction for ImageNet-size inputs: 0.875 up to 224 px, 1.0 above."""
+    return 224 / 256 if input_size <= 224 else 1.0
+
+
+def first_image_size(root: str) -> Optional[tuple[int, int]]:
+    """(width, height) of the first image under ``root`` in sorted order, or None if there is none."""
+    for folder, dirs, files in os.walk(root):
+        dirs.sort()
+        for name in sorted(files):
+            if name.lower().endswith(IMG_EXTENSIONS):
+                try:
+                    with Image.open(os.path.join(folder, name)) as image:
+                        return image.size
+                except (OSError, SyntaxError, ValueError):
+                    continue
+    return None
+
+
+def default_eval_crop_pct(input_size: int, val_root: str, probe: bool = False) -> float:
+    """1.0 in probe mode (the Attention Probe reference evaluates its 32x32 images as they are) and where
+    the evaluation images already have the input size; MAE's rule otherwise."""
+    if probe or first_image_size(val_root) == (input_size, input_size):
+        return 1.0
+    return mae_eval_crop_pct(input_size)
+
+
 def build_transform(is_train: bool, args) -> transforms.Compose:
     """MAE's transforms: RandAugment, random erasing and a bicubic random-resized crop for training;
-    bicubic resize to input_size / 0.875 (above 224 px: no margin) and a centre crop for evaluation."""
+    for evaluation a bicubic resize to input_size / eval_crop_pct and a centre crop (``args.eval_crop_pct``;
+    MAE's rule when unset: 0.875 up to 224 px, no margin above)."""
     if is_train:
         return create_transform(
             input_size=args.input_size, is_training=True, color_jitter=args.color_jitter,
@@ -84,7 +112,7 @@ def build_transform(is_train: bool, args) -> transforms.Compose:
             auto_augment=args.aa if args.aa not in (None, '', 'none') else None, interpolation='bicubic',
             re_prob=args.reprob, re_mode=args.remode, re_count=args.recount,
             mean=IMAGENET_DEFAULT_MEAN, std=IMAGENET_DEFAULT_STD)
-    crop_pct = 224 / 256 if args.input_size <= 224 else 1.0
+    crop_pct = getattr(args, 'eval_crop_pct', None) or mae_eval_crop_pct(args.input_size)
     return transforms.Compose([
         transforms.Resize(int(args.input_size / crop_pct), interpolation=transforms.InterpolationMode.BICUBIC),
         transforms.CenterCrop(args.input_size),

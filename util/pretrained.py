@@ -156,4 +156,5 @@ def trained_architecture(checkpoint: Any) -> dict | None:
     kwargs = dict(args.get('student_kwargs') or {}) if args.get('student_model') else {
         **(args.get('model_kwargs') or {}), **(args.get('student_kwargs') or {})}
     return dict(model=name, model_kwargs=kwargs, nb_classes=args.get('nb_classes'),
-                input_size=args.get('input_size'), global_pool=args.get('global_pool', True))
+                input_size=args.get('input_size'), global_pool=args.get('global_pool', True),
+                eval_crop_pct=args.get('eval_crop_pct'))
