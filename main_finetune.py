@@ -65,15 +65,21 @@ AMP_DTYPES = {'bf16': torch.bfloat16, 'fp16': torch.float16, 'none': None}
 PROBE = 'probe'
 # The Attention Probe reference's recipe (AdamW, lr 7.5e-4, weight decay 0.025, batch 256, no label
 # tricks); --mode probe applies it to every one of these flags the command line does not set.
+# Its models classify from the class token (the attention probe reads that token) and its lr steps down
+# x0.1 at epoch 200; without --epochs, the epochs come from --presentations (see probe_epochs).
 PROBE_DEFAULTS = dict(lr=7.5e-4, weight_decay=0.025, batch_size=256, layer_decay=1.0, warmup_epochs=0,
-                      min_lr=0.0, smoothing=0.0, drop_path=0.0, aa='none', reprob=0.0, mixup=0.0, cutmix=0.0)
+                      min_lr=0.0, smoothing=0.0, drop_path=0.0, aa='none', reprob=0.0, mixup=0.0, cutmix=0.0,
+                      global_pool=False, sched='step')
+# The reference's training budget: 320,000 iterations of 512 images (251 epochs for 650,000 selected images).
+PROBE_PRESENTATIONS = 320000 * 512
 
 
 def get_args_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser('Attention transfer / ViT fine-tuning', add_help=False)
     p.add_argument('--batch_size', default=64, type=int,
                    help='batch size per GPU (effective batch size is batch_size * accum_iter * # gpus)')
-    p.add_argument('--epochs', default=50, type=int, help='number of training epochs')
+    p.add_argument('--epochs', default=50, type=int,
+                   help='number of training epochs (probe mode: default from --presentations)')
     p.add_argument('--accum_iter', default=1, type=int,
                    help='accumulate gradients over this many iterations (a larger effective batch in less memory)')
 
@@ -132,6 +138,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     g.add_argument('--probe_blocks', default=None, type=str,
                    help='teacher blocks whose features the patch probe compares, e.g. 3,7,11 (default: 1/3, 2/3 '
                         'and the last block); student blocks are matched by relative depth')
+    g.add_argument('--presentations', default=PROBE_PRESENTATIONS, type=int,
+                   help='probe mode without --epochs: train int(presentations / training images) - 1 epochs, as the '
+                        'reference (default 320000 x 512: 251 epochs for 650,000 selected images)')
     g.add_argument('--probe_norm', default='tokens', choices=['tokens', 'channels'],
                    help='L2-normalise features along the token axis (the reference) or the channel axis')
 
@@ -146,6 +155,12 @@ def get_args_parser() -> argparse.ArgumentParser:
     g.add_argument('--layer_decay', type=float, default=0.75, help='layer-wise lr decay from ELECTRA/BEiT')
     g.add_argument('--min_lr', type=float, default=1e-6, metavar='LR',
                    help='lower lr bound for cyclic schedulers that hit 0')
+    g.add_argument('--sched', default='cosine', choices=['cosine', 'step'],
+                   help='lr schedule after warmup: half-cycle cosine to --min_lr (MAE), or steps of --step_rate at '
+                        '--step_epochs (the Attention Probe reference; the default in probe mode)')
+    g.add_argument('--step_epochs', default=[200], type=int, nargs='+', metavar='EPOCH',
+                   help='--sched step: epochs at which the lr is multiplied by --step_rate (default: 200)')
+    g.add_argument('--step_rate', default=0.1, type=float, help='--sched step: lr factor at each step epoch')
     g.add_argument('--warmup_epochs', type=int, default=5, metavar='N', help='epochs to warm up the lr')
     g.add_argument('--ema', default=None, type=float, metavar='ALPHA',
                    help='EMA decay of the student (default: None, no EMA); evaluated beside the raw weights')
@@ -251,6 +266,11 @@ def apply_probe_defaults(args) -> None:
     for key, value in PROBE_DEFAULTS.items():
         if key not in explicit:
             setattr(args, key, value)
+
+
+def probe_epochs(num_images: int, presentations: int = PROBE_PRESENTATIONS) -> int:
+    """The reference's epochs for a training set of ``num_images``: ``int(presentations / num_images) - 1``."""
+    return max(int(presentations / num_images) - 1, 1)
 
 
 def resolve_args(args, read_resume: bool = True) -> tuple[dict | None, str | None]:
@@ -553,6 +573,10 @@ def main(args) -> dict:
         args.lr = args.blr * eff_batch_size / 256
     log(f"base lr: {args.lr * 256 / eff_batch_size:.2e}  actual lr: {args.lr:.2e}  "
         f"accumulate grad iterations: {args.accum_iter}  effective batch size: {eff_batch_size}")
+    if args.mode == PROBE and 'epochs' not in (getattr(args, 'explicit_flags', None) or ['epochs']):
+        args.epochs = probe_epochs(len(dataset_train), args.presentations)
+        log(f"probe mode: {args.epochs} epochs = int({args.presentations} presentations / {len(dataset_train)} "
+            "training images) - 1, as the reference (give --epochs to choose)")
     sampler_train = ResumableDistributedSampler(dataset_train, world, rank, shuffle=True, seed=args.seed)
     loader_train = build_loader(dataset_train, sampler_train, args, train=True)
     steps_per_epoch = sampler_train.num_samples // args.batch_size  # the loader drops the last partial batch

@@ -24,6 +24,7 @@ import json
 import math
 import os
 import time
+import warnings
 
 import torch
 import torch.nn.functional as F
@@ -159,6 +160,11 @@ def build_teacher(args):
     if not args.nb_classes:
         raise ValueError(f"{args.teacher} does not record its number of classes: give --nb_classes")
     pool = False if args.cls_token else arch.get('global_pool', True)
+    if pool not in (False, 'token'):
+        warnings.warn(f"{args.teacher}: the teacher classifies from {pool!r} pooling of the tokens, not from the class "
+                      "token, so the attention probe (the class token's attention) measures a token its head never "
+                      "reads. Attention Probe's teachers classify from the class token: train the teacher with "
+                      "--cls_token (or pass --cls_token here if this one does).", stacklevel=1)
     teacher = create_vit(args.model, num_classes=args.nb_classes, global_pool=pool, img_size=args.input_size,
                          **kwargs)
     report = load_pretrained_weights(teacher, args.teacher, use_ema=args.use_teacher_ema, checkpoint=checkpoint)

@@ -1,6 +1,7 @@
 """Fidelity to what the authors ran (issue 12): each test compares with a computation written here
 from the stated rule, not with the code under test."""
 import os
+import warnings
 from types import SimpleNamespace
 
 import numpy as np
@@ -10,9 +11,12 @@ from helpers import make_image_folder, tiny_args
 from PIL import Image
 
 import main_finetune
-from models_dual_vit import build_dual_vit
+import select_wild_data
+from models_dual_vit import build_dual_vit, create_vit
+from util.args import explicit_flags
 from util.datasets import build_dataset, default_eval_crop_pct
 from util.errors import UserError
+from util.lr_sched import lr_at
 
 ARCH = dict(patch_size=8, embed_dim=48, depth=4, num_heads=3)
 
@@ -94,3 +98,47 @@ def test_eval_crop_is_resolved_recorded_and_checked(tmp_path):
     with pytest.raises(UserError, match='--eval_crop_pct'):
         main_finetune.resolve_args(args)
     assert 'eval_crop_pct' in main_finetune.MODEL_ARGS  # --eval --resume takes the checkpoint's
+
+
+# ---- probe mode: budget in image presentations, step schedule, class-token models ------------------------
+def test_probe_epochs_from_presentations():
+    assert main_finetune.probe_epochs(650000) == 251  # the reference: int(320000 * 512 / 650000) - 1
+    assert main_finetune.probe_epochs(400, 96000) == 239
+
+
+def test_step_schedule():
+    args = SimpleNamespace(lr=7.5e-4, min_lr=0.0, warmup_epochs=0, epochs=251, sched='step', step_epochs=[200],
+                           step_rate=0.1)
+    for epoch, expected in ((0.0, 7.5e-4), (150.5, 7.5e-4), (199.99, 7.5e-4), (200.0, 7.5e-5), (250.9, 7.5e-5)):
+        assert lr_at(epoch, args.lr, args.min_lr, args.warmup_epochs, args.epochs, args.sched, args.step_epochs,
+                     args.step_rate) == pytest.approx(expected, rel=1e-12), epoch
+    args.step_epochs = [100, 200]
+    assert lr_at(210.0, 1.0, 0.0, 0, 251, 'step', [100, 200], 0.1) == pytest.approx(0.01)
+
+
+def test_probe_defaults_class_token_and_step_schedule(tmp_path):
+    parser = main_finetune.get_args_parser()
+    argv = ['--mode', 'probe', '--eval_data_path', 'x']
+    args = parser.parse_args(argv)
+    args.explicit_flags = explicit_flags(parser, argv)
+    main_finetune.apply_probe_defaults(args)
+    assert args.global_pool is False and args.sched == 'step' and args.step_epochs == [200]
+    argv += ['--global_pool', '--sched', 'cosine']
+    args = parser.parse_args(argv)
+    args.explicit_flags = explicit_flags(parser, argv)
+    main_finetune.apply_probe_defaults(args)
+    assert args.global_pool is True and args.sched == 'cosine'
+
+
+@pytest.mark.parametrize('pool,warns', [('avg', True), ('token', False)])
+def test_selection_warns_when_the_teacher_pools_by_average(tmp_path, pool, warns):
+    teacher = create_vit('vit_base_patch16_224', num_classes=3, global_pool=pool, img_size=32, **ARCH)
+    path = str(tmp_path / 'teacher.pth')
+    torch.save({'model': teacher.state_dict(), 'args': {'model': 'vit_base_patch16_224', 'model_kwargs': ARCH,
+                                                        'nb_classes': 3, 'input_size': 32,
+                                                        'global_pool': pool == 'avg'}}, path)
+    args = select_wild_data.get_args_parser().parse_args(['--teacher', path, '--wild_path', 'w', '--output', 'o'])
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter('always')
+        select_wild_data.build_teacher(args)
+    assert any('--cls_token' in str(w.message) for w in caught) == warns
