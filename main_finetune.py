@@ -281,6 +281,11 @@ def resolve_args(args, read_resume: bool = True) -> tuple[dict | None, str | Non
     args.student_kwargs = parse_kwargs(args.student_kwargs, '--student_kwargs')
     path = resume_path(args.resume, args.output_dir)
     ckpt = load_training_checkpoint(path) if path and read_resume else None
+    if ckpt is not None and 'converted_from' in ckpt and not args.eval:
+        raise UserError(f"--resume {path!r} is a checkpoint of the attention transfer reference's dual model: its "
+                        "optimizer state does not map onto this project's student, so training cannot continue from "
+                        "it. Evaluate it with --eval --resume, ensemble it with --ensemble_with, export its student "
+                        "with tools/export_student.py, or start a new run from its student with --finetune.")
     if ckpt is not None and args.eval and isinstance(ckpt.get('args'), dict):
         for key in MODEL_ARGS:
             if key in ckpt['args']:

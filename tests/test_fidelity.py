@@ -1,22 +1,28 @@
 """Fidelity to what the authors ran (issue 12): each test compares with a computation written here
 from the stated rule, not with the code under test."""
+import argparse
+import copy
 import os
 import warnings
 from types import SimpleNamespace
 
 import numpy as np
 import pytest
+import timm
 import torch
-from helpers import make_image_folder, tiny_args
+import torch.nn.functional as F
+from helpers import TINY_KWARGS, make_image_folder, tiny_args
 from PIL import Image
 
 import main_finetune
 import select_wild_data
-from models_dual_vit import build_dual_vit, create_vit
+from models_dual_vit import DualViT, build_dual_vit, create_vit
+from tools import export_student
 from util.args import explicit_flags
 from util.datasets import build_dataset, default_eval_crop_pct
 from util.errors import UserError
 from util.lr_sched import lr_at
+from util.pretrained import load_pretrained_weights
 
 ARCH = dict(patch_size=8, embed_dim=48, depth=4, num_heads=3)
 
@@ -142,3 +148,75 @@ def test_selection_warns_when_the_teacher_pools_by_average(tmp_path, pool, warns
         warnings.simplefilter('always')
         select_wild_data.build_teacher(args)
     assert any('--cls_token' in str(w.message) for w in caught) == warns
+
+
+# ---- checkpoints of the attention transfer reference (the whole dual model) -------------------------------
+def reference_checkpoint(path: str, mode: str) -> DualViT:
+    """A checkpoint in the reference's layout: model = teacher.* and student.* of the dual model,
+    model_ema = the EMA of the dual model (ModelEmaV2: module.*), args = a Namespace whose end_layer
+    the released code ignored (its model transfers depth - 3 layers)."""
+    torch.manual_seed(1)
+    dual = build_dual_vit('vit_base_patch16_224', mode=mode, num_classes=3, img_size=32, end_layer=-3,
+                          teacher_kwargs=ARCH)
+    ema = copy.deepcopy(dual)
+    with torch.no_grad():
+        for p in ema.student.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    state = {**{f'teacher.{k}': v for k, v in dual.teacher.state_dict().items()},
+             **{f'student.{k}': v for k, v in dual.student.state_dict().items()}}
+    ema_state = {f'module.teacher.{k}': v for k, v in ema.teacher.state_dict().items()}
+    ema_state.update({f'module.student.{k}': v for k, v in ema.student.state_dict().items()})
+    args = argparse.Namespace(model='vit_base_patch16_224', mode=mode, nb_classes=3, input_size=32, global_pool=True,
+                              end_layer=-1, drop_path=0.1, model_kwargs=ARCH)
+    torch.save({'model': state, 'model_ema': ema_state, 'optimizer': {'state': {}, 'param_groups': []},
+                'epoch': 99, 'scaler': {}, 'args': args}, path)
+    dual.ema_student = ema.student
+    return dual
+
+
+def expected_eval(model, data: str) -> tuple[float, float]:
+    """Mean cross-entropy and top-1 of ``model`` on data/val, images as they are (32x32 at input 32)."""
+    dataset = build_dataset(False, SimpleNamespace(input_size=32, nb_classes=3, data_path=data, eval_crop_pct=1.0))
+    x = torch.stack([dataset[i][0] for i in range(len(dataset))])
+    y = torch.tensor([dataset[i][1] for i in range(len(dataset))])
+    with torch.no_grad():
+        logits = model.eval()(x)
+    return F.cross_entropy(logits, y).item(), 100.0 * (logits.argmax(1) == y).float().mean().item()
+
+
+def test_reference_checkpoints_evaluate_finetune_ensemble_and_export(tmp_path):
+    data = make_image_folder(str(tmp_path / 'data'), classes=3, train_per_class=1, val_per_class=6)
+    copy_path, distill_path = str(tmp_path / 'copy.pth'), str(tmp_path / 'distill.pth')
+    copy_model, distill_model = reference_checkpoint(copy_path, 'copy'), reference_checkpoint(distill_path, 'distill')
+    common = ['--data_path', data, '--device', 'cpu', '--num_workers', '0', '--model_kwargs', *TINY_KWARGS]
+
+    # --eval --resume: the copy student runs beside the teacher in the released code's 1 of 4 layers
+    stats = main_finetune.run(['--eval', '--resume', copy_path, *common])
+    assert copy_model.layers == [0]
+    loss, acc = expected_eval(copy_model, data)
+    assert stats['test_loss'] == pytest.approx(loss, rel=1e-5) and stats['test_acc1'] == pytest.approx(acc)
+    ema_loss, _ = expected_eval(copy_model.with_student(copy_model.ema_student), data)
+    assert stats['ema_test_loss'] == pytest.approx(ema_loss, rel=1e-5) and abs(ema_loss - loss) > 1e-4
+
+    # a distill student evaluates alone; --ensemble_with reads the same layout
+    stats = main_finetune.run(['--eval', '--resume', distill_path, *common, '--ensemble_with', distill_path])
+    loss, acc = expected_eval(distill_model.student, data)
+    assert stats['test_loss'] == pytest.approx(loss, rel=1e-5)
+    assert stats['ensemble_test_loss'] == pytest.approx(loss, rel=1e-5)
+
+    # --finetune takes the student
+    vit = create_vit('vit_base_patch16_224', num_classes=3, img_size=32, **ARCH)
+    load_pretrained_weights(vit, distill_path)
+    for k, v in distill_model.student.state_dict().items():
+        assert torch.equal(vit.state_dict()[k], v), k
+
+    # export: the EMA student, as a standalone timm model
+    export_student.export(distill_path, str(tmp_path / 'exported'), use_ema=True)
+    exported = timm.create_model('local-dir:' + str(tmp_path / 'exported'), pretrained=True)
+    for k, v in distill_model.ema_student.state_dict().items():
+        assert torch.equal(exported.state_dict()[k], v), k
+
+    # training cannot continue from it (the optimizer state is the dual model's): a clear error
+    args = main_finetune.get_args_parser().parse_args(tiny_args(data, str(tmp_path / 'out'), '--resume', copy_path))
+    with pytest.raises(UserError, match='--resume'):
+        main_finetune.resolve_args(args)

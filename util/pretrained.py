@@ -37,7 +37,8 @@ class CheckpointMismatchError(ValueError):
 
 
 def read_checkpoint(path: str) -> Any:
-    """The object stored in a ``.pth`` / ``.safetensors`` file, on the CPU."""
+    """The object stored in a ``.pth`` / ``.safetensors`` file, on the CPU; a checkpoint of the attention
+    transfer reference's dual model comes back in this project's layout (see ``from_reference_layout``)."""
     if not os.path.isfile(path):
         raise FileNotFoundError(f"checkpoint not found: {path!r}")
     if path.endswith('.safetensors'):
@@ -45,10 +46,55 @@ def read_checkpoint(path: str) -> Any:
     try:
         # MAE and DeiT checkpoints store their argparse.Namespace of arguments beside the weights.
         with torch.serialization.safe_globals([argparse.Namespace]):
-            return torch.load(path, map_location='cpu', weights_only=True)
+            checkpoint = torch.load(path, map_location='cpu', weights_only=True)
     except Exception as e:
         raise ValueError(f"cannot read checkpoint {path!r} ({type(e).__name__}: {e}); "
                          "expected a torch .pth file or a .safetensors file") from e
+    return from_reference_layout(checkpoint)
+
+
+# The attention transfer reference's DualVisionTransformer: its state dict is teacher.* and student.*.
+DUAL_PREFIXES = ('student.', 'teacher.')
+# What the released model transferred, whatever its arguments say: its main_finetune.py never passes
+# --end_layer, and the model's own default is -3.
+REFERENCE_END_LAYER = -3
+
+
+def _is_dual(state_dict: Any) -> bool:
+    return (isinstance(state_dict, dict) and bool(state_dict)
+            and all(isinstance(k, str) and k.startswith(DUAL_PREFIXES) for k in state_dict)
+            and any(k.startswith('student.') for k in state_dict))
+
+
+def _part(state_dict: dict, prefix: str) -> dict:
+    return {k[len(prefix):]: v for k, v in state_dict.items() if k.startswith(prefix)}
+
+
+def from_reference_layout(checkpoint: Any) -> Any:
+    """A checkpoint of the attention transfer reference (the whole dual model under ``model``, an EMA of
+    it under ``model_ema``, arguments as a Namespace) in this project's layout: ``model`` and
+    ``model_ema`` hold the student, ``teacher`` the teacher in copy modes (whose students use it at
+    evaluation), ``args`` a dict with the transferred layers the released code used (end_layer -3).
+    Any other checkpoint is returned unchanged."""
+    if not isinstance(checkpoint, dict) or not _is_dual(clean_state_dict(checkpoint.get('model') or {})):
+        return checkpoint
+    model = clean_state_dict(checkpoint['model'])
+    out = {k: v for k, v in checkpoint.items() if k not in ('model', *EMA_ENTRIES, 'args', 'optimizer')}
+    out['model'] = _part(model, 'student.')
+    args = checkpoint.get('args')
+    args = dict(vars(args)) if isinstance(args, argparse.Namespace) else dict(args or {})
+    mode = args.get('mode') or ''
+    if 'copy' in mode and any(k.startswith('teacher.') for k in model):
+        out['teacher'] = _part(model, 'teacher.')
+    for key in EMA_ENTRIES:
+        ema = checkpoint.get(key)
+        if isinstance(ema, dict) and _is_dual(clean_state_dict(ema)):
+            out['model_ema'] = _part(clean_state_dict(ema), 'student.')
+    if args:
+        args.update(end_layer=REFERENCE_END_LAYER, transfer_layers=None)
+        out['args'] = args
+    out['converted_from'] = 'attention transfer reference (dual model)'
+    return out
 
 
 def select_state_dict(checkpoint: Any, use_ema: bool = False, source: str = 'checkpoint') -> dict:
