@@ -29,6 +29,7 @@ from torch.utils.tensorboard import SummaryWriter
 from engine_finetune import evaluate, evaluate_ensemble, train_one_epoch
 from models_dual_vit import MODE_CHOICES, DualViT, build_dual_vit, create_vit, get_transfer_mode, resolve_model_name
 from models_probe import ProbeDistiller, build_probe_distiller
+from select_wild_data import training_class_weights
 from util.args import explicit_flags, parse_kwargs
 from util.checkpoint import (
     load_training_checkpoint,
@@ -128,6 +129,10 @@ def get_args_parser() -> argparse.ArgumentParser:
     g.add_argument('--robust', action='store_true',
                    help='weight each image\'s KD term by the class-balance weight of the teacher\'s prediction '
                         '(the selection\'s weights plus uniform noise in [0, 0.1))')
+    g.add_argument('--class_weights', default='augmented', choices=['augmented', 'selection'],
+                   help='--robust: class-balance weights from a pass over the selection with the training '
+                        'augmentation, as the reference (cached beside the selection), or from the unaugmented '
+                        'scoring pass stored in the selection file')
     g.add_argument('--no_noise_adaptation', action='store_false', dest='noise_adaptation',
                    help='drop the noise adaptation layer (DFND) and its NLL loss')
     g.add_argument('--noise_lr', default=1e-3, type=float, help='Adam lr of the noise adaptation parameters')
@@ -450,7 +455,18 @@ def build_criterion(args, model, loader_val, device, amp_dtype) -> torch.nn.Modu
             "set --teacher_acc to use a known value instead)")
     weights = None
     if args.robust:
-        clean = read_checkpoint(args.selection)['class_weights'].float()
+        if args.class_weights == 'augmented':
+            if is_main_process():
+                clean = training_class_weights(model.teacher, args.selection, args.finetune, args.input_size,
+                                               args.hflip, args.seed, args.batch_size, args.device, amp_dtype)
+            barrier()
+            if not is_main_process():  # rank 0 wrote the cache
+                clean = training_class_weights(model.teacher, args.selection, args.finetune, args.input_size,
+                                               args.hflip, args.seed, args.batch_size, args.device, amp_dtype)
+            log("class-balance weights from an augmented pass over the selection: "
+                + ' '.join(f"{w:.3f}" for w in clean.tolist()[:20]) + (' ...' if len(clean) > 20 else ''))
+        else:
+            clean = read_checkpoint(args.selection)['class_weights'].float()
         generator = torch.Generator().manual_seed(args.seed)
         weights = clean + torch.rand(clean.shape, generator=generator) * 0.1
     return ProbeCriterion(args.nb_classes, args.kd_temperature, args.patchattn, args.noise_adaptation,

@@ -11,8 +11,9 @@ import pytest
 import timm
 import torch
 import torch.nn.functional as F
-from helpers import TINY_KWARGS, make_image_folder, tiny_args
+from helpers import TINY_KWARGS, make_image_folder, make_teacher_checkpoint, tiny_args
 from PIL import Image
+from torchvision import transforms
 
 import main_finetune
 import select_wild_data
@@ -220,3 +221,46 @@ def test_reference_checkpoints_evaluate_finetune_ensemble_and_export(tmp_path):
     args = main_finetune.get_args_parser().parse_args(tiny_args(data, str(tmp_path / 'out'), '--resume', copy_path))
     with pytest.raises(UserError, match='--resume'):
         main_finetune.resolve_args(args)
+
+
+# ---- class weights from an augmented pass over the selection (the reference) ---------------------------
+def test_class_weights_from_an_augmented_pass(tmp_path):
+    classes = 3
+    teacher_path = make_teacher_checkpoint(str(tmp_path / 'teacher.pth'), classes=classes)
+    ckpt = torch.load(teacher_path)
+    ckpt['args'] = {'model': 'vit_base_patch16_224', 'model_kwargs': ARCH, 'nb_classes': classes, 'input_size': 32,
+                    'global_pool': True, 'mode': None}
+    torch.save(ckpt, teacher_path)
+    wild = make_image_folder(str(tmp_path / 'wild'), classes=classes, train_per_class=6, val_per_class=0, size=40)
+    selection_path = str(tmp_path / 'selection.pth')
+    select_args = select_wild_data.get_args_parser().parse_args(
+        ['--teacher', teacher_path, '--wild_path', wild, '--output', selection_path, '--num_select', '12',
+         '--batch_size', '5', '--num_workers', '0', '--device', 'cpu'])
+    with warnings.catch_warnings():
+        warnings.simplefilter('ignore')
+        selection = select_wild_data.main(select_args)
+        teacher = select_wild_data.build_teacher(select_args)
+    weights = select_wild_data.training_class_weights(teacher, selection_path, teacher_path, 32, 0.5, 7, 5, 'cpu')
+
+    # independent: torch seeded with 7, each selected image in order through resize 32x32, pad-4 random crop,
+    # flip with probability 0.5, ImageNet normalisation; the teacher's softmax summed; inverse, sum = classes
+    augment = transforms.Compose([transforms.Resize((32, 32)), transforms.RandomCrop(32, padding=4),
+                                  transforms.RandomHorizontalFlip(0.5), transforms.ToTensor(),
+                                  transforms.Normalize((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))])
+    torch.manual_seed(7)
+    images = [augment(Image.open(os.path.join(selection['root'], selection['paths'][i])).convert('RGB'))
+              for i in selection['selected'].tolist()]
+    with torch.no_grad():
+        sums = teacher(torch.stack(images)).softmax(dim=1).double().sum(dim=0)
+    expected = (1.0 / sums) / (1.0 / sums).sum() * classes
+    torch.testing.assert_close(weights.double(), expected, rtol=1e-5, atol=1e-6)
+    assert not torch.allclose(weights, selection['class_weights'], rtol=1e-3)  # not the unaugmented pass's
+
+    # cached beside the selection, reused while nothing changed; another seed recomputes
+    cache = selection_path + '.aug_weights.pth'
+    assert os.path.exists(cache)
+    torch.save({**torch.load(cache), 'class_weights': torch.full((classes,), 5.0)}, cache)
+    reused = select_wild_data.training_class_weights(teacher, selection_path, teacher_path, 32, 0.5, 7, 5, 'cpu')
+    assert torch.equal(reused, torch.full((classes,), 5.0))
+    other = select_wild_data.training_class_weights(teacher, selection_path, teacher_path, 32, 0.5, 8, 5, 'cpu')
+    assert not torch.equal(other, reused) and other.sum().item() == pytest.approx(classes)
