@@ -49,6 +49,7 @@ from util.datasets import (
     build_dataset,
     build_loader,
     default_eval_crop_pct,
+    labelled_originals,
     wild_transform,
 )
 from util.distributed import barrier, destroy, get_rank, get_world_size, init_distributed_mode, is_main_process, log
@@ -129,6 +130,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     g.add_argument('--robust', action='store_true',
                    help='weight each image\'s KD term by the class-balance weight of the teacher\'s prediction '
                         '(the selection\'s weights plus uniform noise in [0, 0.1))')
+    g.add_argument('--pos_num', default=0, type=int,
+                   help='mix this many labelled originals per class from the target task\'s training split '
+                        '(--eval_data_path/train) into the selected images, as the reference\'s ImageNet script')
     g.add_argument('--class_weights', default='augmented', choices=['augmented', 'selection'],
                    help='--robust: class-balance weights from a pass over the selection with the training '
                         'augmentation, as the reference (cached beside the selection), or from the unaugmented '
@@ -441,6 +445,11 @@ def build_train_dataset(args):
                          f"but --nb_classes is {args.nb_classes}")
     paths = [selection['paths'][i] for i in selection['selected'].tolist()]
     log(f"probe training set: {len(paths)} wild images selected ({selection.get('ranking')}) from {selection['root']}")
+    if args.pos_num:  # absolute paths: ImageFiles joins them to the wild root unchanged
+        originals = labelled_originals(os.path.join(args.eval_data_path, 'train'), args.pos_num, args.seed)
+        log(f"  + {len(originals)} labelled originals ({args.pos_num} per class) from "
+            f"{os.path.join(args.eval_data_path, 'train')}, used like the wild images (no labels)")
+        paths += originals
     return ImageFiles(selection['root'], paths, wild_transform(args.input_size, train=True, hflip=args.hflip))
 
 

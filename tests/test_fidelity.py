@@ -264,3 +264,27 @@ def test_class_weights_from_an_augmented_pass(tmp_path):
     assert torch.equal(reused, torch.full((classes,), 5.0))
     other = select_wild_data.training_class_weights(teacher, selection_path, teacher_path, 32, 0.5, 8, 5, 'cpu')
     assert not torch.equal(other, reused) and other.sum().item() == pytest.approx(classes)
+
+
+# ---- --pos_num: labelled originals of the target's training split mixed into the selection ----------------
+def test_pos_num_mixes_originals_per_class(tmp_path):
+    target = make_image_folder(str(tmp_path / 'target'), classes=3, train_per_class=5, val_per_class=1)
+    wild = make_image_folder(str(tmp_path / 'wild'), classes=2, train_per_class=4, val_per_class=0)
+    paths = sorted(os.path.relpath(os.path.join(d, f), wild) for d, _, fs in os.walk(wild) for f in fs)
+    selection = str(tmp_path / 'selection.pth')
+    torch.save({'root': wild, 'paths': paths, 'selected': torch.tensor([0, 2, 5]), 'nb_classes': 3,
+                'ranking': 'output'}, selection)
+    args = SimpleNamespace(mode='probe', selection=selection, nb_classes=3, input_size=32, hflip=0.5, seed=0,
+                           eval_data_path=target, pos_num=2)
+    dataset = main_finetune.build_train_dataset(args)
+    assert dataset.paths[:3] == [paths[0], paths[2], paths[5]] and len(dataset) == 3 + 2 * 3
+    originals = dataset.paths[3:]
+    per_class = {c: sum(os.path.dirname(p) == os.path.join(target, 'train', c) for p in originals)
+                 for c in ('class_0', 'class_1', 'class_2')}
+    assert per_class == {'class_0': 2, 'class_1': 2, 'class_2': 2} and len(set(originals)) == 6
+    image, index = dataset[4]
+    assert image.shape == (3, 32, 32) and index == 4
+    assert main_finetune.build_train_dataset(args).paths == dataset.paths  # seeded
+    args.pos_num = 6
+    with pytest.raises(UserError, match='--pos_num'):
+        main_finetune.build_train_dataset(args)

@@ -18,6 +18,8 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 from torchvision import datasets, transforms
 from torchvision.datasets.folder import IMG_EXTENSIONS
 
+from util.errors import UserError
+
 LAYOUT = "data_path/train/<class>/<image> and data_path/val/<class>/<image> (ImageNet's folder layout)"
 
 
@@ -214,6 +216,25 @@ class ImageFiles(Dataset):
             warnings.warn(f"skipping undecodable image {path}: {type(e).__name__}: {e}", stacklevel=1)
             return None
         return (self.transform(image) if self.transform is not None else image), index
+
+
+def labelled_originals(root: str, per_class: int, seed: int) -> list[str]:
+    """``per_class`` images of every class folder under ``root`` (an ImageFolder's train split), drawn
+    without replacement with a generator seeded by ``seed``; absolute paths, class by class."""
+    if not os.path.isdir(root):
+        raise UserError(f"--pos_num {per_class}: mixes labelled originals from the target task's training split "
+                        f"into the selection, but {root!r} is not a directory; give --eval_data_path a folder "
+                        "holding train/<class>/, or drop --pos_num")
+    generator = torch.Generator().manual_seed(seed)
+    chosen = []
+    for cls in sorted(e.name for e in os.scandir(root) if e.is_dir()):
+        files = sorted(os.path.join(root, cls, f) for f in os.listdir(os.path.join(root, cls))
+                       if f.lower().endswith(IMG_EXTENSIONS))
+        if len(files) < per_class:
+            raise UserError(f"--pos_num {per_class}: class folder {os.path.join(root, cls)!r} holds only "
+                            f"{len(files)} images; lower --pos_num to at most {len(files)}")
+        chosen += [os.path.abspath(files[i]) for i in torch.randperm(len(files), generator=generator)[:per_class]]
+    return chosen
 
 
 def wild_transform(input_size: int, train: bool, hflip: float = 0.5) -> transforms.Compose:
