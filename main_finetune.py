@@ -68,7 +68,7 @@ PROBE = 'probe'
 # The Attention Probe reference's recipe (AdamW, lr 7.5e-4, weight decay 0.025, batch 256, no label
 # tricks); --mode probe applies it to every one of these flags the command line does not set.
 # Its models classify from the class token (the attention probe reads that token) and its lr steps down
-# x0.1 at epoch 200; without --epochs, the epochs come from --presentations (see probe_epochs).
+# x0.1 at epochs 200 and 300; without --epochs, the epochs come from --presentations (see probe_epochs).
 PROBE_DEFAULTS = dict(lr=7.5e-4, weight_decay=0.025, batch_size=256, layer_decay=1.0, warmup_epochs=0,
                       min_lr=0.0, smoothing=0.0, drop_path=0.0, aa='none', reprob=0.0, mixup=0.0, cutmix=0.0,
                       global_pool=False, sched='step')
@@ -167,8 +167,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     g.add_argument('--sched', default='cosine', choices=['cosine', 'step'],
                    help='lr schedule after warmup: half-cycle cosine to --min_lr (MAE), or steps of --step_rate at '
                         '--step_epochs (the Attention Probe reference; the default in probe mode)')
-    g.add_argument('--step_epochs', default=[200], type=int, nargs='+', metavar='EPOCH',
-                   help='--sched step: epochs at which the lr is multiplied by --step_rate (default: 200)')
+    g.add_argument('--step_epochs', default=[200, 300], type=int, nargs='+', metavar='EPOCH',
+                   help='--sched step: epochs (counted from 1, as the reference) from which the lr is multiplied by '
+                        '--step_rate (default: 200 300, the reference\'s)')
     g.add_argument('--step_rate', default=0.1, type=float, help='--sched step: lr factor at each step epoch')
     g.add_argument('--warmup_epochs', type=int, default=5, metavar='N', help='epochs to warm up the lr')
     g.add_argument('--ema', default=None, type=float, metavar='ALPHA',

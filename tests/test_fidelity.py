@@ -116,11 +116,13 @@ def test_probe_epochs_from_presentations():
 def test_step_schedule():
     args = SimpleNamespace(lr=7.5e-4, min_lr=0.0, warmup_epochs=0, epochs=251, sched='step', step_epochs=[200],
                            step_rate=0.1)
-    for epoch, expected in ((0.0, 7.5e-4), (150.5, 7.5e-4), (199.99, 7.5e-4), (200.0, 7.5e-5), (250.9, 7.5e-5)):
+    # 0-based epoch indices; the reference's loop counts from 1, so its 200th epoch (index 199) is stepped down
+    for epoch, expected in ((0.0, 7.5e-4), (150.5, 7.5e-4), (198.99, 7.5e-4), (199.0, 7.5e-5), (250.9, 7.5e-5)):
         assert lr_at(epoch, args.lr, args.min_lr, args.warmup_epochs, args.epochs, args.sched, args.step_epochs,
                      args.step_rate) == pytest.approx(expected, rel=1e-12), epoch
     args.step_epochs = [100, 200]
     assert lr_at(210.0, 1.0, 0.0, 0, 251, 'step', [100, 200], 0.1) == pytest.approx(0.01)
+    assert lr_at(98.5, 1.0, 0.0, 0, 251, 'step', [100, 200], 0.1) == pytest.approx(1.0)
 
 
 def test_probe_defaults_class_token_and_step_schedule(tmp_path):
@@ -129,7 +131,7 @@ def test_probe_defaults_class_token_and_step_schedule(tmp_path):
     args = parser.parse_args(argv)
     args.explicit_flags = explicit_flags(parser, argv)
     main_finetune.apply_probe_defaults(args)
-    assert args.global_pool is False and args.sched == 'step' and args.step_epochs == [200]
+    assert args.global_pool is False and args.sched == 'step' and args.step_epochs == [200, 300]
     argv += ['--global_pool', '--sched', 'cosine']
     args = parser.parse_args(argv)
     args.explicit_flags = explicit_flags(parser, argv)

@@ -1,6 +1,7 @@
 """Per-iteration learning rate: linear warmup, then a half-cycle cosine down to ``min_lr`` (MAE), or a
-step schedule that multiplies the lr by ``step_rate`` at each of ``step_epochs`` (the Attention Probe
-reference: x0.1 at epoch 200)."""
+step schedule that multiplies the lr by ``step_rate`` from each of ``step_epochs`` on (the Attention
+Probe reference: x0.1 at epochs 200 and 300). Step epochs count from 1, as the reference's loop does:
+``step_epochs=[200]`` trains the 200th epoch (0-based index 199) at the lower lr."""
 from __future__ import annotations
 
 import math
@@ -15,7 +16,7 @@ def lr_at(epoch: float, lr: float, min_lr: float, warmup_epochs: float, epochs: 
     if epoch < warmup_epochs:
         return lr * epoch / warmup_epochs
     if sched == 'step':
-        return lr * step_rate ** sum(epoch >= m for m in step_epochs)
+        return lr * step_rate ** sum(epoch + 1 >= m for m in step_epochs)
     progress = (epoch - warmup_epochs) / max(epochs - warmup_epochs, 1e-12)
     return min_lr + (lr - min_lr) * 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0)))
 
