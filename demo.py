@@ -212,7 +212,7 @@ def seed_runs(run: Runner, data: str, seed: int, epochs: dict, presentations: in
             '--mode', 'probe', '--finetune', teacher, '--selection', output,
             '--eval_data_path', os.path.join(data, 'small'), '--student_model', 'vit_base_patch16_224',
             '--student_kwargs', *PROBE_STUDENT, '--batch_size', '64', '--presentations', str(presentations),
-            '--step_epochs', str(probe_epochs * 4 // 5), '--eval_every', '20', '--cls_token'])
+            '--step_epochs', str(probe_epochs * 4 // 5 + 1), '--eval_every', '20', '--cls_token'])
         label = 'probe distillation, attention-probe selection' if kind == 'probe' else \
             'probe distillation, random selection'
         results[label] = (stats['test_acc1'], sec + sec2, path)
@@ -304,7 +304,7 @@ def main(argv=None) -> dict:
     verdicts = claims(per_method)
     n_probe = main_finetune.probe_epochs(400, presentations)
     budget = (f"Probe students: {presentations} image presentations = {n_probe} epochs of the 400 selected images "
-              f"(batch 64), lr x0.1 at epoch {n_probe * 4 // 5}.")
+              f"(batch 64), lr x0.1 from epoch {n_probe * 4 // 5 + 1} (counted from 1).")
     report = '\n'.join(lines + ['', budget, '', 'Claims:'] + verdicts +
                        ['', f"Total wall time: {(time.time() - t0) / 60:.1f} min on {os.cpu_count()} CPU cores."])
 
