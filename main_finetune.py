@@ -268,16 +268,6 @@ def get_args_parser() -> argparse.ArgumentParser:
 # ---------------------------------------------------------------------------------------------
 # Set-up helpers
 # ---------------------------------------------------------------------------------------------
-def apply_probe_defaults(args) -> None:
-    """In probe mode, the Attention Probe reference's recipe for every flag the command line left unset."""
-    explicit = getattr(args, 'explicit_flags', None)
-    if explicit is None:  # called from code: its values are taken as given
-        return
-    for key, value in PROBE_DEFAULTS.items():
-        if key not in explicit:
-            setattr(args, key, value)
-
-
 def probe_epochs(num_images: int, presentations: int = PROBE_PRESENTATIONS) -> int:
     """The reference's epochs for a training set of ``num_images``: ``int(presentations / num_images) - 1``."""
     return max(int(presentations / num_images) - 1, 1)
@@ -303,8 +293,8 @@ def resolve_args(args, read_resume: bool = True) -> tuple[dict | None, str | Non
     if args.mode == 'none':
         args.mode = None
     probe = args.mode == PROBE
-    if probe and not args.eval:
-        apply_probe_defaults(args)
+    if not args.eval:
+        apply_mode_defaults(args)
     if args.amp is None:
         args.amp = 'bf16' if str(args.device).startswith('cuda') else 'none'
     args.mixup_active = args.mixup > 0 or args.cutmix > 0.0 or args.cutmix_minmax is not None
@@ -363,6 +353,135 @@ def resolve_args(args, read_resume: bool = True) -> tuple[dict | None, str | Non
     return ckpt, path
 
 
+# ---------------------------------------------------------------------------------------------
+# Modes: what each one builds (defaults, model, training set, criterion, lr decay, epochs)
+# ---------------------------------------------------------------------------------------------
+class LabelledMode:
+    """Plain training and the attention transfer modes: the labelled training split, the dual model
+    (the student alone in plain mode), the task loss plus ``atd_weight`` x the transfer loss."""
+
+    defaults: dict = {}
+
+    def teacher_architecture(self, args) -> tuple[str, dict, bool | str]:
+        return args.teacher_model or args.model, args.model_kwargs, args.global_pool
+
+    def build_model(self, args, mode, teacher: str, student: str, teacher_kwargs: dict, student_kwargs: dict,
+                    teacher_pool) -> DualViT:
+        return build_dual_vit(teacher if mode else None, student, mode=mode, drop_path_rate=args.drop_path,
+                              end_layer=args.end_layer, transfer_layers=args.transfer_layers,
+                              num_classes=args.nb_classes, global_pool=args.global_pool, img_size=args.input_size,
+                              share_drop_path=args.share_drop_path, teacher_kwargs=teacher_kwargs,
+                              student_kwargs=student_kwargs)
+
+    def train_dataset(self, args):
+        return build_dataset(True, args)
+
+    def criterion(self, args, model, loader_val, device, amp_dtype) -> torch.nn.Module:
+        return TransferCriterion(build_task_criterion(args.mixup_active, args.smoothing), args.atd_weight)
+
+    def lr_decay_layers(self, args, depth: int) -> int:
+        """Transfer modes count the layers as the attention transfer reference groups its dual model
+        (``depth``: the last block shares the head's scale); plain training keeps MAE's ``depth + 1``."""
+        return depth if get_transfer_mode(args.mode) is not None else depth + 1
+
+    def epochs(self, args, num_images: int) -> int:
+        return args.epochs
+
+
+class ProbeMode:
+    """Attention Probe distillation: the selected wild images (unlabelled), the target-task teacher
+    beside a student, KD + noise adaptation + the patch attention probe loss; the reference's recipe
+    for every flag the command line leaves unset."""
+
+    defaults = PROBE_DEFAULTS
+
+    def teacher_architecture(self, args) -> tuple[str, dict, bool | str]:
+        """The target-task teacher's own architecture, as its checkpoint records it."""
+        teacher, teacher_kwargs, teacher_pool = args.teacher_model or args.model, args.model_kwargs, args.global_pool
+        if args.finetune:
+            arch = trained_architecture(read_checkpoint(args.finetune))
+            if arch is not None and not args.teacher_model:
+                teacher, teacher_kwargs, teacher_pool = arch['model'], arch['model_kwargs'], arch['global_pool']
+        return teacher, teacher_kwargs, teacher_pool
+
+    def build_model(self, args, mode, teacher: str, student: str, teacher_kwargs: dict, student_kwargs: dict,
+                    teacher_pool) -> ProbeDistiller:
+        return build_probe_distiller(teacher, student, args.nb_classes, args.input_size, args.global_pool,
+                                     args.drop_path, args.probe_blocks, teacher_kwargs, student_kwargs,
+                                     teacher_global_pool=teacher_pool)
+
+    def train_dataset(self, args) -> ImageFiles:
+        selection = read_checkpoint(args.selection)
+        if selection.get('nb_classes') not in (None, args.nb_classes):
+            raise ValueError(f"{args.selection} was selected for a {selection['nb_classes']}-class teacher, "
+                             f"but --nb_classes is {args.nb_classes}")
+        paths = [selection['paths'][i] for i in selection['selected'].tolist()]
+        log(f"probe training set: {len(paths)} wild images selected ({selection.get('ranking')}) "
+            f"from {selection['root']}")
+        if args.pos_num:  # absolute paths: ImageFiles joins them to the wild root unchanged
+            originals = labelled_originals(os.path.join(args.eval_data_path, 'train'), args.pos_num, args.seed)
+            log(f"  + {len(originals)} labelled originals ({args.pos_num} per class) from "
+                f"{os.path.join(args.eval_data_path, 'train')}, used like the wild images (no labels)")
+            paths += originals
+        return ImageFiles(selection['root'], paths, wild_transform(args.input_size, train=True, hflip=args.hflip))
+
+    def criterion(self, args, model, loader_val, device, amp_dtype) -> torch.nn.Module:
+        if args.noise_adaptation and args.teacher_acc is None:
+            stats = evaluate(loader_val, model.teacher, device, amp_dtype, args.dist_eval, name='teacher')
+            args.teacher_acc = stats['acc1'] / 100.0
+            log(f"teacher accuracy on the evaluation set: {args.teacher_acc:.4f} (the noise transition's diagonal; "
+                "set --teacher_acc to use a known value instead)")
+        weights = None
+        if args.robust:
+            if args.class_weights == 'augmented':
+                if is_main_process():
+                    clean = training_class_weights(model.teacher, args.selection, args.finetune, args.input_size,
+                                                   args.hflip, args.seed, args.batch_size, args.device, amp_dtype)
+                barrier()
+                if not is_main_process():  # rank 0 wrote the cache
+                    clean = training_class_weights(model.teacher, args.selection, args.finetune, args.input_size,
+                                                   args.hflip, args.seed, args.batch_size, args.device, amp_dtype)
+                log("class-balance weights from an augmented pass over the selection: "
+                    + ' '.join(f"{w:.3f}" for w in clean.tolist()[:20]) + (' ...' if len(clean) > 20 else ''))
+            else:
+                clean = read_checkpoint(args.selection)['class_weights'].float()
+            generator = torch.Generator().manual_seed(args.seed)
+            weights = clean + torch.rand(clean.shape, generator=generator) * 0.1
+        return ProbeCriterion(args.nb_classes, args.kd_temperature, args.patchattn, args.noise_adaptation,
+                              args.teacher_acc if args.teacher_acc is not None else 1.0, weights,
+                              model.student.num_prefix_tokens, args.probe_norm)
+
+    def lr_decay_layers(self, args, depth: int) -> int:
+        return depth + 1  # MAE's count (the probe recipe's layer_decay is 1 anyway)
+
+    def epochs(self, args, num_images: int) -> int:
+        """--epochs when given, else the reference's budget in image presentations."""
+        if 'epochs' in (getattr(args, 'explicit_flags', None) or ['epochs']):
+            return args.epochs
+        epochs = probe_epochs(num_images, args.presentations)
+        log(f"probe mode: {epochs} epochs = int({args.presentations} presentations / {num_images} "
+            "training images) - 1, as the reference (give --epochs to choose)")
+        return epochs
+
+
+MODES = {PROBE: ProbeMode()}
+
+
+def mode_of(mode: str | None) -> LabelledMode | ProbeMode:
+    """What --mode builds: probe mode's recipe, or the labelled one (plain and attention transfer)."""
+    return MODES.get(mode, LabelledMode())
+
+
+def apply_mode_defaults(args) -> None:
+    """The mode's own recipe for every flag the command line left unset (probe: the reference's)."""
+    explicit = getattr(args, 'explicit_flags', None)
+    if explicit is None:  # called from code: its values are taken as given
+        return
+    for key, value in mode_of(args.mode).defaults.items():
+        if key not in explicit:
+            setattr(args, key, value)
+
+
 def build_model(args, eval_only: bool = False) -> DualViT | ProbeDistiller:
     """The teacher/student pair (the student alone in plain mode, or to evaluate a distilled student).
 
@@ -373,23 +492,19 @@ def build_model(args, eval_only: bool = False) -> DualViT | ProbeDistiller:
     mode = args.mode
     if eval_only and (probe or (transfer is not None and not transfer.needs_teacher_at_eval)):
         mode = None  # a distilled student is a plain ViT at evaluation
-    teacher, teacher_kwargs, teacher_pool = args.teacher_model or args.model, args.model_kwargs, args.global_pool
-    if mode == PROBE and args.finetune:  # the target-task teacher's own architecture, as its checkpoint records it
-        arch = trained_architecture(read_checkpoint(args.finetune))
-        if arch is not None and not args.teacher_model:
-            teacher, teacher_kwargs, teacher_pool = arch['model'], arch['model_kwargs'], arch['global_pool']
+    recipe = mode_of(mode)
+    teacher, teacher_kwargs, teacher_pool = recipe.teacher_architecture(args)
     student = args.student_model or teacher
     student_kwargs = args.student_kwargs if args.student_model else {**teacher_kwargs, **args.student_kwargs}
     args.student_model, args.student_kwargs = resolve_model_name(student), student_kwargs
-    if mode == PROBE:
-        return build_probe_distiller(teacher, student, args.nb_classes, args.input_size, args.global_pool,
-                                     args.drop_path, args.probe_blocks, teacher_kwargs, student_kwargs,
-                                     teacher_global_pool=teacher_pool)
-    return build_dual_vit(teacher if mode else None, student, mode=mode, drop_path_rate=args.drop_path,
-                          end_layer=args.end_layer, transfer_layers=args.transfer_layers,
-                          num_classes=args.nb_classes, global_pool=args.global_pool, img_size=args.input_size,
-                          share_drop_path=args.share_drop_path, teacher_kwargs=teacher_kwargs,
-                          student_kwargs=student_kwargs)
+    return recipe.build_model(args, mode, teacher, student, teacher_kwargs, student_kwargs, teacher_pool)
+
+
+def param_groups(model: DualViT | ProbeDistiller, args) -> list[dict]:
+    """The student's AdamW groups with layer-wise lr decay over the mode's count of layers."""
+    num_layers = mode_of(args.mode).lr_decay_layers(args, len(model.student.blocks))
+    return param_groups_lrd(model.student, args.weight_decay, model.student.no_weight_decay(), args.layer_decay,
+                            num_layers=num_layers)
 
 
 def load_initial_weights(model: DualViT, args, ckpt: dict | None) -> None:
@@ -405,16 +520,6 @@ def load_initial_weights(model: DualViT, args, ckpt: dict | None) -> None:
         log(f"student: {report}")
         if 'head.weight' not in report.loaded and hasattr(model.student.head, 'weight'):
             trunc_normal_(model.student.head.weight, std=2e-5)  # MAE's fine-tuning head initialisation
-
-
-def param_groups(model: DualViT | ProbeDistiller, args) -> list[dict]:
-    """The student's AdamW groups with layer-wise lr decay. Transfer modes count the layers as the
-    attention transfer reference groups its dual model (``num_layers = depth``: the last block shares
-    the head's scale); plain training and probe mode keep MAE's ``depth + 1``."""
-    transfer = args.mode != PROBE and get_transfer_mode(args.mode) is not None
-    num_layers = len(model.student.blocks) + (0 if transfer else 1)
-    return param_groups_lrd(model.student, args.weight_decay, model.student.no_weight_decay(), args.layer_decay,
-                            num_layers=num_layers)
 
 
 def restrict_to_qkv(student: torch.nn.Module) -> None:
@@ -434,54 +539,6 @@ def wrap_ddp(model: DualViT, args) -> torch.nn.Module:
     device_ids = [args.gpu] if str(args.device).startswith('cuda') else None
     return DistributedDataParallel(model, device_ids=device_ids,
                                    find_unused_parameters=model.may_leave_student_parameters_unused)
-
-
-def build_train_dataset(args):
-    """The labelled training split, or in probe mode the selected wild images (unlabelled)."""
-    if args.mode != PROBE:
-        return build_dataset(True, args)
-    selection = read_checkpoint(args.selection)
-    if selection.get('nb_classes') not in (None, args.nb_classes):
-        raise ValueError(f"{args.selection} was selected for a {selection['nb_classes']}-class teacher, "
-                         f"but --nb_classes is {args.nb_classes}")
-    paths = [selection['paths'][i] for i in selection['selected'].tolist()]
-    log(f"probe training set: {len(paths)} wild images selected ({selection.get('ranking')}) from {selection['root']}")
-    if args.pos_num:  # absolute paths: ImageFiles joins them to the wild root unchanged
-        originals = labelled_originals(os.path.join(args.eval_data_path, 'train'), args.pos_num, args.seed)
-        log(f"  + {len(originals)} labelled originals ({args.pos_num} per class) from "
-            f"{os.path.join(args.eval_data_path, 'train')}, used like the wild images (no labels)")
-        paths += originals
-    return ImageFiles(selection['root'], paths, wild_transform(args.input_size, train=True, hflip=args.hflip))
-
-
-def build_criterion(args, model, loader_val, device, amp_dtype) -> torch.nn.Module:
-    """TransferCriterion (task loss + atd_weight * transfer loss), or in probe mode the ProbeCriterion."""
-    if args.mode != PROBE:
-        return TransferCriterion(build_task_criterion(args.mixup_active, args.smoothing), args.atd_weight)
-    if args.noise_adaptation and args.teacher_acc is None:
-        stats = evaluate(loader_val, model.teacher, device, amp_dtype, args.dist_eval, name='teacher')
-        args.teacher_acc = stats['acc1'] / 100.0
-        log(f"teacher accuracy on the evaluation set: {args.teacher_acc:.4f} (the noise transition's diagonal; "
-            "set --teacher_acc to use a known value instead)")
-    weights = None
-    if args.robust:
-        if args.class_weights == 'augmented':
-            if is_main_process():
-                clean = training_class_weights(model.teacher, args.selection, args.finetune, args.input_size,
-                                               args.hflip, args.seed, args.batch_size, args.device, amp_dtype)
-            barrier()
-            if not is_main_process():  # rank 0 wrote the cache
-                clean = training_class_weights(model.teacher, args.selection, args.finetune, args.input_size,
-                                               args.hflip, args.seed, args.batch_size, args.device, amp_dtype)
-            log("class-balance weights from an augmented pass over the selection: "
-                + ' '.join(f"{w:.3f}" for w in clean.tolist()[:20]) + (' ...' if len(clean) > 20 else ''))
-        else:
-            clean = read_checkpoint(args.selection)['class_weights'].float()
-        generator = torch.Generator().manual_seed(args.seed)
-        weights = clean + torch.rand(clean.shape, generator=generator) * 0.1
-    return ProbeCriterion(args.nb_classes, args.kd_temperature, args.patchattn, args.noise_adaptation,
-                          args.teacher_acc if args.teacher_acc is not None else 1.0, weights,
-                          model.student.num_prefix_tokens, args.probe_norm)
 
 
 def checkpoint_state(model, model_ema, optimizer, scaler, criterion, aux_optimizer, args, epoch: int,
@@ -555,7 +612,8 @@ def main(args) -> dict:
     seed_epoch(args.seed, 0, rank)
 
     dataset_val = build_dataset(False, args, root=os.path.join(args.eval_data_path, 'val'))
-    dataset_train = None if args.eval else build_train_dataset(args)
+    recipe = mode_of(args.mode)
+    dataset_train = None if args.eval else recipe.train_dataset(args)
     if getattr(dataset_train, 'classes', dataset_val.classes) != dataset_val.classes:
         raise ValueError(f"train and val class folders differ under {args.data_path!r}")
     sampler_val = ShardSampler(dataset_val, world, rank) if args.dist_eval else range(len(dataset_val))
@@ -604,10 +662,7 @@ def main(args) -> dict:
         args.lr = args.blr * eff_batch_size / 256
     log(f"base lr: {args.lr * 256 / eff_batch_size:.2e}  actual lr: {args.lr:.2e}  "
         f"accumulate grad iterations: {args.accum_iter}  effective batch size: {eff_batch_size}")
-    if args.mode == PROBE and 'epochs' not in (getattr(args, 'explicit_flags', None) or ['epochs']):
-        args.epochs = probe_epochs(len(dataset_train), args.presentations)
-        log(f"probe mode: {args.epochs} epochs = int({args.presentations} presentations / {len(dataset_train)} "
-            "training images) - 1, as the reference (give --epochs to choose)")
+    args.epochs = recipe.epochs(args, len(dataset_train))
     sampler_train = ResumableDistributedSampler(dataset_train, world, rank, shuffle=True, seed=args.seed)
     loader_train = build_loader(dataset_train, sampler_train, args, train=True)
     steps_per_epoch = sampler_train.num_samples // args.batch_size  # the loader drops the last partial batch
@@ -622,7 +677,7 @@ def main(args) -> dict:
         mixup_fn = Mixup(mixup_alpha=args.mixup, cutmix_alpha=args.cutmix, cutmix_minmax=args.cutmix_minmax,
                          prob=args.mixup_prob, switch_prob=args.mixup_switch_prob, mode=args.mixup_mode,
                          label_smoothing=args.smoothing, num_classes=args.nb_classes)
-    criterion = build_criterion(args, model, loader_val, device, amp_dtype).to(device)
+    criterion = recipe.criterion(args, model, loader_val, device, amp_dtype).to(device)
     aux_params = [p for p in criterion.parameters() if p.requires_grad]
     aux_optimizer = torch.optim.Adam(aux_params, lr=args.noise_lr) if aux_params else None
 

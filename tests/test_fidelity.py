@@ -131,12 +131,12 @@ def test_probe_defaults_class_token_and_step_schedule(tmp_path):
     argv = ['--mode', 'probe', '--eval_data_path', 'x']
     args = parser.parse_args(argv)
     args.explicit_flags = explicit_flags(parser, argv)
-    main_finetune.apply_probe_defaults(args)
+    main_finetune.apply_mode_defaults(args)
     assert args.global_pool is False and args.sched == 'step' and args.step_epochs == [200, 300]
     argv += ['--global_pool', '--sched', 'cosine']
     args = parser.parse_args(argv)
     args.explicit_flags = explicit_flags(parser, argv)
-    main_finetune.apply_probe_defaults(args)
+    main_finetune.apply_mode_defaults(args)
     assert args.global_pool is True and args.sched == 'cosine'
 
 
@@ -279,7 +279,7 @@ def test_pos_num_mixes_originals_per_class(tmp_path):
                 'ranking': 'output'}, selection)
     args = SimpleNamespace(mode='probe', selection=selection, nb_classes=3, input_size=32, hflip=0.5, seed=0,
                            eval_data_path=target, pos_num=2)
-    dataset = main_finetune.build_train_dataset(args)
+    dataset = main_finetune.mode_of('probe').train_dataset(args)
     assert dataset.paths[:3] == [paths[0], paths[2], paths[5]] and len(dataset) == 3 + 2 * 3
     originals = dataset.paths[3:]
     per_class = {c: sum(os.path.dirname(p) == os.path.join(target, 'train', c) for p in originals)
@@ -287,10 +287,10 @@ def test_pos_num_mixes_originals_per_class(tmp_path):
     assert per_class == {'class_0': 2, 'class_1': 2, 'class_2': 2} and len(set(originals)) == 6
     image, index = dataset[4]
     assert image.shape == (3, 32, 32) and index == 4
-    assert main_finetune.build_train_dataset(args).paths == dataset.paths  # seeded
+    assert main_finetune.mode_of('probe').train_dataset(args).paths == dataset.paths  # seeded
     args.pos_num = 6
     with pytest.raises(UserError, match='--pos_num'):
-        main_finetune.build_train_dataset(args)
+        main_finetune.mode_of('probe').train_dataset(args)
 
 
 # ---- DFND_DeiT-train.py: the reference's command mapped onto the two scripts -----------------------------
