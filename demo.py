@@ -1,7 +1,7 @@
 """The embedded default: both papers' claims on real images, on a CPU, in minutes.
 
-    python demo.py            # 3 seeds, about 18 minutes on 2 otherwise idle CPU cores
-    python demo.py --quick    # 1 seed, a shorter probe budget, about 5 minutes
+    python demo.py            # 3 seeds; estimated 19 minutes on 2 idle CPU cores (see README)
+    python demo.py --quick    # 1 seed, a shorter probe budget, about 4 minutes
 
 Data: the 1,797 handwritten digits that ship inside scikit-learn (8x8, 16 grey levels), upsampled to
 32x32 RGB and written once as ImageFolders under --output_dir with fixed, seeded splits: a
