@@ -30,6 +30,7 @@ from torch.utils.tensorboard import SummaryWriter
 from engine_finetune import NonFiniteLossError, evaluate, evaluate_ensemble, train_one_epoch
 from models_dual_vit import MODE_CHOICES, DualViT, build_dual_vit, create_vit, get_transfer_mode, resolve_model_name
 from models_probe import ProbeDistiller, build_probe_distiller
+from select_wild_data import training_class_weights
 from util.args import HelpFormatter, annotate_mode_defaults, explicit_flags, parse_kwargs
 from util.checkpoint import (
     check_finite,
@@ -52,6 +53,8 @@ from util.datasets import (
     ShardSampler,
     build_dataset,
     build_loader,
+    default_eval_crop_pct,
+    labelled_originals,
     wild_transform,
 )
 from util.distributed import (
@@ -83,15 +86,21 @@ from util.run_control import Preempted, RunControl, stop_on_signals, stop_signal
 
 # The arguments that define the model: --eval --resume takes them from the checkpoint.
 MODEL_ARGS = ('model', 'mode', 'teacher_model', 'student_model', 'model_kwargs', 'student_kwargs', 'input_size',
-              'nb_classes', 'global_pool', 'transfer_layers', 'end_layer', 'share_drop_path', 'probe_blocks')
+              'nb_classes', 'global_pool', 'transfer_layers', 'end_layer', 'share_drop_path', 'probe_blocks',
+              'eval_crop_pct')
 AMP_DTYPES = {'bf16': torch.bfloat16, 'fp16': torch.float16, 'none': None}
 PROBE = 'probe'
 DEFAULT_MODEL = 'vit_large_patch16'
 EVAL_RESULTS = 'eval_results.json'
 # The Attention Probe reference's recipe (AdamW, lr 7.5e-4, weight decay 0.025, batch 256, no label
 # tricks); --mode probe applies it to every one of these flags the command line does not set.
+# Its models classify from the class token (the attention probe reads that token) and its lr steps down
+# x0.1 at epochs 200 and 300; without --epochs, the epochs come from --presentations (see probe_epochs).
 PROBE_DEFAULTS = dict(lr=7.5e-4, weight_decay=0.025, batch_size=256, layer_decay=1.0, warmup_epochs=0,
-                      min_lr=0.0, smoothing=0.0, drop_path=0.0, aa='none', reprob=0.0, mixup=0.0, cutmix=0.0)
+                      min_lr=0.0, smoothing=0.0, drop_path=0.0, aa='none', reprob=0.0, mixup=0.0, cutmix=0.0,
+                      global_pool=False, sched='step')
+# The reference's training budget: 320,000 iterations of 512 images (251 epochs for 650,000 selected images).
+PROBE_PRESENTATIONS = 320000 * 512
 # What probe training reads from a selection file of select_wild_data.py.
 SELECTION_ENTRIES = ('root', 'paths', 'selected', 'class_weights')
 
@@ -100,7 +109,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser('Attention transfer / ViT fine-tuning', add_help=False)
     p.add_argument('--batch_size', default=64, type=int,
                    help='batch size per GPU (effective batch size is batch_size * accum_iter * # gpus)')
-    p.add_argument('--epochs', default=50, type=int, help='number of training epochs')
+    p.add_argument('--epochs', default=50, type=int,
+                   help='number of training epochs (probe mode: default from --presentations)')
     p.add_argument('--accum_iter', default=1, type=int,
                    help='accumulate gradients over this many iterations (a larger effective batch in less memory)')
 
@@ -165,6 +175,13 @@ def get_args_parser() -> argparse.ArgumentParser:
     g.add_argument('--robust', action='store_true',
                    help='weight each image\'s KD term by the class-balance weight of the teacher\'s prediction '
                         '(the selection\'s weights plus uniform noise in [0, 0.1))')
+    g.add_argument('--pos_num', default=0, type=int,
+                   help='mix this many labelled originals per class from the target task\'s training split '
+                        '(--eval_data_path/train) into the selected images, as the reference\'s ImageNet script')
+    g.add_argument('--class_weights', default='augmented', choices=['augmented', 'selection'],
+                   help='--robust: class-balance weights from a pass over the selection with the training '
+                        'augmentation, as the reference (cached beside the selection), or from the unaugmented '
+                        'scoring pass stored in the selection file')
     g.add_argument('--no_noise_adaptation', action='store_false', dest='noise_adaptation',
                    help='drop the noise adaptation layer (DFND) and its NLL loss')
     g.add_argument('--noise_lr', default=1e-3, type=float, help='Adam lr of the noise adaptation parameters')
@@ -175,6 +192,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     g.add_argument('--probe_blocks', default=None, type=str,
                    help='teacher blocks whose features the patch probe compares, e.g. 3,7,11 (default: 1/3, 2/3 '
                         'and the last block); student blocks are matched by relative depth')
+    g.add_argument('--presentations', default=PROBE_PRESENTATIONS, type=int,
+                   help='probe mode without --epochs: train int(presentations / training images) - 1 epochs, as the '
+                        'reference (default 320000 x 512: 251 epochs for 650,000 selected images)')
     g.add_argument('--probe_norm', default='tokens', choices=['tokens', 'channels'],
                    help='L2-normalise features along the token axis (the reference) or the channel axis')
 
@@ -190,6 +210,13 @@ def get_args_parser() -> argparse.ArgumentParser:
     g.add_argument('--layer_decay', type=float, default=0.75, help='layer-wise lr decay from ELECTRA/BEiT')
     g.add_argument('--min_lr', type=float, default=1e-6, metavar='LR',
                    help='lower lr bound for cyclic schedulers that hit 0')
+    g.add_argument('--sched', default='cosine', choices=['cosine', 'step'],
+                   help='lr schedule after warmup: half-cycle cosine to --min_lr (MAE), or steps of --step_rate at '
+                        '--step_epochs (the Attention Probe reference; the default in probe mode)')
+    g.add_argument('--step_epochs', default=[200, 300], type=int, nargs='+', metavar='EPOCH',
+                   help='--sched step: epochs (counted from 1, as the reference) from which the lr is multiplied by '
+                        '--step_rate (default: 200 300, the reference\'s)')
+    g.add_argument('--step_rate', default=0.1, type=float, help='--sched step: lr factor at each step epoch')
     g.add_argument('--warmup_epochs', type=int, default=5, metavar='N', help='epochs to warm up the lr')
     g.add_argument('--ema', default=None, type=float, metavar='ALPHA',
                    help='EMA decay of the student (default: None, no EMA); evaluated beside the raw weights')
@@ -203,6 +230,10 @@ def get_args_parser() -> argparse.ArgumentParser:
     g.add_argument('--aa', type=str, default='rand-m9-mstd0.5-inc1', metavar='NAME',
                    help='AutoAugment policy, "v0" or "original" or a RandAugment string; "none" disables it '
                         '(default: rand-m9-mstd0.5-inc1)')
+    g.add_argument('--eval_crop_pct', type=float, default=None, metavar='FRACTION',
+                   help='evaluation: resize to input_size / FRACTION, then centre-crop input_size (default: 1.0 in '
+                        'probe mode and when the evaluation images already have the input size, else MAE\'s '
+                        '0.875 up to 224 px and 1.0 above); recorded in checkpoints')
     g.add_argument('--min_crop_scale', type=float, default=0.08,
                    help='smallest area fraction of the random-resized crop (default: 0.08, ImageNet\'s)')
     g.add_argument('--hflip', type=float, default=0.5, help='probability of a horizontal flip (default: 0.5)')
@@ -307,14 +338,9 @@ def get_args_parser() -> argparse.ArgumentParser:
 # ---------------------------------------------------------------------------------------------
 # Set-up helpers
 # ---------------------------------------------------------------------------------------------
-def apply_probe_defaults(args) -> None:
-    """In probe mode, the Attention Probe reference's recipe for every flag the command line left unset."""
-    explicit = getattr(args, 'explicit_flags', None)
-    if explicit is None:  # called from code: its values are taken as given
-        return
-    for key, value in PROBE_DEFAULTS.items():
-        if key not in explicit:
-            setattr(args, key, value)
+def probe_epochs(num_images: int, presentations: int = PROBE_PRESENTATIONS) -> int:
+    """The reference's epochs for a training set of ``num_images``: ``int(presentations / num_images) - 1``."""
+    return max(int(presentations / num_images) - 1, 1)
 
 
 def _check_range(flag: str, value: float, low: float, high: float, low_open: bool = False,
@@ -366,6 +392,11 @@ def resolve_args(args, read_resume: bool = True) -> tuple[dict | None, str | Non
     args.student_kwargs = parse_kwargs(args.student_kwargs, '--student_kwargs')
     path = resume_path(args.resume, args.output_dir)
     ckpt = load_training_checkpoint(path, to_train=not args.eval) if path and read_resume else None
+    if ckpt is not None and 'converted_from' in ckpt and not args.eval:
+        raise UserError(f"--resume {path!r} is a checkpoint of the attention transfer reference's dual model: its "
+                        "optimizer state does not map onto this project's student, so training cannot continue from "
+                        "it. Evaluate it with --eval --resume, ensemble it with --ensemble_with, export its student "
+                        "with tools/export_student.py, or start a new run from its student with --finetune.")
     if ckpt is not None and args.eval and isinstance(ckpt.get('args'), dict):
         for key in MODEL_ARGS:
             if key in ckpt['args']:
@@ -379,8 +410,8 @@ def resolve_args(args, read_resume: bool = True) -> tuple[dict | None, str | Non
     if getattr(args, 'log_dir', None) is None:
         args.log_dir = args.output_dir
     probe = args.mode == PROBE
-    if probe and not args.eval:
-        apply_probe_defaults(args)
+    if not args.eval:
+        apply_mode_defaults(args)
     if args.amp is None:
         args.amp = 'bf16' if str(args.device).startswith('cuda') else 'none'
     args.mixup_active = args.mixup > 0 or args.cutmix > 0.0 or args.cutmix_minmax is not None
@@ -408,6 +439,11 @@ def resolve_args(args, read_resume: bool = True) -> tuple[dict | None, str | Non
         if not os.path.isdir(os.path.join(root, split)):
             raise DataError(f"{split} data not found: {os.path.join(root, split)!r} is not a directory. "
                             f"Expected the layout {LAYOUT}.")
+    if args.eval_crop_pct is None:
+        args.eval_crop_pct = default_eval_crop_pct(args.input_size, os.path.join(args.eval_data_path, 'val'), probe)
+    if not 0.0 < args.eval_crop_pct <= 1.0:
+        raise UserError(f"--eval_crop_pct {args.eval_crop_pct}: the crop fraction must be in (0, 1] (1.0: evaluate "
+                        "the image at the input size, uncropped; 0.875: MAE's ImageNet evaluation)")
 
     transfer = None if probe else get_transfer_mode(args.mode)
     if read_resume or not path:  # at submission the resumed epoch is unknown: the job checks it
@@ -463,6 +499,139 @@ def follow_finetune_source(args, probe: bool) -> None:
             "override)")
 
 
+# ---------------------------------------------------------------------------------------------
+# Modes: what each one builds (defaults, model, training set, criterion, lr decay, epochs)
+# ---------------------------------------------------------------------------------------------
+class LabelledMode:
+    """Plain training and the attention transfer modes: the labelled training split, the dual model
+    (the student alone in plain mode), the task loss plus ``atd_weight`` x the transfer loss."""
+
+    defaults: dict = {}
+
+    def teacher_architecture(self, args) -> tuple[str, dict, bool | str]:
+        return args.teacher_model or args.model, args.model_kwargs, args.global_pool
+
+    def build_model(self, args, mode, teacher: str, student: str, teacher_kwargs: dict, student_kwargs: dict,
+                    teacher_pool) -> DualViT:
+        return build_dual_vit(teacher if mode else None, student, mode=mode, drop_path_rate=args.drop_path,
+                              end_layer=args.end_layer, transfer_layers=args.transfer_layers,
+                              num_classes=args.nb_classes, global_pool=args.global_pool, img_size=args.input_size,
+                              share_drop_path=args.share_drop_path, attention_impl=args.attention_impl,
+                              teacher_kwargs=teacher_kwargs, student_kwargs=student_kwargs)
+
+    def train_dataset(self, args):
+        return build_dataset(True, args)
+
+    def criterion(self, args, model, loader_val, device, amp_dtype) -> torch.nn.Module:
+        return TransferCriterion(build_task_criterion(args.mixup_active, args.smoothing), args.atd_weight)
+
+    def lr_decay_layers(self, args, depth: int) -> int:
+        """Transfer modes count the layers as the attention transfer reference groups its dual model
+        (``depth``: the last block shares the head's scale); plain training keeps MAE's ``depth + 1``."""
+        return depth if get_transfer_mode(args.mode) is not None else depth + 1
+
+    def epochs(self, args, num_images: int) -> int:
+        return args.epochs
+
+
+class ProbeMode:
+    """Attention Probe distillation: the selected wild images (unlabelled), the target-task teacher
+    beside a student, KD + noise adaptation + the patch attention probe loss; the reference's recipe
+    for every flag the command line leaves unset."""
+
+    defaults = PROBE_DEFAULTS
+
+    def teacher_architecture(self, args) -> tuple[str, dict, bool | str]:
+        """The target-task teacher's own architecture, as its checkpoint records it."""
+        teacher, teacher_kwargs, teacher_pool = args.teacher_model or args.model, args.model_kwargs, args.global_pool
+        if args.finetune:
+            arch = checkpoint_architecture(args.finetune)
+            if arch is not None and not args.teacher_model:
+                teacher, teacher_kwargs, teacher_pool = arch['model'], arch['model_kwargs'], arch['global_pool']
+        return teacher, teacher_kwargs, teacher_pool
+
+    def build_model(self, args, mode, teacher: str, student: str, teacher_kwargs: dict, student_kwargs: dict,
+                    teacher_pool) -> ProbeDistiller:
+        return build_probe_distiller(teacher, student, args.nb_classes, args.input_size, args.global_pool,
+                                     args.drop_path, args.probe_blocks, teacher_kwargs, student_kwargs,
+                                     teacher_global_pool=teacher_pool)
+
+    def train_dataset(self, args) -> ImageFiles:
+        selection = read_selection(args.selection)
+        if selection.get('nb_classes') not in (None, args.nb_classes):
+            raise UserError(f"{args.selection} was selected for a {selection['nb_classes']}-class teacher, "
+                            f"but --nb_classes is {args.nb_classes}")
+        paths = [selection['paths'][i] for i in selection['selected'].tolist()]
+        log(f"probe training set: {len(paths)} wild images selected ({selection.get('ranking')}) "
+            f"from {selection['root']}")
+        if args.pos_num:  # absolute paths: ImageFiles joins them to the wild root unchanged
+            originals = labelled_originals(os.path.join(args.eval_data_path, 'train'), args.pos_num, args.seed)
+            log(f"  + {len(originals)} labelled originals ({args.pos_num} per class) from "
+                f"{os.path.join(args.eval_data_path, 'train')}, used like the wild images (no labels)")
+            paths += originals
+        return ImageFiles(selection['root'], paths, wild_transform(args.input_size, train=True, hflip=args.hflip,
+                                                                   mean=args.mean, std=args.std))
+
+    def criterion(self, args, model, loader_val, device, amp_dtype) -> torch.nn.Module:
+        if args.noise_adaptation and args.teacher_acc is None:
+            stats = evaluate(loader_val, model.teacher, device, amp_dtype, args.dist_eval, name='teacher',
+                             print_freq=args.print_freq)
+            args.teacher_acc = stats['acc1'] / 100.0
+            log(f"teacher accuracy on the evaluation set: {args.teacher_acc:.4f} (the noise transition's diagonal; "
+                "set --teacher_acc to use a known value instead)")
+        weights = None
+        if args.robust:
+            if args.class_weights == 'augmented':
+                if is_main_process():
+                    clean = training_class_weights(model.teacher, args.selection, local_checkpoint(args.finetune),
+                                                   args.input_size, args.hflip, args.seed, args.batch_size,
+                                                   args.device, amp_dtype, args.mean, args.std)
+                barrier()
+                if not is_main_process():  # rank 0 wrote the cache
+                    clean = training_class_weights(model.teacher, args.selection, local_checkpoint(args.finetune),
+                                                   args.input_size, args.hflip, args.seed, args.batch_size,
+                                                   args.device, amp_dtype, args.mean, args.std)
+                log("class-balance weights from an augmented pass over the selection: "
+                    + ' '.join(f"{w:.3f}" for w in clean.tolist()[:20]) + (' ...' if len(clean) > 20 else ''))
+            else:
+                clean = read_selection(args.selection)['class_weights'].float()
+            generator = torch.Generator().manual_seed(args.seed)
+            weights = clean + torch.rand(clean.shape, generator=generator) * 0.1
+        return ProbeCriterion(args.nb_classes, args.kd_temperature, args.patchattn, args.noise_adaptation,
+                              args.teacher_acc if args.teacher_acc is not None else 1.0, weights,
+                              model.student.num_prefix_tokens, args.probe_norm)
+
+    def lr_decay_layers(self, args, depth: int) -> int:
+        return depth + 1  # MAE's count (the probe recipe's layer_decay is 1 anyway)
+
+    def epochs(self, args, num_images: int) -> int:
+        """--epochs when given, else the reference's budget in image presentations."""
+        if 'epochs' in (getattr(args, 'explicit_flags', None) or ['epochs']):
+            return args.epochs
+        epochs = probe_epochs(num_images, args.presentations)
+        log(f"probe mode: {epochs} epochs = int({args.presentations} presentations / {num_images} "
+            "training images) - 1, as the reference (give --epochs to choose)")
+        return epochs
+
+
+MODES = {PROBE: ProbeMode()}
+
+
+def mode_of(mode: str | None) -> LabelledMode | ProbeMode:
+    """What --mode builds: probe mode's recipe, or the labelled one (plain and attention transfer)."""
+    return MODES.get(mode, LabelledMode())
+
+
+def apply_mode_defaults(args) -> None:
+    """The mode's own recipe for every flag the command line left unset (probe: the reference's)."""
+    explicit = getattr(args, 'explicit_flags', None)
+    if explicit is None:  # called from code: its values are taken as given
+        return
+    for key, value in mode_of(args.mode).defaults.items():
+        if key not in explicit:
+            setattr(args, key, value)
+
+
 def build_model(args, eval_only: bool = False) -> DualViT | ProbeDistiller:
     """The teacher/student pair (the student alone in plain mode, or to evaluate a distilled student).
 
@@ -473,23 +642,19 @@ def build_model(args, eval_only: bool = False) -> DualViT | ProbeDistiller:
     mode = args.mode
     if eval_only and (probe or (transfer is not None and not transfer.needs_teacher_at_eval)):
         mode = None  # a distilled student is a plain ViT at evaluation
-    teacher, teacher_kwargs, teacher_pool = args.teacher_model or args.model, args.model_kwargs, args.global_pool
-    if mode == PROBE and args.finetune:  # the target-task teacher's own architecture, as its checkpoint records it
-        arch = checkpoint_architecture(args.finetune)
-        if arch is not None and not args.teacher_model:
-            teacher, teacher_kwargs, teacher_pool = arch['model'], arch['model_kwargs'], arch['global_pool']
+    recipe = mode_of(mode)
+    teacher, teacher_kwargs, teacher_pool = recipe.teacher_architecture(args)
     student = args.student_model or teacher
     student_kwargs = args.student_kwargs if args.student_model else {**teacher_kwargs, **args.student_kwargs}
     args.student_model, args.student_kwargs = resolve_model_name(student), student_kwargs
-    if mode == PROBE:
-        return build_probe_distiller(teacher, student, args.nb_classes, args.input_size, args.global_pool,
-                                     args.drop_path, args.probe_blocks, teacher_kwargs, student_kwargs,
-                                     teacher_global_pool=teacher_pool)
-    return build_dual_vit(teacher if mode else None, student, mode=mode, drop_path_rate=args.drop_path,
-                          end_layer=args.end_layer, transfer_layers=args.transfer_layers,
-                          num_classes=args.nb_classes, global_pool=args.global_pool, img_size=args.input_size,
-                          share_drop_path=args.share_drop_path, attention_impl=args.attention_impl,
-                          teacher_kwargs=teacher_kwargs, student_kwargs=student_kwargs)
+    return recipe.build_model(args, mode, teacher, student, teacher_kwargs, student_kwargs, teacher_pool)
+
+
+def param_groups(model: DualViT | ProbeDistiller, args) -> list[dict]:
+    """The student's AdamW groups with layer-wise lr decay over the mode's count of layers."""
+    num_layers = mode_of(args.mode).lr_decay_layers(args, len(model.student.blocks))
+    return param_groups_lrd(model.student, args.weight_decay, model.student.no_weight_decay(), args.layer_decay,
+                            num_layers=num_layers)
 
 
 def load_initial_weights(model: DualViT, args, ckpt: dict | None) -> None:
@@ -535,39 +700,6 @@ def read_selection(path: str) -> dict:
                         "with select_wild_data.py --teacher TEACHER --wild_path IMAGES --output FILE")
     return selection
 
-
-def build_train_dataset(args):
-    """The labelled training split, or in probe mode the selected wild images (unlabelled)."""
-    if args.mode != PROBE:
-        return build_dataset(True, args)
-    selection = read_selection(args.selection)
-    if selection.get('nb_classes') not in (None, args.nb_classes):
-        raise UserError(f"{args.selection} was selected for a {selection['nb_classes']}-class teacher, "
-                        f"but --nb_classes is {args.nb_classes}")
-    paths = [selection['paths'][i] for i in selection['selected'].tolist()]
-    log(f"probe training set: {len(paths)} wild images selected ({selection.get('ranking')}) from {selection['root']}")
-    return ImageFiles(selection['root'], paths, wild_transform(args.input_size, train=True, hflip=args.hflip,
-                                                               mean=args.mean, std=args.std))
-
-
-def build_criterion(args, model, loader_val, device, amp_dtype) -> torch.nn.Module:
-    """TransferCriterion (task loss + atd_weight * transfer loss), or in probe mode the ProbeCriterion."""
-    if args.mode != PROBE:
-        return TransferCriterion(build_task_criterion(args.mixup_active, args.smoothing), args.atd_weight)
-    if args.noise_adaptation and args.teacher_acc is None:
-        stats = evaluate(loader_val, model.teacher, device, amp_dtype, args.dist_eval, name='teacher',
-                         print_freq=args.print_freq)
-        args.teacher_acc = stats['acc1'] / 100.0
-        log(f"teacher accuracy on the evaluation set: {args.teacher_acc:.4f} (the noise transition's diagonal; "
-            "set --teacher_acc to use a known value instead)")
-    weights = None
-    if args.robust:
-        clean = read_selection(args.selection)['class_weights'].float()
-        generator = torch.Generator().manual_seed(args.seed)
-        weights = clean + torch.rand(clean.shape, generator=generator) * 0.1
-    return ProbeCriterion(args.nb_classes, args.kd_temperature, args.patchattn, args.noise_adaptation,
-                          args.teacher_acc if args.teacher_acc is not None else 1.0, weights,
-                          model.student.num_prefix_tokens, args.probe_norm)
 
 
 def checkpoint_state(model, model_ema, optimizer, scaler, criterion, aux_optimizer, args, epoch: int,
@@ -735,7 +867,8 @@ def train_and_evaluate(args, ckpt: dict | None, ckpt_path: str | None) -> dict:
     seed_epoch(args.seed, 0, rank)
 
     dataset_val = build_dataset(False, args, root=os.path.join(args.eval_data_path, 'val'))
-    dataset_train = None if args.eval else build_train_dataset(args)
+    recipe = mode_of(args.mode)
+    dataset_train = None if args.eval else recipe.train_dataset(args)
     if getattr(dataset_train, 'classes', dataset_val.classes) != dataset_val.classes:
         raise DataError(f"train and val class folders differ under {args.data_path!r}; give both splits the same "
                         "class folders")
@@ -793,6 +926,7 @@ def train_and_evaluate(args, ckpt: dict | None, ckpt_path: str | None) -> dict:
         f"accumulate grad iterations: {args.accum_iter}  effective batch size: {eff_batch_size}")
     if args.min_lr > args.lr and is_main_process():
         print(lr_floor_warning(args.lr, args.min_lr, eff_batch_size, args.accum_iter), file=sys.stderr, flush=True)
+    args.epochs = recipe.epochs(args, len(dataset_train))
     sampler_train = ResumableDistributedSampler(dataset_train, world, rank, shuffle=True, seed=args.seed)
     loader_train = build_loader(dataset_train, sampler_train, args, train=True)
     steps_per_epoch = sampler_train.num_samples // args.batch_size  # the loader drops the last partial batch
@@ -800,14 +934,14 @@ def train_and_evaluate(args, ckpt: dict | None, ckpt_path: str | None) -> dict:
         raise UserError(f"{len(dataset_train)} training images on {world} processes make no full batch of "
                         f"{args.batch_size}; lower --batch_size")
 
-    groups = param_groups_lrd(model.student, args.weight_decay, model.student.no_weight_decay(), args.layer_decay)
+    groups = param_groups(model, args)
     optimizer = torch.optim.AdamW(groups, lr=args.lr, betas=(0.9, args.beta2), fused=device.type == 'cuda')
     mixup_fn = None
     if args.mixup_active:
         mixup_fn = Mixup(mixup_alpha=args.mixup, cutmix_alpha=args.cutmix, cutmix_minmax=args.cutmix_minmax,
                          prob=args.mixup_prob, switch_prob=args.mixup_switch_prob, mode=args.mixup_mode,
                          label_smoothing=args.smoothing, num_classes=args.nb_classes)
-    criterion = build_criterion(args, model, loader_val, device, amp_dtype).to(device)
+    criterion = recipe.criterion(args, model, loader_val, device, amp_dtype).to(device)
     aux_params = [p for p in criterion.parameters() if p.requires_grad]
     aux_optimizer = torch.optim.Adam(aux_params, lr=args.noise_lr) if aux_params else None
 

@@ -26,7 +26,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 import torch.utils.checkpoint
-from timm.layers import Attention
+from timm.layers import Attention, trunc_normal_
 from timm.models.vision_transformer import Block, VisionTransformer
 
 from util.errors import UserError
@@ -742,6 +742,8 @@ def build_dual_vit(
         if teacher_model is None:
             raise ValueError(f"mode {mode!r} needs a teacher model (--teacher_model or a dual_vit_* --model)")
         teacher = create_vit(teacher_model, drop_path_rate=0.0, **common, **teacher_kwargs)
+        if student.cls_token is not None:  # the reference's class-token initialisation (timm's is std 1e-6)
+            trunc_normal_(student.cls_token, std=0.02)
     return DualViT(student, teacher, mode=mode, layers=transfer_layers, end_layer=end_layer,
                    share_drop_path=share_drop_path, attention_impl=attention_impl)
 

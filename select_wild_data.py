@@ -24,6 +24,7 @@ import json
 import math
 import os
 import time
+import warnings
 
 import torch
 import torch.nn.functional as F
@@ -131,6 +132,53 @@ def class_balance_weights(soft_sums: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
+def augmented_soft_sums(teacher, root: str, paths: list[str], input_size: int, hflip: float, seed: int,
+                        batch_size: int = 256, device: str = 'cpu', amp_dtype=None,
+                        mean=IMAGENET_DEFAULT_MEAN, std=IMAGENET_DEFAULT_STD) -> torch.Tensor:
+    """The teacher's soft predictions summed over ``paths`` seen through the training augmentation (pad-4
+    random crop, flip), as the reference computes its class weights: one pass, images in the given order,
+    the augmentation drawn from torch's generator seeded with ``seed`` (the caller's generator state is kept)."""
+    dataset = ImageFiles(root, paths, wild_transform(input_size, train=True, hflip=hflip, mean=mean, std=std))
+    # its own generator: the loader's seed draw must not advance the stream the augmentation uses
+    loader = DataLoader(dataset, batch_size=batch_size, num_workers=0, collate_fn=collate_skipping_bad,
+                        generator=torch.Generator())
+    sums = None
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        for images, _, _ in loader:
+            if len(images) == 0:
+                continue
+            with torch.autocast(torch.device(device).type, dtype=amp_dtype, enabled=amp_dtype is not None):
+                logits = teacher(images.to(device))
+            batch = F.softmax(logits.float(), dim=1).double().sum(dim=0).cpu()
+            sums = batch if sums is None else sums + batch
+    return sums.float()
+
+
+def training_class_weights(teacher, selection_path: str, teacher_path: str, input_size: int, hflip: float,
+                           seed: int, batch_size: int, device: str, amp_dtype=None,
+                           mean=IMAGENET_DEFAULT_MEAN, std=IMAGENET_DEFAULT_STD) -> torch.Tensor:
+    """Class-balance weights from an augmented pass over the selection (see ``augmented_soft_sums``),
+    cached beside the selection file as ``<selection>.aug_weights.pth`` and reused while the selection,
+    the teacher and the augmentation are unchanged."""
+    selection = read_checkpoint(selection_path)
+    key = {'selection': os.path.abspath(selection_path), 'selection_mtime': int(os.stat(selection_path).st_mtime),
+           'teacher': os.path.abspath(teacher_path), 'teacher_mtime': int(os.stat(teacher_path).st_mtime),
+           'input_size': input_size, 'hflip': hflip, 'seed': seed, 'mean': list(mean), 'std': list(std)}
+    cache = selection_path + '.aug_weights.pth'
+    if os.path.exists(cache):
+        cached = torch.load(cache, weights_only=True)
+        if cached.get('key') == key:
+            return cached['class_weights']
+    paths = [selection['paths'][i] for i in selection['selected'].tolist()]
+    sums = augmented_soft_sums(teacher, selection['root'], paths, input_size, hflip, seed, batch_size, device,
+                               amp_dtype, mean, std)
+    weights = class_balance_weights(sums)
+    save_atomic({'key': key, 'soft_sums': sums, 'class_weights': weights}, cache)
+    return weights
+
+
+@torch.no_grad()
 def score_chunk(teacher, dataset: ImageFiles, start: int, end: int, blocks: list[int], args, progress) -> dict:
     """Scores of images [start, end): output, probe per block, prediction, soft prediction, decodable."""
     n = end - start
@@ -179,6 +227,11 @@ def build_teacher(args):
     pool = False if args.cls_token else arch.get('global_pool')
     if pool is None:  # not recorded (plain files, timm: names): timm's layout says it
         pool = pool_of_state_dict(select_state_dict(checkpoint)) if is_named(args.teacher) else True
+    if pool not in (False, 'token'):
+        warnings.warn(f"{args.teacher}: the teacher classifies from {pool!r} pooling of the tokens, not from the class "
+                      "token, so the attention probe (the class token's attention) measures a token its head never "
+                      "reads. Attention Probe's teachers classify from the class token: train the teacher with "
+                      "--cls_token (or pass --cls_token here if this one does).", stacklevel=1)
     teacher = create_vit(args.model, num_classes=args.nb_classes, global_pool=pool, img_size=args.input_size,
                          **kwargs)
     report = load_pretrained_weights(teacher, args.teacher, use_ema=args.use_teacher_ema, checkpoint=checkpoint,

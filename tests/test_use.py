@@ -113,7 +113,9 @@ def test_attention_diagnostics_match_independent_computation(runs, tmp_path):
     assert [int(r['layer']) for r in rows] == [0, 1, 2, 3]
 
     model, _ = dual_model_from(checkpoint)
-    transform = build_transform(False, SimpleNamespace(input_size=32))
+    # the run's evaluation transform: its 32x32 images at --input_size 32 are evaluated uncropped
+    assert read_checkpoint(checkpoint)['args']['eval_crop_pct'] == 1.0
+    transform = build_transform(False, SimpleNamespace(input_size=32, eval_crop_pct=1.0))
     paths = sorted(os.path.join(dp, f) for dp, _, fs in os.walk(os.path.join(runs.data, 'val')) for f in fs)
     x = torch.stack([transform(Image.open(p).convert('RGB')) for p in paths])
     layer = 2

@@ -30,6 +30,7 @@ from timm.models import save_for_hf  # noqa: E402
 
 from models_dual_vit import TRANSFER_MODES, create_vit, resolve_model_name  # noqa: E402
 from util.args import HelpFormatter  # noqa: E402
+from util.datasets import mae_eval_crop_pct  # noqa: E402
 from util.errors import UserError, run_cli  # noqa: E402
 from util.pretrained import load_exact, read_checkpoint, trained_architecture  # noqa: E402
 
@@ -66,7 +67,7 @@ def export(checkpoint_path: str, output: str, use_ema: bool = False) -> dict:
     # the normalisation the student was trained with (the teacher's; ImageNet's for older checkpoints)
     mean, std = tuple(arch['mean'] or IMAGENET_DEFAULT_MEAN), tuple(arch['std'] or IMAGENET_DEFAULT_STD)
     data_config = dict(input_size=(3, size, size), interpolation='bicubic', mean=mean, std=std,
-                       crop_pct=224 / 256 if size <= 224 else 1.0, crop_mode='center')
+                       crop_pct=arch.get('eval_crop_pct') or mae_eval_crop_pct(size), crop_mode='center')
     try:
         save_for_hf(student, output, model_args=model_args, safe_serialization=True, data_config=data_config)
     except OSError as e:

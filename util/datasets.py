@@ -237,9 +237,37 @@ def normalization(args) -> tuple[tuple, tuple]:
     return tuple(mean or IMAGENET_DEFAULT_MEAN), tuple(std or IMAGENET_DEFAULT_STD)
 
 
+def mae_eval_crop_pct(input_size: int) -> float:
+    """MAE's evaluation crop fraction for ImageNet-size inputs: 0.875 up to 224 px, 1.0 above."""
+    return 224 / 256 if input_size <= 224 else 1.0
+
+
+def first_image_size(root: str) -> Optional[tuple[int, int]]:
+    """(width, height) of the first image under ``root`` in sorted order, or None if there is none."""
+    for folder, dirs, files in os.walk(root):
+        dirs.sort()
+        for name in sorted(files):
+            if name.lower().endswith(IMG_EXTENSIONS):
+                try:
+                    with Image.open(os.path.join(folder, name)) as image:
+                        return image.size
+                except (OSError, SyntaxError, ValueError):
+                    continue
+    return None
+
+
+def default_eval_crop_pct(input_size: int, val_root: str, probe: bool = False) -> float:
+    """1.0 in probe mode (the Attention Probe reference evaluates its 32x32 images as they are) and where
+    the evaluation images already have the input size; MAE's rule otherwise."""
+    if probe or first_image_size(val_root) == (input_size, input_size):
+        return 1.0
+    return mae_eval_crop_pct(input_size)
+
+
 def build_transform(is_train: bool, args) -> transforms.Compose:
     """MAE's transforms: RandAugment, random erasing and a bicubic random-resized crop for training;
-    bicubic resize to input_size / 0.875 (above 224 px: no margin) and a centre crop for evaluation.
+    for evaluation a bicubic resize to input_size / eval_crop_pct and a centre crop (``args.eval_crop_pct``;
+    MAE's rule when unset: 0.875 up to 224 px, no margin above).
 
     With ``args.jpeg_draft`` the first step (crop or resize) takes a JPEG opened by ``open_image`` and
     decodes it at reduced scale where the output does not need the full resolution. Both normalise with
@@ -256,7 +284,7 @@ def build_transform(is_train: bool, args) -> transforms.Compose:
         if draft:
             transform.transforms[0] = DraftRandomResizedCrop(transform.transforms[0])
         return transform
-    crop_pct = 224 / 256 if args.input_size <= 224 else 1.0
+    crop_pct = getattr(args, 'eval_crop_pct', None) or mae_eval_crop_pct(args.input_size)
     resize_to = int(args.input_size / crop_pct)
     return transforms.Compose([
         DraftResize(resize_to) if draft else
@@ -408,6 +436,25 @@ class ImageFiles(Dataset):
             warnings.warn(f"skipping undecodable image {path}: {type(e).__name__}: {e}", stacklevel=1)
             return None
         return (self.transform(image) if self.transform is not None else image), index
+
+
+def labelled_originals(root: str, per_class: int, seed: int) -> list[str]:
+    """``per_class`` images of every class folder under ``root`` (an ImageFolder's train split), drawn
+    without replacement with a generator seeded by ``seed``; absolute paths, class by class."""
+    if not os.path.isdir(root):
+        raise UserError(f"--pos_num {per_class}: mixes labelled originals from the target task's training split "
+                        f"into the selection, but {root!r} is not a directory; give --eval_data_path a folder "
+                        "holding train/<class>/, or drop --pos_num")
+    generator = torch.Generator().manual_seed(seed)
+    chosen = []
+    for cls in sorted(e.name for e in os.scandir(root) if e.is_dir()):
+        files = sorted(os.path.join(root, cls, f) for f in os.listdir(os.path.join(root, cls))
+                       if f.lower().endswith(IMG_EXTENSIONS))
+        if len(files) < per_class:
+            raise UserError(f"--pos_num {per_class}: class folder {os.path.join(root, cls)!r} holds only "
+                            f"{len(files)} images; lower --pos_num to at most {len(files)}")
+        chosen += [os.path.abspath(files[i]) for i in torch.randperm(len(files), generator=generator)[:per_class]]
+    return chosen
 
 
 def wild_transform(input_size: int, train: bool, hflip: float = 0.5, mean: Sequence[float] = IMAGENET_DEFAULT_MEAN,

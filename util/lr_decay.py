@@ -9,6 +9,11 @@ the head 1. No weight decay on 1-D parameters and on the model's ``no_weight_dec
 timm's ``param_groups_layer_decay`` counts layers from the parameters it finds, which shifts every
 scale by one when the final norm is an Identity (global pooling, the default here); this module
 keeps MAE's fixed count.
+
+The attention transfer reference groups its dual model's student with ``num_layers = depth`` instead:
+block i gets ``layer_decay ** (depth - 1 - i)``, so the last block shares the head's scale 1, and the
+embeddings get ``layer_decay ** depth``. ``num_layers`` selects that count (main_finetune.py uses it in
+transfer modes; plain training keeps MAE's ``depth + 1``).
 """
 from __future__ import annotations
 
@@ -33,9 +38,13 @@ def param_groups_lrd(
         weight_decay: float = 0.05,
         no_weight_decay_list: Collection[str] = (),
         layer_decay: float = 0.75,
+        num_layers: int | None = None,
 ) -> list[dict]:
-    """AdamW parameter groups of a timm ViT's trainable parameters; each group carries ``lr_scale``."""
-    num_layers = len(model.blocks) + 1
+    """AdamW parameter groups of a timm ViT's trainable parameters; each group carries ``lr_scale``.
+
+    ``num_layers``: the count the scales decay from (default MAE's ``depth + 1``; see module docstring)."""
+    if num_layers is None:
+        num_layers = len(model.blocks) + 1
     groups: dict[str, dict] = {}
     for name, param in model.named_parameters():
         if not param.requires_grad:

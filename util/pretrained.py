@@ -197,11 +197,12 @@ def read_checkpoint(path: str, flag: str = '') -> Any:
             return safetensors.torch.load_file(path, device='cpu')
         # MAE and DeiT checkpoints store their argparse.Namespace of arguments beside the weights.
         with torch.serialization.safe_globals([argparse.Namespace]):
-            return torch.load(path, map_location='cpu', weights_only=True)
+            checkpoint = torch.load(path, map_location='cpu', weights_only=True)
     except Exception as e:  # truncated, corrupt or foreign files; their messages do not name the path
         raise UserError(f"{source}: cannot read the checkpoint ({type(e).__name__}: {_load_error_detail(e)}); "
                         "expected a complete torch .pth file or .safetensors file (a truncated copy? copy it "
                         "again)") from e
+    return from_reference_layout(checkpoint)
 
 
 def _load_error_detail(error: Exception) -> str:
@@ -212,6 +213,50 @@ def _load_error_detail(error: Exception) -> str:
         text = text.split('WeightsUnpickler error:', 1)[1].split('Check the documentation', 1)[0]
     lines = [line.strip() for line in text.strip().splitlines() if line.strip()]
     return (lines[0] if lines else '')[:300]
+
+
+# The attention transfer reference's DualVisionTransformer: its state dict is teacher.* and student.*.
+DUAL_PREFIXES = ('student.', 'teacher.')
+# What the released model transferred, whatever its arguments say: its main_finetune.py never passes
+# --end_layer, and the model's own default is -3.
+REFERENCE_END_LAYER = -3
+
+
+def _is_dual(state_dict: Any) -> bool:
+    return (isinstance(state_dict, dict) and bool(state_dict)
+            and all(isinstance(k, str) and k.startswith(DUAL_PREFIXES) for k in state_dict)
+            and any(k.startswith('student.') for k in state_dict))
+
+
+def _part(state_dict: dict, prefix: str) -> dict:
+    return {k[len(prefix):]: v for k, v in state_dict.items() if k.startswith(prefix)}
+
+
+def from_reference_layout(checkpoint: Any) -> Any:
+    """A checkpoint of the attention transfer reference (the whole dual model under ``model``, an EMA of
+    it under ``model_ema``, arguments as a Namespace) in this project's layout: ``model`` and
+    ``model_ema`` hold the student, ``teacher`` the teacher in copy modes (whose students use it at
+    evaluation), ``args`` a dict with the transferred layers the released code used (end_layer -3).
+    Any other checkpoint is returned unchanged."""
+    if not isinstance(checkpoint, dict) or not _is_dual(clean_state_dict(checkpoint.get('model') or {})):
+        return checkpoint
+    model = clean_state_dict(checkpoint['model'])
+    out = {k: v for k, v in checkpoint.items() if k not in ('model', *EMA_ENTRIES, 'args', 'optimizer')}
+    out['model'] = _part(model, 'student.')
+    args = checkpoint.get('args')
+    args = dict(vars(args)) if isinstance(args, argparse.Namespace) else dict(args or {})
+    mode = args.get('mode') or ''
+    if 'copy' in mode and any(k.startswith('teacher.') for k in model):
+        out['teacher'] = _part(model, 'teacher.')
+    for key in EMA_ENTRIES:
+        ema = checkpoint.get(key)
+        if isinstance(ema, dict) and _is_dual(clean_state_dict(ema)):
+            out['model_ema'] = _part(clean_state_dict(ema), 'student.')
+    if args:
+        args.update(end_layer=REFERENCE_END_LAYER, transfer_layers=None)
+        out['args'] = args
+    out['converted_from'] = 'attention transfer reference (dual model)'
+    return out
 
 
 def select_state_dict(checkpoint: Any, use_ema: bool = False, source: str = 'checkpoint') -> dict:
@@ -326,7 +371,7 @@ def trained_architecture(checkpoint: Any) -> dict | None:
         **(args.get('model_kwargs') or {}), **(args.get('student_kwargs') or {})}
     return dict(model=name, model_kwargs=kwargs, nb_classes=args.get('nb_classes'),
                 input_size=args.get('input_size'), global_pool=args.get('global_pool', True),
-                mean=args.get('mean'), std=args.get('std'))
+                mean=args.get('mean'), std=args.get('std'), eval_crop_pct=args.get('eval_crop_pct'))
 
 
 def pool_of_state_dict(state_dict: dict) -> str:
