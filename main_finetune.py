@@ -110,7 +110,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument('--batch_size', default=64, type=int,
                    help='batch size per GPU (effective batch size is batch_size * accum_iter * # gpus)')
     p.add_argument('--epochs', default=50, type=int,
-                   help='number of training epochs (probe mode: default from --presentations)')
+                   help='number of training epochs (probe mode without --epochs: derived from --presentations)')
     p.add_argument('--accum_iter', default=1, type=int,
                    help='accumulate gradients over this many iterations (a larger effective batch in less memory)')
 
