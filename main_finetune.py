@@ -492,6 +492,10 @@ def follow_finetune_source(args, probe: bool) -> None:
         args.model = arch['model']
         args.model_kwargs = {**arch['model_kwargs'], **args.model_kwargs}
         log(f"architecture from --finetune {args.finetune}: {args.model} {args.model_kwargs}")
+        pool_given = 'global_pool' in (getattr(args, 'explicit_flags', None) or ())
+        if args.eval and args.mode is None and not pool_given:  # evaluating the named classifier as it is
+            args.global_pool = arch['global_pool'] or pool_of_state_dict(select_state_dict(
+                read_checkpoint(args.finetune)))
     if arch.get('mean') is not None and arch.get('std') is not None and (args.mean is None or args.std is None):
         args.mean = args.mean or list(arch['mean'])
         args.std = args.std or list(arch['std'])

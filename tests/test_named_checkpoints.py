@@ -5,6 +5,7 @@ import json
 import os
 import subprocess
 import sys
+from types import SimpleNamespace
 
 import huggingface_hub
 import pytest
@@ -104,13 +105,29 @@ def test_offline_resolution_in_a_fresh_process_with_the_environment_switch(hub):
 
 
 def test_eval_of_a_named_classifier_follows_its_architecture_and_normalisation(offline, tmp_path):
-    """No --model: the architecture, its arguments and the input normalisation come from the hub config;
-    the results are also written to output_dir/eval_results.json."""
+    """No --model, no --cls_token: the architecture, its arguments, its pooling (class token) and the input
+    normalisation come from the hub config; the results are also written to output_dir/eval_results.json,
+    and equal those of the same classifier beside itself through --ensemble_with."""
     data = make_image_folder(str(tmp_path / 'data'), train_per_class=1, val_per_class=4)
     out = str(tmp_path / 'out')
-    stats = main_finetune.run(['--eval', '--finetune', 'hf-hub:acme/tiny-clip-vit', '--cls_token', '--data_path',
+    stats = main_finetune.run(['--eval', '--finetune', 'hf-hub:acme/tiny-clip-vit', '--data_path',
                                data, '--nb_classes', '3', '--input_size', '32', '--output_dir', out,
-                               '--num_workers', '0', '--device', 'cpu', '--batch_size', '4'])
+                               '--num_workers', '0', '--device', 'cpu', '--batch_size', '4',
+                               '--ensemble_with', 'hf-hub:acme/tiny-clip-vit'])
+    assert stats['test_loss'] == pytest.approx(stats['other_test_loss'])
+    reference = timm.create_model('vit_base_patch16_224', num_classes=3, img_size=32, global_pool='token',
+                                  pretrained=True, **TINY_ARCH,
+                                  pretrained_cfg_overlay=dict(file=str(offline / 'clip' / 'model.safetensors'),
+                                                              num_classes=3)).eval()
+    import util.datasets
+    args = SimpleNamespace(input_size=32, mean=CLIP_MEAN, std=CLIP_STD)
+    images = torch.stack([x for x, _ in util.datasets.build_dataset(False, SimpleNamespace(**vars(args),
+                          data_path=data, nb_classes=3))])
+    labels = torch.tensor([y for _, y in util.datasets.build_dataset(False, SimpleNamespace(**vars(args),
+                          data_path=data, nb_classes=3))])
+    with torch.no_grad():
+        expected = torch.nn.functional.cross_entropy(reference(images), labels).item()
+    assert stats['test_loss'] == pytest.approx(expected, rel=1e-4)
     with open(os.path.join(out, 'eval_results.json')) as f:
         written = json.load(f)
     assert written['test_acc1'] == stats['test_acc1'] and written['checkpoint'] == 'hf-hub:acme/tiny-clip-vit'
