@@ -324,7 +324,8 @@ def main(argv=None) -> dict:
     plot_accuracy({m: r[2] for m, r in first.items()}, figures['accuracy'])
 
     with open(os.path.join(out, 'results.md'), 'w') as f:
-        f.write(f"Command: python demo.py{' --quick' if a.quick else ''}\n\n{report}\n")
+        seeds_flag = f' --seeds {a.seeds}' if not a.quick and a.seeds != 3 else ''
+        f.write(f"Command: python demo.py{' --quick' if a.quick else ''}{seeds_flag}\n\n{report}\n")
     print('\n' + report)
     print(f"\nresults: {out}/results.md; figures: " + ', '.join(os.path.basename(v) for v in figures.values()))
     return {'accuracy': per_method, 'fractions': fractions, 'figures': figures, 'claims': verdicts}

@@ -24,7 +24,7 @@ from util.args import explicit_flags
 from util.datasets import build_dataset, default_eval_crop_pct
 from util.errors import UserError
 from util.lr_sched import lr_at
-from util.pretrained import load_pretrained_weights
+from util.pretrained import load_pretrained_weights, read_checkpoint
 
 ARCH = dict(patch_size=8, embed_dim=48, depth=4, num_heads=3)
 
@@ -337,3 +337,27 @@ def test_dfnd_command_maps_onto_selection_and_probe_distillation():
                          num_heads=2)
     assert (len(student.blocks), student.embed_dim, student.blocks[0].attn.num_heads,
             student.blocks[0].mlp.fc1.out_features) == (12, 128, 2, 512)  # the reference's CIFAR student
+
+
+def test_dfnd_command_runs_end_to_end(tmp_path):
+    """The reference's command on a tiny teacher (4x4 patches, the student's token grid) and generated data."""
+    teacher_path = make_teacher_checkpoint(str(tmp_path / 'teacher.pth'), classes=3, patch_size=4)
+    ckpt = torch.load(teacher_path)
+    ckpt['args'] = {'model': 'vit_base_patch16_224', 'model_kwargs': {**ARCH, 'patch_size': 4}, 'nb_classes': 3,
+                    'input_size': 32, 'global_pool': True, 'mode': None}
+    torch.save(ckpt, teacher_path)
+    target = make_image_folder(str(tmp_path / 'cifar'), classes=3, train_per_class=2, val_per_class=2)
+    wild = make_image_folder(str(tmp_path / 'wild'), classes=3, train_per_class=6, val_per_class=0, seed=3)
+    out = str(tmp_path / 'output') + os.sep
+    with warnings.catch_warnings():
+        warnings.simplefilter('ignore')
+        stats = load_dfnd().main(
+            ['--dataset', 'cifar10', '--data_cifar', target, '--data_imagenet', wild, '--num_select', '8',
+             '--teacher_dir', teacher_path, '--selected_file', str(tmp_path / 'selected') + os.sep,
+             '--output_dir', out, '--nb_classes', '3', '--lr_S', '7.5e-4', '--attnprobe_sel', '--attnprobe_dist',
+             '--robust', '--epochs', '1', '--batch_size', '4', '--device', 'cpu', '--num_workers', '0'])
+    assert 0.0 <= stats['test_acc1'] <= 100.0
+    run = read_checkpoint(os.path.join(out, 'student', 'checkpoint.pth'))
+    assert run['args']['teacher_acc'] == 0.9665 and run['args']['sched'] == 'step' and not run['args']['global_pool']
+    assert read_checkpoint(str(tmp_path / 'selected' / 'selection.pth'))['ranking'] == 'output'
+    assert os.path.exists(str(tmp_path / 'selected' / 'selection.pth.aug_weights.pth'))
