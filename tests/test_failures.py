@@ -27,7 +27,7 @@ from util.errors import UserError
 from util.losses import TransferCriterion
 from util.output import RunLock, check_inputs_not_overwritten
 from util.pretrained import read_checkpoint
-from util.run_control import Preempted, clear_stop, request_stop
+from util.run_control import Preempted, clear_stop, request_stop, stop_on_signals, stop_requested
 
 
 @pytest.fixture(scope='module')
@@ -438,3 +438,13 @@ def test_second_sigint_exits_at_once(workdir):
     assert 'Traceback' not in stderr
     assert 'SIGINT received: stopping at the next step' in stderr
     assert 'second SIGINT: exiting now' in stderr
+
+
+def test_a_signal_stops_only_the_run_it_arrived_in():
+    before = signal.getsignal(signal.SIGTERM)
+    with stop_on_signals():
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(0.01)
+        assert stop_requested()
+    assert not stop_requested()  # a later run in this process (e.g. the demo's next one) is not stopped
+    assert signal.getsignal(signal.SIGTERM) is before

@@ -52,7 +52,7 @@ def stop_on_signals(enabled: bool = True) -> Iterator[None]:
     """While training: SIGINT / SIGTERM checkpoint and stop at the next sync point; a second one exits at once.
 
     Only where nobody else handles them (Python's defaults): under submitit, SLURM's signals stay its
-    own. The previous handlers come back afterwards."""
+    own. The previous handlers come back afterwards, and a stop that one of them requested is cleared."""
     installed = {}
     if enabled and threading.current_thread() is threading.main_thread():
         defaults = {signal.SIGINT: signal.default_int_handler, signal.SIGTERM: signal.SIG_DFL}
@@ -64,6 +64,8 @@ def stop_on_signals(enabled: bool = True) -> Iterator[None]:
     finally:
         for signum, previous in installed.items():
             signal.signal(signum, previous)
+        if installed and _stop_signal is not None:
+            clear_stop()  # the signal stopped this run; a later run in the same process starts afresh
 
 
 def stop_signal() -> Optional[int]:
