@@ -55,6 +55,7 @@ from util.datasets import (
     build_loader,
     default_eval_crop_pct,
     labelled_originals,
+    normalization,
     wild_transform,
 )
 from util.distributed import (
@@ -82,7 +83,7 @@ from util.pretrained import (
     read_checkpoint,
     select_state_dict,
 )
-from util.run_control import Preempted, RunControl, stop_on_signals, stop_signal
+from util.run_control import Preempted, RunControl, stop_on_signals
 
 # The arguments that define the model: --eval --resume takes them from the checkpoint.
 MODEL_ARGS = ('model', 'mode', 'teacher_model', 'student_model', 'model_kwargs', 'student_kwargs', 'input_size',
@@ -102,7 +103,7 @@ PROBE_DEFAULTS = dict(lr=7.5e-4, weight_decay=0.025, batch_size=256, layer_decay
 # The reference's training budget: 320,000 iterations of 512 images (251 epochs for 650,000 selected images).
 PROBE_PRESENTATIONS = 320000 * 512
 # What probe training reads from a selection file of select_wild_data.py.
-SELECTION_ENTRIES = ('root', 'paths', 'selected', 'class_weights')
+SELECTION_ENTRIES = ('root', 'paths', 'selected')
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -573,8 +574,9 @@ class ProbeMode:
             log(f"  + {len(originals)} labelled originals ({args.pos_num} per class) from "
                 f"{os.path.join(args.eval_data_path, 'train')}, used like the wild images (no labels)")
             paths += originals
+        mean, std = normalization(args)
         return ImageFiles(selection['root'], paths, wild_transform(args.input_size, train=True, hflip=args.hflip,
-                                                                   mean=args.mean, std=args.std))
+                                                                   mean=mean, std=std))
 
     def criterion(self, args, model, loader_val, device, amp_dtype) -> torch.nn.Module:
         if args.noise_adaptation and args.teacher_acc is None:
@@ -598,7 +600,7 @@ class ProbeMode:
                 log("class-balance weights from an augmented pass over the selection: "
                     + ' '.join(f"{w:.3f}" for w in clean.tolist()[:20]) + (' ...' if len(clean) > 20 else ''))
             else:
-                clean = read_selection(args.selection)['class_weights'].float()
+                clean = read_selection(args.selection, ('class_weights',))['class_weights'].float()
             generator = torch.Generator().manual_seed(args.seed)
             weights = clean + torch.rand(clean.shape, generator=generator) * 0.1
         return ProbeCriterion(args.nb_classes, args.kd_temperature, args.patchattn, args.noise_adaptation,
@@ -695,10 +697,10 @@ def wrap_ddp(model: DualViT, args) -> torch.nn.Module:
                                    find_unused_parameters=model.may_leave_student_parameters_unused)
 
 
-def read_selection(path: str) -> dict:
-    """A selection file of select_wild_data.py, checked for the entries probe training reads."""
+def read_selection(path: str, entries: tuple[str, ...] = SELECTION_ENTRIES) -> dict:
+    """A selection file of select_wild_data.py, checked for the ``entries`` the caller reads."""
     selection = read_checkpoint(path, flag='--selection')
-    missing = [k for k in SELECTION_ENTRIES if not isinstance(selection, dict) or k not in selection]
+    missing = [k for k in entries if not isinstance(selection, dict) or k not in selection]
     if missing:
         raise UserError(f"--selection {path!r} is not a selection file (no {', '.join(missing)} entries); write one "
                         "with select_wild_data.py --teacher TEACHER --wild_path IMAGES --output FILE")
@@ -981,8 +983,8 @@ def train_and_evaluate(args, ckpt: dict | None, ckpt_path: str | None) -> dict:
             position = int((start_epoch + start_step / steps_per_epoch) * 1000)
             log_writer = SummaryWriter(log_dir=args.log_dir, purge_step=position + 1 if position else None)
 
-    def save(epoch: int, step: int | None, partial: dict | None = None, extra_name: str | None = None) -> None:
-        """checkpoint.pth (and ``extra_name``) on rank 0, unless any rank's state holds NaN or inf."""
+    def save(epoch: int, step: int | None, partial: dict | None = None, extra_names: tuple[str, ...] = ()) -> None:
+        """checkpoint.pth (and ``extra_names``) on rank 0, unless any rank's state holds NaN or inf."""
         nonlocal last_good
         if not args.output_dir:
             return
@@ -992,8 +994,8 @@ def train_and_evaluate(args, ckpt: dict | None, ckpt_path: str | None) -> dict:
         check_finite(state, describe_checkpoint(path, epoch, step), last_good, device)
         if is_main_process():
             save_atomic(state, path)
-            if extra_name:
-                save_atomic(state, os.path.join(args.output_dir, extra_name))
+            for name in extra_names:
+                save_atomic(state, os.path.join(args.output_dir, name))
         barrier()
         last_good = describe_checkpoint(path, epoch, step)
 
@@ -1019,7 +1021,8 @@ def train_and_evaluate(args, ckpt: dict | None, ckpt_path: str | None) -> dict:
             raise
         last = epoch + 1 == args.epochs
         keep = args.save_every and ((epoch + 1) % args.save_every == 0 or last)
-        save(epoch, None, extra_name=f'checkpoint-{epoch}.pth' if keep else None)
+        numbered = (f'checkpoint-{epoch}.pth',) if keep else ()
+        save(epoch, None, extra_names=numbered)
 
         stats = {**{f'train_{k}': v for k, v in train_stats.items()}, 'epoch': epoch, 'n_parameters': n_parameters}
         # a stop agreed at the epoch's last step: no evaluation now (the run itself ends after the last epoch)
@@ -1029,8 +1032,9 @@ def train_and_evaluate(args, ckpt: dict | None, ckpt_path: str | None) -> dict:
             stats.update(test_stats)
             improved = best.update(test_stats, epoch)
             stats.update(best.log_fields())
-            if best_key in improved:  # checkpoint.pth is written again so that it records the new best too
-                save(epoch, None, extra_name='checkpoint-best.pth')
+            if improved:  # this epoch's checkpoints are written again so that a resume continues the same record
+                save(epoch, None, extra_names=numbered + (('checkpoint-best.pth',) if best_key in improved else ()))
+            if best_key in improved:
                 log(f"checkpoint-best.pth: epoch {epoch}, {best_key} {test_stats[best_key]:.2f}%")
             log(best.summary(test_stats))
             if log_writer is not None:
@@ -1066,7 +1070,7 @@ def run_reporting_stop(argv=None) -> dict:
     except Preempted as stop:
         print(f"stopped: checkpoint written at epoch {stop.epoch}, step {stop.step}; continue with --resume allow",
               file=sys.stderr, flush=True)
-        os._exit(128 + stop_signal() if stop_signal() else 1)
+        os._exit(128 + stop.signum if stop.signum else 1)
 
 
 if __name__ == '__main__':

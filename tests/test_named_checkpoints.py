@@ -120,7 +120,9 @@ def test_eval_of_a_named_classifier_follows_its_architecture_and_normalisation(o
                                   pretrained_cfg_overlay=dict(file=str(offline / 'clip' / 'model.safetensors'),
                                                               num_classes=3)).eval()
     import util.datasets
-    args = SimpleNamespace(input_size=32, mean=CLIP_MEAN, std=CLIP_STD)
+    # the evaluation crop the run resolved for these images (they already have the input size)
+    crop = util.datasets.default_eval_crop_pct(32, os.path.join(data, 'val'))
+    args = SimpleNamespace(input_size=32, mean=CLIP_MEAN, std=CLIP_STD, eval_crop_pct=crop)
     images = torch.stack([x for x, _ in util.datasets.build_dataset(False, SimpleNamespace(**vars(args),
                           data_path=data, nb_classes=3))])
     labels = torch.tensor([y for _, y in util.datasets.build_dataset(False, SimpleNamespace(**vars(args),

@@ -89,6 +89,8 @@ class Preempted(Exception):
     def __init__(self, epoch: int, step: int) -> None:
         super().__init__(f"stopped on request at epoch {epoch}, step {step}, after saving the checkpoint")
         self.epoch, self.step = epoch, step
+        # the signal that asked for it, kept here: leaving the run clears the module's record
+        self.signum = stop_signal()
 
 
 class RunControl:
