@@ -20,24 +20,21 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import torch  # noqa: E402
+from bench_step import (
+    add_step_args,  # noqa: E402
+    measure,  # noqa: E402
+)
 from bench_step import get_args as step_args  # noqa: E402
-from bench_step import measure  # noqa: E402
+
+from util.args import HelpFormatter  # noqa: E402
 
 GiB = 2 ** 30
 
 
 def get_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument('--model', default='vit_small_patch16_224', help='dual_vit_*, MAE or timm ViT name')
-    p.add_argument('--batch_size', type=int, default=2, help='images per step')
+    p = argparse.ArgumentParser('python benchmarks/bench_memory.py', description=__doc__, formatter_class=HelpFormatter)
+    add_step_args(p, model='vit_small_patch16_224', batch_size=2, steps=5, warmup=2)
     p.add_argument('--sizes', default='224,448,672', help='comma-separated input sizes in pixels')
-    p.add_argument('--drop_path', type=float, default=0.1, help='stochastic depth rate of the student')
-    p.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu', help='cpu or cuda')
-    p.add_argument('--amp', default=None, choices=['bf16', 'fp16', 'none'],
-                   help='autocast precision (default: bf16 on CUDA, none on CPU)')
-    p.add_argument('--steps', type=int, default=5, help='timed steps per row (median reported)')
-    p.add_argument('--warmup', type=int, default=2, help='untimed steps per row before timing')
-    p.add_argument('--threads', type=int, default=0, help='CPU threads (0: torch default)')
     return p.parse_args(argv)
 
 

@@ -29,20 +29,25 @@ from util.args import HelpFormatter  # noqa: E402
 MODES = ('teacher_forward', 'none', 'copy', 'distill')
 
 
-def get_args(argv=None):
-    p = argparse.ArgumentParser('python benchmarks/bench_step.py', description=__doc__, formatter_class=HelpFormatter)
-    p.add_argument('--model', default='vit_tiny_patch16_224', help='dual_vit_*, MAE or timm ViT name')
-    p.add_argument('--batch_size', type=int, default=32, help='images per step')
-    p.add_argument('--input_size', type=int, default=224, help='image side in pixels')
-    p.add_argument('--nb_classes', type=int, default=1000, help='classifier width')
-    p.add_argument('--end_layer', type=int, default=0, help='transfer layers [0, depth + end_layer)')
+def add_step_args(p: argparse.ArgumentParser, model: str, batch_size: int, steps: int, warmup: int) -> None:
+    """The options of a timed step that bench_step.py and bench_memory.py share (with their own defaults)."""
+    p.add_argument('--model', default=model, help='dual_vit_*, MAE or timm ViT name')
+    p.add_argument('--batch_size', type=int, default=batch_size, help='images per step')
     p.add_argument('--drop_path', type=float, default=0.1, help='stochastic depth rate of the student')
     p.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu', help='cpu or cuda')
     p.add_argument('--amp', default=None, choices=['bf16', 'fp16', 'none'],
                    help='autocast precision (default: bf16 on CUDA, none on CPU)')
-    p.add_argument('--steps', type=int, default=10, help='timed steps per mode (median reported)')
-    p.add_argument('--warmup', type=int, default=3, help='untimed steps per mode before timing')
+    p.add_argument('--steps', type=int, default=steps, help='timed steps per measurement (median reported)')
+    p.add_argument('--warmup', type=int, default=warmup, help='untimed steps per measurement before timing')
     p.add_argument('--threads', type=int, default=0, help='CPU threads (0: torch default)')
+
+
+def get_args(argv=None):
+    p = argparse.ArgumentParser('python benchmarks/bench_step.py', description=__doc__, formatter_class=HelpFormatter)
+    add_step_args(p, model='vit_tiny_patch16_224', batch_size=32, steps=10, warmup=3)
+    p.add_argument('--input_size', type=int, default=224, help='image side in pixels')
+    p.add_argument('--nb_classes', type=int, default=1000, help='classifier width')
+    p.add_argument('--end_layer', type=int, default=0, help='transfer layers [0, depth + end_layer)')
     p.add_argument('--modes', default=','.join(MODES), help=f'comma-separated subset of {",".join(MODES)}')
     p.add_argument('--attention_impl', default='fused', choices=['fused', 'explicit'],
                    help='attention of the transfer modes: SDPA and the chunked loss, or explicit N x N maps')
