@@ -38,6 +38,7 @@ from PIL import Image, ImageDraw
 
 import main_finetune
 import select_wild_data
+from modes import probe_epochs
 from tools import visualize_attention
 from util.errors import run_cli
 
@@ -200,7 +201,7 @@ def seed_runs(run: Runner, data: str, seed: int, epochs: dict, presentations: in
         results[method] = (stats['test_acc1'], sec, path)
 
     selections = {}
-    probe_epochs = main_finetune.probe_epochs(400, presentations)
+    n_probe_epochs = probe_epochs(400, presentations)
     for kind in ('probe', 'random'):
         output = os.path.join(run.out, 'runs', f'seed{seed}_selection_{kind}.pth')
         args = select_wild_data.get_args_parser().parse_args(
@@ -213,7 +214,7 @@ def seed_runs(run: Runner, data: str, seed: int, epochs: dict, presentations: in
             '--mode', 'probe', '--finetune', teacher, '--selection', output,
             '--eval_data_path', os.path.join(data, 'small'), '--student_model', 'vit_base_patch16_224',
             '--student_kwargs', *PROBE_STUDENT, '--batch_size', '64', '--presentations', str(presentations),
-            '--step_epochs', str(probe_epochs * 4 // 5 + 1), '--eval_every', '20', '--cls_token'])
+            '--step_epochs', str(n_probe_epochs * 4 // 5 + 1), '--eval_every', '20', '--cls_token'])
         label = 'probe distillation, attention-probe selection' if kind == 'probe' else \
             'probe distillation, random selection'
         results[label] = (stats['test_acc1'], sec + sec2, path)
@@ -303,7 +304,7 @@ def main(argv=None) -> dict:
         frac = mean_std(fractions[kind]) if kind else ''
         lines.append(f"| {method} | {mean_std(values)} | {statistics.mean(seconds[method]):.0f} | {frac} |")
     verdicts = claims(per_method)
-    n_probe = main_finetune.probe_epochs(400, presentations)
+    n_probe = probe_epochs(400, presentations)
     budget = (f"Probe students: {presentations} image presentations = {n_probe} epochs of the 400 selected images "
               f"(batch 64), lr x0.1 from epoch {n_probe * 4 // 5 + 1} (counted from 1).")
     report = '\n'.join(lines + ['', budget, '', 'Claims:'] + verdicts +

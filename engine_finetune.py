@@ -128,6 +128,7 @@ def train_one_epoch(
         epoch: int,
         scaler: torch.amp.GradScaler,
         args,
+        schedule: lr_sched.Schedule,
         amp_dtype: Optional[torch.dtype] = None,
         mixup_fn: Optional[Callable] = None,
         model_ema: Optional[nn.Module] = None,
@@ -141,9 +142,9 @@ def train_one_epoch(
 ) -> dict[str, float]:
     """Train for one epoch (or its rest, from ``start_step``) and return the epoch's mean loss terms.
 
-    ``args`` supplies accum_iter, clip_grad, print_freq and the lr schedule (lr, min_lr,
-    warmup_epochs, epochs). At every read-back ``control`` (util.run_control) may write a
-    mid-epoch checkpoint or stop the loop, decided by all ranks together. ``aux_optimizer`` steps
+    ``args`` supplies accum_iter, clip_grad and print_freq; ``schedule`` the per-iteration lr. At every
+    read-back ``control`` (util.run_control) may write a mid-epoch checkpoint or stop the loop, decided by
+    all ranks together. ``aux_optimizer`` steps
     the criterion's own parameters (probe: noise adaptation), their gradients averaged over ranks.
     ``partial`` is the resumed epoch's ``EpochTotals.state()`` from a mid-epoch checkpoint.
     """
@@ -175,7 +176,7 @@ def train_one_epoch(
     for step, (images, targets, skipped) in enumerate(data_loader, start=start_step):
         data_wait += time.time() - t_ready
         if step % accum == 0:
-            lr = lr_sched.adjust_learning_rate(optimizer, epoch + step / steps_per_epoch, args)
+            lr = lr_sched.adjust_learning_rate(optimizer, epoch + step / steps_per_epoch, schedule)
         if len(images) == 0:
             raise RuntimeError(f"epoch {epoch} step {step}: every image of the batch failed to decode; "
                                "check the data set (see the warnings above)")
@@ -215,7 +216,7 @@ def train_one_epoch(
             elapsed = time.time() - t_window
             per_step = (time.time() - t_start) / (step + 1 - start_step)
             steps_left = steps_per_epoch - step - 1
-            run_steps_left = steps_left + (args.epochs - epoch - 1) * steps_per_epoch
+            run_steps_left = steps_left + (schedule.epochs - epoch - 1) * steps_per_epoch
             log(f"Epoch [{epoch}] [{step + 1}/{steps_per_epoch}]  "
                 + '  '.join(f"{k} {v:.4f}" for k, v in means.items())
                 + f"  lr {lr:.3e}  {n_images / max(elapsed, 1e-9):.1f} img/s"

@@ -27,39 +27,29 @@ from timm.utils import ModelEmaV3
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.tensorboard import SummaryWriter
 
+import modes
 from engine_finetune import NonFiniteLossError, evaluate, evaluate_ensemble, train_one_epoch
-from models_dual_vit import MODE_CHOICES, DualViT, build_dual_vit, create_vit, get_transfer_mode, resolve_model_name
-from models_probe import ProbeDistiller, build_probe_distiller
-from select_wild_data import training_class_weights
-from util.args import HelpFormatter, annotate_mode_defaults, explicit_flags, parse_kwargs
+from models_dual_vit import DualViT, create_vit, resolve_model_name
+from modes import MODES, PlainTraining, get_mode, student_architecture
+from util.args import HelpFormatter, annotate_mode_defaults, check_range, explicit_flags, parse_kwargs
 from util.checkpoint import (
     check_finite,
+    checkpoint_state,
+    describe_checkpoint,
+    last_good_sentence,
     load_training_checkpoint,
     next_position,
+    restore_weights,
     resume_path,
     resume_rng,
     resume_step,
-    rng_state,
     samples_done,
     save_atomic,
     seed_epoch,
     set_rng_state,
 )
-from util.datasets import (
-    LAYOUT,
-    DataError,
-    ImageFiles,
-    ResumableDistributedSampler,
-    ShardSampler,
-    build_dataset,
-    build_loader,
-    default_eval_crop_pct,
-    labelled_originals,
-    normalization,
-    wild_transform,
-)
+from util.datasets import LAYOUT, DataError, build_dataset, build_loader
 from util.distributed import (
-    all_gather_object,
     barrier,
     ddp_ignore,
     destroy,
@@ -70,13 +60,22 @@ from util.distributed import (
     log,
 )
 from util.errors import UserError, run_cli
-from util.losses import ProbeCriterion, TransferCriterion, build_task_criterion
 from util.lr_decay import param_groups_lrd
-from util.output import check_inputs_not_overwritten, checkpoint_bytes, output_dir_in_use, warn_if_little_space
+from util.lr_sched import Schedule, lr_floor_warning
+from util.output import (
+    EVAL_RESULTS,
+    BestAccuracy,
+    check_inputs_not_overwritten,
+    check_output_folders,
+    checkpoint_bytes,
+    output_dir_in_use,
+    warn_if_little_space,
+    write_eval_results,
+    write_log,
+)
 from util.pretrained import (
     checkpoint_architecture,
     is_named,
-    load_exact,
     load_pretrained_weights,
     local_checkpoint,
     pool_of_state_dict,
@@ -84,26 +83,14 @@ from util.pretrained import (
     select_state_dict,
 )
 from util.run_control import Preempted, RunControl, stop_on_signals
+from util.samplers import ResumableDistributedSampler, ShardSampler
 
 # The arguments that define the model: --eval --resume takes them from the checkpoint.
 MODEL_ARGS = ('model', 'mode', 'teacher_model', 'student_model', 'model_kwargs', 'student_kwargs', 'input_size',
               'nb_classes', 'global_pool', 'transfer_layers', 'end_layer', 'share_drop_path', 'probe_blocks',
               'eval_crop_pct')
 AMP_DTYPES = {'bf16': torch.bfloat16, 'fp16': torch.float16, 'none': None}
-PROBE = 'probe'
 DEFAULT_MODEL = 'vit_large_patch16'
-EVAL_RESULTS = 'eval_results.json'
-# The Attention Probe reference's recipe (AdamW, lr 7.5e-4, weight decay 0.025, batch 256, no label
-# tricks); --mode probe applies it to every one of these flags the command line does not set.
-# Its models classify from the class token (the attention probe reads that token) and its lr steps down
-# x0.1 at epochs 200 and 300; without --epochs, the epochs come from --presentations (see probe_epochs).
-PROBE_DEFAULTS = dict(lr=7.5e-4, weight_decay=0.025, batch_size=256, layer_decay=1.0, warmup_epochs=0,
-                      min_lr=0.0, smoothing=0.0, drop_path=0.0, aa='none', reprob=0.0, mixup=0.0, cutmix=0.0,
-                      global_pool=False, sched='step')
-# The reference's training budget: 320,000 iterations of 512 images (251 epochs for 650,000 selected images).
-PROBE_PRESENTATIONS = 320000 * 512
-# What probe training reads from a selection file of select_wild_data.py.
-SELECTION_ENTRIES = ('root', 'paths', 'selected')
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -141,9 +128,9 @@ def get_args_parser() -> argparse.ArgumentParser:
                    help='use the class token instead of global pooling for classification')
 
     g = p.add_argument_group('attention transfer')
-    g.add_argument('--mode', default='none', type=str, choices=list(MODE_CHOICES) + [PROBE],
+    g.add_argument('--mode', default='none', type=str, choices=list(MODES),
                    help='attention transfer mode; none trains a plain ViT; probe: Attention Probe distillation, '
-                        'which sets every one of ' + ', '.join(f'--{k}' for k in PROBE_DEFAULTS) + ' that the '
+                        'which sets every one of ' + ', '.join(f'--{k}' for k in MODES['probe'].defaults) + ' that the '
                         'command line leaves unset to the reference\'s recipe (shown as "--mode probe: VALUE") '
                         '(default: %(default)s)')
     g.add_argument('--end_layer', default=0, type=int,
@@ -193,7 +180,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     g.add_argument('--probe_blocks', default=None, type=str,
                    help='teacher blocks whose features the patch probe compares, e.g. 3,7,11 (default: 1/3, 2/3 '
                         'and the last block); student blocks are matched by relative depth')
-    g.add_argument('--presentations', default=PROBE_PRESENTATIONS, type=int,
+    g.add_argument('--presentations', default=modes.PROBE_PRESENTATIONS, type=int,
                    help='probe mode without --epochs: train int(presentations / training images) - 1 epochs, as the '
                         'reference (default 320000 x 512: 251 epochs for 650,000 selected images)')
     g.add_argument('--probe_norm', default='tokens', choices=['tokens', 'channels'],
@@ -332,28 +319,13 @@ def get_args_parser() -> argparse.ArgumentParser:
     g.add_argument('--dist_url', default='env://', help='url used to set up distributed training')
     g.add_argument('--dist_timeout', default=30, type=int,
                    help='minutes a collective may wait before the job fails (a hung rank ends the job)')
-    annotate_mode_defaults(p, PROBE_DEFAULTS, PROBE)
+    for name, mode in MODES.items():
+        annotate_mode_defaults(p, mode.defaults, name)
     return p
 
-
 # ---------------------------------------------------------------------------------------------
-# Set-up helpers
+# Flags -> a resolved run
 # ---------------------------------------------------------------------------------------------
-def probe_epochs(num_images: int, presentations: int = PROBE_PRESENTATIONS) -> int:
-    """The reference's epochs for a training set of ``num_images``: ``int(presentations / num_images) - 1``."""
-    return max(int(presentations / num_images) - 1, 1)
-
-
-def _check_range(flag: str, value: float, low: float, high: float, low_open: bool = False,
-                 high_open: bool = False, meaning: str = '') -> None:
-    """Raise a UserError naming ``flag`` unless ``value`` lies in the interval (open ends as given)."""
-    above = value > low if low_open else value >= low
-    below = value < high if high_open else value <= high
-    if not (math.isfinite(value) and above and below):
-        interval = f"{'(' if low_open else '['}{low:g}, {high:g}{')' if high_open else ']'}"
-        raise UserError(f"--{flag} {value:g}: must lie in {interval}" + (f" ({meaning})" if meaning else ''))
-
-
 def check_values(args) -> None:
     """Numeric flags that no run can use, rejected before anything is loaded."""
     if not args.eval and args.epochs <= 0:
@@ -362,25 +334,23 @@ def check_values(args) -> None:
     if not math.isfinite(args.atd_weight) or args.atd_weight < 0:
         raise UserError(f"--atd_weight {args.atd_weight:g}: the weight of the attention distillation loss must be "
                         "finite and >= 0 (the seed's distill recipe uses 3)")
-    _check_range('drop_path', args.drop_path, 0, 1, high_open=True, meaning='a stochastic-depth rate; 1 drops every '
+    check_range('drop_path', args.drop_path, 0, 1, high_open=True, meaning='a stochastic-depth rate; 1 drops every '
                  'block')
-    _check_range('smoothing', args.smoothing, 0, 1, high_open=True, meaning='label smoothing; 1 leaves no label')
-    _check_range('min_crop_scale', args.min_crop_scale, 0, 1, low_open=True,
+    check_range('smoothing', args.smoothing, 0, 1, high_open=True, meaning='label smoothing; 1 leaves no label')
+    check_range('min_crop_scale', args.min_crop_scale, 0, 1, low_open=True,
                  meaning='the smallest area fraction of the random-resized crop')
-    _check_range('hflip', args.hflip, 0, 1, meaning='a probability')
+    check_range('hflip', args.hflip, 0, 1, meaning='a probability')
 
 
-def check_output_folders(args) -> None:
-    """--output_dir / --log_dir must be folders, or paths where one can be created."""
-    for flag in ('output_dir', 'log_dir'):
-        folder = getattr(args, flag)
-        existing = os.path.abspath(folder) if folder else ''
-        while existing and not os.path.exists(existing):
-            existing = os.path.dirname(existing)
-        if existing and not os.path.isdir(existing):
-            what = 'is a file' if existing == os.path.abspath(folder) else f'lies under the file {existing!r}'
-            raise UserError(f"--{flag} {folder!r} {what}, not a folder: give a folder path (it is created if "
-                            "missing)")
+def adopt_checkpoint_args(args, saved: dict) -> None:
+    """--eval --resume: the model's arguments from the checkpoint, and the normalisation it was trained with
+    unless --mean / --std are given."""
+    for key in MODEL_ARGS:
+        if key in saved:
+            setattr(args, key, saved[key])
+    for key in ('mean', 'std'):
+        if getattr(args, key, None) is None and saved.get(key) is not None:
+            setattr(args, key, saved[key])
 
 
 def resolve_args(args, read_resume: bool = True) -> tuple[dict | None, str | None]:
@@ -399,72 +369,53 @@ def resolve_args(args, read_resume: bool = True) -> tuple[dict | None, str | Non
                         "it. Evaluate it with --eval --resume, ensemble it with --ensemble_with, export its student "
                         "with tools/export_student.py, or start a new run from its student with --finetune.")
     if ckpt is not None and args.eval and isinstance(ckpt.get('args'), dict):
-        for key in MODEL_ARGS:
-            if key in ckpt['args']:
-                setattr(args, key, ckpt['args'][key])
-    if args.mode == 'none':
-        args.mode = None
-    if ckpt is not None and args.eval and isinstance(ckpt.get('args'), dict):
-        for key in ('mean', 'std'):  # the normalisation the checkpoint was trained with, unless overridden
-            if getattr(args, key, None) is None and ckpt['args'].get(key) is not None:
-                setattr(args, key, ckpt['args'][key])
+        adopt_checkpoint_args(args, ckpt['args'])
+    mode = get_mode(args.mode)
+    args.mode = mode.name
     if getattr(args, 'log_dir', None) is None:
         args.log_dir = args.output_dir
-    probe = args.mode == PROBE
     if not args.eval:
-        apply_mode_defaults(args)
+        mode.apply_defaults(args)
     if args.amp is None:
         args.amp = 'bf16' if str(args.device).startswith('cuda') else 'none'
     args.mixup_active = args.mixup > 0 or args.cutmix > 0.0 or args.cutmix_minmax is not None
     if args.finetune:
         local_checkpoint(args.finetune, '--finetune')  # a name is resolved (downloaded) here, a missing file refused
-        follow_finetune_source(args, probe)
+        follow_finetune_source(args, mode)
     if not args.model:
         args.model = DEFAULT_MODEL
     args.mean = list(args.mean or IMAGENET_DEFAULT_MEAN)
     args.std = list(args.std or IMAGENET_DEFAULT_STD)
     resolve_model_name(args.model)
-    for name in ('teacher_model', 'student_model'):
-        if getattr(args, name):
-            resolve_model_name(getattr(args, name))
+    if args.teacher_model:
+        resolve_model_name(args.teacher_model)
+    # the student is recorded completely in every checkpoint: its timm name and arguments
+    _, teacher_kwargs, _ = (mode.evaluated_as() if args.eval else mode).teacher_architecture(args)
+    student, args.student_kwargs = student_architecture(args, teacher_kwargs)
+    args.student_model = resolve_model_name(student)
 
     args.eval_data_path = args.eval_data_path or args.data_path
     if not args.eval_data_path:
-        raise UserError("give --data_path: a folder holding train/<class>/ and val/<class>/"
-                        + (" (in probe mode, --eval_data_path: the target task's folder with val/<class>/)"
-                           if probe else ''))
+        raise UserError("give --data_path: a folder holding train/<class>/ and val/<class>/" + mode.data_hint)
     splits = [(args.eval_data_path, 'val')]
-    if not args.eval and not probe:
+    if not args.eval and mode.trains_on_labels:
         splits.append((args.data_path, 'train'))
     for root, split in splits:
         if not os.path.isdir(os.path.join(root, split)):
             raise DataError(f"{split} data not found: {os.path.join(root, split)!r} is not a directory. "
                             f"Expected the layout {LAYOUT}.")
     if args.eval_crop_pct is None:
-        args.eval_crop_pct = default_eval_crop_pct(args.input_size, os.path.join(args.eval_data_path, 'val'), probe)
+        args.eval_crop_pct = mode.default_eval_crop_pct(args.input_size, os.path.join(args.eval_data_path, 'val'))
     if not 0.0 < args.eval_crop_pct <= 1.0:
         raise UserError(f"--eval_crop_pct {args.eval_crop_pct}: the crop fraction must be in (0, 1] (1.0: evaluate "
                         "the image at the input size, uncropped; 0.875: MAE's ImageNet evaluation)")
 
-    transfer = None if probe else get_transfer_mode(args.mode)
     if read_resume or not path:  # at submission the resumed epoch is unknown: the job checks it
         check_inputs_not_overwritten(args, next_position(ckpt)[0] if ckpt is not None else args.start_epoch)
     has_teacher_weights = (ckpt is not None and 'teacher' in ckpt) or (path is not None and not read_resume)
-    needs_teacher = (probe and not args.eval) or (
-        transfer is not None and (not args.eval or transfer.needs_teacher_at_eval))
-    if needs_teacher and not args.finetune and not has_teacher_weights:
-        raise UserError(f"mode {args.mode} needs the teacher's weights: --finetune PATH "
-                        + ("(the teacher trained on the target task)" if probe else
-                           "(e.g. mae_pretrain_vit_large.pth)"))
-    if probe and (args.grad_checkpointing or args.compile):
-        raise UserError("--grad_checkpointing and --compile apply to the attention transfer modes and plain training, "
-                        "not to --mode probe: drop them")
-    if probe and not args.eval:
-        if not args.selection or not os.path.isfile(args.selection):
-            raise UserError(f"mode probe trains on a selection of wild images: --selection FILE written by "
-                            f"select_wild_data.py (got {args.selection!r})")
-        if args.mixup_active:
-            raise UserError("mode probe has no labels to mix: drop --mixup / --cutmix")
+    if mode.needs_teacher(args.eval) and not args.finetune and not has_teacher_weights:
+        raise UserError(f"mode {mode.name} needs the teacher's weights: --finetune PATH ({mode.teacher_hint})")
+    mode.check(args)
     if args.save_best == 'ema' and args.ema is None and not args.eval:
         raise UserError("--save_best ema keeps the checkpoint of the best EMA top-1, but there is no EMA: add --ema "
                         "DECAY (e.g. --ema 0.9999), or use --save_best (raw weights)")
@@ -480,13 +431,13 @@ def resolve_args(args, read_resume: bool = True) -> tuple[dict | None, str | Non
     return ckpt, path
 
 
-def follow_finetune_source(args, probe: bool) -> None:
+def follow_finetune_source(args, mode: PlainTraining) -> None:
     """What the --finetune checkpoint says about its model: a name (timm:, hf-hub:) gives the architecture
-    when --model / --teacher_model are not set, and its pretrained config's mean and std; this project's
-    checkpoint of a probe teacher gives the normalisation it was trained with. --mean / --std override;
-    ImageNet's are the fallback. (Other local files are not read here: MAE's and timm's record no
-    normalisation, and a large teacher would be read twice.)"""
-    arch = checkpoint_architecture(args.finetune) if is_named(args.finetune) or probe else None
+    when --model / --teacher_model are not set, and its pretrained config's mean and std; a teacher checkpoint
+    of this project (modes whose teacher comes from its checkpoint) gives the normalisation it was trained with.
+    --mean / --std override; ImageNet's are the fallback. (Other local files are not read here: MAE's and
+    timm's record no normalisation, and a large teacher would be read twice.)"""
+    arch = checkpoint_architecture(args.finetune) if is_named(args.finetune) or mode.teacher_from_checkpoint else None
     if arch is None:
         return
     if is_named(args.finetune) and not args.model and not args.teacher_model:
@@ -494,7 +445,7 @@ def follow_finetune_source(args, probe: bool) -> None:
         args.model_kwargs = {**arch['model_kwargs'], **args.model_kwargs}
         log(f"architecture from --finetune {args.finetune}: {args.model} {args.model_kwargs}")
         pool_given = 'global_pool' in (getattr(args, 'explicit_flags', None) or ())
-        if args.eval and args.mode is None and not pool_given:  # evaluating the named classifier as it is
+        if args.eval and not mode.uses_teacher and not pool_given:  # evaluating the named classifier as it is
             args.global_pool = arch['global_pool'] or pool_of_state_dict(select_state_dict(
                 read_checkpoint(args.finetune)))
     if arch.get('mean') is not None and arch.get('std') is not None and (args.mean is None or args.std is None):
@@ -505,162 +456,19 @@ def follow_finetune_source(args, probe: bool) -> None:
 
 
 # ---------------------------------------------------------------------------------------------
-# Modes: what each one builds (defaults, model, training set, criterion, lr decay, epochs)
+# Model, optimizer and distributed wrapper
 # ---------------------------------------------------------------------------------------------
-class LabelledMode:
-    """Plain training and the attention transfer modes: the labelled training split, the dual model
-    (the student alone in plain mode), the task loss plus ``atd_weight`` x the transfer loss."""
-
-    defaults: dict = {}
-
-    def teacher_architecture(self, args) -> tuple[str, dict, bool | str]:
-        return args.teacher_model or args.model, args.model_kwargs, args.global_pool
-
-    def build_model(self, args, mode, teacher: str, student: str, teacher_kwargs: dict, student_kwargs: dict,
-                    teacher_pool) -> DualViT:
-        return build_dual_vit(teacher if mode else None, student, mode=mode, drop_path_rate=args.drop_path,
-                              end_layer=args.end_layer, transfer_layers=args.transfer_layers,
-                              num_classes=args.nb_classes, global_pool=args.global_pool, img_size=args.input_size,
-                              share_drop_path=args.share_drop_path, attention_impl=args.attention_impl,
-                              teacher_kwargs=teacher_kwargs, student_kwargs=student_kwargs)
-
-    def train_dataset(self, args):
-        return build_dataset(True, args)
-
-    def criterion(self, args, model, loader_val, device, amp_dtype) -> torch.nn.Module:
-        return TransferCriterion(build_task_criterion(args.mixup_active, args.smoothing), args.atd_weight)
-
-    def lr_decay_layers(self, args, depth: int) -> int:
-        """Transfer modes count the layers as the attention transfer reference groups its dual model
-        (``depth``: the last block shares the head's scale); plain training keeps MAE's ``depth + 1``."""
-        return depth if get_transfer_mode(args.mode) is not None else depth + 1
-
-    def epochs(self, args, num_images: int) -> int:
-        return args.epochs
+def build_model(args, eval_only: bool = False) -> torch.nn.Module:
+    """The mode's model: the teacher/student pair (the student alone in plain mode), or to evaluate, what
+    the saved model is evaluated as (a distilled student is a plain ViT)."""
+    mode = get_mode(args.mode)
+    return (mode.evaluated_as() if eval_only else mode).build_model(args)
 
 
-class ProbeMode:
-    """Attention Probe distillation: the selected wild images (unlabelled), the target-task teacher
-    beside a student, KD + noise adaptation + the patch attention probe loss; the reference's recipe
-    for every flag the command line leaves unset."""
-
-    defaults = PROBE_DEFAULTS
-
-    def teacher_architecture(self, args) -> tuple[str, dict, bool | str]:
-        """The target-task teacher's own architecture, as its checkpoint records it."""
-        teacher, teacher_kwargs, teacher_pool = args.teacher_model or args.model, args.model_kwargs, args.global_pool
-        if args.finetune:
-            arch = checkpoint_architecture(args.finetune)
-            if arch is not None and not args.teacher_model:
-                teacher, teacher_kwargs, teacher_pool = arch['model'], arch['model_kwargs'], arch['global_pool']
-        return teacher, teacher_kwargs, teacher_pool
-
-    def build_model(self, args, mode, teacher: str, student: str, teacher_kwargs: dict, student_kwargs: dict,
-                    teacher_pool) -> ProbeDistiller:
-        return build_probe_distiller(teacher, student, args.nb_classes, args.input_size, args.global_pool,
-                                     args.drop_path, args.probe_blocks, teacher_kwargs, student_kwargs,
-                                     teacher_global_pool=teacher_pool)
-
-    def train_dataset(self, args) -> ImageFiles:
-        selection = read_selection(args.selection)
-        if selection.get('nb_classes') not in (None, args.nb_classes):
-            raise UserError(f"{args.selection} was selected for a {selection['nb_classes']}-class teacher, "
-                            f"but --nb_classes is {args.nb_classes}")
-        paths = [selection['paths'][i] for i in selection['selected'].tolist()]
-        log(f"probe training set: {len(paths)} wild images selected ({selection.get('ranking')}) "
-            f"from {selection['root']}")
-        if args.pos_num:  # absolute paths: ImageFiles joins them to the wild root unchanged
-            originals = labelled_originals(os.path.join(args.eval_data_path, 'train'), args.pos_num, args.seed)
-            log(f"  + {len(originals)} labelled originals ({args.pos_num} per class) from "
-                f"{os.path.join(args.eval_data_path, 'train')}, used like the wild images (no labels)")
-            paths += originals
-        mean, std = normalization(args)
-        return ImageFiles(selection['root'], paths, wild_transform(args.input_size, train=True, hflip=args.hflip,
-                                                                   mean=mean, std=std))
-
-    def criterion(self, args, model, loader_val, device, amp_dtype) -> torch.nn.Module:
-        if args.noise_adaptation and args.teacher_acc is None:
-            stats = evaluate(loader_val, model.teacher, device, amp_dtype, args.dist_eval, name='teacher',
-                             print_freq=args.print_freq)
-            args.teacher_acc = stats['acc1'] / 100.0
-            log(f"teacher accuracy on the evaluation set: {args.teacher_acc:.4f} (the noise transition's diagonal; "
-                "set --teacher_acc to use a known value instead)")
-        weights = None
-        if args.robust:
-            if args.class_weights == 'augmented':
-                if is_main_process():
-                    clean = training_class_weights(model.teacher, args.selection, local_checkpoint(args.finetune),
-                                                   args.input_size, args.hflip, args.seed, args.batch_size,
-                                                   args.device, amp_dtype, args.mean, args.std)
-                barrier()
-                if not is_main_process():  # rank 0 wrote the cache
-                    clean = training_class_weights(model.teacher, args.selection, local_checkpoint(args.finetune),
-                                                   args.input_size, args.hflip, args.seed, args.batch_size,
-                                                   args.device, amp_dtype, args.mean, args.std)
-                log("class-balance weights from an augmented pass over the selection: "
-                    + ' '.join(f"{w:.3f}" for w in clean.tolist()[:20]) + (' ...' if len(clean) > 20 else ''))
-            else:
-                clean = read_selection(args.selection, ('class_weights',))['class_weights'].float()
-            generator = torch.Generator().manual_seed(args.seed)
-            weights = clean + torch.rand(clean.shape, generator=generator) * 0.1
-        return ProbeCriterion(args.nb_classes, args.kd_temperature, args.patchattn, args.noise_adaptation,
-                              args.teacher_acc if args.teacher_acc is not None else 1.0, weights,
-                              model.student.num_prefix_tokens, args.probe_norm)
-
-    def lr_decay_layers(self, args, depth: int) -> int:
-        return depth + 1  # MAE's count (the probe recipe's layer_decay is 1 anyway)
-
-    def epochs(self, args, num_images: int) -> int:
-        """--epochs when given, else the reference's budget in image presentations."""
-        if 'epochs' in (getattr(args, 'explicit_flags', None) or ['epochs']):
-            return args.epochs
-        epochs = probe_epochs(num_images, args.presentations)
-        log(f"probe mode: {epochs} epochs = int({args.presentations} presentations / {num_images} "
-            "training images) - 1, as the reference (give --epochs to choose)")
-        return epochs
-
-
-MODES = {PROBE: ProbeMode()}
-
-
-def mode_of(mode: str | None) -> LabelledMode | ProbeMode:
-    """What --mode builds: probe mode's recipe, or the labelled one (plain and attention transfer)."""
-    return MODES.get(mode, LabelledMode())
-
-
-def apply_mode_defaults(args) -> None:
-    """The mode's own recipe for every flag the command line left unset (probe: the reference's)."""
-    explicit = getattr(args, 'explicit_flags', None)
-    if explicit is None:  # called from code: its values are taken as given
-        return
-    for key, value in mode_of(args.mode).defaults.items():
-        if key not in explicit:
-            setattr(args, key, value)
-
-
-def build_model(args, eval_only: bool = False) -> DualViT | ProbeDistiller:
-    """The teacher/student pair (the student alone in plain mode, or to evaluate a distilled student).
-
-    The student's resolved timm name and arguments are written back to ``args.student_model`` /
-    ``args.student_kwargs``, so that every checkpoint describes its student completely."""
-    probe = args.mode == PROBE
-    transfer = None if probe else get_transfer_mode(args.mode)
-    mode = args.mode
-    if eval_only and (probe or (transfer is not None and not transfer.needs_teacher_at_eval)):
-        mode = None  # a distilled student is a plain ViT at evaluation
-    recipe = mode_of(mode)
-    teacher, teacher_kwargs, teacher_pool = recipe.teacher_architecture(args)
-    student = args.student_model or teacher
-    student_kwargs = args.student_kwargs if args.student_model else {**teacher_kwargs, **args.student_kwargs}
-    args.student_model, args.student_kwargs = resolve_model_name(student), student_kwargs
-    return recipe.build_model(args, mode, teacher, student, teacher_kwargs, student_kwargs, teacher_pool)
-
-
-def param_groups(model: DualViT | ProbeDistiller, args) -> list[dict]:
+def param_groups(model: torch.nn.Module, mode: PlainTraining, args) -> list[dict]:
     """The student's AdamW groups with layer-wise lr decay over the mode's count of layers."""
-    num_layers = mode_of(args.mode).lr_decay_layers(args, len(model.student.blocks))
     return param_groups_lrd(model.student, args.weight_decay, model.student.no_weight_decay(), args.layer_decay,
-                            num_layers=num_layers)
+                            num_layers=mode.lr_decay_layers(len(model.student.blocks)))
 
 
 def load_initial_weights(model: DualViT, args, ckpt: dict | None) -> None:
@@ -697,51 +505,6 @@ def wrap_ddp(model: DualViT, args) -> torch.nn.Module:
                                    find_unused_parameters=model.may_leave_student_parameters_unused)
 
 
-def read_selection(path: str, entries: tuple[str, ...] = SELECTION_ENTRIES) -> dict:
-    """A selection file of select_wild_data.py, checked for the ``entries`` the caller reads."""
-    selection = read_checkpoint(path, flag='--selection')
-    missing = [k for k in entries if not isinstance(selection, dict) or k not in selection]
-    if missing:
-        raise UserError(f"--selection {path!r} is not a selection file (no {', '.join(missing)} entries); write one "
-                        "with select_wild_data.py --teacher TEACHER --wild_path IMAGES --output FILE")
-    return selection
-
-
-
-def checkpoint_state(model, model_ema, optimizer, scaler, criterion, aux_optimizer, args, epoch: int,
-                     step: int | None, best: BestAccuracy, partial: dict | None = None) -> dict:
-    """The whole training state (with the best accuracies so far); mid-epoch also the position in samples
-    and the epoch's loss sums."""
-    world = get_world_size()
-    rngs = all_gather_object(rng_state())  # every rank's: a resume on as many ranks restores each its own
-    state = {'model': model.student.state_dict(), 'optimizer': optimizer.state_dict(),
-             'scaler': scaler.state_dict(), 'epoch': epoch, 'step': step, 'args': vars(args), 'rng': rngs[0],
-             'rng_per_rank': rngs, 'world_size': world, 'best': best.best}
-    if step is not None:
-        state['samples'] = step * args.batch_size * world
-        state['partial_epoch'] = partial
-    if model.needs_teacher_at_eval:
-        state['teacher'] = model.teacher.state_dict()
-    if model_ema is not None:
-        state['model_ema'] = model_ema.module.state_dict()
-    if aux_optimizer is not None:  # the criterion's own parameters (probe: noise adaptation)
-        state['criterion'] = criterion.state_dict()
-        state['aux_optimizer'] = aux_optimizer.state_dict()
-    return state
-
-
-def restore_weights(ckpt: dict, path: str, model: DualViT, model_ema) -> None:
-    """The student, the teacher (copy modes) and the EMA student from a checkpoint."""
-    load_exact(model.student, ckpt['model'], f"checkpoint {path!r} (model)")
-    if 'teacher' in ckpt and model.teacher is not None:
-        load_exact(model.teacher, ckpt['teacher'], f"checkpoint {path!r} (teacher)")
-    if model_ema is not None:
-        if 'model_ema' not in ckpt:
-            raise UserError(f"--ema is set but {path!r} holds no model_ema: resume without --ema, or from a run "
-                            "that kept one")
-        load_exact(model_ema.module, ckpt['model_ema'], f"checkpoint {path!r} (model_ema)")
-
-
 def load_ensemble_member(args) -> torch.nn.Module:
     """The model of --ensemble_with: a checkpoint of this project (any mode), a classifier checkpoint
     of --ensemble_model / --model's architecture (e.g. an MAE fine-tuned ViT), or a named classifier
@@ -750,8 +513,7 @@ def load_ensemble_member(args) -> torch.nn.Module:
     ckpt = read_checkpoint(local_checkpoint(path, '--ensemble_with'), flag='--ensemble_with')
     if isinstance(ckpt, dict) and isinstance(ckpt.get('args'), dict) and 'model' in ckpt['args']:
         member_args = argparse.Namespace(**{**vars(args), **{k: ckpt['args'][k] for k in MODEL_ARGS
-                                                           if k in ckpt['args']}})
-        member_args.finetune = ''
+                                                           if k in ckpt['args']}, 'finetune': ''})
         member = build_model(member_args, eval_only=True)
         restore_weights(ckpt, path, member, None)
         return member
@@ -770,111 +532,90 @@ def load_ensemble_member(args) -> torch.nn.Module:
     return member
 
 
-def describe_checkpoint(path: str, epoch: int, step: int | None) -> str:
-    return f"{path} ({f'end of epoch {epoch}' if step is None else f'epoch {epoch}, step {step}'})"
-
-
-def last_good_sentence(last_good: str | None) -> str:
-    if last_good is None:
-        return "this run has written no checkpoint yet and resumed none."
-    return f"the last good checkpoint is {last_good}."
-
-
-def lr_floor_warning(lr: float, min_lr: float, eff_batch_size: int, accum_iter: int) -> str:
-    """The warning for a schedule whose floor (--min_lr) is above its peak: the half-cycle cosine then
-    rises from the peak towards the floor for the whole run instead of decaying. A recipe's --blr and
-    --min_lr are tuned together for its effective batch (the seed's copy recipe: 64 GPUs x 32)."""
-    factor = math.floor(min_lr / lr) + 1  # the smallest larger batch whose peak exceeds the floor
-    return (f"WARNING: --min_lr {min_lr:.2e} is above the peak lr {lr:.2e} (blr x effective batch "
-            f"{eff_batch_size} / 256), so the learning rate rises towards --min_lr for the whole run instead of "
-            f"decaying. The recipe was tuned for a larger effective batch: raise it, e.g. --accum_iter "
-            f"{accum_iter * factor} (peak {lr * factor:.2e}), or set --lr / --min_lr for this batch size.")
-
-
-def write_eval_results(args, stats: dict, ckpt_path: str | None) -> None:
-    """--eval: the results, and what was evaluated, in output_dir/eval_results.json (beside the printed lines)."""
-    log(f"evaluation: {json.dumps(stats)}")
-    if not args.output_dir or not is_main_process():
-        return
-    os.makedirs(args.output_dir, exist_ok=True)
-    record = {'checkpoint': ckpt_path or args.finetune, 'ensemble_with': args.ensemble_with or None,
-              'data_path': args.eval_data_path, 'mean': args.mean, 'std': args.std, **stats}
-    path = os.path.join(args.output_dir, EVAL_RESULTS)
-    with open(path + '.tmp', 'w', encoding='utf-8') as f:
-        json.dump(record, f, indent=1)
-    os.replace(path + '.tmp', path)
-    log(f"evaluation results written to {path}")
-
-
-class BestAccuracy:
-    """Best top-1 so far of the raw and EMA weights, with their epochs; kept in checkpoints so that a resumed
-    run continues the same record (--save_best keeps checkpoint-best.pth by the raw or EMA top-1)."""
-
-    KEYS = ('test_acc1', 'ema_test_acc1')
-
-    def __init__(self, state: dict | None = None):
-        self.best = dict(state or {})  # key -> {'acc1': value, 'epoch': epoch}
-
-    def update(self, stats: dict, epoch: int) -> list[str]:
-        """Record this epoch's accuracies; returns the keys whose best it improved."""
-        improved = []
-        for key in self.KEYS:
-            if key in stats and (key not in self.best or stats[key] > self.best[key]['acc1']):
-                self.best[key] = {'acc1': stats[key], 'epoch': epoch}
-                improved.append(key)
-        return improved
-
-    def log_fields(self) -> dict:
-        """best_test_acc1, best_test_acc1_epoch (and the EMA's) for log.txt."""
-        out = {}
-        for key, record in self.best.items():
-            out[f'best_{key}'] = record['acc1']
-            out[f'best_{key}_epoch'] = record['epoch']
-        return out
-
-    def summary(self, final: dict) -> str:
-        parts = []
-        for key, name in (('test_acc1', 'raw'), ('ema_test_acc1', 'EMA')):
-            if key in self.best:
-                parts.append(f"{name}: final {final.get(key, float('nan')):.2f}%, best {self.best[key]['acc1']:.2f}% "
-                             f"(epoch {self.best[key]['epoch']})")
-        return 'top-1 accuracy ' + '; '.join(parts) if parts else 'no evaluation ran'
-
-
-def write_log(args, stats: dict) -> None:
-    """One JSON line; NaN and infinity (not JSON) are written as null."""
-    if args.output_dir and is_main_process():
-        finite = {k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in stats.items()}
-        with open(os.path.join(args.output_dir, 'log.txt'), 'a', encoding='utf-8') as f:
-            f.write(json.dumps(finite, allow_nan=False) + '\n')
-
-
 # ---------------------------------------------------------------------------------------------
 # main
 # ---------------------------------------------------------------------------------------------
 def main(args) -> dict:
+    init_distributed_mode(args)
     ckpt, ckpt_path = resolve_args(args)
     if ckpt is not None and not args.eval and next_position(ckpt)[0] >= args.epochs:
         # a finished run resumed again (e.g. --resume allow in a requeued job) is not an error
         log(f"nothing to do: {ckpt_path} has finished epoch {next_position(ckpt)[0] - 1}, the last of --epochs "
             f"{args.epochs}; to train longer raise --epochs, to evaluate add --eval")
+        destroy()
         return {}
-    init_distributed_mode(args)
     with output_dir_in_use(args), stop_on_signals(enabled=not args.eval):
         return train_and_evaluate(args, ckpt, ckpt_path)
+
+
+class Evaluator:
+    """Top-1/top-5 and loss on the evaluation set of the raw weights (``test_*``) and, with an EMA, of the
+    EMA student in the same model (``ema_test_*``)."""
+
+    def __init__(self, loader, device: torch.device, amp_dtype, args) -> None:
+        self.loader, self.device, self.amp_dtype = loader, device, amp_dtype
+        self.dist_eval, self.print_freq = args.dist_eval, args.print_freq
+
+    def __call__(self, model: DualViT, ema=None) -> dict:
+        stats = {f'test_{k}': v for k, v in evaluate(self.loader, model, self.device, self.amp_dtype, self.dist_eval,
+                                                     name='model', print_freq=self.print_freq).items()}
+        if ema is not None:
+            ema_stats = evaluate(self.loader, model.with_student(ema.module), self.device, self.amp_dtype,
+                                 self.dist_eval, name='EMA', print_freq=self.print_freq)
+            stats.update({f'ema_test_{k}': v for k, v in ema_stats.items()})
+        return stats
+
+
+def evaluate_only(args, model, ckpt: dict | None, ckpt_path: str | None, evaluator: Evaluator, device,
+                  amp_dtype) -> dict:
+    """--eval: the checkpoint's raw and EMA weights, or with --ensemble_with both models and their average."""
+    model_ema = None
+    if ckpt is not None:
+        model_ema = ModelEmaV3(model.student) if 'model_ema' in ckpt else None
+        restore_weights(ckpt, ckpt_path, model, model_ema)
+    if args.ensemble_with:
+        models = {'model': model, 'other': load_ensemble_member(args).to(device)}
+        results = evaluate_ensemble(evaluator.loader, models, device, amp_dtype, args.dist_eval, args.print_freq)
+        stats = {f'{prefix}{k}': v for name, prefix in (('model', 'test_'), ('other', 'other_test_'),
+                                                         ('ensemble', 'ensemble_test_'))
+                 for k, v in results[name].items()}
+    else:
+        stats = evaluator(model, model_ema)
+    write_eval_results(args, stats, ckpt_path)
+    return stats
+
+
+def restore_training_state(ckpt: dict, ckpt_path: str, model, model_ema, optimizer, scaler, criterion,
+                           aux_optimizer, args, steps_per_epoch: int) -> tuple[int, int, dict | None, dict | None]:
+    """Weights, optimizers and the position from a checkpoint; returns (epoch, step, this rank's generator
+    states to continue the epoch with, the epoch's loss sums so far)."""
+    restore_weights(ckpt, ckpt_path, model, model_ema)
+    optimizer.load_state_dict(ckpt['optimizer'])
+    scaler.load_state_dict(ckpt['scaler'])
+    if aux_optimizer is not None:
+        criterion.load_state_dict(ckpt['criterion'])
+        aux_optimizer.load_state_dict(ckpt['aux_optimizer'])
+    world = get_world_size()
+    epoch, step = resume_step(ckpt, ckpt_path, args.batch_size, world, steps_per_epoch)
+    rng, partial = None, None
+    if step:
+        rng, partial = resume_rng(ckpt, get_rank(), world, args.batch_size), ckpt.get('partial_epoch')
+    log(f"resumed from {ckpt_path}: epoch {epoch}, step {step}"
+        + (f" of {steps_per_epoch} ({samples_done(ckpt)} samples of the epoch done)" if step else ''))
+    return epoch, step, rng, partial
 
 
 def train_and_evaluate(args, ckpt: dict | None, ckpt_path: str | None) -> dict:
     device = torch.device(args.device)
     rank, world = get_rank(), get_world_size()
+    mode = get_mode(args.mode)
     log(f"job dir: {os.path.dirname(os.path.realpath(__file__))}")
     log(json.dumps(vars(args), indent=1, default=str))
     torch.backends.cudnn.benchmark = True
     seed_epoch(args.seed, 0, rank)
 
     dataset_val = build_dataset(False, args, root=os.path.join(args.eval_data_path, 'val'))
-    recipe = mode_of(args.mode)
-    dataset_train = None if args.eval else recipe.train_dataset(args)
+    dataset_train = None if args.eval else mode.train_dataset(args)
     if getattr(dataset_train, 'classes', dataset_val.classes) != dataset_val.classes:
         raise DataError(f"train and val class folders differ under {args.data_path!r}; give both splits the same "
                         "class folders")
@@ -888,51 +629,29 @@ def train_and_evaluate(args, ckpt: dict | None, ckpt_path: str | None) -> dict:
     model.to(device)
     amp_dtype = AMP_DTYPES[args.amp]
     scaler = torch.amp.GradScaler(device.type, enabled=args.amp == 'fp16')
-    model_ema = ModelEmaV3(model.student, decay=args.ema) if args.ema is not None else None
+    model_ema = ModelEmaV3(model.student, decay=args.ema) if args.ema is not None and not args.eval else None
     if args.grad_checkpointing:
         model.set_grad_checkpointing(True)
     if args.compile:  # after the EMA's deep copy, which must not share the compiled blocks
         model.compile_blocks()
     n_parameters = sum(p.numel() for p in model.student.parameters() if p.requires_grad)
     log(f"student: {type(model.student).__name__} {model.student.default_cfg.get('architecture')}, "
-        f"{n_parameters / 1e6:.2f}M trainable parameters; mode {args.mode or 'none'}"
+        f"{n_parameters / 1e6:.2f}M trainable parameters; mode {mode.name}"
         + (f", transferred layers {model.layers}" if model.layers else ''))
-
-    def eval_all(epoch_model: DualViT, ema=None) -> dict:
-        stats = {f'test_{k}': v for k, v in
-                 evaluate(loader_val, epoch_model, device, amp_dtype, args.dist_eval, name='model',
-                          print_freq=args.print_freq).items()}
-        if ema is not None:
-            ema_stats = evaluate(loader_val, epoch_model.with_student(ema.module), device, amp_dtype,
-                                 args.dist_eval, name='EMA', print_freq=args.print_freq)
-            stats.update({f'ema_test_{k}': v for k, v in ema_stats.items()})
-        return stats
-
+    evaluator = Evaluator(loader_val, device, amp_dtype, args)
     if args.eval:
-        if ckpt is not None:
-            model_ema = ModelEmaV3(model.student) if 'model_ema' in ckpt else None
-            restore_weights(ckpt, ckpt_path, model, model_ema)
-        if args.ensemble_with:
-            models = {'model': model, 'other': load_ensemble_member(args).to(device)}
-            results = evaluate_ensemble(loader_val, models, device, amp_dtype, args.dist_eval, args.print_freq)
-            stats = {f'{prefix}{k}': v for name, prefix in (('model', 'test_'), ('other', 'other_test_'),
-                                                             ('ensemble', 'ensemble_test_'))
-                     for k, v in results[name].items()}
-        else:
-            stats = eval_all(model, model_ema)
-        write_eval_results(args, stats, ckpt_path)
+        stats = evaluate_only(args, model, ckpt, ckpt_path, evaluator, device, amp_dtype)
         destroy()
         return stats
 
-    # ---- training ----
+
     eff_batch_size = args.batch_size * args.accum_iter * world
-    if args.lr is None:
-        args.lr = args.blr * eff_batch_size / 256
-    log(f"base lr: {args.lr * 256 / eff_batch_size:.2e}  actual lr: {args.lr:.2e}  "
+    lr = args.lr if args.lr is not None else args.blr * eff_batch_size / 256
+    log(f"base lr: {lr * 256 / eff_batch_size:.2e}  actual lr: {lr:.2e}  "
         f"accumulate grad iterations: {args.accum_iter}  effective batch size: {eff_batch_size}")
-    if args.min_lr > args.lr and is_main_process():
-        print(lr_floor_warning(args.lr, args.min_lr, eff_batch_size, args.accum_iter), file=sys.stderr, flush=True)
-    args.epochs = recipe.epochs(args, len(dataset_train))
+    if args.min_lr > lr and is_main_process():
+        print(lr_floor_warning(lr, args.min_lr, eff_batch_size, args.accum_iter), file=sys.stderr, flush=True)
+    schedule = Schedule.from_args(args, lr=lr, epochs=mode.epochs(args, len(dataset_train)))
     sampler_train = ResumableDistributedSampler(dataset_train, world, rank, shuffle=True, seed=args.seed)
     loader_train = build_loader(dataset_train, sampler_train, args, train=True)
     steps_per_epoch = sampler_train.num_samples // args.batch_size  # the loader drops the last partial batch
@@ -940,16 +659,18 @@ def train_and_evaluate(args, ckpt: dict | None, ckpt_path: str | None) -> dict:
         raise UserError(f"{len(dataset_train)} training images on {world} processes make no full batch of "
                         f"{args.batch_size}; lower --batch_size")
 
-    groups = param_groups(model, args)
-    optimizer = torch.optim.AdamW(groups, lr=args.lr, betas=(0.9, args.beta2), fused=device.type == 'cuda')
+    optimizer = torch.optim.AdamW(param_groups(model, mode, args), lr=lr, betas=(0.9, args.beta2),
+                                  fused=device.type == 'cuda')
     mixup_fn = None
     if args.mixup_active:
         mixup_fn = Mixup(mixup_alpha=args.mixup, cutmix_alpha=args.cutmix, cutmix_minmax=args.cutmix_minmax,
                          prob=args.mixup_prob, switch_prob=args.mixup_switch_prob, mode=args.mixup_mode,
                          label_smoothing=args.smoothing, num_classes=args.nb_classes)
-    criterion = recipe.criterion(args, model, loader_val, device, amp_dtype).to(device)
+    criterion = mode.criterion(args, model, loader_val, device, amp_dtype).to(device)
     aux_params = [p for p in criterion.parameters() if p.requires_grad]
     aux_optimizer = torch.optim.Adam(aux_params, lr=args.noise_lr) if aux_params else None
+    # what checkpoints record as their args: the flags and the values resolved from them
+    record = {**vars(args), 'lr': lr, 'epochs': schedule.epochs, **mode.recorded_args(args, criterion)}
 
     if is_main_process() and args.output_dir:
         saved = [model.student, criterion] + ([model_ema.module] if model_ema is not None else []) \
@@ -959,37 +680,19 @@ def train_and_evaluate(args, ckpt: dict | None, ckpt_path: str | None) -> dict:
     start_epoch, start_step, start_rng, partial, last_good = args.start_epoch, 0, None, None, None
     best = BestAccuracy(ckpt.get('best') if ckpt is not None else None)
     if ckpt is not None:
-        restore_weights(ckpt, ckpt_path, model, model_ema)
-        optimizer.load_state_dict(ckpt['optimizer'])
-        scaler.load_state_dict(ckpt['scaler'])
-        if aux_optimizer is not None:
-            criterion.load_state_dict(ckpt['criterion'])
-            aux_optimizer.load_state_dict(ckpt['aux_optimizer'])
-        start_epoch, start_step = resume_step(ckpt, ckpt_path, args.batch_size, world, steps_per_epoch)
-        if start_step:
-            start_rng, partial = resume_rng(ckpt, rank, world, args.batch_size), ckpt.get('partial_epoch')
-        log(f"resumed from {ckpt_path}: epoch {start_epoch}, step {start_step}"
-            + (f" of {steps_per_epoch} ({samples_done(ckpt)} samples of the epoch done)" if start_step else ''))
+        start_epoch, start_step, start_rng, partial = restore_training_state(
+            ckpt, ckpt_path, model, model_ema, optimizer, scaler, criterion, aux_optimizer, args, steps_per_epoch)
         last_good = describe_checkpoint(ckpt_path, ckpt['epoch'], ckpt.get('step'))
     ddp_model = wrap_ddp(model, args)
-
-    log_writer = None
-    if is_main_process():
-        if args.output_dir:
-            os.makedirs(args.output_dir, exist_ok=True)
-        if args.log_dir:
-            os.makedirs(args.log_dir, exist_ok=True)
-            # points up to the resumed position (epoch_1000x, as the engine writes them) were trained: keep them
-            position = int((start_epoch + start_step / steps_per_epoch) * 1000)
-            log_writer = SummaryWriter(log_dir=args.log_dir, purge_step=position + 1 if position else None)
+    log_writer = open_log_writer(args, int((start_epoch + start_step / steps_per_epoch) * 1000))
 
     def save(epoch: int, step: int | None, partial: dict | None = None, extra_names: tuple[str, ...] = ()) -> None:
         """checkpoint.pth (and ``extra_names``) on rank 0, unless any rank's state holds NaN or inf."""
         nonlocal last_good
         if not args.output_dir:
             return
-        state = checkpoint_state(model, model_ema, optimizer, scaler, criterion, aux_optimizer, args, epoch, step,
-                                 best, partial)
+        state = checkpoint_state(model, model_ema, optimizer, scaler, criterion, aux_optimizer, record, epoch, step,
+                                 best.best, partial)
         path = os.path.join(args.output_dir, 'checkpoint.pth')
         check_finite(state, describe_checkpoint(path, epoch, step), last_good, device)
         if is_main_process():
@@ -1000,11 +703,11 @@ def train_and_evaluate(args, ckpt: dict | None, ckpt_path: str | None) -> dict:
         last_good = describe_checkpoint(path, epoch, step)
 
     control = RunControl(args.checkpoint_minutes, save)
-    log(f"start training for {args.epochs} epochs ({steps_per_epoch} steps each) from epoch {start_epoch}"
+    log(f"start training for {schedule.epochs} epochs ({steps_per_epoch} steps each) from epoch {start_epoch}"
         + (f", step {start_step}" if start_step else ''))
     start_time, stats = time.time(), {}
     best_key = {'raw': 'test_acc1', 'ema': 'ema_test_acc1'}.get(args.save_best)
-    for epoch in range(start_epoch, args.epochs):
+    for epoch in range(start_epoch, schedule.epochs):
         seed_epoch(args.seed, epoch, rank, loader_train.generator)
         first_step = start_step if epoch == start_epoch else 0
         if first_step and start_rng is not None:
@@ -1012,14 +715,14 @@ def train_and_evaluate(args, ckpt: dict | None, ckpt_path: str | None) -> dict:
         sampler_train.set_epoch(epoch, start_index=first_step * args.batch_size)
         try:
             train_stats = train_one_epoch(
-                ddp_model, criterion, loader_train, optimizer, device, epoch, scaler, args, amp_dtype=amp_dtype,
-                mixup_fn=mixup_fn, model_ema=model_ema, ema_source=model.student, log_writer=log_writer,
-                aux_optimizer=aux_optimizer, partial=partial if first_step else None,
+                ddp_model, criterion, loader_train, optimizer, device, epoch, scaler, args, schedule,
+                amp_dtype=amp_dtype, mixup_fn=mixup_fn, model_ema=model_ema, ema_source=model.student,
+                log_writer=log_writer, aux_optimizer=aux_optimizer, partial=partial if first_step else None,
                 start_step=first_step, steps_per_epoch=steps_per_epoch, control=control)
         except NonFiniteLossError as e:
             e.args = (f"{e} Training stopped; " + last_good_sentence(last_good),)
             raise
-        last = epoch + 1 == args.epochs
+        last = epoch + 1 == schedule.epochs
         keep = args.save_every and ((epoch + 1) % args.save_every == 0 or last)
         numbered = (f'checkpoint-{epoch}.pth',) if keep else ()
         save(epoch, None, extra_names=numbered)
@@ -1028,7 +731,7 @@ def train_and_evaluate(args, ckpt: dict | None, ckpt_path: str | None) -> dict:
         # a stop agreed at the epoch's last step: no evaluation now (the run itself ends after the last epoch)
         stopping = control.stop_at_epoch_end is not None and not last
         if not stopping and ((epoch + 1) % args.eval_every == 0 or last):
-            test_stats = eval_all(model, model_ema)
+            test_stats = evaluator(model, model_ema)
             stats.update(test_stats)
             improved = best.update(test_stats, epoch)
             stats.update(best.log_fields())
@@ -1053,6 +756,19 @@ def train_and_evaluate(args, ckpt: dict | None, ckpt_path: str | None) -> dict:
         log_writer.close()
     destroy()
     return stats
+
+
+def open_log_writer(args, position: int) -> SummaryWriter | None:
+    """TensorBoard events in --log_dir on rank 0; points up to the resumed ``position`` (epoch_1000x, as the
+    engine writes them) were trained and are kept, later ones (a stopped run's) are purged."""
+    if not is_main_process():
+        return None
+    if args.output_dir:
+        os.makedirs(args.output_dir, exist_ok=True)
+    if not args.log_dir:
+        return None
+    os.makedirs(args.log_dir, exist_ok=True)
+    return SummaryWriter(log_dir=args.log_dir, purge_step=position + 1 if position else None)
 
 
 def run(argv=None) -> dict:

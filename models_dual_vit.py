@@ -19,7 +19,7 @@ from __future__ import annotations
 from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass
 from functools import partial
-from typing import Optional, Union
+from typing import Optional, TypedDict, Union
 
 import timm
 import torch
@@ -33,7 +33,19 @@ from util.errors import UserError
 from util.pretrained import LoadReport, load_pretrained_weights
 
 Tensor = torch.Tensor
-Captured = dict  # activation name ('q', 'k', 'v', 'attn', 'attn_logits') -> tensor
+
+
+class Captured(TypedDict, total=False):
+    """What one attention layer exposes (see transfer_attention): q, k, v (B, H, N, head_dim); with the
+    fused implementation an attention map as the q and k that define it with their ``scale``; with the
+    explicit one as probabilities ``attn`` (B, H, N, N) and their float32 logits ``attn_logits``."""
+
+    q: Tensor
+    k: Tensor
+    v: Tensor
+    scale: float
+    attn: Tensor
+    attn_logits: Tensor
 
 
 # ---------------------------------------------------------------------------------------------
@@ -114,7 +126,8 @@ def attention_cross_entropy(
         teacher_probs: Tensor,
         student_probs: Optional[Tensor] = None,
 ) -> Tensor:
-    """SPEC section 1's distillation loss for one layer, in float32 from explicit student logits.
+    """The attention distillation loss of Li et al. (NeurIPS 2024) for one layer, in float32 from explicit
+    student logits: CE(A_teacher, A_student) averaged over rows,
 
     mean over (batch, head, query i) of -sum_j teacher_probs[i, j] * log_softmax(student_logits)[i, j].
     ``student_probs`` (softmax of the logits) may be passed when the caller already has it.
@@ -200,7 +213,8 @@ def attention_distillation_loss(
         scale_t: float,
         chunk: int = ATTENTION_CE_CHUNK,
 ) -> Tensor:
-    """SPEC section 1's distillation loss for one layer from queries and keys (B, H, N, head_dim):
+    """The attention distillation loss of Li et al. (NeurIPS 2024) for one layer from queries and keys
+    (B, H, N, head_dim):
     mean over (b, h, i) of -sum_j softmax(T)[i, j] * log_softmax(S)[i, j], S = q_s k_s^T * scale_s,
     T = q_t k_t^T * scale_t; no N x N tensor is stored (see _ChunkedAttentionCrossEntropy).
 
@@ -225,12 +239,13 @@ def _at_least_float32(x: Tensor) -> Tensor:
     return x.to(torch.promote_types(x.dtype, torch.float32))
 
 
-def transfer_loss(mode: TransferMode, student: Captured, teacher: Captured) -> Tensor:
+def transfer_loss(mode: TransferMode, student: Captured, teacher: Captured, impl: str) -> Tensor:
     """The per-layer loss of a ``loss`` mode, from what the student's and the teacher's attention
-    captured (explicit maps, or q and k with their scale: see transfer_attention)."""
+    captured with implementation ``impl`` (explicit maps, or q and k with their scale: see
+    transfer_attention): the MSE of q, k or v, or the attention maps' cross-entropy."""
     if mode.exposes != 'attn':
         return activation_mse(student[mode.exposes], teacher[mode.exposes])
-    if 'attn' in teacher:
+    if impl == 'explicit':
         return attention_cross_entropy(student['attn_logits'], teacher['attn'], student['attn'])
     return attention_distillation_loss(student['q'], student['k'], teacher['q'], teacher['k'],
                                        student['scale'], teacher['scale'])
@@ -651,7 +666,7 @@ def student_layer(
     else:
         attention = partial(transfer_attention, blk.attn, expose=mode.exposes, impl=impl)
     x, captured = block_forward(blk, x, attention, masks)
-    return x, (transfer_loss(mode, captured, handed) if captured else None)
+    return x, (transfer_loss(mode, captured, handed, impl) if captured else None)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -35,7 +35,7 @@ from models_dual_vit import create_vit, forward_with_capture
 from models_probe import default_probe_blocks, parse_blocks
 from util.args import HelpFormatter, parse_kwargs
 from util.checkpoint import save_atomic
-from util.datasets import ImageFiles, collate_skipping_bad, list_images, wild_transform
+from util.datasets import collate_skipping_bad
 from util.distributed import barrier, broadcast_object, destroy, get_rank, get_world_size, init_distributed_mode, log
 from util.errors import UserError, run_cli
 from util.pretrained import (
@@ -48,6 +48,7 @@ from util.pretrained import (
     select_state_dict,
     trained_architecture,
 )
+from util.selection import ImageFiles, list_images, selection_record, wild_transform, write_selection
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -123,59 +124,6 @@ def ranking(output: torch.Tensor, probe: torch.Tensor, kind: str, attnlier: floa
     if kind == 'probe':
         return attnlier * probe.sum(dim=1)
     return attnlier * probe.sum(dim=1) + outlier * output
-
-
-def class_balance_weights(soft_sums: torch.Tensor) -> torch.Tensor:
-    """Inverse of the per-class soft-prediction sums, normalised to sum to the number of classes."""
-    inverse = 1.0 / soft_sums.double().clamp_min(1e-12)
-    return (inverse / inverse.sum() * len(soft_sums)).float()
-
-
-@torch.no_grad()
-def augmented_soft_sums(teacher, root: str, paths: list[str], input_size: int, hflip: float, seed: int,
-                        batch_size: int = 256, device: str = 'cpu', amp_dtype=None,
-                        mean=IMAGENET_DEFAULT_MEAN, std=IMAGENET_DEFAULT_STD) -> torch.Tensor:
-    """The teacher's soft predictions summed over ``paths`` seen through the training augmentation (pad-4
-    random crop, flip), as the reference computes its class weights: one pass, images in the given order,
-    the augmentation drawn from torch's generator seeded with ``seed`` (the caller's generator state is kept)."""
-    dataset = ImageFiles(root, paths, wild_transform(input_size, train=True, hflip=hflip, mean=mean, std=std))
-    # its own generator: the loader's seed draw must not advance the stream the augmentation uses
-    loader = DataLoader(dataset, batch_size=batch_size, num_workers=0, collate_fn=collate_skipping_bad,
-                        generator=torch.Generator())
-    sums = None
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        for images, _, _ in loader:
-            if len(images) == 0:
-                continue
-            with torch.autocast(torch.device(device).type, dtype=amp_dtype, enabled=amp_dtype is not None):
-                logits = teacher(images.to(device))
-            batch = F.softmax(logits.float(), dim=1).double().sum(dim=0).cpu()
-            sums = batch if sums is None else sums + batch
-    return sums.float()
-
-
-def training_class_weights(teacher, selection_path: str, teacher_path: str, input_size: int, hflip: float,
-                           seed: int, batch_size: int, device: str, amp_dtype=None,
-                           mean=IMAGENET_DEFAULT_MEAN, std=IMAGENET_DEFAULT_STD) -> torch.Tensor:
-    """Class-balance weights from an augmented pass over the selection (see ``augmented_soft_sums``),
-    cached beside the selection file as ``<selection>.aug_weights.pth`` and reused while the selection,
-    the teacher and the augmentation are unchanged."""
-    selection = read_checkpoint(selection_path)
-    key = {'selection': os.path.abspath(selection_path), 'selection_mtime': int(os.stat(selection_path).st_mtime),
-           'teacher': os.path.abspath(teacher_path), 'teacher_mtime': int(os.stat(teacher_path).st_mtime),
-           'input_size': input_size, 'hflip': hflip, 'seed': seed, 'mean': list(mean), 'std': list(std)}
-    cache = selection_path + '.aug_weights.pth'
-    if os.path.exists(cache):
-        cached = torch.load(cache, weights_only=True)
-        if cached.get('key') == key:
-            return cached['class_weights']
-    paths = [selection['paths'][i] for i in selection['selected'].tolist()]
-    sums = augmented_soft_sums(teacher, selection['root'], paths, input_size, hflip, seed, batch_size, device,
-                               amp_dtype, mean, std)
-    weights = class_balance_weights(sums)
-    save_atomic({'key': key, 'soft_sums': sums, 'class_weights': weights}, cache)
-    return weights
 
 
 @torch.no_grad()
@@ -292,15 +240,10 @@ def select(scores: dict, args, blocks: list[int], paths: list[str]) -> dict:
         selected = candidates[torch.randperm(len(candidates), generator=generator)[:args.num_select]].sort().values
     else:
         selected = value.topk(args.num_select, largest=False).indices
-    soft_sums = scores['soft'][selected].double().sum(dim=0).float()
-    return {
-        'root': os.path.abspath(args.wild_path), 'paths': paths, 'selected': selected,
-        'ranking': 'random' if args.random else args.score, 'value': value,
-        'scores': {'output': scores['output'], 'probe': {b: scores['probe'][:, i] for i, b in enumerate(blocks)}},
-        'predictions': scores['prediction'], 'valid': valid, 'soft_sums': soft_sums,
-        'class_weights': class_balance_weights(soft_sums), 'nb_classes': args.nb_classes,
-        'input_size': args.input_size, 'args': dict(vars(args)),
-    }
+    return selection_record(args.wild_path, paths, selected, 'random' if args.random else args.score, value,
+                            scores['output'], {b: scores['probe'][:, i] for i, b in enumerate(blocks)},
+                            scores['prediction'], valid, scores['soft'], args.nb_classes, args.input_size,
+                            dict(vars(args)))
 
 
 def check_num_select(num_select: int, n_images: int | None = None, wild_path: str = '') -> None:
@@ -358,7 +301,7 @@ def main(args) -> dict | None:
         if missing:
             raise RuntimeError(f"chunks {missing[:10]} were not scored; rerun to finish them")
         selection = select(merge(chunk_dir, n_chunks), args, blocks, paths)
-        save_atomic(selection, args.output)
+        write_selection(selection, args.output)
         skipped = int((~selection['valid']).sum())
         log(f"kept {len(selection['selected'])} of {len(paths)} images ({selection['ranking']} ranking"
             + (f"; {skipped} undecodable skipped" if skipped else '') + f") -> {args.output}")

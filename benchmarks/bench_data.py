@@ -31,7 +31,8 @@ from PIL import Image  # noqa: E402
 
 from benchmarks import bench_step  # noqa: E402
 from main_finetune import get_args_parser  # noqa: E402
-from util.datasets import ResumableDistributedSampler, build_dataset, build_loader  # noqa: E402
+from util.datasets import build_dataset, build_loader  # noqa: E402
+from util.samplers import ResumableDistributedSampler  # noqa: E402
 
 DECODES = {'full': False, 'draft': True}
 

@@ -21,6 +21,7 @@ from helpers import ROOT, make_image_folder, make_teacher_checkpoint, tiny_args
 import main_finetune
 from tools import export_student
 from util.args import HelpFormatter
+from util.output import BestAccuracy
 from util.pretrained import read_checkpoint
 
 MARKER = '<!-- readme-test: run -->'
@@ -74,7 +75,7 @@ def test_log_records_best_and_final_raw_and_ema(run):
 
 
 def test_summary_line_names_best_and_final():
-    best = main_finetune.BestAccuracy()
+    best = BestAccuracy()
     best.update({'test_acc1': 50.0, 'ema_test_acc1': 40.0}, 0)
     best.update({'test_acc1': 45.0, 'ema_test_acc1': 60.0}, 1)
     line = best.summary({'test_acc1': 45.0, 'ema_test_acc1': 60.0})

@@ -18,12 +18,13 @@ from engine_finetune import train_one_epoch
 from util.datasets import (
     DraftRandomResizedCrop,
     DraftResize,
-    ResumableDistributedSampler,
     build_dataset,
     build_loader,
     build_transform,
     open_image,
 )
+from util.lr_sched import Schedule
+from util.samplers import ResumableDistributedSampler
 
 SIZES = [(1024, 768), (768, 1024), (640, 480)]
 
@@ -180,11 +181,11 @@ def test_progress_line_reports_data_wait_and_run_eta(capsys):
         loss = torch.nn.functional.cross_entropy(outputs, targets)
         return loss, {'loss': loss}
 
-    args = SimpleNamespace(accum_iter=1, clip_grad=None, print_freq=2, lr=1e-3, min_lr=0.0, warmup_epochs=0,
-                           epochs=10)
+    args = SimpleNamespace(accum_iter=1, clip_grad=None, print_freq=2)
+    schedule = Schedule(lr=1e-3, min_lr=0.0, warmup_epochs=0, epochs=10)
     optimizer = torch.optim.SGD(model.parameters(), lr=1e-3)
     scaler = torch.amp.GradScaler('cpu', enabled=False)
-    train_one_epoch(model, criterion, SlowBatches(6, 0.3), optimizer, torch.device('cpu'), 0, scaler, args)
+    train_one_epoch(model, criterion, SlowBatches(6, 0.3), optimizer, torch.device('cpu'), 0, scaler, args, schedule)
     line = next(line for line in capsys.readouterr().out.splitlines() if line.startswith('Epoch [0] [2/6]'))
     fields = re.search(r'data (\d+)%  eta (\d+):(\d\d):(\d\d) \(run (\d+):(\d\d):(\d\d)\)', line)
     assert fields, line

@@ -25,7 +25,7 @@ from util.checkpoint import NonFiniteStateError, resume_step, save_atomic
 from util.datasets import RobustImageFolder
 from util.errors import UserError
 from util.losses import TransferCriterion
-from util.output import RunLock, check_inputs_not_overwritten
+from util.output import RunLock, check_inputs_not_overwritten, write_log
 from util.pretrained import read_checkpoint
 from util.run_control import Preempted, clear_stop, request_stop, stop_on_signals, stop_requested
 
@@ -152,7 +152,7 @@ def test_non_finite_distillation_term_does_not_blame_the_lr(workdir, monkeypatch
 
 def test_log_txt_stays_strict_json(tmp_path):
     args = SimpleNamespace(output_dir=str(tmp_path))
-    main_finetune.write_log(args, {'epoch': 0, 'test_loss': float('inf'), 'train_loss': float('nan'), 'x': 1.5})
+    write_log(args, {'epoch': 0, 'test_loss': float('inf'), 'train_loss': float('nan'), 'x': 1.5})
     assert read_log(str(tmp_path)) == [{'epoch': 0, 'test_loss': None, 'train_loss': None, 'x': 1.5}]
 
 

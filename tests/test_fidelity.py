@@ -19,12 +19,14 @@ from torchvision import transforms
 import main_finetune
 import select_wild_data
 from models_dual_vit import DualViT, build_dual_vit, create_vit
+from modes import get_mode, probe_epochs
 from tools import export_student
 from util.args import explicit_flags
-from util.datasets import build_dataset, default_eval_crop_pct
+from util.datasets import build_dataset
 from util.errors import UserError
 from util.lr_sched import lr_at
 from util.pretrained import load_pretrained_weights, read_checkpoint
+from util.selection import training_class_weights
 
 ARCH = dict(patch_size=8, embed_dim=48, depth=4, num_heads=3)
 
@@ -47,7 +49,8 @@ def test_layer_decay_scales_per_parameter_name(mode, table):
     model = build_dual_vit('vit_base_patch16_224' if mode else None, 'vit_base_patch16_224', mode=mode,
                            num_classes=3, img_size=32, teacher_kwargs=ARCH, student_kwargs=ARCH)
     args = SimpleNamespace(mode=mode, weight_decay=0.05, layer_decay=decay)
-    scale = {name: g['lr_scale'] for g in main_finetune.param_groups(model, args) for name in g['names']}
+    groups = main_finetune.param_groups(model, get_mode(mode), args)
+    scale = {name: g['lr_scale'] for g in groups for name in g['names']}
     assert set(scale) == {n for n, _ in model.student.named_parameters()}
     for name, value in scale.items():
         prefix = next(p for p in table if name.startswith(p))
@@ -86,7 +89,7 @@ def expected_eval_tensor(image: Image.Image, size: int, crop_pct: float) -> torc
                                                            (48, True, 1.0)])
 def test_eval_crop_default_and_transform(tmp_path, image_size, probe, expected_pct):
     data = make_image_folder(str(tmp_path / 'data'), classes=3, train_per_class=1, val_per_class=2, size=image_size)
-    assert default_eval_crop_pct(32, os.path.join(data, 'val'), probe) == expected_pct
+    assert get_mode('probe' if probe else 'none').default_eval_crop_pct(32, os.path.join(data, 'val')) == expected_pct
     dataset = build_dataset(False, SimpleNamespace(input_size=32, nb_classes=3, data_path=data,
                                                    eval_crop_pct=expected_pct))
     path, _ = dataset.samples[0]
@@ -110,8 +113,8 @@ def test_eval_crop_is_resolved_recorded_and_checked(tmp_path):
 
 # ---- probe mode: budget in image presentations, step schedule, class-token models ------------------------
 def test_probe_epochs_from_presentations():
-    assert main_finetune.probe_epochs(650000) == 251  # the reference: int(320000 * 512 / 650000) - 1
-    assert main_finetune.probe_epochs(400, 96000) == 239
+    assert probe_epochs(650000) == 251  # the reference: int(320000 * 512 / 650000) - 1
+    assert probe_epochs(400, 96000) == 239
 
 
 def test_step_schedule():
@@ -131,12 +134,12 @@ def test_probe_defaults_class_token_and_step_schedule(tmp_path):
     argv = ['--mode', 'probe', '--eval_data_path', 'x']
     args = parser.parse_args(argv)
     args.explicit_flags = explicit_flags(parser, argv)
-    main_finetune.apply_mode_defaults(args)
+    get_mode(args.mode).apply_defaults(args)
     assert args.global_pool is False and args.sched == 'step' and args.step_epochs == [200, 300]
     argv += ['--global_pool', '--sched', 'cosine']
     args = parser.parse_args(argv)
     args.explicit_flags = explicit_flags(parser, argv)
-    main_finetune.apply_mode_defaults(args)
+    get_mode(args.mode).apply_defaults(args)
     assert args.global_pool is True and args.sched == 'cosine'
 
 
@@ -243,7 +246,7 @@ def test_class_weights_from_an_augmented_pass(tmp_path):
         warnings.simplefilter('ignore')
         selection = select_wild_data.main(select_args)
         teacher = select_wild_data.build_teacher(select_args)
-    weights = select_wild_data.training_class_weights(teacher, selection_path, teacher_path, 32, 0.5, 7, 5, 'cpu')
+    weights = training_class_weights(teacher, selection_path, teacher_path, 32, 0.5, 7, 5, 'cpu')
 
     # independent: torch seeded with 7, each selected image in order through resize 32x32, pad-4 random crop,
     # flip with probability 0.5, ImageNet normalisation; the teacher's softmax summed; inverse, sum = classes
@@ -263,9 +266,9 @@ def test_class_weights_from_an_augmented_pass(tmp_path):
     cache = selection_path + '.aug_weights.pth'
     assert os.path.exists(cache)
     torch.save({**torch.load(cache), 'class_weights': torch.full((classes,), 5.0)}, cache)
-    reused = select_wild_data.training_class_weights(teacher, selection_path, teacher_path, 32, 0.5, 7, 5, 'cpu')
+    reused = training_class_weights(teacher, selection_path, teacher_path, 32, 0.5, 7, 5, 'cpu')
     assert torch.equal(reused, torch.full((classes,), 5.0))
-    other = select_wild_data.training_class_weights(teacher, selection_path, teacher_path, 32, 0.5, 8, 5, 'cpu')
+    other = training_class_weights(teacher, selection_path, teacher_path, 32, 0.5, 8, 5, 'cpu')
     assert not torch.equal(other, reused) and other.sum().item() == pytest.approx(classes)
 
 
@@ -279,7 +282,7 @@ def test_pos_num_mixes_originals_per_class(tmp_path):
                 'ranking': 'output'}, selection)
     args = SimpleNamespace(mode='probe', selection=selection, nb_classes=3, input_size=32, hflip=0.5, seed=0,
                            eval_data_path=target, pos_num=2)
-    dataset = main_finetune.mode_of('probe').train_dataset(args)
+    dataset = get_mode('probe').train_dataset(args)
     assert dataset.paths[:3] == [paths[0], paths[2], paths[5]] and len(dataset) == 3 + 2 * 3
     originals = dataset.paths[3:]
     per_class = {c: sum(os.path.dirname(p) == os.path.join(target, 'train', c) for p in originals)
@@ -287,10 +290,10 @@ def test_pos_num_mixes_originals_per_class(tmp_path):
     assert per_class == {'class_0': 2, 'class_1': 2, 'class_2': 2} and len(set(originals)) == 6
     image, index = dataset[4]
     assert image.shape == (3, 32, 32) and index == 4
-    assert main_finetune.mode_of('probe').train_dataset(args).paths == dataset.paths  # seeded
+    assert get_mode('probe').train_dataset(args).paths == dataset.paths  # seeded
     args.pos_num = 6
     with pytest.raises(UserError, match='--pos_num'):
-        main_finetune.mode_of('probe').train_dataset(args)
+        get_mode('probe').train_dataset(args)
 
 
 # ---- DFND_DeiT-train.py: the reference's command mapped onto the two scripts -----------------------------

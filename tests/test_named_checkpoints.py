@@ -172,7 +172,7 @@ def test_wild_selection_with_a_named_teacher_uses_its_architecture_and_normalisa
     """select_wild_data.py --teacher hf-hub:...: architecture, classes, pooling and mean/std from the hub
     config; the scores are those of the same classifier built by timm from the cached files."""
     import select_wild_data
-    from util.datasets import list_images, wild_transform
+    from util.selection import list_images, wild_transform
     wild = make_image_folder(str(tmp_path / 'wild'), train_per_class=3, val_per_class=0)
     args = select_wild_data.get_args_parser().parse_args(
         ['--teacher', 'hf-hub:acme/tiny-clip-vit', '--wild_path', wild, '--output', str(tmp_path / 'sel.pth'),

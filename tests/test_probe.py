@@ -17,10 +17,10 @@ import main_finetune
 import select_wild_data
 from models_dual_vit import create_vit
 from models_probe import default_probe_blocks, match_layers
-from util.datasets import list_images, wild_transform
 from util.errors import UserError
 from util.losses import kd_loss, noise_transition_matrix, patch_attention_probe_loss
 from util.pretrained import read_checkpoint
+from util.selection import list_images, wild_transform
 
 ARCH = dict(patch_size=8, embed_dim=48, depth=4, num_heads=3)
 

@@ -24,7 +24,7 @@ from util.datasets import DataError
 from util.errors import UserError
 from util.losses import TransferCriterion
 from util.lr_decay import param_groups_lrd
-from util.lr_sched import adjust_learning_rate
+from util.lr_sched import Schedule, adjust_learning_rate
 from util.pretrained import read_checkpoint
 from util.run_control import Preempted, clear_stop, request_stop
 
@@ -68,7 +68,7 @@ def test_two_epochs_write_logs_checkpoints_and_learn(two_epoch_runs, mode):
     assert glob.glob(os.path.join(out, 'events.out.tfevents.*'))
     ckpt = read_checkpoint(os.path.join(out, 'checkpoint.pth'))
     assert os.path.isfile(os.path.join(out, 'checkpoint-1.pth'))
-    assert ckpt['epoch'] == 1 and ckpt['step'] is None and ckpt['args']['mode'] == (None if mode == 'none' else mode)
+    assert ckpt['epoch'] == 1 and ckpt['step'] is None and ckpt['args']['mode'] == mode
     assert {'model', 'optimizer', 'scaler', 'rng'} <= set(ckpt)
     assert ('teacher' in ckpt) == (mode == 'copy')
     assert not any(k.startswith('teacher.') for k in ckpt['model'])
@@ -238,7 +238,7 @@ def test_layer_wise_lr_decay_matches_formula():
     student = create_vit('vit_base_patch16_224', num_classes=3, img_size=32, patch_size=8, embed_dim=48,
                          depth=depth, num_heads=3)
     optimizer = torch.optim.AdamW(param_groups_lrd(student, 0.05, student.no_weight_decay(), decay))
-    args = SimpleNamespace(lr=1e-3, min_lr=1e-6, warmup_epochs=1, epochs=5)
+    args = Schedule(lr=1e-3, min_lr=1e-6, warmup_epochs=1, epochs=5)
     epoch = 2.5
     adjust_learning_rate(optimizer, epoch, args)
     base = 1e-6 + (1e-3 - 1e-6) * 0.5 * (1 + math.cos(math.pi * (epoch - 1) / (5 - 1)))

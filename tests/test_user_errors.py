@@ -261,7 +261,8 @@ def test_nan_from_the_atd_term_does_not_blame_the_lr(work):
 
 # ---- 5. data -----------------------------------------------------------------------------------
 def test_16_bit_png_and_float_tiff_are_scaled_to_8_bits(tmp_path):
-    from util.datasets import ImageFiles, image_folder
+    from util.datasets import image_folder
+    from util.selection import ImageFiles
     folder = tmp_path / 'train' / 'a'
     folder.mkdir(parents=True)
     grid = np.linspace(0, 1, 32 * 32).reshape(32, 32)

@@ -36,6 +36,7 @@ from torch.utils.data import DataLoader, Subset  # noqa: E402
 
 import main_finetune  # noqa: E402
 from models_dual_vit import forward_with_capture  # noqa: E402
+from modes import get_mode  # noqa: E402
 from util.args import HelpFormatter  # noqa: E402
 from util.datasets import build_dataset, build_transform, collate_skipping_bad  # noqa: E402
 from util.errors import UserError, run_cli  # noqa: E402
@@ -95,10 +96,11 @@ def load_models(checkpoint: str, teacher_path: str | None):
     args = main_finetune.get_args_parser().parse_args([])
     vars(args).update(ckpt['args'])
     args.finetune = teacher_path or args.finetune
-    if args.mode in (None, 'none') and teacher_path:
+    mode = get_mode(args.mode)
+    if not mode.uses_teacher and teacher_path:
         raise UserError("a plain run has no teacher to compare with; give a checkpoint of a transfer or probe run")
     teacher_file = is_named(args.finetune or '') or os.path.isfile(args.finetune or '')  # a name comes from its cache
-    if args.mode not in (None, 'none') and 'teacher' not in ckpt and not teacher_file:
+    if mode.uses_teacher and 'teacher' not in ckpt and not teacher_file:
         raise UserError(f"the teacher's weights are not in {checkpoint} and {args.finetune!r} does not "
                         "exist: give --teacher PATH")
     model = main_finetune.build_model(args)

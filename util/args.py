@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import ast
 import copy
+import math
 from collections.abc import Sequence
 
 from util.errors import UserError
@@ -57,3 +58,13 @@ def annotate_mode_defaults(parser: argparse.ArgumentParser, defaults: dict, mode
                 action.help = action.help + f' ({note})'
             else:
                 action.help = action.help + f' (default: %(default)s; {note})'
+
+
+def check_range(flag: str, value: float, low: float, high: float, low_open: bool = False,
+                 high_open: bool = False, meaning: str = '') -> None:
+    """Raise a UserError naming ``flag`` unless ``value`` lies in the interval (open ends as given)."""
+    above = value > low if low_open else value >= low
+    below = value < high if high_open else value <= high
+    if not (math.isfinite(value) and above and below):
+        interval = f"{'(' if low_open else '['}{low:g}, {high:g}{')' if high_open else ']'}"
+        raise UserError(f"--{flag} {value:g}: must lie in {interval}" + (f" ({meaning})" if meaning else ''))

@@ -4,7 +4,9 @@ A checkpoint is a dict:
   model       the student's timm state dict (a plain timm checkpoint, MAE/DeiT style)
   teacher     the teacher's state dict, in copy modes only (their students cannot run without it)
   model_ema   the EMA student, when --ema is set
-  optimizer, scaler, args (a dict), rng (per-rank generator states)
+  optimizer, scaler, args (the run's flags as a dict, with the values resolved from them: the student's
+              architecture, lr, epochs), rng (rank 0's generator states), best (best accuracies and epochs)
+  criterion, aux_optimizer  the criterion's own parameters and their optimizer (probe: noise adaptation)
   epoch, step the position: ``step`` steps of epoch ``epoch`` are done; ``step`` is None once the
               epoch is complete (then training resumes at ``epoch + 1``)
   samples     mid-epoch only: samples of the epoch consumed over all ranks (step x batch x world_size),
@@ -26,9 +28,9 @@ from typing import Any, Optional
 import numpy as np
 import torch
 
-from util.distributed import all_reduce_sum
+from util.distributed import all_gather_object, all_reduce_sum, get_world_size
 from util.errors import UserError
-from util.pretrained import EMA_ENTRIES, read_checkpoint
+from util.pretrained import EMA_ENTRIES, load_exact, read_checkpoint
 
 # Temporary files of save_atomic: '<target name>.<random>.tmp' beside the target (mkstemp's random part
 # has no dots).
@@ -245,3 +247,49 @@ def resume_step(ckpt: dict, path: str, batch_size: int, world_size: int, steps_p
                if fitting else '')
             + ", or from an end-of-epoch checkpoint (checkpoint-<epoch>.pth).")
     return epoch, done // per_step
+
+
+def checkpoint_state(model, model_ema, optimizer, scaler, criterion, aux_optimizer, record: dict, epoch: int,
+                     step: Optional[int], best: dict, partial: Optional[dict] = None) -> dict:
+    """The whole training state in the format above, with ``record`` (the run's flags and resolved values) as
+    ``args`` and ``best`` (the best accuracies so far); mid-epoch also the position in samples and the epoch's
+    loss sums. Collective: every rank calls it (each rank's generator states are gathered)."""
+    world = get_world_size()
+    rngs = all_gather_object(rng_state())  # every rank's: a resume on as many ranks restores each its own
+    state = {'model': model.student.state_dict(), 'optimizer': optimizer.state_dict(),
+             'scaler': scaler.state_dict(), 'epoch': epoch, 'step': step, 'args': record, 'rng': rngs[0],
+             'rng_per_rank': rngs, 'world_size': world, 'best': best}
+    if step is not None:
+        state['samples'] = step * record['batch_size'] * world
+        state['partial_epoch'] = partial
+    if model.needs_teacher_at_eval:
+        state['teacher'] = model.teacher.state_dict()
+    if model_ema is not None:
+        state['model_ema'] = model_ema.module.state_dict()
+    if aux_optimizer is not None:  # the criterion's own parameters (probe: noise adaptation)
+        state['criterion'] = criterion.state_dict()
+        state['aux_optimizer'] = aux_optimizer.state_dict()
+    return state
+
+
+def restore_weights(ckpt: dict, path: str, model, model_ema) -> None:
+    """The student, the teacher (copy modes) and the EMA student from a checkpoint."""
+    load_exact(model.student, ckpt['model'], f"checkpoint {path!r} (model)")
+    if 'teacher' in ckpt and model.teacher is not None:
+        load_exact(model.teacher, ckpt['teacher'], f"checkpoint {path!r} (teacher)")
+    if model_ema is not None:
+        if 'model_ema' not in ckpt:
+            raise UserError(f"--ema is set but {path!r} holds no model_ema: resume without --ema, or from a run "
+                            "that kept one")
+        load_exact(model_ema.module, ckpt['model_ema'], f"checkpoint {path!r} (model_ema)")
+
+
+def describe_checkpoint(path: str, epoch: int, step: Optional[int]) -> str:
+    """'PATH (end of epoch E)' or 'PATH (epoch E, step S)', for messages."""
+    return f"{path} ({f'end of epoch {epoch}' if step is None else f'epoch {epoch}, step {step}'})"
+
+
+def last_good_sentence(last_good: Optional[str]) -> str:
+    if last_good is None:
+        return "this run has written no checkpoint yet and resumed none."
+    return f"the last good checkpoint is {last_good}."

@@ -1,4 +1,4 @@
-"""Data: ImageFolder data sets, the MAE transforms, bad-image handling and the samplers.
+"""Data: ImageFolder data sets, the MAE transforms, bad-image handling and the loader.
 
 Layout: ``data_path/train/<class>/*`` and ``data_path/val/<class>/*`` (ImageNet's, and what
 ``tools/prepare_cifar.py`` / ``tools/prepare_tinyimagenet.py`` write).
@@ -10,7 +10,6 @@ import math
 import os
 import random
 import warnings
-from collections.abc import Iterator, Sequence
 from typing import Optional
 
 import numpy as np
@@ -19,11 +18,12 @@ from PIL import Image
 from timm.data import create_transform
 from timm.data.constants import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.data.transforms import RandomResizedCropAndInterpolation, interp_mode_to_str, str_to_pil_interp
-from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler, get_worker_info
+from torch.utils.data import DataLoader, Dataset, Sampler
 from torchvision import datasets, transforms
 from torchvision.datasets.folder import IMG_EXTENSIONS
 
 from util.errors import UserError
+from util.samplers import EpochSeededDataset, EpochSeeds
 
 LAYOUT = "data_path/train/<class>/<image> and data_path/val/<class>/<image> (ImageNet's folder layout)"
 
@@ -256,10 +256,9 @@ def first_image_size(root: str) -> Optional[tuple[int, int]]:
     return None
 
 
-def default_eval_crop_pct(input_size: int, val_root: str, probe: bool = False) -> float:
-    """1.0 in probe mode (the Attention Probe reference evaluates its 32x32 images as they are) and where
-    the evaluation images already have the input size; MAE's rule otherwise."""
-    if probe or first_image_size(val_root) == (input_size, input_size):
+def default_eval_crop_pct(input_size: int, val_root: str) -> float:
+    """1.0 where the evaluation images already have the input size; MAE's rule otherwise."""
+    if first_image_size(val_root) == (input_size, input_size):
         return 1.0
     return mae_eval_crop_pct(input_size)
 
@@ -307,86 +306,6 @@ def build_dataset(is_train: bool, args, root: Optional[str] = None) -> RobustIma
     return dataset
 
 
-class ResumableDistributedSampler(DistributedSampler):
-    """DistributedSampler (the same order for a given seed and epoch) that can start mid-epoch.
-
-    ``set_epoch(epoch, start_index)`` skips this rank's first ``start_index`` samples, so a job
-    preempted after k steps resumes at step k without loading the images it already trained on.
-    """
-
-    def __init__(self, dataset: Dataset, num_replicas: int, rank: int, shuffle: bool = True, seed: int = 0):
-        super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=shuffle, seed=seed)
-        self.start_index = 0
-
-    def set_epoch(self, epoch: int, start_index: int = 0) -> None:
-        super().set_epoch(epoch)
-        self.start_index = min(start_index, self.num_samples)
-
-    def __iter__(self) -> Iterator[int]:
-        indices = list(super().__iter__())
-        return iter(indices[self.start_index:])
-
-    def __len__(self) -> int:
-        return self.num_samples - self.start_index
-
-
-class ShardSampler(Sampler):
-    """Rank r of w takes samples r, r + w, r + 2w, ...: every sample once, none repeated, so that
-    summed counts over ranks give exact distributed accuracy."""
-
-    def __init__(self, dataset: Dataset, num_replicas: int, rank: int):
-        self.indices = list(range(rank, len(dataset), num_replicas))
-
-    def __iter__(self) -> Iterator[int]:
-        return iter(self.indices)
-
-    def __len__(self) -> int:
-        return len(self.indices)
-
-
-class EpochSeeds(Sampler):
-    """Wraps a DistributedSampler: yields (worker seed key, index) pairs, the key being the sampler's
-    (seed, epoch, rank) when the epoch's iteration starts."""
-
-    def __init__(self, sampler: DistributedSampler) -> None:
-        self.sampler = sampler
-
-    def __iter__(self) -> Iterator[tuple[tuple[int, int, int], int]]:
-        key = (self.sampler.seed, self.sampler.epoch, self.sampler.rank)
-        return ((key, index) for index in self.sampler)
-
-    def __len__(self) -> int:
-        return len(self.sampler)
-
-
-class EpochSeededDataset(Dataset):
-    """Takes the (key, index) pairs of ``EpochSeeds``; a worker process re-seeds Python's, NumPy's and
-    torch's generators from (key, worker id) at its first item of each epoch.
-
-    Persistent workers are seeded once by PyTorch, so without this an epoch's augmentations would depend
-    on the epochs before it, and a run resumed at an epoch boundary would differ from the uninterrupted
-    one. In the main process (``num_workers`` 0) nothing is re-seeded: util.checkpoint.seed_epoch seeds
-    that stream per epoch."""
-
-    def __init__(self, dataset: Dataset) -> None:
-        self.dataset = dataset
-        self.key: Optional[tuple[int, int, int]] = None
-
-    def __len__(self) -> int:
-        return len(self.dataset)
-
-    def __getitem__(self, item: tuple[tuple[int, int, int], int]):
-        key, index = item
-        worker = get_worker_info()
-        if worker is not None and key != self.key:
-            self.key = key
-            state = np.random.SeedSequence([*key, worker.id]).generate_state(2)
-            random.seed(int(state[0]))
-            np.random.seed(int(state[1]))
-            torch.manual_seed(int(state[0]) << 32 | int(state[1]))
-        return self.dataset[index]
-
-
 def build_loader(dataset: Dataset, sampler: Sampler, args, train: bool, batch_size: Optional[int] = None) -> DataLoader:
     """The DataLoader; its workers (``--num_workers`` > 0) persist across epochs. A training sampler is a
     DistributedSampler, whose (seed, epoch, rank) re-seeds the workers each epoch (``EpochSeededDataset``)."""
@@ -397,74 +316,3 @@ def build_loader(dataset: Dataset, sampler: Sampler, args, train: bool, batch_si
         dataset, sampler=sampler, batch_size=batch_size or args.batch_size, num_workers=workers,
         pin_memory=args.pin_mem and str(args.device).startswith('cuda'), drop_last=train,
         collate_fn=collate_skipping_bad, persistent_workers=workers > 0, generator=torch.Generator())
-
-
-# ---------------------------------------------------------------------------------------------
-# Unlabelled "wild" images (Attention Probe)
-# ---------------------------------------------------------------------------------------------
-def list_images(root: str) -> list[str]:
-    """Every image file under ``root`` (any folder layout; class folders, if any, are ignored), as
-    paths relative to ``root`` in a fixed, sorted order."""
-    if not os.path.isdir(root):
-        raise DataError(f"wild image folder not found: {root!r}")
-    found = []
-    for folder, dirs, files in os.walk(root):
-        dirs.sort()
-        for name in sorted(files):
-            if name.lower().endswith(IMG_EXTENSIONS):
-                found.append(os.path.relpath(os.path.join(folder, name), root))
-    if not found:
-        raise DataError(f"no images ({', '.join(IMG_EXTENSIONS)}) under {root!r}")
-    return found
-
-
-class ImageFiles(Dataset):
-    """Images at ``root/<path>`` for the given relative paths; each item is (image, its index).
-    An undecodable image gives ``None`` (with a warning), which ``collate_skipping_bad`` drops."""
-
-    def __init__(self, root: str, paths: list[str], transform=None) -> None:
-        self.root, self.paths, self.transform = root, paths, transform
-
-    def __len__(self) -> int:
-        return len(self.paths)
-
-    def __getitem__(self, index: int):
-        path = os.path.join(self.root, self.paths[index])
-        try:
-            image = load_rgb(path)
-        except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
-            warnings.warn(f"skipping undecodable image {path}: {type(e).__name__}: {e}", stacklevel=1)
-            return None
-        return (self.transform(image) if self.transform is not None else image), index
-
-
-def labelled_originals(root: str, per_class: int, seed: int) -> list[str]:
-    """``per_class`` images of every class folder under ``root`` (an ImageFolder's train split), drawn
-    without replacement with a generator seeded by ``seed``; absolute paths, class by class."""
-    if not os.path.isdir(root):
-        raise UserError(f"--pos_num {per_class}: mixes labelled originals from the target task's training split "
-                        f"into the selection, but {root!r} is not a directory; give --eval_data_path a folder "
-                        "holding train/<class>/, or drop --pos_num")
-    generator = torch.Generator().manual_seed(seed)
-    chosen = []
-    for cls in sorted(e.name for e in os.scandir(root) if e.is_dir()):
-        files = sorted(os.path.join(root, cls, f) for f in os.listdir(os.path.join(root, cls))
-                       if f.lower().endswith(IMG_EXTENSIONS))
-        if len(files) < per_class:
-            raise UserError(f"--pos_num {per_class}: class folder {os.path.join(root, cls)!r} holds only "
-                            f"{len(files)} images; lower --pos_num to at most {len(files)}")
-        chosen += [os.path.abspath(files[i]) for i in torch.randperm(len(files), generator=generator)[:per_class]]
-    return chosen
-
-
-def wild_transform(input_size: int, train: bool, hflip: float = 0.5, mean: Sequence[float] = IMAGENET_DEFAULT_MEAN,
-                   std: Sequence[float] = IMAGENET_DEFAULT_STD) -> transforms.Compose:
-    """The Attention Probe reference's wild-image transforms: resize to input_size x input_size; for
-    training, a random crop with 4 pixels of padding and a horizontal flip with probability ``hflip``."""
-    steps = [transforms.Resize((input_size, input_size))]
-    if train:
-        steps.append(transforms.RandomCrop(input_size, padding=4))
-        if hflip > 0:
-            steps.append(transforms.RandomHorizontalFlip(hflip))
-    return transforms.Compose(steps + [transforms.ToTensor(),
-                                       transforms.Normalize(tuple(mean), tuple(std))])

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 
@@ -21,10 +22,45 @@ def lr_at(epoch: float, lr: float, min_lr: float, warmup_epochs: float, epochs: 
     return min_lr + (lr - min_lr) * 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0)))
 
 
-def adjust_learning_rate(optimizer: torch.optim.Optimizer, epoch: float, args) -> float:
+@dataclass(frozen=True)
+class Schedule:
+    """A run's learning-rate schedule: the peak ``lr`` (absolute) over ``epochs`` epochs."""
+
+    lr: float
+    min_lr: float
+    warmup_epochs: float
+    epochs: int
+    sched: str = 'cosine'
+    step_epochs: tuple[float, ...] = ()
+    step_rate: float = 0.1
+
+    @classmethod
+    def from_args(cls, args, lr: float | None = None, epochs: int | None = None) -> Schedule:
+        """The schedule of the flags (--lr, --min_lr, --warmup_epochs, --epochs, --sched, --step_epochs,
+        --step_rate), with the peak lr and the epochs given where the run resolved them."""
+        return cls(args.lr if lr is None else lr, args.min_lr, args.warmup_epochs,
+                   args.epochs if epochs is None else epochs, getattr(args, 'sched', 'cosine'),
+                   tuple(getattr(args, 'step_epochs', ())), getattr(args, 'step_rate', 0.1))
+
+    def at(self, epoch: float) -> float:
+        return lr_at(epoch, self.lr, self.min_lr, self.warmup_epochs, self.epochs, self.sched, self.step_epochs,
+                     self.step_rate)
+
+
+def adjust_learning_rate(optimizer: torch.optim.Optimizer, epoch: float, schedule: Schedule) -> float:
     """Set every group's lr to the schedule's value times the group's ``lr_scale``; returns the base value."""
-    value = lr_at(epoch, args.lr, args.min_lr, args.warmup_epochs, args.epochs, getattr(args, 'sched', 'cosine'),
-                  getattr(args, 'step_epochs', ()), getattr(args, 'step_rate', 0.1))
+    value = schedule.at(epoch)
     for group in optimizer.param_groups:
         group['lr'] = value * group.get('lr_scale', 1.0)
     return value
+
+
+def lr_floor_warning(lr: float, min_lr: float, eff_batch_size: int, accum_iter: int) -> str:
+    """The warning for a schedule whose floor (--min_lr) is above its peak: the half-cycle cosine then
+    rises from the peak towards the floor for the whole run instead of decaying. A recipe's --blr and
+    --min_lr are tuned together for its effective batch (the seed's copy recipe: 64 GPUs x 32)."""
+    factor = math.floor(min_lr / lr) + 1  # the smallest larger batch whose peak exceeds the floor
+    return (f"WARNING: --min_lr {min_lr:.2e} is above the peak lr {lr:.2e} (blr x effective batch "
+            f"{eff_batch_size} / 256), so the learning rate rises towards --min_lr for the whole run instead of "
+            f"decaying. The recipe was tuned for a larger effective batch: raise it, e.g. --accum_iter "
+            f"{accum_iter * factor} (peak {lr * factor:.2e}), or set --lr / --min_lr for this batch size.")

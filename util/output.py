@@ -1,5 +1,7 @@
-"""The run's output folder, checked before training starts: writable, big enough, not one of the run's
-inputs, not in use by another run (a lock file), and free of the temporaries of killed writes.
+"""The run's output folder: checked before training starts (writable, big enough, not one of the run's
+inputs, not in use by another run (a lock file), free of the temporaries of killed writes), and the
+records written into it: log.txt (one JSON line per epoch, with the best accuracies so far) and
+eval_results.json (--eval).
 
 Rank 0 owns the folder (it alone writes checkpoints and log.txt); these run there.
 """
@@ -8,6 +10,7 @@ from __future__ import annotations
 import datetime
 import errno
 import json
+import math
 import os
 import shutil
 import socket
@@ -23,6 +26,7 @@ from util.checkpoint import stale_temporaries
 from util.distributed import broadcast_object, is_main_process, log
 from util.errors import UserError
 
+EVAL_RESULTS = 'eval_results.json'
 # Flags naming files a run reads; none of them may be a file the run writes.
 INPUT_FLAGS = ('finetune', 'resume', 'ensemble_with', 'selection')
 
@@ -50,6 +54,19 @@ def output_dir_in_use(args) -> Iterator[None]:
     finally:
         if lock is not None:
             lock.release()
+
+
+def check_output_folders(args) -> None:
+    """--output_dir / --log_dir must be folders, or paths where one can be created."""
+    for flag in ('output_dir', 'log_dir'):
+        folder = getattr(args, flag)
+        existing = os.path.abspath(folder) if folder else ''
+        while existing and not os.path.exists(existing):
+            existing = os.path.dirname(existing)
+        if existing and not os.path.isdir(existing):
+            what = 'is a file' if existing == os.path.abspath(folder) else f'lies under the file {existing!r}'
+            raise UserError(f"--{flag} {folder!r} {what}, not a folder: give a folder path (it is created if "
+                            "missing)")
 
 
 def check_writable(folder: str, flag: str) -> None:
@@ -231,3 +248,61 @@ def _pid_alive(pid: int) -> bool:
     except OSError as e:
         return e.errno != errno.ESRCH
     return True
+
+
+def write_eval_results(args, stats: dict, ckpt_path: str | None) -> None:
+    """--eval: the results, and what was evaluated, in output_dir/eval_results.json (beside the printed lines)."""
+    log(f"evaluation: {json.dumps(stats)}")
+    if not args.output_dir or not is_main_process():
+        return
+    os.makedirs(args.output_dir, exist_ok=True)
+    record = {'checkpoint': ckpt_path or args.finetune, 'ensemble_with': args.ensemble_with or None,
+              'data_path': args.eval_data_path, 'mean': args.mean, 'std': args.std, **stats}
+    path = os.path.join(args.output_dir, EVAL_RESULTS)
+    with open(path + '.tmp', 'w', encoding='utf-8') as f:
+        json.dump(record, f, indent=1)
+    os.replace(path + '.tmp', path)
+    log(f"evaluation results written to {path}")
+
+
+class BestAccuracy:
+    """Best top-1 so far of the raw and EMA weights, with their epochs; kept in checkpoints so that a resumed
+    run continues the same record (--save_best keeps checkpoint-best.pth by the raw or EMA top-1)."""
+
+    KEYS = ('test_acc1', 'ema_test_acc1')
+
+    def __init__(self, state: dict | None = None):
+        self.best = dict(state or {})  # key -> {'acc1': value, 'epoch': epoch}
+
+    def update(self, stats: dict, epoch: int) -> list[str]:
+        """Record this epoch's accuracies; returns the keys whose best it improved."""
+        improved = []
+        for key in self.KEYS:
+            if key in stats and (key not in self.best or stats[key] > self.best[key]['acc1']):
+                self.best[key] = {'acc1': stats[key], 'epoch': epoch}
+                improved.append(key)
+        return improved
+
+    def log_fields(self) -> dict:
+        """best_test_acc1, best_test_acc1_epoch (and the EMA's) for log.txt."""
+        out = {}
+        for key, record in self.best.items():
+            out[f'best_{key}'] = record['acc1']
+            out[f'best_{key}_epoch'] = record['epoch']
+        return out
+
+    def summary(self, final: dict) -> str:
+        parts = []
+        for key, name in (('test_acc1', 'raw'), ('ema_test_acc1', 'EMA')):
+            if key in self.best:
+                parts.append(f"{name}: final {final.get(key, float('nan')):.2f}%, best {self.best[key]['acc1']:.2f}% "
+                             f"(epoch {self.best[key]['epoch']})")
+        return 'top-1 accuracy ' + '; '.join(parts) if parts else 'no evaluation ran'
+
+
+def write_log(args, stats: dict) -> None:
+    """One JSON line; NaN and infinity (not JSON) are written as null."""
+    if args.output_dir and is_main_process():
+        finite = {k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in stats.items()}
+        with open(os.path.join(args.output_dir, 'log.txt'), 'a', encoding='utf-8') as f:
+            f.write(json.dumps(finite, allow_nan=False) + '\n')

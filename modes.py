@@ -1,0 +1,282 @@
+"""One class per ``--mode``: what each mode checks, builds and trains on.
+
+    PlainTraining       --mode none: a plain timm ViT (training from scratch, or fine-tuning a checkpoint)
+    AttentionTransfer   --mode copy, distill, copy_q/k/v, distill_q/k/v: a student beside a frozen teacher
+                        (Li et al., NeurIPS 2024), one ``TransferMode`` of models_dual_vit's table each
+    AttentionProbe      --mode probe: distillation on selected wild images without labels (Wang et al.,
+                        ICASSP 2022)
+
+``MODES`` maps every ``--mode`` value to its object and ``get_mode`` looks one up; nothing else in the
+project tests a mode's name. The training script asks the mode, in this order: ``apply_defaults`` and
+``check`` (while the flags are resolved), ``teacher_architecture`` / ``build_model``, ``train_dataset``,
+``criterion``, ``lr_decay_layers`` and ``epochs``; ``evaluated_as`` says what a saved model is evaluated as.
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+
+from engine_finetune import evaluate
+from models_dual_vit import TRANSFER_MODES, DualViT, TransferMode, build_dual_vit
+from models_probe import ProbeDistiller, build_probe_distiller
+from util.datasets import build_dataset, default_eval_crop_pct, normalization
+from util.distributed import barrier, is_main_process, log
+from util.errors import UserError
+from util.losses import ProbeCriterion, TransferCriterion, build_task_criterion
+from util.pretrained import checkpoint_architecture, local_checkpoint
+from util.selection import (
+    ImageFiles,
+    labelled_originals,
+    read_selection,
+    selected_paths,
+    training_class_weights,
+    wild_transform,
+)
+
+# The Attention Probe reference's training budget: 320,000 iterations of 512 images (251 epochs for
+# 650,000 selected images).
+PROBE_PRESENTATIONS = 320000 * 512
+
+
+def probe_epochs(num_images: int, presentations: int = PROBE_PRESENTATIONS) -> int:
+    """The reference's epochs for a training set of ``num_images``: ``int(presentations / num_images) - 1``."""
+    return max(int(presentations / num_images) - 1, 1)
+
+
+def student_architecture(args, teacher_kwargs: dict) -> tuple[str, dict]:
+    """The student's timm name and arguments: --student_model (with --student_kwargs), else the teacher's
+    architecture with --student_kwargs on top."""
+    if args.student_model:
+        return args.student_model, dict(args.student_kwargs)
+    return args.teacher_model or args.model, {**teacher_kwargs, **args.student_kwargs}
+
+
+class PlainTraining:
+    """A plain ViT trained on the labelled split with the task loss (no teacher)."""
+
+    name = 'none'
+    transfer: TransferMode | None = None
+    # flags this mode sets when the command line leaves them unset
+    defaults: dict = {}
+    # the teacher's architecture (and normalisation) are read from its --finetune checkpoint
+    teacher_from_checkpoint = False
+    trains_on_labels = True
+    teacher_hint = 'e.g. mae_pretrain_vit_large.pth'
+    data_hint = ''
+
+    @property
+    def uses_teacher(self) -> bool:
+        return self.transfer is not None
+
+    def evaluated_as(self) -> PlainTraining:
+        """The mode a saved model of this mode is evaluated in (a distilled student runs alone)."""
+        return self
+
+    def needs_teacher(self, evaluating: bool) -> bool:
+        """Whether this run needs the teacher's weights: to train, and to evaluate a model that runs with it."""
+        return self.uses_teacher and (not evaluating or self.evaluated_as() is self)
+
+    def apply_defaults(self, args) -> None:
+        """The mode's recipe for every flag the command line left unset (code that builds args itself, without
+        ``explicit_flags``, gets its values as given)."""
+        explicit = getattr(args, 'explicit_flags', None)
+        if explicit is None:
+            return
+        for key, value in self.defaults.items():
+            if key not in explicit:
+                setattr(args, key, value)
+
+    def check(self, args) -> None:
+        """Flags this mode cannot use, refused before anything is loaded."""
+
+    def default_eval_crop_pct(self, input_size: int, val_root: str) -> float:
+        return default_eval_crop_pct(input_size, val_root)
+
+    def teacher_architecture(self, args) -> tuple[str, dict, bool | str]:
+        """(timm name, arguments, pooling) of the teacher: --teacher_model or --model with --model_kwargs."""
+        return args.teacher_model or args.model, args.model_kwargs, args.global_pool
+
+    def build_model(self, args) -> DualViT:
+        """The student (with the teacher beside it in transfer modes); its architecture from
+        ``student_architecture``."""
+        teacher, teacher_kwargs, _ = self.teacher_architecture(args)
+        student, student_kwargs = student_architecture(args, teacher_kwargs)
+        return build_dual_vit(teacher if self.uses_teacher else None, student,
+                              mode=self.transfer.name if self.uses_teacher else None, drop_path_rate=args.drop_path,
+                              end_layer=args.end_layer, transfer_layers=args.transfer_layers,
+                              num_classes=args.nb_classes, global_pool=args.global_pool, img_size=args.input_size,
+                              share_drop_path=args.share_drop_path, attention_impl=args.attention_impl,
+                              teacher_kwargs=teacher_kwargs, student_kwargs=student_kwargs)
+
+    def train_dataset(self, args):
+        return build_dataset(True, args)
+
+    def criterion(self, args, model, loader_val, device, amp_dtype) -> torch.nn.Module:
+        """The task loss (soft-target CE under mixup, else label smoothing), plus ``atd_weight`` times the
+        transfer loss the model returns in distill modes."""
+        return TransferCriterion(build_task_criterion(args.mixup_active, args.smoothing), args.atd_weight)
+
+    def recorded_args(self, args, criterion) -> dict:
+        """Values this mode resolved while building, recorded in checkpoints beside the flags."""
+        return {}
+
+    def lr_decay_layers(self, depth: int) -> int:
+        """The layer count of layer-wise lr decay: MAE's ``depth + 1``."""
+        return depth + 1
+
+    def epochs(self, args, num_images: int) -> int:
+        return args.epochs
+
+
+class AttentionTransfer(PlainTraining):
+    """A student trained on the labelled split beside a frozen teacher that hands over its attention
+    (copy modes: used in place of the student's own, so the teacher runs at evaluation too) or pulls the
+    student's towards its own by a loss (distill modes: the student runs alone at evaluation)."""
+
+    def __init__(self, transfer: TransferMode) -> None:
+        self.transfer = transfer
+        self.name = transfer.name
+
+    def evaluated_as(self) -> PlainTraining:
+        return self if self.transfer.needs_teacher_at_eval else PLAIN
+
+    def lr_decay_layers(self, depth: int) -> int:
+        """The attention transfer reference groups its dual model by the student's ``depth`` (the last block
+        shares the head's scale)."""
+        return depth
+
+
+class AttentionProbe(PlainTraining):
+    """Attention Probe distillation: the selected wild images (no labels), the target-task teacher beside a
+    student, KD + noise adaptation + the patch attention probe loss; the reference's recipe for every flag the
+    command line leaves unset. Its models classify from the class token (the attention probe reads that
+    token) and its lr steps down x0.1 at epochs 200 and 300; without --epochs, the epochs come from
+    --presentations (see ``probe_epochs``)."""
+
+    name = 'probe'
+    defaults = dict(lr=7.5e-4, weight_decay=0.025, batch_size=256, layer_decay=1.0, warmup_epochs=0,
+                    min_lr=0.0, smoothing=0.0, drop_path=0.0, aa='none', reprob=0.0, mixup=0.0, cutmix=0.0,
+                    global_pool=False, sched='step')
+    teacher_from_checkpoint = True
+    trains_on_labels = False
+    teacher_hint = 'the teacher trained on the target task'
+    data_hint = " (in probe mode, --eval_data_path: the target task's folder with val/<class>/)"
+
+    @property
+    def uses_teacher(self) -> bool:
+        return True
+
+    def evaluated_as(self) -> PlainTraining:
+        return PLAIN
+
+    def check(self, args) -> None:
+        if args.grad_checkpointing or args.compile:
+            raise UserError("--grad_checkpointing and --compile apply to the attention transfer modes and plain "
+                            "training, not to --mode probe: drop them")
+        if args.eval:
+            return
+        if not args.selection or not os.path.isfile(args.selection):
+            raise UserError(f"mode probe trains on a selection of wild images: --selection FILE written by "
+                            f"select_wild_data.py (got {args.selection!r})")
+        if args.mixup_active:
+            raise UserError("mode probe has no labels to mix: drop --mixup / --cutmix")
+
+    def default_eval_crop_pct(self, input_size: int, val_root: str) -> float:
+        return 1.0  # the reference evaluates its 32x32 images as they are
+
+    def teacher_architecture(self, args) -> tuple[str, dict, bool | str]:
+        """The target-task teacher's own architecture, as its checkpoint records it (--teacher_model overrides)."""
+        arch = checkpoint_architecture(args.finetune) if args.finetune and not args.teacher_model else None
+        if arch is None:
+            return super().teacher_architecture(args)
+        return arch['model'], arch['model_kwargs'], arch['global_pool']
+
+    def build_model(self, args) -> ProbeDistiller:
+        teacher, teacher_kwargs, teacher_pool = self.teacher_architecture(args)
+        student, student_kwargs = student_architecture(args, teacher_kwargs)
+        return build_probe_distiller(teacher, student, args.nb_classes, args.input_size, args.global_pool,
+                                     args.drop_path, args.probe_blocks, teacher_kwargs, student_kwargs,
+                                     teacher_global_pool=teacher_pool)
+
+    def train_dataset(self, args) -> ImageFiles:
+        selection = read_selection(args.selection)
+        if selection.get('nb_classes') not in (None, args.nb_classes):
+            raise UserError(f"{args.selection} was selected for a {selection['nb_classes']}-class teacher, "
+                            f"but --nb_classes is {args.nb_classes}")
+        paths = selected_paths(selection)
+        log(f"probe training set: {len(paths)} wild images selected ({selection.get('ranking')}) "
+            f"from {selection['root']}")
+        if args.pos_num:  # absolute paths: ImageFiles joins them to the wild root unchanged
+            train_root = os.path.join(args.eval_data_path, 'train')
+            originals = labelled_originals(train_root, args.pos_num, args.seed)
+            log(f"  + {len(originals)} labelled originals ({args.pos_num} per class) from {train_root}, used like "
+                "the wild images (no labels)")
+            paths += originals
+        mean, std = normalization(args)
+        return ImageFiles(selection['root'], paths, wild_transform(args.input_size, train=True, hflip=args.hflip,
+                                                                   mean=mean, std=std))
+
+    def criterion(self, args, model, loader_val, device, amp_dtype) -> ProbeCriterion:
+        teacher_acc = args.teacher_acc
+        if args.noise_adaptation and teacher_acc is None:
+            stats = evaluate(loader_val, model.teacher, device, amp_dtype, args.dist_eval, name='teacher',
+                             print_freq=args.print_freq)
+            teacher_acc = stats['acc1'] / 100.0
+            log(f"teacher accuracy on the evaluation set: {teacher_acc:.4f} (the noise transition's diagonal; "
+                "set --teacher_acc to use a known value instead)")
+        weights = None
+        if args.robust:
+            clean = self.class_weights(args, model, amp_dtype)
+            generator = torch.Generator().manual_seed(args.seed)
+            weights = clean + torch.rand(clean.shape, generator=generator) * 0.1
+        return ProbeCriterion(args.nb_classes, args.kd_temperature, args.patchattn, args.noise_adaptation,
+                              teacher_acc if teacher_acc is not None else 1.0, weights,
+                              model.student.num_prefix_tokens, args.probe_norm)
+
+    @staticmethod
+    def class_weights(args, model, amp_dtype) -> torch.Tensor:
+        """--robust's class-balance weights: from an augmented pass over the selection (the reference's;
+        rank 0 computes and caches them, the other ranks read the cache), or the selection file's own."""
+        if args.class_weights != 'augmented':
+            return read_selection(args.selection, ('class_weights',))['class_weights'].float()
+
+        def augmented() -> torch.Tensor:
+            return training_class_weights(model.teacher, args.selection, local_checkpoint(args.finetune),
+                                          args.input_size, args.hflip, args.seed, args.batch_size, args.device,
+                                          amp_dtype, args.mean, args.std)
+        if is_main_process():
+            clean = augmented()
+        barrier()
+        if not is_main_process():
+            clean = augmented()
+        log("class-balance weights from an augmented pass over the selection: "
+            + ' '.join(f"{w:.3f}" for w in clean.tolist()[:20]) + (' ...' if len(clean) > 20 else ''))
+        return clean
+
+    def recorded_args(self, args, criterion) -> dict:
+        """The teacher accuracy measured for the noise transition."""
+        return {'teacher_acc': criterion.teacher_acc} if args.noise_adaptation else {}
+
+    def epochs(self, args, num_images: int) -> int:
+        """--epochs when given, else the reference's budget in image presentations."""
+        if 'epochs' in (getattr(args, 'explicit_flags', None) or ['epochs']):
+            return args.epochs
+        epochs = probe_epochs(num_images, args.presentations)
+        log(f"probe mode: {epochs} epochs = int({args.presentations} presentations / {num_images} "
+            "training images) - 1, as the reference (give --epochs to choose)")
+        return epochs
+
+
+PLAIN = PlainTraining()
+MODES: dict[str, PlainTraining] = {'none': PLAIN, **{name: AttentionTransfer(t) for name, t in TRANSFER_MODES.items()},
+                                   'probe': AttentionProbe()}
+
+
+def get_mode(name: str | None) -> PlainTraining:
+    """The mode of a ``--mode`` value (``None`` and ``''``, as older checkpoints record plain training, are
+    ``none``)."""
+    name = name or 'none'
+    if name not in MODES:
+        raise UserError(f"--mode {name!r}: unknown; choose one of {', '.join(MODES)}")
+    return MODES[name]

@@ -1,0 +1,196 @@
+"""The selection file of the Attention Probe (step 1 writes it, step 2 trains on it) and the wild images.
+
+A selection file (``select_wild_data.py --output FILE``, read by ``main_finetune.py --mode probe
+--selection FILE``) is a ``torch.save`` dict:
+
+    root          the wild image folder (absolute)
+    paths         every scored image, relative to ``root``, in a fixed sorted order
+    selected      indices into ``paths`` of the kept images (int64 tensor)
+    ranking       'combined', 'output', 'probe' or 'random'
+    value         the ranking value per image (inf for undecodable ones)
+    scores        {'output': per image, 'probe': {block: per image}}
+    predictions   the teacher's argmax per image; valid: decodable per image
+    soft_sums     the teacher's soft predictions summed over the selection, per class
+    class_weights inverse soft sums, normalised to sum to the number of classes
+    nb_classes, input_size, args   what it was selected for, and the selection's flags
+
+``<selection>.aug_weights.pth`` beside it caches the class weights of an augmented pass (the reference's).
+"""
+from __future__ import annotations
+
+import os
+import warnings
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from timm.data.constants import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+from torch.utils.data import DataLoader, Dataset
+from torchvision import transforms
+from torchvision.datasets.folder import IMG_EXTENSIONS
+
+from util.checkpoint import save_atomic
+from util.datasets import DataError, collate_skipping_bad, load_rgb
+from util.errors import UserError
+from util.pretrained import read_checkpoint
+
+# What probe training reads from a selection file.
+SELECTION_ENTRIES = ('root', 'paths', 'selected')
+
+
+def selection_record(root: str, paths: list[str], selected: torch.Tensor, ranking: str, value: torch.Tensor,
+                     output_scores: torch.Tensor, probe_scores: dict, predictions: torch.Tensor,
+                     valid: torch.Tensor, soft_predictions: torch.Tensor, nb_classes: int, input_size: int,
+                     args: dict) -> dict:
+    """The selection file's dict (see the module docstring); the class weights from the selection's soft sums."""
+    soft_sums = soft_predictions[selected].double().sum(dim=0).float()
+    return {'root': os.path.abspath(root), 'paths': paths, 'selected': selected, 'ranking': ranking, 'value': value,
+            'scores': {'output': output_scores, 'probe': probe_scores}, 'predictions': predictions, 'valid': valid,
+            'soft_sums': soft_sums, 'class_weights': class_balance_weights(soft_sums), 'nb_classes': nb_classes,
+            'input_size': input_size, 'args': args}
+
+
+def write_selection(selection: dict, path: str) -> None:
+    save_atomic(selection, path)
+
+
+def read_selection(path: str, entries: tuple[str, ...] = SELECTION_ENTRIES) -> dict:
+    """A selection file, checked for the ``entries`` the caller reads."""
+    selection = read_checkpoint(path, flag='--selection')
+    missing = [k for k in entries if not isinstance(selection, dict) or k not in selection]
+    if missing:
+        raise UserError(f"--selection {path!r} is not a selection file (no {', '.join(missing)} entries); write one "
+                        "with select_wild_data.py --teacher TEACHER --wild_path IMAGES --output FILE")
+    return selection
+
+
+def selected_paths(selection: dict) -> list[str]:
+    """The kept images' paths, relative to ``selection['root']``, in selection order."""
+    return [selection['paths'][i] for i in selection['selected'].tolist()]
+
+
+def class_balance_weights(soft_sums: torch.Tensor) -> torch.Tensor:
+    """Inverse of the per-class soft-prediction sums, normalised to sum to the number of classes."""
+    inverse = 1.0 / soft_sums.double().clamp_min(1e-12)
+    return (inverse / inverse.sum() * len(soft_sums)).float()
+
+
+@torch.no_grad()
+def augmented_soft_sums(teacher, root: str, paths: list[str], input_size: int, hflip: float, seed: int,
+                        batch_size: int = 256, device: str = 'cpu', amp_dtype=None,
+                        mean=IMAGENET_DEFAULT_MEAN, std=IMAGENET_DEFAULT_STD) -> torch.Tensor:
+    """The teacher's soft predictions summed over ``paths`` seen through the training augmentation (pad-4
+    random crop, flip), as the reference computes its class weights: one pass, images in the given order,
+    the augmentation drawn from torch's generator seeded with ``seed`` (the caller's generator state is kept)."""
+    dataset = ImageFiles(root, paths, wild_transform(input_size, train=True, hflip=hflip, mean=mean, std=std))
+    # its own generator: the loader's seed draw must not advance the stream the augmentation uses
+    loader = DataLoader(dataset, batch_size=batch_size, num_workers=0, collate_fn=collate_skipping_bad,
+                        generator=torch.Generator())
+    sums = None
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        for images, _, _ in loader:
+            if len(images) == 0:
+                continue
+            with torch.autocast(torch.device(device).type, dtype=amp_dtype, enabled=amp_dtype is not None):
+                logits = teacher(images.to(device))
+            batch = F.softmax(logits.float(), dim=1).double().sum(dim=0).cpu()
+            sums = batch if sums is None else sums + batch
+    return sums.float()
+
+
+def training_class_weights(teacher, selection_path: str, teacher_path: str, input_size: int, hflip: float,
+                           seed: int, batch_size: int, device: str, amp_dtype=None,
+                           mean=IMAGENET_DEFAULT_MEAN, std=IMAGENET_DEFAULT_STD) -> torch.Tensor:
+    """Class-balance weights from an augmented pass over the selection (see ``augmented_soft_sums``),
+    cached beside the selection file as ``<selection>.aug_weights.pth`` and reused while the selection,
+    the teacher and the augmentation are unchanged."""
+    selection = read_selection(selection_path)
+    key = {'selection': os.path.abspath(selection_path), 'selection_mtime': int(os.stat(selection_path).st_mtime),
+           'teacher': os.path.abspath(teacher_path), 'teacher_mtime': int(os.stat(teacher_path).st_mtime),
+           'input_size': input_size, 'hflip': hflip, 'seed': seed, 'mean': list(mean), 'std': list(std)}
+    cache = selection_path + '.aug_weights.pth'
+    if os.path.exists(cache):
+        cached = torch.load(cache, weights_only=True)
+        if cached.get('key') == key:
+            return cached['class_weights']
+    paths = selected_paths(selection)
+    sums = augmented_soft_sums(teacher, selection['root'], paths, input_size, hflip, seed, batch_size, device,
+                               amp_dtype, mean, std)
+    weights = class_balance_weights(sums)
+    save_atomic({'key': key, 'soft_sums': sums, 'class_weights': weights}, cache)
+    return weights
+
+
+
+# ---------------------------------------------------------------------------------------------
+# Unlabelled "wild" images
+# ---------------------------------------------------------------------------------------------
+# ---------------------------------------------------------------------------------------------
+def list_images(root: str) -> list[str]:
+    """Every image file under ``root`` (any folder layout; class folders, if any, are ignored), as
+    paths relative to ``root`` in a fixed, sorted order."""
+    if not os.path.isdir(root):
+        raise DataError(f"wild image folder not found: {root!r}")
+    found = []
+    for folder, dirs, files in os.walk(root):
+        dirs.sort()
+        for name in sorted(files):
+            if name.lower().endswith(IMG_EXTENSIONS):
+                found.append(os.path.relpath(os.path.join(folder, name), root))
+    if not found:
+        raise DataError(f"no images ({', '.join(IMG_EXTENSIONS)}) under {root!r}")
+    return found
+
+
+class ImageFiles(Dataset):
+    """Images at ``root/<path>`` for the given relative paths; each item is (image, its index).
+    An undecodable image gives ``None`` (with a warning), which ``collate_skipping_bad`` drops."""
+
+    def __init__(self, root: str, paths: list[str], transform=None) -> None:
+        self.root, self.paths, self.transform = root, paths, transform
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, index: int):
+        path = os.path.join(self.root, self.paths[index])
+        try:
+            image = load_rgb(path)
+        except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
+            warnings.warn(f"skipping undecodable image {path}: {type(e).__name__}: {e}", stacklevel=1)
+            return None
+        return (self.transform(image) if self.transform is not None else image), index
+
+
+def labelled_originals(root: str, per_class: int, seed: int) -> list[str]:
+    """``per_class`` images of every class folder under ``root`` (an ImageFolder's train split), drawn
+    without replacement with a generator seeded by ``seed``; absolute paths, class by class."""
+    if not os.path.isdir(root):
+        raise UserError(f"--pos_num {per_class}: mixes labelled originals from the target task's training split "
+                        f"into the selection, but {root!r} is not a directory; give --eval_data_path a folder "
+                        "holding train/<class>/, or drop --pos_num")
+    generator = torch.Generator().manual_seed(seed)
+    chosen = []
+    for cls in sorted(e.name for e in os.scandir(root) if e.is_dir()):
+        files = sorted(os.path.join(root, cls, f) for f in os.listdir(os.path.join(root, cls))
+                       if f.lower().endswith(IMG_EXTENSIONS))
+        if len(files) < per_class:
+            raise UserError(f"--pos_num {per_class}: class folder {os.path.join(root, cls)!r} holds only "
+                            f"{len(files)} images; lower --pos_num to at most {len(files)}")
+        chosen += [os.path.abspath(files[i]) for i in torch.randperm(len(files), generator=generator)[:per_class]]
+    return chosen
+
+
+def wild_transform(input_size: int, train: bool, hflip: float = 0.5, mean: Sequence[float] = IMAGENET_DEFAULT_MEAN,
+                   std: Sequence[float] = IMAGENET_DEFAULT_STD) -> transforms.Compose:
+    """The Attention Probe reference's wild-image transforms: resize to input_size x input_size; for
+    training, a random crop with 4 pixels of padding and a horizontal flip with probability ``hflip``."""
+    steps = [transforms.Resize((input_size, input_size))]
+    if train:
+        steps.append(transforms.RandomCrop(input_size, padding=4))
+        if hflip > 0:
+            steps.append(transforms.RandomHorizontalFlip(hflip))
+    return transforms.Compose(steps + [transforms.ToTensor(),
+                                       transforms.Normalize(tuple(mean), tuple(std))])
