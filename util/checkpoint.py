@@ -12,6 +12,8 @@ A checkpoint is a dict:
   samples     mid-epoch only: samples of the epoch consumed over all ranks (step x batch x world_size),
   world_size  and the number of ranks; a resume with another batch size or world size continues there
   partial_epoch  mid-epoch only: the epoch's loss sums so far (its log line covers the whole epoch)
+  epoch_stats    end of epoch only: the epoch's training means, for its log.txt line (a run stopped between
+                 the checkpoint and that line writes it when resumed)
   rng_per_rank   every rank's generator states (``rng`` is rank 0's)
 """
 from __future__ import annotations
@@ -22,7 +24,7 @@ import os
 import random
 import re
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any, Optional
 
 import numpy as np
@@ -35,7 +37,9 @@ from util.pretrained import EMA_ENTRIES, load_exact, read_checkpoint
 # Temporary files of save_atomic: '<target name>.<random>.tmp' beside the target (mkstemp's random part
 # has no dots).
 TMP_SUFFIX = '.tmp'
-_CHECKPOINT_TMP = re.compile(r'checkpoint(-\d+)?\.pth\.[^.]+' + re.escape(TMP_SUFFIX))
+# the temporaries of every file a run writes with save_atomic / atomic_write_text
+_RUN_FILE_TMP = re.compile(r'(checkpoint(-\d+|-best)?\.pth|log\.txt|eval_results\.json)\.[^.]+'
+                           + re.escape(TMP_SUFFIX))
 
 
 class NonFiniteStateError(RuntimeError):
@@ -48,6 +52,51 @@ def _umask() -> int:
     return mask
 
 
+class _RecordingFile:
+    """A binary file whose write errors are kept: torch.save turns an OSError of a write (a full disk) into a
+    RuntimeError that no longer says which, and this keeps the original to report."""
+
+    def __init__(self, f) -> None:
+        self.f, self.error = f, None
+
+    def write(self, data) -> int:
+        try:
+            return self.f.write(data)
+        except OSError as e:
+            self.error = e
+            raise
+
+    def flush(self) -> None:
+        self.f.flush()
+
+
+def _atomic(path: str, write: Callable[[Any], None]) -> None:
+    """``write(file)`` into a temporary file beside ``path``, fsync, then rename it over ``path``; on any
+    failure the temporary is removed and ``path`` is untouched. A full disk or quota becomes a UserError naming
+    the file, also where the writer hides the OSError."""
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=os.path.basename(path) + '.', suffix=TMP_SUFFIX, dir=folder)
+    recording = None
+    try:
+        os.fchmod(fd, 0o666 & ~_umask())
+        with os.fdopen(fd, 'wb') as f:
+            recording = _RecordingFile(f)
+            write(recording)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException as e:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        cause = recording.error if recording is not None and recording.error is not None else e
+        if isinstance(cause, OSError) and cause.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise UserError(f"cannot write {path}: {os.strerror(cause.errno)}. The previous "
+                            f"{os.path.basename(path)} (if any) is intact; free space in {folder} (or give "
+                            "--output_dir on a larger filesystem) and resume with --resume allow") from e
+        raise
+
+
 def save_atomic(obj: Any, path: str) -> None:
     """Write ``obj`` with torch.save to a temporary file beside ``path``, then rename it over ``path``.
 
@@ -55,32 +104,20 @@ def save_atomic(obj: Any, path: str) -> None:
     permissions of an ordinary new file (0666 minus the umask), not mkstemp's 0600, so colleagues on a
     shared filesystem can read it. A full disk is reported as a UserError naming the file.
     """
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=os.path.basename(path) + '.', suffix=TMP_SUFFIX, dir=folder)
-    try:
-        os.fchmod(fd, 0o666 & ~_umask())
-        with os.fdopen(fd, 'wb') as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException as e:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
-            raise UserError(f"cannot write the checkpoint {path}: {os.strerror(e.errno)}. The previous "
-                            f"{os.path.basename(path)} (if any) is intact; free space in {folder} (or give "
-                            "--output_dir on a larger filesystem) and resume with --resume allow") from e
-        raise
+    _atomic(path, lambda f: torch.save(obj, f))
+
+
+def atomic_write_text(text: str, path: str) -> None:
+    """``text`` (UTF-8) into ``path`` as save_atomic writes checkpoints."""
+    _atomic(path, lambda f: f.write(text.encode('utf-8')))
 
 
 def stale_temporaries(folder: str) -> list[str]:
-    """save_atomic's temporary files of training checkpoints in ``folder`` (checkpoint.pth.<random>.tmp,
-    checkpoint-<epoch>.pth.<random>.tmp): what killed writes leave behind."""
+    """The temporary files of a run's writes in ``folder`` (checkpoint.pth.<random>.tmp, of
+    checkpoint-<epoch>.pth, checkpoint-best.pth, log.txt, eval_results.json): what killed writes leave."""
     if not os.path.isdir(folder):
         return []
-    return sorted(os.path.join(folder, e) for e in os.listdir(folder) if _CHECKPOINT_TMP.fullmatch(e))
+    return sorted(os.path.join(folder, e) for e in os.listdir(folder) if _RUN_FILE_TMP.fullmatch(e))
 
 
 def non_finite_tensors(state: Any, prefix: str = '') -> Iterator[str]:
@@ -183,7 +220,14 @@ def resume_path(resume: str, output_dir: str) -> Optional[str]:
 def load_training_checkpoint(path: str, to_train: bool = True) -> dict:
     """A training checkpoint (this project's, or MAE's / DeiT's: a dict with a 'model' entry); to
     continue training (``to_train``) it must hold the optimizer's state and the position too."""
-    ckpt = read_checkpoint(path, flag='--resume')
+    try:
+        ckpt = read_checkpoint(path, flag='--resume')
+    except UserError as e:
+        intact = intact_neighbour(path)
+        if intact is None:
+            raise
+        raise UserError(f"--resume {path!r}: cannot read it ({e}). Its folder holds {intact}, which reads: resume "
+                        f"from it with --resume {intact.split(' (')[0]}") from e
     if not isinstance(ckpt, dict) or not isinstance(ckpt.get('model'), dict):
         ema = isinstance(ckpt, dict) and any(isinstance(ckpt.get(k), dict) for k in EMA_ENTRIES)
         raise UserError(f"--resume {path!r} is not a training checkpoint (it has no 'model' entry); "
@@ -195,6 +239,25 @@ def load_training_checkpoint(path: str, to_train: bool = True) -> dict:
                         "training run can continue from it; to start training from these weights use "
                         f"--finetune {path} (and no --resume)")
     return ckpt
+
+
+def intact_neighbour(path: str) -> Optional[str]:
+    """The newest other checkpoint of ``path``'s run folder that can be read (numbered ones, newest first),
+    described with its position; None when there is none."""
+    folder = os.path.dirname(os.path.abspath(path))
+    numbered = sorted(((int(m.group(1)), name) for name in os.listdir(folder)
+                       if (m := re.fullmatch(r'checkpoint-(\d+)\.pth', name))), reverse=True)
+    for _, name in numbered:
+        candidate = os.path.join(folder, name)
+        if os.path.samefile(candidate, path):
+            continue
+        try:
+            ckpt = torch.load(candidate, map_location='cpu', mmap=True, weights_only=True)
+        except Exception:  # unreadable too: try the next one
+            continue
+        if isinstance(ckpt, dict) and 'epoch' in ckpt:
+            return describe_checkpoint(candidate, ckpt['epoch'], ckpt.get('step'))
+    return None
 
 
 def next_position(ckpt: dict) -> tuple[int, int]:
@@ -250,7 +313,8 @@ def resume_step(ckpt: dict, path: str, batch_size: int, world_size: int, steps_p
 
 
 def checkpoint_state(model, model_ema, optimizer, scaler, criterion, aux_optimizer, record: dict, epoch: int,
-                     step: Optional[int], best: dict, partial: Optional[dict] = None) -> dict:
+                     step: Optional[int], best: dict, partial: Optional[dict] = None,
+                     epoch_stats: Optional[dict] = None) -> dict:
     """The whole training state in the format above, with ``record`` (the run's flags and resolved values) as
     ``args`` and ``best`` (the best accuracies so far); mid-epoch also the position in samples and the epoch's
     loss sums. Collective: every rank calls it (each rank's generator states are gathered)."""
@@ -262,6 +326,8 @@ def checkpoint_state(model, model_ema, optimizer, scaler, criterion, aux_optimiz
     if step is not None:
         state['samples'] = step * record['batch_size'] * world
         state['partial_epoch'] = partial
+    elif epoch_stats is not None:
+        state['epoch_stats'] = epoch_stats
     if model.needs_teacher_at_eval:
         state['teacher'] = model.teacher.state_dict()
     if model_ema is not None:

@@ -3,6 +3,8 @@ re-seeding of persistent loader workers (so that an epoch's augmentations depend
 rank), and a run resumed at any step sees the same images and draws as the uninterrupted one)."""
 from __future__ import annotations
 
+import hashlib
+import os
 import random
 from collections.abc import Iterator
 from typing import Optional
@@ -10,6 +12,8 @@ from typing import Optional
 import numpy as np
 import torch
 from torch.utils.data import Dataset, DistributedSampler, Sampler, get_worker_info
+
+from util.errors import UserError
 
 
 class ResumableDistributedSampler(DistributedSampler):
@@ -90,3 +94,35 @@ class EpochSeededDataset(Dataset):
             np.random.seed(int(state[1]))
             torch.manual_seed(int(state[0]) << 32 | int(state[1]))
         return self.dataset[index]
+
+
+def dataset_fingerprint(dataset: Dataset) -> dict:
+    """The training set as the sampler sees it: its size and a hash of its files in order (relative to its
+    root, so a moved copy of the same set matches)."""
+    if hasattr(dataset, 'samples'):  # ImageFolder
+        items = [f"{os.path.relpath(path, dataset.root)}\t{label}" for path, label in dataset.samples]
+    elif hasattr(dataset, 'paths'):  # the selected wild images
+        items = list(dataset.paths)
+    else:
+        items = None
+    digest = hashlib.sha1('\n'.join(items).encode('utf-8')).hexdigest() if items is not None else None
+    return {'images': len(dataset), 'sha1': digest}
+
+
+def check_same_permutation(ckpt: dict, path: str, seed: int, data: dict, epoch: int) -> None:
+    """A mid-epoch checkpoint continues the epoch's permutation of the training set where it stopped: only
+    the same set and --seed draw the same permutation; otherwise some images would be trained twice in the
+    epoch and others not at all."""
+    saved = ckpt.get('args') or {}
+    changed = []
+    if saved.get('seed') is not None and saved['seed'] != seed:
+        changed.append(f"--seed {saved['seed']} then, {seed} now")
+    before = saved.get('train_data')
+    if before and before != data:
+        changed.append(f"the training set: {before['images']} images then, {data['images']} now"
+                       + (' (same count, other files)' if before['images'] == data['images'] else ''))
+    if changed:
+        raise UserError(f"--resume {path}: it stopped inside epoch {epoch}, which continues only with the same "
+                        f"training set and --seed, but {'; '.join(changed)}: the rest of the epoch would train some "
+                        "images twice and skip others. Resume with the same data and --seed, or from an "
+                        "end-of-epoch checkpoint (checkpoint-<epoch>.pth).")

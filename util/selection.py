@@ -119,7 +119,11 @@ def training_class_weights(teacher, selection_path: str, teacher_path: str, inpu
     sums = augmented_soft_sums(teacher, selection['root'], paths, input_size, hflip, seed, batch_size, device,
                                amp_dtype, mean, std)
     weights = class_balance_weights(sums)
-    save_atomic({'key': key, 'soft_sums': sums, 'class_weights': weights}, cache)
+    try:
+        save_atomic({'key': key, 'soft_sums': sums, 'class_weights': weights}, cache)
+    except (OSError, UserError) as e:  # the weights are computed: only the next run's shortcut is lost
+        warnings.warn(f"class weights not cached in {cache} ({e}); the next run computes them again", UserWarning,
+                      stacklevel=2)
     return weights
 
 
