@@ -12,6 +12,7 @@ train_one_epoch / checkpoint / evaluate -> log.txt and TensorBoard.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import json
 import math
@@ -67,8 +68,11 @@ from util.output import (
     BestAccuracy,
     check_inputs_not_overwritten,
     check_output_folders,
+    check_run_folder,
     checkpoint_bytes,
+    logged_epochs,
     output_dir_in_use,
+    trim_log,
     warn_if_little_space,
     write_eval_results,
     write_log,
@@ -83,7 +87,7 @@ from util.pretrained import (
     select_state_dict,
 )
 from util.run_control import Preempted, RunControl, stop_on_signals
-from util.samplers import ResumableDistributedSampler, ShardSampler
+from util.samplers import ResumableDistributedSampler, ShardSampler, check_same_permutation, dataset_fingerprint
 
 # The arguments that define the model: --eval --resume takes them from the checkpoint.
 MODEL_ARGS = ('model', 'mode', 'teacher_model', 'student_model', 'model_kwargs', 'student_kwargs', 'input_size',
@@ -412,6 +416,7 @@ def resolve_args(args, read_resume: bool = True) -> tuple[dict | None, str | Non
 
     if read_resume or not path:  # at submission the resumed epoch is unknown: the job checks it
         check_inputs_not_overwritten(args, next_position(ckpt)[0] if ckpt is not None else args.start_epoch)
+    check_run_folder(args, path)
     has_teacher_weights = (ckpt is not None and 'teacher' in ckpt) or (path is not None and not read_resume)
     if mode.needs_teacher(args.eval) and not args.finetune and not has_teacher_weights:
         raise UserError(f"mode {mode.name} needs the teacher's weights: --finetune PATH ({mode.teacher_hint})")
@@ -535,13 +540,30 @@ def load_ensemble_member(args) -> torch.nn.Module:
 # ---------------------------------------------------------------------------------------------
 # main
 # ---------------------------------------------------------------------------------------------
+def epoch_end_missing(ckpt: dict | None, ckpt_path: str | None, output_dir: str) -> bool:
+    """Whether the run folder's own end-of-epoch checkpoint lacks its epoch's evaluation and log.txt line (a stop
+    or a kill between the two): the resumed run writes them first."""
+    return (ckpt is not None and ckpt.get('step') is None and 'epoch_stats' in ckpt and bool(output_dir)
+            and os.path.isdir(output_dir)
+            and os.path.samefile(os.path.dirname(os.path.abspath(ckpt_path)), output_dir)
+            and ckpt['epoch'] not in logged_epochs(output_dir))
+
+
+def finished(ckpt: dict | None, ckpt_path: str | None, epochs: int | None, output_dir: str) -> bool:
+    """Whether the resumed run has trained all ``epochs`` and written their ends (a finished run resumed again,
+    e.g. --resume allow in a requeued job, is not an error: it says so)."""
+    if ckpt is None or epochs is None or next_position(ckpt)[0] < epochs \
+            or epoch_end_missing(ckpt, ckpt_path, output_dir):
+        return False
+    log(f"nothing to do: {ckpt_path} has finished epoch {next_position(ckpt)[0] - 1}, the last of {epochs} "
+        "epochs; to train longer raise --epochs, to evaluate add --eval")
+    return True
+
+
 def main(args) -> dict:
     init_distributed_mode(args)
     ckpt, ckpt_path = resolve_args(args)
-    if ckpt is not None and not args.eval and next_position(ckpt)[0] >= args.epochs:
-        # a finished run resumed again (e.g. --resume allow in a requeued job) is not an error
-        log(f"nothing to do: {ckpt_path} has finished epoch {next_position(ckpt)[0] - 1}, the last of --epochs "
-            f"{args.epochs}; to train longer raise --epochs, to evaluate add --eval")
+    if not args.eval and finished(ckpt, ckpt_path, get_mode(args.mode).known_epochs(args), args.output_dir):
         destroy()
         return {}
     with output_dir_in_use(args), stop_on_signals(enabled=not args.eval):
@@ -586,9 +608,11 @@ def evaluate_only(args, model, ckpt: dict | None, ckpt_path: str | None, evaluat
 
 
 def restore_training_state(ckpt: dict, ckpt_path: str, model, model_ema, optimizer, scaler, criterion,
-                           aux_optimizer, args, steps_per_epoch: int) -> tuple[int, int, dict | None, dict | None]:
+                           aux_optimizer, args, steps_per_epoch: int, data: dict
+                           ) -> tuple[int, int, dict | None, dict | None]:
     """Weights, optimizers and the position from a checkpoint; returns (epoch, step, this rank's generator
-    states to continue the epoch with, the epoch's loss sums so far)."""
+    states to continue the epoch with, the epoch's loss sums so far). A mid-epoch checkpoint continues only
+    with the same training set and --seed (``data``: this run's ``dataset_fingerprint``)."""
     restore_weights(ckpt, ckpt_path, model, model_ema)
     optimizer.load_state_dict(ckpt['optimizer'])
     scaler.load_state_dict(ckpt['scaler'])
@@ -600,6 +624,8 @@ def restore_training_state(ckpt: dict, ckpt_path: str, model, model_ema, optimiz
     rng, partial = None, None
     if step:
         rng, partial = resume_rng(ckpt, get_rank(), world, args.batch_size), ckpt.get('partial_epoch')
+    if step:
+        check_same_permutation(ckpt, ckpt_path, args.seed, data, epoch)
     log(f"resumed from {ckpt_path}: epoch {epoch}, step {step}"
         + (f" of {steps_per_epoch} ({samples_done(ckpt)} samples of the epoch done)" if step else ''))
     return epoch, step, rng, partial
@@ -652,6 +678,9 @@ def train_and_evaluate(args, ckpt: dict | None, ckpt_path: str | None) -> dict:
     if args.min_lr > lr and is_main_process():
         print(lr_floor_warning(lr, args.min_lr, eff_batch_size, args.accum_iter), file=sys.stderr, flush=True)
     schedule = Schedule.from_args(args, lr=lr, epochs=mode.epochs(args, len(dataset_train)))
+    if finished(ckpt, ckpt_path, schedule.epochs, args.output_dir):  # epochs the training set gave
+        destroy()
+        return {}
     sampler_train = ResumableDistributedSampler(dataset_train, world, rank, shuffle=True, seed=args.seed)
     loader_train = build_loader(dataset_train, sampler_train, args, train=True)
     steps_per_epoch = sampler_train.num_samples // args.batch_size  # the loader drops the last partial batch
@@ -670,7 +699,9 @@ def train_and_evaluate(args, ckpt: dict | None, ckpt_path: str | None) -> dict:
     aux_params = [p for p in criterion.parameters() if p.requires_grad]
     aux_optimizer = torch.optim.Adam(aux_params, lr=args.noise_lr) if aux_params else None
     # what checkpoints record as their args: the flags and the values resolved from them
-    record = {**vars(args), 'lr': lr, 'epochs': schedule.epochs, **mode.recorded_args(args, criterion)}
+    data = dataset_fingerprint(dataset_train)
+    record = {**vars(args), 'lr': lr, 'epochs': schedule.epochs, 'train_data': data,
+              **mode.recorded_args(args, criterion)}
 
     if is_main_process() and args.output_dir:
         saved = [model.student, criterion] + ([model_ema.module] if model_ema is not None else []) \
@@ -681,32 +712,72 @@ def train_and_evaluate(args, ckpt: dict | None, ckpt_path: str | None) -> dict:
     best = BestAccuracy(ckpt.get('best') if ckpt is not None else None)
     if ckpt is not None:
         start_epoch, start_step, start_rng, partial = restore_training_state(
-            ckpt, ckpt_path, model, model_ema, optimizer, scaler, criterion, aux_optimizer, args, steps_per_epoch)
+            ckpt, ckpt_path, model, model_ema, optimizer, scaler, criterion, aux_optimizer, args, steps_per_epoch,
+            data)
         last_good = describe_checkpoint(ckpt_path, ckpt['epoch'], ckpt.get('step'))
+        trim_log(args.output_dir, start_epoch)
     ddp_model = wrap_ddp(model, args)
     log_writer = open_log_writer(args, int((start_epoch + start_step / steps_per_epoch) * 1000))
 
-    def save(epoch: int, step: int | None, partial: dict | None = None, extra_names: tuple[str, ...] = ()) -> None:
-        """checkpoint.pth (and ``extra_names``) on rank 0, unless any rank's state holds NaN or inf."""
+    def save(epoch: int, step: int | None, partial: dict | None = None, extra_names: tuple[str, ...] = (),
+             epoch_stats: dict | None = None) -> None:
+        """``extra_names`` and then checkpoint.pth on rank 0, unless any rank's state holds NaN or inf: the record
+        of checkpoint.pth (its best accuracies) never points at a file that was not written."""
         nonlocal last_good
         if not args.output_dir:
             return
         state = checkpoint_state(model, model_ema, optimizer, scaler, criterion, aux_optimizer, record, epoch, step,
-                                 best.best, partial)
+                                 best.best, partial, epoch_stats)
         path = os.path.join(args.output_dir, 'checkpoint.pth')
         check_finite(state, describe_checkpoint(path, epoch, step), last_good, device)
         if is_main_process():
-            save_atomic(state, path)
             for name in extra_names:
                 save_atomic(state, os.path.join(args.output_dir, name))
+            save_atomic(state, path)
         barrier()
         last_good = describe_checkpoint(path, epoch, step)
 
+    best_key = {'raw': 'test_acc1', 'ema': 'ema_test_acc1'}.get(args.save_best)
+
+    def numbered(epoch: int) -> tuple[str, ...]:
+        keep = args.save_every and ((epoch + 1) % args.save_every == 0 or epoch + 1 == schedule.epochs)
+        return (f'checkpoint-{epoch}.pth',) if keep else ()
+
+    def end_epoch(epoch: int, train_stats: dict, evaluate_now: bool) -> dict:
+        """After the epoch's checkpoint: its evaluation (a better top-1 rewrites the epoch's checkpoints, and
+        checkpoint-best.pth with --save_best) and its log.txt line."""
+        stats = {**{f'train_{k}': v for k, v in train_stats.items()}, 'epoch': epoch, 'n_parameters': n_parameters}
+        if evaluate_now:
+            test_stats = evaluator(model, model_ema)
+            stats.update(test_stats)
+            improved = best.update(test_stats, epoch)
+            stats.update(best.log_fields())
+            if improved:  # this epoch's checkpoints are written again so that a resume continues the same record
+                save(epoch, None, extra_names=numbered(epoch) + (('checkpoint-best.pth',) if best_key in improved
+                                                                 else ()), epoch_stats=train_stats)
+            if best_key in improved:
+                log(f"checkpoint-best.pth: epoch {epoch}, {best_key} {test_stats[best_key]:.2f}%")
+            log(best.summary(test_stats))
+            if log_writer is not None:
+                for k, v in test_stats.items():
+                    if k.endswith(('acc1', 'acc5', 'loss')):
+                        log_writer.add_scalar(f"perf/{k}", v, epoch)
+        write_log(args, stats)
+        if log_writer is not None:
+            log_writer.flush()
+        return stats
+
+    def due(epoch: int) -> bool:
+        return (epoch + 1) % args.eval_every == 0 or epoch + 1 == schedule.epochs
+
+    stats = {}
+    if epoch_end_missing(ckpt, ckpt_path, args.output_dir):
+        log(f"finishing epoch {ckpt['epoch']} of {ckpt_path}: its evaluation and log.txt line were not written")
+        stats = end_epoch(ckpt['epoch'], ckpt['epoch_stats'], due(ckpt['epoch']))
     control = RunControl(args.checkpoint_minutes, save)
     log(f"start training for {schedule.epochs} epochs ({steps_per_epoch} steps each) from epoch {start_epoch}"
         + (f", step {start_step}" if start_step else ''))
-    start_time, stats = time.time(), {}
-    best_key = {'raw': 'test_acc1', 'ema': 'ema_test_acc1'}.get(args.save_best)
+    start_time = time.time()
     for epoch in range(start_epoch, schedule.epochs):
         seed_epoch(args.seed, epoch, rank, loader_train.generator)
         first_step = start_step if epoch == start_epoch else 0
@@ -723,30 +794,15 @@ def train_and_evaluate(args, ckpt: dict | None, ckpt_path: str | None) -> dict:
             e.args = (f"{e} Training stopped; " + last_good_sentence(last_good),)
             raise
         last = epoch + 1 == schedule.epochs
-        keep = args.save_every and ((epoch + 1) % args.save_every == 0 or last)
-        numbered = (f'checkpoint-{epoch}.pth',) if keep else ()
-        save(epoch, None, extra_names=numbered)
-
-        stats = {**{f'train_{k}': v for k, v in train_stats.items()}, 'epoch': epoch, 'n_parameters': n_parameters}
+        try:
+            save(epoch, None, extra_names=numbered(epoch), epoch_stats=train_stats)
+        except UserError:  # e.g. a full disk: the epoch's line still goes into log.txt (it is trained again)
+            with contextlib.suppress(OSError):
+                write_log(args, {**{f'train_{k}': v for k, v in train_stats.items()}, 'epoch': epoch})
+            raise
         # a stop agreed at the epoch's last step: no evaluation now (the run itself ends after the last epoch)
         stopping = control.stop_at_epoch_end is not None and not last
-        if not stopping and ((epoch + 1) % args.eval_every == 0 or last):
-            test_stats = evaluator(model, model_ema)
-            stats.update(test_stats)
-            improved = best.update(test_stats, epoch)
-            stats.update(best.log_fields())
-            if improved:  # this epoch's checkpoints are written again so that a resume continues the same record
-                save(epoch, None, extra_names=numbered + (('checkpoint-best.pth',) if best_key in improved else ()))
-            if best_key in improved:
-                log(f"checkpoint-best.pth: epoch {epoch}, {best_key} {test_stats[best_key]:.2f}%")
-            log(best.summary(test_stats))
-            if log_writer is not None:
-                for k, v in test_stats.items():
-                    if k.endswith(('acc1', 'acc5', 'loss')):
-                        log_writer.add_scalar(f"perf/{k}", v, epoch)
-        write_log(args, stats)
-        if log_writer is not None:
-            log_writer.flush()
+        stats = end_epoch(epoch, train_stats, not stopping and due(epoch))
         if not last:
             control.stop_after_epoch()
 

@@ -125,6 +125,10 @@ class PlainTraining:
         """The layer count of layer-wise lr decay: MAE's ``depth + 1``."""
         return depth + 1
 
+    def known_epochs(self, args) -> int | None:
+        """The run's epochs when the flags alone give them (None: they depend on the training set)."""
+        return args.epochs
+
     def epochs(self, args, num_images: int) -> int:
         return args.epochs
 
@@ -258,9 +262,12 @@ class AttentionProbe(PlainTraining):
         """The teacher accuracy measured for the noise transition."""
         return {'teacher_acc': criterion.teacher_acc} if args.noise_adaptation else {}
 
+    def known_epochs(self, args) -> int | None:
+        return args.epochs if 'epochs' in (getattr(args, 'explicit_flags', None) or ['epochs']) else None
+
     def epochs(self, args, num_images: int) -> int:
         """--epochs when given, else the reference's budget in image presentations."""
-        if 'epochs' in (getattr(args, 'explicit_flags', None) or ['epochs']):
+        if self.known_epochs(args) is not None:
             return args.epochs
         epochs = probe_epochs(num_images, args.presentations)
         log(f"probe mode: {epochs} epochs = int({args.presentations} presentations / {num_images} "

@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import copy
 import getpass
+import itertools
 import os
 import signal
 import sys
@@ -29,6 +30,7 @@ import submitit
 import main_finetune
 from util.args import HelpFormatter, explicit_flags
 from util.errors import UserError, run_cli
+from util.output import check_writable
 
 REPO = os.path.dirname(os.path.abspath(__file__))
 SHARED_FOLDER = '/checkpoint'  # the cluster-wide folder some sites provide; jobs default to a folder in it
@@ -86,6 +88,13 @@ def resolve_job_dir(job_dir: str) -> str:
     raise UserError(f"--job_dir is required: no shared folder {shared} was found on this cluster to put the job in")
 
 
+def existing_part(folder: str) -> str:
+    """The part of a job folder known before submission: up to the first component holding "%j"."""
+    parts = Path(folder).parts
+    known = [p for p in itertools.takewhile(lambda p: '%j' not in p, parts)]
+    return str(Path(*known)) if known else '.'
+
+
 def restarts() -> int:
     """How many times SLURM has requeued this job (preemption, time-out, node failure)."""
     return int(os.environ.get('SLURM_RESTART_COUNT', '0') or 0)
@@ -105,6 +114,8 @@ class Trainer:
 
         args = copy.deepcopy(self.args)
         self._setup_environment(args)
+        if restarts() and not args.resume:  # requeued (e.g. a node failure): the job continues its own run
+            args.resume = 'allow'
         if restarts() > args.max_requeues:
             raise RuntimeError(f"the job was restarted {restarts()} times (more than --max_requeues "
                                f"{args.max_requeues}); not training again. See the earlier logs in {args.job_dir}")
@@ -209,6 +220,8 @@ def main(argv=None) -> submitit.Job:
         args.log_dir = job_dir
     args.job_dir = job_dir
     main_finetune.resolve_args(copy.deepcopy(args), read_resume=False)  # fail on a bad flag now, not after the queue
+    for flag, folder in (('--job_dir', job_dir), ('--output_dir', args.output_dir), ('--log_dir', args.log_dir)):
+        check_writable(existing_part(folder), flag)
     executor = build_executor(args, job_dir)  # submitit puts the job id in place of %j
     job = executor.submit(Trainer(args))
     logs = job_dir.replace('%j', str(job.job_id))

@@ -1,9 +1,19 @@
-"""The run's output folder: checked before training starts (writable, big enough, not one of the run's
-inputs, not in use by another run (a lock file), free of the temporaries of killed writes), and the
-records written into it: log.txt (one JSON line per epoch, with the best accuracies so far) and
-eval_results.json (--eval).
+"""The run's output folder: the one owner of every file a run writes there.
 
-Rank 0 owns the folder (it alone writes checkpoints and log.txt); these run there.
+    checkpoint.pth          the latest state (end of epoch, or mid-epoch every --checkpoint_minutes)
+    checkpoint-<epoch>.pth  kept every --save_every epochs and at the end
+    checkpoint-best.pth     the best epoch's state (--save_best)
+    log.txt                 one JSON line per epoch, with the best accuracies so far
+    eval_results.json       --eval's results
+    run.lock                the host, pid and SLURM job of the run using the folder
+    <file>.<random>.tmp     a write in progress (removed at start when a killed write left one)
+    events.out.tfevents.*   TensorBoard (in --log_dir, by default the same folder)
+
+At start it decides, once, what the run is: a fresh run into a folder that holds no run, the
+continuation of the run there (a checkpoint of the folder resumed, e.g. --resume allow), or a refusal
+that says what is there and the two ways on. It checks that the folder can be written, that every
+existing file the run will replace can be replaced, that no input flag names a file the run writes,
+and that there is room for a checkpoint. Rank 0 owns the folder (it alone writes); these run there.
 """
 from __future__ import annotations
 
@@ -12,8 +22,10 @@ import errno
 import json
 import math
 import os
+import re
 import shutil
 import socket
+import stat
 import tempfile
 import warnings
 from collections.abc import Iterator
@@ -22,28 +34,36 @@ from typing import Optional
 
 import torch
 
-from util.checkpoint import stale_temporaries
+from util.checkpoint import atomic_write_text, stale_temporaries
 from util.distributed import broadcast_object, is_main_process, log
 from util.errors import UserError
 
+CHECKPOINT = 'checkpoint.pth'
+BEST = 'checkpoint-best.pth'
+LOG = 'log.txt'
 EVAL_RESULTS = 'eval_results.json'
+LOCK = 'run.lock'
+NUMBERED = re.compile(r'checkpoint-(\d+)\.pth')
 # Flags naming files a run reads; none of them may be a file the run writes.
 INPUT_FLAGS = ('finetune', 'resume', 'ensemble_with', 'selection')
 
 
 @contextmanager
 def output_dir_in_use(args) -> Iterator[None]:
-    """Check that the output folder can be written before training, hold its lock for the run, and
-    clear the temporaries of killed writes. Rank 0 checks; every rank raises the same error."""
+    """Check that the output folder can be written (and its existing files replaced) before training, hold
+    its lock for the run, and clear the temporaries of killed writes. Rank 0 checks; every rank raises the
+    same error."""
     lock, error = None, None
-    if is_main_process() and args.output_dir and not args.eval:
+    if is_main_process() and args.output_dir:
         try:
             check_writable(args.output_dir, '--output_dir')
-            if args.log_dir:
-                check_writable(args.log_dir, '--log_dir')
-            lock = RunLock(args.output_dir)
-            lock.acquire()
-            remove_stale_temporaries(args.output_dir)
+            if not args.eval:  # evaluation writes eval_results.json alone
+                if args.log_dir:
+                    check_writable(args.log_dir, '--log_dir')
+                lock = RunLock(args.output_dir)
+                lock.acquire()
+                remove_stale_temporaries(args.output_dir)
+                check_replaceable(args.output_dir)
         except UserError as e:
             error = str(e)
     error = broadcast_object(error)
@@ -109,14 +129,18 @@ def _size(n: float) -> str:
     return f"{n:.1f} TB"
 
 
-def written_files(args, start_epoch: int) -> list[str]:
-    """Every file a training run writes in its output folder, from ``start_epoch`` on."""
-    out = args.output_dir
-    files = [os.path.join(out, name) for name in ('checkpoint.pth', 'log.txt', RunLock.NAME)]
-    if args.save_every:
-        files += [os.path.join(out, f'checkpoint-{e}.pth') for e in range(start_epoch, args.epochs)
-                  if (e + 1) % args.save_every == 0 or e + 1 == args.epochs]
-    return files
+def writes(args, path: str, start_epoch: int) -> bool:
+    """Whether a training run from ``start_epoch`` on writes ``path``: checkpoint.pth, log.txt, run.lock,
+    checkpoint-best.pth (--save_best) and checkpoint-<epoch>.pth of any epoch from ``start_epoch`` on (the
+    epochs a mode derives are not known yet: every later one counts) in --output_dir."""
+    folder = os.path.realpath(args.output_dir)
+    if os.path.realpath(os.path.dirname(os.path.abspath(path))) != folder:
+        return False
+    name = os.path.basename(path)
+    numbered = NUMBERED.fullmatch(name)
+    if numbered:
+        return int(numbered.group(1)) >= start_epoch and bool(args.save_every)
+    return name in (CHECKPOINT, LOG, LOCK) or (name == BEST and bool(args.save_best))
 
 
 def _same_file(a: str, b: str) -> bool:
@@ -130,18 +154,109 @@ def check_inputs_not_overwritten(args, start_epoch: int) -> None:
 
     The one exception is the run's own checkpoint.pth given to --resume: continuing it is resuming."""
     if args.eval or not args.output_dir:
-        return  # evaluation writes nothing
-    own = os.path.join(args.output_dir, 'checkpoint.pth')
-    outputs = written_files(args, start_epoch)
+        return  # evaluation writes nothing the run reads
+    own = os.path.join(args.output_dir, CHECKPOINT)
     for flag in INPUT_FLAGS:
         path = getattr(args, flag, '') or ''
         if not path or (flag == 'resume' and (path == 'allow' or _same_file(path, own))):
             continue
-        for output in outputs:
-            if _same_file(path, output):
-                raise UserError(f"--{flag} {path!r} would be overwritten by this run's {os.path.basename(output)} "
-                                f"in --output_dir {args.output_dir!r}. Give the run another --output_dir, or copy "
-                                "the file out of it first.")
+        real = os.path.realpath(path)  # through a link to the file, the file the run would replace
+        if writes(args, path, start_epoch) or (os.path.exists(path) and writes(args, real, start_epoch)):
+            raise UserError(f"--{flag} {path!r} would be overwritten by this run's {os.path.basename(real)} "
+                            f"in --output_dir {args.output_dir!r}. Give the run another --output_dir, or copy "
+                            "the file out of it first.")
+
+
+def run_files(output_dir: str) -> list[str]:
+    """The files in ``output_dir`` that show a training run was there: its checkpoints and log.txt."""
+    if not output_dir or not os.path.isdir(output_dir):
+        return []
+    return sorted(e for e in os.listdir(output_dir) if e in (CHECKPOINT, BEST, LOG) or NUMBERED.fullmatch(e))
+
+
+def describe_run(output_dir: str) -> str:
+    """What the run in ``output_dir`` left: its latest checkpoint's position and when it was written."""
+    files = run_files(output_dir)
+    latest = os.path.join(output_dir, CHECKPOINT)
+    what = ', '.join(files[:6]) + (f' and {len(files) - 6} more' if len(files) > 6 else '')
+    if os.path.isfile(latest):
+        when = datetime.datetime.fromtimestamp(os.path.getmtime(latest)).isoformat(sep=' ', timespec='minutes')
+        try:
+            ckpt = torch.load(latest, map_location='cpu', mmap=True, weights_only=True)
+            step = ckpt.get('step')
+            where = f"end of epoch {ckpt['epoch']}" if step is None else f"epoch {ckpt['epoch']}, step {step}"
+        except Exception:  # any unreadable file: its position is unknown, its presence is what matters
+            where = 'unreadable'
+        return f"{what}; checkpoint.pth: {where}, written {when}"
+    return what
+
+
+def check_run_folder(args, resume_from: str | None) -> None:
+    """Decide what this run is in --output_dir: a fresh run (the folder holds no run), the continuation of the
+    run there (``resume_from`` is one of the folder's own checkpoints), or a refusal that names what is there
+    and the two ways on. Evaluation writes only eval_results.json and is never refused."""
+    out = args.output_dir
+    if args.eval or not out:
+        return
+    present = run_files(out)
+    if not present:
+        return
+    if resume_from and os.path.realpath(os.path.dirname(os.path.abspath(resume_from))) == os.path.realpath(out):
+        return
+    here = describe_run(out)
+    if args.resume == 'allow':  # no checkpoint.pth, but other files of a run
+        numbered = sorted((int(NUMBERED.fullmatch(f).group(1)), f) for f in present if NUMBERED.fullmatch(f))
+        hint = (f"continue from its last numbered checkpoint with --resume {os.path.join(out, numbered[-1][1])}"
+                if numbered else "continue it from one of its checkpoints with --resume PATH")
+        raise UserError(f"--resume allow: --output_dir {out!r} holds a run without checkpoint.pth ({here}); a "
+                        f"fresh run would replace its files. {hint[0].upper() + hint[1:]}, or give this run "
+                        "another --output_dir.")
+    source = (f"--resume {args.resume!r} continues a run from another folder, but " if args.resume else '')
+    raise UserError(f"{source}--output_dir {out!r} holds a run ({here}), whose files this run would replace. "
+                    "Continue that run with --resume allow, or give this run another --output_dir.")
+
+
+# ioctl(FS_IOC_GETFLAGS) and its immutable / append-only bits (linux/fs.h)
+_FS_IOC_GETFLAGS, _FS_IMMUTABLE_FL, _FS_APPEND_FL = 0x80086601, 0x10, 0x20
+
+
+def _replace_problem(path: str) -> Optional[str]:
+    """Why ``path`` cannot be replaced by a rename (or appended to), or None: an immutable or append-only file,
+    a file of another user in a sticky folder, a folder this user cannot write."""
+    folder = os.path.dirname(os.path.abspath(path))
+    try:
+        import fcntl
+
+        with open(path, 'rb') as f:
+            buf = bytearray(8)
+            fcntl.ioctl(f.fileno(), _FS_IOC_GETFLAGS, buf)
+        flags = int.from_bytes(buf[:4], 'little')
+        if flags & _FS_IMMUTABLE_FL:
+            return 'it is immutable (chattr +i): remove the flag with chattr -i'
+        if flags & _FS_APPEND_FL:
+            return 'it is append-only (chattr +a): remove the flag with chattr -a'
+    except (OSError, ImportError):  # a filesystem without these flags, or no fcntl: nothing to learn here
+        pass
+    euid = os.geteuid() if hasattr(os, 'geteuid') else None
+    st, st_dir = os.stat(path), os.stat(folder)
+    if euid not in (None, 0) and st_dir.st_mode & stat.S_ISVTX and euid not in (st.st_uid, st_dir.st_uid):
+        return (f"it belongs to user id {st.st_uid} in a folder with the sticky bit, where only its owner can "
+                "replace it")
+    if not os.access(folder, os.W_OK):
+        return 'its folder cannot be written'
+    if os.path.basename(path) == LOG and not os.access(path, os.W_OK):
+        return 'it cannot be written (permissions)'
+    return None
+
+
+def check_replaceable(output_dir: str) -> None:
+    """Every existing file of the folder a training run writes again must be replaceable, so that the run does
+    not train until its first save and fail there."""
+    for name in run_files(output_dir):
+        problem = _replace_problem(os.path.join(output_dir, name))
+        if problem:
+            raise UserError(f"{os.path.join(output_dir, name)} cannot be replaced by this run: {problem}; or give "
+                            "this run another --output_dir.")
 
 
 def remove_stale_temporaries(output_dir: str) -> None:
@@ -159,6 +274,10 @@ def remove_stale_temporaries(output_dir: str) -> None:
         "checkpoint writes")
 
 
+# An empty run.lock older than this was left by a run that died while creating it.
+EMPTY_LOCK_SECONDS = 30
+
+
 class RunLock:
     """``output_dir/run.lock``, holding the host, pid and SLURM job id of the run using the folder.
 
@@ -167,7 +286,7 @@ class RunLock:
     (same host) or when it belongs to this very SLURM job (a requeued job finds its own lock). The lock
     of another host cannot be checked: the message says how to remove it."""
 
-    NAME = 'run.lock'
+    NAME = LOCK
 
     def __init__(self, output_dir: str) -> None:
         self.path = os.path.join(output_dir, self.NAME)
@@ -188,6 +307,12 @@ class RunLock:
             return {}  # unreadable or half-written: its owner cannot be told
 
     def _stale_reason(self, owner: dict) -> Optional[str]:
+        if not owner:  # a lock is written the instant it is created: an empty one is its creator's crash
+            try:
+                age = datetime.datetime.now().timestamp() - os.path.getmtime(self.path)
+            except OSError:
+                return None
+            return f"empty lock, {age:.0f} s old (its run died while creating it)" if age > EMPTY_LOCK_SECONDS else None
         me = self._owner()
         if owner.get('job_id') and owner.get('job_id') == me['job_id']:
             return f"lock of SLURM job {owner['job_id']} (this job, requeued)"
@@ -221,9 +346,13 @@ class RunLock:
 
     def _in_use_message(self, owner: dict) -> str:
         folder = os.path.dirname(self.path)
+        if not owner:
+            return (f"--output_dir {folder!r}: {self.path} is empty; another run is creating it right now. Give "
+                    f"this run another --output_dir, or try again in {EMPTY_LOCK_SECONDS} s (an empty lock older "
+                    "than that is taken over).")
         who = (f"pid {owner.get('pid')} on host {owner.get('host')}"
                + (f" (SLURM job {owner['job_id']})" if owner.get('job_id') else '')
-               + (f", since {owner['started']}" if owner.get('started') else '')) if owner else 'an unknown run'
+               + (f", since {owner['started']}" if owner.get('started') else ''))
         here = owner.get('host') == socket.gethostname()
         check = ("that process is running" if here else
                  f"this host cannot check whether it is still running; if it is not, delete {self.path}")
@@ -259,9 +388,7 @@ def write_eval_results(args, stats: dict, ckpt_path: str | None) -> None:
     record = {'checkpoint': ckpt_path or args.finetune, 'ensemble_with': args.ensemble_with or None,
               'data_path': args.eval_data_path, 'mean': args.mean, 'std': args.std, **stats}
     path = os.path.join(args.output_dir, EVAL_RESULTS)
-    with open(path + '.tmp', 'w', encoding='utf-8') as f:
-        json.dump(record, f, indent=1)
-    os.replace(path + '.tmp', path)
+    atomic_write_text(json.dumps(record, indent=1), path)
     log(f"evaluation results written to {path}")
 
 
@@ -306,3 +433,34 @@ def write_log(args, stats: dict) -> None:
         finite = {k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in stats.items()}
         with open(os.path.join(args.output_dir, 'log.txt'), 'a', encoding='utf-8') as f:
             f.write(json.dumps(finite, allow_nan=False) + '\n')
+
+
+def _epoch_of(line: str) -> Optional[int]:
+    try:
+        return int(json.loads(line)['epoch'])
+    except (ValueError, KeyError, TypeError):
+        return None  # not a line of this project's
+
+
+def logged_epochs(output_dir: str) -> set[int]:
+    """The epochs log.txt has a line for."""
+    path = os.path.join(output_dir, LOG) if output_dir else ''
+    if not path or not os.path.isfile(path):
+        return set()
+    with open(path, encoding='utf-8') as f:
+        return {e for e in map(_epoch_of, f) if e is not None}
+
+
+def trim_log(output_dir: str, start_epoch: int) -> None:
+    """A resumed run continues log.txt from its checkpoint: lines of epochs from ``start_epoch`` on were written
+    after that checkpoint (by a run that stopped, or failed to save) and are trained again, so they go."""
+    path = os.path.join(output_dir, LOG)
+    if not output_dir or not is_main_process() or not os.path.isfile(path):
+        return
+    with open(path, encoding='utf-8') as f:
+        lines = f.readlines()
+    kept = [line for line in lines if (_epoch_of(line) is None or _epoch_of(line) < start_epoch)]
+    if len(kept) < len(lines):
+        atomic_write_text(''.join(kept), path)
+        log(f"log.txt: removed {len(lines) - len(kept)} line(s) of epochs >= {start_epoch}, written after the "
+            "resumed checkpoint (those epochs are trained again)")
