@@ -1,0 +1,388 @@
+"""The run folder has one owner: a run never replaces another run's files, every file it will replace is
+checked at start, a best checkpoint is written before the record that points at it, a stop between an
+epoch's checkpoint and its log line loses nothing, and the folder's faults (a full disk, an immutable file,
+a read-only folder) are answered before any work, with one error line.
+
+The faults are real where the guarantee depends on them: a small tmpfs for a full disk, ``chattr +i`` for
+a file or folder that cannot be changed (both need root; those tests skip otherwise)."""
+import contextlib
+import json
+import os
+import shutil
+import subprocess
+import time
+import warnings
+from types import SimpleNamespace
+from unittest import mock
+
+import pytest
+import torch
+from helpers import TINY_ARCH, make_image_folder, make_teacher_checkpoint, tiny_args
+
+import main_finetune
+import select_wild_data
+import submitit_finetune
+from util.checkpoint import save_atomic
+from util.errors import UserError
+from util.losses import TransferCriterion
+from util.output import EMPTY_LOCK_SECONDS, RunLock, remove_stale_temporaries
+from util.pretrained import read_checkpoint
+from util.run_control import Preempted, clear_stop, request_stop
+from util.selection import training_class_weights
+
+ROOT_ONLY = pytest.mark.skipif(os.geteuid() != 0, reason='needs root (chattr, mount)')
+
+
+@pytest.fixture(scope='module')
+def work(tmp_path_factory):
+    root = tmp_path_factory.mktemp('run_folder')
+    data = make_image_folder(str(root / 'data'))  # 48 training images: 6 steps of 8
+    teacher = make_teacher_checkpoint(str(root / 'teacher.pth'))
+    return SimpleNamespace(root=root, data=data, teacher=teacher)
+
+
+def args_for(work, out, *extra, epochs=2):
+    return tiny_args(work.data, str(out), '--finetune', work.teacher, '--lr', '3e-3', *extra, epochs=epochs)
+
+
+def read_log(out) -> list[dict]:
+    with open(os.path.join(out, 'log.txt')) as f:
+        return [json.loads(line) for line in f]
+
+
+def snapshot(folder) -> dict:
+    return {name: open(os.path.join(folder, name), 'rb').read() for name in sorted(os.listdir(folder))
+            if not name.startswith('events.out')}
+
+
+@contextlib.contextmanager
+def immutable(path):
+    """``chattr +i`` on a file or folder, undone at the end; skips where the filesystem cannot do it."""
+    if subprocess.run(['chattr', '+i', str(path)], capture_output=True).returncode:
+        pytest.skip(f'chattr +i is not supported for {path}')
+    try:
+        yield
+    finally:
+        subprocess.run(['chattr', '-i', str(path)], check=True)
+
+
+def stop_during_forward(monkeypatch, n: int) -> None:
+    forward, calls = TransferCriterion.forward, [0]
+
+    def forward_then_stop(self, outputs, targets):
+        calls[0] += 1
+        if calls[0] == n:
+            request_stop()
+        return forward(self, outputs, targets)
+
+    monkeypatch.setattr(TransferCriterion, 'forward', forward_then_stop)
+
+
+def no_training(monkeypatch):
+    monkeypatch.setattr(main_finetune, 'train_one_epoch', lambda *a, **k: pytest.fail('training started'))
+
+
+# ---- a fresh run never replaces another run's files ---------------------------------------------------
+def test_rerun_without_resume_is_refused_where_a_stopped_run_is(work, monkeypatch):
+    out = work.root / 'stopped'
+    stop_during_forward(monkeypatch, 8)  # epoch 1, step 2 of 6
+    try:
+        with pytest.raises(Preempted):
+            main_finetune.run(args_for(work, out))
+    finally:
+        clear_stop()
+        monkeypatch.undo()
+    before = snapshot(out)
+    no_training(monkeypatch)
+    with pytest.raises(UserError, match=r"(?s)holds a run \(checkpoint\.pth, log\.txt; checkpoint\.pth: epoch 1, "
+                                        r"step 2, written .*--resume allow.*another --output_dir"):
+        main_finetune.run(args_for(work, out))  # the same command without --resume, as a requeue sends it
+    # a checkpoint of another run resumed into this folder would mix the two runs' files
+    other = work.root / 'other'
+    other.mkdir()
+    shutil.copy(out / 'checkpoint.pth', other / 'checkpoint.pth')
+    with pytest.raises(UserError, match=r"--resume .*other/checkpoint.pth' continues a run from another folder"):
+        main_finetune.run(args_for(work, out, '--resume', str(other / 'checkpoint.pth')))
+    assert snapshot(out) == before
+    monkeypatch.undo()
+    main_finetune.run(args_for(work, out, '--resume', 'allow'))  # the continuation
+    assert [e['epoch'] for e in read_log(out)] == [0, 1]
+
+
+def test_resume_allow_without_checkpoint_pth_names_the_numbered_one(work, monkeypatch):
+    out = work.root / 'numbered_only'
+    main_finetune.run(args_for(work, out, '--save_every', '1', epochs=1))
+    os.remove(out / 'checkpoint.pth')
+    no_training(monkeypatch)
+    with pytest.raises(UserError, match=r"holds a run without checkpoint.pth .*--resume .*checkpoint-0\.pth"):
+        main_finetune.run(args_for(work, out, '--resume', 'allow'))
+
+
+def test_finetune_from_the_folders_best_checkpoint_is_refused(work):
+    out = work.root / 'best_source'
+    main_finetune.run(args_for(work, out, '--save_best', epochs=1))
+    before = snapshot(out)
+    with pytest.raises(UserError, match=r"--finetune .*checkpoint-best\.pth.* would be overwritten by this run's "
+                                        r"checkpoint-best\.pth"):
+        main_finetune.run(args_for(work, out, '--save_best') + ['--finetune', str(out / 'checkpoint-best.pth')])
+    assert snapshot(out) == before
+
+
+# ---- the best checkpoint before the record that points at it --------------------------------------------
+def test_kill_while_writing_the_best_checkpoint_loses_nothing(work, monkeypatch):
+    out = work.root / 'best_kill'
+    killed = []
+
+    def kill_at_second_best(state, path):
+        if path.endswith('checkpoint-best.pth') and state['epoch'] == 1 and not killed:
+            killed.append(path)
+            open(path + '.x1y2z3.tmp', 'wb').write(b'half a checkpoint')  # what a killed write leaves
+            raise KeyboardInterrupt  # the process dies in the middle of this write
+        save_atomic(state, path)
+
+    def always_improves(self, stats, epoch):  # so that epoch 1 writes checkpoint-best.pth, whatever it scores
+        for key in self.KEYS:
+            if key in stats:
+                self.best[key] = {'acc1': stats[key], 'epoch': epoch}
+        return [key for key in self.KEYS if key in stats]
+
+    monkeypatch.setattr(main_finetune, 'save_atomic', kill_at_second_best)
+    monkeypatch.setattr(main_finetune.BestAccuracy, 'update', always_improves)
+    with pytest.raises(KeyboardInterrupt):
+        main_finetune.run(args_for(work, out, '--save_best', epochs=2))
+    assert killed
+    record = read_checkpoint(str(out / 'checkpoint.pth'))
+    best_file = read_checkpoint(str(out / 'checkpoint-best.pth'))
+    assert record['best']['test_acc1']['epoch'] == best_file['epoch'] == 0  # the record never ran ahead
+    monkeypatch.setattr(main_finetune, 'save_atomic', save_atomic)
+    main_finetune.run(args_for(work, out, '--save_best', '--resume', 'allow', epochs=2))
+    log = read_log(out)
+    assert [e['epoch'] for e in log] == [0, 1]  # epoch 1's evaluation and line were written on resume
+    assert log[-1]['best_test_acc1_epoch'] == 1 == read_checkpoint(str(out / 'checkpoint-best.pth'))['epoch']
+    assert not [n for n in os.listdir(out) if n.endswith('.tmp')]
+
+
+def test_stale_temporaries_of_every_run_file_are_removed(tmp_path):
+    names = ['checkpoint.pth.a1.tmp', 'checkpoint-3.pth.b2.tmp', 'checkpoint-best.pth.c3.tmp', 'log.txt.d4.tmp',
+             'eval_results.json.e5.tmp', 'notes.txt.f6.tmp', 'data.tmp']
+    for name in names:
+        (tmp_path / name).write_bytes(b'x')
+    remove_stale_temporaries(str(tmp_path))
+    assert sorted(os.listdir(tmp_path)) == ['data.tmp', 'notes.txt.f6.tmp']
+
+
+# ---- every file the run replaces is checked at start ------------------------------------------------------
+@ROOT_ONLY
+@pytest.mark.parametrize('name', ['checkpoint.pth', 'log.txt'])
+def test_an_unreplaceable_file_is_refused_before_training(work, monkeypatch, name):
+    out = work.root / f'immutable_{name}'
+    main_finetune.run(args_for(work, out, epochs=1))
+    no_training(monkeypatch)
+    with immutable(out / name), pytest.raises(UserError, match=rf"{name} cannot be replaced by this run: it is "
+                                                               r"immutable \(chattr \+i\)"):
+        main_finetune.run(args_for(work, out, '--resume', 'allow', epochs=2))
+
+
+@ROOT_ONLY
+def test_eval_into_a_read_only_folder_is_refused_before_evaluating(work, monkeypatch):
+    source = work.root / 'eval_source'
+    main_finetune.run(args_for(work, source, epochs=1))
+    read_only = work.root / 'read_only'
+    read_only.mkdir()
+    monkeypatch.setattr(main_finetune, 'evaluate_only', lambda *a, **k: pytest.fail('evaluated'))
+    with immutable(read_only), pytest.raises(UserError, match=r"--output_dir .*read_only' cannot be written"):
+        main_finetune.run(['--eval', '--resume', str(source / 'checkpoint.pth'), '--data_path', work.data,
+                           '--device', 'cpu', '--num_workers', '0', '--output_dir', str(read_only)])
+
+
+@ROOT_ONLY
+def test_unwritable_job_dir_is_refused_before_submission(work, tmp_path, monkeypatch):
+    locked = tmp_path / 'locked'
+    locked.mkdir()
+    monkeypatch.setattr(submitit_finetune, 'build_executor', lambda *a: pytest.fail('submitted'))
+    argv = args_for(work, '', epochs=1)
+    i = argv.index('--output_dir')
+    del argv[i:i + 4]
+    with immutable(locked), pytest.raises(UserError, match=r"--job_dir .*locked' cannot be written"):
+        submitit_finetune.main(['--job_dir', str(locked / 'job_%j'), '--cluster', 'debug', *argv])
+
+
+# ---- a real full disk ---------------------------------------------------------------------------------------
+@pytest.fixture
+def small_disk(tmp_path):
+    mount = tmp_path / 'small_disk'
+    mount.mkdir()
+    if os.geteuid() != 0 or subprocess.run(['mount', '-t', 'tmpfs', '-o', 'size=16m', 'tmpfs', str(mount)],
+                                           capture_output=True).returncode:
+        pytest.skip('needs root to mount a small tmpfs')
+    try:
+        yield mount
+    finally:
+        subprocess.run(['umount', '-l', str(mount)], check=True)
+
+
+def test_full_disk_names_the_file_keeps_the_last_checkpoint_and_the_epochs_line(work, small_disk, monkeypatch):
+    out = small_disk / 'run'
+    train = main_finetune.train_one_epoch
+
+    def train_then_fill_the_disk(*args, **kwargs):
+        stats = train(*args, **kwargs)
+        if args[5] == 1:  # epoch 1: leave 64 KB, room for a log line, not for a checkpoint
+            free = shutil.disk_usage(small_disk).free
+            with open(small_disk / 'filler', 'wb') as f:
+                f.write(b'\0' * max(free - 64 * 1024, 0))
+        return stats
+
+    monkeypatch.setattr(main_finetune, 'train_one_epoch', train_then_fill_the_disk)
+    with pytest.raises(UserError, match=r"cannot write .*checkpoint\.pth: No space left on device\. The previous "
+                                        r"checkpoint\.pth .* is intact"):
+        main_finetune.run(args_for(work, out, '--save_every', '0', epochs=2))
+    assert read_checkpoint(str(out / 'checkpoint.pth'))['epoch'] == 0
+    assert [e['epoch'] for e in read_log(out)] == [0, 1]  # the failed epoch's training is logged
+    assert not [n for n in os.listdir(out) if n.endswith('.tmp')]
+    os.remove(small_disk / 'filler')
+    monkeypatch.setattr(main_finetune, 'train_one_epoch', train)
+    main_finetune.run(args_for(work, out, '--save_every', '0', '--resume', 'allow', epochs=2))
+    log = read_log(out)
+    assert [e['epoch'] for e in log] == [0, 1] and 'test_acc1' in log[1]  # epoch 1 trained again, once
+
+
+# ---- a mid-epoch checkpoint continues only the same permutation ------------------------------------------
+@pytest.fixture(scope='module')
+def stopped_mid_epoch(work):
+    mp = pytest.MonkeyPatch()
+    out = work.root / 'mid_epoch'
+    stop_during_forward(mp, 6 + 2)
+    try:
+        with pytest.raises(Preempted):
+            main_finetune.run(args_for(work, out))
+    finally:
+        clear_stop()
+        mp.undo()
+    return out
+
+
+@pytest.mark.parametrize('change', ['seed', 'data'])
+def test_mid_epoch_resume_with_another_seed_or_data_is_refused(work, stopped_mid_epoch, monkeypatch, change):
+    out = work.root / f'mid_{change}'
+    shutil.copytree(stopped_mid_epoch, out)
+    argv = args_for(work, out, '--resume', 'allow')
+    if change == 'seed':
+        argv += ['--seed', '1']
+        expected = r"--seed 0 then, 1 now"
+    else:
+        data = work.root / 'data_changed'
+        shutil.copytree(work.data, data)
+        first = sorted(os.listdir(data / 'train' / 'class_0'))[0]
+        os.rename(data / 'train' / 'class_0' / first, data / 'train' / 'class_0' / ('z' + first))
+        argv[argv.index('--data_path') + 1] = str(data)
+        expected = r"the training set: 48 images then, 48 now \(same count, other files\)"
+    no_training(monkeypatch)
+    with pytest.raises(UserError, match=rf"(?s)stopped inside epoch 1.*{expected}.*end-of-epoch checkpoint"):
+        main_finetune.run(argv)
+
+
+def test_mid_epoch_resume_of_a_moved_copy_of_the_same_data_continues(work, stopped_mid_epoch):
+    out = work.root / 'mid_moved'
+    shutil.copytree(stopped_mid_epoch, out)
+    moved = work.root / 'data_moved'
+    shutil.copytree(work.data, moved)
+    argv = args_for(work, out, '--resume', 'allow')
+    argv[argv.index('--data_path') + 1] = str(moved)
+    main_finetune.run(argv)
+    assert [e['epoch'] for e in read_log(out)] == [0, 1]
+
+
+# ---- the lock, a truncated checkpoint, a cache beside a read-only selection, a requeue -------------------
+def test_an_empty_lock_is_taken_over_only_when_old(tmp_path, capsys):
+    lock = tmp_path / 'run.lock'
+    lock.write_text('')
+    with pytest.raises(UserError, match=r"run.lock is empty; another run is creating it right now"):
+        RunLock(str(tmp_path)).acquire()
+    old = time.time() - EMPTY_LOCK_SECONDS - 5
+    os.utime(lock, (old, old))
+    taken = RunLock(str(tmp_path))
+    taken.acquire()
+    assert 'taking over the empty lock' in capsys.readouterr().out
+    assert json.loads(lock.read_text())['pid'] == os.getpid()
+    taken.release()
+
+
+def test_a_truncated_checkpoint_names_the_intact_numbered_one(work):
+    out = work.root / 'truncated'
+    main_finetune.run(args_for(work, out, '--save_every', '1', epochs=2))
+    data = open(out / 'checkpoint.pth', 'rb').read()
+    open(out / 'checkpoint.pth', 'wb').write(data[:len(data) // 2])
+    with pytest.raises(UserError, match=r"(?s)cannot read it .*Its folder holds .*checkpoint-1\.pth \(end of epoch "
+                                        r"1\), which reads: resume from it with --resume .*checkpoint-1\.pth"):
+        main_finetune.run(args_for(work, out, '--resume', 'allow', epochs=3))
+
+
+@ROOT_ONLY
+def test_class_weight_cache_beside_a_read_only_selection_warns_and_goes_on(tmp_path):
+    teacher_path = make_teacher_checkpoint(str(tmp_path / 'teacher.pth'))
+    ckpt = torch.load(teacher_path)
+    ckpt['args'] = {'model': 'vit_base_patch16_224', 'model_kwargs': TINY_ARCH, 'nb_classes': 3, 'input_size': 32,
+                    'global_pool': True, 'mode': 'none'}
+    torch.save(ckpt, teacher_path)
+    wild = make_image_folder(str(tmp_path / 'wild'), classes=3, train_per_class=4, val_per_class=0)
+    folder = tmp_path / 'selection'
+    folder.mkdir()
+    selection = str(folder / 'selection.pth')
+    args = select_wild_data.get_args_parser().parse_args(
+        ['--teacher', teacher_path, '--wild_path', wild, '--output', selection, '--num_select', '6',
+         '--batch_size', '4', '--num_workers', '0', '--device', 'cpu'])
+    with warnings.catch_warnings():
+        warnings.simplefilter('ignore')
+        select_wild_data.main(args)
+        teacher = select_wild_data.build_teacher(args)
+    with immutable(folder), pytest.warns(UserWarning, match='class weights not cached'):
+        weights = training_class_weights(teacher, selection, teacher_path, 32, 0.5, 0, 4, 'cpu')
+    assert weights.shape == (3,) and weights.sum().item() == pytest.approx(3.0)
+
+
+def test_a_requeued_job_without_resume_continues_its_own_run(tmp_path, monkeypatch):
+    seen = {}
+
+    def fake_main(args):
+        seen['resume'] = args.resume
+        return {}
+
+    class Env:
+        job_id, global_rank, num_tasks, local_rank, hostname, hostnames = '7', 0, 1, 0, 'n1', ['n1']
+
+    monkeypatch.setattr(main_finetune, 'main', fake_main)
+    monkeypatch.setattr(submitit_finetune.submitit, 'JobEnvironment', Env)
+    monkeypatch.setattr(submitit_finetune.Trainer, '_install_preemption_handler', lambda self, args: None)
+    args = submitit_finetune.parse_args(['--job_dir', str(tmp_path / '%j'), '--data_path', str(tmp_path)])
+    with mock.patch.dict(os.environ, {'SLURM_RESTART_COUNT': '0'}):
+        submitit_finetune.Trainer(args)()
+    assert seen['resume'] == ''  # the first start is a fresh run (refused at submission if the folder holds one)
+    with mock.patch.dict(os.environ, {'SLURM_RESTART_COUNT': '1'}):
+        submitit_finetune.Trainer(args)()
+    assert seen['resume'] == 'allow'
+
+
+# ---- probe mode: the epochs it derives decide when a resumed run is finished ---------------------------------
+@pytest.mark.slow
+def test_probe_run_resumed_past_the_default_epochs_trains_on(tmp_path):
+    target = make_image_folder(str(tmp_path / 'target'), classes=3, train_per_class=2, val_per_class=2)
+    wild = make_image_folder(str(tmp_path / 'wild'), classes=2, train_per_class=4, val_per_class=0)
+    paths = sorted(os.path.relpath(os.path.join(d, f), wild) for d, _, fs in os.walk(wild) for f in fs)
+    selection = str(tmp_path / 'selection.pth')
+    torch.save({'root': wild, 'paths': paths, 'selected': torch.arange(8), 'nb_classes': 3, 'ranking': 'output'},
+               selection)
+    teacher = make_teacher_checkpoint(str(tmp_path / 'teacher.pth'))
+    out = str(tmp_path / 'probe')
+    # 8 images, 8 x 55 presentations: int(55) - 1 = 54 epochs, more than --epochs' default of 50
+    argv = ['--mode', 'probe', '--finetune', teacher, '--selection', selection, '--eval_data_path', target,
+            '--model', 'vit_base_patch16_224', '--model_kwargs', 'patch_size=8', 'embed_dim=48', 'depth=4',
+            'num_heads=3', '--input_size', '32', '--nb_classes', '3', '--batch_size', '8', '--presentations',
+            str(8 * 55), '--teacher_acc', '0.9', '--eval_every', '100', '--save_every', '52', '--num_workers', '0',
+            '--device', 'cpu', '--output_dir', out, '--print_freq', '100']
+    main_finetune.run(argv)
+    assert read_checkpoint(os.path.join(out, 'checkpoint.pth'))['epoch'] == 53
+    main_finetune.run(argv + ['--resume', os.path.join(out, 'checkpoint-51.pth')])
+    log = read_log(out)
+    assert [e['epoch'] for e in log] == list(range(54))  # epochs 52 and 53 trained again, logged once
+    assert read_checkpoint(os.path.join(out, 'checkpoint.pth'))['epoch'] == 53
