@@ -382,7 +382,8 @@ def test_probe_run_resumed_past_the_default_epochs_trains_on(tmp_path):
             '--device', 'cpu', '--output_dir', out, '--print_freq', '100']
     main_finetune.run(argv)
     assert read_checkpoint(os.path.join(out, 'checkpoint.pth'))['epoch'] == 53
-    main_finetune.run(argv + ['--resume', os.path.join(out, 'checkpoint-51.pth')])
+    stats = main_finetune.run(argv + ['--resume', os.path.join(out, 'checkpoint-51.pth')])
+    assert stats and stats['epoch'] == 53  # not "nothing to do": 52 of 54 epochs were done
     log = read_log(out)
     assert [e['epoch'] for e in log] == list(range(54))  # epochs 52 and 53 trained again, logged once
     assert read_checkpoint(os.path.join(out, 'checkpoint.pth'))['epoch'] == 53
