@@ -95,10 +95,11 @@ def get_args_parser() -> argparse.ArgumentParser:
                    help='target task: its teacher accuracy (cifar10 0.9665, cifar100 0.7630, imagenet and '
                         'tinyimagenet 0.8118, as the reference hard-codes them) -> --teacher_acc; imagenet and '
                         'tinyimagenet take the recipe of the reference\'s DFND_DeiT-imagenet.py (see above)')
-    g.add_argument('--data_cifar', required=True,
+    g.add_argument('--data_cifar', required=True, default=argparse.SUPPRESS,
                    help='target task folder with train/ and val/ (for CIFAR as tools/prepare_cifar.py writes it) '
                         '-> main_finetune.py --eval_data_path')
-    g.add_argument('--data_imagenet', required=True, help='the wild image folder -> select_wild_data.py --wild_path')
+    g.add_argument('--data_imagenet', required=True, default=argparse.SUPPRESS,
+                   help='the wild image folder -> select_wild_data.py --wild_path')
     g.add_argument('--num_select', default=600000, type=int,
                    help='wild images to keep -> --num_select (the reference\'s default; its scripts pass 650000, '
                         '800000 and 1000000)')
@@ -108,7 +109,7 @@ def get_args_parser() -> argparse.ArgumentParser:
                         'deit_base_patch16_224), class-token pooling -> select_wild_data.py --model, '
                         'main_finetune.py --teacher_model (default: the architecture a checkpoint of this project '
                         f'records, else the reference\'s {DEFAULT_TEACHER})')
-    g.add_argument('--teacher_dir', required=True,
+    g.add_argument('--teacher_dir', required=True, default=argparse.SUPPRESS,
                    help='the teacher checkpoint (a file, as in the reference) -> --teacher / --finetune')
     g.add_argument('--nb_classes', default=10, type=int, help='classes of the target task -> --nb_classes')
     g.add_argument('--lr_S', default=7.5e-4, type=float, help='student learning rate -> --lr')
@@ -128,12 +129,13 @@ def get_args_parser() -> argparse.ArgumentParser:
                         'reference\'s DFND_DeiT-imagenet.py; none for CIFAR, whose reference script has no such flag)')
     g.add_argument('--epochs', default=None, type=int,
                    help='the reference parses this flag and ignores it (its budget is always the image '
-                        'presentations); here it replaces that budget -> main_finetune.py --epochs')
-    g.add_argument('--output_dir', required=True,
+                        'presentations); here it replaces that budget -> main_finetune.py --epochs (default: '
+                        'the budget)')
+    g.add_argument('--output_dir', required=True, default=argparse.SUPPRESS,
                    help='the student goes to OUTPUT_DIR + "student", the string appended as the reference does '
                         '(/out/cifar10/ -> /out/cifar10/student, /out/cifar10 -> /out/cifar10student) -> '
                         '--output_dir and --log_dir')
-    g.add_argument('--selected_file', required=True,
+    g.add_argument('--selected_file', required=True, default=argparse.SUPPRESS,
                    help='prefix of the selection files, appended to as the reference does (e.g. selected/cifar10/): '
                         'the selection is written to SELECTED_FILE + "selection.pth"')
     g.add_argument('--schedule', default=None, type=int, nargs='*', metavar='EPOCH',
@@ -142,15 +144,17 @@ def get_args_parser() -> argparse.ArgumentParser:
     g.add_argument('--cos', action='store_true', help='cosine lr schedule -> --sched cosine (default: step)')
     g = p.add_argument_group('this project\'s flags for both steps (the others go to main_finetune.py)')
     g.add_argument('--device', default=None, help='-> both steps\' --device (default: cuda when available)')
-    g.add_argument('--num_workers', default=None, type=int, help='-> both steps\' --num_workers')
-    g.add_argument('--seed', default=None, type=int, help='-> both steps\' --seed (the --random baseline\'s too)')
+    g.add_argument('--num_workers', default=None, type=int,
+                   help='-> both steps\' --num_workers (default: each step\'s own)')
+    g.add_argument('--seed', default=None, type=int,
+                   help='-> both steps\' --seed, the --random baseline\'s too (default: each step\'s own, 0)')
     g.add_argument('--amp', default=None, choices=['bf16', 'none'],
                    help='-> both steps\' --amp (default: bf16 on CUDA; the reference computes in float32: none)')
     g.add_argument('--mean', default=None, type=float, nargs=3, metavar=('R', 'G', 'B'),
                    help='-> both steps\' --mean (default: the teacher\'s as its checkpoint records it, else '
                         'ImageNet\'s)')
     g.add_argument('--std', default=None, type=float, nargs=3, metavar=('R', 'G', 'B'),
-                   help='-> both steps\' --std')
+                   help='-> both steps\' --std (default: as --mean)')
     return p
 
 
