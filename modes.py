@@ -269,7 +269,7 @@ class AttentionProbe(PlainTraining):
         barrier()
         if not is_main_process():
             clean = augmented()
-        log("class-balance weights from an augmented pass over the selection: "
+        log("class-balance weights from an augmented pass over the training set: "
             + ' '.join(f"{w:.3f}" for w in clean.tolist()[:20]) + (' ...' if len(clean) > 20 else ''))
         return clean
 
