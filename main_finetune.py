@@ -61,7 +61,6 @@ from util.distributed import (
     log,
 )
 from util.errors import UserError, run_cli
-from util.lr_decay import param_groups_lrd
 from util.lr_sched import Schedule, lr_floor_warning
 from util.output import (
     EVAL_RESULTS,
@@ -168,12 +167,13 @@ def get_args_parser() -> argparse.ArgumentParser:
                    help='weight each image\'s KD term by the class-balance weight of the teacher\'s prediction '
                         '(the selection\'s weights plus uniform noise in [0, 0.1))')
     g.add_argument('--pos_num', default=0, type=int,
-                   help='mix this many labelled originals per class from the target task\'s training split '
-                        '(--eval_data_path/train) into the selected images, as the reference\'s ImageNet script')
+                   help='mix the first N labelled originals of each class of the target task\'s training split '
+                        '(--eval_data_path/train) into the selected images, aspect ratio kept, as the reference\'s '
+                        'ImageNet script')
     g.add_argument('--class_weights', default='augmented', choices=['augmented', 'selection'],
-                   help='--robust: class-balance weights from a pass over the selection with the training '
-                        'augmentation, as the reference (cached beside the selection), or from the unaugmented '
-                        'scoring pass stored in the selection file')
+                   help='--robust: class-balance weights from a pass over the selection (and the --pos_num '
+                        'originals) with the training augmentation, as the reference (cached beside the selection), '
+                        'or from the unaugmented scoring pass stored in the selection file')
     g.add_argument('--no_noise_adaptation', action='store_false', dest='noise_adaptation',
                    help='drop the noise adaptation layer (DFND) and its NLL loss')
     g.add_argument('--noise_lr', default=1e-3, type=float, help='Adam lr of the noise adaptation parameters')
@@ -185,8 +185,9 @@ def get_args_parser() -> argparse.ArgumentParser:
                    help='teacher blocks whose features the patch probe compares, e.g. 3,7,11 (default: 1/3, 2/3 '
                         'and the last block); student blocks are matched by relative depth')
     g.add_argument('--presentations', default=modes.PROBE_PRESENTATIONS, type=int,
-                   help='probe mode without --epochs: train int(presentations / training images) - 1 epochs, as the '
-                        'reference (default 320000 x 512: 251 epochs for 650,000 selected images)')
+                   help='probe mode without --epochs: train int(presentations / selected images) - 1 epochs, as the '
+                        'reference (default 320000 x 512: 251 epochs for 650,000 selected images; its ImageNet '
+                        'script: 640000 x 512); --pos_num originals are not counted')
     g.add_argument('--probe_norm', default='tokens', choices=['tokens', 'channels'],
                    help='L2-normalise features along the token axis (the reference) or the channel axis')
 
@@ -471,9 +472,8 @@ def build_model(args, eval_only: bool = False) -> torch.nn.Module:
 
 
 def param_groups(model: torch.nn.Module, mode: PlainTraining, args) -> list[dict]:
-    """The student's AdamW groups with layer-wise lr decay over the mode's count of layers."""
-    return param_groups_lrd(model.student, args.weight_decay, model.student.no_weight_decay(), args.layer_decay,
-                            num_layers=mode.lr_decay_layers(len(model.student.blocks)))
+    """The student's AdamW groups, as the mode forms them (layer-wise lr decay, weight decay exemptions)."""
+    return mode.param_groups(model.student, args)
 
 
 def load_initial_weights(model: DualViT, args, ckpt: dict | None) -> None:
@@ -677,7 +677,7 @@ def train_and_evaluate(args, ckpt: dict | None, ckpt_path: str | None) -> dict:
         f"accumulate grad iterations: {args.accum_iter}  effective batch size: {eff_batch_size}")
     if args.min_lr > lr and is_main_process():
         print(lr_floor_warning(lr, args.min_lr, eff_batch_size, args.accum_iter), file=sys.stderr, flush=True)
-    schedule = Schedule.from_args(args, lr=lr, epochs=mode.epochs(args, len(dataset_train)))
+    schedule = Schedule.from_args(args, lr=lr, epochs=mode.epochs(args, dataset_train))
     if finished(ckpt, ckpt_path, schedule.epochs, args.output_dir):  # epochs the training set gave
         destroy()
         return {}

@@ -726,6 +726,13 @@ def create_vit(
             "depth / embed_dim / num_heads, embed_dim divisible by num_heads") from e
 
 
+def init_class_token(vit: VisionTransformer) -> None:
+    """The class-token initialisation of both references' timm (0.3 / 0.4): truncated normal, std 0.02
+    (today's timm draws it with std 1e-6). For students trained from scratch beside a teacher."""
+    if vit.cls_token is not None:
+        trunc_normal_(vit.cls_token, std=0.02)
+
+
 def build_dual_vit(
         teacher_model: Optional[str],
         student_model: Optional[str] = None,
@@ -757,8 +764,7 @@ def build_dual_vit(
         if teacher_model is None:
             raise ValueError(f"mode {mode!r} needs a teacher model (--teacher_model or a dual_vit_* --model)")
         teacher = create_vit(teacher_model, drop_path_rate=0.0, **common, **teacher_kwargs)
-        if student.cls_token is not None:  # the reference's class-token initialisation (timm's is std 1e-6)
-            trunc_normal_(student.cls_token, std=0.02)
+        init_class_token(student)
     return DualViT(student, teacher, mode=mode, layers=transfer_layers, end_layer=end_layer,
                    share_drop_path=share_drop_path, attention_impl=attention_impl)
 

@@ -13,7 +13,7 @@ import torch
 import torch.nn as nn
 from timm.models.vision_transformer import VisionTransformer
 
-from models_dual_vit import check_supported, create_vit, forward_with_capture
+from models_dual_vit import check_supported, create_vit, forward_with_capture, init_class_token
 from util.errors import UserError
 from util.pretrained import LoadReport, load_pretrained_weights
 
@@ -124,4 +124,5 @@ def build_probe_distiller(teacher_model: str, student_model: Optional[str], num_
                          **(teacher_kwargs or {}))
     student = create_vit(student_model or teacher_model, num_classes=num_classes, img_size=img_size,
                          global_pool=global_pool, drop_path_rate=drop_path_rate, **(student_kwargs or {}))
+    init_class_token(student)
     return ProbeDistiller(student, teacher, probe_blocks)

@@ -9,7 +9,8 @@
 ``MODES`` maps every ``--mode`` value to its object and ``get_mode`` looks one up; nothing else in the
 project tests a mode's name. The training script asks the mode, in this order: ``apply_defaults`` and
 ``check`` (while the flags are resolved), ``teacher_architecture`` / ``build_model``, ``train_dataset``,
-``criterion``, ``lr_decay_layers`` and ``epochs``; ``evaluated_as`` says what a saved model is evaluated as.
+``criterion``, ``param_groups`` (with ``lr_decay_layers``) and ``epochs``; ``evaluated_as`` says what a saved
+model is evaluated as.
 """
 from __future__ import annotations
 
@@ -24,24 +25,26 @@ from util.datasets import build_dataset, default_eval_crop_pct, normalization
 from util.distributed import barrier, is_main_process, log
 from util.errors import UserError
 from util.losses import ProbeCriterion, TransferCriterion, build_task_criterion
+from util.lr_decay import param_groups_lrd
 from util.pretrained import checkpoint_architecture, local_checkpoint
 from util.selection import (
-    ImageFiles,
+    ProbeImages,
     labelled_originals,
+    probe_training_set,
     read_selection,
-    selected_paths,
     training_class_weights,
-    wild_transform,
 )
 
 # The Attention Probe reference's training budget: 320,000 iterations of 512 images (251 epochs for
-# 650,000 selected images).
+# 650,000 selected images); its ImageNet script's is twice that.
 PROBE_PRESENTATIONS = 320000 * 512
+IMAGENET_PROBE_PRESENTATIONS = 640000 * 512
 
 
-def probe_epochs(num_images: int, presentations: int = PROBE_PRESENTATIONS) -> int:
-    """The reference's epochs for a training set of ``num_images``: ``int(presentations / num_images) - 1``."""
-    return max(int(presentations / num_images) - 1, 1)
+def probe_epochs(num_selected: int, presentations: int = PROBE_PRESENTATIONS) -> int:
+    """The reference's epochs for ``num_selected`` wild images: ``int(presentations / num_selected) - 1`` (its
+    loop runs from 1 to that int, exclusive; the originals of --pos_num are not counted)."""
+    return max(int(presentations / num_selected) - 1, 1)
 
 
 def student_architecture(args, teacher_kwargs: dict) -> tuple[str, dict]:
@@ -125,11 +128,18 @@ class PlainTraining:
         """The layer count of layer-wise lr decay: MAE's ``depth + 1``."""
         return depth + 1
 
+    def param_groups(self, student: torch.nn.Module, args) -> list[dict]:
+        """The student's AdamW groups: layer-wise lr decay over ``lr_decay_layers``, no weight decay on norms,
+        biases and the student's ``no_weight_decay()`` names (MAE / DeiT)."""
+        return param_groups_lrd(student, args.weight_decay, student.no_weight_decay(), args.layer_decay,
+                                num_layers=self.lr_decay_layers(len(student.blocks)))
+
     def known_epochs(self, args) -> int | None:
         """The run's epochs when the flags alone give them (None: they depend on the training set)."""
         return args.epochs
 
-    def epochs(self, args, num_images: int) -> int:
+    def epochs(self, args, dataset) -> int:
+        """The epochs to train on ``dataset``: --epochs."""
         return args.epochs
 
 
@@ -180,7 +190,10 @@ class AttentionProbe(PlainTraining):
                             "training, not to --mode probe: drop them")
         if args.eval:
             return
-        if not args.selection or not os.path.isfile(args.selection):
+        # selection_pending: the selection is written first by the same command (DFND_DeiT-train.py checks
+        # every flag before it scores the wild images)
+        pending = getattr(args, 'selection_pending', False)
+        if not args.selection or not (pending or os.path.isfile(args.selection)):
             raise UserError(f"mode probe trains on a selection of wild images: --selection FILE written by "
                             f"select_wild_data.py (got {args.selection!r})")
         if args.mixup_active:
@@ -203,23 +216,27 @@ class AttentionProbe(PlainTraining):
                                      args.drop_path, args.probe_blocks, teacher_kwargs, student_kwargs,
                                      teacher_global_pool=teacher_pool)
 
-    def train_dataset(self, args) -> ImageFiles:
+    def train_dataset(self, args) -> ProbeImages:
+        """The selected wild images and, with --pos_num, the labelled originals (see ``probe_training_set``)."""
         selection = read_selection(args.selection)
         if selection.get('nb_classes') not in (None, args.nb_classes):
             raise UserError(f"{args.selection} was selected for a {selection['nb_classes']}-class teacher, "
                             f"but --nb_classes is {args.nb_classes}")
-        paths = selected_paths(selection)
-        log(f"probe training set: {len(paths)} wild images selected ({selection.get('ranking')}) "
-            f"from {selection['root']}")
-        if args.pos_num:  # absolute paths: ImageFiles joins them to the wild root unchanged
-            train_root = os.path.join(args.eval_data_path, 'train')
-            originals = labelled_originals(train_root, args.pos_num, args.seed)
-            log(f"  + {len(originals)} labelled originals ({args.pos_num} per class) from {train_root}, used like "
-                "the wild images (no labels)")
-            paths += originals
         mean, std = normalization(args)
-        return ImageFiles(selection['root'], paths, wild_transform(args.input_size, train=True, hflip=args.hflip,
-                                                                   mean=mean, std=std))
+        dataset = probe_training_set(selection, self.originals(args), args.input_size, args.hflip, mean, std)
+        log(f"probe training set: {dataset.num_selected} wild images selected ({selection.get('ranking')}) "
+            f"from {selection['root']}")
+        if args.pos_num:
+            log(f"  + {len(dataset) - dataset.num_selected} labelled originals (the first {args.pos_num} per class) "
+                f"from {os.path.join(args.eval_data_path, 'train')}, used like the wild images (no labels)")
+        return dataset
+
+    @staticmethod
+    def originals(args) -> list[str]:
+        """--pos_num's labelled originals from the target task's training split (none without it)."""
+        if not args.pos_num:
+            return []
+        return labelled_originals(os.path.join(args.eval_data_path, 'train'), args.pos_num)
 
     def criterion(self, args, model, loader_val, device, amp_dtype) -> ProbeCriterion:
         teacher_acc = args.teacher_acc
@@ -240,23 +257,31 @@ class AttentionProbe(PlainTraining):
 
     @staticmethod
     def class_weights(args, model, amp_dtype) -> torch.Tensor:
-        """--robust's class-balance weights: from an augmented pass over the selection (the reference's;
-        rank 0 computes and caches them, the other ranks read the cache), or the selection file's own."""
+        """--robust's class-balance weights: from an augmented pass over the training set, selection and
+        originals (the reference's; rank 0 computes and caches them, the other ranks read the cache), or the
+        selection file's own (the selection alone, unaugmented)."""
         if args.class_weights != 'augmented':
             return read_selection(args.selection, ('class_weights',))['class_weights'].float()
 
         def augmented() -> torch.Tensor:
+            mean, std = normalization(args)
             return training_class_weights(model.teacher, args.selection, local_checkpoint(args.finetune),
                                           args.input_size, args.hflip, args.seed, args.batch_size, args.device,
-                                          amp_dtype, args.mean, args.std)
+                                          amp_dtype, mean, std, originals=AttentionProbe.originals(args))
         if is_main_process():
             clean = augmented()
         barrier()
         if not is_main_process():
             clean = augmented()
-        log("class-balance weights from an augmented pass over the selection: "
+        log("class-balance weights from an augmented pass over the training set: "
             + ' '.join(f"{w:.3f}" for w in clean.tolist()[:20]) + (' ...' if len(clean) > 20 else ''))
         return clean
+
+    def param_groups(self, student: torch.nn.Module, args) -> list[dict]:
+        """Every parameter decays at --weight_decay, norms, biases, ``pos_embed`` and ``cls_token`` included, as
+        the reference's ``AdamW(net.parameters(), weight_decay=0.025)``; --layer_decay (1.0 here) still applies."""
+        return param_groups_lrd(student, args.weight_decay, (), args.layer_decay,
+                                num_layers=self.lr_decay_layers(len(student.blocks)), decay_all=True)
 
     def recorded_args(self, args, criterion) -> dict:
         """The teacher accuracy measured for the noise transition."""
@@ -265,13 +290,14 @@ class AttentionProbe(PlainTraining):
     def known_epochs(self, args) -> int | None:
         return args.epochs if 'epochs' in (getattr(args, 'explicit_flags', None) or ['epochs']) else None
 
-    def epochs(self, args, num_images: int) -> int:
-        """--epochs when given, else the reference's budget in image presentations."""
+    def epochs(self, args, dataset: ProbeImages) -> int:
+        """--epochs when given, else the reference's budget in image presentations over the selected images
+        (the originals of --pos_num are not counted, as in the reference's ImageNet script)."""
         if self.known_epochs(args) is not None:
             return args.epochs
-        epochs = probe_epochs(num_images, args.presentations)
-        log(f"probe mode: {epochs} epochs = int({args.presentations} presentations / {num_images} "
-            "training images) - 1, as the reference (give --epochs to choose)")
+        epochs = probe_epochs(dataset.num_selected, args.presentations)
+        log(f"probe mode: {epochs} epochs = int({args.presentations} presentations / {dataset.num_selected} "
+            "selected images) - 1, as the reference (give --epochs to choose)")
         return epochs
 
 

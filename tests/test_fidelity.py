@@ -304,44 +304,6 @@ def load_dfnd():
     return module
 
 
-SEED_COMMAND = ('--dataset cifar10 --data_cifar /d/cifar10 --data_imagenet /d/wild --num_select 650000 '
-                '--teacher_dir /t/checkpoint.pth --selected_file /s/cifar10/ --output_dir /o/cifar10/ --nb_classes 10 '
-                '--lr_S 7.5e-4 --attnprobe_sel --attnprobe_dist')
-
-
-def test_dfnd_command_maps_onto_selection_and_probe_distillation():
-    dfnd = load_dfnd()
-    args, extra = dfnd.get_args_parser().parse_known_args(SEED_COMMAND.split())
-    select, train = dfnd.translate(args, extra)
-    assert select == ['--teacher', '/t/checkpoint.pth', '--wild_path', '/d/wild', '--num_select', '650000',
-                      '--output', '/s/cifar10/selection.pth', '--nb_classes', '10', '--score', 'output',
-                      '--attnlier', '0.05', '--outlier', '0.9']
-    assert train == ['--mode', 'probe', '--finetune', '/t/checkpoint.pth', '--selection', '/s/cifar10/selection.pth',
-                     '--eval_data_path', '/d/cifar10', '--nb_classes', '10', '--lr', '0.00075',
-                     '--output_dir', '/o/cifar10/student', '--log_dir', '/o/cifar10/student', '--teacher_acc', '0.9665',
-                     '--patchattn', '0.8', '--sched', 'step', '--input_size', '32',
-                     '--student_model', 'vit_tiny_patch16_224', '--student_kwargs', 'patch_size=4', 'embed_dim=128',
-                     'num_heads=2']
-    # the variants: combined ranking, no patch probe, robust, random, cosine, CIFAR-100, weights, extra flags
-    argv = (SEED_COMMAND.replace('--attnprobe_sel --attnprobe_dist', '').replace('cifar10 ', 'cifar100 ').split()
-            + ['--robust', '--random', '--cos', '--attnlier', '0.1', '--outlier', '0.5', '--patchattn', '0.3',
-               '--epochs', '3'])
-    args, extra = dfnd.get_args_parser().parse_known_args(argv)
-    select, train = dfnd.translate(args, extra)
-    assert select[select.index('--score') + 1] == 'combined' and select[-1] == '--random'
-    assert select[select.index('--attnlier') + 1] == '0.1' and select[select.index('--outlier') + 1] == '0.5'
-    assert train[train.index('--patchattn') + 1] == '0.0' and train[train.index('--sched') + 1] == 'cosine'
-    assert train[train.index('--teacher_acc') + 1] == '0.763' and '--robust' in train
-    assert train[-2:] == ['--epochs', '3']
-    # both lists parse with the scripts' own parsers
-    select_wild_data.get_args_parser().parse_args(select)
-    main_finetune.get_args_parser().parse_args(train)
-    student = create_vit('vit_tiny_patch16_224', num_classes=10, img_size=32, patch_size=4, embed_dim=128,
-                         num_heads=2)
-    assert (len(student.blocks), student.embed_dim, student.blocks[0].attn.num_heads,
-            student.blocks[0].mlp.fc1.out_features) == (12, 128, 2, 512)  # the reference's CIFAR student
-
-
 def test_dfnd_command_runs_end_to_end(tmp_path):
     """The reference's command on a tiny teacher (4x4 patches, the student's token grid) and generated data."""
     teacher_path = make_teacher_checkpoint(str(tmp_path / 'teacher.pth'), classes=3, patch_size=4)

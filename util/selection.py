@@ -14,10 +14,16 @@ A selection file (``select_wild_data.py --output FILE``, read by ``main_finetune
     class_weights inverse soft sums, normalised to sum to the number of classes
     nb_classes, input_size, args   what it was selected for, and the selection's flags
 
-``<selection>.aug_weights.pth`` beside it caches the class weights of an augmented pass (the reference's).
+``<selection>.aug_weights.pth`` beside it caches the class weights of an augmented pass over the training set
+(the reference's).
+
+Probe training trains on the selected wild images and, with ``--pos_num N``, the first N images of every class
+of the target task's training split (``labelled_originals``), as the reference's ImageNet script does
+(``ProbeImages``).
 """
 from __future__ import annotations
 
+import hashlib
 import os
 import warnings
 from collections.abc import Sequence
@@ -28,7 +34,7 @@ from PIL import Image
 from timm.data.constants import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from torch.utils.data import DataLoader, Dataset
 from torchvision import transforms
-from torchvision.datasets.folder import IMG_EXTENSIONS
+from torchvision.datasets.folder import IMG_EXTENSIONS, find_classes, make_dataset
 
 from util.checkpoint import save_atomic
 from util.datasets import DataError, collate_skipping_bad, load_rgb
@@ -77,13 +83,11 @@ def class_balance_weights(soft_sums: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def augmented_soft_sums(teacher, root: str, paths: list[str], input_size: int, hflip: float, seed: int,
-                        batch_size: int = 256, device: str = 'cpu', amp_dtype=None,
-                        mean=IMAGENET_DEFAULT_MEAN, std=IMAGENET_DEFAULT_STD) -> torch.Tensor:
-    """The teacher's soft predictions summed over ``paths`` seen through the training augmentation (pad-4
-    random crop, flip), as the reference computes its class weights: one pass, images in the given order,
+def augmented_soft_sums(teacher, dataset: ImageFiles, seed: int, batch_size: int = 256, device: str = 'cpu',
+                        amp_dtype=None) -> torch.Tensor:
+    """The teacher's soft predictions summed over ``dataset`` seen through its training transforms (pad-4
+    random crop, flip), as the reference computes its class weights: one pass, images in the dataset's order,
     the augmentation drawn from torch's generator seeded with ``seed`` (the caller's generator state is kept)."""
-    dataset = ImageFiles(root, paths, wild_transform(input_size, train=True, hflip=hflip, mean=mean, std=std))
     # its own generator: the loader's seed draw must not advance the stream the augmentation uses
     loader = DataLoader(dataset, batch_size=batch_size, num_workers=0, collate_fn=collate_skipping_bad,
                         generator=torch.Generator())
@@ -102,22 +106,25 @@ def augmented_soft_sums(teacher, root: str, paths: list[str], input_size: int, h
 
 def training_class_weights(teacher, selection_path: str, teacher_path: str, input_size: int, hflip: float,
                            seed: int, batch_size: int, device: str, amp_dtype=None,
-                           mean=IMAGENET_DEFAULT_MEAN, std=IMAGENET_DEFAULT_STD) -> torch.Tensor:
-    """Class-balance weights from an augmented pass over the selection (see ``augmented_soft_sums``),
-    cached beside the selection file as ``<selection>.aug_weights.pth`` and reused while the selection,
-    the teacher and the augmentation are unchanged."""
+                           mean=IMAGENET_DEFAULT_MEAN, std=IMAGENET_DEFAULT_STD,
+                           originals: Sequence[str] = ()) -> torch.Tensor:
+    """Class-balance weights from an augmented pass over the training set: the selection and the labelled
+    ``originals`` of --pos_num (see ``augmented_soft_sums``; the reference's ImageNet script counts its
+    originals too), cached beside the selection file as ``<selection>.aug_weights.pth`` and reused while the
+    selection, the teacher, the images and their transforms are unchanged."""
     selection = read_selection(selection_path)
+    dataset = probe_training_set(selection, list(originals), input_size, hflip, mean, std)
     key = {'selection': os.path.abspath(selection_path), 'selection_mtime': int(os.stat(selection_path).st_mtime),
            'teacher': os.path.abspath(teacher_path), 'teacher_mtime': int(os.stat(teacher_path).st_mtime),
-           'input_size': input_size, 'hflip': hflip, 'seed': seed, 'mean': list(mean), 'std': list(std)}
+           'images_sha256': hashlib.sha256('\n'.join(dataset.paths).encode()).hexdigest(),
+           'num_selected': dataset.num_selected, 'transforms': [repr(dataset.transform),
+                                                                repr(dataset.original_transform)], 'seed': seed}
     cache = selection_path + '.aug_weights.pth'
     if os.path.exists(cache):
         cached = torch.load(cache, weights_only=True)
         if cached.get('key') == key:
             return cached['class_weights']
-    paths = selected_paths(selection)
-    sums = augmented_soft_sums(teacher, selection['root'], paths, input_size, hflip, seed, batch_size, device,
-                               amp_dtype, mean, std)
+    sums = augmented_soft_sums(teacher, dataset, seed, batch_size, device, amp_dtype)
     weights = class_balance_weights(sums)
     try:
         save_atomic({'key': key, 'soft_sums': sums, 'class_weights': weights}, cache)
@@ -125,12 +132,8 @@ def training_class_weights(teacher, selection_path: str, teacher_path: str, inpu
         warnings.warn(f"class weights not cached in {cache} ({e}); the next run computes them again", UserWarning,
                       stacklevel=2)
     return weights
-
-
-
 # ---------------------------------------------------------------------------------------------
 # Unlabelled "wild" images
-# ---------------------------------------------------------------------------------------------
 # ---------------------------------------------------------------------------------------------
 def list_images(root: str) -> list[str]:
     """Every image file under ``root`` (any folder layout; class folders, if any, are ignored), as
@@ -158,6 +161,9 @@ class ImageFiles(Dataset):
     def __len__(self) -> int:
         return len(self.paths)
 
+    def transform_of(self, index: int):
+        return self.transform
+
     def __getitem__(self, index: int):
         path = os.path.join(self.root, self.paths[index])
         try:
@@ -165,36 +171,75 @@ class ImageFiles(Dataset):
         except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
             warnings.warn(f"skipping undecodable image {path}: {type(e).__name__}: {e}", stacklevel=1)
             return None
-        return (self.transform(image) if self.transform is not None else image), index
+        transform = self.transform_of(index)
+        return (transform(image) if transform is not None else image), index
 
 
-def labelled_originals(root: str, per_class: int, seed: int) -> list[str]:
-    """``per_class`` images of every class folder under ``root`` (an ImageFolder's train split), drawn
-    without replacement with a generator seeded by ``seed``; absolute paths, class by class."""
+class ProbeImages(ImageFiles):
+    """The probe training set: the selected wild images (relative to ``root``), then the labelled originals of
+    --pos_num (absolute paths, which the join with ``root`` leaves unchanged), each kind through its own
+    transform. ``num_selected`` counts the wild images: the training budget is divided by it alone."""
+
+    def __init__(self, root: str, selected: list[str], originals: list[str], transform, original_transform) -> None:
+        super().__init__(root, selected + originals, transform)
+        self.num_selected = len(selected)
+        self.original_transform = original_transform
+
+    def transform_of(self, index: int):
+        return self.transform if index < self.num_selected else self.original_transform
+
+
+def probe_training_set(selection: dict, originals: list[str], input_size: int, hflip: float,
+                       mean: Sequence[float] = IMAGENET_DEFAULT_MEAN,
+                       std: Sequence[float] = IMAGENET_DEFAULT_STD) -> ProbeImages:
+    """The selection's kept images, squashed to the input size as they were scored, and the labelled
+    ``originals`` with their aspect ratio kept, both with the training augmentation (``wild_transform``,
+    ``original_transform``)."""
+    return ProbeImages(selection['root'], selected_paths(selection), originals,
+                       wild_transform(input_size, train=True, hflip=hflip, mean=mean, std=std),
+                       original_transform(input_size, hflip=hflip, mean=mean, std=std))
+
+
+def labelled_originals(root: str, per_class: int) -> list[str]:
+    """The first ``per_class`` images of every class of the ImageFolder at ``root`` (the target task's training
+    split) in ImageFolder's order (class folders sorted, files sorted), as the reference's ImageNet script takes
+    them; absolute paths, class by class."""
     if not os.path.isdir(root):
         raise UserError(f"--pos_num {per_class}: mixes labelled originals from the target task's training split "
                         f"into the selection, but {root!r} is not a directory; give --eval_data_path a folder "
                         "holding train/<class>/, or drop --pos_num")
-    generator = torch.Generator().manual_seed(seed)
+    classes, class_to_idx = find_classes(root)
+    by_class: dict[int, list[str]] = {i: [] for i in range(len(classes))}
+    for path, label in make_dataset(root, class_to_idx, extensions=IMG_EXTENSIONS, allow_empty=True):
+        by_class[label].append(os.path.abspath(path))
     chosen = []
-    for cls in sorted(e.name for e in os.scandir(root) if e.is_dir()):
-        files = sorted(os.path.join(root, cls, f) for f in os.listdir(os.path.join(root, cls))
-                       if f.lower().endswith(IMG_EXTENSIONS))
-        if len(files) < per_class:
+    for label, cls in enumerate(classes):
+        if len(by_class[label]) < per_class:
             raise UserError(f"--pos_num {per_class}: class folder {os.path.join(root, cls)!r} holds only "
-                            f"{len(files)} images; lower --pos_num to at most {len(files)}")
-        chosen += [os.path.abspath(files[i]) for i in torch.randperm(len(files), generator=generator)[:per_class]]
+                            f"{len(by_class[label])} images; lower --pos_num to at most {len(by_class[label])}")
+        chosen += by_class[label][:per_class]
     return chosen
+
+
+def _augmentation(input_size: int, hflip: float) -> list:
+    """The reference's training augmentation after the resize: a random crop with 4 pixels of padding, a
+    horizontal flip with probability ``hflip``."""
+    return [transforms.RandomCrop(input_size, padding=4)] + ([transforms.RandomHorizontalFlip(hflip)] if hflip > 0
+                                                             else [])
 
 
 def wild_transform(input_size: int, train: bool, hflip: float = 0.5, mean: Sequence[float] = IMAGENET_DEFAULT_MEAN,
                    std: Sequence[float] = IMAGENET_DEFAULT_STD) -> transforms.Compose:
-    """The Attention Probe reference's wild-image transforms: resize to input_size x input_size; for
-    training, a random crop with 4 pixels of padding and a horizontal flip with probability ``hflip``."""
-    steps = [transforms.Resize((input_size, input_size))]
-    if train:
-        steps.append(transforms.RandomCrop(input_size, padding=4))
-        if hflip > 0:
-            steps.append(transforms.RandomHorizontalFlip(hflip))
-    return transforms.Compose(steps + [transforms.ToTensor(),
-                                       transforms.Normalize(tuple(mean), tuple(std))])
+    """The Attention Probe reference's wild-image transforms: resize to input_size x input_size (the aspect
+    ratio is not kept); for training, the augmentation of ``_augmentation``."""
+    steps = [transforms.Resize((input_size, input_size))] + (_augmentation(input_size, hflip) if train else [])
+    return transforms.Compose(steps + [transforms.ToTensor(), transforms.Normalize(tuple(mean), tuple(std))])
+
+
+def original_transform(input_size: int, hflip: float = 0.5, mean: Sequence[float] = IMAGENET_DEFAULT_MEAN,
+                       std: Sequence[float] = IMAGENET_DEFAULT_STD) -> transforms.Compose:
+    """The reference's ImageNet script's transform of its labelled originals: the shorter side resized to
+    input_size (the aspect ratio kept), then the augmentation of ``_augmentation`` (its random crop also
+    picks the window along the longer side)."""
+    return transforms.Compose([transforms.Resize(input_size)] + _augmentation(input_size, hflip)
+                              + [transforms.ToTensor(), transforms.Normalize(tuple(mean), tuple(std))])
