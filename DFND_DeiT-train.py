@@ -26,9 +26,11 @@ student, twice the presentations, and the first --pos_num originals of each clas
 
 Every flag is checked before the selection scores an image: this script's, main_finetune.py's own checks of
 the training flags, and the teacher and student architectures (built without weights). Like the reference,
-a rerun reuses the scores already computed. --data_cifar must be the ImageFolder layout that
-tools/prepare_cifar.py writes (train/ and val/), where the reference reads CIFAR's own files. Flags this
-script does not know are passed on to main_finetune.py (e.g. --batch_size, --save_every).
+a rerun reuses the scores already computed; a rerun into the student folder of a stopped run is refused
+before the selection unless --resume allow (passed on to main_finetune.py) continues it. --data_cifar must
+be the ImageFolder layout that tools/prepare_cifar.py writes (train/ and val/), where the reference reads
+CIFAR's own files. Flags this script does not know are passed on to main_finetune.py (e.g. --batch_size,
+--save_every).
 """
 from __future__ import annotations
 
@@ -245,7 +247,7 @@ def main(argv=None) -> dict:
     select, train = translate(args, extra)
     select_args = check(select, train)
     select_wild_data.main(select_args)
-    return main_finetune.run(train)
+    return main_finetune.run_reporting_stop(train)  # a stop: one line, the signal's exit status
 
 
 if __name__ == '__main__':

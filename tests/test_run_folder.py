@@ -387,3 +387,47 @@ def test_probe_run_resumed_past_the_default_epochs_trains_on(tmp_path):
     log = read_log(out)
     assert [e['epoch'] for e in log] == list(range(54))  # epochs 52 and 53 trained again, logged once
     assert read_checkpoint(os.path.join(out, 'checkpoint.pth'))['epoch'] == 53
+
+
+# ---- the probe entry point (DFND_DeiT-train.py): a rerun after a stop, and the stop itself ---------------------
+def test_dfnd_rerun_into_a_stopped_students_folder_is_refused_before_the_selection(tmp_path, monkeypatch):
+    import string
+
+    from test_reference_probe import REFERENCE_LINES, load_dfnd, reference_layout
+
+    v = reference_layout(tmp_path, 'cifar10')
+    student = v['output_student_cifar10'] + 'student'
+    os.makedirs(student)
+    for name in ('checkpoint.pth', 'log.txt'):
+        open(os.path.join(student, name), 'w').write('a stopped run')
+    monkeypatch.setattr(select_wild_data, 'main', lambda args: pytest.fail('selection started'))
+    argv = string.Template(REFERENCE_LINES['cifar10']).substitute(v).split()
+    with pytest.raises(UserError, match=r"--output_dir .*student' holds a run .*--resume allow"):
+        load_dfnd().main(argv)
+    dfnd = load_dfnd()
+    _, train = dfnd.translate(*dfnd.get_args_parser().parse_known_args(argv + ['--resume', 'allow']))
+    assert train[-2:] == ['--resume', 'allow']  # continued by main_finetune.py
+
+
+def test_dfnd_reports_a_stop_in_one_line_with_the_signals_status(tmp_path, monkeypatch, capsys):
+    import signal
+    import string
+
+    from test_reference_probe import REFERENCE_LINES, load_dfnd, reference_layout
+
+    def stopped(argv):
+        with mock.patch('util.run_control.stop_signal', return_value=signal.SIGTERM):
+            raise Preempted(3, 40)
+
+    def exit_now(code):
+        raise SystemExit(code)
+
+    v = reference_layout(tmp_path, 'cifar10')
+    monkeypatch.setattr(select_wild_data, 'main', lambda args: None)
+    monkeypatch.setattr(main_finetune, 'run', stopped)
+    monkeypatch.setattr(os, '_exit', exit_now)
+    with pytest.raises(SystemExit) as end:
+        load_dfnd().main(string.Template(REFERENCE_LINES['cifar10']).substitute(v).split())
+    assert end.value.code == 128 + signal.SIGTERM
+    assert capsys.readouterr().err.strip() == ('stopped: checkpoint written at epoch 3, step 40; continue with '
+                                               '--resume allow')
