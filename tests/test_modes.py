@@ -91,6 +91,7 @@ SEED_COPY = """--batch_size 32 --model dual_vit_large_patch16 --mode copy --fine
     --drop_path 0 --reprob 0.25 --mixup 0.8 --cutmix 1.0 --dist_eval --data_path {data}"""
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('command,mode,layers,drop_path', [
     (SEED_DISTILL, 'distill', 18, 0.2), (SEED_COPY, 'copy', 24, 0.0)])
 def test_seed_commands_parse_and_start(command, mode, layers, drop_path, tmp_path):

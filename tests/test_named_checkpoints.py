@@ -95,6 +95,7 @@ def test_url_is_read_from_torch_hub_cache(offline, tmp_path):
     assert torch.equal(ckpt['model']['w'], torch.ones(2))
 
 
+@pytest.mark.slow
 def test_offline_resolution_in_a_fresh_process_with_the_environment_switch(hub):
     """What a user does: HF_HUB_OFFLINE=1 and HF_HUB_CACHE in the environment, nothing patched."""
     _, cache = hub

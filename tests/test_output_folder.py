@@ -92,6 +92,7 @@ def test_periodic_checkpoints_inside_an_epoch(workdir, capsys):
     assert re.findall(r'Test \[model\] \[(\d)/3\]  data \d+%  eta \d+:\d\d:\d\d', printed) == ['2']
 
 
+@pytest.mark.slow
 def test_kill_during_checkpoint_write_leaves_previous_checkpoint(tmp_path):
     path = str(tmp_path / 'checkpoint.pth')
     save_atomic({'epoch': 4, 'w': torch.arange(10)}, path)

@@ -63,6 +63,7 @@ def trained_indices(monkeypatch) -> list:
 
 
 # ---- resume is exact --------------------------------------------------------------------------------
+@pytest.mark.slow
 def test_resume_after_two_epochs_equals_three_uninterrupted(workdir):
     extra = ['--mode', 'distill', '--drop_path', '0.2', '--ema', '0.9', '--mixup', '0.8', '--cutmix', '1.0',
              '--reprob', '0.25', '--aa', 'rand-m9-mstd0.5-inc1', '--num_workers', '1', '--save_every', '1']
@@ -82,6 +83,7 @@ def test_resume_after_two_epochs_equals_three_uninterrupted(workdir):
     assert read_log(out)[-1] == read_log(full)[-1]
 
 
+@pytest.mark.slow
 def test_stop_mid_epoch_saves_position_and_resume_equals_uninterrupted(workdir, monkeypatch, capsys):
     extra = ['--mode', 'distill', '--drop_path', '0.2', '--ema', '0.9', '--mixup', '0.8', '--print_freq', '1',
              '--checkpoint_minutes', '0']
@@ -220,6 +222,7 @@ def test_resume_with_a_batch_size_that_does_not_divide_the_position_is_refused(w
     assert open(out / 'checkpoint.pth', 'rb').read() == before
 
 
+@pytest.mark.slow
 def test_resume_one_rank_checkpoint_on_two_ranks(workdir, mid_epoch):
     out = resume_copy(workdir, mid_epoch, 'mid_ddp')
     proc = torchrun(args_for(workdir, out, '--resume', 'allow', '--print_freq', '1'))

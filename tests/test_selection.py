@@ -151,6 +151,7 @@ def test_interrupted_selection_resumes_to_the_same_file(setup, monkeypatch):
 
 
 # ---- torchrun: sharded selection, then probe distillation on two ranks ---------------------------------
+@pytest.mark.slow
 def test_torchrun_selection_shards_and_probe_ranks_agree(setup, workdir, tmp_path):
     root, teacher_path, wild = setup
     single = run_selection(teacher_path, wild, str(tmp_path / 'single.pth'))

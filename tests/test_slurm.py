@@ -69,6 +69,7 @@ def read(path: str) -> str:
     return open(path).read() if os.path.exists(path) else ''
 
 
+@pytest.mark.slow
 def test_preempted_job_requeues_resumes_and_finishes(cluster, shared_images, tmp_path):
     env = cluster
     data = shared_images(train_per_class=32, size=64)
@@ -124,6 +125,7 @@ def test_preempted_job_requeues_resumes_and_finishes(cluster, shared_images, tmp
 
 
 # ---- the launcher without Slurm ------------------------------------------------------------------
+@pytest.mark.slow
 def test_debug_cluster_runs_the_job_in_process(labelled, tmp_path):
     data = labelled.data
     argv = tiny_args(data, '', '--mode', 'none', '--lr', '3e-3', epochs=1)

@@ -41,6 +41,7 @@ def wait_for_line(proc, pattern: str, timeout: float = 120) -> str:
     raise AssertionError(f'no line matching {pattern!r}: {text[-2000:]}')
 
 
+@pytest.mark.slow
 def test_sigterm_stops_at_next_step_with_a_checkpoint(workdir):
     out = workdir.root / 'sigterm'
     proc = start_run(workdir, out)
@@ -56,6 +57,7 @@ def test_sigterm_stops_at_next_step_with_a_checkpoint(workdir):
     assert not os.path.exists(out / RunLock.NAME)
 
 
+@pytest.mark.slow
 def test_second_sigint_exits_at_once(workdir):
     # the first sync point is the epoch's end (6 steps away), so both signals arrive while the run trains
     proc = start_run(workdir, workdir.root / 'sigint_twice', '--print_freq', '6')
@@ -81,6 +83,7 @@ def test_a_signal_stops_only_the_run_it_arrived_in():
 
 
 # ---- non-finite loss or state -------------------------------------------------------------------------
+@pytest.mark.slow
 def test_non_finite_loss_stops_with_message_and_keeps_last_checkpoint(workdir, monkeypatch):
     forward, calls = TransferCriterion.forward, [0]
 
@@ -142,6 +145,7 @@ def test_non_finite_distillation_term_does_not_blame_the_lr(workdir, monkeypatch
     assert 'Lower the learning rate' not in message
 
 
+@pytest.mark.slow
 def test_torchrun_nan_on_one_rank_stops_both(workdir):
     out = str(workdir.root / 'ddp_nan')
     start = time.time()

@@ -32,6 +32,7 @@ def dual_model_from(checkpoint):
 
 
 # ---- export ----------------------------------------------------------------------------------------
+@pytest.mark.slow
 @pytest.mark.parametrize('ema', [False, True])
 def test_exported_student_loads_with_timm_alone_and_matches(one_epoch_runs, tmp_path, ema):
     checkpoint = os.path.join(one_epoch_runs.out['distill'], 'checkpoint.pth')
@@ -90,6 +91,7 @@ def reference_maps(vit, x):
     return maps
 
 
+@pytest.mark.slow
 def test_attention_diagnostics_match_independent_computation(one_epoch_runs, tmp_path):
     checkpoint = os.path.join(one_epoch_runs.out['distill'], 'checkpoint.pth')
     out = str(tmp_path / 'diag')

@@ -27,6 +27,7 @@ def two_epoch_runs(workdir):
 
 
 # ---- two epochs per mode ------------------------------------------------------------------------------
+@pytest.mark.slow
 @pytest.mark.parametrize('mode', MODES)
 def test_two_epochs_write_logs_checkpoints_and_learn(two_epoch_runs, mode):
     out = two_epoch_runs[mode]
@@ -49,6 +50,7 @@ def test_two_epochs_write_logs_checkpoints_and_learn(two_epoch_runs, mode):
 
 
 # ---- --eval --resume reproduces the logged accuracy -----------------------------------------------------
+@pytest.mark.slow
 @pytest.mark.parametrize('mode', MODES)
 def test_eval_resume_reproduces_logged_accuracy(two_epoch_runs, workdir, mode):
     out = two_epoch_runs[mode]
@@ -61,6 +63,7 @@ def test_eval_resume_reproduces_logged_accuracy(two_epoch_runs, workdir, mode):
 
 
 # ---- torchrun -------------------------------------------------------------------------------------------
+@pytest.mark.slow
 def test_torchrun_two_processes_train_evaluate_and_agree(workdir):
     out = str(workdir.root / 'ddp')
     proc = torchrun(tiny_args(workdir.data, out, '--mode', 'distill', '--finetune', workdir.teacher,

@@ -87,6 +87,7 @@ def test_existing_error_types_are_user_errors():
         assert issubclass(kind, UserError)
 
 
+@pytest.mark.slow
 def test_main_finetune_bad_flag_prints_error_without_traceback(work):
     env = {k: v for k, v in os.environ.items() if k not in (DEBUG_ENV, 'WORLD_SIZE', 'RANK')}
     cmd = [sys.executable, os.path.join(ROOT, 'main_finetune.py'), *args_for(work, 'cli', '--drop_path', '1.5')]
