@@ -1,18 +1,32 @@
-"""Generated data and checkpoints for the end-to-end tests (nothing is downloaded)."""
+"""The tiny model, generated data and checkpoints, and command lines shared by the tests (nothing is
+downloaded)."""
+import json
 import os
+import shutil
 import socket
+import subprocess
+import sys
 
 import numpy as np
+import pytest
 import torch
 from PIL import Image
 
+import select_wild_data
 from models_dual_vit import create_vit
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
-# timm architecture arguments of a tiny ViT, as main_finetune.py takes them
-TINY_KWARGS = ['patch_size=8', 'embed_dim=48', 'depth=4', 'num_heads=3']
-TINY_ARCH = dict(patch_size=8, embed_dim=48, depth=4, num_heads=3)
+# The one tiny ViT of the tests, small enough for CPU: 32x32 input, patch 8 -> 16 patches + class token,
+# width 48, 4 blocks, 3 heads.
+TINY = dict(img_size=32, patch_size=8, embed_dim=48, depth=4, num_heads=3)
+# the same ViT's architecture arguments without the input size (teacher_kwargs, a checkpoint's model_kwargs)
+TINY_ARCH = {k: v for k, v in TINY.items() if k != 'img_size'}
+
+
+def kwargs_flags(arch: dict) -> list[str]:
+    """Architecture arguments as --model_kwargs takes them: ['patch_size=8', ...]."""
+    return [f'{k}={v}' for k, v in arch.items()]
 
 
 def colour_image(rng: np.random.Generator, label: int, size: int = 32) -> Image.Image:
@@ -53,10 +67,43 @@ def make_teacher_checkpoint(path: str, classes: int = 3, sharpen: float = 6.0, i
 def tiny_args(data: str, out: str, *extra: str, epochs: int = 2) -> list[str]:
     """A quick, learnable command line for main_finetune.py on generated data."""
     return ['--data_path', data, '--output_dir', out, '--log_dir', out, '--nb_classes', '3',
-            '--model', 'vit_base_patch16_224', '--model_kwargs', *TINY_KWARGS, '--input_size', '32',
+            '--model', 'vit_base_patch16_224', '--model_kwargs', *kwargs_flags(TINY_ARCH), '--input_size', '32',
             '--batch_size', '8', '--epochs', str(epochs), '--warmup_epochs', '0', '--blr', '2e-3',
             '--layer_decay', '1.0', '--weight_decay', '0.0', '--aa', 'none', '--reprob', '0', '--smoothing', '0',
             '--drop_path', '0.0', '--num_workers', '0', '--device', 'cpu', '--print_freq', '2', *extra]
+
+
+def args_for(workdir, out, *extra, epochs=2) -> list[str]:
+    """tiny_args on the shared data, fine-tuned from the shared teacher at lr 3e-3."""
+    return tiny_args(workdir.data, str(out), '--finetune', workdir.teacher, '--lr', '3e-3', *extra, epochs=epochs)
+
+
+def read_log(out) -> list[dict]:
+    """log.txt's lines; NaN or infinity in it fails the test (log.txt is strict JSON)."""
+    with open(os.path.join(out, 'log.txt')) as f:
+        return [json.loads(line, parse_constant=lambda c: pytest.fail(f'{c} in log.txt')) for line in f]
+
+
+def make_wild_folder(root, n_task=12, n_noise=12, size=32, seed=1):
+    """Task-like images (the colour task) mixed with pure-noise distractors, in nested folders."""
+    rng = np.random.default_rng(seed)
+    for i in range(n_task):
+        folder = os.path.join(root, 'a' if i % 2 else 'b', 'deep')
+        os.makedirs(folder, exist_ok=True)
+        colour_image(rng, i % 3, size).save(os.path.join(folder, f'task_{i:02d}.png'))
+    os.makedirs(os.path.join(root, 'noise'), exist_ok=True)
+    for i in range(n_noise):
+        Image.fromarray(rng.integers(0, 256, (size, size, 3), dtype=np.uint8)).save(
+            os.path.join(root, 'noise', f'noise_{i:02d}.jpg'))
+    return str(root)
+
+
+def run_selection(teacher_path, wild, output, *extra):
+    """select_wild_data.py on a wild folder: 10 selected, chunks of 7, on the CPU."""
+    args = select_wild_data.get_args_parser().parse_args(
+        ['--teacher', teacher_path, '--wild_path', wild, '--output', output, '--num_select', '10',
+         '--chunk_size', '7', '--batch_size', '5', '--num_workers', '0', '--device', 'cpu', *extra])
+    return select_wild_data.main(args)
 
 
 def free_port() -> int:
@@ -65,11 +112,17 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def torchrun(args, env=None, timeout=240) -> subprocess.CompletedProcess:
+    """tests/ddp_worker.py (main_finetune.run, recording each rank's weights) in 2 processes on the CPU."""
+    cmd = [sys.executable, '-m', 'torch.distributed.run', '--nproc_per_node', '2', '--master_port',
+           str(free_port()), os.path.join(ROOT, 'tests', 'ddp_worker.py'), *args]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=ROOT,
+                          env={**os.environ, 'OMP_NUM_THREADS': '1', **(env or {})})
+
+
 def add_to_hub_cache(cache: str, repo_id: str, files: dict) -> str:
     """Put files (name -> source path) into a huggingface_hub cache folder (HF_HUB_CACHE) as a download
     of ``repo_id`` at revision main would leave them: refs/main naming a snapshot that holds the files."""
-    import shutil
-
     commit = '0123456789abcdef0123456789abcdef01234567'
     repo = os.path.join(cache, 'models--' + repo_id.replace('/', '--'))
     os.makedirs(os.path.join(repo, 'refs'), exist_ok=True)

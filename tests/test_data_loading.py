@@ -1,30 +1,41 @@
-"""Reduced-scale JPEG decoding, persistent re-seeded workers, and the progress lines."""
+"""Reading the data: reduced-scale JPEG decoding, undecodable images skipped and counted, 16-bit and float
+images scaled to 8 bits, a file under two class folders, the evaluation crop, persistent re-seeded workers,
+RandAugment at full magnitude, and the progress lines."""
 import os
 import random
 import re
+import shutil
 import time
+import warnings
 from types import SimpleNamespace
 
 import numpy as np
 import pytest
 import torch
+from helpers import make_image_folder, read_log, tiny_args
 from PIL import Image
+from timm.data.auto_augment import AugmentOp
 from timm.data.constants import IMAGENET_DEFAULT_STD
 from timm.data.transforms import RandomResizedCropAndInterpolation
 from torchvision import transforms
 
+import main_finetune
 from benchmarks.bench_data import natural_jpeg, recipe_args
 from engine_finetune import train_one_epoch
+from modes import get_mode
 from util.datasets import (
     DraftRandomResizedCrop,
     DraftResize,
     build_dataset,
     build_loader,
     build_transform,
+    image_folder,
     open_image,
 )
+from util.errors import UserError
 from util.lr_sched import Schedule
 from util.samplers import ResumableDistributedSampler
+from util.selection import ImageFiles
 
 SIZES = [(1024, 768), (768, 1024), (640, 480)]
 
@@ -122,6 +133,112 @@ def test_truncated_jpeg_is_skipped_with_draft(jpegs, tmp_path):
     for train in (True, False):
         with pytest.warns(UserWarning, match='skipping undecodable image .*cut.jpg'):
             assert build_dataset(train, args)[0] is None
+
+
+def test_corrupt_image_is_skipped_and_counted(workdir, tmp_path):
+    data = str(tmp_path / 'data')
+    shutil.copytree(workdir.data, data)
+    for split in ('train', 'val'):
+        with open(os.path.join(data, split, 'class_0', 'broken.png'), 'wb') as f:
+            f.write(b'\x89PNG\r\n\x1a\n' + os.urandom(200))
+    with pytest.warns(UserWarning, match='skipping undecodable image .*broken.png'):
+        main_finetune.run(tiny_args(data, str(tmp_path / 'out'), '--batch_size', '7', epochs=1))
+    log = read_log(str(tmp_path / 'out'))
+    assert log[0]['test_skipped_images'] == 1 and log[0]['test_images'] == 18
+    # 49 training images in batches of 7: the broken one lies in exactly one of the 7 batches
+    assert log[0]['train_skipped_images'] == 1
+
+
+# ---- images of other depths; links ---------------------------------------------------------------
+def test_16_bit_png_and_float_tiff_are_scaled_to_8_bits(tmp_path):
+    folder = tmp_path / 'train' / 'a'
+    folder.mkdir(parents=True)
+    grid = np.linspace(0, 1, 32 * 32).reshape(32, 32)
+    deep = (grid * 65535).astype(np.uint16)
+    Image.fromarray(deep).save(folder / 'deep.png')
+    real = grid.astype(np.float32)
+    Image.fromarray(real, mode='F').save(folder / 'real.tiff')
+    Image.fromarray((grid * 1000).astype(np.float32), mode='F').save(folder / 'unknown_range.tiff')
+    expected = {'deep.png': deep.astype(np.float64) * 255 / 65535, 'real.tiff': real.astype(np.float64) * 255}
+
+    dataset = image_folder(str(tmp_path / 'train'), None, 'train')
+    wild = ImageFiles(str(folder), sorted(expected) + ['unknown_range.tiff'])
+    for items in (dataset, wild):
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter('always')
+            got = {os.path.basename(p): items[i] for i, p in enumerate(
+                [s[0] for s in items.samples] if items is dataset else items.paths)}
+        assert got['unknown_range.tiff'] is None
+        assert any('unknown_range.tiff' in str(w.message) for w in caught)
+        for name, want in expected.items():
+            image = np.asarray(got[name][0], dtype=np.float64)
+            assert image.shape == (32, 32, 3)
+            assert np.abs(image - want[..., None]).max() <= 1.0, name
+
+
+def test_file_reached_through_two_class_folders_warns(tmp_path):
+    root = make_image_folder(str(tmp_path / 'data'), train_per_class=2, val_per_class=1)  # a link is added to it
+    os.symlink(root, os.path.join(root, 'train', 'class_0', 'everything'))
+    with pytest.warns(UserWarning, match='more than one class folder') as caught:
+        image_folder(os.path.join(root, 'train'), None, 'train')
+    message = str(caught[0].message)
+    assert 'class_0' in message and 'everything' in message
+
+
+def test_no_warning_without_links(shared_images):
+    root = shared_images(train_per_class=2, val_per_class=1)
+    with warnings.catch_warnings():
+        warnings.simplefilter('error')
+        assert len(image_folder(os.path.join(root, 'train'), None, 'train')) == 6
+
+
+# ---- evaluation crop: 1.0 for images that already have the input size / probe mode, MAE's 0.875 otherwise ----
+def expected_eval_tensor(image: Image.Image, size: int, crop_pct: float) -> torch.Tensor:
+    """Bicubic resize of the shorter side to int(size / crop_pct), centre crop, then ImageNet normalisation,
+    written with PIL and numpy."""
+    side = int(size / crop_pct)
+    w, h = image.size
+    new = (side, int(side * h / w)) if w <= h else (int(side * w / h), side)
+    image = image.resize(new, Image.BICUBIC) if new != image.size else image
+    left, top = int(round((image.size[0] - size) / 2.0)), int(round((image.size[1] - size) / 2.0))
+    pixels = np.asarray(image.crop((left, top, left + size, top + size)), dtype=np.float32) / 255.0
+    mean, std = np.array([0.485, 0.456, 0.406]), np.array([0.229, 0.224, 0.225])
+    return torch.from_numpy(((pixels - mean) / std).transpose(2, 0, 1).astype(np.float32))
+
+
+@pytest.mark.parametrize('image_size,probe,expected_pct', [(32, False, 1.0), (32, True, 1.0), (48, False, 0.875),
+                                                           (48, True, 1.0)])
+def test_eval_crop_default_and_transform(shared_images, image_size, probe, expected_pct):
+    data = shared_images(classes=3, train_per_class=1, val_per_class=2, size=image_size)
+    assert get_mode('probe' if probe else 'none').default_eval_crop_pct(32, os.path.join(data, 'val')) == expected_pct
+    dataset = build_dataset(False, SimpleNamespace(input_size=32, nb_classes=3, data_path=data,
+                                                   eval_crop_pct=expected_pct))
+    path, _ = dataset.samples[0]
+    torch.testing.assert_close(dataset[0][0], expected_eval_tensor(Image.open(path).convert('RGB'), 32, expected_pct),
+                               atol=1e-6, rtol=0)
+    if image_size == 32:  # the image as it is: no resampling at all
+        raw = torch.from_numpy(np.asarray(Image.open(path).convert('RGB'), dtype=np.float32) / 255.0)
+        assert torch.allclose(dataset[0][0][0], (raw[..., 0] - 0.485) / 0.229, atol=1e-6)
+
+
+def test_eval_crop_is_resolved_recorded_and_checked(shared_images, tmp_path):
+    data = shared_images(classes=3, train_per_class=2, val_per_class=1)
+    args = main_finetune.get_args_parser().parse_args(tiny_args(data, str(tmp_path / 'out')))
+    main_finetune.resolve_args(args)
+    assert args.eval_crop_pct == 1.0  # 32x32 images at --input_size 32
+    args = main_finetune.get_args_parser().parse_args(tiny_args(data, str(tmp_path / 'out'), '--eval_crop_pct', '0'))
+    with pytest.raises(UserError, match='--eval_crop_pct'):
+        main_finetune.resolve_args(args)
+    assert 'eval_crop_pct' in main_finetune.MODEL_ARGS  # --eval --resume takes the checkpoint's
+
+
+# ---- augmentation ------------------------------------------------------------------------------
+def test_randaugment_posterize_at_full_magnitude_does_not_crash():
+    """timm's PosterizeIncreasing keeps 0 bits at magnitude 10 (reached by m9 with mstd 0.5); the pinned
+    Pillow turns that into a black image instead of raising (Pillow 13 raises)."""
+    image = Image.fromarray(np.full((8, 8, 3), 200, dtype=np.uint8))
+    strongest = AugmentOp('PosterizeIncreasing', prob=1.0, magnitude=10)
+    assert np.asarray(strongest(image)).max() == 0
 
 
 # ---- persistent workers ------------------------------------------------------------------------

@@ -5,7 +5,11 @@ papers' claims hold: that is what the README's table, from a full run, reports."
 import math
 import os
 
+import pytest
+
 import demo
+
+pytestmark = pytest.mark.slow
 
 
 def test_quick_demo_runs_every_method_and_draws_the_figures(tmp_path):

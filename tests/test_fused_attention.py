@@ -1,4 +1,4 @@
-"""Fused attention transfer (issue 10): the chunked distillation loss, every mode through SDPA equal
+"""Fused attention transfer: the chunked distillation loss, every mode through SDPA equal
 to the explicit N x N path, attention dropout, gradient checkpointing and torch.compile.
 
 Reference numbers are computed here in float64 from q and k written out, never through the code
@@ -10,8 +10,7 @@ import os
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import TINY
-from helpers import make_image_folder, make_teacher_checkpoint, tiny_args
+from helpers import TINY, tiny_args
 
 import main_finetune
 from models_dual_vit import (
@@ -38,7 +37,7 @@ def qk(n, d, spread, heads=3, batch=2, qk_norm=False):
     return q, k
 
 
-# ---- 1. the chunked loss op -----------------------------------------------------------------------
+# ---- the chunked loss op --------------------------------------------------------------------------
 @pytest.mark.parametrize('spread', [0.1, 4.0], ids=['flat', 'sharp'])
 @pytest.mark.parametrize('n,chunk', [(37, 16), (37, 64), (21, 1)])
 @pytest.mark.parametrize('qk_norm', [False, True])
@@ -78,7 +77,7 @@ def test_chunked_ce_accumulates_in_float32_under_bf16_autocast():
     assert q_s.grad.dtype == torch.bfloat16 and torch.isfinite(q_s.grad).all()
 
 
-# ---- 2. every mode: fused equals explicit --------------------------------------------------------
+# ---- every mode: fused equals explicit -----------------------------------------------------------
 FAMILIES = {
     'plain': ('vit_base_patch16_224', {}),
     # layer scale + 4 register tokens + qk-norm
@@ -166,7 +165,7 @@ def test_fused_saves_no_n_by_n_tensor(mode):
         assert [s for s in shapes['explicit'] if s[-2:] == (n, n)]
 
 
-# ---- 3. attention dropout ------------------------------------------------------------------------
+# ---- attention dropout ---------------------------------------------------------------------------
 def test_attention_dropout_in_fused_copy_is_unbiased_and_off_in_eval():
     model = pair('copy', drop_path=0.0)
     attn = model.student.blocks[0].attn
@@ -187,7 +186,7 @@ def test_attention_dropout_in_fused_copy_is_unbiased_and_off_in_eval():
     torch.testing.assert_close(transfer_attention(attn, h, given=given)[0], clean)
 
 
-# ---- 4. gradient checkpointing and torch.compile -------------------------------------------------
+# ---- gradient checkpointing and torch.compile ----------------------------------------------------
 def count_mlp_calls(model):
     calls = []
     for blk in model.student.blocks:
@@ -249,10 +248,10 @@ def test_compiled_blocks_equal_eager_step(backend):
         torch.testing.assert_close(ga[name], gb[name], rtol=1e-4, atol=1e-5, msg=name)
 
 
-# ---- 5. the command line -------------------------------------------------------------------------
-def test_cli_explicit_checkpointed_run_logs_the_fused_runs_losses(tmp_path, monkeypatch):
-    data = make_image_folder(str(tmp_path / 'data'), train_per_class=8, val_per_class=2)
-    teacher = make_teacher_checkpoint(str(tmp_path / 'teacher.pth'))
+# ---- the command line ----------------------------------------------------------------------------
+def test_cli_explicit_checkpointed_run_logs_the_fused_runs_losses(shared_images, labelled, tmp_path, monkeypatch):
+    data = shared_images(train_per_class=8, val_per_class=2)
+    teacher = labelled.teacher
     built = []
     build = main_finetune.build_model
     monkeypatch.setattr(main_finetune, 'build_model', lambda *a, **kw: built.append(build(*a, **kw)) or built[-1])

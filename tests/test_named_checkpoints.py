@@ -12,13 +12,18 @@ import pytest
 import safetensors.torch
 import timm
 import torch
-from helpers import ROOT, TINY_ARCH, add_to_hub_cache, make_image_folder, tiny_args
+from helpers import ROOT, TINY_ARCH, add_to_hub_cache, tiny_args
+from PIL import Image
 from timm.models import save_for_hf
 
 import main_finetune
+import select_wild_data
+import util.datasets
 from tools import export_student
+from util.datasets import build_transform
 from util.errors import UserError
 from util.pretrained import load_pretrained_weights, read_checkpoint, resolve_named
+from util.selection import list_images, wild_transform
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -91,6 +96,7 @@ def test_url_is_read_from_torch_hub_cache(offline, tmp_path):
     assert torch.equal(ckpt['model']['w'], torch.ones(2))
 
 
+@pytest.mark.slow
 def test_offline_resolution_in_a_fresh_process_with_the_environment_switch(hub):
     """What a user does: HF_HUB_OFFLINE=1 and HF_HUB_CACHE in the environment, nothing patched."""
     _, cache = hub
@@ -104,11 +110,11 @@ def test_offline_resolution_in_a_fresh_process_with_the_environment_switch(hub):
     assert arch == 'test_vit' and path.startswith(cache) and path.endswith('model.safetensors')
 
 
-def test_eval_of_a_named_classifier_follows_its_architecture_and_normalisation(offline, tmp_path):
+def test_eval_of_a_named_classifier_follows_its_architecture_and_normalisation(offline, shared_images, tmp_path):
     """No --model, no --cls_token: the architecture, its arguments, its pooling (class token) and the input
     normalisation come from the hub config; the results are also written to output_dir/eval_results.json,
     and equal those of the same classifier beside itself through --ensemble_with."""
-    data = make_image_folder(str(tmp_path / 'data'), train_per_class=1, val_per_class=4)
+    data = shared_images(train_per_class=1, val_per_class=4)
     out = str(tmp_path / 'out')
     stats = main_finetune.run(['--eval', '--finetune', 'hf-hub:acme/tiny-clip-vit', '--data_path',
                                data, '--nb_classes', '3', '--input_size', '32', '--output_dir', out,
@@ -119,7 +125,6 @@ def test_eval_of_a_named_classifier_follows_its_architecture_and_normalisation(o
                                   pretrained=True, **TINY_ARCH,
                                   pretrained_cfg_overlay=dict(file=str(offline / 'clip' / 'model.safetensors'),
                                                               num_classes=3)).eval()
-    import util.datasets
     # the evaluation crop the run resolved for these images (they already have the input size)
     crop = util.datasets.default_eval_crop_pct(32, os.path.join(data, 'val'))
     args = SimpleNamespace(input_size=32, mean=CLIP_MEAN, std=CLIP_STD, eval_crop_pct=crop)
@@ -136,8 +141,8 @@ def test_eval_of_a_named_classifier_follows_its_architecture_and_normalisation(o
     assert written['mean'] == pytest.approx(CLIP_MEAN) and written['std'] == pytest.approx(CLIP_STD)
 
 
-def test_distill_from_a_timm_name_records_and_exports_the_teachers_normalisation(offline, tmp_path):
-    data = make_image_folder(str(tmp_path / 'data'), train_per_class=8, val_per_class=2)
+def test_distill_from_a_timm_name_records_and_exports_the_teachers_normalisation(offline, shared_images, tmp_path):
+    data = shared_images(train_per_class=8, val_per_class=2)
     out = str(tmp_path / 'run')
     argv = tiny_args(data, out, '--mode', 'distill', '--finetune', TIMM_NAME, epochs=1)
     model_flag = argv.index('--model')
@@ -152,11 +157,8 @@ def test_distill_from_a_timm_name_records_and_exports_the_teachers_normalisation
     assert config['pretrained_cfg']['mean'] == [0.5, 0.5, 0.5] and config['pretrained_cfg']['std'] == [0.5] * 3
 
 
-def test_mean_and_std_flags_override_the_teacher_and_reach_the_transforms(offline, tmp_path):
-    from PIL import Image
-
-    from util.datasets import build_transform
-    data = make_image_folder(str(tmp_path / 'data'), train_per_class=1, val_per_class=1)
+def test_mean_and_std_flags_override_the_teacher_and_reach_the_transforms(offline, shared_images):
+    data = shared_images(train_per_class=1, val_per_class=1)
     args = main_finetune.get_args_parser().parse_args(
         ['--finetune', TIMM_NAME, '--data_path', data, '--nb_classes', '3', '--mean', '0.1', '0.2', '0.3',
          '--eval', '--input_size', '32'])
@@ -168,12 +170,11 @@ def test_mean_and_std_flags_override_the_teacher_and_reach_the_transforms(offlin
     assert torch.allclose(x[:, 0, 0], expected, atol=1e-6)
 
 
-def test_wild_selection_with_a_named_teacher_uses_its_architecture_and_normalisation(offline, tmp_path):
+def test_wild_selection_with_a_named_teacher_uses_its_architecture_and_normalisation(offline, shared_images,
+                                                                                    tmp_path):
     """select_wild_data.py --teacher hf-hub:...: architecture, classes, pooling and mean/std from the hub
     config; the scores are those of the same classifier built by timm from the cached files."""
-    import select_wild_data
-    from util.selection import list_images, wild_transform
-    wild = make_image_folder(str(tmp_path / 'wild'), train_per_class=3, val_per_class=0)
+    wild = shared_images(train_per_class=3, val_per_class=0)
     args = select_wild_data.get_args_parser().parse_args(
         ['--teacher', 'hf-hub:acme/tiny-clip-vit', '--wild_path', wild, '--output', str(tmp_path / 'sel.pth'),
          '--num_select', '4', '--score', 'output', '--num_workers', '0', '--device', 'cpu'])
@@ -185,7 +186,6 @@ def test_wild_selection_with_a_named_teacher_uses_its_architecture_and_normalisa
                                   pretrained_cfg_overlay=dict(file=str(offline / 'clip' / 'model.safetensors'),
                                                               num_classes=3)).eval()
     transform = wild_transform(32, train=False, mean=CLIP_MEAN, std=CLIP_STD)
-    from PIL import Image
     images = torch.stack([transform(Image.open(os.path.join(wild, p)).convert('RGB'))
                           for p in list_images(wild)])
     with torch.no_grad():

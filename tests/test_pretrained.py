@@ -1,21 +1,26 @@
-"""Loading teachers: MAE / DeiT / timm / safetensors formats, pos-embed resampling, clear mismatch errors."""
+"""Loading checkpoints: MAE / DeiT / timm / safetensors formats, pos-embed resampling, clear mismatch errors,
+and the attention transfer reference's checkpoints (the whole dual model)."""
 import argparse
+import copy
+from types import SimpleNamespace
 
 import pytest
 import safetensors.torch
+import timm
 import torch
 import torch.nn.functional as F
-from conftest import TINY
+from helpers import TINY, TINY_ARCH, kwargs_flags, tiny_args
 
-from models_dual_vit import build_dual_vit, create_vit
+import main_finetune
+from models_dual_vit import DualViT, build_dual_vit, create_vit
+from tools import export_student
+from util.datasets import build_dataset
 from util.errors import UserError
 from util.pretrained import CheckpointMismatchError, load_pretrained_weights
 
-ARCH = {k: v for k, v in TINY.items() if k != 'img_size'}
-
 
 def encoder(img_size=32, pool='token', **kw):
-    return create_vit('vit_base_patch16_224', num_classes=0, global_pool=pool, img_size=img_size, **{**ARCH, **kw})
+    return create_vit('vit_base_patch16_224', num_classes=0, global_pool=pool, img_size=img_size, **{**TINY_ARCH, **kw})
 
 
 def mae_pretrain_checkpoint(src):
@@ -33,7 +38,7 @@ def test_mae_pretrain_checkpoint_with_decoder_and_other_grid_loads(tmp_path):
     path = tmp_path / 'mae_pretrain_vit_tiny.pth'
     torch.save(mae_pretrain_checkpoint(src), path)
 
-    dual = build_dual_vit('vit_base_patch16_224', mode='distill', num_classes=5, img_size=32, teacher_kwargs=ARCH)
+    dual = build_dual_vit('vit_base_patch16_224', mode='distill', num_classes=5, img_size=32, teacher_kwargs=TINY_ARCH)
     report = dual.load_teacher(str(path))  # teacher grid is 4x4, pools with fc_norm: norm.* is classifier side
     for k, v in src.state_dict().items():
         if k.startswith('blocks.') or k.startswith('patch_embed.') or k == 'cls_token':
@@ -115,3 +120,75 @@ def test_unreadable_and_missing_files(tmp_path):
         load_pretrained_weights(encoder(), str(bad))
     with pytest.raises(UserError, match='nowhere.pth'):
         load_pretrained_weights(encoder(), str(tmp_path / 'nowhere.pth'))
+
+
+# ---- checkpoints of the attention transfer reference (the whole dual model) -------------------------------
+def reference_checkpoint(path: str, mode: str) -> DualViT:
+    """A checkpoint in the reference's layout: model = teacher.* and student.* of the dual model,
+    model_ema = the EMA of the dual model (ModelEmaV2: module.*), args = a Namespace whose end_layer
+    the released code ignored (its model transfers depth - 3 layers)."""
+    torch.manual_seed(1)
+    dual = build_dual_vit('vit_base_patch16_224', mode=mode, num_classes=3, img_size=32, end_layer=-3,
+                          teacher_kwargs=TINY_ARCH)
+    ema = copy.deepcopy(dual)
+    with torch.no_grad():
+        for p in ema.student.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    state = {**{f'teacher.{k}': v for k, v in dual.teacher.state_dict().items()},
+             **{f'student.{k}': v for k, v in dual.student.state_dict().items()}}
+    ema_state = {f'module.teacher.{k}': v for k, v in ema.teacher.state_dict().items()}
+    ema_state.update({f'module.student.{k}': v for k, v in ema.student.state_dict().items()})
+    args = argparse.Namespace(model='vit_base_patch16_224', mode=mode, nb_classes=3, input_size=32, global_pool=True,
+                              end_layer=-1, drop_path=0.1, model_kwargs=TINY_ARCH)
+    torch.save({'model': state, 'model_ema': ema_state, 'optimizer': {'state': {}, 'param_groups': []},
+                'epoch': 99, 'scaler': {}, 'args': args}, path)
+    dual.ema_student = ema.student
+    return dual
+
+
+def expected_eval(model, data: str) -> tuple[float, float]:
+    """Mean cross-entropy and top-1 of ``model`` on data/val, images as they are (32x32 at input 32)."""
+    dataset = build_dataset(False, SimpleNamespace(input_size=32, nb_classes=3, data_path=data, eval_crop_pct=1.0))
+    x = torch.stack([dataset[i][0] for i in range(len(dataset))])
+    y = torch.tensor([dataset[i][1] for i in range(len(dataset))])
+    with torch.no_grad():
+        logits = model.eval()(x)
+    return F.cross_entropy(logits, y).item(), 100.0 * (logits.argmax(1) == y).float().mean().item()
+
+
+def test_reference_checkpoints_evaluate_finetune_ensemble_and_export(shared_images, tmp_path):
+    data = shared_images(classes=3, train_per_class=1, val_per_class=6)
+    copy_path, distill_path = str(tmp_path / 'copy.pth'), str(tmp_path / 'distill.pth')
+    copy_model, distill_model = reference_checkpoint(copy_path, 'copy'), reference_checkpoint(distill_path, 'distill')
+    common = ['--data_path', data, '--device', 'cpu', '--num_workers', '0', '--model_kwargs', *kwargs_flags(TINY_ARCH)]
+
+    # --eval --resume: the copy student runs beside the teacher in the released code's 1 of 4 layers
+    stats = main_finetune.run(['--eval', '--resume', copy_path, *common])
+    assert copy_model.layers == [0]
+    loss, acc = expected_eval(copy_model, data)
+    assert stats['test_loss'] == pytest.approx(loss, rel=1e-5) and stats['test_acc1'] == pytest.approx(acc)
+    ema_loss, _ = expected_eval(copy_model.with_student(copy_model.ema_student), data)
+    assert stats['ema_test_loss'] == pytest.approx(ema_loss, rel=1e-5) and abs(ema_loss - loss) > 1e-4
+
+    # a distill student evaluates alone; --ensemble_with reads the same layout
+    stats = main_finetune.run(['--eval', '--resume', distill_path, *common, '--ensemble_with', distill_path])
+    loss, acc = expected_eval(distill_model.student, data)
+    assert stats['test_loss'] == pytest.approx(loss, rel=1e-5)
+    assert stats['ensemble_test_loss'] == pytest.approx(loss, rel=1e-5)
+
+    # --finetune takes the student
+    vit = create_vit('vit_base_patch16_224', num_classes=3, img_size=32, **TINY_ARCH)
+    load_pretrained_weights(vit, distill_path)
+    for k, v in distill_model.student.state_dict().items():
+        assert torch.equal(vit.state_dict()[k], v), k
+
+    # export: the EMA student, as a standalone timm model
+    export_student.export(distill_path, str(tmp_path / 'exported'), use_ema=True)
+    exported = timm.create_model('local-dir:' + str(tmp_path / 'exported'), pretrained=True)
+    for k, v in distill_model.ema_student.state_dict().items():
+        assert torch.equal(exported.state_dict()[k], v), k
+
+    # training cannot continue from it (the optimizer state is the dual model's): a clear error
+    args = main_finetune.get_args_parser().parse_args(tiny_args(data, str(tmp_path / 'out'), '--resume', copy_path))
+    with pytest.raises(UserError, match='--resume'):
+        main_finetune.resolve_args(args)

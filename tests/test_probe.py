@@ -1,177 +1,23 @@
-"""Attention Probe: selection scores, resumable selection, probe-distillation losses, and the whole
-pipeline (teacher trained here -> selection from a generated wild set -> probe distillation)."""
+"""Attention Probe distillation: its losses, the whole pipeline (teacher trained here -> selection from a
+generated wild set -> probe distillation), and DFND_DeiT-train.py, the reference's command mapped onto the
+two scripts."""
+import importlib.util
 import json
 import math
 import os
-import subprocess
-import sys
+import warnings
 
-import numpy as np
 import pytest
 import torch
-import torch.nn.functional as F
-from helpers import ROOT, colour_image, free_port, make_image_folder, make_teacher_checkpoint, tiny_args
-from PIL import Image
+from helpers import ROOT, TINY_ARCH, make_teacher_checkpoint, make_wild_folder, run_selection, tiny_args
 
 import main_finetune
-import select_wild_data
-from models_dual_vit import create_vit
 from models_probe import default_probe_blocks, match_layers
-from util.errors import UserError
 from util.losses import kd_loss, noise_transition_matrix, patch_attention_probe_loss
 from util.pretrained import read_checkpoint
-from util.selection import list_images, wild_transform
-
-ARCH = dict(patch_size=8, embed_dim=48, depth=4, num_heads=3)
 
 
-def make_wild_folder(root, n_task=12, n_noise=12, size=32, seed=1):
-    """Task-like images (the colour task) mixed with pure-noise distractors, in nested folders."""
-    rng = np.random.default_rng(seed)
-    for i in range(n_task):
-        folder = os.path.join(root, 'a' if i % 2 else 'b', 'deep')
-        os.makedirs(folder, exist_ok=True)
-        colour_image(rng, i % 3, size).save(os.path.join(folder, f'task_{i:02d}.png'))
-    os.makedirs(os.path.join(root, 'noise'), exist_ok=True)
-    for i in range(n_noise):
-        Image.fromarray(rng.integers(0, 256, (size, size, 3), dtype=np.uint8)).save(
-            os.path.join(root, 'noise', f'noise_{i:02d}.jpg'))
-    return str(root)
-
-
-def independent_scores(teacher, images, blocks, prefix=1):
-    """Output score and head-0 probe cosine computed from the raw weights, via hooks on norm1."""
-    inputs = {}
-    hooks = [teacher.blocks[b].norm1.register_forward_hook(lambda m, i, o, b=b: inputs.__setitem__(b, o))
-             for b in blocks]
-    with torch.no_grad():
-        logits = teacher(images)
-    for h in hooks:
-        h.remove()
-    out = F.cross_entropy(logits, logits.argmax(1), reduction='none')
-    probes = []
-    for b in blocks:
-        attn = teacher.blocks[b].attn
-        h = inputs[b]
-        B, N, C = h.shape
-        qkv = (h @ attn.qkv.weight.T + attn.qkv.bias).view(B, N, 3, attn.num_heads, attn.head_dim)
-        q, k = qkv[:, :, 0].transpose(1, 2), qkv[:, :, 1].transpose(1, 2)
-        a = (q @ k.transpose(-1, -2) / math.sqrt(attn.head_dim)).softmax(-1)
-        row = a[:, 0, 0, prefix:]
-        probes.append(F.cosine_similarity(row, torch.full_like(row, 1.0 / row.shape[1]), dim=1))
-    return out, torch.stack(probes, 1), logits
-
-
-def run_selection(teacher_path, wild, output, *extra):
-    args = select_wild_data.get_args_parser().parse_args(
-        ['--teacher', teacher_path, '--wild_path', wild, '--output', output, '--num_select', '10',
-         '--chunk_size', '7', '--batch_size', '5', '--num_workers', '0', '--device', 'cpu', *extra])
-    return select_wild_data.main(args)
-
-
-@pytest.fixture(scope='module')
-def setup(tmp_path_factory):
-    root = tmp_path_factory.mktemp('probe')
-    teacher_path = make_teacher_checkpoint(str(root / 'teacher.pth'), classes=3)
-    ckpt = torch.load(teacher_path)
-    ckpt['args'] = {'model': 'vit_base_patch16_224', 'model_kwargs': ARCH, 'nb_classes': 3, 'input_size': 32,
-                    'global_pool': True, 'mode': None}
-    torch.save(ckpt, teacher_path)
-    wild = make_wild_folder(str(root / 'wild'))
-    return root, teacher_path, wild
-
-
-# ---- 1. selection scores -------------------------------------------------------------------------
-def test_scores_match_independent_computation(setup):
-    root, teacher_path, wild = setup
-    selection = run_selection(teacher_path, wild, str(root / 'sel.pth'))
-    teacher = create_vit('vit_base_patch16_224', num_classes=3, img_size=32, **ARCH)
-    teacher.load_state_dict(torch.load(teacher_path)['model'])
-    teacher.eval()
-    paths = list_images(wild)
-    assert selection['paths'] == paths and len(paths) == 24
-    transform = wild_transform(32, train=False)
-    images = torch.stack([transform(Image.open(os.path.join(wild, p)).convert('RGB')) for p in paths])
-    blocks = default_probe_blocks(4)[:2]
-    out, probe, logits = independent_scores(teacher, images, blocks)
-    torch.testing.assert_close(selection['scores']['output'], out, rtol=1e-4, atol=1e-5)
-    for i, b in enumerate(blocks):
-        torch.testing.assert_close(selection['scores']['probe'][b], probe[:, i], rtol=1e-4, atol=1e-5)
-    combined = 0.05 * probe.sum(1) + 0.9 * out
-    expected = set(combined.argsort()[:10].tolist())
-    assert set(selection['selected'].tolist()) == expected
-    soft = logits.softmax(1)[list(expected)].sum(0)
-    weights = (1 / soft) / (1 / soft).sum() * 3
-    torch.testing.assert_close(selection['soft_sums'], soft, rtol=2e-3, atol=1e-3)
-    torch.testing.assert_close(selection['class_weights'], weights, rtol=2e-3, atol=1e-3)
-    assert torch.equal(selection['predictions'], logits.argmax(1))
-
-
-def test_output_probe_and_random_rankings(setup):
-    root, teacher_path, wild = setup
-    full = run_selection(teacher_path, wild, str(root / 'sel_combined.pth'))
-    by_output = run_selection(teacher_path, wild, str(root / 'sel_out.pth'), '--score', 'output')
-    assert set(by_output['selected'].tolist()) == set(full['scores']['output'].argsort()[:10].tolist())
-    probe = sum(full['scores']['probe'].values())
-    by_probe = run_selection(teacher_path, wild, str(root / 'sel_probe.pth'), '--score', 'probe')
-    assert set(by_probe['selected'].tolist()) == set(probe.argsort()[:10].tolist())
-    rand = run_selection(teacher_path, wild, str(root / 'sel_rand.pth'), '--random', '--seed', '3')
-    assert len(set(rand['selected'].tolist())) == 10 and rand['ranking'] == 'random'
-
-
-def test_mean_over_heads_probe(setup):
-    root, teacher_path, wild = setup
-    sel = run_selection(teacher_path, wild, str(root / 'sel_mean.pth'), '--probe_heads', 'mean',
-                        '--probe_blocks', '1')
-    teacher = create_vit('vit_base_patch16_224', num_classes=3, img_size=32, **ARCH)
-    teacher.load_state_dict(torch.load(teacher_path)['model'])
-    inputs = {}
-    teacher.blocks[1].norm1.register_forward_hook(lambda m, i, o: inputs.__setitem__('h', o))
-    transform = wild_transform(32, train=False)
-    x = torch.stack([transform(Image.open(os.path.join(wild, p)).convert('RGB')) for p in sel['paths']])
-    with torch.no_grad():
-        teacher.eval()(x)
-    attn, h = teacher.blocks[1].attn, inputs['h']
-    qkv = (h @ attn.qkv.weight.T + attn.qkv.bias).view(len(x), 17, 3, 3, 16)
-    a = (qkv[:, :, 0].transpose(1, 2) @ qkv[:, :, 1].permute(0, 2, 3, 1) / 4.0).softmax(-1)
-    rows = a[:, :, 0, 1:]
-    cos = F.cosine_similarity(rows, torch.full_like(rows, 1 / 16), dim=-1).mean(1)
-    torch.testing.assert_close(sel['scores']['probe'][1], cos, rtol=1e-4, atol=1e-5)
-
-
-# ---- 2. selection survives interruption ----------------------------------------------------------
-def test_interrupted_selection_resumes_to_the_same_file(setup, monkeypatch):
-    root, teacher_path, wild = setup
-    reference = run_selection(teacher_path, wild, str(root / 'ref.pth'))
-    score_chunk, calls = select_wild_data.score_chunk, [0]
-
-    def crash_on_third_chunk(*args, **kwargs):
-        calls[0] += 1
-        if calls[0] == 3:
-            raise KeyboardInterrupt
-        return score_chunk(*args, **kwargs)
-
-    monkeypatch.setattr(select_wild_data, 'score_chunk', crash_on_third_chunk)
-    out = str(root / 'resumed.pth')
-    with pytest.raises(KeyboardInterrupt):
-        run_selection(teacher_path, wild, out)
-    assert sorted(os.listdir(out + '.chunks')) == ['chunk_000000.pth', 'chunk_000001.pth', 'manifest.json']
-    monkeypatch.setattr(select_wild_data, 'score_chunk', score_chunk)
-    calls[0] = 0
-    counting = []
-    monkeypatch.setattr(select_wild_data, 'score_chunk', lambda *a, **k: counting.append(1) or score_chunk(*a, **k))
-    resumed = run_selection(teacher_path, wild, out)
-    assert len(counting) == 2  # only the two chunks left (24 images in chunks of 7)
-    saved = read_checkpoint(out)
-    for key in ('selected', 'predictions', 'soft_sums', 'class_weights', 'value'):
-        assert torch.equal(saved[key], reference[key]), key
-    assert torch.equal(resumed['scores']['output'], reference['scores']['output'])
-    # a rerun with other settings must not mix its scores with these
-    with pytest.raises(UserError, match='scores of another run.*probe_heads'):
-        run_selection(teacher_path, wild, out, '--probe_heads', 'mean')
-
-
-# ---- 3. probe distillation losses ----------------------------------------------------------------
+# ---- probe distillation losses ----------------------------------------------------------------------
 def test_kd_loss_with_temperature_and_robust_weights():
     s, t = torch.randn(6, 5, dtype=torch.float64), torch.randn(6, 5, dtype=torch.float64)
     T = 4.0
@@ -214,9 +60,9 @@ def test_layers_matched_by_relative_depth():
     assert match_layers([3, 7, 11], 12, 6) == [1, 3, 5]
 
 
-# ---- 4. the whole pipeline -----------------------------------------------------------------------
-def test_teacher_selection_probe_distillation_end_to_end(tmp_path):
-    target = make_image_folder(str(tmp_path / 'target'))
+# ---- the whole pipeline ---------------------------------------------------------------------------------
+def test_teacher_selection_probe_distillation_end_to_end(workdir, tmp_path):
+    target = workdir.data
     teacher_out = str(tmp_path / 'teacher')
     main_finetune.run(tiny_args(target, teacher_out, '--lr', '3e-3', epochs=2))
     wild = make_wild_folder(str(tmp_path / 'wild'), n_task=24, n_noise=24)
@@ -252,30 +98,33 @@ def test_teacher_selection_probe_distillation_end_to_end(tmp_path):
     assert [json.loads(line)['epoch'] for line in open(os.path.join(out, 'log.txt'))] == [0, 1, 2]
 
 
-def test_torchrun_selection_shards_and_probe_ranks_agree(setup, tmp_path):
-    root, teacher_path, wild = setup
-    single = run_selection(teacher_path, wild, str(tmp_path / 'single.pth'))
-    port = str(free_port())
-    cmd = [sys.executable, '-m', 'torch.distributed.run', '--nproc_per_node', '2', '--master_port', port,
-           os.path.join(ROOT, 'select_wild_data.py'), '--teacher', teacher_path, '--wild_path', wild, '--output',
-           str(tmp_path / 'sharded.pth'), '--num_select', '10', '--chunk_size', '7', '--batch_size', '5',
-           '--num_workers', '0', '--device', 'cpu']
-    env = {**os.environ, 'OMP_NUM_THREADS': '1'}
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=240, env=env, cwd=ROOT)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    sharded = read_checkpoint(str(tmp_path / 'sharded.pth'))
-    assert torch.equal(sharded['selected'], single['selected'])
-    torch.testing.assert_close(sharded['scores']['output'], single['scores']['output'])
+# ---- DFND_DeiT-train.py: the reference's command mapped onto the two scripts -----------------------------
+def load_dfnd():
+    spec = importlib.util.spec_from_file_location('dfnd_deit_train', os.path.join(ROOT, 'DFND_DeiT-train.py'))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
-    target = make_image_folder(str(tmp_path / 'target'))
-    out = str(tmp_path / 'student')
-    cmd = [sys.executable, '-m', 'torch.distributed.run', '--nproc_per_node', '2', '--master_port', str(free_port()),
-           os.path.join(ROOT, 'tests', 'ddp_worker.py'), '--mode', 'probe', '--finetune', teacher_path,
-           '--selection', str(tmp_path / 'sharded.pth'), '--eval_data_path', target, '--nb_classes', '3',
-           '--input_size', '32', '--epochs', '1', '--batch_size', '2', '--num_workers', '0', '--device', 'cpu',
-           '--dist_eval', '--output_dir', out, '--log_dir', out]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=240, env=env, cwd=ROOT)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    r0, r1 = (torch.load(os.path.join(out, f'rank{r}_epoch0.pt')) for r in (0, 1))
-    assert all(torch.equal(v, r1[k]) for k, v in r0.items())
-    assert read_checkpoint(os.path.join(out, 'checkpoint.pth'))['criterion']['noise_params'].abs().sum() > 0
+
+def test_dfnd_command_runs_end_to_end(shared_images, tmp_path):
+    """The reference's command on a tiny teacher (4x4 patches, the student's token grid) and generated data."""
+    teacher_path = make_teacher_checkpoint(str(tmp_path / 'teacher.pth'), classes=3, patch_size=4)
+    ckpt = torch.load(teacher_path)
+    ckpt['args'] = {'model': 'vit_base_patch16_224', 'model_kwargs': {**TINY_ARCH, 'patch_size': 4}, 'nb_classes': 3,
+                    'input_size': 32, 'global_pool': True, 'mode': None}
+    torch.save(ckpt, teacher_path)
+    target = shared_images(classes=3, train_per_class=2, val_per_class=2)
+    wild = shared_images(classes=3, train_per_class=6, val_per_class=0, seed=3)
+    out = str(tmp_path / 'output') + os.sep
+    with warnings.catch_warnings():
+        warnings.simplefilter('ignore')
+        stats = load_dfnd().main(
+            ['--dataset', 'cifar10', '--data_cifar', target, '--data_imagenet', wild, '--num_select', '8',
+             '--teacher_dir', teacher_path, '--selected_file', str(tmp_path / 'selected') + os.sep,
+             '--output_dir', out, '--nb_classes', '3', '--lr_S', '7.5e-4', '--attnprobe_sel', '--attnprobe_dist',
+             '--robust', '--epochs', '1', '--batch_size', '4', '--device', 'cpu', '--num_workers', '0'])
+    assert 0.0 <= stats['test_acc1'] <= 100.0
+    run = read_checkpoint(os.path.join(out, 'student', 'checkpoint.pth'))
+    assert run['args']['teacher_acc'] == 0.9665 and run['args']['sched'] == 'step' and not run['args']['global_pool']
+    assert read_checkpoint(str(tmp_path / 'selected' / 'selection.pth'))['ranking'] == 'output'
+    assert os.path.exists(str(tmp_path / 'selected' / 'selection.pth.aug_weights.pth'))

@@ -1,7 +1,7 @@
 """The run folder has one owner: a run never replaces another run's files, every file it will replace is
 checked at start, a best checkpoint is written before the record that points at it, a stop between an
 epoch's checkpoint and its log line loses nothing, and the folder's faults (a full disk, an immutable file,
-a read-only folder) are answered before any work, with one error line.
+a read-only folder) are answered before any workdir, with one error line.
 
 The faults are real where the guarantee depends on them: a small tmpfs for a full disk, ``chattr +i`` for
 a file or folder that cannot be changed (both need root; those tests skip otherwise)."""
@@ -12,12 +12,11 @@ import shutil
 import subprocess
 import time
 import warnings
-from types import SimpleNamespace
 from unittest import mock
 
 import pytest
 import torch
-from helpers import TINY_ARCH, make_image_folder, make_teacher_checkpoint, tiny_args
+from helpers import TINY_ARCH, args_for, make_image_folder, make_teacher_checkpoint, read_log
 
 import main_finetune
 import select_wild_data
@@ -31,23 +30,6 @@ from util.run_control import Preempted, clear_stop, request_stop
 from util.selection import training_class_weights
 
 ROOT_ONLY = pytest.mark.skipif(os.geteuid() != 0, reason='needs root (chattr, mount)')
-
-
-@pytest.fixture(scope='module')
-def work(tmp_path_factory):
-    root = tmp_path_factory.mktemp('run_folder')
-    data = make_image_folder(str(root / 'data'))  # 48 training images: 6 steps of 8
-    teacher = make_teacher_checkpoint(str(root / 'teacher.pth'))
-    return SimpleNamespace(root=root, data=data, teacher=teacher)
-
-
-def args_for(work, out, *extra, epochs=2):
-    return tiny_args(work.data, str(out), '--finetune', work.teacher, '--lr', '3e-3', *extra, epochs=epochs)
-
-
-def read_log(out) -> list[dict]:
-    with open(os.path.join(out, 'log.txt')) as f:
-        return [json.loads(line) for line in f]
 
 
 def snapshot(folder) -> dict:
@@ -83,12 +65,13 @@ def no_training(monkeypatch):
 
 
 # ---- a fresh run never replaces another run's files ---------------------------------------------------
-def test_rerun_without_resume_is_refused_where_a_stopped_run_is(work, monkeypatch):
-    out = work.root / 'stopped'
+@pytest.mark.slow
+def test_rerun_without_resume_is_refused_where_a_stopped_run_is(workdir, monkeypatch):
+    out = workdir.root / 'stopped'
     stop_during_forward(monkeypatch, 8)  # epoch 1, step 2 of 6
     try:
         with pytest.raises(Preempted):
-            main_finetune.run(args_for(work, out))
+            main_finetune.run(args_for(workdir, out))
     finally:
         clear_stop()
         monkeypatch.undo()
@@ -96,41 +79,44 @@ def test_rerun_without_resume_is_refused_where_a_stopped_run_is(work, monkeypatc
     no_training(monkeypatch)
     with pytest.raises(UserError, match=r"(?s)holds a run \(checkpoint\.pth, log\.txt; checkpoint\.pth: epoch 1, "
                                         r"step 2, written .*--resume allow.*another --output_dir"):
-        main_finetune.run(args_for(work, out))  # the same command without --resume, as a requeue sends it
+        main_finetune.run(args_for(workdir, out))  # the same command without --resume, as a requeue sends it
     # a checkpoint of another run resumed into this folder would mix the two runs' files
-    other = work.root / 'other'
+    other = workdir.root / 'other'
     other.mkdir()
     shutil.copy(out / 'checkpoint.pth', other / 'checkpoint.pth')
     with pytest.raises(UserError, match=r"--resume .*other/checkpoint.pth' continues a run from another folder"):
-        main_finetune.run(args_for(work, out, '--resume', str(other / 'checkpoint.pth')))
+        main_finetune.run(args_for(workdir, out, '--resume', str(other / 'checkpoint.pth')))
     assert snapshot(out) == before
     monkeypatch.undo()
-    main_finetune.run(args_for(work, out, '--resume', 'allow'))  # the continuation
+    main_finetune.run(args_for(workdir, out, '--resume', 'allow'))  # the continuation
     assert [e['epoch'] for e in read_log(out)] == [0, 1]
 
 
-def test_resume_allow_without_checkpoint_pth_names_the_numbered_one(work, monkeypatch):
-    out = work.root / 'numbered_only'
-    main_finetune.run(args_for(work, out, '--save_every', '1', epochs=1))
+@pytest.mark.slow
+def test_resume_allow_without_checkpoint_pth_names_the_numbered_one(workdir, monkeypatch):
+    out = workdir.root / 'numbered_only'
+    main_finetune.run(args_for(workdir, out, '--save_every', '1', epochs=1))
     os.remove(out / 'checkpoint.pth')
     no_training(monkeypatch)
     with pytest.raises(UserError, match=r"holds a run without checkpoint.pth .*--resume .*checkpoint-0\.pth"):
-        main_finetune.run(args_for(work, out, '--resume', 'allow'))
+        main_finetune.run(args_for(workdir, out, '--resume', 'allow'))
 
 
-def test_finetune_from_the_folders_best_checkpoint_is_refused(work):
-    out = work.root / 'best_source'
-    main_finetune.run(args_for(work, out, '--save_best', epochs=1))
+@pytest.mark.slow
+def test_finetune_from_the_folders_best_checkpoint_is_refused(workdir):
+    out = workdir.root / 'best_source'
+    main_finetune.run(args_for(workdir, out, '--save_best', epochs=1))
     before = snapshot(out)
     with pytest.raises(UserError, match=r"--finetune .*checkpoint-best\.pth.* would be overwritten by this run's "
                                         r"checkpoint-best\.pth"):
-        main_finetune.run(args_for(work, out, '--save_best') + ['--finetune', str(out / 'checkpoint-best.pth')])
+        main_finetune.run(args_for(workdir, out, '--save_best') + ['--finetune', str(out / 'checkpoint-best.pth')])
     assert snapshot(out) == before
 
 
 # ---- the best checkpoint before the record that points at it --------------------------------------------
-def test_kill_while_writing_the_best_checkpoint_loses_nothing(work, monkeypatch):
-    out = work.root / 'best_kill'
+@pytest.mark.slow
+def test_kill_while_writing_the_best_checkpoint_loses_nothing(workdir, monkeypatch):
+    out = workdir.root / 'best_kill'
     killed = []
 
     def kill_at_second_best(state, path):
@@ -149,13 +135,13 @@ def test_kill_while_writing_the_best_checkpoint_loses_nothing(work, monkeypatch)
     monkeypatch.setattr(main_finetune, 'save_atomic', kill_at_second_best)
     monkeypatch.setattr(main_finetune.BestAccuracy, 'update', always_improves)
     with pytest.raises(KeyboardInterrupt):
-        main_finetune.run(args_for(work, out, '--save_best', epochs=2))
+        main_finetune.run(args_for(workdir, out, '--save_best', epochs=2))
     assert killed
     record = read_checkpoint(str(out / 'checkpoint.pth'))
     best_file = read_checkpoint(str(out / 'checkpoint-best.pth'))
     assert record['best']['test_acc1']['epoch'] == best_file['epoch'] == 0  # the record never ran ahead
     monkeypatch.setattr(main_finetune, 'save_atomic', save_atomic)
-    main_finetune.run(args_for(work, out, '--save_best', '--resume', 'allow', epochs=2))
+    main_finetune.run(args_for(workdir, out, '--save_best', '--resume', 'allow', epochs=2))
     log = read_log(out)
     assert [e['epoch'] for e in log] == [0, 1]  # epoch 1's evaluation and line were written on resume
     assert log[-1]['best_test_acc1_epoch'] == 1 == read_checkpoint(str(out / 'checkpoint-best.pth'))['epoch']
@@ -172,35 +158,37 @@ def test_stale_temporaries_of_every_run_file_are_removed(tmp_path):
 
 
 # ---- every file the run replaces is checked at start ------------------------------------------------------
+@pytest.mark.slow
 @ROOT_ONLY
 @pytest.mark.parametrize('name', ['checkpoint.pth', 'log.txt'])
-def test_an_unreplaceable_file_is_refused_before_training(work, monkeypatch, name):
-    out = work.root / f'immutable_{name}'
-    main_finetune.run(args_for(work, out, epochs=1))
+def test_an_unreplaceable_file_is_refused_before_training(workdir, monkeypatch, name):
+    out = workdir.root / f'immutable_{name}'
+    main_finetune.run(args_for(workdir, out, epochs=1))
     no_training(monkeypatch)
     with immutable(out / name), pytest.raises(UserError, match=rf"{name} cannot be replaced by this run: it is "
                                                                r"immutable \(chattr \+i\)"):
-        main_finetune.run(args_for(work, out, '--resume', 'allow', epochs=2))
+        main_finetune.run(args_for(workdir, out, '--resume', 'allow', epochs=2))
 
 
+@pytest.mark.slow
 @ROOT_ONLY
-def test_eval_into_a_read_only_folder_is_refused_before_evaluating(work, monkeypatch):
-    source = work.root / 'eval_source'
-    main_finetune.run(args_for(work, source, epochs=1))
-    read_only = work.root / 'read_only'
+def test_eval_into_a_read_only_folder_is_refused_before_evaluating(workdir, monkeypatch):
+    source = workdir.root / 'eval_source'
+    main_finetune.run(args_for(workdir, source, epochs=1))
+    read_only = workdir.root / 'read_only'
     read_only.mkdir()
     monkeypatch.setattr(main_finetune, 'evaluate_only', lambda *a, **k: pytest.fail('evaluated'))
     with immutable(read_only), pytest.raises(UserError, match=r"--output_dir .*read_only' cannot be written"):
-        main_finetune.run(['--eval', '--resume', str(source / 'checkpoint.pth'), '--data_path', work.data,
+        main_finetune.run(['--eval', '--resume', str(source / 'checkpoint.pth'), '--data_path', workdir.data,
                            '--device', 'cpu', '--num_workers', '0', '--output_dir', str(read_only)])
 
 
 @ROOT_ONLY
-def test_unwritable_job_dir_is_refused_before_submission(work, tmp_path, monkeypatch):
+def test_unwritable_job_dir_is_refused_before_submission(workdir, tmp_path, monkeypatch):
     locked = tmp_path / 'locked'
     locked.mkdir()
     monkeypatch.setattr(submitit_finetune, 'build_executor', lambda *a: pytest.fail('submitted'))
-    argv = args_for(work, '', epochs=1)
+    argv = args_for(workdir, '', epochs=1)
     i = argv.index('--output_dir')
     del argv[i:i + 4]
     with immutable(locked), pytest.raises(UserError, match=r"--job_dir .*locked' cannot be written"):
@@ -221,7 +209,8 @@ def small_disk(tmp_path):
         subprocess.run(['umount', '-l', str(mount)], check=True)
 
 
-def test_full_disk_names_the_file_keeps_the_last_checkpoint_and_the_epochs_line(work, small_disk, monkeypatch):
+@pytest.mark.slow
+def test_full_disk_names_the_file_keeps_the_last_checkpoint_and_the_epochs_line(workdir, small_disk, monkeypatch):
     out = small_disk / 'run'
     train = main_finetune.train_one_epoch
 
@@ -236,43 +225,44 @@ def test_full_disk_names_the_file_keeps_the_last_checkpoint_and_the_epochs_line(
     monkeypatch.setattr(main_finetune, 'train_one_epoch', train_then_fill_the_disk)
     with pytest.raises(UserError, match=r"cannot write .*checkpoint\.pth: No space left on device\. The previous "
                                         r"checkpoint\.pth .* is intact"):
-        main_finetune.run(args_for(work, out, '--save_every', '0', epochs=2))
+        main_finetune.run(args_for(workdir, out, '--save_every', '0', epochs=2))
     assert read_checkpoint(str(out / 'checkpoint.pth'))['epoch'] == 0
     assert [e['epoch'] for e in read_log(out)] == [0, 1]  # the failed epoch's training is logged
     assert not [n for n in os.listdir(out) if n.endswith('.tmp')]
     os.remove(small_disk / 'filler')
     monkeypatch.setattr(main_finetune, 'train_one_epoch', train)
-    main_finetune.run(args_for(work, out, '--save_every', '0', '--resume', 'allow', epochs=2))
+    main_finetune.run(args_for(workdir, out, '--save_every', '0', '--resume', 'allow', epochs=2))
     log = read_log(out)
     assert [e['epoch'] for e in log] == [0, 1] and 'test_acc1' in log[1]  # epoch 1 trained again, once
 
 
 # ---- a mid-epoch checkpoint continues only the same permutation ------------------------------------------
 @pytest.fixture(scope='module')
-def stopped_mid_epoch(work):
+def stopped_mid_epoch(workdir):
     mp = pytest.MonkeyPatch()
-    out = work.root / 'mid_epoch'
+    out = workdir.root / 'mid_epoch'
     stop_during_forward(mp, 6 + 2)
     try:
         with pytest.raises(Preempted):
-            main_finetune.run(args_for(work, out))
+            main_finetune.run(args_for(workdir, out))
     finally:
         clear_stop()
         mp.undo()
     return out
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('change', ['seed', 'data'])
-def test_mid_epoch_resume_with_another_seed_or_data_is_refused(work, stopped_mid_epoch, monkeypatch, change):
-    out = work.root / f'mid_{change}'
+def test_mid_epoch_resume_with_another_seed_or_data_is_refused(workdir, stopped_mid_epoch, monkeypatch, change):
+    out = workdir.root / f'mid_{change}'
     shutil.copytree(stopped_mid_epoch, out)
-    argv = args_for(work, out, '--resume', 'allow')
+    argv = args_for(workdir, out, '--resume', 'allow')
     if change == 'seed':
         argv += ['--seed', '1']
         expected = r"--seed 0 then, 1 now"
     else:
-        data = work.root / 'data_changed'
-        shutil.copytree(work.data, data)
+        data = workdir.root / 'data_changed'
+        shutil.copytree(workdir.data, data)
         first = sorted(os.listdir(data / 'train' / 'class_0'))[0]
         os.rename(data / 'train' / 'class_0' / first, data / 'train' / 'class_0' / ('z' + first))
         argv[argv.index('--data_path') + 1] = str(data)
@@ -282,12 +272,13 @@ def test_mid_epoch_resume_with_another_seed_or_data_is_refused(work, stopped_mid
         main_finetune.run(argv)
 
 
-def test_mid_epoch_resume_of_a_moved_copy_of_the_same_data_continues(work, stopped_mid_epoch):
-    out = work.root / 'mid_moved'
+@pytest.mark.slow
+def test_mid_epoch_resume_of_a_moved_copy_of_the_same_data_continues(workdir, stopped_mid_epoch):
+    out = workdir.root / 'mid_moved'
     shutil.copytree(stopped_mid_epoch, out)
-    moved = work.root / 'data_moved'
-    shutil.copytree(work.data, moved)
-    argv = args_for(work, out, '--resume', 'allow')
+    moved = workdir.root / 'data_moved'
+    shutil.copytree(workdir.data, moved)
+    argv = args_for(workdir, out, '--resume', 'allow')
     argv[argv.index('--data_path') + 1] = str(moved)
     main_finetune.run(argv)
     assert [e['epoch'] for e in read_log(out)] == [0, 1]
@@ -308,14 +299,15 @@ def test_an_empty_lock_is_taken_over_only_when_old(tmp_path, capsys):
     taken.release()
 
 
-def test_a_truncated_checkpoint_names_the_intact_numbered_one(work):
-    out = work.root / 'truncated'
-    main_finetune.run(args_for(work, out, '--save_every', '1', epochs=2))
+@pytest.mark.slow
+def test_a_truncated_checkpoint_names_the_intact_numbered_one(workdir):
+    out = workdir.root / 'truncated'
+    main_finetune.run(args_for(workdir, out, '--save_every', '1', epochs=2))
     data = open(out / 'checkpoint.pth', 'rb').read()
     open(out / 'checkpoint.pth', 'wb').write(data[:len(data) // 2])
     with pytest.raises(UserError, match=r"(?s)cannot read it .*Its folder holds .*checkpoint-1\.pth \(end of epoch "
                                         r"1\), which reads: resume from it with --resume .*checkpoint-1\.pth"):
-        main_finetune.run(args_for(work, out, '--resume', 'allow', epochs=3))
+        main_finetune.run(args_for(workdir, out, '--resume', 'allow', epochs=3))
 
 
 @ROOT_ONLY

@@ -14,9 +14,10 @@ import time
 from unittest import mock
 
 import pytest
-from helpers import ROOT, make_image_folder, make_teacher_checkpoint
+from helpers import ROOT, kwargs_flags, make_teacher_checkpoint, tiny_args
 
 import main_finetune
+import submitit_finetune
 from util.errors import UserError
 
 CLUSTER = os.path.join(ROOT, 'tests', 'slurm', 'cluster.sh')
@@ -68,16 +69,17 @@ def read(path: str) -> str:
     return open(path).read() if os.path.exists(path) else ''
 
 
-def test_preempted_job_requeues_resumes_and_finishes(cluster, tmp_path):
+@pytest.mark.slow
+def test_preempted_job_requeues_resumes_and_finishes(cluster, shared_images, tmp_path):
     env = cluster
-    data = make_image_folder(str(tmp_path / 'data'), train_per_class=32, size=64)
+    data = shared_images(train_per_class=32, size=64)
     teacher = make_teacher_checkpoint(str(tmp_path / 'teacher.pth'), img_size=64, **ARCH)
     job_dir = str(tmp_path / 'job')
     submit = subprocess.run(
         [sys.executable, os.path.join(ROOT, 'submitit_finetune.py'), '--job_dir', job_dir, '--nodes', '1',
          '--ngpus', '2', '--ncpus', '1', '--mem_gb', '2', '--timeout', '30', '--partition', 'debug',
          '--device', 'cpu', '--num_workers', '0', '--data_path', data, '--nb_classes', '3',
-         '--model', 'vit_base_patch16_224', '--model_kwargs', *[f'{k}={v}' for k, v in ARCH.items()],
+         '--model', 'vit_base_patch16_224', '--model_kwargs', *kwargs_flags(ARCH),
          '--input_size', '64',
          '--mode', 'distill', '--finetune', teacher, '--batch_size', '4', '--epochs', '2', '--warmup_epochs', '0',
          '--lr', '1e-3', '--aa', 'none', '--reprob', '0', '--print_freq', '1', '--resume', 'allow', '--dist_eval'],
@@ -123,12 +125,9 @@ def test_preempted_job_requeues_resumes_and_finishes(cluster, tmp_path):
 
 
 # ---- the launcher without Slurm ------------------------------------------------------------------
-def test_debug_cluster_runs_the_job_in_process(tmp_path):
-    from helpers import tiny_args
-
-    import submitit_finetune
-
-    data = make_image_folder(str(tmp_path / 'data'))
+@pytest.mark.slow
+def test_debug_cluster_runs_the_job_in_process(labelled, tmp_path):
+    data = labelled.data
     argv = tiny_args(data, '', '--mode', 'none', '--lr', '3e-3', epochs=1)
     i = argv.index('--output_dir')
     del argv[i:i + 4]  # output_dir and log_dir default to the job directory
@@ -140,8 +139,6 @@ def test_debug_cluster_runs_the_job_in_process(tmp_path):
 
 
 def test_job_dir_is_required_without_a_shared_folder(tmp_path, monkeypatch):
-    import submitit_finetune
-
     monkeypatch.setattr(submitit_finetune, 'SHARED_FOLDER', str(tmp_path / 'no_such_shared_folder'))
     with pytest.raises(UserError, match='--job_dir is required: no shared folder'):
         submitit_finetune.main(['--data_path', str(tmp_path), '--cluster', 'debug'])

@@ -1,16 +1,18 @@
 """Bad input answered by one clear `error:` paragraph (a UserError), found before any training; bugs keep
-their traceback; odd images converted or skipped; one file under two class folders reported."""
+their traceback."""
+import contextlib
+import io
 import os
 import re
 import subprocess
 import sys
-import warnings
 from types import SimpleNamespace
 
 import numpy as np
 import pytest
+import safetensors.torch
 import torch
-from helpers import ROOT, TINY_ARCH, make_image_folder, make_teacher_checkpoint, tiny_args
+from helpers import ROOT, TINY_ARCH, kwargs_flags, tiny_args
 from PIL import Image
 
 import main_finetune
@@ -18,7 +20,9 @@ import select_wild_data
 from engine_finetune import NonFiniteLossError
 from models_dual_vit import create_vit
 from tools import export_student, prepare_cifar
+from util.datasets import DataError
 from util.errors import DEBUG_ENV, UserError, run_cli
+from util.pretrained import CheckpointMismatchError
 
 ENTRY_POINTS = ['main_finetune.py', 'select_wild_data.py', 'submitit_finetune.py', 'demo.py',
                 'tools/export_student.py', 'tools/prepare_cifar.py', 'tools/prepare_tinyimagenet.py',
@@ -26,11 +30,10 @@ ENTRY_POINTS = ['main_finetune.py', 'select_wild_data.py', 'submitit_finetune.py
 
 
 @pytest.fixture(scope='module')
-def work(tmp_path_factory):
-    root = tmp_path_factory.mktemp('user_errors')
-    data = make_image_folder(str(root / 'data'), train_per_class=8, val_per_class=3)
-    teacher = make_teacher_checkpoint(str(root / 'teacher.pth'))
-    return SimpleNamespace(root=root, data=data, teacher=teacher)
+def work(workdir, shared_images):
+    """The shared teacher, 8 training and 3 validation images a class, and this module's output folder."""
+    return SimpleNamespace(root=workdir.root, data=shared_images(train_per_class=8, val_per_class=3),
+                           teacher=workdir.teacher)
 
 
 def args_for(work, name, *extra, epochs=1):
@@ -43,7 +46,7 @@ def user_error(argv) -> str:
     return str(err.value)
 
 
-# ---- 1. reporting ------------------------------------------------------------------------------
+# ---- reporting ---------------------------------------------------------------------------------
 def test_run_cli_prints_one_error_paragraph_and_exits_1(capsys, monkeypatch):
     monkeypatch.delenv(DEBUG_ENV, raising=False)
 
@@ -80,12 +83,11 @@ def test_every_entry_point_reports_through_run_cli():
 
 
 def test_existing_error_types_are_user_errors():
-    from util.datasets import DataError
-    from util.pretrained import CheckpointMismatchError
     for kind in (DataError, CheckpointMismatchError, export_student.ExportError):
         assert issubclass(kind, UserError)
 
 
+@pytest.mark.slow
 def test_main_finetune_bad_flag_prints_error_without_traceback(work):
     env = {k: v for k, v in os.environ.items() if k not in (DEBUG_ENV, 'WORLD_SIZE', 'RANK')}
     cmd = [sys.executable, os.path.join(ROOT, 'main_finetune.py'), *args_for(work, 'cli', '--drop_path', '1.5')]
@@ -96,13 +98,12 @@ def test_main_finetune_bad_flag_prints_error_without_traceback(work):
     assert not os.path.exists(work.root / 'cli')  # nothing written
 
 
-# ---- 2. errors that escaped raw ----------------------------------------------------------------
+# ---- errors that escaped raw -------------------------------------------------------------------
 @pytest.mark.parametrize('kwargs, match', [
     (['bogus_arg=1'], 'bogus_arg'), (['depth=four'], 'depth'), (['num_heads=5'], 'num_heads'),
 ])
 def test_bad_model_kwargs(work, kwargs, match):
-    argv = args_for(work, 'kw') + ['--model_kwargs', 'patch_size=8', 'embed_dim=48', 'depth=4', 'num_heads=3',
-                                   *kwargs]
+    argv = args_for(work, 'kw') + ['--model_kwargs', *kwargs_flags(TINY_ARCH), *kwargs]
     message = user_error(argv)
     assert '--model_kwargs' in message and match in message
 
@@ -113,7 +114,6 @@ def test_model_that_is_not_a_vit(work):
 
 
 def test_truncated_safetensors_names_the_file(work):
-    import safetensors.torch
     path = str(work.root / 'teacher.safetensors')
     vit = create_vit('vit_base_patch16_224', num_classes=3, img_size=32, **TINY_ARCH)
     safetensors.torch.save_file(vit.state_dict(), path)
@@ -155,6 +155,19 @@ def test_output_dir_that_is_a_file(work):
     assert path.read_text() == 'keep me'
 
 
+def test_missing_or_empty_data_and_wrong_class_count_are_clear_errors(workdir, tmp_path):
+    with pytest.raises(DataError, match=r"'/no/such/place/val' is not a directory.*train/<class>"):
+        main_finetune.run(tiny_args('/no/such/place', str(tmp_path / 'a')))
+    os.makedirs(tmp_path / 'empty' / 'val' / 'class_0')
+    os.makedirs(tmp_path / 'empty' / 'train' / 'class_0')
+    with pytest.raises(DataError, match='holds no images'):
+        main_finetune.run(tiny_args(str(tmp_path / 'empty'), str(tmp_path / 'b')))
+    with pytest.raises(DataError, match='has 3 class folders but --nb_classes is 5; pass --nb_classes 3'):
+        main_finetune.run(tiny_args(workdir.data, str(tmp_path / 'c')) + ['--nb_classes', '5'])
+    with pytest.raises(UserError, match=r"mode distill needs the teacher's weights: --finetune PATH"):
+        main_finetune.run(tiny_args(workdir.data, str(tmp_path / 'd'), '--mode', 'distill'))
+
+
 def test_export_student_garbage_and_unwritable_output(work):
     garbage = work.root / 'garbage.pth'
     garbage.write_bytes(b'not a checkpoint at all')
@@ -176,7 +189,7 @@ def test_prepare_cifar_with_wrong_src(tmp_path):
         prepare_cifar.main(['--src', str(tmp_path), '--dst', str(tmp_path / 'out')])
 
 
-# ---- 3. values checked before any training -----------------------------------------------------
+# ---- values checked before any training --------------------------------------------------------
 @pytest.mark.parametrize('flag, value', [
     ('--epochs', '0'), ('--atd_weight', '-1'), ('--atd_weight', 'nan'), ('--atd_weight', 'inf'),
     ('--drop_path', '1'), ('--drop_path', '-0.1'), ('--smoothing', '1'), ('--min_crop_scale', '0'),
@@ -214,19 +227,17 @@ def test_num_select_checked_before_scoring(work, wild, num_select, monkeypatch):
     monkeypatch.setattr(select_wild_data, 'score_chunk', lambda *a, **k: pytest.fail('scoring started'))
     args = select_wild_data.get_args_parser().parse_args([
         '--teacher', work.teacher, '--model', 'vit_base_patch16_224', '--model_kwargs',
-        *[f'{k}={v}' for k, v in TINY_ARCH.items()], '--nb_classes', '3', '--input_size', '32',
+        *kwargs_flags(TINY_ARCH), '--nb_classes', '3', '--input_size', '32',
         '--wild_path', wild, '--output', str(work.root / f'sel{num_select}.pth'), '--num_select', num_select,
         '--num_workers', '0', '--device', 'cpu'])
     with pytest.raises(UserError, match=f'--num_select {num_select}'):
         select_wild_data.main(args)
 
 
-# ---- 3/4. a real run: nothing to do, lr floor above the peak, the atd term's NaN -------------------
+# ---- a real run: nothing to do, lr floor above the peak, the atd term's NaN ------------------------
 @pytest.fixture(scope='module')
 def floor_run(work):
     """One epoch whose --min_lr is above its peak lr (the seed's copy recipe on too small a batch)."""
-    import contextlib
-    import io
     out, err = io.StringIO(), io.StringIO()
     with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
         main_finetune.run(args_for(work, 'floor', '--blr', '1e-3', '--min_lr', '2e-3', '--warmup_epochs', '0'))
@@ -257,50 +268,3 @@ def test_nan_from_the_atd_term_does_not_blame_the_lr(work):
         main_finetune.run(args_for(work, 'nan_atd', '--mode', 'distill', '--finetune', bad_teacher))
     message = str(err.value)
     assert 'loss_atd' in message and 'teacher' in message and 'Lower the learning rate' not in message
-
-
-# ---- 5. data -----------------------------------------------------------------------------------
-def test_16_bit_png_and_float_tiff_are_scaled_to_8_bits(tmp_path):
-    from util.datasets import image_folder
-    from util.selection import ImageFiles
-    folder = tmp_path / 'train' / 'a'
-    folder.mkdir(parents=True)
-    grid = np.linspace(0, 1, 32 * 32).reshape(32, 32)
-    deep = (grid * 65535).astype(np.uint16)
-    Image.fromarray(deep).save(folder / 'deep.png')
-    real = grid.astype(np.float32)
-    Image.fromarray(real, mode='F').save(folder / 'real.tiff')
-    Image.fromarray((grid * 1000).astype(np.float32), mode='F').save(folder / 'unknown_range.tiff')
-    expected = {'deep.png': deep.astype(np.float64) * 255 / 65535, 'real.tiff': real.astype(np.float64) * 255}
-
-    dataset = image_folder(str(tmp_path / 'train'), None, 'train')
-    wild = ImageFiles(str(folder), sorted(expected) + ['unknown_range.tiff'])
-    for items in (dataset, wild):
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter('always')
-            got = {os.path.basename(p): items[i] for i, p in enumerate(
-                [s[0] for s in items.samples] if items is dataset else items.paths)}
-        assert got['unknown_range.tiff'] is None
-        assert any('unknown_range.tiff' in str(w.message) for w in caught)
-        for name, want in expected.items():
-            image = np.asarray(got[name][0], dtype=np.float64)
-            assert image.shape == (32, 32, 3)
-            assert np.abs(image - want[..., None]).max() <= 1.0, name
-
-
-def test_file_reached_through_two_class_folders_warns(tmp_path):
-    from util.datasets import image_folder
-    root = make_image_folder(str(tmp_path / 'data'), train_per_class=2, val_per_class=1)
-    os.symlink(root, os.path.join(root, 'train', 'class_0', 'everything'))
-    with pytest.warns(UserWarning, match='more than one class folder') as caught:
-        image_folder(os.path.join(root, 'train'), None, 'train')
-    message = str(caught[0].message)
-    assert 'class_0' in message and 'everything' in message
-
-
-def test_no_warning_without_links(tmp_path):
-    from util.datasets import image_folder
-    root = make_image_folder(str(tmp_path / 'data'), train_per_class=2, val_per_class=1)
-    with warnings.catch_warnings():
-        warnings.simplefilter('error')
-        assert len(image_folder(os.path.join(root, 'train'), None, 'train')) == 6

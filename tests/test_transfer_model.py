@@ -1,4 +1,4 @@
-"""The teacher/student pair: each behaviour against an independent computation.
+"""The teacher/student pair (models_dual_vit.py): each behaviour against an independent computation.
 
 The reference computations here use timm's modules only through their weights and their own
 forward calls, never through models_dual_vit, so a bug in the transfer code cannot cancel out.
@@ -9,7 +9,7 @@ import pytest
 import timm
 import torch
 import torch.nn.functional as F
-from conftest import TINY
+from helpers import TINY, TINY_ARCH
 from timm.models.vision_transformer import ResPostBlock
 
 from models_dual_vit import (
@@ -18,6 +18,7 @@ from models_dual_vit import (
     DualViT,
     attention_cross_entropy,
     build_dual_vit,
+    check_supported,
     create_vit,
     dual_vit_small_patch16,
     parse_layers,
@@ -91,7 +92,7 @@ def reference_head(vit, x):
     return vit.forward_head(vit.norm(x))
 
 
-# ---- 1. plain mode and the block walker equal timm's own forward ---------------------------------
+# ---- plain mode and the block walker equal timm's own forward ------------------------------------
 @pytest.mark.parametrize('arch,cfg', [
     ('vit_base_patch16_224', {}),
     ('vit_small_patch14_reg4_dinov2', dict(img_size=28, patch_size=14)),
@@ -118,7 +119,7 @@ def test_plain_and_distill_student_logits_equal_timm_forward(arch, cfg):
     assert torch.isfinite(loss)
 
 
-# ---- 2. copy with student = teacher reproduces the teacher --------------------------------------
+# ---- copy with student = teacher reproduces the teacher -----------------------------------------
 @pytest.mark.parametrize('train', [True, False])
 def test_copy_with_teacher_weights_gives_teacher_logits(train):
     model = tiny_pair('copy')
@@ -128,7 +129,7 @@ def test_copy_with_teacher_weights_gives_teacher_logits(train):
     torch.testing.assert_close(model(x), model.teacher(x), rtol=1e-5, atol=1e-5)
 
 
-# ---- 3. distillation loss ------------------------------------------------------------------------
+# ---- distillation loss ---------------------------------------------------------------------------
 def test_attention_cross_entropy_matches_formula_and_gradient():
     s = torch.randn(2, 3, 7, 7, dtype=torch.float64, requires_grad=True)
     t = torch.randn(2, 3, 7, 7, dtype=torch.float64)
@@ -180,7 +181,7 @@ def test_distill_with_student_equal_teacher_gives_mean_entropy():
     torch.testing.assert_close(loss, entropy, rtol=1e-5, atol=1e-5)
 
 
-# ---- 4. the teacher is frozen --------------------------------------------------------------------
+# ---- the teacher is frozen -----------------------------------------------------------------------
 @pytest.mark.parametrize('mode', ['copy', 'distill', 'copy_v', 'distill_k'])
 def test_optimizer_step_moves_student_only(mode):
     model = tiny_pair(mode, drop_path=0.1)
@@ -200,7 +201,7 @@ def test_optimizer_step_moves_student_only(mode):
     assert not model.teacher.training
 
 
-# ---- 5. shared stochastic depth ------------------------------------------------------------------
+# ---- shared stochastic depth ---------------------------------------------------------------------
 def test_shared_drop_path_masks_reach_teacher_and_student():
     model = tiny_pair('copy', drop_path=0.5)
     model.student.load_state_dict(model.teacher.state_dict())
@@ -230,7 +231,7 @@ def test_unshared_drop_path_differs_from_teacher():
     assert not torch.allclose(model(x), model.teacher(x), atol=1e-3)
 
 
-# ---- 6. the teacher runs only the blocks it must -------------------------------------------------
+# ---- the teacher runs only the blocks it must ----------------------------------------------------
 def count_teacher_blocks(model, x):
     calls = []
     hooks = [blk.mlp.register_forward_hook(lambda *_, i=i: calls.append(i))
@@ -267,7 +268,7 @@ def test_layer_selection():
         parse_layers(None, 12, 3)
 
 
-# ---- 7. q / k / v variants -----------------------------------------------------------------------
+# ---- q / k / v variants --------------------------------------------------------------------------
 @pytest.mark.parametrize('mode', ['copy_q', 'copy_k', 'copy_v', 'distill_q', 'distill_k', 'distill_v', 'copy'])
 def test_qkv_variants_match_reference(mode):
     model = tiny_pair(mode, cfg=dict(depth=2))
@@ -293,7 +294,7 @@ def test_qkv_variants_match_reference(mode):
         torch.testing.assert_close(out[1], loss, rtol=1e-5, atol=1e-6)
 
 
-# ---- 8. other ViT families -----------------------------------------------------------------------
+# ---- other ViT families --------------------------------------------------------------------------
 @pytest.mark.parametrize('arch,cfg,check', [
     ('vit_small_patch14_reg4_dinov2', dict(img_size=28, patch_size=14),
      lambda v: v.num_reg_tokens == 4 and type(v.blocks[0].ls1).__name__ == 'LayerScale'),
@@ -320,7 +321,7 @@ def test_families_mirror_and_run_all_modes(arch, cfg, check, mode):
 
 
 def test_different_student_checked_at_construction():
-    arch = {k: v for k, v in TINY.items() if k != 'img_size'}
+    arch = TINY_ARCH
     # narrower student with the same heads and tokens: fine for attention maps
     model = build_dual_vit('vit_base_patch16_224', 'vit_base_patch16_224', mode='distill', num_classes=5,
                            img_size=32, teacher_kwargs=arch, student_kwargs=dict(arch, embed_dim=24))
@@ -379,13 +380,23 @@ def test_bf16_autocast_end_to_end_close_to_float32(mode):
 def test_families_the_readme_lists_as_refused_are_refused_with_a_message():
     """README's list: BEiT/BEiTv2 (Beit), EVA (Eva) and parallel blocks are refused with a UserError naming
     the class, not an AttributeError from inside the check."""
-    import pytest
-    import timm
-
-    from models_dual_vit import check_supported
     for name, expected in (('beitv2_base_patch16_224', 'Beit'), ('eva02_tiny_patch14_224', 'Eva'),
                            ('vit_small_patch16_18x2_224', 'ParallelThingsBlock')):
         model = timm.create_model(name, pretrained=False, depth=1, embed_dim=48, num_heads=3)
         with pytest.raises(UserError, match=expected):
             check_supported(model, 'teacher')
     check_supported(timm.create_model('vit_small_patch14_reg4_dinov2', pretrained=False, depth=1), 'teacher')
+
+
+# ---- the student's class token: std 0.02 in transfer modes (the reference), timm's 1e-6 otherwise ------
+@pytest.mark.parametrize('mode', ['copy', 'distill', None])
+def test_student_class_token_initialisation(mode):
+    torch.manual_seed(0)
+    arch = dict(patch_size=16, embed_dim=768, depth=1, num_heads=12)
+    model = build_dual_vit('vit_base_patch16_224' if mode else None, 'vit_base_patch16_224', mode=mode,
+                           num_classes=3, img_size=32, teacher_kwargs=arch, student_kwargs=arch)
+    token = model.student.cls_token.detach().flatten()
+    if mode is None:
+        assert token.abs().max() < 1e-4  # timm's own
+    else:  # truncated normal, std 0.02 (truncated at +-2 absolute, i.e. not at all at this scale)
+        assert 0.017 < token.std().item() < 0.023 and token.abs().mean().item() > 0.01

@@ -1,0 +1,41 @@
+"""--help of every entry point: a usage line that reads as the command, and every default shown."""
+import argparse
+import importlib
+import re
+
+import pytest
+
+import main_finetune
+from util.args import HelpFormatter
+
+
+def test_help_shows_defaults_and_modes_that_parse():
+    parser = main_finetune.get_args_parser()
+    full = argparse.ArgumentParser('python main_finetune.py', parents=[parser], formatter_class=HelpFormatter)
+    text = ' '.join(full.format_help().split())
+    assert text.startswith('usage: python main_finetune.py')
+    for shown in ('(default: 64; --mode probe: 256)', '(default: 50)', 'else vit_large_patch16)',
+                  '(default: 1000)', '(default: --output_dir)', '--lr, --weight_decay, --batch_size',
+                  'does nothing here'):
+        assert shown in text, shown
+    choices = re.search(r'--mode \{([a-z_,]+)\}', text).group(1).split(',')
+    assert 'None' not in choices
+    for mode in choices:  # every listed choice parses
+        assert full.parse_args(['--mode', mode]).mode == mode
+
+
+@pytest.mark.parametrize('script', ['submitit_finetune.py', 'select_wild_data.py', 'tools/export_student.py',
+                                    'tools/visualize_attention.py', 'tools/prepare_cifar.py',
+                                    'tools/prepare_tinyimagenet.py'])
+def test_every_entry_point_help_reads_as_a_command_with_defaults(script, capsys):
+    module = importlib.import_module(script[:-3].replace('/', '.'))
+    entry = module.parse_args if script == 'submitit_finetune.py' else (
+        lambda argv: module.get_args_parser().parse_args(argv)) if script == 'select_wild_data.py' else module.main
+    with pytest.raises(SystemExit):
+        entry(['--help'])
+    text = capsys.readouterr().out
+    assert text.startswith(f'usage: python {script}')
+    if script == 'submitit_finetune.py':
+        text = ' '.join(text.split())
+        for flag, default in (('--nodes', '2'), ('--ngpus', '8'), ('--timeout', '4320'), ('--epochs', '50')):
+            assert re.search(re.escape(flag) + r' [A-Z_]+ .*?\(default: ' + default, text), flag

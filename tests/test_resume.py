@@ -1,0 +1,233 @@
+"""Resume: after an epoch or a stop inside one, equal to the uninterrupted run; in samples, also with another
+batch size or number of ranks; checkpoints of the old code; the logs of a resumed epoch."""
+import glob
+import os
+import re
+import shutil
+from types import SimpleNamespace
+
+import pytest
+import torch
+from helpers import args_for, read_log, torchrun
+
+import main_finetune
+from util.checkpoint import resume_step
+from util.datasets import RobustImageFolder
+from util.errors import UserError
+from util.losses import TransferCriterion
+from util.pretrained import read_checkpoint
+from util.run_control import Preempted, clear_stop, request_stop
+
+
+def train(workdir, name, *extra, epochs=2):
+    out = str(workdir.root / name)
+    stats = main_finetune.run(args_for(workdir, out, *extra, epochs=epochs))
+    return out, stats
+
+
+def stop_at_forward(monkeypatch, n: int) -> None:
+    """Request a stop (as the preemption handler does) during the n-th forward pass of the run (1-based)."""
+    forward, calls = TransferCriterion.forward, [0]
+
+    def forward_then_stop(self, outputs, targets):
+        calls[0] += 1
+        if calls[0] == n:
+            request_stop()
+        return forward(self, outputs, targets)
+
+    monkeypatch.setattr(TransferCriterion, 'forward', forward_then_stop)
+
+
+def run_until_stopped(workdir, monkeypatch, out, n_forward, *extra, epochs=2) -> Preempted:
+    stop_at_forward(monkeypatch, n_forward)
+    try:
+        with pytest.raises(Preempted) as stop:
+            main_finetune.run(args_for(workdir, out, *extra, epochs=epochs))
+    finally:
+        clear_stop()
+        monkeypatch.undo()
+    return stop.value
+
+
+def trained_indices(monkeypatch) -> list:
+    """Record every training sample the loader reads (num_workers 0: in this process)."""
+    seen, getitem = [], RobustImageFolder.__getitem__
+
+    def recording(self, index):
+        if os.path.basename(self.root) == 'train':
+            seen.append(index)
+        return getitem(self, index)
+
+    monkeypatch.setattr(RobustImageFolder, '__getitem__', recording)
+    return seen
+
+
+# ---- resume is exact --------------------------------------------------------------------------------
+@pytest.mark.slow
+def test_resume_after_two_epochs_equals_three_uninterrupted(workdir):
+    extra = ['--mode', 'distill', '--drop_path', '0.2', '--ema', '0.9', '--mixup', '0.8', '--cutmix', '1.0',
+             '--reprob', '0.25', '--aa', 'rand-m9-mstd0.5-inc1', '--num_workers', '1', '--save_every', '1']
+    full, _ = train(workdir, 'resume_full', *extra, epochs=3)
+    out = str(workdir.root / 'resume_part')
+    main_finetune.run(args_for(workdir, out, *extra, '--resume', os.path.join(full, 'checkpoint-1.pth'), epochs=3))
+    a = read_checkpoint(os.path.join(full, 'checkpoint.pth'))
+    b = read_checkpoint(os.path.join(out, 'checkpoint.pth'))
+    assert a['epoch'] == b['epoch'] == 2
+    for key in ('model', 'model_ema'):
+        for name, value in a[key].items():
+            assert torch.equal(value, b[key][name]), f'{key}.{name}'
+    for pid, state in a['optimizer']['state'].items():
+        assert torch.equal(state['exp_avg_sq'], b['optimizer']['state'][pid]['exp_avg_sq'])
+    # the resumed run trained only the third epoch, and logged the same numbers for it
+    assert [e['epoch'] for e in read_log(out)] == [2]
+    assert read_log(out)[-1] == read_log(full)[-1]
+
+
+@pytest.mark.slow
+def test_stop_mid_epoch_saves_position_and_resume_equals_uninterrupted(workdir, monkeypatch, capsys):
+    extra = ['--mode', 'distill', '--drop_path', '0.2', '--ema', '0.9', '--mixup', '0.8', '--print_freq', '1',
+             '--checkpoint_minutes', '0']
+    full, _ = train(workdir, 'stopped_full', *extra)
+    forward, calls = TransferCriterion.forward, [0]
+
+    def preempt_in_second_epoch(self, outputs, targets):
+        calls[0] += 1
+        if calls[0] == 6 + 3:  # the signal arrives during epoch 1, step 2 (0-based)
+            request_stop()
+        return forward(self, outputs, targets)
+
+    monkeypatch.setattr(TransferCriterion, 'forward', preempt_in_second_epoch)
+    with pytest.raises(Preempted) as stop:
+        train(workdir, 'stopped_part', *extra)
+    clear_stop()
+    monkeypatch.undo()
+    assert (stop.value.epoch, stop.value.step) == (1, 3)
+    out = str(workdir.root / 'stopped_part')
+    saved = read_checkpoint(os.path.join(out, 'checkpoint.pth'))
+    assert (saved['epoch'], saved['step']) == (1, 3)
+    first = capsys.readouterr().out
+    main_finetune.run(args_for(workdir, out, *extra, '--resume', 'allow'))
+    second = capsys.readouterr().out
+    pattern = r'Epoch \[1\] \[(\d)/6\]'
+    steps = re.findall(pattern, first.split('stopped_part')[-1]) + re.findall(pattern, second)
+    assert steps == ['1', '2', '3', '4', '5', '6']  # every step of the epoch once: none twice, none skipped
+    a = read_checkpoint(os.path.join(full, 'checkpoint.pth'))
+    b = read_checkpoint(os.path.join(out, 'checkpoint.pth'))
+    for key in ('model', 'model_ema'):
+        for name, value in a[key].items():
+            assert torch.equal(value, b[key][name]), f'{key}.{name}'
+
+
+# ---- a stop in the last --print_freq window of an epoch -------------------------------------------------
+def test_stop_in_last_window_saves_epoch_end_and_resumes(workdir, monkeypatch):
+    out = workdir.root / 'last_window'
+    # print_freq 4 of 6 steps: the read-backs are at steps 4 and 6; the stop arrives during step 5
+    stop = run_until_stopped(workdir, monkeypatch, out, 5, '--print_freq', '4')
+    assert (stop.epoch, stop.step) == (0, 6)
+    saved = read_checkpoint(str(out / 'checkpoint.pth'))
+    assert (saved['epoch'], saved['step']) == (0, None)  # an end-of-epoch checkpoint
+    assert [e['epoch'] for e in read_log(str(out))] == [0]
+    main_finetune.run(args_for(workdir, out, '--print_freq', '4', '--resume', 'allow'))
+    assert [e['epoch'] for e in read_log(str(out))] == [0, 1]
+
+    # the other end: a checkpoint written by the old code at step == steps_per_epoch must resume too
+    old = {k: v for k, v in saved.items() if k not in ('samples', 'world_size', 'partial_epoch', 'rng_per_rank')}
+    old['step'] = 6
+    torch.save(old, str(out / 'old.pth'))
+    resumed = workdir.root / 'old_resumed'
+    main_finetune.run(args_for(workdir, resumed, '--print_freq', '4', '--resume', str(out / 'old.pth')))
+    assert [e['epoch'] for e in read_log(str(resumed))] == [0, 1]
+    assert read_checkpoint(str(resumed / 'checkpoint.pth'))['epoch'] == 1
+
+
+# ---- mid-epoch resume with another batch size or number of ranks; logs ------------------------------
+@pytest.fixture(scope='module')
+def mid_epoch(workdir):
+    """An uninterrupted 2-epoch run, and the same run stopped after 2 steps (16 samples) of epoch 1."""
+    mp = pytest.MonkeyPatch()
+    full = workdir.root / 'mid_full'
+    main_finetune.run(args_for(workdir, full))
+    part = workdir.root / 'mid_part'
+    stop = run_until_stopped(workdir, mp, part, 6 + 2)
+    assert (stop.epoch, stop.step) == (1, 2)
+    return SimpleNamespace(full=full, part=part)
+
+
+def resume_copy(workdir, mid_epoch, name: str):
+    out = workdir.root / name
+    shutil.copytree(mid_epoch.part, out)
+    for events in glob.glob(str(out / 'events.out.tfevents.*')):
+        os.remove(events)
+    return out
+
+
+def test_resume_step_rules():
+    saved = {'epoch': 1, 'step': 2, 'samples': 16, 'world_size': 1, 'args': {'batch_size': 8, 'world_size': 1}}
+    assert resume_step(saved, 'c.pth', 8, 1, 6) == (1, 2)
+    assert resume_step(saved, 'c.pth', 2, 4, 6) == (1, 2)  # 8 a step on 4 ranks: the same positions
+    assert resume_step(saved, 'c.pth', 4, 2, 1) == (1, 1)  # an epoch of one step of 8: nothing left of it
+    assert resume_step({**saved, 'step': None}, 'c.pth', 12, 1, 4) == (2, 0)
+    # a checkpoint of the old code: no 'samples', position from step x batch x world_size in args
+    old = {'epoch': 0, 'step': 3, 'args': {'batch_size': 4, 'world_size': 2}}
+    assert resume_step(old, 'c.pth', 8, 1, 6) == (0, 3)
+    with pytest.raises(UserError, match=r"24 samples of epoch 0 .*--batch_size 4 on 2 rank"):
+        resume_step(old, 'c.pth', 16, 1, 3)
+
+
+def test_mid_epoch_checkpoint_records_samples_and_world_size(mid_epoch):
+    saved = read_checkpoint(str(mid_epoch.part / 'checkpoint.pth'))
+    assert (saved['epoch'], saved['step'], saved['samples'], saved['world_size']) == (1, 2, 16, 1)
+
+
+def test_same_batch_resume_logs_whole_epoch_and_purges_exactly(workdir, mid_epoch):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    out = workdir.root / 'mid_same'
+    shutil.copytree(mid_epoch.part, out)
+    main_finetune.run(args_for(workdir, out, '--resume', 'allow'))
+    # the epoch's log line covers all 6 steps, as the uninterrupted run's
+    resumed, full = read_log(str(out)), read_log(str(mid_epoch.full))
+    assert [e['epoch'] for e in resumed] == [0, 1]
+    assert resumed[1]['train_loss'] == pytest.approx(full[1]['train_loss'], rel=1e-6)
+    # TensorBoard keeps the points trained before the stop and drops none twice
+    events = EventAccumulator(str(out))
+    events.Reload()
+    steps = [e.step for e in events.Scalars('train/loss')]
+    assert steps == [333, 666, 1000, 1333, 1666, 2000]
+
+
+@pytest.mark.parametrize('batch,start_step,steps', [(4, 4, 12), (16, 1, 3)])
+def test_resume_with_another_batch_size_trains_each_sample_once(workdir, mid_epoch, monkeypatch, capsys, batch,
+                                                                start_step, steps):
+    out = resume_copy(workdir, mid_epoch, f'mid_batch{batch}')
+    seen = trained_indices(monkeypatch)
+    main_finetune.run(args_for(workdir, out, '--resume', 'allow', '--batch_size', str(batch), '--print_freq', '1'))
+    text = capsys.readouterr().out
+    assert f'epoch 1, step {start_step} of {steps} (16 samples' in text
+    done = re.findall(rf'Epoch \[1\] \[(\d+)/{steps}\]', text)
+    assert done == [str(i) for i in range(start_step + 1, steps + 1)]
+    first_part = read_checkpoint(str(mid_epoch.part / 'checkpoint.pth'))
+    assert first_part['samples'] == 16
+    # the stopped run trained the first 16 of epoch 1's order; the resumed one exactly the other 32
+    order = torch.randperm(48, generator=torch.Generator().manual_seed(0 + 1)).tolist()
+    assert sorted(seen) == sorted(order[16:])
+    assert len(read_log(str(out))) == 2
+
+
+def test_resume_with_a_batch_size_that_does_not_divide_the_position_is_refused(workdir, mid_epoch):
+    out = resume_copy(workdir, mid_epoch, 'mid_batch12')
+    before = open(out / 'checkpoint.pth', 'rb').read()
+    with pytest.raises(UserError, match=r"(?s)16 samples of epoch 1.*--batch_size 12.*--batch_size 8"):
+        main_finetune.run(args_for(workdir, out, '--resume', 'allow', '--batch_size', '12'))
+    assert open(out / 'checkpoint.pth', 'rb').read() == before
+
+
+@pytest.mark.slow
+def test_resume_one_rank_checkpoint_on_two_ranks(workdir, mid_epoch):
+    out = resume_copy(workdir, mid_epoch, 'mid_ddp')
+    proc = torchrun(args_for(workdir, out, '--resume', 'allow', '--print_freq', '1'))
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    # 48 images on 2 ranks of 8: 3 steps an epoch; 16 samples done is exactly step 1
+    assert 'epoch 1, step 1 of 3 (16 samples' in proc.stdout
+    assert re.findall(r'Epoch \[1\] \[(\d)/3\]', proc.stdout) == ['2', '3']
+    assert [e['epoch'] for e in read_log(str(out))] == [0, 1]

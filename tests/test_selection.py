@@ -1,0 +1,234 @@
+"""Attention Probe selection (select_wild_data.py): the scores against an independent computation, the
+rankings, a selection that survives interruption, torchrun shards, the class weights of an augmented pass,
+and the warning about average-pooling teachers."""
+import math
+import os
+import shutil
+import subprocess
+import sys
+import warnings
+
+import pytest
+import torch
+import torch.nn.functional as F
+from helpers import ROOT, TINY_ARCH, free_port, make_wild_folder, run_selection
+from PIL import Image
+from torchvision import transforms
+
+import select_wild_data
+from models_dual_vit import create_vit
+from models_probe import default_probe_blocks
+from util.errors import UserError
+from util.pretrained import read_checkpoint
+from util.selection import list_images, training_class_weights, wild_transform
+
+
+def independent_scores(teacher, images, blocks, prefix=1):
+    """Output score and head-0 probe cosine computed from the raw weights, via hooks on norm1."""
+    inputs = {}
+    hooks = [teacher.blocks[b].norm1.register_forward_hook(lambda m, i, o, b=b: inputs.__setitem__(b, o))
+             for b in blocks]
+    with torch.no_grad():
+        logits = teacher(images)
+    for h in hooks:
+        h.remove()
+    out = F.cross_entropy(logits, logits.argmax(1), reduction='none')
+    probes = []
+    for b in blocks:
+        attn = teacher.blocks[b].attn
+        h = inputs[b]
+        B, N, C = h.shape
+        qkv = (h @ attn.qkv.weight.T + attn.qkv.bias).view(B, N, 3, attn.num_heads, attn.head_dim)
+        q, k = qkv[:, :, 0].transpose(1, 2), qkv[:, :, 1].transpose(1, 2)
+        a = (q @ k.transpose(-1, -2) / math.sqrt(attn.head_dim)).softmax(-1)
+        row = a[:, 0, 0, prefix:]
+        probes.append(F.cosine_similarity(row, torch.full_like(row, 1.0 / row.shape[1]), dim=1))
+    return out, torch.stack(probes, 1), logits
+
+
+@pytest.fixture(scope='module')
+def setup(workdir):
+    """The shared teacher with the args a run of main_finetune.py records, and a wild folder of 24 images."""
+    root = workdir.root
+    teacher_path = str(root / 'teacher.pth')
+    shutil.copy(workdir.teacher, teacher_path)
+    ckpt = torch.load(teacher_path)
+    ckpt['args'] = {'model': 'vit_base_patch16_224', 'model_kwargs': TINY_ARCH, 'nb_classes': 3, 'input_size': 32,
+                    'global_pool': True, 'mode': None}
+    torch.save(ckpt, teacher_path)
+    wild = make_wild_folder(str(root / 'wild'))
+    return root, teacher_path, wild
+
+
+# ---- selection scores ---------------------------------------------------------------------------------
+def test_scores_match_independent_computation(setup):
+    root, teacher_path, wild = setup
+    selection = run_selection(teacher_path, wild, str(root / 'sel.pth'))
+    teacher = create_vit('vit_base_patch16_224', num_classes=3, img_size=32, **TINY_ARCH)
+    teacher.load_state_dict(torch.load(teacher_path)['model'])
+    teacher.eval()
+    paths = list_images(wild)
+    assert selection['paths'] == paths and len(paths) == 24
+    transform = wild_transform(32, train=False)
+    images = torch.stack([transform(Image.open(os.path.join(wild, p)).convert('RGB')) for p in paths])
+    blocks = default_probe_blocks(4)[:2]
+    out, probe, logits = independent_scores(teacher, images, blocks)
+    torch.testing.assert_close(selection['scores']['output'], out, rtol=1e-4, atol=1e-5)
+    for i, b in enumerate(blocks):
+        torch.testing.assert_close(selection['scores']['probe'][b], probe[:, i], rtol=1e-4, atol=1e-5)
+    combined = 0.05 * probe.sum(1) + 0.9 * out
+    expected = set(combined.argsort()[:10].tolist())
+    assert set(selection['selected'].tolist()) == expected
+    soft = logits.softmax(1)[list(expected)].sum(0)
+    weights = (1 / soft) / (1 / soft).sum() * 3
+    torch.testing.assert_close(selection['soft_sums'], soft, rtol=2e-3, atol=1e-3)
+    torch.testing.assert_close(selection['class_weights'], weights, rtol=2e-3, atol=1e-3)
+    assert torch.equal(selection['predictions'], logits.argmax(1))
+
+
+def test_output_probe_and_random_rankings(setup):
+    root, teacher_path, wild = setup
+    full = run_selection(teacher_path, wild, str(root / 'sel_combined.pth'))
+    by_output = run_selection(teacher_path, wild, str(root / 'sel_out.pth'), '--score', 'output')
+    assert set(by_output['selected'].tolist()) == set(full['scores']['output'].argsort()[:10].tolist())
+    probe = sum(full['scores']['probe'].values())
+    by_probe = run_selection(teacher_path, wild, str(root / 'sel_probe.pth'), '--score', 'probe')
+    assert set(by_probe['selected'].tolist()) == set(probe.argsort()[:10].tolist())
+    rand = run_selection(teacher_path, wild, str(root / 'sel_rand.pth'), '--random', '--seed', '3')
+    assert len(set(rand['selected'].tolist())) == 10 and rand['ranking'] == 'random'
+
+
+def test_mean_over_heads_probe(setup):
+    root, teacher_path, wild = setup
+    sel = run_selection(teacher_path, wild, str(root / 'sel_mean.pth'), '--probe_heads', 'mean',
+                        '--probe_blocks', '1')
+    teacher = create_vit('vit_base_patch16_224', num_classes=3, img_size=32, **TINY_ARCH)
+    teacher.load_state_dict(torch.load(teacher_path)['model'])
+    inputs = {}
+    teacher.blocks[1].norm1.register_forward_hook(lambda m, i, o: inputs.__setitem__('h', o))
+    transform = wild_transform(32, train=False)
+    x = torch.stack([transform(Image.open(os.path.join(wild, p)).convert('RGB')) for p in sel['paths']])
+    with torch.no_grad():
+        teacher.eval()(x)
+    attn, h = teacher.blocks[1].attn, inputs['h']
+    qkv = (h @ attn.qkv.weight.T + attn.qkv.bias).view(len(x), 17, 3, 3, 16)
+    a = (qkv[:, :, 0].transpose(1, 2) @ qkv[:, :, 1].permute(0, 2, 3, 1) / 4.0).softmax(-1)
+    rows = a[:, :, 0, 1:]
+    cos = F.cosine_similarity(rows, torch.full_like(rows, 1 / 16), dim=-1).mean(1)
+    torch.testing.assert_close(sel['scores']['probe'][1], cos, rtol=1e-4, atol=1e-5)
+
+
+# ---- selection survives interruption --------------------------------------------------------------------
+def test_interrupted_selection_resumes_to_the_same_file(setup, monkeypatch):
+    root, teacher_path, wild = setup
+    reference = run_selection(teacher_path, wild, str(root / 'ref.pth'))
+    score_chunk, calls = select_wild_data.score_chunk, [0]
+
+    def crash_on_third_chunk(*args, **kwargs):
+        calls[0] += 1
+        if calls[0] == 3:
+            raise KeyboardInterrupt
+        return score_chunk(*args, **kwargs)
+
+    monkeypatch.setattr(select_wild_data, 'score_chunk', crash_on_third_chunk)
+    out = str(root / 'resumed.pth')
+    with pytest.raises(KeyboardInterrupt):
+        run_selection(teacher_path, wild, out)
+    assert sorted(os.listdir(out + '.chunks')) == ['chunk_000000.pth', 'chunk_000001.pth', 'manifest.json']
+    monkeypatch.setattr(select_wild_data, 'score_chunk', score_chunk)
+    calls[0] = 0
+    counting = []
+    monkeypatch.setattr(select_wild_data, 'score_chunk', lambda *a, **k: counting.append(1) or score_chunk(*a, **k))
+    resumed = run_selection(teacher_path, wild, out)
+    assert len(counting) == 2  # only the two chunks left (24 images in chunks of 7)
+    saved = read_checkpoint(out)
+    for key in ('selected', 'predictions', 'soft_sums', 'class_weights', 'value'):
+        assert torch.equal(saved[key], reference[key]), key
+    assert torch.equal(resumed['scores']['output'], reference['scores']['output'])
+    # a rerun with other settings must not mix its scores with these
+    with pytest.raises(UserError, match='scores of another run.*probe_heads'):
+        run_selection(teacher_path, wild, out, '--probe_heads', 'mean')
+
+
+# ---- torchrun: sharded selection, then probe distillation on two ranks ---------------------------------
+@pytest.mark.slow
+def test_torchrun_selection_shards_and_probe_ranks_agree(setup, workdir, tmp_path):
+    root, teacher_path, wild = setup
+    single = run_selection(teacher_path, wild, str(tmp_path / 'single.pth'))
+    port = str(free_port())
+    cmd = [sys.executable, '-m', 'torch.distributed.run', '--nproc_per_node', '2', '--master_port', port,
+           os.path.join(ROOT, 'select_wild_data.py'), '--teacher', teacher_path, '--wild_path', wild, '--output',
+           str(tmp_path / 'sharded.pth'), '--num_select', '10', '--chunk_size', '7', '--batch_size', '5',
+           '--num_workers', '0', '--device', 'cpu']
+    env = {**os.environ, 'OMP_NUM_THREADS': '1'}
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=240, env=env, cwd=ROOT)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    sharded = read_checkpoint(str(tmp_path / 'sharded.pth'))
+    assert torch.equal(sharded['selected'], single['selected'])
+    torch.testing.assert_close(sharded['scores']['output'], single['scores']['output'])
+
+    target = workdir.data
+    out = str(tmp_path / 'student')
+    cmd = [sys.executable, '-m', 'torch.distributed.run', '--nproc_per_node', '2', '--master_port', str(free_port()),
+           os.path.join(ROOT, 'tests', 'ddp_worker.py'), '--mode', 'probe', '--finetune', teacher_path,
+           '--selection', str(tmp_path / 'sharded.pth'), '--eval_data_path', target, '--nb_classes', '3',
+           '--input_size', '32', '--epochs', '1', '--batch_size', '2', '--num_workers', '0', '--device', 'cpu',
+           '--dist_eval', '--output_dir', out, '--log_dir', out]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=240, env=env, cwd=ROOT)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    r0, r1 = (torch.load(os.path.join(out, f'rank{r}_epoch0.pt')) for r in (0, 1))
+    assert all(torch.equal(v, r1[k]) for k, v in r0.items())
+
+
+# ---- the teacher's pooling ---------------------------------------------------------------------------------
+@pytest.mark.parametrize('pool,warns', [('avg', True), ('token', False)])
+def test_selection_warns_when_the_teacher_pools_by_average(tmp_path, pool, warns):
+    teacher = create_vit('vit_base_patch16_224', num_classes=3, global_pool=pool, img_size=32, **TINY_ARCH)
+    path = str(tmp_path / 'teacher.pth')
+    torch.save({'model': teacher.state_dict(), 'args': {'model': 'vit_base_patch16_224', 'model_kwargs': TINY_ARCH,
+                                                        'nb_classes': 3, 'input_size': 32,
+                                                        'global_pool': pool == 'avg'}}, path)
+    args = select_wild_data.get_args_parser().parse_args(['--teacher', path, '--wild_path', 'w', '--output', 'o'])
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter('always')
+        select_wild_data.build_teacher(args)
+    assert any('--cls_token' in str(w.message) for w in caught) == warns
+
+
+# ---- class weights from an augmented pass over the selection (the reference) ---------------------------
+def test_class_weights_from_an_augmented_pass(setup, shared_images, tmp_path):
+    classes = 3
+    _, teacher_path, _ = setup  # the shared teacher with its run's args
+    wild = shared_images(classes=classes, train_per_class=6, val_per_class=0, size=40)
+    selection_path = str(tmp_path / 'selection.pth')
+    select_args = select_wild_data.get_args_parser().parse_args(
+        ['--teacher', teacher_path, '--wild_path', wild, '--output', selection_path, '--num_select', '12',
+         '--batch_size', '5', '--num_workers', '0', '--device', 'cpu'])
+    with warnings.catch_warnings():
+        warnings.simplefilter('ignore')
+        selection = select_wild_data.main(select_args)
+        teacher = select_wild_data.build_teacher(select_args)
+    weights = training_class_weights(teacher, selection_path, teacher_path, 32, 0.5, 7, 5, 'cpu')
+
+    # independent: torch seeded with 7, each selected image in order through resize 32x32, pad-4 random crop,
+    # flip with probability 0.5, ImageNet normalisation; the teacher's softmax summed; inverse, sum = classes
+    augment = transforms.Compose([transforms.Resize((32, 32)), transforms.RandomCrop(32, padding=4),
+                                  transforms.RandomHorizontalFlip(0.5), transforms.ToTensor(),
+                                  transforms.Normalize((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))])
+    torch.manual_seed(7)
+    images = [augment(Image.open(os.path.join(selection['root'], selection['paths'][i])).convert('RGB'))
+              for i in selection['selected'].tolist()]
+    with torch.no_grad():
+        sums = teacher(torch.stack(images)).softmax(dim=1).double().sum(dim=0)
+    expected = (1.0 / sums) / (1.0 / sums).sum() * classes
+    torch.testing.assert_close(weights.double(), expected, rtol=1e-5, atol=1e-6)
+    assert not torch.allclose(weights, selection['class_weights'], rtol=1e-3)  # not the unaugmented pass's
+
+    # cached beside the selection, reused while nothing changed; another seed recomputes
+    cache = selection_path + '.aug_weights.pth'
+    assert os.path.exists(cache)
+    torch.save({**torch.load(cache), 'class_weights': torch.full((classes,), 5.0)}, cache)
+    reused = training_class_weights(teacher, selection_path, teacher_path, 32, 0.5, 7, 5, 'cpu')
+    assert torch.equal(reused, torch.full((classes,), 5.0))
+    other = training_class_weights(teacher, selection_path, teacher_path, 32, 0.5, 8, 5, 'cpu')
+    assert not torch.equal(other, reused) and other.sum().item() == pytest.approx(classes)

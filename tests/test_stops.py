@@ -1,0 +1,157 @@
+"""How a run stops: SIGINT / SIGTERM outside SLURM (at the next step, with a checkpoint; a second signal at
+once), and a non-finite loss or model state (on every rank, naming the cause, never saving bad weights)."""
+import glob
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from helpers import ROOT, args_for, tiny_args, torchrun
+
+import main_finetune
+from engine_finetune import NonFiniteLossError
+from util.checkpoint import NonFiniteStateError
+from util.losses import TransferCriterion
+from util.output import RunLock
+from util.pretrained import read_checkpoint
+from util.run_control import stop_on_signals, stop_requested
+
+
+# ---- SIGINT and SIGTERM outside SLURM ---------------------------------------------------------------
+def start_run(workdir, out, *extra):
+    cmd = [sys.executable, os.path.join(ROOT, 'main_finetune.py'),
+           *args_for(workdir, out, '--print_freq', '1', *extra, epochs=50)]
+    return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT,
+                            env={**os.environ, 'OMP_NUM_THREADS': '1'})
+
+
+def wait_for_line(proc, pattern: str, timeout: float = 120) -> str:
+    deadline, text = time.time() + timeout, ''
+    while time.time() < deadline:
+        line = proc.stdout.readline()
+        text += line
+        if re.search(pattern, line):
+            return text
+        if not line and proc.poll() is not None:
+            break
+    raise AssertionError(f'no line matching {pattern!r}: {text[-2000:]}')
+
+
+@pytest.mark.slow
+def test_sigterm_stops_at_next_step_with_a_checkpoint(workdir):
+    out = workdir.root / 'sigterm'
+    proc = start_run(workdir, out)
+    wait_for_line(proc, r'Epoch \[0\] \[2/6\]')
+    proc.send_signal(signal.SIGTERM)
+    stdout, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 128 + signal.SIGTERM, stdout[-2000:] + stderr[-2000:]
+    assert 'Traceback' not in stderr
+    assert 'SIGTERM received: stopping at the next step' in stderr
+    assert re.search(r'stopped: checkpoint written at epoch \d+, step \d+; continue with --resume allow', stderr)
+    saved = read_checkpoint(str(out / 'checkpoint.pth'))
+    assert (saved['epoch'], saved['step']) >= (0, 2)
+    assert not os.path.exists(out / RunLock.NAME)
+
+
+@pytest.mark.slow
+def test_second_sigint_exits_at_once(workdir):
+    # the first sync point is the epoch's end (6 steps away), so both signals arrive while the run trains
+    proc = start_run(workdir, workdir.root / 'sigint_twice', '--print_freq', '6')
+    wait_for_line(proc, r'start training for')
+    proc.send_signal(signal.SIGINT)
+    time.sleep(0.05)
+    proc.send_signal(signal.SIGINT)
+    stdout, stderr = proc.communicate(timeout=60)
+    assert proc.returncode == 130
+    assert 'Traceback' not in stderr
+    assert 'SIGINT received: stopping at the next step' in stderr
+    assert 'second SIGINT: exiting now' in stderr
+
+
+def test_a_signal_stops_only_the_run_it_arrived_in():
+    before = signal.getsignal(signal.SIGTERM)
+    with stop_on_signals():
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(0.01)
+        assert stop_requested()
+    assert not stop_requested()  # a later run in this process (e.g. the demo's next one) is not stopped
+    assert signal.getsignal(signal.SIGTERM) is before
+
+
+# ---- non-finite loss or state -------------------------------------------------------------------------
+@pytest.mark.slow
+def test_non_finite_loss_stops_with_message_and_keeps_last_checkpoint(workdir, monkeypatch):
+    forward, calls = TransferCriterion.forward, [0]
+
+    def nan_in_second_epoch(self, outputs, targets):
+        loss, terms = forward(self, outputs, targets)
+        calls[0] += 1
+        if calls[0] == 6 + 4:  # epoch 1, step 3 (6 steps per epoch)
+            loss = loss * float('nan')
+            terms = {**terms, 'loss': loss}
+        return loss, terms
+
+    monkeypatch.setattr(TransferCriterion, 'forward', nan_in_second_epoch)
+    with pytest.raises(NonFiniteLossError, match=r'epoch 1, step 3 of 6: loss=nan'):
+        main_finetune.run(args_for(workdir, workdir.root / 'nan_run', '--print_freq', '5', epochs=3))
+    ckpt = read_checkpoint(str(workdir.root / 'nan_run' / 'checkpoint.pth'))
+    assert ckpt['epoch'] == 0 and all(torch.isfinite(v).all() for v in ckpt['model'].values())
+
+
+def test_non_finite_weights_are_never_saved(workdir, monkeypatch):
+    out = workdir.root / 'nonfinite'
+    step, calls = torch.optim.AdamW.step, [0]
+
+    def overflow_on_last_update(self, *a, **k):
+        result = step(self, *a, **k)
+        calls[0] += 1
+        if calls[0] == 12:  # the last update of epoch 1: its loss was finite, its result is not
+            with torch.no_grad():
+                self.param_groups[0]['params'][0].fill_(float('inf'))
+        return result
+
+    monkeypatch.setattr(torch.optim.AdamW, 'step', overflow_on_last_update)
+    with pytest.raises(NonFiniteStateError, match=r"(?s)non-finite values in the model.*not written.*"
+                                                  r"last good checkpoint is .*checkpoint.pth \(end of epoch 0\)"):
+        main_finetune.run(args_for(workdir, out, '--save_every', '1'))
+    assert not os.path.exists(out / 'checkpoint-1.pth')
+    for name in ('checkpoint.pth', 'checkpoint-0.pth'):
+        ckpt = read_checkpoint(str(out / name))
+        assert ckpt['epoch'] == 0 and all(torch.isfinite(v).all() for v in ckpt['model'].values())
+    assert not glob.glob(str(out / '*.tmp'))
+
+
+def test_non_finite_distillation_term_does_not_blame_the_lr(workdir, monkeypatch):
+    forward, calls = TransferCriterion.forward, [0]
+
+    def atd_nan_at_step_3(self, outputs, targets):
+        loss, terms = forward(self, outputs, targets)
+        calls[0] += 1
+        if calls[0] == 4:
+            atd = terms['loss_atd'] * float('nan')
+            terms = {**terms, 'loss_atd': atd, 'loss': terms['loss_task'] + atd}
+            loss = terms['loss']
+        return loss, terms
+
+    monkeypatch.setattr(TransferCriterion, 'forward', atd_nan_at_step_3)
+    with pytest.raises(NonFiniteLossError) as error:
+        main_finetune.run(args_for(workdir, workdir.root / 'atd_nan', '--mode', 'distill', epochs=1))
+    message = str(error.value)
+    assert 'loss_atd=nan' in message and 'loss_task is finite' in message and '--atd_weight' in message
+    assert 'Lower the learning rate' not in message
+
+
+@pytest.mark.slow
+def test_torchrun_nan_on_one_rank_stops_both(workdir):
+    out = str(workdir.root / 'ddp_nan')
+    start = time.time()
+    proc = torchrun(tiny_args(workdir.data, out, '--batch_size', '4', '--print_freq', '2'),
+                    env={'NAN_ON_RANK': '1'}, timeout=180)
+    assert proc.returncode != 0
+    assert 'non-finite loss at epoch 0, a step on another rank' in proc.stderr + proc.stdout
+    assert 'non-finite loss at epoch 0, step 3 of 6' in proc.stderr + proc.stdout
+    assert time.time() - start < 120
