@@ -183,12 +183,35 @@ stop_pidfiles() {
   rm -f "$@"
 }
 
+# process ids of what this cluster's slurmd started and that is still running: step daemons and job tasks,
+# recognised by the SLURM_CONF they inherited
+cluster_processes() {
+  local dir environ
+  for dir in /proc/[0-9]*; do
+    [ "${dir#/proc/}" != $$ ] || continue
+    environ=$( { tr '\0' '\n' < "$dir/environ"; } 2>/dev/null ) || continue
+    grep -qxF "SLURM_CONF=$conf" <<< "$environ" || continue
+    if grep -q '^SLURM_JOB_ID=' <<< "$environ" \
+        || { tr '\0' ' ' < "$dir/cmdline"; } 2>/dev/null | grep -q '^slurmstepd'; then
+      echo "${dir#/proc/}"
+    fi
+  done
+}
+
 stop_cluster() {
-  # running jobs first, so that no task outlives the daemons
-  if [ -f "$conf" ] && [ -s "$state/slurmctld.pid" ]; then
+  # running jobs first, so that no task outlives the daemons: cancelled, then up to KillWait + 10 s to end
+  if [ -f "$conf" ] && [ -s "$state/slurmctld.pid" ] && kill -0 "$(cat "$state/slurmctld.pid")" 2>/dev/null; then
     scancel --full --quiet --user "$(id -un)" 2>/dev/null || true
+    for _ in $(seq 1 80); do
+      [ -z "$(squeue -h -o %i 2>/dev/null)" ] && break
+      sleep 0.25
+    done
   fi
   stop_pidfiles "$state"/slurmd-*.pid "$state/slurmctld.pid"
+  # what did not end with its job (its daemons gone): by process id
+  local pid leftovers
+  leftovers=$(cluster_processes)
+  for pid in $leftovers; do kill -9 "$pid" 2>/dev/null || true; done
   stop_pidfiles "$state/munged.pid"
   remove_hosts
 }
