@@ -174,9 +174,18 @@ def log_lines(folder: str) -> list[str]:
 
 
 # ---- torchrun: one agent per node ------------------------------------------------------------------
+def node_cores(node: int) -> set[int]:
+    """The cores of node 0 or 1: an equal share of this process's, as tests/slurm/cluster.sh deals them;
+    empty when there are fewer cores than nodes."""
+    cores = sorted(os.sched_getaffinity(0))
+    share = len(cores) // 2
+    return set(cores[node * share:(node + 1) * share])
+
+
 def pinned(node: int) -> list[str]:
-    """taskset onto this node's own core, where the machine has one per node."""
-    return ['taskset', '-c', str(node)] if (os.cpu_count() or 1) >= 2 and shutil.which('taskset') else []
+    """taskset onto this node's own cores, where the machine has some for each node."""
+    cores = node_cores(node)
+    return ['taskset', '-c', ','.join(map(str, sorted(cores)))] if cores and shutil.which('taskset') else []
 
 
 def start_agents(work: Work, out: str, rendezvous: str, env: dict) -> list[subprocess.Popen]:
@@ -269,6 +278,8 @@ def cannot_start_cluster() -> str:
         return 'needs root (to run slurmctld and two slurmd, and to add the node names to /etc/hosts)'
     if not shutil.which('slurmctld') and not shutil.which('apt-get'):
         return 'Slurm is not installed and there is no apt-get to install it'
+    if not os.access('/etc/hosts', os.W_OK):
+        return '/etc/hosts cannot be written, so the node names cannot be made to resolve'
     return ''
 
 
@@ -429,9 +440,8 @@ def test_multinode_slurm_task_killed_on_one_node_ends_the_job(work, cluster):
     job = Job(work, cluster, 'slurm_killed', '--checkpoint_minutes', '1e-6', hold_rename=4)  # one per step
     job.wait_for(lambda: events_of(job.events, 'holding'), 240, 'rank 0 to write its fourth checkpoint')
     pids = [task_pid(job.id, task) for task in (0, 1)]
-    cores = len(os.sched_getaffinity(0)) // 2
-    if cores:  # each node's task runs on that node's own cores
-        assert [os.sched_getaffinity(pid) for pid in pids] == [set(range(cores)), set(range(cores, 2 * cores))]
+    if node_cores(0):  # each node's task runs on that node's own cores
+        assert [os.sched_getaffinity(pid) for pid in pids] == [node_cores(0), node_cores(1)]
     os.kill(pids[1], signal.SIGKILL)
     killed = time.time()
     job.wait_gone(120)

@@ -90,18 +90,26 @@ write_config() {
   : > "$state/cgroup.conf"
 }
 
-# CPUs of each of $1 nodes: an equal share of the cores, at least one
+# the CPUs this process may run on, one per line (e.g. "0-1,4" -> 0 1 4)
+allowed_cpus() {
+  local range
+  for range in $(awk '/^Cpus_allowed_list/ {print $2}' /proc/self/status | tr ',' ' '); do
+    seq "${range%-*}" "${range#*-}"
+  done
+}
+
+# CPUs of each of $1 nodes: an equal share of the allowed cores, at least one
 node_cpu_count() {
-  local share=$(( $(nproc) / $1 ))
+  local share=$(( $(allowed_cpus | wc -l) / $1 ))
   echo $(( share > 0 ? share : 1 ))
 }
 
 # the cores node $2 (1-based) of $1 is pinned to, as a taskset list; empty when the nodes must share
 node_cpu_list() {
   local n="$1" i="$2" share
-  share=$(( $(nproc) / n ))
+  share=$(( $(allowed_cpus | wc -l) / n ))
   [ "$share" -gt 0 ] || return 0
-  echo "$(( (i - 1) * share ))-$(( i * share - 1 ))"
+  allowed_cpus | sed -n "$(( (i - 1) * share + 1 )),$(( i * share ))p" | paste -sd,
 }
 
 start_munge() {
