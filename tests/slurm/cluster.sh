@@ -4,7 +4,7 @@
 #
 #   tests/slurm/cluster.sh start             # one node "localhost" with all of this machine's cores
 #   tests/slurm/cluster.sh start --nodes 2   # nodes slurm-node1, slurm-node2 (partition "debug" over both)
-#   tests/slurm/cluster.sh stop              # stop the daemons by process id, undo /etc/hosts
+#   tests/slurm/cluster.sh stop              # cancel the jobs, stop the daemons by process id, undo /etc/hosts
 #   tests/slurm/cluster.sh env               # print the SLURM_CONF line clients need
 #
 # start installs slurm-wlm and munge from Debian's packages when they are missing (needs root), then
@@ -12,8 +12,11 @@
 # neither used nor changed), slurmctld and one slurmd per node (`slurmd -N NAME`, each on its own port).
 # With several nodes, each node is pinned to its own share of the cores (taskset) and declares that
 # many CPUs, and the node names are added to /etc/hosts (127.0.0.1, one marked line) so that a job's
-# rendezvous address, the first host of its node list, resolves. stop removes that line, and a start
-# that fails stops what it had started.
+# rendezvous address, the first host of its node list, resolves. The ports are the first free ones from
+# 6817 (as `ss` sees them) and the job ids start at a random number, so that test clusters can run side by
+# side. stop waits for the cancelled jobs to end, stops the daemons, kills by process id whatever of the
+# cluster is left (step daemons, tasks) and removes the /etc/hosts line; a start that fails stops what it
+# had started.
 #
 # State, logs and the generated slurm.conf live in $SLURM_TEST_DIR (default /tmp/attention-transfer-slurm).
 # Clients (sbatch, squeue, scontrol, submitit) find the cluster through SLURM_CONF=$SLURM_TEST_DIR/slurm.conf.
