@@ -154,7 +154,9 @@ class Trainer:
         os.environ['LOCAL_RANK'] = str(env.local_rank)
         os.environ['MASTER_ADDR'] = env.hostnames[0]
         os.environ.setdefault('MASTER_PORT', str(port_for_job(env.job_id)))
-        print(f"task {env.global_rank}/{env.num_tasks} on {env.hostname} (restart {restarts()}), "
+        node = os.environ.get('SLURMD_NODENAME', env.hostname)  # the name squeue and --exclude use
+        print(f"task {env.global_rank}/{env.num_tasks} on {node} (node {env.node + 1} of {env.num_nodes}, local "
+              f"rank {env.local_rank}, restart {restarts()}), "
               f"rendezvous {os.environ['MASTER_ADDR']}:{os.environ['MASTER_PORT']}", flush=True)
 
     def _install_preemption_handler(self, args: argparse.Namespace) -> None:
@@ -172,6 +174,9 @@ class Trainer:
         def on_preemption(signum, frame):
             request_stop()
             signal.alarm(max(args.signal_delay // 2, 1))
+            # os.write: print() is not safe in a handler that may have interrupted another print
+            os.write(sys.stderr.fileno(), f"{usr2.name} received (preemption or time limit): saving at the next "
+                                          f"step that is a multiple of --print_freq, then requeuing\n".encode())
 
         def on_alarm(signum, frame):
             print("the training loop did not stop in time: requeuing from the last checkpoint", flush=True)
