@@ -38,8 +38,9 @@ TMP_SUFFIX = '.tmp'
 _CHECKPOINT_TMP = re.compile(r'checkpoint(-\d+)?\.pth\.[^.]+' + re.escape(TMP_SUFFIX))
 
 
-class NonFiniteStateError(RuntimeError):
-    """The model or optimizer state holds NaN or infinite values: no checkpoint is written."""
+class NonFiniteStateError(UserError):
+    """The model or optimizer state holds NaN or infinite values: no checkpoint is written (reported as one
+    ``error:`` line naming the last good checkpoint and the flags to change)."""
 
 
 def _umask() -> int:
