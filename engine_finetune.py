@@ -18,11 +18,13 @@ import torch.nn as nn
 
 from util import lr_sched
 from util.distributed import all_reduce_sum, get_world_size, log
+from util.errors import UserError
 from util.run_control import RunControl
 
 
-class NonFiniteLossError(RuntimeError):
-    """A loss became NaN or infinite; training stops without writing a checkpoint."""
+class NonFiniteLossError(UserError):
+    """A loss became NaN or infinite; training stops without writing a checkpoint. The message says which
+    terms and what to change (reported as one ``error:`` line, like bad input: the fix is a flag)."""
 
 
 class StepStats:

@@ -32,9 +32,17 @@ import modes
 from engine_finetune import NonFiniteLossError, evaluate, evaluate_ensemble, train_one_epoch
 from models_dual_vit import DualViT, create_vit, resolve_model_name
 from modes import MODES, PlainTraining, get_mode, student_architecture
-from util.args import HelpFormatter, annotate_mode_defaults, check_range, explicit_flags, parse_kwargs
+from util.args import (
+    HelpFormatter,
+    annotate_mode_defaults,
+    check_normalization,
+    check_range,
+    explicit_flags,
+    parse_kwargs,
+)
 from util.checkpoint import (
     check_finite,
+    check_resume_matches,
     checkpoint_state,
     describe_checkpoint,
     last_good_sentence,
@@ -77,6 +85,7 @@ from util.output import (
     write_log,
 )
 from util.pretrained import (
+    LoadReport,
     checkpoint_architecture,
     is_named,
     load_pretrained_weights,
@@ -345,6 +354,9 @@ def check_values(args) -> None:
     check_range('min_crop_scale', args.min_crop_scale, 0, 1, low_open=True,
                  meaning='the smallest area fraction of the random-resized crop')
     check_range('hflip', args.hflip, 0, 1, meaning='a probability')
+    if args.batch_size < 1:
+        raise UserError(f"--batch_size {args.batch_size}: must be >= 1 (images per GPU and step)")
+    check_normalization(args.mean, args.std)
 
 
 def adopt_checkpoint_args(args, saved: dict) -> None:
@@ -368,15 +380,11 @@ def resolve_args(args, read_resume: bool = True) -> tuple[dict | None, str | Non
     args.student_kwargs = parse_kwargs(args.student_kwargs, '--student_kwargs')
     path = resume_path(args.resume, args.output_dir)
     ckpt = load_training_checkpoint(path, to_train=not args.eval) if path and read_resume else None
-    if ckpt is not None and 'converted_from' in ckpt and not args.eval:
-        raise UserError(f"--resume {path!r} is a checkpoint of the attention transfer reference's dual model: its "
-                        "optimizer state does not map onto this project's student, so training cannot continue from "
-                        "it. Evaluate it with --eval --resume, ensemble it with --ensemble_with, export its student "
-                        "with tools/export_student.py, or start a new run from its student with --finetune.")
     if ckpt is not None and args.eval and isinstance(ckpt.get('args'), dict):
         adopt_checkpoint_args(args, ckpt['args'])
     mode = get_mode(args.mode)
     args.mode = mode.name
+    check_resume_matches(ckpt, path, args, mode.uses_teacher)
     if getattr(args, 'log_dir', None) is None:
         args.log_dir = args.output_dir
     if not args.eval:
@@ -482,13 +490,30 @@ def load_initial_weights(model: DualViT, args, ckpt: dict | None) -> None:
     if not args.finetune:
         return
     if model.teacher is not None:
+        if args.eval and ckpt is None:
+            raise UserError(f"--eval --mode {args.mode} evaluates a trained student, which --finetune (the teacher) "
+                            "does not hold: give the run's checkpoint with --resume CKPT")
         if ckpt is None or 'teacher' not in ckpt:
             log(f"teacher: {model.load_teacher(args.finetune, use_ema=args.use_teacher_ema, flag='--finetune')}")
     elif ckpt is None:
         report = load_pretrained_weights(model.student, args.finetune, use_ema=args.use_teacher_ema, flag='--finetune')
         log(f"student: {report}")
+        if args.eval:
+            require_classifier_head(report, '--finetune', args.finetune, args.nb_classes)
         if 'head.weight' not in report.loaded and hasattr(model.student.head, 'weight'):
             trunc_normal_(model.student.head.weight, std=2e-5)  # MAE's fine-tuning head initialisation
+
+
+def require_classifier_head(report: LoadReport, flag: str, path: str, nb_classes: int) -> None:
+    """An evaluated model must have loaded a classifier head for this task's classes: a pre-training
+    checkpoint has none and a classifier of another label set has one of another shape, and either would
+    be scored with a random head."""
+    if 'head.weight' in report.loaded:
+        return
+    raise UserError(f"{flag} {path}: no classifier head for {nb_classes} classes was loaded (the checkpoint has "
+                    "none, as a pre-training checkpoint, or one for another number of classes), so the evaluation "
+                    "would score a random head. Evaluate a classifier trained on this task's classes (--nb_classes "
+                    "must match its head), or a run's checkpoint with --resume CKPT")
 
 
 def restrict_to_qkv(student: torch.nn.Module) -> None:
@@ -531,8 +556,7 @@ def load_ensemble_member(args) -> torch.nn.Module:
         pool = named['global_pool'] or pool_of_state_dict(select_state_dict(ckpt))
     member = create_vit(name, num_classes=args.nb_classes, global_pool=pool, img_size=args.input_size, **kwargs)
     report = load_pretrained_weights(member, path, checkpoint=ckpt, flag='--ensemble_with')
-    if 'head.weight' not in report.loaded:
-        raise UserError(f"--ensemble_with {path}: no classifier head for {args.nb_classes} classes was loaded")
+    require_classifier_head(report, '--ensemble_with', path, args.nb_classes)
     log(f"ensemble member: {report}")
     return member
 

@@ -669,6 +669,54 @@ def student_layer(
     return x, (transfer_loss(mode, captured, handed, impl) if captured else None)
 
 
+def _attention_used(attn: Attention, h: Tensor, given: Optional[Captured], expose: Optional[str],
+                    store: dict) -> tuple[Tensor, Captured]:
+    """A layer's attention as the dual model runs it (with ``given``: what the teacher handed over), keeping
+    in ``store['map']`` the probabilities the layer used and in ``store['handed']`` what it hands over
+    (``expose``), both explicit."""
+    out, captured = transfer_attention(attn, h, expose='attn', given=given, impl='explicit')
+    store['map'] = given['attn'] if given and 'attn' in given else captured['attn']
+    if expose:
+        store['handed'] = captured if expose == 'attn' else transfer_attention(attn, h, expose=expose,
+                                                                               impl='explicit')[1]
+    return out, captured
+
+
+@torch.no_grad()
+def forward_dual_with_capture(
+        model: DualViT,
+        x: Tensor,
+        attention_blocks: Collection[int],
+) -> tuple[Tensor, dict[int, Tensor], dict[int, Tensor]]:
+    """The dual model's evaluation forward, keeping the attention probabilities (B, H, N, N) that each model
+    uses at ``attention_blocks``: (student logits, teacher maps, student maps).
+
+    Where the student uses what the teacher hands over (copy modes, transferred layers), its map is the one
+    it attended with: the teacher's own in ``copy``, the teacher's q with the student's k in ``copy_q`` (its
+    q with the teacher's k in ``copy_k``); elsewhere the student's own, computed on the tokens of this
+    forward (which, after a copied layer, differ from those of the student run alone). The teacher runs
+    all its blocks, for its maps."""
+    teacher, student = model.teacher, model.student
+    replaces = model.needs_teacher_at_eval
+    tx, sx = embed_tokens(teacher, x), embed_tokens(student, x)
+    t_maps, s_maps = {}, {}
+    for i, s_blk in enumerate(student.blocks):
+        given = None
+        if i < len(teacher.blocks):
+            t_blk, store = teacher.blocks[i], {}
+            expose = model.mode.exposes if replaces and i in model.layers else None
+            tx, _ = block_forward(t_blk, tx, partial(_attention_used, t_blk.attn, given=None, expose=expose,
+                                                     store=store))
+            given = store.get('handed')
+            if i in attention_blocks:
+                t_maps[i] = store['map']
+        store = {}
+        sx, _ = block_forward(s_blk, sx, partial(_attention_used, s_blk.attn, given=given, expose=None, store=store))
+        if i in attention_blocks:
+            s_maps[i] = store['map']
+    return student.forward_head(student.norm(sx)), t_maps, s_maps
+
+
 # ---------------------------------------------------------------------------------------------
 # Builders and the reference's registry names
 # ---------------------------------------------------------------------------------------------

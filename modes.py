@@ -21,6 +21,7 @@ import torch
 from engine_finetune import evaluate
 from models_dual_vit import TRANSFER_MODES, DualViT, TransferMode, build_dual_vit
 from models_probe import ProbeDistiller, build_probe_distiller
+from util.args import check_positive, check_range
 from util.datasets import build_dataset, default_eval_crop_pct, normalization
 from util.distributed import barrier, is_main_process, log
 from util.errors import UserError
@@ -161,6 +162,21 @@ class AttentionTransfer(PlainTraining):
         return depth
 
 
+def check_probe_values(args) -> None:
+    """Numeric flags of probe distillation that no run can use."""
+    check_positive('kd_temperature', args.kd_temperature, "the temperature T of the KD softmax, whose loss is "
+                   "scaled by T^2; the reference's is 4")
+    if args.presentations < 1:
+        raise UserError(f"--presentations {args.presentations}: must be >= 1 (image presentations that set the "
+                        f"epochs when --epochs is not given; the reference's is {PROBE_PRESENTATIONS})")
+    if args.pos_num < 0:
+        raise UserError(f"--pos_num {args.pos_num}: must be >= 0 (labelled originals per class mixed into the "
+                        "selection; 0 adds none)")
+    if args.teacher_acc is not None:
+        check_range('teacher_acc', args.teacher_acc, 0, 1, meaning="the teacher's accuracy as a fraction, e.g. "
+                    "0.9665 for 96.65%; leave it out to measure it on the evaluation set")
+
+
 class AttentionProbe(PlainTraining):
     """Attention Probe distillation: the selected wild images (no labels), the target-task teacher beside a
     student, KD + noise adaptation + the patch attention probe loss; the reference's recipe for every flag the
@@ -190,6 +206,7 @@ class AttentionProbe(PlainTraining):
                             "training, not to --mode probe: drop them")
         if args.eval:
             return
+        check_probe_values(args)
         # selection_pending: the selection is written first by the same command (DFND_DeiT-train.py checks
         # every flag before it scores the wild images)
         pending = getattr(args, 'selection_pending', False)

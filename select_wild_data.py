@@ -33,7 +33,7 @@ from torch.utils.data import DataLoader
 
 from models_dual_vit import create_vit, forward_with_capture
 from models_probe import default_probe_blocks, parse_blocks
-from util.args import HelpFormatter, parse_kwargs
+from util.args import HelpFormatter, check_normalization, check_writable_folder, parse_kwargs
 from util.checkpoint import save_atomic
 from util.datasets import collate_skipping_bad
 from util.distributed import barrier, broadcast_object, destroy, get_rank, get_world_size, init_distributed_mode, log
@@ -256,8 +256,42 @@ def check_num_select(num_select: int, n_images: int | None = None, wild_path: st
                         "lower --num_select or give a larger wild set")
 
 
-def main(args) -> dict | None:
+def check_args(args) -> None:
+    """Flags that no selection can use, refused before the teacher is loaded and any image is scored."""
     check_num_select(args.num_select)
+    for flag, meaning in (('chunk_size', 'images per saved chunk of scores'), ('batch_size', 'images per forward '
+                          'pass'), ('print_freq', 'batches between progress lines')):
+        if getattr(args, flag) < 1:
+            raise UserError(f"--{flag} {getattr(args, flag)}: must be >= 1 ({meaning})")
+    if args.num_workers < 0:
+        raise UserError(f"--num_workers {args.num_workers}: must be >= 0 (0 loads images in the main process)")
+    for flag in ('attnlier', 'outlier'):
+        value = getattr(args, flag)
+        if not (math.isfinite(value) and value >= 0):
+            raise UserError(f"--{flag} {value:g}: must be a finite weight >= 0 (the ranking keeps the images with the "
+                            "lowest attnlier x probe scores + outlier x output score; the paper's weights are 0.05 "
+                            "and 0.9)")
+    check_normalization(args.mean, args.std)
+    check_output_file(args.output)
+
+
+def check_output_file(output: str) -> None:
+    """--output names a file in a folder this user can write (its scores go to <output>.chunks/ beside it)."""
+    if output.endswith(('/', os.sep)) or os.path.isdir(output):
+        raise UserError(f"--output {output!r} names a folder, but the selection is one file: give a file path, e.g. "
+                        f"--output {os.path.join(output, 'selection.pth')}")
+    chunks = output + '.chunks'
+    if os.path.exists(chunks) and not os.path.isdir(chunks):
+        raise UserError(f"--output {output!r}: {chunks!r} is a file, but the scores go to a folder of that name: "
+                        "move that file, or give another --output")
+    folder = os.path.dirname(os.path.abspath(output))
+    check_writable_folder(folder, f"--output {output!r}: its folder {folder!r}", "give an --output path in a folder "
+                          "this user can create files in (the selection file and its scores, <output>.chunks/, go "
+                          "there)")
+
+
+def main(args) -> dict | None:
+    check_args(args)
     if args.amp is None:
         args.amp = 'bf16' if str(args.device).startswith('cuda') else 'none'
     init_distributed_mode(args)

@@ -13,8 +13,13 @@ Writes to --output_dir:
 
 The teacher comes from the checkpoint (copy modes), --teacher, or the run's --finetune file. Where
 teacher and student have different numbers of heads (probe students), the comparison uses the maps
-averaged over heads. Where transfer took hold, CE approaches the teacher's entropy and JSD nears 0;
-a layer whose JSD stays high is where it failed.
+averaged over heads. Every map is the one the model attends with at evaluation. A distilled (or
+probe) student runs alone: where transfer took hold, CE approaches the teacher's entropy and JSD
+nears 0; a layer whose JSD stays high is where it failed. A copy-mode student runs beside its
+teacher and, in the transferred layers, attends with what the teacher hands over: with --mode copy
+its maps there are the teacher's (JSD 0 by construction), with copy_q / copy_k they are made of the
+teacher's q (k) and its own k (q). The CSV's student_map column and the printed lines say, per layer,
+whose maps the student used.
 """
 from __future__ import annotations
 
@@ -35,15 +40,18 @@ from PIL import Image  # noqa: E402
 from torch.utils.data import DataLoader, Subset  # noqa: E402
 
 import main_finetune  # noqa: E402
-from models_dual_vit import forward_with_capture  # noqa: E402
+from models_dual_vit import forward_dual_with_capture, forward_with_capture  # noqa: E402
 from modes import get_mode  # noqa: E402
-from util.args import HelpFormatter  # noqa: E402
+from util.args import HelpFormatter, check_writable_folder  # noqa: E402
 from util.datasets import build_dataset, build_transform, collate_skipping_bad  # noqa: E402
 from util.errors import UserError, run_cli  # noqa: E402
 from util.pretrained import is_named, load_exact, read_checkpoint  # noqa: E402
 
 METRICS = ('teacher_student_ce', 'jsd', 'teacher_entropy', 'student_entropy', 'teacher_distance_px',
            'student_distance_px')
+# The student's map in a transferred layer of a copy mode, by what the teacher hands over.
+COPIED_MAP = {'attn': "teacher's (copied)", 'q': "teacher's q with own k", 'k': "own q with teacher's k",
+              'v': "own (teacher's v)"}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -88,7 +96,8 @@ def comparable(t: torch.Tensor, s: torch.Tensor) -> tuple[torch.Tensor, torch.Te
 # Models
 # ---------------------------------------------------------------------------------------------
 def load_models(checkpoint: str, teacher_path: str | None):
-    """(teacher or None, student) in eval mode, as the checkpoint's run built them."""
+    """(teacher or None, student, the run's arguments, the run's model) in eval mode, as the checkpoint's run
+    built them."""
     ckpt = read_checkpoint(checkpoint, flag='--checkpoint')
     if not isinstance(ckpt, dict) or not isinstance(ckpt.get('args'), dict):
         raise UserError(f"--checkpoint {checkpoint}: it does not record its run's arguments (not written by "
@@ -112,12 +121,34 @@ def load_models(checkpoint: str, teacher_path: str | None):
         else:
             model.load_teacher(args.finetune, use_ema=args.use_teacher_ema)
         teacher.eval()
-    return teacher, model.student.eval(), args
+    return teacher, model.student.eval(), args, model.eval()
 
 
 @torch.no_grad()
 def maps_of(vit, images: torch.Tensor, layers: list[int]) -> dict[int, torch.Tensor]:
     return forward_with_capture(vit, images, attention_blocks=layers)[1]
+
+
+def copies(model) -> bool:
+    """Whether the student attends with what the teacher hands over (copy modes), so runs beside it."""
+    return bool(getattr(model, 'needs_teacher_at_eval', False))
+
+
+@torch.no_grad()
+def maps_used(model, teacher, student, images: torch.Tensor, layers: list[int]) -> dict[str, dict]:
+    """The maps each model attends with at evaluation: a copy-mode student's from the dual forward, any
+    other model's from running it alone."""
+    if copies(model):
+        _, t_maps, s_maps = forward_dual_with_capture(model, images, layers)
+        return {'teacher': t_maps, 'student': s_maps}
+    maps = {'teacher': maps_of(teacher, images, layers)} if teacher is not None else {}
+    return {**maps, 'student': maps_of(student, images, layers)}
+
+
+def student_map_sources(model, layers: list[int]) -> dict[int, str]:
+    """Per layer, whose attention map the student uses."""
+    copied = model.layers if copies(model) else []
+    return {layer: COPIED_MAP[model.mode.exposes] if layer in copied else 'own' for layer in layers}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -128,7 +159,7 @@ def _grid(vit) -> tuple[int, int]:
 
 
 def plot_cls_attention(image: torch.Tensor, maps: dict[str, dict[int, torch.Tensor]], models: dict, heads: int,
-                       path: str) -> None:
+                       path: str, sources: dict[int, str] | None = None) -> None:
     names = list(maps)
     layers = sorted(next(iter(maps.values())))
     columns = [(name, h) for name in names for h in range(min(heads, maps[name][layers[0]].shape[1]))]
@@ -137,7 +168,8 @@ def plot_cls_attention(image: torch.Tensor, maps: dict[str, dict[int, torch.Tens
     shown = (image - image.min()) / (image.max() - image.min() + 1e-8)
     for r, layer in enumerate(layers):
         axes[r, 0].imshow(shown.permute(1, 2, 0).numpy())
-        axes[r, 0].set_ylabel(f'layer {layer}', fontsize=7)
+        copied = sources and sources.get(layer, 'own') != 'own'
+        axes[r, 0].set_ylabel(f'layer {layer}' + (f'\nstudent: {sources[layer]}' if copied else ''), fontsize=7)
         for c, (name, head) in enumerate(columns, start=1):
             vit = models[name]
             row = maps[name][layer][0, head, 0, vit.num_prefix_tokens:].reshape(_grid(vit))
@@ -152,7 +184,8 @@ def plot_cls_attention(image: torch.Tensor, maps: dict[str, dict[int, torch.Tens
     plt.close(fig)
 
 
-def plot_token_maps(maps: dict[str, dict[int, torch.Tensor]], layer: int, heads: int, path: str) -> None:
+def plot_token_maps(maps: dict[str, dict[int, torch.Tensor]], layer: int, heads: int, path: str,
+                    source: str = 'own') -> None:
     names = list(maps)
     n_heads = max(min(heads, maps[n][layer].shape[1]) for n in names)
     fig, axes = plt.subplots(len(names), n_heads, figsize=(2.2 * n_heads, 2.2 * len(names)), squeeze=False)
@@ -161,7 +194,8 @@ def plot_token_maps(maps: dict[str, dict[int, torch.Tensor]], layer: int, heads:
             ax = axes[r, h]
             if h < maps[name][layer].shape[1]:
                 ax.imshow(maps[name][layer][0, h].numpy(), cmap='magma')
-                ax.set_title(f'{name} layer {layer} head {h}', fontsize=7)
+                note = f' ({source})' if name == 'student' and source != 'own' else ''
+                ax.set_title(f'{name} layer {layer} head {h}{note}', fontsize=7)
             ax.set_xticks([])
             ax.set_yticks([])
     fig.tight_layout()
@@ -194,8 +228,9 @@ def plot_metrics(rows: list[dict], path: str) -> None:
 # main
 # ---------------------------------------------------------------------------------------------
 @torch.no_grad()
-def layer_metrics(teacher, student, loader, layers: list[int]) -> list[dict]:
-    """Per layer, each metric's mean over its rows (attention rows, or patch-query rows for distances)."""
+def layer_metrics(teacher, student, loader, layers: list[int], model=None) -> list[dict]:
+    """Per layer, each metric's mean over its rows (attention rows, or patch-query rows for distances), of the
+    maps each model uses (see maps_used; ``model``: the run's model, which says whether the student copies)."""
     sums = {layer: dict.fromkeys(METRICS, 0.0) for layer in layers}
     counts = {layer: dict.fromkeys(METRICS, 0) for layer in layers}
 
@@ -208,8 +243,8 @@ def layer_metrics(teacher, student, loader, layers: list[int]) -> list[dict]:
     for images, _, _ in loader:
         if len(images) == 0:
             continue
-        s_maps = maps_of(student, images, layers)
-        t_maps = maps_of(teacher, images, layers) if teacher is not None else {}
+        used = maps_used(model, teacher, student, images, layers)
+        s_maps, t_maps = used['student'], used.get('teacher', {})
         for layer in layers:
             s = s_maps[layer]
             add(layer, 'student_entropy', row_entropy(s))
@@ -223,6 +258,37 @@ def layer_metrics(teacher, student, loader, layers: list[int]) -> list[dict]:
                 add(layer, 'teacher_distance_px', row_distance(t, dist_t, teacher.num_prefix_tokens))
     return [{'layer': layer, **{k: sums[layer][k] / counts[layer][k] if counts[layer][k] else None for k in METRICS}}
             for layer in layers]
+
+
+def check_flags(a) -> list[int] | None:
+    """Flags no run of this tool can use, refused before any model is loaded; returns the --map_layers."""
+    for flag, least, meaning in (('batch_size', 1, 'images per forward pass'), ('heads', 1, 'heads drawn per model'),
+                                 ('num_images', 1, 'validation images the metrics average over'),
+                                 ('num_show', 0, 'validation images to draw maps for'),
+                                 ('num_workers', 0, 'data loading processes; 0 loads in this process')):
+        if getattr(a, flag) < least:
+            raise UserError(f"--{flag} {getattr(a, flag)}: must be >= {least} ({meaning})")
+    map_layers = None
+    if a.map_layers is not None:
+        try:
+            map_layers = sorted({int(x) for x in a.map_layers.split(',')})
+        except ValueError:
+            raise UserError(f"--map_layers {a.map_layers!r}: give layer numbers separated by commas, counted from 0 "
+                            "(e.g. --map_layers 0,5,11)") from None
+    if a.images is not None:
+        if not a.images:
+            raise UserError("--images names no file: give image files, or leave --images out to draw the first "
+                            "--num_show validation images")
+        for path in a.images:
+            try:
+                with Image.open(path) as image:
+                    image.verify()
+            except (OSError, SyntaxError) as e:  # PIL reports corrupt files as either
+                problem = f"not a readable image ({e})" if os.path.isfile(path) else "no such file"
+                raise UserError(f"--images {path!r}: {problem}; give image files (PNG, JPEG, ...)") from e
+    check_writable_folder(a.output_dir, f"--output_dir {a.output_dir!r}", "give a folder this user can create "
+                          "files in (the PNG and CSV files go there; it is created if missing)")
+    return map_layers
 
 
 def main(argv=None) -> list[dict]:
@@ -244,11 +310,16 @@ def main(argv=None) -> list[dict]:
                    'kept at once)')
     p.add_argument('--num_workers', default=4, type=int, help='data loading processes')
     a = p.parse_args(argv)
-    os.makedirs(a.output_dir, exist_ok=True)
-    teacher, student, args = load_models(a.checkpoint, a.teacher)
+    map_layers = check_flags(a)
+    teacher, student, args, model = load_models(a.checkpoint, a.teacher)
     depth = len(student.blocks) if teacher is None else min(len(student.blocks), len(teacher.blocks))
     layers = list(range(depth))
-    map_layers = [int(x) for x in a.map_layers.split(',')] if a.map_layers else sorted({0, depth // 2, depth - 1})
+    map_layers = map_layers or sorted({0, depth // 2, depth - 1})
+    outside = [layer for layer in map_layers if not 0 <= layer < depth]
+    if outside:
+        raise UserError(f"--map_layers {a.map_layers}: no layer {', '.join(map(str, outside))}; the compared models "
+                        f"have layers 0 to {depth - 1}")
+    sources = student_map_sources(model, layers)
     args.data_path = a.data_path
     dataset = build_dataset(False, args, root=os.path.join(a.data_path, 'val'))
     transform = build_transform(False, args)
@@ -257,23 +328,30 @@ def main(argv=None) -> list[dict]:
     shown = [transform(Image.open(f).convert('RGB')) for f in a.images] if a.images else [
         dataset[i][0] for i in range(min(a.num_show, len(dataset)))]
     for k, image in enumerate(shown):
-        maps = {name: maps_of(vit, image[None], layers) for name, vit in models.items()}
-        plot_cls_attention(image, maps, models, a.heads, os.path.join(a.output_dir, f'cls_attention_{k}.png'))
+        maps = maps_used(model, teacher, student, image[None], layers)
+        plot_cls_attention(image, maps, models, a.heads, os.path.join(a.output_dir, f'cls_attention_{k}.png'),
+                           sources)
         for layer in map_layers:
-            plot_token_maps(maps, layer, a.heads, os.path.join(a.output_dir, f'token_maps_{k}_layer{layer}.png'))
+            plot_token_maps(maps, layer, a.heads, os.path.join(a.output_dir, f'token_maps_{k}_layer{layer}.png'),
+                            sources[layer])
 
     subset = Subset(dataset, range(min(a.num_images, len(dataset))))
     loader = DataLoader(subset, batch_size=a.batch_size, num_workers=a.num_workers, collate_fn=collate_skipping_bad)
-    rows = layer_metrics(teacher, student, loader, layers)
+    rows = [{**r, 'student_map': sources[r['layer']]} for r in layer_metrics(teacher, student, loader, layers, model)]
     with open(os.path.join(a.output_dir, 'attention_metrics.csv'), 'w', newline='') as f:
-        writer = csv.DictWriter(f, fieldnames=['layer', *METRICS])
+        writer = csv.DictWriter(f, fieldnames=['layer', *METRICS, 'student_map'])
         writer.writeheader()
         writer.writerows({k: ('' if v is None else v) for k, v in r.items()} for r in rows)
     plot_metrics(rows, os.path.join(a.output_dir, 'attention_metrics.png'))
     print(f"wrote {len(shown)} images' maps and per-layer metrics over {len(subset)} images to {a.output_dir}")
+    copied = [layer for layer, source in sources.items() if source != 'own']
+    if copied:
+        print(f"mode {args.mode}: in layers {', '.join(map(str, copied))} the student attends with what the teacher "
+              f"hands over; its maps there are the ones it uses: {COPIED_MAP[model.mode.exposes]}"
+              + (", so the teacher-student JSD is 0 by construction" if model.mode.exposes == 'attn' else ''))
     for r in rows:
-        print('  layer {layer:2d}  '.format(**r) + '  '.join(
-            f"{k} {v:.4f}" for k, v in r.items() if k != 'layer' and v is not None))
+        values = '  '.join(f"{k} {r[k]:.4f}" for k in METRICS if r[k] is not None)
+        print(f"  layer {r['layer']:2d}  {values}  student map: {r['student_map']}")
     return rows
 
 

@@ -5,6 +5,8 @@ import argparse
 import ast
 import copy
 import math
+import os
+import tempfile
 from collections.abc import Sequence
 
 from util.errors import UserError
@@ -68,3 +70,46 @@ def check_range(flag: str, value: float, low: float, high: float, low_open: bool
     if not (math.isfinite(value) and above and below):
         interval = f"{'(' if low_open else '['}{low:g}, {high:g}{')' if high_open else ']'}"
         raise UserError(f"--{flag} {value:g}: must lie in {interval}" + (f" ({meaning})" if meaning else ''))
+
+
+def check_positive(flag: str, value: float, meaning: str = '') -> None:
+    """Raise a UserError naming ``flag`` unless ``value`` is a finite number above 0."""
+    if not (math.isfinite(value) and value > 0):
+        raise UserError(f"--{flag} {value:g}: must be > 0" + (f" ({meaning})" if meaning else ''))
+
+
+def check_normalization(mean: Sequence[float] | None, std: Sequence[float] | None) -> None:
+    """--mean / --std as given: finite fractions of the pixel range (ToTensor scales pixels to [0, 1]);
+    a std must be above 0. Values above 1 are pixel units (0-255): the fix divides them by 255."""
+    for flag, values in (('mean', mean), ('std', std)):
+        if values is None:
+            continue
+        shown = ' '.join(f"{v:g}" for v in values)
+        if not all(math.isfinite(v) for v in values):
+            raise UserError(f"--{flag} {shown}: must be finite numbers (e.g. ImageNet's --mean 0.485 0.456 0.406 "
+                            "--std 0.229 0.224 0.225)")
+        if flag == 'std' and min(values) <= 0:
+            raise UserError(f"--std {shown}: every std must be > 0 (inputs are divided by it); ImageNet's is "
+                            "--std 0.229 0.224 0.225")
+        if min(values) < 0 or max(values) > 1:
+            fix = (f"; in pixel units (0-255)? divide by 255: --{flag} "
+                   + ' '.join(f"{v / 255:.3f}" for v in values) if max(values) > 1 else '')
+            raise UserError(f"--{flag} {shown}: must lie in [0, 1], as fractions of the pixel range (images are "
+                            f"scaled to [0, 1] before normalisation){fix}")
+
+
+def check_writable_folder(folder: str, subject: str, fix: str) -> None:
+    """Create ``folder`` and write a file into it now, instead of failing once the work is done. ``subject``
+    names the folder in the message (e.g. "--output_dir 'out'"), ``fix`` says what to give instead."""
+    existing = os.path.abspath(folder)
+    while not os.path.exists(existing):
+        existing = os.path.dirname(existing)
+    if not os.path.isdir(existing):
+        where = 'is a file' if existing == os.path.abspath(folder) else f'lies under the file {existing!r}'
+        raise UserError(f"{subject} {where}, not a folder: {fix}")
+    try:
+        os.makedirs(folder, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=folder, prefix='.write-test-'):
+            pass
+    except OSError as e:
+        raise UserError(f"{subject} cannot be written ({e.strerror or e}): {fix}") from e

@@ -19,20 +19,22 @@ A checkpoint is a dict:
 from __future__ import annotations
 
 import errno
+import filecmp
 import math
 import os
 import random
 import re
 import tempfile
+import warnings
 from collections.abc import Callable, Iterator
 from typing import Any, Optional
 
 import numpy as np
 import torch
 
-from util.distributed import all_gather_object, all_reduce_sum, get_world_size
+from util.distributed import all_gather_object, all_reduce_sum, get_world_size, is_main_process
 from util.errors import UserError
-from util.pretrained import EMA_ENTRIES, load_exact, read_checkpoint
+from util.pretrained import EMA_ENTRIES, is_named, load_exact, read_checkpoint
 
 # Temporary files of save_atomic: '<target name>.<random>.tmp' beside the target (mkstemp's random part
 # has no dots).
@@ -42,8 +44,9 @@ _RUN_FILE_TMP = re.compile(r'(checkpoint(-\d+|-best)?\.pth|log\.txt|eval_results
                            + re.escape(TMP_SUFFIX))
 
 
-class NonFiniteStateError(RuntimeError):
-    """The model or optimizer state holds NaN or infinite values: no checkpoint is written."""
+class NonFiniteStateError(UserError):
+    """The model or optimizer state holds NaN or infinite values: no checkpoint is written (reported as one
+    ``error:`` line naming the last good checkpoint and the flags to change)."""
 
 
 def _umask() -> int:
@@ -233,6 +236,11 @@ def load_training_checkpoint(path: str, to_train: bool = True) -> dict:
         raise UserError(f"--resume {path!r} is not a training checkpoint (it has no 'model' entry); "
                         + ("it holds EMA weights only: to start from them use --finetune PATH --use_teacher_ema"
                            if ema else "to start from pre-trained weights use --finetune"))
+    if to_train and 'converted_from' in ckpt:  # read_checkpoint converted it, leaving its optimizer state out
+        raise UserError(f"--resume {path!r} is a checkpoint of the attention transfer reference's dual model: its "
+                        "optimizer state does not map onto this project's student, so training cannot continue from "
+                        "it. Evaluate it with --eval --resume, ensemble it with --ensemble_with, export its student "
+                        "with tools/export_student.py, or start a new run from its student with --finetune.")
     missing = [k for k in ('optimizer', 'epoch') if k not in ckpt]
     if to_train and missing:
         raise UserError(f"--resume {path!r} holds model weights only (no {' or '.join(missing)} entry), so no "
@@ -258,6 +266,57 @@ def intact_neighbour(path: str) -> Optional[str]:
         if isinstance(ckpt, dict) and 'epoch' in ckpt:
             return describe_checkpoint(candidate, ckpt['epoch'], ckpt.get('step'))
     return None
+
+
+def check_resume_matches(ckpt: Optional[dict], path: Optional[str], args, teacher_from_finetune: bool) -> None:
+    """A training run continues the checkpoint's run: the same --mode (else the optimizer's parameter groups
+    do not fit, or the student trains under another objective), and the same teacher. ``teacher_from_finetune``:
+    whether this mode reads its teacher from --finetune (copy modes take it from the checkpoint, when it holds
+    one). Checks nothing for --eval, which takes the model's arguments from the checkpoint."""
+    saved = ckpt.get('args') if ckpt is not None and not args.eval else None
+    if not isinstance(saved, dict):
+        return
+    saved_mode, mode = saved.get('mode') or 'none', args.mode or 'none'  # older checkpoints: None for plain
+    if saved_mode != mode:
+        raise UserError(f"--resume {path}: the checkpoint is of a --mode {saved_mode} run, but this command "
+                        f"has --mode {mode}: give --mode {saved_mode} to continue it (a run keeps the mode it "
+                        "started with; to train another mode start a new run in another --output_dir)")
+    recorded, given = saved.get('finetune') or '', args.finetune or ''
+    if not given or given == recorded:
+        return
+    if 'teacher' in ckpt or not teacher_from_finetune:
+        used = ("the teacher's weights come from the checkpoint, which holds them" if 'teacher' in ckpt else
+                "the student's weights come from the checkpoint")
+        _warn(f"--finetune {given} is not the run's recorded --finetune {recorded or '(none)'} and is not used when "
+              f"resuming {path}: {used}")
+        return
+    same = same_file(recorded, given) if recorded else None
+    if same is None:
+        started = f"the teacher {recorded}, which no longer exists" if recorded else "a teacher it did not record"
+        _warn(f"--finetune {given}: the run of {path} started with {started}; the resumed run distils from "
+              f"{given}, which must hold the same weights")
+    elif not same:
+        raise UserError(f"--finetune {given} is not the teacher the run of {path} started with ({recorded}, which "
+                        "still exists): its checkpoints do not hold the teacher, so a resume loads it from --finetune "
+                        f"and another file would change the teacher mid-run. Give --finetune {recorded} to continue "
+                        "the run, or start a new run in another --output_dir to train with another teacher")
+
+
+def same_file(recorded: str, given: str) -> Optional[bool]:
+    """Whether two checkpoint arguments name the same weights: the same name, the same file, or files with
+    the same bytes; None when the recorded file no longer exists (it may have moved)."""
+    if is_named(recorded) or is_named(given):
+        return recorded == given
+    if not os.path.isfile(recorded):
+        return None
+    if not os.path.isfile(given):
+        return False
+    return os.path.samefile(recorded, given) or filecmp.cmp(recorded, given, shallow=False)
+
+
+def _warn(message: str) -> None:
+    if is_main_process():
+        warnings.warn(message, UserWarning, stacklevel=3)
 
 
 def next_position(ckpt: dict) -> tuple[int, int]:

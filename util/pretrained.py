@@ -112,6 +112,10 @@ def _hf_hub_file(spec: str, repo_id: str, filenames: tuple[str, ...], revision: 
 def _url_file(spec: str, url: str) -> str:
     """The local copy of a URL in torch.hub's checkpoint cache (where torch.hub.load_state_dict_from_url keeps it)."""
     name = os.path.basename(urllib.parse.urlparse(url).path)
+    if not name:
+        raise UserError(f"{spec!r}: the URL names no file (its path ends in '/' or is empty); give the URL of the "
+                        "checkpoint file itself, e.g. https://dl.fbaipublicfiles.com/mae/pretrain/"
+                        "mae_pretrain_vit_large.pth")
     folder = os.path.join(torch.hub.get_dir(), 'checkpoints')
     path = os.path.join(folder, name)
     if os.path.isfile(path):

@@ -1,0 +1,389 @@
+"""Bad input answered before any long work: one `error:` line naming the flag or file, the problem and the
+fix (or a warning where the run is right to go on), from select_wild_data.py, tools/visualize_attention.py
+and main_finetune.py; and the attention diagnostics of a copy-mode student, which are of the maps it uses."""
+import argparse
+import csv
+import math
+import os
+import shutil
+import subprocess
+import warnings
+from types import SimpleNamespace
+
+import huggingface_hub
+import pytest
+import timm
+import torch
+from helpers import TINY_ARCH, add_to_hub_cache, make_image_folder, make_teacher_checkpoint, tiny_args
+from PIL import Image
+from timm.models import save_for_hf
+
+import main_finetune
+import select_wild_data
+from models_dual_vit import create_vit
+from tools import visualize_attention
+from util.checkpoint import check_resume_matches
+from util.datasets import build_transform
+from util.errors import DEBUG_ENV, UserError, run_cli
+from util.pretrained import read_checkpoint, resolve_named
+
+
+@pytest.fixture(scope='module')
+def work(tmp_path_factory):
+    """Generated data and a teacher."""
+    root = tmp_path_factory.mktemp('bad_input')
+    data = make_image_folder(str(root / 'data'), train_per_class=8, val_per_class=3)
+    return SimpleNamespace(root=root, data=data, teacher=make_teacher_checkpoint(str(root / 'teacher.pth')))
+
+
+@pytest.fixture(scope='module')
+def runs(work):
+    """One-epoch runs in distill mode and in copy mode (layers 0-2 of 4 copied), each with its own copy of the
+    teacher."""
+    runs = {}
+    for mode, extra in (('distill', ()), ('copy', ('--end_layer', '-1'))):
+        runs[mode] = SimpleNamespace(out=str(work.root / mode), teacher=str(work.root / f'{mode}_teacher.pth'))
+        shutil.copy(work.teacher, runs[mode].teacher)
+        main_finetune.run(tiny_args(work.data, runs[mode].out, '--mode', mode, '--finetune', runs[mode].teacher,
+                                    *extra, epochs=1))
+        runs[mode].checkpoint = os.path.join(runs[mode].out, 'checkpoint.pth')
+    return runs
+
+
+def no_long_work(monkeypatch, *names):
+    """Make the named functions of main_finetune fail the test when called: the check must come first."""
+    for name in names:
+        monkeypatch.setattr(main_finetune, name, lambda *a, _name=name, **k: pytest.fail(f"{_name} was called"))
+
+
+def make_unwritable(folder) -> bool:
+    """An existing folder nobody (root included, through chattr +i) can create files in; False if impossible."""
+    os.makedirs(folder)
+    if os.geteuid() == 0:
+        if not shutil.which('chattr') or subprocess.run(['chattr', '+i', str(folder)]).returncode:
+            return False
+    else:
+        os.chmod(folder, 0o555)
+    try:
+        open(os.path.join(folder, 'probe'), 'w').close()
+    except OSError:
+        return True
+    os.remove(os.path.join(folder, 'probe'))
+    return False
+
+
+def make_writable(folder) -> None:
+    if os.geteuid() == 0:
+        subprocess.run(['chattr', '-i', str(folder)])
+    else:
+        os.chmod(folder, 0o755)
+
+
+# ---- 1. select_wild_data.py --------------------------------------------------------------------
+@pytest.mark.parametrize('extra, expected', [
+    (['--chunk_size', '0'], '--chunk_size 0: must be >= 1'),
+    (['--chunk_size', '-5'], '--chunk_size -5: must be >= 1'),
+    (['--batch_size', '0'], '--batch_size 0: must be >= 1'),
+    (['--attnlier', 'nan'], '--attnlier nan: must be a finite weight'),
+    (['--outlier', 'nan'], '--outlier nan: must be a finite weight'),
+    (['--output', '{root}/selections/'], "names a folder, but the selection is one file"),
+    (['--output', '{root}/blocker/selection.pth'], "is a file, not a folder"),
+    (['--output', '{root}/readonly/selection.pth'], "cannot be written"),
+])
+def test_select_wild_data_refuses_bad_flags_before_scoring(tmp_path, monkeypatch, extra, expected):
+    (tmp_path / 'blocker').write_text('a file where a folder should be')
+    extra = [x.format(root=tmp_path) for x in extra]
+    if 'readonly' in extra[-1] and not make_unwritable(tmp_path / 'readonly'):
+        pytest.skip('cannot make a folder unwritable here')
+    monkeypatch.setattr(select_wild_data, 'build_teacher', lambda args: pytest.fail('the teacher was loaded'))
+    args = select_wild_data.get_args_parser().parse_args(
+        ['--teacher', 'teacher.pth', '--wild_path', str(tmp_path), '--output', str(tmp_path / 'sel.pth'),
+         '--device', 'cpu', *extra])
+    try:
+        with pytest.raises(UserError) as err:
+            select_wild_data.main(args)
+    finally:
+        if 'readonly' in extra[-1]:
+            make_writable(tmp_path / 'readonly')
+    message = str(err.value)
+    assert expected in message, message
+    if '--output' in extra:
+        assert extra[-1] in message or os.path.dirname(extra[-1]) in message
+    if extra[-1].endswith('/'):
+        assert f"--output {os.path.join(extra[-1], 'selection.pth')}" in message  # the fix, spelled out
+
+
+# ---- 2. tools/visualize_attention.py -------------------------------------------------------------
+@pytest.mark.parametrize('extra, expected', [
+    (['--images', '{root}/missing.png'], "--images '{root}/missing.png': no such file"),
+    (['--images', '{root}/not_an_image.png'], "not a readable image"),
+    (['--images'], '--images names no file'),
+    (['--map_layers', 'x'], "--map_layers 'x': give layer numbers"),
+    (['--heads', '0'], '--heads 0: must be >= 1'),
+    (['--batch_size', '0'], '--batch_size 0: must be >= 1'),
+    (['--output_dir', '{root}/a_file'], "--output_dir '{root}/a_file' is a file, not a folder"),
+])
+def test_visualize_attention_refuses_bad_flags_before_loading_models(tmp_path, monkeypatch, extra, expected):
+    (tmp_path / 'a_file').write_text('keep me')
+    (tmp_path / 'not_an_image.png').write_bytes(b'not a png')
+    monkeypatch.setattr(visualize_attention, 'load_models', lambda *a: pytest.fail('the models were loaded'))
+    argv = ['--checkpoint', 'ckpt.pth', '--data_path', str(tmp_path), '--output_dir', str(tmp_path / 'out')]
+    with pytest.raises(UserError) as err:
+        visualize_attention.main(argv + [x.format(root=tmp_path) for x in extra])
+    assert expected.format(root=tmp_path) in str(err.value)
+    assert (tmp_path / 'a_file').read_text() == 'keep me'
+
+
+@pytest.mark.slow
+def test_visualize_attention_refuses_a_layer_the_models_lack_before_reading_data(work, runs, tmp_path, monkeypatch):
+    monkeypatch.setattr(visualize_attention, 'build_dataset', lambda *a, **k: pytest.fail('data were read'))
+    with pytest.raises(UserError, match=r"--map_layers 0,99: no layer 99; the compared models have layers 0 to 3"):
+        visualize_attention.main(['--checkpoint', runs['distill'].checkpoint, '--data_path', work.data,
+                                  '--output_dir', str(tmp_path / 'out'), '--map_layers', '0,99'])
+
+
+def norm1_inputs(vits: dict, run) -> dict:
+    """Run ``run()`` and return what each named ViT's blocks feed their attention (norm1 outputs)."""
+    inputs = {}
+    hooks = [blk.norm1.register_forward_hook(lambda m, i, o, key=(name, k): inputs.__setitem__(key, o))
+             for name, vit in vits.items() for k, blk in enumerate(vit.blocks)]
+    with torch.no_grad():
+        run()
+    for h in hooks:
+        h.remove()
+    return inputs
+
+
+def float64_map(attn, h) -> torch.Tensor:
+    """softmax(q k^T / sqrt(d)) in float64 from the raw qkv weights (the tiny ViTs have no qk-norm)."""
+    B, N, _ = h.shape
+    qkv = (h.double() @ attn.qkv.weight.double().T + attn.qkv.bias.double()).view(B, N, 3, attn.num_heads, -1)
+    q, k = qkv[:, :, 0].transpose(1, 2), qkv[:, :, 1].transpose(1, 2)
+    return (q @ k.transpose(-1, -2) / math.sqrt(attn.head_dim)).softmax(-1)
+
+
+@pytest.mark.slow
+def test_visualize_attention_of_a_copy_student_compares_the_maps_it_uses(work, runs, tmp_path, capsys):
+    """In the copied layers (0-2) a copy-mode student attends with the teacher's maps: the metrics say so
+    (JSD 0, CE = the teacher's entropy) and name the source; in layer 3 it attends with its own map, computed
+    on the tokens of the dual forward (not on those of the student run alone)."""
+    ckpt = torch.load(runs['copy'].checkpoint, weights_only=True)
+    generator = torch.Generator().manual_seed(0)
+    for key, value in ckpt['model'].items():  # a student whose own attention is far from uniform
+        if key.endswith('attn.qkv.weight'):
+            qk = value[:2 * TINY_ARCH['embed_dim']]
+            qk.copy_(torch.randn(qk.shape, generator=generator) * 0.5)
+    checkpoint = str(tmp_path / 'copy_checkpoint.pth')
+    torch.save(ckpt, checkpoint)
+    rows = visualize_attention.main(['--checkpoint', checkpoint, '--data_path', work.data, '--output_dir',
+                                     str(tmp_path / 'diag'), '--num_show', '1', '--batch_size', '5',
+                                     '--num_workers', '0'])
+    printed = capsys.readouterr().out
+    assert 'in layers 0, 1, 2 the student attends with what the teacher hands over' in printed
+    assert 'JSD is 0 by construction' in printed
+    with open(tmp_path / 'diag' / 'attention_metrics.csv') as f:
+        written = list(csv.DictReader(f))
+    assert [r['student_map'] for r in written] == ["teacher's (copied)"] * 3 + ['own']
+
+    # independent: the dual model's own evaluation forward, maps recomputed in float64 from its norm1 inputs
+    _, _, run_args, model = visualize_attention.load_models(checkpoint, None)
+    paths = sorted(os.path.join(dp, f) for dp, _, fs in os.walk(os.path.join(work.data, 'val')) for f in fs)
+    transform = build_transform(False, run_args)
+    x = torch.stack([transform(Image.open(p).convert('RGB')) for p in paths])
+    inputs = norm1_inputs({'teacher': model.teacher, 'student': model.student}, lambda: model(x))
+    for layer in range(3):
+        t = float64_map(model.teacher.blocks[layer].attn, inputs['teacher', layer])
+        entropy = -(t * t.log()).sum(-1).mean().item()
+        assert rows[layer]['jsd'] == pytest.approx(0.0, abs=1e-6)
+        assert rows[layer]['teacher_entropy'] == pytest.approx(entropy, rel=1e-4)
+        assert rows[layer]['student_entropy'] == pytest.approx(entropy, rel=1e-4)
+        assert rows[layer]['teacher_student_ce'] == pytest.approx(entropy, rel=1e-4)
+    s = float64_map(model.student.blocks[3].attn, inputs['student', 3])
+    entropy = -(s * s.log()).sum(-1).mean().item()
+    assert rows[3]['student_entropy'] == pytest.approx(entropy, rel=1e-4)
+    alone = norm1_inputs({'student': model.student}, lambda: model.student(x))
+    s_alone = float64_map(model.student.blocks[3].attn, alone['student', 3])
+    entropy_alone = -(s_alone * s_alone.log()).sum(-1).mean().item()
+    assert abs(entropy_alone - entropy) > 1e-2 * entropy  # the student run alone has other maps there
+
+
+# ---- 3. numeric flags of main_finetune.py ------------------------------------------------------------
+@pytest.mark.parametrize('extra, expected', [
+    (['--batch_size', '0'], '--batch_size 0: must be >= 1'),
+    (['--std', '0', '0', '0'], '--std 0 0 0: every std must be > 0'),
+    (['--std', '-1', '-1', '-1'], '--std -1 -1 -1: every std must be > 0'),
+    (['--mean', '124', '116', '104'], 'divide by 255: --mean 0.486 0.455 0.408'),
+    (['--std', '58.4', '57.1', '57.4'], 'divide by 255: --std 0.229 0.224 0.225'),
+    (['--mean', 'nan', '0.4', '0.4'], '--mean nan 0.4 0.4: must be finite'),
+    (['--mode', 'probe', '--presentations', '0'], '--presentations 0: must be >= 1'),
+    (['--mode', 'probe', '--presentations', '-3'], '--presentations -3: must be >= 1'),
+    (['--mode', 'probe', '--pos_num', '-1'], '--pos_num -1: must be >= 0'),
+    (['--mode', 'probe', '--kd_temperature', '0'], '--kd_temperature 0: must be > 0'),
+    (['--mode', 'probe', '--kd_temperature', '-4'], '--kd_temperature -4: must be > 0'),
+    (['--mode', 'probe', '--teacher_acc', '96.65'], '--teacher_acc 96.65: must lie in [0, 1]'),
+    (['--mode', 'probe', '--teacher_acc', '-0.1'], '--teacher_acc -0.1: must lie in [0, 1]'),
+])
+def test_numeric_flags_are_refused_before_any_work(work, tmp_path, monkeypatch, extra, expected):
+    no_long_work(monkeypatch, 'build_dataset', 'build_model')
+    argv = tiny_args(work.data, str(tmp_path / 'out'), '--finetune', work.teacher, *extra)
+    with pytest.raises(UserError) as err:
+        main_finetune.run(argv)
+    assert str(err.value).startswith(expected) or expected in str(err.value), str(err.value)
+
+
+# ---- 4. resuming with another mode or another teacher --------------------------------------------
+@pytest.mark.slow
+def test_resume_without_the_runs_mode_is_refused_naming_it(work, runs, monkeypatch):
+    no_long_work(monkeypatch, 'build_dataset', 'build_model')
+    run = runs['distill']
+    for mode in ([], ['--mode', 'copy']):
+        with pytest.raises(UserError) as err:
+            main_finetune.run(tiny_args(work.data, run.out, '--resume', run.checkpoint, '--finetune', run.teacher,
+                                        *mode, epochs=2))
+        assert 'the checkpoint is of a --mode distill run' in str(err.value) and 'give --mode distill' in str(err.value)
+
+
+def test_resume_mode_of_older_checkpoints_none_means_plain():
+    def args(mode):
+        return argparse.Namespace(eval=False, mode=mode, finetune='')
+    for recorded in (None, '', 'none'):
+        check_resume_matches({'args': {'mode': recorded}}, 'old.pth', args('none'), False)
+        with pytest.raises(UserError, match=r"--resume old.pth: the checkpoint is of a --mode none run, but this "
+                                            r"command has --mode distill: give --mode none"):
+            check_resume_matches({'args': {'mode': recorded}}, 'old.pth', args('distill'), True)
+    check_resume_matches({'args': {'mode': 'copy'}}, 'old.pth', argparse.Namespace(eval=True, mode='none'), False)
+
+
+@pytest.mark.slow
+def test_resume_with_another_teacher(work, runs, tmp_path, monkeypatch):
+    """Resumes of finished one-epoch runs (with --epochs 1 they stop after the checks: nothing to do)."""
+    no_long_work(monkeypatch, 'build_dataset', 'build_model')
+    distill, copy = runs['distill'], runs['copy']
+
+    def resume(run, teacher):
+        return main_finetune.run(tiny_args(work.data, run.out, '--resume', run.checkpoint, '--mode',
+                                           os.path.basename(run.out), '--finetune', teacher, epochs=1))
+    other = str(tmp_path / 'other_teacher.pth')
+    make_teacher_checkpoint(other, sharpen=2.0)
+    with pytest.raises(UserError) as err:  # distill: the teacher is read from --finetune, not the checkpoint
+        resume(distill, other)
+    message = str(err.value)
+    assert f"--finetune {other} is not the teacher" in message and f"Give --finetune {distill.teacher}" in message
+
+    same_bytes = str(tmp_path / 'moved' / 'teacher.pth')
+    os.makedirs(os.path.dirname(same_bytes))
+    shutil.copy(distill.teacher, same_bytes)
+    with warnings.catch_warnings():
+        warnings.simplefilter('error')
+        assert resume(distill, same_bytes) == {}  # the same weights under another path
+
+    with pytest.warns(UserWarning, match='not used when resuming.*the teacher.s weights come from the checkpoint'):
+        assert resume(copy, other) == {}  # copy: the checkpoint holds the teacher it uses
+
+    moved = str(tmp_path / 'recorded_teacher_gone.pth')
+    shutil.move(distill.teacher, moved)
+    try:
+        with pytest.warns(UserWarning, match='which no longer exists.*must hold the same weights'):
+            assert resume(distill, moved) == {}
+    finally:
+        shutil.move(moved, distill.teacher)
+
+
+# ---- 5. a non-finite loss ----------------------------------------------------------------------------
+@pytest.mark.slow
+def test_non_finite_loss_is_one_error_line_naming_the_last_good_checkpoint(work, runs, tmp_path, capsys,
+                                                                           monkeypatch):
+    monkeypatch.delenv(DEBUG_ENV, raising=False)
+    run = runs['distill']
+    out = str(tmp_path / 'resumed')
+    shutil.copytree(run.out, out)
+    poisoned = torch.load(run.teacher, weights_only=True)
+    poisoned['model']['blocks.0.attn.qkv.weight'][0, 0] = float('nan')
+    teacher = str(tmp_path / 'teacher.pth')
+    shutil.copy(run.teacher, teacher)
+    ckpt = torch.load(os.path.join(out, 'checkpoint.pth'), weights_only=False)
+    ckpt['args']['finetune'] = teacher  # the run's own teacher file, which then goes bad
+    torch.save(ckpt, os.path.join(out, 'checkpoint.pth'))
+    torch.save(poisoned, teacher)
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as stop:
+        run_cli(main_finetune.run_reporting_stop, tiny_args(
+            work.data, out, '--mode', 'distill', '--finetune', teacher, '--resume', 'allow', epochs=2))
+    assert stop.value.code == 1
+    err = capsys.readouterr().err
+    assert 'Traceback' not in err
+    lines = [line for line in err.splitlines() if line.startswith('error:')]
+    assert len(lines) == 1 and lines[0] == err.strip().splitlines()[-1], err
+    assert lines[0].startswith('error: non-finite loss at epoch 1, step 0 of 3: ')
+    assert 'loss_atd=nan' in lines[0] and '(--finetune)' in lines[0]
+    assert lines[0].endswith(f"the last good checkpoint is {os.path.join(out, 'checkpoint.pth')} (end of epoch 0).")
+
+
+# ---- 6. evaluating a model without a head for this task ------------------------------------------------
+@pytest.fixture
+def hub_1000_classes(tmp_path, monkeypatch):
+    """timm:test_vit.r160_in1k (1000 classes, random weights) in an offline huggingface_hub cache."""
+    torch.manual_seed(0)
+    save_for_hf(timm.create_model('test_vit', pretrained=False), str(tmp_path / 'test_vit'), safe_serialization=True)
+    cache = str(tmp_path / 'hub')
+    add_to_hub_cache(cache, 'timm/test_vit.r160_in1k', {name: str(tmp_path / 'test_vit' / name)
+                                                         for name in ('config.json', 'model.safetensors')})
+    monkeypatch.setattr(huggingface_hub.constants, 'HF_HUB_CACHE', cache)
+    monkeypatch.setattr(huggingface_hub.constants, 'HF_HUB_OFFLINE', True)
+    monkeypatch.setattr(torch.hub, '_hub_dir', str(tmp_path / 'torch_hub'))
+    resolve_named.cache_clear()
+    yield 'timm:test_vit.r160_in1k'
+    resolve_named.cache_clear()
+
+
+def test_eval_of_weights_without_a_head_for_the_task_is_refused(work, tmp_path, monkeypatch, hub_1000_classes):
+    no_long_work(monkeypatch, 'evaluate', 'evaluate_ensemble')
+    pretrain = torch.load(work.teacher, weights_only=True)
+    pretrain['model'] = {k: v for k, v in pretrain['model'].items() if not k.startswith('head.')}
+    mae_pretrain = str(tmp_path / 'mae_pretrain.pth')
+    torch.save(pretrain, mae_pretrain)
+    out = str(tmp_path / 'eval')
+
+    def evaluate(*flags):
+        with pytest.raises(UserError) as err:
+            main_finetune.run(['--eval', '--data_path', work.data, '--nb_classes', '3', '--input_size', '32',
+                               '--output_dir', out, '--device', 'cpu', '--num_workers', '0', *flags])
+        return str(err.value)
+    message = evaluate('--finetune', hub_1000_classes)
+    assert message.startswith(f"--finetune {hub_1000_classes}: no classifier head for 3 classes was loaded")
+    message = evaluate('--finetune', mae_pretrain, '--model', 'vit_base_patch16_224', '--model_kwargs',
+                       *[f'{k}={v}' for k, v in TINY_ARCH.items()])
+    assert message.startswith(f"--finetune {mae_pretrain}: no classifier head for 3 classes was loaded")
+    message = evaluate('--mode', 'copy', '--finetune', work.teacher, '--model', 'vit_base_patch16_224',
+                       '--model_kwargs', *[f'{k}={v}' for k, v in TINY_ARCH.items()])
+    assert '--eval --mode copy evaluates a trained student' in message and '--resume CKPT' in message
+    assert not os.path.exists(os.path.join(out, 'eval_results.json'))
+
+
+# ---- 7. advice that was not true ------------------------------------------------------------------------
+def test_resuming_the_reference_dual_checkpoint_names_the_real_reason(work, tmp_path, monkeypatch):
+    """The reference's dual-model checkpoint holds an optimizer entry, for the dual model's parameters."""
+    no_long_work(monkeypatch, 'build_dataset', 'build_model')
+    student = create_vit('vit_base_patch16_224', num_classes=3, img_size=32, **TINY_ARCH).state_dict()
+    teacher = read_checkpoint(work.teacher)['model']
+    dual = {**{f'student.{k}': v for k, v in student.items()}, **{f'teacher.{k}': v for k, v in teacher.items()}}
+    path = str(tmp_path / 'reference_checkpoint.pth')
+    torch.save({'model': dual, 'optimizer': {'state': {}, 'param_groups': []}, 'epoch': 4,
+                'args': argparse.Namespace(mode='distill', model='dual_vit_base_patch16')}, path)
+    with pytest.raises(UserError) as err:
+        main_finetune.run(tiny_args(work.data, str(tmp_path / 'out'), '--resume', path, '--mode', 'distill',
+                                    '--finetune', work.teacher))
+    message = str(err.value)
+    assert "attention transfer reference's dual model" in message and 'optimizer state does not map' in message
+    assert 'no optimizer' not in message
+
+
+def test_url_naming_no_file_is_reported_as_such(work, tmp_path, monkeypatch):
+    monkeypatch.setattr(huggingface_hub.constants, 'HF_HUB_OFFLINE', True)
+    monkeypatch.setattr(torch.hub, '_hub_dir', str(tmp_path / 'torch_hub'))
+    no_long_work(monkeypatch, 'build_dataset', 'build_model')
+    for url in ('https://host/path/', 'https://host'):
+        with pytest.raises(UserError) as err:
+            main_finetune.run(tiny_args(work.data, str(tmp_path / 'out'), '--mode', 'distill', '--finetune', url))
+        message = str(err.value)
+        assert message.startswith(f"{url!r}: the URL names no file") and 'not in the local cache' not in message
