@@ -30,7 +30,7 @@ from torch.utils.tensorboard import SummaryWriter
 
 import modes
 from engine_finetune import NonFiniteLossError, evaluate, evaluate_ensemble, train_one_epoch
-from models_dual_vit import DualViT, create_vit, resolve_model_name
+from models_dual_vit import ATTENTION_IMPL_CHOICES, DualViT, create_vit, resolve_attention_impl, resolve_model_name
 from modes import MODES, PlainTraining, get_mode, student_architecture
 from util.args import (
     HelpFormatter,
@@ -154,10 +154,12 @@ def get_args_parser() -> argparse.ArgumentParser:
     g.add_argument('--no_share_drop_path', action='store_false', dest='share_drop_path',
                    help='draw the student\'s stochastic-depth masks alone instead of sharing them with the teacher')
     g.add_argument('--train_qkv', action='store_true', help='train only the student\'s qkv, head and fc_norm')
-    g.add_argument('--attention_impl', default='fused', choices=['fused', 'explicit'],
-                   help='fused (default): every mode through scaled_dot_product_attention, the teacher handing over '
-                        'q/k/v and the distillation loss computed in query-row chunks, so no N x N map is stored; '
-                        'explicit: N x N attention maps in float32 (diagnostics, benchmarks; same numbers)')
+    g.add_argument('--attention_impl', default='auto', choices=list(ATTENTION_IMPL_CHOICES),
+                   help='fused: every mode through scaled_dot_product_attention, the teacher handing over q/k/v and '
+                        'the distillation loss computed through the attention kernels, so no N x N map is stored; '
+                        'explicit: N x N attention maps in float32 (same numbers; faster on CPU at ViT sizes); '
+                        'auto: fused on CUDA, explicit on CPU (default: %(default)s; the choice is printed at start '
+                        'and recorded in checkpoints)')
 
     g = p.add_argument_group('speed and memory')
     g.add_argument('--grad_checkpointing', action='store_true',
@@ -391,6 +393,10 @@ def resolve_args(args, read_resume: bool = True) -> tuple[dict | None, str | Non
         mode.apply_defaults(args)
     if args.amp is None:
         args.amp = 'bf16' if str(args.device).startswith('cuda') else 'none'
+    if args.attention_impl == 'auto':
+        args.attention_impl = resolve_attention_impl('auto', args.device)
+        if mode.uses_teacher:
+            log(f"attention: {args.attention_impl} (--attention_impl auto on {args.device})")
     args.mixup_active = args.mixup > 0 or args.cutmix > 0.0 or args.cutmix_minmax is not None
     if args.finetune:
         local_checkpoint(args.finetune, '--finetune')  # a name is resolved (downloaded) here, a missing file refused

@@ -9,10 +9,11 @@ Teacher and student blocks run interleaved, layer by layer: the teacher hands ov
 asks for in layer ``i`` right before the student runs layer ``i``. The teacher stops after the last
 layer the student needs, and stochastic-depth masks are shared between the two for free.
 
-Every mode runs through ``scaled_dot_product_attention``: the teacher hands over q, k or v, never
-attention probabilities, and the distillation loss is computed in query-row chunks, so no N x N
-tensor is kept for the backward pass (``attention_impl='explicit'`` keeps the explicit maps, for
-diagnostics and benchmarks).
+With ``attention_impl='fused'`` every mode runs through ``scaled_dot_product_attention``: the teacher
+hands over q, k or v, never attention probabilities, and the distillation loss is computed through
+the attention kernels too, so no N x N tensor is kept for the backward pass. ``attention_impl='explicit'``
+builds the N x N maps (faster on CPU at ViT sizes; diagnostics); ``resolve_attention_impl`` picks one
+per device for ``--attention_impl auto``.
 """
 from __future__ import annotations
 
@@ -138,70 +139,21 @@ def attention_cross_entropy(
     return _AttentionCrossEntropy.apply(s, p, t)
 
 
-# Query rows per chunk of the memory-efficient distillation loss: at most
-# batch x heads x ATTENTION_CE_CHUNK x N scores are alive at once (about 100 MB for ViT-L, batch 32,
-# N = 785, float32), however large N grows.
-ATTENTION_CE_CHUNK = 64
+# Logits per chunk of the distillation loss's log-sum-exp pass: at most this many student scores
+# (batch x heads x rows x N, float32: 128 MiB) exist at once, however large N grows.
+ATTENTION_LSE_BUDGET = 2 ** 25
 
 
-class _ChunkedAttentionCrossEntropy(torch.autograd.Function):
-    """Mean over (batch, head, query row) of CE(softmax(T), softmax(S)), S = q_s k_s^T * scale_s,
-    T = q_t k_t^T * scale_t, without an N x N tensor kept for backward.
-
-    Forward walks the query rows in chunks and saves its inputs and two numbers per row (the
-    log-sum-exp of S and of T). Backward recomputes S and T chunk by chunk; the gradient of the
-    student logits is (softmax(S) - softmax(T)) / rows. The teacher's inputs get gradients only
-    when they require them (a teacher is normally frozen and runs under no_grad). Everything runs
-    in the inputs' dtype, which the caller makes float32 or wider, with autocast off.
-    """
-
-    @staticmethod
-    def forward(ctx, q_s: Tensor, k_s: Tensor, q_t: Tensor, k_t: Tensor,
-                scale_s: float, scale_t: float, chunk: int) -> Tensor:
-        n = q_s.shape[-2]
-        rows = q_s.numel() // q_s.shape[-1]
-        lse_s = q_s.new_empty(q_s.shape[:-1])
-        lse_t = q_s.new_empty(q_s.shape[:-1])
-        total = q_s.new_zeros(())
-        with torch.autocast(q_s.device.type, enabled=False):
-            for lo in range(0, n, chunk):
-                r = slice(lo, lo + chunk)
-                s = (q_s[..., r, :] * scale_s) @ k_s.transpose(-2, -1)
-                t = (q_t[..., r, :] * scale_t) @ k_t.transpose(-2, -1)
-                lse_s[..., r] = torch.logsumexp(s, dim=-1)
-                lse_t[..., r] = torch.logsumexp(t, dim=-1)
-                p_t = torch.exp(t - lse_t[..., r, None])
-                total += (lse_s[..., r] - (p_t * s).sum(dim=-1)).sum()
-        ctx.save_for_backward(q_s, k_s, q_t, k_t, lse_s, lse_t)
-        ctx.scales, ctx.chunk, ctx.rows = (scale_s, scale_t), chunk, rows
-        return total / rows
-
-    @staticmethod
-    def backward(ctx, grad_out: Tensor):
-        q_s, k_s, q_t, k_t, lse_s, lse_t = ctx.saved_tensors
-        scale_s, scale_t = ctx.scales
-        grad_student = ctx.needs_input_grad[0] or ctx.needs_input_grad[1]
-        grad_teacher = ctx.needs_input_grad[2] or ctx.needs_input_grad[3]
-        dq_s = torch.zeros_like(q_s) if grad_student else None
-        dk_s = torch.zeros_like(k_s) if grad_student else None
-        dq_t = torch.zeros_like(q_t) if grad_teacher else None
-        dk_t = torch.zeros_like(k_t) if grad_teacher else None
-        g = grad_out.to(q_s.dtype) / ctx.rows
-        with torch.autocast(q_s.device.type, enabled=False):
-            for lo in range(0, q_s.shape[-2], ctx.chunk):
-                r = slice(lo, lo + ctx.chunk)
-                s = (q_s[..., r, :] * scale_s) @ k_s.transpose(-2, -1)
-                t = (q_t[..., r, :] * scale_t) @ k_t.transpose(-2, -1)
-                p_t = torch.exp(t - lse_t[..., r, None])
-                if grad_teacher:  # d CE / d T = -p_t * (S - sum_j p_t S)
-                    ds_t = p_t * (s - (p_t * s).sum(dim=-1, keepdim=True)) * -g
-                    dq_t[..., r, :] = (ds_t @ k_t) * scale_t
-                    dk_t += (ds_t.transpose(-2, -1) @ q_t[..., r, :]) * scale_t
-                if grad_student:
-                    ds = (torch.exp(s - lse_s[..., r, None]) - p_t) * g
-                    dq_s[..., r, :] = (ds @ k_s) * scale_s
-                    dk_s += (ds.transpose(-2, -1) @ q_s[..., r, :]) * scale_s
-        return dq_s, dk_s, dq_t, dk_t, None, None, None
+def _row_logsumexp(q: Tensor, k: Tensor, scale: float, chunk: Optional[int]) -> Tensor:
+    """logsumexp_j (q k^T * scale)_ij per query row i, without autograd, ``chunk`` query rows at a time
+    (default: as many as ATTENTION_LSE_BUDGET scores allow)."""
+    n = q.shape[-2]
+    rows = chunk or max(1, ATTENTION_LSE_BUDGET // max(1, q[..., 0].numel()))
+    with torch.no_grad():
+        if rows >= n:
+            return torch.logsumexp((q * scale) @ k.transpose(-2, -1), dim=-1)
+        return torch.cat([torch.logsumexp((q[..., lo:lo + rows, :] * scale) @ k.transpose(-2, -1), dim=-1)
+                          for lo in range(0, n, rows)], dim=-1)
 
 
 def attention_distillation_loss(
@@ -211,22 +163,36 @@ def attention_distillation_loss(
         k_t: Tensor,
         scale_s: float,
         scale_t: float,
-        chunk: int = ATTENTION_CE_CHUNK,
+        chunk: Optional[int] = None,
 ) -> Tensor:
     """The attention distillation loss of Li et al. (NeurIPS 2024) for one layer from queries and keys
-    (B, H, N, head_dim):
-    mean over (b, h, i) of -sum_j softmax(T)[i, j] * log_softmax(S)[i, j], S = q_s k_s^T * scale_s,
-    T = q_t k_t^T * scale_t; no N x N tensor is stored (see _ChunkedAttentionCrossEntropy).
+    (B, H, N, head_dim): mean over (b, h, i) of CE_i = -sum_j softmax(T)_ij log_softmax(S)_ij with
+    S = q_s k_s^T * scale_s and T = q_t k_t^T * scale_t, through the attention kernels, no N x N
+    tensor stored.
 
-    Computed in float32 (or the inputs' wider dtype), also under bf16/fp16 autocast. Student and
-    teacher may differ in head_dim, not in heads or tokens.
+    Because each teacher row sums to one, CE_i = logsumexp_j S_ij - scale_s q_s,i . (P_t k_s)_i with
+    P_t = softmax(T), and P_t k_s is ``scaled_dot_product_attention(q_t, k_t, k_s)``. The log-sum-exp's
+    value comes from a no-grad pass over ``chunk`` query rows at a time (see _row_logsumexp); its
+    gradient, scale_s P_s k_s for q_s and scale_s P_s^T q_s for k_s (P_s = softmax(S)), from one more
+    attention call, ``scale_s q_s . SDPA(q_s, k_s, k_s)`` with the softmax's q_s and k_s detached,
+    minus its own value. Gradients reach the teacher's q and k when they require them.
+
+    Computed in float32 (or the inputs' wider dtype) with autocast off, also under bf16/fp16 autocast
+    (which would hand SDPA bf16). Student and teacher may differ in head_dim, not in heads or tokens.
     """
     if q_s.shape[:-1] != q_t.shape[:-1] or k_s.shape[-2] != k_t.shape[-2]:
         raise ValueError(f"student q {tuple(q_s.shape)} and teacher q {tuple(q_t.shape)} differ in batch, "
                          "heads or tokens")
     dtype = torch.promote_types(torch.promote_types(q_s.dtype, q_t.dtype), torch.float32)
     q_s, k_s, q_t, k_t = (a.to(dtype) for a in (q_s, k_s, q_t, k_t))
-    return _ChunkedAttentionCrossEntropy.apply(q_s, k_s, q_t, k_t, float(scale_s), float(scale_t), int(chunk))
+    scale_s, scale_t = float(scale_s), float(scale_t)
+    with torch.autocast(q_s.device.type, enabled=False):
+        lse = _row_logsumexp(q_s.detach(), k_s.detach(), scale_s, chunk)
+        teacher_mix = F.scaled_dot_product_attention(q_t, k_t, k_s, scale=scale_t)  # P_t k_s
+        own_mix = F.scaled_dot_product_attention(q_s.detach(), k_s.detach(), k_s, scale=scale_s)  # P_s k_s
+        lse_grad = scale_s * (q_s * own_mix).sum(dim=-1)
+        ce = lse + (lse_grad - lse_grad.detach()) - scale_s * (q_s * teacher_mix).sum(dim=-1)
+    return ce.mean()
 
 
 def activation_mse(student: Tensor, teacher: Tensor) -> Tensor:
@@ -255,6 +221,18 @@ def transfer_loss(mode: TransferMode, student: Captured, teacher: Captured, impl
 # Attention capture and injection over a timm Attention module
 # ---------------------------------------------------------------------------------------------
 ATTENTION_IMPLS = ('fused', 'explicit')
+ATTENTION_IMPL_CHOICES = ('auto',) + ATTENTION_IMPLS
+
+
+def resolve_attention_impl(impl: str, device: Union[str, torch.device]) -> str:
+    """The attention implementation for ``impl`` on ``device``: ``auto`` is ``fused`` on CUDA (SDPA's flash /
+    memory-efficient kernels, no N x N map stored) and ``explicit`` elsewhere (on CPU the explicit maps'
+    steps measured faster at ViT sizes, docs/PERFORMANCE.md); ``fused`` and ``explicit`` stay as given."""
+    if impl == 'auto':
+        return 'fused' if torch.device(device).type == 'cuda' else 'explicit'
+    if impl not in ATTENTION_IMPLS:
+        raise ValueError(f"attention impl {impl!r}: choose one of {', '.join(ATTENTION_IMPL_CHOICES)}")
+    return impl
 
 
 def _project_qkv(attn: Attention, x: Tensor, only_v: bool) -> tuple[Optional[Tensor], Optional[Tensor], Tensor]:
@@ -480,6 +458,8 @@ class DualViT(nn.Module):
 
     forward(x) returns the student's logits; in training under a ``loss`` mode it returns
     ``(logits, transfer_loss)`` with the loss unweighted and summed over transferred layers.
+    ``attention_impl``: ``fused``, ``explicit``, or ``auto`` (chosen by the input's device at each forward,
+    see resolve_attention_impl).
     """
 
     def __init__(
@@ -493,8 +473,8 @@ class DualViT(nn.Module):
             attention_impl: str = 'fused',
     ) -> None:
         super().__init__()
-        if attention_impl not in ATTENTION_IMPLS:
-            raise ValueError(f"attention_impl {attention_impl!r}: choose one of {', '.join(ATTENTION_IMPLS)}")
+        if attention_impl not in ATTENTION_IMPL_CHOICES:
+            raise ValueError(f"attention_impl {attention_impl!r}: choose one of {', '.join(ATTENTION_IMPL_CHOICES)}")
         self.mode = get_transfer_mode(mode)
         if self.mode is not None and teacher is None:
             raise ValueError(f"mode {mode!r} needs a teacher model; give one, or use mode 'none'")
@@ -608,7 +588,7 @@ class DualViT(nn.Module):
         if masks is None and self.training and self.share_drop_path:
             masks = self.draw_drop_path_masks(x.shape[0], x.device)
 
-        mode, t, s, impl = self.mode, self.teacher, self.student, self.attention_impl
+        mode, t, s, impl = self.mode, self.teacher, self.student, resolve_attention_impl(self.attention_impl, x.device)
         checkpointed = self.grad_checkpointing and self.training and torch.is_grad_enabled()
         with torch.no_grad():
             tx = embed_tokens(t, x)

@@ -23,7 +23,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-from models_dual_vit import build_dual_vit  # noqa: E402
+from models_dual_vit import ATTENTION_IMPL_CHOICES, build_dual_vit, resolve_attention_impl  # noqa: E402
 from util.args import HelpFormatter  # noqa: E402
 
 MODES = ('teacher_forward', 'none', 'copy', 'distill')
@@ -49,11 +49,13 @@ def get_args(argv=None):
     p.add_argument('--nb_classes', type=int, default=1000, help='classifier width')
     p.add_argument('--end_layer', type=int, default=0, help='transfer layers [0, depth + end_layer)')
     p.add_argument('--modes', default=','.join(MODES), help=f'comma-separated subset of {",".join(MODES)}')
-    p.add_argument('--attention_impl', default='fused', choices=['fused', 'explicit'],
-                   help='attention of the transfer modes: SDPA and the chunked loss, or explicit N x N maps')
+    p.add_argument('--attention_impl', default='fused', choices=list(ATTENTION_IMPL_CHOICES),
+                   help='attention of the transfer modes: SDPA (the loss through the attention kernels), explicit '
+                        'N x N maps, or auto (explicit on CPU, fused on CUDA, as main_finetune.py\'s default)')
     args = p.parse_args(argv)
     if args.amp is None:
         args.amp = 'bf16' if args.device.startswith('cuda') else 'none'
+    args.attention_impl = resolve_attention_impl(args.attention_impl, args.device)
     return args
 
 

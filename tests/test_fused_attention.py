@@ -1,4 +1,4 @@
-"""Fused attention transfer: the chunked distillation loss, every mode through SDPA equal
+"""Fused attention transfer: the distillation loss from q and k, every mode through SDPA equal
 to the explicit N x N path, attention dropout, gradient checkpointing and torch.compile.
 
 Reference numbers are computed here in float64 from q and k written out, never through the code
@@ -37,7 +37,7 @@ def qk(n, d, spread, heads=3, batch=2, qk_norm=False):
     return q, k
 
 
-# ---- the chunked loss op --------------------------------------------------------------------------
+# ---- the distillation loss from q and k --------------------------------------------------------
 @pytest.mark.parametrize('spread', [0.1, 4.0], ids=['flat', 'sharp'])
 @pytest.mark.parametrize('n,chunk', [(37, 16), (37, 64), (21, 1)])
 @pytest.mark.parametrize('qk_norm', [False, True])
@@ -53,6 +53,19 @@ def test_chunked_ce_equals_explicit_float64(spread, n, chunk, qk_norm):
     ref_grads = torch.autograd.grad(ref, ref_inputs)
     for name, g, r in zip(('q_s', 'k_s', 'q_t', 'k_t'), grads, ref_grads):
         torch.testing.assert_close(g, r, rtol=1e-6, atol=1e-6 * r.abs().max().item(), msg=name)
+
+
+@pytest.mark.parametrize('chunk', [None, 5])
+def test_loss_through_sdpa_equals_explicit_to_float64_rounding(chunk):
+    q_s, k_s = qk(41, 8, 2.0)
+    q_t, k_t = qk(41, 16, 2.0)
+    inputs = [a.clone().requires_grad_(True) for a in (q_s, k_s, q_t, k_t)]
+    ref_inputs = [a.clone().requires_grad_(True) for a in (q_s, k_s, q_t, k_t)]
+    loss = attention_distillation_loss(*inputs, 8 ** -0.5, 16 ** -0.5, chunk=chunk)
+    ref = explicit_ce(*ref_inputs, 8 ** -0.5, 16 ** -0.5)
+    torch.testing.assert_close(loss, ref, rtol=1e-13, atol=0)
+    for g, r in zip(torch.autograd.grad(loss, inputs), torch.autograd.grad(ref, ref_inputs)):
+        torch.testing.assert_close(g, r, rtol=1e-11, atol=1e-13 * r.abs().max().item())
 
 
 def test_chunked_ce_teacher_without_grad_and_huge_logits():
@@ -256,18 +269,19 @@ def test_cli_explicit_checkpointed_run_logs_the_fused_runs_losses(shared_images,
     build = main_finetune.build_model
     monkeypatch.setattr(main_finetune, 'build_model', lambda *a, **kw: built.append(build(*a, **kw)) or built[-1])
     losses = {}
-    for name, extra in (('fused', []), ('explicit_ckpt', ['--attention_impl', 'explicit', '--grad_checkpointing'])):
+    for name, extra in (('fused', ['--attention_impl', 'fused']),
+                        ('explicit_ckpt', ['--attention_impl', 'explicit', '--grad_checkpointing'])):
         out = str(tmp_path / name)
         main_finetune.run(tiny_args(data, out, '--finetune', teacher, '--mode', 'distill', '--drop_path', '0.1',
                                     *extra, epochs=1))
         with open(f'{out}/log.txt') as f:
             losses[name] = json.loads(f.readline())['train_loss']
         args = read_checkpoint(f'{out}/checkpoint.pth')['args']
-        assert args['attention_impl'] == ('explicit' if extra else 'fused')
-        assert args['grad_checkpointing'] == bool(extra)
+        assert args['attention_impl'] == name.split('_')[0]
+        assert args['grad_checkpointing'] == (name == 'explicit_ckpt')
         # the flags reach the model
         assert built[-1].attention_impl == args['attention_impl']
-        assert built[-1].grad_checkpointing == built[-1].student.grad_checkpointing == bool(extra)
+        assert built[-1].grad_checkpointing == built[-1].student.grad_checkpointing == (name == 'explicit_ckpt')
     assert losses['fused'] == pytest.approx(losses['explicit_ckpt'], rel=1e-5)
     with pytest.raises(UserError, match='--mode probe'):
         main_finetune.run(tiny_args(data, str(tmp_path / 'probe'), '--finetune', teacher, '--mode', 'probe',
