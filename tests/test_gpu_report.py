@@ -10,8 +10,7 @@ import sys
 
 import pytest
 import torch
-from conftest import TINY
-from helpers import ROOT
+from helpers import ROOT, TINY_ARCH
 
 import models_dual_vit
 from benchmarks import gpu_report
@@ -76,7 +75,7 @@ def test_chunked_formulation_equals_explicit_float64(n, chunk):
 
 
 def tiny_models(drop_path=0.2):
-    cfg = {k: v for k, v in TINY.items() if k != 'img_size'}
+    cfg = dict(TINY_ARCH)
     torch.manual_seed(0)
     teacher = create_vit('vit_base_patch16_224', num_classes=5, img_size=32, **cfg).double()
     student = create_vit('vit_base_patch16_224', num_classes=5, img_size=32, drop_path_rate=drop_path, **cfg).double()

@@ -23,7 +23,7 @@ import time
 
 import pytest
 import torch
-from helpers import ROOT, TINY_KWARGS, free_port, make_image_folder, make_teacher_checkpoint, tiny_args
+from helpers import ROOT, TINY_ARCH, free_port, kwargs_flags, make_image_folder, make_teacher_checkpoint, tiny_args
 
 import main_finetune
 import select_wild_data
@@ -456,7 +456,7 @@ def test_multinode_slurm_task_killed_on_one_node_ends_the_job(work, cluster):
 def test_multinode_slurm_selection_sharded_over_two_nodes_equals_one_process(work, cluster, tmp_path):
     """select_wild_data.py under a bare srun (one task per node): the ranks score alternate chunks, each on
     its own node, and the selection equals one process's."""
-    flags = ['--teacher', work.teacher, '--model', 'vit_base_patch16_224', '--model_kwargs', *TINY_KWARGS,
+    flags = ['--teacher', work.teacher, '--model', 'vit_base_patch16_224', '--model_kwargs', *kwargs_flags(TINY_ARCH),
              '--nb_classes', '3', '--input_size', '32', '--wild_path', os.path.join(work.data, 'train'),
              '--num_select', '10', '--chunk_size', '7', '--batch_size', '5', '--num_workers', '0', '--device', 'cpu']
     single = select_wild_data.main(select_wild_data.get_args_parser().parse_args(
