@@ -139,21 +139,19 @@ def attention_cross_entropy(
     return _AttentionCrossEntropy.apply(s, p, t)
 
 
-# Logits per chunk of the distillation loss's log-sum-exp pass: at most this many student scores
-# (batch x heads x rows x N, float32: 128 MiB) exist at once, however large N grows.
-ATTENTION_LSE_BUDGET = 2 ** 25
+# Query rows per block of the distillation loss's log-sum-exp pass: a block's scores (batch x heads x 256
+# x N) take 256 / head_dim times the memory of q (4x at head_dim 64), however large N grows, and N = 785
+# (448 px) needs 4 blocks, N = 1765 (672 px) 7.
+ATTENTION_LSE_ROWS = 256
 
 
 def _row_logsumexp(q: Tensor, k: Tensor, scale: float, chunk: Optional[int]) -> Tensor:
     """logsumexp_j (q k^T * scale)_ij per query row i, without autograd, ``chunk`` query rows at a time
-    (default: as many as ATTENTION_LSE_BUDGET scores allow)."""
-    n = q.shape[-2]
-    rows = chunk or max(1, ATTENTION_LSE_BUDGET // max(1, q[..., 0].numel()))
+    (default ATTENTION_LSE_ROWS)."""
+    n, rows = q.shape[-2], chunk or ATTENTION_LSE_ROWS
     with torch.no_grad():
-        if rows >= n:
-            return torch.logsumexp((q * scale) @ k.transpose(-2, -1), dim=-1)
-        return torch.cat([torch.logsumexp((q[..., lo:lo + rows, :] * scale) @ k.transpose(-2, -1), dim=-1)
-                          for lo in range(0, n, rows)], dim=-1)
+        keys = (k * scale).transpose(-2, -1)
+        return torch.cat([torch.logsumexp(q[..., lo:lo + rows, :] @ keys, dim=-1) for lo in range(0, n, rows)], dim=-1)
 
 
 def attention_distillation_loss(

@@ -286,12 +286,6 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def memory_now(device: torch.device, isolated: bool) -> Optional[int]:
-    if device.type == 'cuda':
-        return torch.cuda.memory_allocated(device)
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 if isolated else None
-
-
 def peak_memory(device: torch.device, isolated: bool) -> Optional[int]:
     if device.type == 'cuda':
         return torch.cuda.max_memory_allocated(device)
@@ -304,15 +298,18 @@ CLOCK_NAMES = {'wall': 'wall-clock time', 'process': 'CPU time of the process'}
 
 def timed(step: Callable[[], None], warmup: int, steps: int, device: torch.device, isolated: bool,
           cleanup: Callable[[], None] = lambda: None, clock: str = 'wall') -> Result:
-    """Median seconds of ``steps`` calls after ``warmup`` calls (wall-clock, or this process's CPU time), and
-    the peak memory of the timed calls."""
+    """Median seconds of ``steps`` calls after ``warmup`` calls (wall-clock, or this process's CPU time), the
+    peak memory of the timed calls (CUDA) or of the process (CPU, isolated), and the memory before them: on
+    CUDA what stays allocated between calls (weights, optimizer state, inputs), on CPU the peak resident set
+    before the first call (weights, inputs, the interpreter)."""
     now = CLOCKS[clock]
+    before = peak_memory(device, isolated) if device.type != 'cuda' else None
     for _ in range(warmup):
         step()
     cleanup()
     sync(device)
-    before = memory_now(device, isolated)
     if device.type == 'cuda':
+        before = torch.cuda.memory_allocated(device)
         torch.cuda.reset_peak_memory_stats(device)
     times = []
     for _ in range(steps):
@@ -346,7 +343,6 @@ class Pair:
         self.optimizer = torch.optim.AdamW(self.student.parameters(), lr=1e-4, fused=device.type == 'cuda')
         self.x = torch.randn(spec.batch, 3, spec.size, spec.size, device=device)
         self.y = torch.randint(0, self.student.num_classes, (spec.batch,), device=device)
-        self.key = (spec.model, spec.kwargs, spec.size, spec.batch, spec.drop_path)
 
     def step_fn(self, spec: StepSpec, device: torch.device) -> Callable[[], None]:
         """One call = the row's work: a training step (forward, losses, backward, AdamW), or the teacher's
@@ -648,8 +644,8 @@ def model_label(model: str, kwargs: tuple) -> str:
 
 def step_table(args, results: dict, peak_rate: Optional[float]) -> list[str]:
     mem = 'peak CUDA memory' if torch.device(args.device).type == 'cuda' else 'peak RSS'
-    rows = [f"| model | px | N | row | path | images / s | {mem} (GiB) | step memory (GiB) | MFU |",
-            '| --- | ---: | ---: | --- | --- | ---: | ---: | ---: | ---: |']
+    rows = [f"| model | px | N | row | path | ms / step | images / s | {mem} (GiB) | step memory (GiB) | MFU |",
+            '| --- | ---: | ---: | --- | --- | ---: | ---: | ---: | ---: | ---: |']
     for (model, kwargs, size), specs in results.items():
         flops = {spec.task: r.flops for spec, r in specs if r.flops}
         n = next((r.tokens for _, r in specs if r.tokens), '')
@@ -657,10 +653,11 @@ def step_table(args, results: dict, peak_rate: Optional[float]) -> list[str]:
             head = (f"| {model_label(model, kwargs)} | {size} | {n} | {TASK_NAMES[spec.task]} | "
                     f"{PATH_NAMES[spec.path]} |")
             if not r.ok:
-                rows.append(f"{head} {r.error} | | | |")
+                rows.append(f"{head} {r.error} | | | | |")
                 continue
             mfu = (f"{flops[spec.task] / r.seconds / peak_rate:.1%}" if peak_rate and spec.task in flops else 'n/a')
-            rows.append(f"{head} {spec.batch / r.seconds:.1f} | {gib(r.peak)} | {gib(step_memory(r))} | {mfu} |")
+            rows.append(f"{head} {r.seconds * 1e3:.1f} | {spec.batch / r.seconds:.1f} | {gib(r.peak)} | "
+                        f"{gib(step_memory(r))} | {mfu} |")
     return rows
 
 
@@ -672,7 +669,8 @@ def run_steps(args, deadline: Deadline, report: Report) -> dict:
              f"drop_path {args.drop_path}; autocast {args.amp} except the authors' approach (float32); median of "
              f"{args.steps} steps after {args.warmup} ({CLOCK_NAMES[args.clock]}). A step is forward, losses "
              "(cross-entropy + 3 x the transfer loss), backward and AdamW; the teacher forward runs under no_grad. "
-             "Step memory: the peak minus the memory allocated before the step (weights, optimizer state). "
+             "Step memory: the peak minus the memory before the steps (CUDA: allocated between steps, i.e. weights, "
+             "optimizer state, inputs; CPU: the peak resident set before the first step). "
              "MFU: the model's FLOPs (counted by torch's FlopCounterMode in the explicit row of the same task: "
              "matrix products once, no recomputation, the teacher only as deep as the transfer needs) per second, "
              "over the "
@@ -730,7 +728,7 @@ def run_loader(args, deadline: Deadline, steps: dict) -> list[str]:
     from util.datasets import build_dataset
 
     workers = args.workers or len(os.sched_getaffinity(0))
-    images = args.loader_images or max(256, 4 * workers * args.batch_size)
+    images = args.loader_images or max(256, 2 * workers * args.batch_size)
     w, h = args.loader_image_size
     rows = [f"The training loader (main_finetune.py's MAE recipe: random-resized crop, flip, RandAugment "
             f"rand-m9-mstd0.5-inc1, random erasing 0.25; reduced-scale JPEG decoding) over {images} generated "
@@ -802,7 +800,7 @@ def get_args(argv=None) -> argparse.Namespace:
     g = p.add_argument_group('loader against step')
     g.add_argument('--workers', type=int, default=0, help='loader workers (0: one per available core)')
     g.add_argument('--loader_images', type=int, default=0,
-                   help='generated JPEGs (0: 4 batches per worker, at least 256)')
+                   help='generated JPEGs (0: 2 batches per worker, at least 256)')
     g.add_argument('--loader_image_size', type=int, nargs=2, default=[500, 375], metavar=('W', 'H'),
                    help='size of the generated JPEGs (ImageNet-like)')
     g.add_argument('--loader_epochs', type=int, default=2, help='timed loader epochs (median)')

@@ -46,7 +46,7 @@ def test_smoke_runs_every_part_and_writes_the_report(tmp_path):
     assert len(steps) == 2 * 13
     assert {row[4] for row in steps} == set(gpu_report.PATH_NAMES.values())
     for row in steps:
-        assert float(row[5]) > 0 and re.fullmatch(r'\d+\.\d%', row[8]), row
+        assert float(row[5]) > 0 and float(row[6]) > 0 and re.fullmatch(r"\d+\.\d%", row[9]), row
 
     losses = table(report, 'The distillation loss alone')  # 2 token counts x 3 formulations, equal values
     assert len(losses) == 6
