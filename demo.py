@@ -1,11 +1,11 @@
 """The embedded default: both papers' claims on real images, on a CPU, in minutes.
 
-    python demo.py            # 3 seeds; estimated 19 minutes on 2 idle CPU cores (see README)
-    python demo.py --quick    # 1 seed, a shorter probe budget, about 4 minutes
+    python demo.py            # seeds 0, 1, 2: every claim judged on the per-seed differences
+    python demo.py --quick    # seed 0 alone, a shorter probe budget: every run, no verdicts
 
 Data: the 1,797 handwritten digits that ship inside scikit-learn (8x8, 16 grey levels), upsampled to
-32x32 RGB and written once as ImageFolders under --output_dir with fixed, seeded splits: a
-pre-training split, a small labelled split (10 images per class), a held-out test split, and a
+32x32 RGB and written once per seed as ImageFolders under --output_dir/data/split<seed>, split by that
+seed: a pre-training split, a small labelled split (10 images per class), a held-out test split, and a
 "wild" set of held-out digits (labels hidden) mixed with twice as many distractors that are not digits
 (noise, textures, crops of scikit-learn's sample photographs, shapes).
 
@@ -19,8 +19,13 @@ class token, the 32x32 test images are evaluated as they are (no resize and crop
 budget is a fixed number of image presentations (PROBE_PRESENTATIONS; epochs = int(presentations /
 selected images) - 1) with the lr stepped down x0.1 at 80% of the epochs (the reference: 200 of 251).
 
+Within a seed every method has the same split and teacher, so each claim is a paired comparison: the
+per-seed differences, their mean and its 95% Student-t interval; a claim is reproduced only when the
+interval excludes no difference (or lies below the stated margin). See docs/DEMO.md.
+
 Everything runs through the project's own scripts (main_finetune.py, select_wild_data.py,
-tools/visualize_attention.py); each run's full log is kept under --output_dir/runs/.
+tools/visualize_attention.py), in worker processes of one thread each; each run's full log is kept
+under --output_dir/runs/.
 """
 from __future__ import annotations
 
