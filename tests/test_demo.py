@@ -47,7 +47,7 @@ def test_two_seeds_give_paired_verdicts_table_and_figures(tmp_path, tiny_budgets
 
 def test_quick_is_one_seed_with_the_short_probe_budget_and_bad_counts_are_refused():
     a, seeds, presentations = demo.parse([])
-    assert seeds == [0, 1, 2] and presentations == demo.PROBE_PRESENTATIONS['full'] and a.workers >= 1
+    assert seeds == [0, 1, 2, 3] and presentations == demo.PROBE_PRESENTATIONS['full'] and a.workers >= 1
     assert demo.parse(['--quick'])[1:] == ([0], demo.PROBE_PRESENTATIONS['quick'])
     assert demo.parse(['--seeds', '5', '--first_seed', '100'])[1] == [100, 101, 102, 103, 104]
     for argv in (['--seeds', '0'], ['--workers', '0']):
