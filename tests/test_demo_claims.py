@@ -59,6 +59,13 @@ def test_a_gap_smaller_than_the_seed_noise_is_not_reproduced():
     assert claim.judge(acc)[0] == 'reproduced'
 
 
+def test_what_the_scale_changes_is_said_only_under_a_claim_that_fails():
+    claim = demo.Claim('probe beats random', demo.PROBE_SELECTION, demo.RANDOM_SELECTION, scale_note='why')
+    failed = {demo.PROBE_SELECTION: [91.0, 87.5, 89.1], demo.RANDOM_SELECTION: [87.0, 89.9, 86.5]}
+    held = {demo.PROBE_SELECTION: [91.3, 87.5, 89.4], demo.RANDOM_SELECTION: [90.0, 86.0, 88.0]}
+    assert claim.judge(failed)[1].endswith('\n  why') and 'why' not in claim.judge(held)[1]
+
+
 def test_within_a_margin_needs_the_whole_interval_below_it():
     claim = demo.Claim('distill within 3 of fine-tuning', 'fine-tuning the teacher', 'attention distillation',
                        bound=3.0, below=True)
