@@ -237,9 +237,9 @@ def seed_jobs(out: str, seed: int, recipe: dict, presentations: int, figure_seed
 
 
 def worker(tasks, done) -> None:
-    """A worker process: one thread (two single-thread runs side by side use 2 cores better than one run
-    on two threads, whose threads wait on each other at every small matrix product); it dies with the
-    demo (Linux), and runs jobs until it gets None."""
+    """A worker process: one thread (the models' matrix products are too small to share well between
+    threads; whole runs side by side keep the cores busy instead); it dies with the demo (Linux), and
+    runs jobs until it gets None."""
     import torch
     torch.set_num_threads(1)
     with contextlib.suppress(OSError, AttributeError):
@@ -428,7 +428,7 @@ def parse(argv=None) -> tuple[argparse.Namespace, list[int], int]:
     p.add_argument('--first_seed', default=0, type=int,
                    help='number of the first seed (default: %(default)s, the reported seeds)')
     p.add_argument('--quick', action='store_true',
-                   help='one seed and a shorter probe budget: every run, no verdicts (about 5 minutes on 2 cores)')
+                   help='one seed and a shorter probe budget: every run, no verdicts (under 5 minutes on 2 idle cores)')
     p.add_argument('--workers', default=min(2, os.cpu_count() or 1), type=int,
                    help='runs side by side, one thread each (default: %(default)s)')
     a = p.parse_args(argv)
