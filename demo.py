@@ -460,8 +460,11 @@ def main(argv=None) -> dict:
             members = prepare_data(os.path.join(out, 'data', f'split{job.seed}'), job.seed)['wild_members']
             fractions.setdefault(job.method, []).append(digit_fraction(r['selected'], members))
     n = len(seeds)
-    lines = [f"| method | test accuracy (%), mean ± sd of {n} seed{'s' if n > 1 else ''} | per seed | "
+    lines = [f"| method | test accuracy (%), {f'mean ± sd of {n} seeds' if n > 1 else '1 seed'} | per seed | "
              "CPU time per run (s) | digits in the selected wild images (%) |", "| --- | ---: | ---: | ---: | ---: |"]
+    order = [TEACHER, 'from scratch', 'attention copy', 'attention distillation', 'fine-tuning the teacher',
+             PROBE_SELECTION, RANDOM_SELECTION]
+    per_method = {method: per_method[method] for method in order}
     for method, values in per_method.items():
         frac = mean_std(fractions[method]) if method in fractions else ''
         lines.append(f"| {method} | {mean_std(values)} | {' / '.join(f'{v:.1f}' for v in values)} | "
@@ -471,8 +474,9 @@ def main(argv=None) -> dict:
               f"{RECIPE['distill_epochs']}); probe students: {presentations} image presentations = {n_probe} epochs "
               f"of the {RECIPE['num_select']} selected images (batch 64), lr x0.1 from epoch {n_probe * 4 // 5 + 1}.")
     judged = [claim.judge(per_method) for claim in CLAIMS]
-    header = (f"Claims, each a paired comparison over seeds {', '.join(map(str, seeds))} (same teacher and data split "
-              f"within a seed), judged by the {LEVEL:.0%} Student-t interval of the mean difference:")
+    header = (f"Claims, each a paired comparison over seed{'s' if n > 1 else ''} {', '.join(map(str, seeds))} "
+              f"(same teacher and data split within a seed), judged by the {LEVEL:.0%} Student-t interval of the "
+              "mean difference:")
     total = (f"Total wall time: {wall / 60:.1f} min on {os.cpu_count()} CPU cores ({a.workers} runs at a time, "
              f"one thread each); CPU time of all runs: {sum(r['cpu'] for r in results.values()) / 60:.1f} min.")
     report = '\n'.join(lines + ['', budget, '', header] + [line for _, line in judged] + ['', total])
