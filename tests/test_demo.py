@@ -1,7 +1,7 @@
-"""The demo's --quick path end to end on the real scikit-learn digits (about 4 minutes on 2 cores).
-
-It checks that every method produced a finite accuracy and that the figures exist, not that the
-papers' claims hold: that is what the README's table, from a full run, reports."""
+"""The demo end to end on the real scikit-learn digits, two seeds with every budget cut to a few
+epochs: the runs in worker processes, each seed on its own split with its own teacher, the paired
+verdicts, the table and the figures. Whether the papers' claims hold at the demo's real budgets is
+what the README's table, from a full run, reports."""
 import math
 import os
 
@@ -9,21 +9,47 @@ import pytest
 
 import demo
 
-pytestmark = pytest.mark.slow
+TINY_RECIPE = {**demo.RECIPE, 'teacher_epochs': 2, 'student_epochs': 2, 'distill_epochs': 3}
+METHODS = {demo.TEACHER, 'from scratch', 'attention copy', 'attention distillation', 'fine-tuning the teacher',
+           demo.PROBE_SELECTION, demo.RANDOM_SELECTION}
 
 
-def test_quick_demo_runs_every_method_and_draws_the_figures(tmp_path):
+@pytest.fixture
+def tiny_budgets(monkeypatch):
+    monkeypatch.setattr(demo, 'RECIPE', TINY_RECIPE)
+    monkeypatch.setattr(demo, 'PROBE_PRESENTATIONS', {'full': 1200, 'quick': 800})
+
+
+@pytest.mark.slow
+def test_two_seeds_give_paired_verdicts_table_and_figures(tmp_path, tiny_budgets):
     out = str(tmp_path / 'demo')
-    result = demo.main(['--quick', '--output_dir', out])
-    expected = {'teacher (pre-training split)', 'from scratch', 'attention copy', 'attention distillation',
-                'fine-tuning the teacher', 'probe distillation, attention-probe selection',
-                'probe distillation, random selection'}
-    assert set(result['accuracy']) == expected
+    result = demo.main(['--seeds', '2', '--output_dir', out])
+    assert set(result['accuracy']) == METHODS
     for method, values in result['accuracy'].items():
-        assert len(values) == 1 and math.isfinite(values[0]) and 0.0 <= values[0] <= 100.0, method
-    for kind in ('probe', 'random'):
-        assert 0.0 <= result['fractions'][kind][0] <= 100.0
+        assert len(values) == 2 and all(math.isfinite(v) and 0.0 <= v <= 100.0 for v in values), method
+    for method in (demo.PROBE_SELECTION, demo.RANDOM_SELECTION):
+        assert len(result['fractions'][method]) == 2 and all(0.0 <= f <= 100.0 for f in result['fractions'][method])
+    # every claim judged on both seeds' differences, with its interval
+    assert all(v in ('reproduced', 'NOT reproduced') for v in result['verdicts'])
+    assert len(result['claims']) == len(demo.CLAIMS) and all('95% interval' in c for c in result['claims'])
+    # each seed its own data split and teacher
+    small = [sorted(os.listdir(os.path.join(out, 'data', f'split{s}', 'small', 'train', '3'))) for s in (0, 1)]
+    assert small[0] != small[1]
+    for s in (0, 1):
+        assert os.path.exists(os.path.join(out, 'runs', f'seed{s}_teacher', 'checkpoint.pth'))
     for path in result['figures'].values():
         assert os.path.getsize(path) > 1000, path
     table = open(os.path.join(out, 'results.md')).read()
-    assert '| from scratch |' in table and 'Claims:' in table
+    assert table.startswith('Command: python demo.py --seeds 2\n')
+    assert '| from scratch |' in table and 'Total wall time' in table
+    assert all(c in table for c in result['claims'])
+
+
+def test_quick_is_one_seed_with_the_short_probe_budget_and_bad_counts_are_refused():
+    a, seeds, presentations = demo.parse([])
+    assert seeds == [0, 1, 2, 3] and presentations == demo.PROBE_PRESENTATIONS['full'] and a.workers >= 1
+    assert demo.parse(['--quick'])[1:] == ([0], demo.PROBE_PRESENTATIONS['quick'])
+    assert demo.parse(['--seeds', '5', '--first_seed', '100'])[1] == [100, 101, 102, 103, 104]
+    for argv in (['--seeds', '0'], ['--workers', '0']):
+        with pytest.raises(demo.UserError, match='at least 1'):
+            demo.parse(argv)
