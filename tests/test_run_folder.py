@@ -341,7 +341,8 @@ def test_a_requeued_job_without_resume_continues_its_own_run(tmp_path, monkeypat
         return {}
 
     class Env:
-        job_id, global_rank, num_tasks, local_rank, hostname, hostnames = '7', 0, 1, 0, 'n1', ['n1']
+        job_id, global_rank, num_tasks, local_rank, node, num_nodes = '7', 0, 1, 0, 0, 1
+        hostname, hostnames = 'n1', ['n1']
 
     monkeypatch.setattr(main_finetune, 'main', fake_main)
     monkeypatch.setattr(submitit_finetune.submitit, 'JobEnvironment', Env)
