@@ -15,7 +15,6 @@ import argparse
 import contextlib
 import datetime
 import json
-import math
 import os
 import sys
 import time
@@ -25,8 +24,6 @@ from timm.data import Mixup
 from timm.data.constants import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.layers import trunc_normal_
 from timm.utils import ModelEmaV3
-from torch.nn.parallel import DistributedDataParallel
-from torch.utils.tensorboard import SummaryWriter
 
 import modes
 from engine_finetune import NonFiniteLossError, evaluate, evaluate_ensemble, train_one_epoch
@@ -35,8 +32,7 @@ from modes import MODES, PlainTraining, get_mode, student_architecture
 from util.args import (
     HelpFormatter,
     annotate_mode_defaults,
-    check_normalization,
-    check_range,
+    check_values,
     explicit_flags,
     parse_kwargs,
 )
@@ -60,13 +56,13 @@ from util.checkpoint import (
 from util.datasets import LAYOUT, DataError, build_dataset, build_loader
 from util.distributed import (
     barrier,
-    ddp_ignore,
     destroy,
     get_rank,
     get_world_size,
     init_distributed_mode,
     is_main_process,
     log,
+    wrap_ddp,
 )
 from util.errors import UserError, run_cli
 from util.lr_sched import Schedule, lr_floor_warning
@@ -77,7 +73,9 @@ from util.output import (
     check_output_folders,
     check_run_folder,
     checkpoint_bytes,
-    logged_epochs,
+    epoch_end_missing,
+    finished,
+    open_log_writer,
     output_dir_in_use,
     trim_log,
     warn_if_little_space,
@@ -342,25 +340,6 @@ def get_args_parser() -> argparse.ArgumentParser:
 # ---------------------------------------------------------------------------------------------
 # Flags -> a resolved run
 # ---------------------------------------------------------------------------------------------
-def check_values(args) -> None:
-    """Numeric flags that no run can use, rejected before anything is loaded."""
-    if not args.eval and args.epochs <= 0:
-        raise UserError(f"--epochs {args.epochs}: must be >= 1 (the total number of epochs to train; to only "
-                        "evaluate a checkpoint use --eval --resume CKPT)")
-    if not math.isfinite(args.atd_weight) or args.atd_weight < 0:
-        raise UserError(f"--atd_weight {args.atd_weight:g}: the weight of the attention distillation loss must be "
-                        "finite and >= 0 (the seed's distill recipe uses 3)")
-    check_range('drop_path', args.drop_path, 0, 1, high_open=True, meaning='a stochastic-depth rate; 1 drops every '
-                 'block')
-    check_range('smoothing', args.smoothing, 0, 1, high_open=True, meaning='label smoothing; 1 leaves no label')
-    check_range('min_crop_scale', args.min_crop_scale, 0, 1, low_open=True,
-                 meaning='the smallest area fraction of the random-resized crop')
-    check_range('hflip', args.hflip, 0, 1, meaning='a probability')
-    if args.batch_size < 1:
-        raise UserError(f"--batch_size {args.batch_size}: must be >= 1 (images per GPU and step)")
-    check_normalization(args.mean, args.std)
-
-
 def adopt_checkpoint_args(args, saved: dict) -> None:
     """--eval --resume: the model's arguments from the checkpoint, and the normalisation it was trained with
     unless --mean / --std are given."""
@@ -528,19 +507,6 @@ def restrict_to_qkv(student: torch.nn.Module) -> None:
         param.requires_grad = 'qkv' in name or name.startswith(('head.', 'fc_norm.'))
 
 
-def wrap_ddp(model: DualViT, args) -> torch.nn.Module:
-    """DDP over the student's gradients; the frozen teacher is neither broadcast nor reduced."""
-    if not args.distributed:
-        return model
-    if model.teacher is not None:
-        ignored = [f'teacher.{n}' for n, _ in model.teacher.named_parameters()]
-        ignored += [f'teacher.{n}' for n, _ in model.teacher.named_buffers()]
-        ddp_ignore(model, ignored)
-    device_ids = [args.gpu] if str(args.device).startswith('cuda') else None
-    return DistributedDataParallel(model, device_ids=device_ids,
-                                   find_unused_parameters=model.may_leave_student_parameters_unused)
-
-
 def load_ensemble_member(args) -> torch.nn.Module:
     """The model of --ensemble_with: a checkpoint of this project (any mode), a classifier checkpoint
     of --ensemble_model / --model's architecture (e.g. an MAE fine-tuned ViT), or a named classifier
@@ -570,26 +536,6 @@ def load_ensemble_member(args) -> torch.nn.Module:
 # ---------------------------------------------------------------------------------------------
 # main
 # ---------------------------------------------------------------------------------------------
-def epoch_end_missing(ckpt: dict | None, ckpt_path: str | None, output_dir: str) -> bool:
-    """Whether the run folder's own end-of-epoch checkpoint lacks its epoch's evaluation and log.txt line (a stop
-    or a kill between the two): the resumed run writes them first."""
-    return (ckpt is not None and ckpt.get('step') is None and 'epoch_stats' in ckpt and bool(output_dir)
-            and os.path.isdir(output_dir)
-            and os.path.samefile(os.path.dirname(os.path.abspath(ckpt_path)), output_dir)
-            and ckpt['epoch'] not in logged_epochs(output_dir))
-
-
-def finished(ckpt: dict | None, ckpt_path: str | None, epochs: int | None, output_dir: str) -> bool:
-    """Whether the resumed run has trained all ``epochs`` and written their ends (a finished run resumed again,
-    e.g. --resume allow in a requeued job, is not an error: it says so)."""
-    if ckpt is None or epochs is None or next_position(ckpt)[0] < epochs \
-            or epoch_end_missing(ckpt, ckpt_path, output_dir):
-        return False
-    log(f"nothing to do: {ckpt_path} has finished epoch {next_position(ckpt)[0] - 1}, the last of {epochs} "
-        "epochs; to train longer raise --epochs, to evaluate add --eval")
-    return True
-
-
 def main(args) -> dict:
     init_distributed_mode(args)
     ckpt, ckpt_path = resolve_args(args)
@@ -842,19 +788,6 @@ def train_and_evaluate(args, ckpt: dict | None, ckpt_path: str | None) -> dict:
         log_writer.close()
     destroy()
     return stats
-
-
-def open_log_writer(args, position: int) -> SummaryWriter | None:
-    """TensorBoard events in --log_dir on rank 0; points up to the resumed ``position`` (epoch_1000x, as the
-    engine writes them) were trained and are kept, later ones (a stopped run's) are purged."""
-    if not is_main_process():
-        return None
-    if args.output_dir:
-        os.makedirs(args.output_dir, exist_ok=True)
-    if not args.log_dir:
-        return None
-    os.makedirs(args.log_dir, exist_ok=True)
-    return SummaryWriter(log_dir=args.log_dir, purge_step=position + 1 if position else None)
 
 
 def run(argv=None) -> dict:

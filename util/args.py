@@ -113,3 +113,22 @@ def check_writable_folder(folder: str, subject: str, fix: str) -> None:
             pass
     except OSError as e:
         raise UserError(f"{subject} cannot be written ({e.strerror or e}): {fix}") from e
+
+
+def check_values(args) -> None:
+    """main_finetune.py's numeric flags that no run can use, rejected before anything is loaded."""
+    if not args.eval and args.epochs <= 0:
+        raise UserError(f"--epochs {args.epochs}: must be >= 1 (the total number of epochs to train; to only "
+                        "evaluate a checkpoint use --eval --resume CKPT)")
+    if not math.isfinite(args.atd_weight) or args.atd_weight < 0:
+        raise UserError(f"--atd_weight {args.atd_weight:g}: the weight of the attention distillation loss must be "
+                        "finite and >= 0 (the seed's distill recipe uses 3)")
+    check_range('drop_path', args.drop_path, 0, 1, high_open=True, meaning='a stochastic-depth rate; 1 drops every '
+                 'block')
+    check_range('smoothing', args.smoothing, 0, 1, high_open=True, meaning='label smoothing; 1 leaves no label')
+    check_range('min_crop_scale', args.min_crop_scale, 0, 1, low_open=True,
+                 meaning='the smallest area fraction of the random-resized crop')
+    check_range('hflip', args.hflip, 0, 1, meaning='a probability')
+    if args.batch_size < 1:
+        raise UserError(f"--batch_size {args.batch_size}: must be >= 1 (images per GPU and step)")
+    check_normalization(args.mean, args.std)

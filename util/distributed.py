@@ -8,6 +8,7 @@ from typing import Optional
 
 import torch
 import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel
 
 
 def is_dist() -> bool:
@@ -128,3 +129,16 @@ def ddp_ignore(module: torch.nn.Module, names: list[str]) -> None:
     tests/test_private_apis.py fails if PyTorch changes the method or stops honouring it."""
     from torch.nn.parallel import DistributedDataParallel
     DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(module, names)
+
+
+def wrap_ddp(model: torch.nn.Module, args) -> torch.nn.Module:
+    """DDP over the student's gradients; the frozen teacher is neither broadcast nor reduced."""
+    if not args.distributed:
+        return model
+    if model.teacher is not None:
+        ignored = [f'teacher.{n}' for n, _ in model.teacher.named_parameters()]
+        ignored += [f'teacher.{n}' for n, _ in model.teacher.named_buffers()]
+        ddp_ignore(model, ignored)
+    device_ids = [args.gpu] if str(args.device).startswith('cuda') else None
+    return DistributedDataParallel(model, device_ids=device_ids,
+                                   find_unused_parameters=model.may_leave_student_parameters_unused)

@@ -33,8 +33,9 @@ from contextlib import contextmanager
 from typing import Optional
 
 import torch
+from torch.utils.tensorboard import SummaryWriter
 
-from util.checkpoint import atomic_write_text, stale_temporaries
+from util.checkpoint import atomic_write_text, next_position, stale_temporaries
 from util.distributed import broadcast_object, is_main_process, log
 from util.errors import UserError
 
@@ -464,3 +465,36 @@ def trim_log(output_dir: str, start_epoch: int) -> None:
         atomic_write_text(''.join(kept), path)
         log(f"log.txt: removed {len(lines) - len(kept)} line(s) of epochs >= {start_epoch}, written after the "
             "resumed checkpoint (those epochs are trained again)")
+
+
+def epoch_end_missing(ckpt: dict | None, ckpt_path: str | None, output_dir: str) -> bool:
+    """Whether the run folder's own end-of-epoch checkpoint lacks its epoch's evaluation and log.txt line (a stop
+    or a kill between the two): the resumed run writes them first."""
+    return (ckpt is not None and ckpt.get('step') is None and 'epoch_stats' in ckpt and bool(output_dir)
+            and os.path.isdir(output_dir)
+            and os.path.samefile(os.path.dirname(os.path.abspath(ckpt_path)), output_dir)
+            and ckpt['epoch'] not in logged_epochs(output_dir))
+
+
+def finished(ckpt: dict | None, ckpt_path: str | None, epochs: int | None, output_dir: str) -> bool:
+    """Whether the resumed run has trained all ``epochs`` and written their ends (a finished run resumed again,
+    e.g. --resume allow in a requeued job, is not an error: it says so)."""
+    if ckpt is None or epochs is None or next_position(ckpt)[0] < epochs \
+            or epoch_end_missing(ckpt, ckpt_path, output_dir):
+        return False
+    log(f"nothing to do: {ckpt_path} has finished epoch {next_position(ckpt)[0] - 1}, the last of {epochs} "
+        "epochs; to train longer raise --epochs, to evaluate add --eval")
+    return True
+
+
+def open_log_writer(args, position: int) -> SummaryWriter | None:
+    """TensorBoard events in --log_dir on rank 0; points up to the resumed ``position`` (epoch_1000x, as the
+    engine writes them) were trained and are kept, later ones (a stopped run's) are purged."""
+    if not is_main_process():
+        return None
+    if args.output_dir:
+        os.makedirs(args.output_dir, exist_ok=True)
+    if not args.log_dir:
+        return None
+    os.makedirs(args.log_dir, exist_ok=True)
+    return SummaryWriter(log_dir=args.log_dir, purge_step=position + 1 if position else None)
