@@ -12,8 +12,11 @@ import pytest
 import torch
 from PIL import Image
 
+import main_finetune
 import select_wild_data
 from models_dual_vit import create_vit
+from util.losses import TransferCriterion
+from util.run_control import Preempted, clear_stop, request_stop
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -133,3 +136,27 @@ def add_to_hub_cache(cache: str, repo_id: str, files: dict) -> str:
     for name, source in files.items():
         shutil.copy(source, os.path.join(snapshot, name))
     return snapshot
+
+
+def stop_at_forward(monkeypatch, n: int) -> None:
+    """Request a stop (as the preemption handler does) during the n-th forward pass of the run (1-based)."""
+    forward, calls = TransferCriterion.forward, [0]
+
+    def forward_then_stop(self, outputs, targets):
+        calls[0] += 1
+        if calls[0] == n:
+            request_stop()
+        return forward(self, outputs, targets)
+
+    monkeypatch.setattr(TransferCriterion, 'forward', forward_then_stop)
+
+
+def run_until_stopped(workdir, monkeypatch, out, n_forward, *extra, epochs=2) -> Preempted:
+    stop_at_forward(monkeypatch, n_forward)
+    try:
+        with pytest.raises(Preempted) as stop:
+            main_finetune.run(args_for(workdir, out, *extra, epochs=epochs))
+    finally:
+        clear_stop()
+        monkeypatch.undo()
+    return stop.value

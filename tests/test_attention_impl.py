@@ -103,5 +103,5 @@ def test_checkpoint_without_attention_impl_still_loads(runs, monkeypatch, capsys
     del ckpt['args']['attention_impl']
     old = str(tmp_path / 'old.pth')
     torch.save(ckpt, old)
-    teacher, student, args = load_models(old, None)
+    teacher, student, args, _ = load_models(old, None)
     assert args.attention_impl == 'auto' and teacher is not None

@@ -8,7 +8,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from helpers import args_for, read_log, torchrun
+from helpers import args_for, read_log, run_until_stopped, torchrun
 
 import main_finetune
 from util.checkpoint import resume_step
@@ -23,30 +23,6 @@ def train(workdir, name, *extra, epochs=2):
     out = str(workdir.root / name)
     stats = main_finetune.run(args_for(workdir, out, *extra, epochs=epochs))
     return out, stats
-
-
-def stop_at_forward(monkeypatch, n: int) -> None:
-    """Request a stop (as the preemption handler does) during the n-th forward pass of the run (1-based)."""
-    forward, calls = TransferCriterion.forward, [0]
-
-    def forward_then_stop(self, outputs, targets):
-        calls[0] += 1
-        if calls[0] == n:
-            request_stop()
-        return forward(self, outputs, targets)
-
-    monkeypatch.setattr(TransferCriterion, 'forward', forward_then_stop)
-
-
-def run_until_stopped(workdir, monkeypatch, out, n_forward, *extra, epochs=2) -> Preempted:
-    stop_at_forward(monkeypatch, n_forward)
-    try:
-        with pytest.raises(Preempted) as stop:
-            main_finetune.run(args_for(workdir, out, *extra, epochs=epochs))
-    finally:
-        clear_stop()
-        monkeypatch.undo()
-    return stop.value
 
 
 def trained_indices(monkeypatch) -> list:

@@ -16,17 +16,16 @@ from unittest import mock
 
 import pytest
 import torch
-from helpers import TINY_ARCH, args_for, make_image_folder, make_teacher_checkpoint, read_log
+from helpers import TINY_ARCH, args_for, make_image_folder, make_teacher_checkpoint, read_log, run_until_stopped
 
 import main_finetune
 import select_wild_data
 import submitit_finetune
 from util.checkpoint import save_atomic
 from util.errors import UserError
-from util.losses import TransferCriterion
 from util.output import EMPTY_LOCK_SECONDS, RunLock, remove_stale_temporaries
 from util.pretrained import read_checkpoint
-from util.run_control import Preempted, clear_stop, request_stop
+from util.run_control import Preempted
 from util.selection import training_class_weights
 
 ROOT_ONLY = pytest.mark.skipif(os.geteuid() != 0, reason='needs root (chattr, mount)')
@@ -48,18 +47,6 @@ def immutable(path):
         subprocess.run(['chattr', '-i', str(path)], check=True)
 
 
-def stop_during_forward(monkeypatch, n: int) -> None:
-    forward, calls = TransferCriterion.forward, [0]
-
-    def forward_then_stop(self, outputs, targets):
-        calls[0] += 1
-        if calls[0] == n:
-            request_stop()
-        return forward(self, outputs, targets)
-
-    monkeypatch.setattr(TransferCriterion, 'forward', forward_then_stop)
-
-
 def no_training(monkeypatch):
     monkeypatch.setattr(main_finetune, 'train_one_epoch', lambda *a, **k: pytest.fail('training started'))
 
@@ -68,13 +55,7 @@ def no_training(monkeypatch):
 @pytest.mark.slow
 def test_rerun_without_resume_is_refused_where_a_stopped_run_is(workdir, monkeypatch):
     out = workdir.root / 'stopped'
-    stop_during_forward(monkeypatch, 8)  # epoch 1, step 2 of 6
-    try:
-        with pytest.raises(Preempted):
-            main_finetune.run(args_for(workdir, out))
-    finally:
-        clear_stop()
-        monkeypatch.undo()
+    run_until_stopped(workdir, monkeypatch, out, 8)  # epoch 1, step 2 of 6
     before = snapshot(out)
     no_training(monkeypatch)
     with pytest.raises(UserError, match=r"(?s)holds a run \(checkpoint\.pth, log\.txt; checkpoint\.pth: epoch 1, "
@@ -239,15 +220,8 @@ def test_full_disk_names_the_file_keeps_the_last_checkpoint_and_the_epochs_line(
 # ---- a mid-epoch checkpoint continues only the same permutation ------------------------------------------
 @pytest.fixture(scope='module')
 def stopped_mid_epoch(workdir):
-    mp = pytest.MonkeyPatch()
     out = workdir.root / 'mid_epoch'
-    stop_during_forward(mp, 6 + 2)
-    try:
-        with pytest.raises(Preempted):
-            main_finetune.run(args_for(workdir, out))
-    finally:
-        clear_stop()
-        mp.undo()
+    run_until_stopped(workdir, pytest.MonkeyPatch(), out, 6 + 2)
     return out
 
 
