@@ -538,8 +538,8 @@ def machine_lines(args) -> list[str]:
                      f"driver {nvidia_driver()}; CUDA runtime {torch.version.cuda}, cuDNN "
                      f"{torch.backends.cudnn.version()}; TF32 matmul {torch.backends.cuda.matmul.allow_tf32}")
     else:
-        lines.append(f"- device: CPU ({platform.processor() or platform.machine()}), {torch.get_num_threads()} "
-                     "torch threads")
+        lines.append(f"- device: CPU ({platform.processor() or platform.machine()}), torch threads: "
+                     f"{torch.get_num_threads()}")
     lines.append(f"- CPU cores available: {len(os.sched_getaffinity(0))}; Python {platform.python_version()}")
     pins = pinned_versions()
     for name, installed in (('torch', torch.__version__), ('timm', timm.__version__)):
