@@ -505,6 +505,10 @@ def gib(n: Optional[int]) -> str:
     return 'n/a' if n is None else f"{n / GiB:.2f}"
 
 
+def mib(n: Optional[int]) -> str:
+    return 'n/a' if n is None else f"{n / 2 ** 20:.0f}"
+
+
 def ratio(a: Optional[float], b: Optional[float]) -> str:
     return f"{a / b:.2f}" if a is not None and b else 'n/a'
 
@@ -534,8 +538,8 @@ def machine_lines(args) -> list[str]:
                      f"driver {nvidia_driver()}; CUDA runtime {torch.version.cuda}, cuDNN "
                      f"{torch.backends.cudnn.version()}; TF32 matmul {torch.backends.cuda.matmul.allow_tf32}")
     else:
-        lines.append(f"- device: CPU ({platform.processor() or platform.machine()}), {torch.get_num_threads()} "
-                     "torch threads")
+        lines.append(f"- device: CPU ({platform.processor() or platform.machine()}), torch threads: "
+                     f"{torch.get_num_threads()}")
     lines.append(f"- CPU cores available: {len(os.sched_getaffinity(0))}; Python {platform.python_version()}")
     pins = pinned_versions()
     for name, installed in (('torch', torch.__version__), ('timm', timm.__version__)):
@@ -699,7 +703,7 @@ def run_loss(args, deadline: Deadline) -> list[str]:
             f"{args.loss_heads} heads, head_dim {args.loss_head_dim}; gradients for the student's q and k), median "
             f"of {args.steps} after {args.warmup} ({CLOCK_NAMES[args.clock]}). Memory: the peak minus the inputs. "
             "The last column is the value's relative difference from the explicit maps' value.", '',
-            f"| N | formulation | ms | x explicit | {mem} (GiB) | x explicit | value vs explicit |",
+            f"| N | formulation | ms | x explicit | {mem} above the inputs (MiB) | x explicit | value vs explicit |",
             '| ---: | --- | ---: | ---: | ---: | ---: | ---: |']
     for n in args.loss_tokens:
         results = {}
@@ -718,7 +722,7 @@ def run_loss(args, deadline: Deadline) -> list[str]:
                 continue
             mem_used = step_memory(r)
             rows.append(f"| {n} | {name} | {r.seconds * 1e3:.1f} | {ratio(r.seconds, ref.seconds if ref.ok else None)} "
-                        f"| {gib(mem_used)} | {ratio(mem_used, ref_mem)} | "
+                        f"| {mib(mem_used)} | {ratio(mem_used, ref_mem)} | "
                         + (f"{r.value / ref.value - 1:.1e}" if ref.ok and ref.value else 'n/a') + " |")
     return rows
 

@@ -152,6 +152,7 @@ def test_distillation_loss_under_bf16_autocast_accumulates_in_float32(n, chunk):
 
 
 # ---- 4. DDP on one GPU under torchrun ----------------------------------------------------------------
+@pytest.mark.slow
 def test_ddp_step_on_one_gpu_under_torchrun(tmp_path):
     out = tmp_path / 'ddp.json'
     cmd = [sys.executable, '-m', 'torch.distributed.run', '--nproc_per_node', '1', '--master_port', str(free_port()),
@@ -196,6 +197,7 @@ def run_main(argv, stop_at=0):
     return proc.stdout
 
 
+@pytest.mark.slow
 def test_checkpoint_and_exact_resume_on_cuda(tmp_path):
     """Stopped inside the second epoch and resumed, a bf16 distill run on the GPU ends with the uninterrupted
     run's weights, bit for bit (deterministic kernels; the checkpoint carries the CUDA generator)."""
