@@ -286,10 +286,34 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def _status_bytes(field: str) -> Optional[int]:
+    """A memory field of /proc/self/status (VmRSS, VmHWM) in bytes; None where there is none."""
+    try:
+        with open('/proc/self/status') as f:
+            for line in f:
+                if line.startswith(field + ':'):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+def reset_peak_rss() -> None:
+    """Set the process's peak resident set (VmHWM) to its current one (Linux: clear_refs 5), so that a later
+    peak is the measurement's own and not, say, the imports' high-water mark."""
+    try:
+        with open('/proc/self/clear_refs', 'w') as f:
+            f.write('5')
+    except OSError:
+        pass
+
+
 def peak_memory(device: torch.device, isolated: bool) -> Optional[int]:
     if device.type == 'cuda':
         return torch.cuda.max_memory_allocated(device)
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 if isolated else None
+    if not isolated:
+        return None
+    return _status_bytes('VmHWM') or resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
 CLOCKS = {'wall': time.perf_counter, 'process': time.process_time}
@@ -300,9 +324,11 @@ def timed(step: Callable[[], None], warmup: int, steps: int, device: torch.devic
           cleanup: Callable[[], None] = lambda: None, clock: str = 'wall') -> Result:
     """Median seconds of ``steps`` calls after ``warmup`` calls (wall-clock, or this process's CPU time), the
     peak memory of the timed calls (CUDA) or of the process (CPU, isolated), and the memory before them: on
-    CUDA what stays allocated between calls (weights, optimizer state, inputs), on CPU the peak resident set
-    before the first call (weights, inputs, the interpreter)."""
+    CUDA what stays allocated between calls (weights, optimizer state, inputs), on CPU the resident set
+    before the first call (weights, inputs, the interpreter), with the process's peak reset to it there."""
     now = CLOCKS[clock]
+    if device.type != 'cuda' and isolated:
+        reset_peak_rss()
     before = peak_memory(device, isolated) if device.type != 'cuda' else None
     for _ in range(warmup):
         step()
