@@ -82,6 +82,7 @@ from util.output import (
     write_eval_results,
     write_log,
 )
+from util.precision import AMP_DTYPES, default_amp
 from util.pretrained import (
     LoadReport,
     checkpoint_architecture,
@@ -99,7 +100,6 @@ from util.samplers import ResumableDistributedSampler, ShardSampler, check_same_
 MODEL_ARGS = ('model', 'mode', 'teacher_model', 'student_model', 'model_kwargs', 'student_kwargs', 'input_size',
               'nb_classes', 'global_pool', 'transfer_layers', 'end_layer', 'share_drop_path', 'probe_blocks',
               'eval_crop_pct')
-AMP_DTYPES = {'bf16': torch.bfloat16, 'fp16': torch.float16, 'none': None}
 DEFAULT_MODEL = 'vit_large_patch16'
 
 
@@ -371,7 +371,7 @@ def resolve_args(args, read_resume: bool = True) -> tuple[dict | None, str | Non
     if not args.eval:
         mode.apply_defaults(args)
     if args.amp is None:
-        args.amp = 'bf16' if str(args.device).startswith('cuda') else 'none'
+        args.amp = default_amp(args.device)
     if args.attention_impl == 'auto':
         args.attention_impl = resolve_attention_impl('auto', args.device)
         if mode.uses_teacher:

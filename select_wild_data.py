@@ -38,6 +38,7 @@ from util.checkpoint import save_atomic
 from util.datasets import collate_skipping_bad
 from util.distributed import barrier, broadcast_object, destroy, get_rank, get_world_size, init_distributed_mode, log
 from util.errors import UserError, run_cli
+from util.precision import default_amp
 from util.pretrained import (
     checkpoint_architecture,
     is_named,
@@ -293,7 +294,7 @@ def check_output_file(output: str) -> None:
 def main(args) -> dict | None:
     check_args(args)
     if args.amp is None:
-        args.amp = 'bf16' if str(args.device).startswith('cuda') else 'none'
+        args.amp = default_amp(args.device)
     init_distributed_mode(args)
     rank, world = get_rank(), get_world_size()
     teacher = build_teacher(args).to(args.device)
