@@ -35,12 +35,13 @@ from helpers import (
 from PIL import Image
 from timm.models import save_for_hf
 
+import engine_finetune
 import main_finetune
 import select_wild_data
 from engine_finetune import NonFiniteLossError
 from models_dual_vit import create_vit
+from modes import get_mode
 from tools import export_student, prepare_cifar, visualize_attention
-from util.checkpoint import check_resume_matches
 from util.datasets import DataError, build_transform
 from util.errors import DEBUG_ENV, UserError, run_cli
 from util.pretrained import CheckpointMismatchError, read_checkpoint, resolve_named
@@ -82,9 +83,11 @@ def user_error(argv) -> str:
 
 
 def no_long_work(monkeypatch, *names):
-    """Make the named functions of main_finetune fail the test when called: the check must come first."""
+    """Make the named functions of main_finetune (or of the engine) fail the test when called: the check must
+    come first."""
     for name in names:
-        monkeypatch.setattr(main_finetune, name, lambda *a, _name=name, **k: pytest.fail(f"{_name} was called"))
+        module = main_finetune if hasattr(main_finetune, name) else engine_finetune
+        monkeypatch.setattr(module, name, lambda *a, _name=name, **k: pytest.fail(f"{_name} was called"))
 
 
 # ---- reporting: one error line, bugs keep their traceback ---------------------------------------------------
@@ -155,7 +158,7 @@ def test_select_wild_data_refuses_bad_flags_before_scoring(tmp_path, monkeypatch
     extra = [x.format(root=tmp_path) for x in extra]
     if 'readonly' in extra[-1] and not make_unwritable(tmp_path / 'readonly'):
         pytest.skip('cannot make a folder unwritable here')
-    monkeypatch.setattr(select_wild_data, 'build_teacher', lambda args: pytest.fail('the teacher was loaded'))
+    monkeypatch.setattr(select_wild_data, 'read_checkpoint', lambda *a, **k: pytest.fail('the teacher was loaded'))
     args = select_wild_data.get_args_parser().parse_args(
         ['--teacher', 'teacher.pth', '--wild_path', str(tmp_path), '--output', str(tmp_path / 'sel.pth'),
          '--device', 'cpu', *extra])
@@ -439,14 +442,12 @@ def test_resume_without_the_runs_mode_is_refused_naming_it(work, runs, monkeypat
 
 
 def test_resume_mode_of_older_checkpoints_none_means_plain():
-    def args(mode):
-        return argparse.Namespace(eval=False, mode=mode, finetune='')
     for recorded in (None, '', 'none'):
-        check_resume_matches({'args': {'mode': recorded}}, 'old.pth', args('none'), False)
+        get_mode('none').check_resumed({'mode': recorded}, 'old.pth')
         with pytest.raises(UserError, match=r"--resume old.pth: the checkpoint is of a --mode none run, but this "
                                             r"command has --mode distill: give --mode none"):
-            check_resume_matches({'args': {'mode': recorded}}, 'old.pth', args('distill'), True)
-    check_resume_matches({'args': {'mode': 'copy'}}, 'old.pth', argparse.Namespace(eval=True, mode='none'), False)
+            get_mode('distill').check_resumed({'mode': recorded}, 'old.pth')
+    get_mode('distill').check_resumed({}, 'mae_checkpoint.pth')  # records no args of this project: nothing to check
 
 
 @pytest.mark.slow

@@ -551,7 +551,7 @@ def test_class_weight_cache_beside_a_read_only_selection_warns_and_goes_on(tmp_p
     with warnings.catch_warnings():
         warnings.simplefilter('ignore')
         select_wild_data.main(args)
-        teacher = select_wild_data.build_teacher(args)
+        teacher = select_wild_data.build_teacher(*select_wild_data.resolve(args))
     with immutable(folder), pytest.warns(UserWarning, match='class weights not cached'):
         weights = training_class_weights(teacher, selection, teacher_path, 32, 0.5, 0, 4, 'cpu')
     assert weights.shape == (3,) and weights.sum().item() == pytest.approx(3.0)
