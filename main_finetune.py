@@ -6,8 +6,9 @@
     # evaluate a checkpoint (model, mode and sizes come from the checkpoint)
     python main_finetune.py --eval --resume output_dir/checkpoint.pth --data_path $IMAGENET
 
-Flow: arguments -> data -> model (teacher weights) -> optimizer, EMA -> resume -> epochs of
-train_one_epoch / checkpoint / evaluate -> log.txt and TensorBoard.
+Flow: arguments -> one read-only configuration (resolve_args, with the mode and the resumed checkpoint) ->
+data -> the teacher-student pair (teacher weights) -> Trainer: optimizer, EMA, the checkpointer (resume) ->
+epochs of train_one_epoch / checkpoint / evaluate -> log.txt and TensorBoard.
 """
 from __future__ import annotations
 
@@ -25,15 +26,17 @@ from timm.data import Mixup
 from timm.data.constants import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.utils import ModelEmaV3
 
-import modes
 from engine_finetune import Evaluator, NonFiniteLossError, evaluate_ensemble, train_one_epoch
-from models_dual_vit import ATTENTION_IMPL_CHOICES, create_vit, resolve_attention_impl, resolve_model_name
+from models_dual_vit import resolve_attention_impl, resolve_model_name
 from models_pair import TeacherStudentPair
 from modes import (
     MODEL_ARGS,
     MODES,
+    AttentionProbe,
+    AttentionTransfer,
     PlainTraining,
     get_mode,
+    load_ensemble_member,
     load_initial_weights,
     restrict_to_qkv,
     student_architecture,
@@ -48,6 +51,7 @@ from util.args import (
     parse_kwargs,
 )
 from util.checkpoint import (
+    BEST,
     Checkpointer,
     ResumePoint,
     TrainingState,
@@ -89,19 +93,11 @@ from util.output import (
 )
 from util.precision import AMP_DTYPES, default_amp
 from util.pretrained import (
-    EVAL_HEAD_ADVICE,
-    checkpoint_architecture,
     finetune_source,
-    is_named,
-    load_pretrained_weights,
     local_checkpoint,
-    pool_of_state_dict,
-    read_checkpoint,
-    require_classifier_head,
-    select_state_dict,
 )
 from util.run_control import Preempted, RunControl, stop_on_signals
-from util.samplers import ResumableDistributedSampler, ShardSampler, check_same_permutation, dataset_fingerprint
+from util.samplers import ResumableDistributedSampler, ShardSampler, dataset_fingerprint
 
 DEFAULT_MODEL = 'vit_large_patch16'
 
@@ -146,21 +142,7 @@ def get_args_parser() -> argparse.ArgumentParser:
                         'which sets every one of ' + ', '.join(f'--{k}' for k in MODES['probe'].defaults) + ' that the '
                         'command line leaves unset to the reference\'s recipe (shown as "--mode probe: VALUE") '
                         '(default: %(default)s)')
-    g.add_argument('--end_layer', default=0, type=int,
-                   help='transfer layers [0, depth + end_layer); 0 = all layers, -6 = all but the last 6')
-    g.add_argument('--transfer_layers', default=None, type=str,
-                   help='explicit transferred layers, e.g. 0-17 or 0,2,4 (overrides --end_layer)')
-    g.add_argument('--atd_weight', default=3, type=float,
-                   help='weight of the attention distillation loss (distill modes)')
-    g.add_argument('--no_share_drop_path', action='store_false', dest='share_drop_path',
-                   help='draw the student\'s stochastic-depth masks alone instead of sharing them with the teacher')
-    g.add_argument('--train_qkv', action='store_true', help='train only the student\'s qkv, head and fc_norm')
-    g.add_argument('--attention_impl', default='auto', choices=list(ATTENTION_IMPL_CHOICES),
-                   help='fused: every mode through scaled_dot_product_attention, the teacher handing over q/k/v and '
-                        'the distillation loss computed through the attention kernels, so no N x N map is stored; '
-                        'explicit: N x N attention maps in float32 (same numbers; faster on CPU at ViT sizes); '
-                        'auto: fused on CUDA, explicit on CPU (default: %(default)s; the choice is printed at start '
-                        'and recorded in checkpoints)')
+    AttentionTransfer.add_arguments(g)
 
     g = p.add_argument_group('speed and memory')
     g.add_argument('--grad_checkpointing', action='store_true',
@@ -170,38 +152,7 @@ def get_args_parser() -> argparse.ArgumentParser:
                    help='torch.compile the teacher and student blocks (the first steps compile); same losses and '
                         'gradients up to float rounding')
 
-    g = p.add_argument_group('attention probe (--mode probe: distil on selected wild images, no labels)')
-    g.add_argument('--selection', default='', help='selection file written by select_wild_data.py')
-    g.add_argument('--eval_data_path', default='',
-                   help='the target task\'s folder with val/<class>/ to evaluate on (default: --data_path)')
-    g.add_argument('--kd_temperature', default=4.0, type=float, help='temperature T of the KD loss (times T^2)')
-    g.add_argument('--robust', action='store_true',
-                   help='weight each image\'s KD term by the class-balance weight of the teacher\'s prediction '
-                        '(the selection\'s weights plus uniform noise in [0, 0.1))')
-    g.add_argument('--pos_num', default=0, type=int,
-                   help='mix the first N labelled originals of each class of the target task\'s training split '
-                        '(--eval_data_path/train) into the selected images, aspect ratio kept, as the reference\'s '
-                        'ImageNet script')
-    g.add_argument('--class_weights', default='augmented', choices=['augmented', 'selection'],
-                   help='--robust: class-balance weights from a pass over the selection (and the --pos_num '
-                        'originals) with the training augmentation, as the reference (cached beside the selection), '
-                        'or from the unaugmented scoring pass stored in the selection file')
-    g.add_argument('--no_noise_adaptation', action='store_false', dest='noise_adaptation',
-                   help='drop the noise adaptation layer (DFND) and its NLL loss')
-    g.add_argument('--noise_lr', default=1e-3, type=float, help='Adam lr of the noise adaptation parameters')
-    g.add_argument('--teacher_acc', default=None, type=float,
-                   help='teacher accuracy (0-1) on the target task, the diagonal of the noise transition matrix '
-                        '(default: measured on the evaluation set before training)')
-    g.add_argument('--patchattn', default=0.8, type=float, help='weight of the patch attention probe loss')
-    g.add_argument('--probe_blocks', default=None, type=str,
-                   help='teacher blocks whose features the patch probe compares, e.g. 3,7,11 (default: 1/3, 2/3 '
-                        'and the last block); student blocks are matched by relative depth')
-    g.add_argument('--presentations', default=modes.PROBE_PRESENTATIONS, type=int,
-                   help='probe mode without --epochs: train int(presentations / selected images) - 1 epochs, as the '
-                        'reference (default 320000 x 512: 251 epochs for 650,000 selected images; its ImageNet '
-                        'script: 640000 x 512); --pos_num originals are not counted')
-    g.add_argument('--probe_norm', default='tokens', choices=['tokens', 'channels'],
-                   help='L2-normalise features along the token axis (the reference) or the channel axis')
+    AttentionProbe.add_arguments(p)
 
     g = p.add_argument_group('optimizer')
     g.add_argument('--clip_grad', type=float, default=None, metavar='NORM',
@@ -403,9 +354,6 @@ def resolve_args(args, read_resume: bool = True) -> Resolved:
     if cfg.eval_crop_pct is None:
         cfg = cfg.replace(eval_crop_pct=mode.default_eval_crop_pct(cfg.input_size,
                                                                     os.path.join(cfg.eval_data_path, 'val')))
-    if not 0.0 < cfg.eval_crop_pct <= 1.0:
-        raise UserError(f"--eval_crop_pct {cfg.eval_crop_pct}: the crop fraction must be in (0, 1] (1.0: evaluate "
-                        "the image at the input size, uncropped; 0.875: MAE's ImageNet evaluation)")
     if read_resume or not path:  # at submission the resumed epoch is unknown: the job checks it
         check_inputs_not_overwritten(cfg, next_position(ckpt)[0] if ckpt is not None else cfg.start_epoch)
     check_run_folder(cfg, path)
@@ -426,32 +374,6 @@ def build_model(cfg: Config, mode: PlainTraining | None = None, eval_only: bool 
 def param_groups(model: TeacherStudentPair, mode: PlainTraining, cfg: Config) -> list[dict]:
     """The student's AdamW groups, as the mode forms them (layer-wise lr decay, weight decay exemptions)."""
     return mode.param_groups(model.student, cfg)
-
-
-def load_ensemble_member(cfg: Config) -> torch.nn.Module:
-    """The model of --ensemble_with: a checkpoint of this project (any mode, rebuilt from the configuration it
-    records), a classifier checkpoint of --ensemble_model / --model's architecture (e.g. an MAE fine-tuned ViT),
-    or a named classifier (timm:NAME.tag, hf-hub:ORG/NAME: its own architecture; an https:// URL)."""
-    path = cfg.ensemble_with
-    ckpt = read_checkpoint(local_checkpoint(path, '--ensemble_with'), flag='--ensemble_with')
-    saved = recorded_args(ckpt)
-    if 'model' in saved:
-        member = build_model(cfg.replace(**{k: saved[k] for k in MODEL_ARGS if k in saved}, finetune=''),
-                             eval_only=True)
-        restore_weights(ckpt, path, member, None)
-        return member
-    name = cfg.ensemble_model or cfg.teacher_model or cfg.model
-    kwargs = parse_kwargs(cfg.ensemble_kwargs, '--ensemble_kwargs') if cfg.ensemble_model else cfg.model_kwargs
-    named = checkpoint_architecture(path) if is_named(path) and not cfg.ensemble_model else None
-    pool = cfg.global_pool
-    if named is not None:  # a timm: / hf-hub: name gives its architecture; timm pools by average iff it has fc_norm
-        name, kwargs = named['model'], named['model_kwargs']
-        pool = named['global_pool'] or pool_of_state_dict(select_state_dict(ckpt))
-    member = create_vit(name, num_classes=cfg.nb_classes, global_pool=pool, img_size=cfg.input_size, **kwargs)
-    report = load_pretrained_weights(member, path, checkpoint=ckpt, flag='--ensemble_with')
-    require_classifier_head(report, '--ensemble_with', path, cfg.nb_classes, EVAL_HEAD_ADVICE)
-    log(f"ensemble member: {report}")
-    return member
 
 
 # ---------------------------------------------------------------------------------------------
@@ -572,9 +494,9 @@ class Trainer:
         aux_optimizer = torch.optim.Adam(aux_params, lr=cfg.noise_lr) if aux_params else None
         self.state = TrainingState(model, optimizer, torch.amp.GradScaler(device.type, enabled=cfg.amp == 'fp16'),
                                    model_ema, criterion, aux_optimizer)
-        self.data = dataset_fingerprint(dataset_train)
+        data = dataset_fingerprint(dataset_train)
         # what checkpoints record as their args: the configuration and the values resolved while building
-        record = {**cfg.record(), 'lr': lr, 'epochs': self.schedule.epochs, 'train_data': self.data,
+        record = {**cfg.record(), 'lr': lr, 'epochs': self.schedule.epochs, 'train_data': data,
                   **mode.recorded_args(cfg, criterion)}
         self.checkpointer = Checkpointer(cfg.output_dir, self.state, record, device, self.schedule.epochs,
                                          cfg.save_every)
@@ -584,9 +506,8 @@ class Trainer:
         self.best = BestAccuracy(best_record(ckpt))
         self.start = ResumePoint(cfg.start_epoch, 0, None, None)
         if ckpt is not None:
-            self.start = self.checkpointer.load(ckpt, run.ckpt_path, cfg.batch_size, self.steps_per_epoch)
-            if self.start.step:
-                check_same_permutation(ckpt, run.ckpt_path, cfg.seed, self.data, self.start.epoch)
+            self.start = self.checkpointer.load(ckpt, run.ckpt_path, cfg.batch_size, self.steps_per_epoch, cfg.seed,
+                                                data)
             trim_log(cfg.output_dir, self.start.epoch)
         self.ddp_model = wrap_ddp(model, cfg)
         self.log_writer = open_log_writer(cfg, int((self.start.epoch + self.start.step / self.steps_per_epoch)
@@ -615,7 +536,7 @@ class Trainer:
             if improved:  # this epoch's checkpoints are written again so that a resume continues the same record
                 self.save(epoch, None, epoch_stats=train_stats, with_best=self.best_key in improved)
             if self.best_key in improved:
-                log(f"checkpoint-best.pth: epoch {epoch}, {self.best_key} {test_stats[self.best_key]:.2f}%")
+                log(f"{BEST}: epoch {epoch}, {self.best_key} {test_stats[self.best_key]:.2f}%")
             log(self.best.summary(test_stats))
             if self.log_writer is not None:
                 for k, v in test_stats.items():

@@ -14,16 +14,17 @@ model is evaluated as.
 """
 from __future__ import annotations
 
+import argparse
 import os
 
 import torch
 from timm.layers import trunc_normal_
 
 from engine_finetune import evaluate
-from models_dual_vit import TRANSFER_MODES, DualViT, TransferMode, build_dual_vit
+from models_dual_vit import ATTENTION_IMPL_CHOICES, TRANSFER_MODES, DualViT, TransferMode, build_dual_vit, create_vit
 from models_probe import ProbeDistiller, build_probe_distiller
-from util.args import check_positive, check_range
-from util.checkpoint import holds_teacher
+from util.args import check_positive, check_range, parse_kwargs
+from util.checkpoint import holds_teacher, recorded_args, restore_weights
 from util.config import Config
 from util.datasets import build_dataset, default_eval_crop_pct, normalization
 from util.distributed import barrier, is_main_process, log
@@ -33,9 +34,13 @@ from util.lr_decay import param_groups_lrd
 from util.pretrained import (
     EVAL_HEAD_ADVICE,
     checkpoint_architecture,
+    is_named,
     load_pretrained_weights,
     local_checkpoint,
+    pool_of_state_dict,
+    read_checkpoint,
     require_classifier_head,
+    select_state_dict,
 )
 from util.selection import (
     ProbeImages,
@@ -193,6 +198,25 @@ class AttentionTransfer(PlainTraining):
         shares the head's scale)."""
         return depth
 
+    @staticmethod
+    def add_arguments(g: argparse._ArgumentGroup) -> None:
+        """The flags of attention transfer (to the parser's 'attention transfer' group, after --mode)."""
+        g.add_argument('--end_layer', default=0, type=int,
+                       help='transfer layers [0, depth + end_layer); 0 = all layers, -6 = all but the last 6')
+        g.add_argument('--transfer_layers', default=None, type=str,
+                       help='explicit transferred layers, e.g. 0-17 or 0,2,4 (overrides --end_layer)')
+        g.add_argument('--atd_weight', default=3, type=float,
+                       help='weight of the attention distillation loss (distill modes)')
+        g.add_argument('--no_share_drop_path', action='store_false', dest='share_drop_path',
+                       help='draw the student\'s stochastic-depth masks alone instead of sharing them with the teacher')
+        g.add_argument('--train_qkv', action='store_true', help='train only the student\'s qkv, head and fc_norm')
+        g.add_argument('--attention_impl', default='auto', choices=list(ATTENTION_IMPL_CHOICES),
+                       help='fused: every mode through scaled_dot_product_attention, the teacher handing over q/k/v '
+                            'and the distillation loss computed through the attention kernels, so no N x N map is '
+                            'stored; explicit: N x N attention maps in float32 (same numbers; faster on CPU at ViT '
+                            'sizes); auto: fused on CUDA, explicit on CPU (default: %(default)s; the choice is printed '
+                            'at start and recorded in checkpoints)')
+
 
 def check_probe_values(args) -> None:
     """Numeric flags of probe distillation that no run can use."""
@@ -231,6 +255,42 @@ class AttentionProbe(PlainTraining):
 
     def evaluated_as(self) -> PlainTraining:
         return PLAIN
+
+    @staticmethod
+    def add_arguments(p: argparse.ArgumentParser) -> None:
+        """The flags of probe distillation, in their own group."""
+        g = p.add_argument_group('attention probe (--mode probe: distil on selected wild images, no labels)')
+        g.add_argument('--selection', default='', help='selection file written by select_wild_data.py')
+        g.add_argument('--eval_data_path', default='',
+                       help='the target task\'s folder with val/<class>/ to evaluate on (default: --data_path)')
+        g.add_argument('--kd_temperature', default=4.0, type=float, help='temperature T of the KD loss (times T^2)')
+        g.add_argument('--robust', action='store_true',
+                       help='weight each image\'s KD term by the class-balance weight of the teacher\'s prediction '
+                            '(the selection\'s weights plus uniform noise in [0, 0.1))')
+        g.add_argument('--pos_num', default=0, type=int,
+                       help='mix the first N labelled originals of each class of the target task\'s training split '
+                            '(--eval_data_path/train) into the selected images, aspect ratio kept, as the reference\'s '
+                            'ImageNet script')
+        g.add_argument('--class_weights', default='augmented', choices=['augmented', 'selection'],
+                       help='--robust: class-balance weights from a pass over the selection (and the --pos_num '
+                            'originals) with the training augmentation, as the reference (cached beside the '
+                            'selection), or from the unaugmented scoring pass stored in the selection file')
+        g.add_argument('--no_noise_adaptation', action='store_false', dest='noise_adaptation',
+                       help='drop the noise adaptation layer (DFND) and its NLL loss')
+        g.add_argument('--noise_lr', default=1e-3, type=float, help='Adam lr of the noise adaptation parameters')
+        g.add_argument('--teacher_acc', default=None, type=float,
+                       help='teacher accuracy (0-1) on the target task, the diagonal of the noise transition matrix '
+                            '(default: measured on the evaluation set before training)')
+        g.add_argument('--patchattn', default=0.8, type=float, help='weight of the patch attention probe loss')
+        g.add_argument('--probe_blocks', default=None, type=str,
+                       help='teacher blocks whose features the patch probe compares, e.g. 3,7,11 (default: 1/3, 2/3 '
+                            'and the last block); student blocks are matched by relative depth')
+        g.add_argument('--presentations', default=PROBE_PRESENTATIONS, type=int,
+                       help='probe mode without --epochs: train int(presentations / selected images) - 1 epochs, as '
+                            'the reference (default 320000 x 512: 251 epochs for 650,000 selected images; its '
+                            'ImageNet script: 640000 x 512); --pos_num originals are not counted')
+        g.add_argument('--probe_norm', default='tokens', choices=['tokens', 'channels'],
+                       help='L2-normalise features along the token axis (the reference) or the channel axis')
 
     def check(self, args) -> None:
         if args.grad_checkpointing:
@@ -374,6 +434,32 @@ def restrict_to_qkv(student: torch.nn.Module) -> None:
     """--train_qkv: freeze everything but the qkv projections, the head and fc_norm."""
     for name, param in student.named_parameters():
         param.requires_grad = 'qkv' in name or name.startswith(('head.', 'fc_norm.'))
+
+
+def load_ensemble_member(cfg: Config) -> torch.nn.Module:
+    """The model of --ensemble_with: a checkpoint of this project (any mode, rebuilt from the configuration it
+    records), a classifier checkpoint of --ensemble_model / --model's architecture (e.g. an MAE fine-tuned ViT),
+    or a named classifier (timm:NAME.tag, hf-hub:ORG/NAME: its own architecture; an https:// URL)."""
+    path = cfg.ensemble_with
+    ckpt = read_checkpoint(local_checkpoint(path, '--ensemble_with'), flag='--ensemble_with')
+    saved = recorded_args(ckpt)
+    if 'model' in saved:
+        member_cfg = cfg.replace(**{k: saved[k] for k in MODEL_ARGS if k in saved}, finetune='')
+        member = get_mode(member_cfg.mode).evaluated_as().build_model(member_cfg)
+        restore_weights(ckpt, path, member, None)
+        return member
+    name = cfg.ensemble_model or cfg.teacher_model or cfg.model
+    kwargs = parse_kwargs(cfg.ensemble_kwargs, '--ensemble_kwargs') if cfg.ensemble_model else cfg.model_kwargs
+    named = checkpoint_architecture(path) if is_named(path) and not cfg.ensemble_model else None
+    pool = cfg.global_pool
+    if named is not None:  # a timm: / hf-hub: name gives its architecture; timm pools by average iff it has fc_norm
+        name, kwargs = named['model'], named['model_kwargs']
+        pool = named['global_pool'] or pool_of_state_dict(select_state_dict(ckpt))
+    member = create_vit(name, num_classes=cfg.nb_classes, global_pool=pool, img_size=cfg.input_size, **kwargs)
+    report = load_pretrained_weights(member, path, checkpoint=ckpt, flag='--ensemble_with')
+    require_classifier_head(report, '--ensemble_with', path, cfg.nb_classes, EVAL_HEAD_ADVICE)
+    log(f"ensemble member: {report}")
+    return member
 
 
 PLAIN = PlainTraining()

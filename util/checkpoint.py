@@ -46,6 +46,7 @@ from util.distributed import (
 )
 from util.errors import UserError
 from util.pretrained import EMA_ENTRIES, is_named, load_exact, read_checkpoint
+from util.samplers import check_same_permutation
 
 # The files a run writes in its output folder (util/output.py describes each).
 CHECKPOINT = 'checkpoint.pth'
@@ -545,8 +546,9 @@ class Checkpointer:
         barrier()
         self.last_good = describe_checkpoint(self.path, epoch, step)
 
-    def load(self, ckpt: dict, path: str, batch_size: int, steps_per_epoch: int) -> ResumePoint:
-        """Weights, optimizers and the position from ``ckpt`` (read from ``path``)."""
+    def load(self, ckpt: dict, path: str, batch_size: int, steps_per_epoch: int, seed: int, data: dict) -> ResumePoint:
+        """Weights, optimizers and the position from ``ckpt`` (read from ``path``). A mid-epoch checkpoint continues
+        only with the same training set (``data``: its ``dataset_fingerprint``) and ``seed``."""
         s = self.state
         restore_weights(ckpt, path, s.model, s.model_ema)
         s.optimizer.load_state_dict(ckpt['optimizer'])
@@ -558,6 +560,8 @@ class Checkpointer:
         epoch, step = resume_step(ckpt, path, batch_size, world, steps_per_epoch)
         rng = resume_rng(ckpt, get_rank(), world, batch_size) if step else None
         partial = ckpt.get('partial_epoch') if step else None
+        if step:
+            check_same_permutation(recorded_args(ckpt), path, seed, data, epoch)
         self.last_good = describe_saved(path, ckpt)
         log(f"resumed from {path}: epoch {epoch}, step {step}"
             + (f" of {steps_per_epoch} ({samples_done(ckpt)} samples of the epoch done)" if step else ''))

@@ -109,11 +109,10 @@ def dataset_fingerprint(dataset: Dataset) -> dict:
     return {'images': len(dataset), 'sha1': digest}
 
 
-def check_same_permutation(ckpt: dict, path: str, seed: int, data: dict, epoch: int) -> None:
+def check_same_permutation(saved: dict, path: str, seed: int, data: dict, epoch: int) -> None:
     """A mid-epoch checkpoint continues the epoch's permutation of the training set where it stopped: only
     the same set and --seed draw the same permutation; otherwise some images would be trained twice in the
-    epoch and others not at all."""
-    saved = ckpt.get('args') or {}
+    epoch and others not at all. ``saved``: the checkpoint's recorded args."""
     changed = []
     if saved.get('seed') is not None and saved['seed'] != seed:
         changed.append(f"--seed {saved['seed']} then, {seed} now")
