@@ -3,11 +3,13 @@ hand computations, the checkpoint's layout against timm's own ViT, resume exactn
 --finetune teacher of main_finetune.py."""
 import math
 import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
 import torch
-from helpers import TINY_ARCH, kwargs_flags, read_log, tiny_args
+from helpers import ROOT, TINY_ARCH, free_port, kwargs_flags, read_log, tiny_args
 
 import main_finetune
 import main_pretrain
@@ -248,3 +250,43 @@ def test_run_folder_and_resume_checks(workdir, pretrained, tmp_path):
     assert main_pretrain.run(pretrain_args(workdir.data, pretrained, '--resume', 'allow')) == {}  # finished
     assert torch.equal(load(os.path.join(pretrained, 'checkpoint.pth'))['model']['mask_token'],
                        before['model']['mask_token'])
+
+
+# torchrun entry point: main_pretrain.run, saving each rank's weights after each epoch
+RANK_RECORDING_WORKER = """
+import os, sys
+sys.path.insert(0, {root!r})
+import torch
+import main_pretrain
+train_one_epoch, rank = main_pretrain.train_one_epoch, os.environ['RANK']
+
+def recording(model, *args, **kwargs):
+    stats = train_one_epoch(model, *args, **kwargs)
+    torch.save(getattr(model, 'module', model).state_dict(), os.path.join({out!r}, f'rank{{rank}}_epoch{{args[4]}}.pt'))
+    return stats
+
+main_pretrain.train_one_epoch = recording
+main_pretrain.run(sys.argv[1:])
+"""
+
+
+@pytest.mark.slow
+def test_torchrun_two_processes(workdir, tmp_path):
+    """Two CPU processes (gloo): the ranks' weights stay equal (DDP averages the gradients of their different
+    images and masks), and rank 0 alone writes the checkpoint and log.txt."""
+    out = str(workdir.root / 'pretrain_ddp')
+    os.makedirs(out)
+    worker = tmp_path / 'worker.py'
+    worker.write_text(RANK_RECORDING_WORKER.format(root=ROOT, out=out))
+    cmd = [sys.executable, '-m', 'torch.distributed.run', '--nproc_per_node', '2', '--master_port', str(free_port()),
+           str(worker), *pretrain_args(workdir.data, out, epochs=1)]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=240, cwd=ROOT,
+                          env={**os.environ, 'OMP_NUM_THREADS': '1'})
+    assert done.returncode == 0, done.stderr[-3000:]
+    rank0, rank1 = load(os.path.join(out, 'rank0_epoch0.pt')), load(os.path.join(out, 'rank1_epoch0.pt'))
+    ckpt = load(os.path.join(out, 'checkpoint.pth'))
+    for key, value in ckpt['model'].items():
+        assert torch.equal(rank0[key], value) and torch.equal(rank1[key], value), key
+    assert ckpt['world_size'] == 2 and len(ckpt['rng_per_rank']) == 2
+    assert [line['epoch'] for line in read_log(out)] == [0]
+    assert done.stdout.count('start pre-training for 1 epochs (3 steps each)') == 1  # 48 images, 2 x 8 a step
