@@ -3,6 +3,8 @@ hand computations, the checkpoint's layout against timm's own ViT, resume exactn
 --finetune teacher of main_finetune.py."""
 import math
 import os
+import re
+import signal
 import subprocess
 import sys
 
@@ -290,3 +292,26 @@ def test_torchrun_two_processes(workdir, tmp_path):
     assert ckpt['world_size'] == 2 and len(ckpt['rng_per_rank']) == 2
     assert [line['epoch'] for line in read_log(out)] == [0]
     assert done.stdout.count('start pre-training for 1 epochs (3 steps each)') == 1  # 48 images, 2 x 8 a step
+
+
+@pytest.mark.slow
+def test_sigterm_stops_with_a_checkpoint_and_the_run_continues(workdir):
+    out = str(workdir.root / 'pretrain_sigterm')
+    cmd = [sys.executable, os.path.join(ROOT, 'main_pretrain.py'),
+           *pretrain_args(workdir.data, out, '--print_freq', '1', epochs=50)]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT,
+                            env={**os.environ, 'OMP_NUM_THREADS': '1'})
+    seen = ''
+    while 'Epoch [0] [2/6]' not in seen and proc.poll() is None:
+        seen += proc.stdout.readline()
+    proc.send_signal(signal.SIGTERM)
+    stdout, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 128 + signal.SIGTERM, seen[-2000:] + stdout[-2000:] + stderr[-2000:]
+    assert 'Traceback' not in stderr and 'SIGTERM received: stopping at the next step' in stderr
+    stop = re.search(r'stopped: checkpoint written at epoch (\d+), step (\d+); continue with --resume allow', stderr)
+    saved = load(os.path.join(out, 'checkpoint.pth'))
+    # a stop at an epoch's last step (6) is that epoch's end: its checkpoint has no step
+    assert (saved['epoch'], saved['step'] or 6) == (int(stop.group(1)), int(stop.group(2)))
+    assert not os.path.exists(os.path.join(out, 'run.lock'))
+    resumed = main_pretrain.run(pretrain_args(workdir.data, out, '--resume', 'allow', epochs=saved['epoch'] + 1))
+    assert resumed['epoch'] == saved['epoch'] and load(os.path.join(out, 'checkpoint.pth'))['step'] is None
