@@ -313,5 +313,6 @@ def test_sigterm_stops_with_a_checkpoint_and_the_run_continues(workdir):
     # a stop at an epoch's last step (6) is that epoch's end: its checkpoint has no step
     assert (saved['epoch'], saved['step'] or 6) == (int(stop.group(1)), int(stop.group(2)))
     assert not os.path.exists(os.path.join(out, 'run.lock'))
-    resumed = main_pretrain.run(pretrain_args(workdir.data, out, '--resume', 'allow', epochs=saved['epoch'] + 1))
-    assert resumed['epoch'] == saved['epoch'] and load(os.path.join(out, 'checkpoint.pth'))['step'] is None
+    last = saved['epoch'] + (saved['step'] is None)  # the epoch the run is in, finished by the resumed run
+    resumed = main_pretrain.run(pretrain_args(workdir.data, out, '--resume', 'allow', epochs=last + 1))
+    assert resumed['epoch'] == last and load(os.path.join(out, 'checkpoint.pth'))['step'] is None
