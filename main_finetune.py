@@ -74,7 +74,7 @@ from util.config import Config
 from util.datasets import DataError, build_dataset, build_loader
 from util.distributed import destroy, get_rank, get_world_size, init_distributed_mode, is_main_process, log, wrap_ddp
 from util.errors import UserError, run_cli
-from util.lr_sched import Schedule, lr_floor_warning
+from util.lr_sched import Schedule, learning_rate
 from util.output import (
     EVAL_RESULTS,
     BestAccuracy,
@@ -450,17 +450,6 @@ def train_and_evaluate(run: Resolved) -> dict:
         stats = Trainer(run, model, model_ema, dataset_train, evaluator, schedule, device, amp_dtype).fit()
     destroy()
     return stats
-
-
-def learning_rate(cfg: Config, world: int) -> float:
-    """--lr, else --blr x the effective batch size / 256 (MAE's rule)."""
-    eff_batch_size = cfg.batch_size * cfg.accum_iter * world
-    lr = cfg.lr if cfg.lr is not None else cfg.blr * eff_batch_size / 256
-    log(f"base lr: {lr * 256 / eff_batch_size:.2e}  actual lr: {lr:.2e}  "
-        f"accumulate grad iterations: {cfg.accum_iter}  effective batch size: {eff_batch_size}")
-    if cfg.min_lr > lr and is_main_process():
-        print(lr_floor_warning(lr, cfg.min_lr, eff_batch_size, cfg.accum_iter), file=sys.stderr, flush=True)
-    return lr
 
 
 def trainable_parameters(model: TeacherStudentPair) -> int:

@@ -33,25 +33,24 @@ from models_dual_vit import create_vit, resolve_model_name
 from models_mae import MaskedAutoencoder, is_mae_checkpoint, kept_tokens
 from util.args import HelpFormatter, check_positive, check_range, parse_kwargs
 from util.checkpoint import (
-    check_finite,
-    checkpoint_state,
-    describe_checkpoint,
+    Checkpointer,
+    ResumePoint,
+    TrainingState,
+    end_of_epoch_stats,
     last_good_sentence,
     load_training_checkpoint,
     next_position,
-    restore_weights,
     resume_path,
-    resume_rng,
-    resume_step,
-    samples_done,
-    save_atomic,
+    saved_position,
     seed_epoch,
     set_rng_state,
+    student_weights,
 )
+from util.config import Config
 from util.datasets import DataError, build_loader
-from util.distributed import barrier, destroy, get_rank, get_world_size, init_distributed_mode, is_main_process, log
+from util.distributed import destroy, get_rank, get_world_size, init_distributed_mode, is_main_process, log
 from util.errors import UserError, run_cli
-from util.lr_sched import Schedule, lr_floor_warning
+from util.lr_sched import Schedule, learning_rate
 from util.output import (
     check_inputs_not_overwritten,
     check_output_folders,
@@ -67,7 +66,7 @@ from util.output import (
 )
 from util.precision import AMP_DTYPES, default_amp
 from util.run_control import Preempted, RunControl, stop_on_signals
-from util.samplers import ResumableDistributedSampler, check_same_permutation, dataset_fingerprint
+from util.samplers import ResumableDistributedSampler, dataset_fingerprint
 from util.selection import ImageFiles, list_images
 
 DEFAULT_MODEL = 'vit_large_patch16'
@@ -188,25 +187,24 @@ def data_root(data_path: str) -> str:
     return train if os.path.isdir(train) else data_path
 
 
-def resolve_args(args) -> tuple[dict | None, str | None]:
-    """Fill derived defaults and check the flags before any heavy work; returns (checkpoint to resume, its path)."""
+def resolve_args(args) -> tuple[Config, dict | None, str | None]:
+    """The flags checked and resolved into the run's read-only configuration before any heavy work; returns it
+    with the checkpoint to resume and its path."""
     check_values(args)
     check_output_folders(args)
-    args.model_kwargs = parse_kwargs(args.model_kwargs, '--model_kwargs')
-    resolve_model_name(args.model)
-    if args.log_dir is None:
-        args.log_dir = args.output_dir
-    if args.amp is None:
-        args.amp = default_amp(args.device)
-    data_root(args.data_path)
-    path = resume_path(args.resume, args.output_dir)
+    cfg = Config.of(args, model_kwargs=parse_kwargs(args.model_kwargs, '--model_kwargs'),
+                    log_dir=args.output_dir if args.log_dir is None else args.log_dir,
+                    amp=args.amp or default_amp(args.device))
+    resolve_model_name(cfg.model)
+    data_root(cfg.data_path)
+    path = resume_path(cfg.resume, cfg.output_dir)
     ckpt = load_training_checkpoint(path) if path else None
-    if ckpt is not None and not is_mae_checkpoint(ckpt['model']):
+    if ckpt is not None and not is_mae_checkpoint(student_weights(ckpt)):
         raise UserError(f"--resume {path!r} is not a checkpoint of main_pretrain.py (its model has no MAE decoder): "
                         "continue it with main_finetune.py, or start pre-training in another --output_dir")
-    check_inputs_not_overwritten(args, next_position(ckpt)[0] if ckpt is not None else 0)
-    check_run_folder(args, path)
-    return ckpt, path
+    check_inputs_not_overwritten(cfg, next_position(ckpt)[0] if ckpt is not None else 0)
+    check_run_folder(cfg, path)
+    return cfg, ckpt, path
 
 
 # ---------------------------------------------------------------------------------------------
@@ -245,11 +243,10 @@ def reconstruction_loss(outputs: tuple, _indices: torch.Tensor) -> tuple[torch.T
 
 
 # ---------------------------------------------------------------------------------------------
-# Checkpoints: the project's checkpoint format and functions (util.checkpoint), with the masked autoencoder in
-# the place of a student and no teacher, EMA or criterion state
+# main
 # ---------------------------------------------------------------------------------------------
 class SavedModel:
-    """What util.checkpoint saves and restores of a run's model: ``student`` (the checkpoint's 'model'), here
+    """What the checkpointer saves and restores of a run's model: ``student`` (the checkpoint's 'model'), here
     the masked autoencoder in MAE's layout; there is no teacher."""
     teacher = None
     needs_teacher_at_eval = False
@@ -258,156 +255,117 @@ class SavedModel:
         self.student = model
 
 
-def pretraining_state(model: MaskedAutoencoder, optimizer, scaler, record: dict, epoch: int, step: int | None,
-                      partial: dict | None = None, epoch_stats: dict | None = None) -> dict:
-    return checkpoint_state(SavedModel(model), None, optimizer, scaler, None, None, record, epoch, step, {},
-                            partial, epoch_stats)
-
-
-def restore_pretraining_state(ckpt: dict, ckpt_path: str, model: MaskedAutoencoder, optimizer, scaler, args,
-                              steps_per_epoch: int, data: dict) -> tuple[int, int, dict | None, dict | None]:
-    """Weights, optimizer and position from a checkpoint; returns (epoch, step, this rank's generator states to
-    continue the epoch with, the epoch's loss sums so far), as main_finetune.py restores a training run."""
-    restore_weights(ckpt, ckpt_path, SavedModel(model), None)
-    optimizer.load_state_dict(ckpt['optimizer'])
-    scaler.load_state_dict(ckpt['scaler'])
-    world = get_world_size()
-    epoch, step = resume_step(ckpt, ckpt_path, args.batch_size, world, steps_per_epoch)
-    rng, partial = None, None
-    if step:
-        rng, partial = resume_rng(ckpt, get_rank(), world, args.batch_size), ckpt.get('partial_epoch')
-        check_same_permutation(ckpt, ckpt_path, args.seed, data, epoch)
-    log(f"resumed from {ckpt_path}: epoch {epoch}, step {step}"
-        + (f" of {steps_per_epoch} ({samples_done(ckpt)} samples of the epoch done)" if step else ''))
-    return epoch, step, rng, partial
-
-
-# ---------------------------------------------------------------------------------------------
-# main
-# ---------------------------------------------------------------------------------------------
 def main(args) -> dict:
-    init_distributed_mode(args)
-    ckpt, ckpt_path = resolve_args(args)
-    if finished(ckpt, ckpt_path, args.epochs, args.output_dir):
+    cfg, ckpt, ckpt_path = resolve_args(Config.of(args, **init_distributed_mode(args)))
+    if finished(ckpt, ckpt_path, cfg.epochs, cfg.output_dir):
         destroy()
         return {}
-    with output_dir_in_use(args), stop_on_signals():
-        return pretrain(args, ckpt, ckpt_path)
-
-
-def pretrain(args, ckpt: dict | None, ckpt_path: str | None) -> dict:
-    device = torch.device(args.device)
-    rank, world = get_rank(), get_world_size()
-    log(f"job dir: {os.path.dirname(os.path.realpath(__file__))}")
-    log(json.dumps(vars(args), indent=1, default=str))
-    torch.backends.cudnn.benchmark = True
-    seed_epoch(args.seed, 0, rank)
-
-    model = build_model(args).to(device)  # first: it checks --mask_ratio against the patches
-    amp_dtype = AMP_DTYPES[args.amp]
-    scaler = torch.amp.GradScaler(device.type, enabled=args.amp == 'fp16')
-    n_parameters = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    log(f"masked autoencoder: encoder {model.encoder.default_cfg.get('architecture')} {args.model_kwargs}, decoder "
-        f"{args.decoder_depth} x {args.decoder_embed_dim}, {n_parameters / 1e6:.2f}M trainable parameters; the "
-        f"encoder sees {kept_tokens(model.num_patches, args.mask_ratio)} of {model.num_patches} patches")
-
-    dataset = build_pretraining_set(args)
-    sampler = ResumableDistributedSampler(dataset, world, rank, shuffle=True, seed=args.seed)
-    loader = build_loader(dataset, sampler, args, train=True)
-    steps_per_epoch = sampler.num_samples // args.batch_size  # the loader drops the last partial batch
-    if steps_per_epoch == 0:
-        raise UserError(f"{len(dataset)} images on {world} processes make no full batch of {args.batch_size}; "
-                        "lower --batch_size")
-
-    eff_batch_size = args.batch_size * args.accum_iter * world
-    lr = args.lr if args.lr is not None else args.blr * eff_batch_size / 256
-    log(f"base lr: {lr * 256 / eff_batch_size:.2e}  actual lr: {lr:.2e}  "
-        f"accumulate grad iterations: {args.accum_iter}  effective batch size: {eff_batch_size}")
-    if args.min_lr > lr and is_main_process():
-        print(lr_floor_warning(lr, args.min_lr, eff_batch_size, args.accum_iter), file=sys.stderr, flush=True)
-    schedule = Schedule.from_args(args, lr=lr)
-    optimizer = torch.optim.AdamW(param_groups_weight_decay(model, args.weight_decay), lr=lr, betas=(0.9, 0.95),
-                                  fused=device.type == 'cuda')
-    data = dataset_fingerprint(dataset)
-    record = {**vars(args), 'lr': lr, 'train_data': data}  # the flags and the values resolved from them
-    if is_main_process() and args.output_dir:
-        warn_if_little_space(args.output_dir, checkpoint_bytes([model], optimizer), bool(args.save_every))
-
-    start_epoch, start_step, start_rng, partial, last_good = 0, 0, None, None, None
-    if ckpt is not None:
-        start_epoch, start_step, start_rng, partial = restore_pretraining_state(
-            ckpt, ckpt_path, model, optimizer, scaler, args, steps_per_epoch, data)
-        last_good = describe_checkpoint(ckpt_path, ckpt['epoch'], ckpt.get('step'))
-        trim_log(args.output_dir, start_epoch)
-    ddp_model = model
-    if args.distributed:
-        ddp_model = DistributedDataParallel(model, device_ids=[args.gpu] if device.type == 'cuda' else None)
-    log_writer = open_log_writer(args, int((start_epoch + start_step / steps_per_epoch) * 1000))
-
-    def save(epoch: int, step: int | None, partial: dict | None = None, extra_names: tuple[str, ...] = (),
-             epoch_stats: dict | None = None) -> None:
-        """``extra_names`` and then checkpoint.pth on rank 0, unless any rank's state holds NaN or inf."""
-        nonlocal last_good
-        if not args.output_dir:
-            return
-        state = pretraining_state(model, optimizer, scaler, record, epoch, step, partial, epoch_stats)
-        path = os.path.join(args.output_dir, 'checkpoint.pth')
-        check_finite(state, describe_checkpoint(path, epoch, step), last_good, device)
-        if is_main_process():
-            for name in extra_names:
-                save_atomic(state, os.path.join(args.output_dir, name))
-            save_atomic(state, path)
-        barrier()
-        last_good = describe_checkpoint(path, epoch, step)
-
-    def numbered(epoch: int) -> tuple[str, ...]:
-        keep = args.save_every and ((epoch + 1) % args.save_every == 0 or epoch + 1 == args.epochs)
-        return (f'checkpoint-{epoch}.pth',) if keep else ()
-
-    def end_epoch(epoch: int, train_stats: dict) -> dict:
-        stats = {**{f'train_{k}': v for k, v in train_stats.items()}, 'epoch': epoch, 'n_parameters': n_parameters}
-        write_log(args, stats)
-        if log_writer is not None:
-            log_writer.flush()
-        return stats
-
-    stats = {}
-    if epoch_end_missing(ckpt, ckpt_path, args.output_dir):
-        log(f"finishing epoch {ckpt['epoch']} of {ckpt_path}: its log.txt line was not written")
-        stats = end_epoch(ckpt['epoch'], ckpt['epoch_stats'])
-    control = RunControl(args.checkpoint_minutes, save)
-    log(f"start pre-training for {args.epochs} epochs ({steps_per_epoch} steps each) from epoch {start_epoch}"
-        + (f", step {start_step}" if start_step else ''))
-    start_time = time.time()
-    for epoch in range(start_epoch, args.epochs):
-        seed_epoch(args.seed, epoch, rank, loader.generator)
-        first_step = start_step if epoch == start_epoch else 0
-        if first_step and start_rng is not None:
-            set_rng_state(start_rng)
-        sampler.set_epoch(epoch, start_index=first_step * args.batch_size)
-        try:
-            train_stats = train_one_epoch(
-                ddp_model, reconstruction_loss, loader, optimizer, device, epoch, scaler, args, schedule,
-                amp_dtype=amp_dtype, log_writer=log_writer, partial=partial if first_step else None,
-                start_step=first_step, steps_per_epoch=steps_per_epoch, control=control)
-        except NonFiniteLossError as e:
-            e.args = (f"{e} Training stopped; " + last_good_sentence(last_good),)
-            raise
-        try:
-            save(epoch, None, extra_names=numbered(epoch), epoch_stats=train_stats)
-        except UserError:  # e.g. a full disk: the epoch's line still goes into log.txt (it is trained again)
-            with contextlib.suppress(OSError):
-                write_log(args, {**{f'train_{k}': v for k, v in train_stats.items()}, 'epoch': epoch})
-            raise
-        stats = end_epoch(epoch, train_stats)
-        if epoch + 1 < args.epochs:
-            control.stop_after_epoch()
-
-    log(f"pre-training time {datetime.timedelta(seconds=int(time.time() - start_time))}")
-    if log_writer is not None:
-        log_writer.close()
+    with output_dir_in_use(cfg), stop_on_signals():
+        stats = Pretraining(cfg, ckpt, ckpt_path).fit()
     destroy()
     return stats
+
+
+class Pretraining:
+    """The pre-training run: model, optimizer, loader, the checkpointer that saves and resumes them, and the
+    loop over epochs (``fit``)."""
+
+    def __init__(self, cfg: Config, ckpt: dict | None, ckpt_path: str | None) -> None:
+        self.cfg, self.device = cfg, torch.device(cfg.device)
+        rank, world = get_rank(), get_world_size()
+        log(f"job dir: {os.path.dirname(os.path.realpath(__file__))}")
+        log(json.dumps(vars(cfg), indent=1, default=str))
+        torch.backends.cudnn.benchmark = True
+        seed_epoch(cfg.seed, 0, rank)
+        self.model = model = build_model(cfg).to(self.device)  # first: it checks --mask_ratio against the patches
+        self.amp_dtype = AMP_DTYPES[cfg.amp]
+        self.n_parameters = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        log(f"masked autoencoder: encoder {model.encoder.default_cfg.get('architecture')} {cfg.model_kwargs}, "
+            f"decoder {cfg.decoder_depth} x {cfg.decoder_embed_dim}, {self.n_parameters / 1e6:.2f}M trainable "
+            f"parameters; the encoder sees {kept_tokens(model.num_patches, cfg.mask_ratio)} of {model.num_patches} "
+            "patches")
+        dataset = build_pretraining_set(cfg)
+        self.sampler = ResumableDistributedSampler(dataset, world, rank, shuffle=True, seed=cfg.seed)
+        self.loader = build_loader(dataset, self.sampler, cfg, train=True)
+        self.steps_per_epoch = self.sampler.num_samples // cfg.batch_size  # the loader drops the last partial batch
+        if self.steps_per_epoch == 0:
+            raise UserError(f"{len(dataset)} images on {world} processes make no full batch of {cfg.batch_size}; "
+                            "lower --batch_size")
+        lr = learning_rate(cfg, world)
+        self.schedule = Schedule.from_args(cfg, lr=lr)
+        optimizer = torch.optim.AdamW(param_groups_weight_decay(model, cfg.weight_decay), lr=lr, betas=(0.9, 0.95),
+                                      fused=self.device.type == 'cuda')
+        self.state = TrainingState(SavedModel(model), optimizer,
+                                   torch.amp.GradScaler(self.device.type, enabled=cfg.amp == 'fp16'))
+        data = dataset_fingerprint(dataset)
+        record = {**cfg.record(), 'lr': lr, 'train_data': data}  # the configuration and the values resolved from it
+        self.checkpointer = Checkpointer(cfg.output_dir, self.state, record, self.device, cfg.epochs, cfg.save_every)
+        if is_main_process() and cfg.output_dir:
+            warn_if_little_space(cfg.output_dir, checkpoint_bytes([model], optimizer), bool(cfg.save_every))
+        self.start = ResumePoint(0, 0, None, None)
+        if ckpt is not None:
+            self.start = self.checkpointer.load(ckpt, ckpt_path, cfg.batch_size, self.steps_per_epoch, cfg.seed, data)
+            trim_log(cfg.output_dir, self.start.epoch)
+        self.ddp_model = model if not cfg.distributed else DistributedDataParallel(
+            model, device_ids=[cfg.gpu] if self.device.type == 'cuda' else None)
+        self.log_writer = open_log_writer(cfg, int((self.start.epoch + self.start.step / self.steps_per_epoch)
+                                                   * 1000))
+        self.unfinished = ckpt if epoch_end_missing(ckpt, ckpt_path, cfg.output_dir) else None
+
+    def save(self, epoch: int, step: int | None, partial: dict | None = None, epoch_stats: dict | None = None) -> None:
+        self.checkpointer.save(epoch, step, {}, partial, epoch_stats)
+
+    def end_epoch(self, epoch: int, train_stats: dict) -> dict:
+        stats = {**{f'train_{k}': v for k, v in train_stats.items()}, 'epoch': epoch,
+                 'n_parameters': self.n_parameters}
+        write_log(self.cfg, stats)
+        if self.log_writer is not None:
+            self.log_writer.flush()
+        return stats
+
+    def train_epoch(self, epoch: int, control: RunControl) -> dict:
+        """One epoch (from the resumed step in the first), its checkpoint and its log.txt line."""
+        cfg, start = self.cfg, self.start
+        seed_epoch(cfg.seed, epoch, get_rank(), self.loader.generator)
+        first_step = start.step if epoch == start.epoch else 0
+        if first_step and start.rng is not None:
+            set_rng_state(start.rng)
+        self.sampler.set_epoch(epoch, start_index=first_step * cfg.batch_size)
+        try:
+            train_stats = train_one_epoch(
+                self.ddp_model, reconstruction_loss, self.loader, self.state.optimizer, self.device, epoch,
+                self.state.scaler, cfg, self.schedule, amp_dtype=self.amp_dtype, log_writer=self.log_writer,
+                partial=start.partial if first_step else None, start_step=first_step,
+                steps_per_epoch=self.steps_per_epoch, control=control)
+        except NonFiniteLossError as e:
+            e.args = (f"{e} Training stopped; " + last_good_sentence(self.checkpointer.last_good),)
+            raise
+        try:
+            self.save(epoch, None, epoch_stats=train_stats)
+        except UserError:  # e.g. a full disk: the epoch's line still goes into log.txt (it is trained again)
+            with contextlib.suppress(OSError):
+                write_log(cfg, {**{f'train_{k}': v for k, v in train_stats.items()}, 'epoch': epoch})
+            raise
+        return self.end_epoch(epoch, train_stats)
+
+    def fit(self) -> dict:
+        stats = {}
+        if self.unfinished is not None:
+            epoch = saved_position(self.unfinished)[0]
+            log(f"finishing epoch {epoch} of {self.checkpointer.last_good}: its log.txt line was not written")
+            stats = self.end_epoch(epoch, end_of_epoch_stats(self.unfinished))
+        control = RunControl(self.cfg.checkpoint_minutes, self.save)
+        log(f"start pre-training for {self.cfg.epochs} epochs ({self.steps_per_epoch} steps each) from epoch "
+            f"{self.start.epoch}" + (f", step {self.start.step}" if self.start.step else ''))
+        start_time = time.time()
+        for epoch in range(self.start.epoch, self.cfg.epochs):
+            stats = self.train_epoch(epoch, control)
+            if epoch + 1 < self.cfg.epochs:
+                control.stop_after_epoch()
+        log(f"pre-training time {datetime.timedelta(seconds=int(time.time() - start_time))}")
+        if self.log_writer is not None:
+            self.log_writer.close()
+        return stats
 
 
 def run(argv=None) -> dict:
