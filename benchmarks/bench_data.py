@@ -127,17 +127,19 @@ class LoaderEpochs:
 def step_rate(args) -> tuple[float, str]:
     if args.step_images_per_s:
         return args.step_images_per_s, 'given with --step_images_per_s'
-    impl = resolve_attention_impl('auto', args.device)  # what main_finetune.py runs on this device
+    task = 'plain' if args.step_mode == 'none' else args.step_mode
+    # what main_finetune.py runs on this device: a plain student through timm's own (SDPA) attention
+    impl = 'fused' if task == 'plain' else resolve_attention_impl('auto', args.device)
     spec = bench_step.StepSpec(model=args.step_model, kwargs=(), size=args.input_size, batch=args.step_batch_size,
-                               task='plain' if args.step_mode == 'none' else args.step_mode, path=impl,
+                               task=task, path=impl,
                                device=args.device, amp=default_amp(args.device), end_layer=0, drop_path=0.1,
                                warmup=1, steps=args.step_steps)
     result = bench_step.run_measurement(bench_step.measure_step, spec, isolate=True)
     if not result.ok:
         raise RuntimeError(f'the training step could not be measured: {result.error}')
-    return args.step_batch_size / result.seconds, (f'bench_step.py {args.step_model} {args.step_mode} step, '
-                                                   f'batch {args.step_batch_size}, {args.device}, amp {spec.amp}, '
-                                                   f'{impl} attention')
+    source = (f'bench_step.py {args.step_model} {bench_step.TASK_NAMES[spec.task]}, batch {args.step_batch_size}, '
+              f'{args.device}, amp {spec.amp}, {impl} attention')
+    return args.step_batch_size / result.seconds, source
 
 
 def main(args) -> list[tuple]:
