@@ -289,6 +289,8 @@ class Pair:
             else:
                 forward = partial(pair, self.x)
 
+        scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)  # as main_finetune.py
+
         def train_step():
             self.optimizer.zero_grad(set_to_none=True)
             with autocast():
@@ -297,8 +299,9 @@ class Pair:
                 loss = F.cross_entropy(logits, self.y)
                 if aux is not None:
                     loss = loss + 3.0 * aux
-            loss.backward()
-            self.optimizer.step()
+            scaler.scale(loss).backward()
+            scaler.step(self.optimizer)
+            scaler.update()
         return train_step
 
     def free_gradients(self) -> None:
