@@ -43,8 +43,9 @@ import torch
 
 import main_finetune
 import select_wild_data
-from modes import IMAGENET_PROBE_PRESENTATIONS, PROBE_PRESENTATIONS, get_mode
+from modes import IMAGENET_PROBE_PRESENTATIONS, PROBE_PRESENTATIONS
 from util.args import HelpFormatter, explicit_flags
+from util.config import Config
 from util.errors import UserError, run_cli
 from util.pretrained import checkpoint_architecture, local_checkpoint
 
@@ -229,16 +230,15 @@ def check(select: list[str], train: list[str]) -> argparse.Namespace:
         raise UserError(f"unrecognised arguments: {' '.join(unknown)}. This script passes the flags it does not "
                         "define to main_finetune.py, which does not define these either: see python "
                         "DFND_DeiT-train.py --help and python main_finetune.py --help")
-    args.explicit_flags = explicit_flags(parser, train)
-    args.selection_pending = True
+    args = Config.of(args, explicit_flags=explicit_flags(parser, train), selection_pending=True)
     for split in ['val'] + (['train'] if args.pos_num else []):
         if not os.path.isdir(os.path.join(args.eval_data_path, split)):
             raise UserError(f"--data_cifar {args.eval_data_path!r} has no {split}/ folder: give the target task in "
                             "the ImageFolder layout (train/<class>/, val/<class>/; CIFAR's python files convert with "
                             "python tools/prepare_cifar.py --src cifar-10-batches-py --dst data/cifar10)")
-    main_finetune.resolve_args(args)
+    resolved = main_finetune.resolve_args(args)
     with torch.device('meta'):
-        get_mode(args.mode).build_model(args)
+        resolved.mode.build_model(resolved.cfg)
     return select_args
 
 

@@ -51,6 +51,7 @@ import main_finetune
 import select_wild_data
 from modes import probe_epochs
 from tools import visualize_attention
+from util.checkpoint import CHECKPOINT, LOG
 from util.errors import UserError, run_cli
 
 SIZE = 32
@@ -194,7 +195,7 @@ def job_folder(out: str, name: str) -> str:
 def seed_jobs(out: str, seed: int, recipe: dict, presentations: int, figure_seed: bool) -> list[Job]:
     """One seed's runs on its own data split: the teacher first, then the students that need it."""
     data = os.path.join(out, 'data', f'split{seed}')
-    teacher = os.path.join(job_folder(out, f'seed{seed}_teacher'), 'checkpoint.pth')
+    teacher = os.path.join(job_folder(out, f'seed{seed}_teacher'), CHECKPOINT)
 
     def train_args(name: str, epochs: int, figure_every: int = 10) -> list[str]:
         folder = job_folder(out, f'seed{seed}_{name}')
@@ -407,7 +408,7 @@ def plot_accuracy(runs: dict[str, str], path: str, seed: int) -> None:
     import matplotlib.pyplot as plt
     fig, ax = plt.subplots(figsize=(7, 4))
     for method, folder in runs.items():
-        with open(os.path.join(folder, 'log.txt')) as f:
+        with open(os.path.join(folder, LOG)) as f:
             entries = [json.loads(line) for line in f if 'test_acc1' in line]
         ax.plot([e['epoch'] + 1 for e in entries], [e['test_acc1'] for e in entries], marker='o', label=method)
     ax.set_xlabel('epoch')
@@ -497,7 +498,7 @@ def main(argv=None) -> dict:
 def draw_figures(out: str, seed: int, runs: dict[str, str]) -> dict[str, str]:
     """The first seed's accuracy per epoch and its distilled student's attention against the teacher's."""
     figures = {}
-    distill_ckpt = os.path.join(runs['attention distillation'], 'checkpoint.pth')
+    distill_ckpt = os.path.join(runs['attention distillation'], CHECKPOINT)
     with open(os.path.join(out, 'runs', 'attention_figures.log'), 'w') as log, contextlib.redirect_stdout(log):
         visualize_attention.main(['--checkpoint', distill_ckpt,
                                   '--data_path', os.path.join(out, 'data', f'split{seed}', 'small'),

@@ -348,3 +348,22 @@ def evaluate_ensemble(
             f"loss {results[name]['loss']:.3f} ({results[name]['images']} images"
             + (f", {skipped} skipped" if skipped else '') + ")")
     return results
+
+
+class Evaluator:
+    """Top-1/top-5 and loss on the evaluation set of the raw weights (``test_*``) and, with an EMA, of the
+    EMA student in the same pair (``ema_test_*``)."""
+
+    def __init__(self, loader, device: torch.device, amp_dtype: Optional[torch.dtype], dist_eval: bool,
+                 print_freq: int) -> None:
+        self.loader, self.device, self.amp_dtype = loader, device, amp_dtype
+        self.dist_eval, self.print_freq = dist_eval, print_freq
+
+    def __call__(self, model: nn.Module, ema=None) -> dict:
+        stats = {f'test_{k}': v for k, v in evaluate(self.loader, model, self.device, self.amp_dtype, self.dist_eval,
+                                                     name='model', print_freq=self.print_freq).items()}
+        if ema is not None:
+            ema_stats = evaluate(self.loader, model.with_student(ema.module), self.device, self.amp_dtype,
+                                 self.dist_eval, name='EMA', print_freq=self.print_freq)
+            stats.update({f'ema_test_{k}': v for k, v in ema_stats.items()})
+        return stats

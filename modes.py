@@ -7,7 +7,7 @@
                         ICASSP 2022)
 
 ``MODES`` maps every ``--mode`` value to its object and ``get_mode`` looks one up; nothing else in the
-project tests a mode's name. The training script asks the mode, in this order: ``apply_defaults`` and
+project tests a mode's name. The training script asks the mode, in this order: ``recipe`` and
 ``check`` (while the flags are resolved), ``teacher_architecture`` / ``build_model``, ``train_dataset``,
 ``criterion``, ``param_groups`` (with ``lr_decay_layers``) and ``epochs``; ``evaluated_as`` says what a saved
 model is evaluated as.
@@ -17,17 +17,26 @@ from __future__ import annotations
 import os
 
 import torch
+from timm.layers import trunc_normal_
 
 from engine_finetune import evaluate
 from models_dual_vit import TRANSFER_MODES, DualViT, TransferMode, build_dual_vit
 from models_probe import ProbeDistiller, build_probe_distiller
 from util.args import check_positive, check_range
+from util.checkpoint import holds_teacher
+from util.config import Config
 from util.datasets import build_dataset, default_eval_crop_pct, normalization
 from util.distributed import barrier, is_main_process, log
 from util.errors import UserError
 from util.losses import ProbeCriterion, TransferCriterion, build_task_criterion
 from util.lr_decay import param_groups_lrd
-from util.pretrained import checkpoint_architecture, local_checkpoint
+from util.pretrained import (
+    EVAL_HEAD_ADVICE,
+    checkpoint_architecture,
+    load_pretrained_weights,
+    local_checkpoint,
+    require_classifier_head,
+)
 from util.selection import (
     ProbeImages,
     labelled_originals,
@@ -40,6 +49,20 @@ from util.selection import (
 # 650,000 selected images); its ImageNet script's is twice that.
 PROBE_PRESENTATIONS = 320000 * 512
 IMAGENET_PROBE_PRESENTATIONS = 640000 * 512
+
+
+# The arguments that define a run's model (--eval --resume, --ensemble_with and the tools rebuild it from those
+# its checkpoint records), each with the value in effect for checkpoints written before it was recorded.
+MODEL_ARGS = {'model': None, 'mode': 'none', 'teacher_model': None, 'student_model': None, 'model_kwargs': {},
+              'student_kwargs': {}, 'input_size': 224, 'nb_classes': 1000, 'global_pool': True,
+              'transfer_layers': None, 'end_layer': 0, 'share_drop_path': True, 'probe_blocks': None,
+              'eval_crop_pct': None, 'attention_impl': 'auto', 'drop_path': 0.0}
+
+
+def recorded_model(saved: dict, **changes) -> Config:
+    """The configuration of the model a checkpoint's recorded args describe (older checkpoints: the values
+    then in effect for what they do not record), with ``changes``: what a tool needs to rebuild that model."""
+    return Config.of({**MODEL_ARGS, 'use_teacher_ema': False, 'finetune': '', **saved}, **changes)
 
 
 def probe_epochs(num_selected: int, presentations: int = PROBE_PRESENTATIONS) -> int:
@@ -81,15 +104,24 @@ class PlainTraining:
         """Whether this run needs the teacher's weights: to train, and to evaluate a model that runs with it."""
         return self.uses_teacher and (not evaluating or self.evaluated_as() is self)
 
-    def apply_defaults(self, args) -> None:
+    def recipe(self, args) -> dict:
         """The mode's recipe for every flag the command line left unset (code that builds args itself, without
         ``explicit_flags``, gets its values as given)."""
         explicit = getattr(args, 'explicit_flags', None)
         if explicit is None:
+            return {}
+        return {key: value for key, value in self.defaults.items() if key not in explicit}
+
+    def check_resumed(self, saved: dict, path: str) -> None:
+        """A training run continues its checkpoint's run in the same mode: another mode's optimizer groups do not
+        fit, or the student would train under another objective (``saved``: the checkpoint's recorded args)."""
+        if not saved:
             return
-        for key, value in self.defaults.items():
-            if key not in explicit:
-                setattr(args, key, value)
+        before = get_mode(saved.get('mode'))  # older checkpoints record None for plain training
+        if before is not self:
+            raise UserError(f"--resume {path}: the checkpoint is of a --mode {before.name} run, but this command has "
+                            f"--mode {self.name}: give --mode {before.name} to continue it (a run keeps the mode it "
+                            "started with; to train another mode start a new run in another --output_dir)")
 
     def check(self, args) -> None:
         """Flags this mode cannot use, refused before anything is loaded."""
@@ -107,7 +139,7 @@ class PlainTraining:
         teacher, teacher_kwargs, _ = self.teacher_architecture(args)
         student, student_kwargs = student_architecture(args, teacher_kwargs)
         return build_dual_vit(teacher if self.uses_teacher else None, student,
-                              mode=self.transfer.name if self.uses_teacher else None, drop_path_rate=args.drop_path,
+                              mode=self.transfer, drop_path_rate=args.drop_path,
                               end_layer=args.end_layer, transfer_layers=args.transfer_layers,
                               num_classes=args.nb_classes, global_pool=args.global_pool, img_size=args.input_size,
                               share_drop_path=args.share_drop_path, attention_impl=args.attention_impl,
@@ -201,9 +233,9 @@ class AttentionProbe(PlainTraining):
         return PLAIN
 
     def check(self, args) -> None:
-        if args.grad_checkpointing or args.compile:
-            raise UserError("--grad_checkpointing and --compile apply to the attention transfer modes and plain "
-                            "training, not to --mode probe: drop them")
+        if args.grad_checkpointing:
+            raise UserError("--grad_checkpointing applies to the attention transfer modes and plain training, not to "
+                            "--mode probe: drop it")
         if args.eval:
             return
         check_probe_values(args)
@@ -316,6 +348,32 @@ class AttentionProbe(PlainTraining):
         log(f"probe mode: {epochs} epochs = int({args.presentations} presentations / {dataset.num_selected} "
             "selected images) - 1, as the reference (give --epochs to choose)")
         return epochs
+
+
+def load_initial_weights(model, cfg: Config, ckpt: dict | None) -> None:
+    """--finetune: the teacher's weights in transfer modes (unless the checkpoint holds them), the
+    student's starting point in plain mode (unless a checkpoint is resumed)."""
+    if not cfg.finetune:
+        return
+    if model.teacher is not None:
+        if cfg.eval and ckpt is None:
+            raise UserError(f"--eval --mode {cfg.mode} evaluates a trained student, which --finetune (the teacher) "
+                            "does not hold: give the run's checkpoint with --resume CKPT")
+        if not holds_teacher(ckpt):
+            log(f"teacher: {model.load_teacher(cfg.finetune, use_ema=cfg.use_teacher_ema, flag='--finetune')}")
+    elif ckpt is None:
+        report = load_pretrained_weights(model.student, cfg.finetune, use_ema=cfg.use_teacher_ema, flag='--finetune')
+        log(f"student: {report}")
+        if cfg.eval:
+            require_classifier_head(report, '--finetune', cfg.finetune, cfg.nb_classes, EVAL_HEAD_ADVICE)
+        if 'head.weight' not in report.loaded and hasattr(model.student.head, 'weight'):
+            trunc_normal_(model.student.head.weight, std=2e-5)  # MAE's fine-tuning head initialisation
+
+
+def restrict_to_qkv(student: torch.nn.Module) -> None:
+    """--train_qkv: freeze everything but the qkv projections, the head and fc_norm."""
+    for name, param in student.named_parameters():
+        param.requires_grad = 'qkv' in name or name.startswith(('head.', 'fc_norm.'))
 
 
 PLAIN = PlainTraining()

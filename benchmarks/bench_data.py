@@ -89,11 +89,9 @@ def get_args(argv=None):
 
 def recipe_args(data: str, input_size: int, batch_size: int, jpeg_draft: bool, workers: int = 0):
     """main_finetune.py's arguments with their defaults (the MAE recipe)."""
-    args = get_args_parser().parse_args(['--data_path', data, '--nb_classes', '2', '--input_size', str(input_size),
+    return get_args_parser().parse_args(['--data_path', data, '--nb_classes', '2', '--input_size', str(input_size),
                                          '--batch_size', str(batch_size), '--num_workers', str(workers),
-                                         '--device', 'cpu'])
-    args.jpeg_draft = jpeg_draft
-    return args
+                                         '--device', 'cpu'] + ([] if jpeg_draft else ['--no_jpeg_draft']))
 
 
 def per_process_rate(dataset, repeats: int) -> list[float]:

@@ -20,6 +20,7 @@ import select_wild_data
 from models_dual_vit import build_dual_vit, create_vit
 from models_probe import build_probe_distiller
 from modes import get_mode
+from util.config import Config
 from util.errors import UserError
 from util.selection import labelled_originals, probe_training_set, training_class_weights
 
@@ -393,13 +394,13 @@ def test_a_teacher_in_the_reference_format_loads_in_both_steps(tmp_path):
     x = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
         expected = reference(x)
-        selection_teacher = select_wild_data.build_teacher(select_wild_data.get_args_parser().parse_args(select))
+        selection_teacher = select_wild_data.build_teacher(
+            *select_wild_data.resolve(select_wild_data.get_args_parser().parse_args(select)))
         torch.testing.assert_close(selection_teacher(x), expected)
         parser = argparse.ArgumentParser(parents=[main_finetune.get_args_parser()])
         args = parser.parse_args(train)
-        args.explicit_flags = main_finetune.explicit_flags(parser, train)
-        args.selection_pending = True
-        main_finetune.resolve_args(args)
-        model = main_finetune.build_model(args)
+        args = Config.of(args, explicit_flags=main_finetune.explicit_flags(parser, train), selection_pending=True)
+        args, mode, _, _ = main_finetune.resolve_args(args)
+        model = main_finetune.build_model(args, mode)
         model.load_teacher(args.finetune, flag='--finetune')
         torch.testing.assert_close(model.teacher(x), expected)

@@ -22,7 +22,6 @@ import errno
 import json
 import math
 import os
-import re
 import shutil
 import socket
 import stat
@@ -35,16 +34,22 @@ from typing import Optional
 import torch
 from torch.utils.tensorboard import SummaryWriter
 
-from util.checkpoint import atomic_write_text, next_position, stale_temporaries
+from util.checkpoint import (
+    BEST,
+    CHECKPOINT,
+    EVAL_RESULTS,
+    LOCK,
+    LOG,
+    NUMBERED,
+    atomic_write_text,
+    end_of_epoch_stats,
+    next_position,
+    saved_position,
+    stale_temporaries,
+)
 from util.distributed import broadcast_object, is_main_process, log
 from util.errors import UserError
 
-CHECKPOINT = 'checkpoint.pth'
-BEST = 'checkpoint-best.pth'
-LOG = 'log.txt'
-EVAL_RESULTS = 'eval_results.json'
-LOCK = 'run.lock'
-NUMBERED = re.compile(r'checkpoint-(\d+)\.pth')
 # Flags naming files a run reads; none of them may be a file the run writes.
 INPUT_FLAGS = ('finetune', 'resume', 'ensemble_with', 'selection')
 
@@ -183,9 +188,8 @@ def describe_run(output_dir: str) -> str:
     if os.path.isfile(latest):
         when = datetime.datetime.fromtimestamp(os.path.getmtime(latest)).isoformat(sep=' ', timespec='minutes')
         try:
-            ckpt = torch.load(latest, map_location='cpu', mmap=True, weights_only=True)
-            step = ckpt.get('step')
-            where = f"end of epoch {ckpt['epoch']}" if step is None else f"epoch {ckpt['epoch']}, step {step}"
+            epoch, step = saved_position(torch.load(latest, map_location='cpu', mmap=True, weights_only=True))
+            where = f"end of epoch {epoch}" if step is None else f"epoch {epoch}, step {step}"
         except Exception:  # any unreadable file: its position is unknown, its presence is what matters
             where = 'unreadable'
         return f"{what}; checkpoint.pth: {where}, written {when}"
@@ -432,7 +436,7 @@ def write_log(args, stats: dict) -> None:
     """One JSON line; NaN and infinity (not JSON) are written as null."""
     if args.output_dir and is_main_process():
         finite = {k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in stats.items()}
-        with open(os.path.join(args.output_dir, 'log.txt'), 'a', encoding='utf-8') as f:
+        with open(os.path.join(args.output_dir, LOG), 'a', encoding='utf-8') as f:
             f.write(json.dumps(finite, allow_nan=False) + '\n')
 
 
@@ -470,10 +474,9 @@ def trim_log(output_dir: str, start_epoch: int) -> None:
 def epoch_end_missing(ckpt: dict | None, ckpt_path: str | None, output_dir: str) -> bool:
     """Whether the run folder's own end-of-epoch checkpoint lacks its epoch's evaluation and log.txt line (a stop
     or a kill between the two): the resumed run writes them first."""
-    return (ckpt is not None and ckpt.get('step') is None and 'epoch_stats' in ckpt and bool(output_dir)
-            and os.path.isdir(output_dir)
+    return (end_of_epoch_stats(ckpt) is not None and bool(output_dir) and os.path.isdir(output_dir)
             and os.path.samefile(os.path.dirname(os.path.abspath(ckpt_path)), output_dir)
-            and ckpt['epoch'] not in logged_epochs(output_dir))
+            and saved_position(ckpt)[0] not in logged_epochs(output_dir))
 
 
 def finished(ckpt: dict | None, ckpt_path: str | None, epochs: int | None, output_dir: str) -> bool:
