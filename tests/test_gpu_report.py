@@ -6,13 +6,12 @@ step table's arithmetic (benchmarks/bench_step.py) and the peak memory of an iso
 import math
 import os
 import re
-import shutil
 import subprocess
 import sys
 
 import pytest
 import torch
-from helpers import ROOT, TINY_ARCH
+from helpers import ROOT, TINY_ARCH, make_unwritable, make_writable
 
 from benchmarks import baseline, bench_step, gpu_report
 from models_dual_vit import DualViT, create_vit
@@ -74,36 +73,13 @@ def test_smoke_runs_every_part_and_writes_the_report(tmp_path):
                                                                for row in loader)
 
 
-def unwritable_folder(folder) -> bool:
-    """An existing folder nobody (root included, through chattr +i) can create files in; False if impossible."""
-    os.makedirs(folder)
-    if os.geteuid() == 0:
-        if not shutil.which('chattr') or subprocess.run(['chattr', '+i', str(folder)]).returncode:
-            return False
-    else:
-        os.chmod(folder, 0o555)
-    try:
-        open(os.path.join(folder, 'probe'), 'w').close()
-    except OSError:
-        return True
-    os.remove(os.path.join(folder, 'probe'))
-    return False
-
-
-def writable_again(folder) -> None:
-    if os.geteuid() == 0:
-        subprocess.run(['chattr', '-i', str(folder)])
-    else:
-        os.chmod(folder, 0o755)
-
-
 @pytest.mark.parametrize('case', ['under a file', 'a folder', 'unwritable', 'under an unwritable folder'])
 def test_bad_output_is_refused_before_any_measurement(tmp_path, monkeypatch, case):
     (tmp_path / 'file').write_text('kept')
     output = {'under a file': tmp_path / 'file' / 'sub' / 'report.md', 'a folder': tmp_path,
               'unwritable': tmp_path / 'ro' / 'report.md',
               'under an unwritable folder': tmp_path / 'ro' / 'sub' / 'report.md'}[case]
-    if 'unwritable' in case and not unwritable_folder(tmp_path / 'ro'):
+    if 'unwritable' in case and not make_unwritable(tmp_path / 'ro'):
         pytest.skip('no way to make a folder unwritable here')
 
     def measured(*args, **kwargs):
@@ -118,7 +94,7 @@ def test_bad_output_is_refused_before_any_measurement(tmp_path, monkeypatch, cas
             gpu_report.main(gpu_report.get_args(['--smoke', '--output', str(output)]))
     finally:
         if 'unwritable' in case:
-            writable_again(tmp_path / 'ro')
+            make_writable(tmp_path / 'ro')
     assert (tmp_path / 'file').read_text() == 'kept'
     assert sorted(os.listdir(tmp_path)) == (['file', 'ro'] if 'unwritable' in case else ['file'])
     if 'unwritable' in case:
