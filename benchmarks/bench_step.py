@@ -59,6 +59,7 @@ from models_dual_vit import (  # noqa: E402
     create_vit,
 )
 from util.args import HelpFormatter, parse_kwargs  # noqa: E402
+from util.config import Config  # noqa: E402
 from util.precision import AMP_DTYPES, default_amp  # noqa: E402
 
 Tensor = torch.Tensor
@@ -566,9 +567,9 @@ def add_args(p: argparse.ArgumentParser, models: list[str], sizes: list[int], ba
     g.add_argument('--loss_head_dim', type=int, default=64, help='head dimension (ViT-L: 64)')
 
 
-def resolve_args(p: argparse.ArgumentParser, args: argparse.Namespace, kwargs: Optional[dict] = None) -> None:
-    """Defaults that depend on the device, and the models with their architecture arguments (``kwargs``
-    instead of --model_kwargs where given)."""
+def resolve_args(p: argparse.ArgumentParser, args: argparse.Namespace, kwargs: Optional[dict] = None) -> Config:
+    """The read-only configuration: defaults that depend on the device, and the models with their architecture
+    arguments (``kwargs`` instead of --model_kwargs where given)."""
     cuda = args.device.startswith('cuda')
     if args.clock == 'process' and cuda:
         p.error('--clock process: CUDA kernels run asynchronously, off this process\'s CPU time; use --clock wall')
@@ -576,18 +577,15 @@ def resolve_args(p: argparse.ArgumentParser, args: argparse.Namespace, kwargs: O
         p.error('--device cuda: no CUDA device is visible; use --device cpu on a machine without GPU')
     if kwargs is None:
         kwargs = parse_kwargs(args.model_kwargs, '--model_kwargs')
-    args.model_specs = [(m, tuple(kwargs.items())) for m in args.models]
-    args.amp = args.amp or default_amp(args.device)
-    args.matmul_size = args.matmul_size or (8192 if cuda else 1024)
+    return Config.of(args, model_specs=[(m, tuple(kwargs.items())) for m in args.models],
+                     amp=args.amp or default_amp(args.device), matmul_size=args.matmul_size or (8192 if cuda else 1024))
 
 
 def get_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser('python benchmarks/bench_step.py', description=__doc__, formatter_class=HelpFormatter)
     p.add_argument('--parts', nargs='+', default=['steps'], choices=['steps', 'loss'], help='the tables to measure')
     add_args(p, models=['vit_tiny_patch16_224'], sizes=[224], batch_size=32)
-    args = p.parse_args(argv)
-    resolve_args(p, args)
-    return args
+    return resolve_args(p, p.parse_args(argv))
 
 
 def main(args) -> dict:

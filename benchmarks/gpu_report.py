@@ -45,6 +45,7 @@ import torch  # noqa: E402
 from benchmarks import bench_step  # noqa: E402
 from benchmarks.bench_step import Deadline  # noqa: E402
 from util.args import HelpFormatter  # noqa: E402
+from util.config import Config  # noqa: E402
 from util.errors import UserError, run_cli  # noqa: E402
 
 GiB = 2 ** 30
@@ -224,15 +225,12 @@ def get_args(argv=None) -> argparse.Namespace:
                    help='size of the generated JPEGs (ImageNet-like)')
     g.add_argument('--loader_epochs', type=int, default=2, help='timed loader epochs (median)')
     args = p.parse_args(argv)
-    kwargs = None
-    if args.smoke:
-        args.device, args.models, args.sizes, args.batch_size = 'cpu', ['vit_base_patch16_224'], [32, 64], 2
-        args.warmup, args.steps, args.matmul_size = 0, 1, 128
-        args.loss_tokens, args.loss_batch, args.loss_heads, args.loss_head_dim = [17, 65], 2, 3, 16
-        args.workers, args.loader_images, args.loader_image_size, args.loader_epochs = 1, 8, [80, 60], 1
-        kwargs = SMOKE_KWARGS
-    bench_step.resolve_args(p, args, kwargs)
-    return args
+    if not args.smoke:
+        return bench_step.resolve_args(p, args)
+    smoke = dict(device='cpu', models=['vit_base_patch16_224'], sizes=[32, 64], batch_size=2, warmup=0, steps=1,
+                 matmul_size=128, loss_tokens=[17, 65], loss_batch=2, loss_heads=3, loss_head_dim=16, workers=1,
+                 loader_images=8, loader_image_size=[80, 60], loader_epochs=1)
+    return bench_step.resolve_args(p, Config.of(args, **smoke), SMOKE_KWARGS)
 
 
 def main(args) -> Report:
