@@ -77,6 +77,7 @@ from util.output import (
     finished,
     open_log_writer,
     output_dir_in_use,
+    requeued_checkpoint,
     trim_log,
     warn_if_little_space,
     write_eval_results,
@@ -359,7 +360,7 @@ def resolve_args(args, read_resume: bool = True) -> tuple[dict | None, str | Non
     check_output_folders(args)
     args.model_kwargs = parse_kwargs(args.model_kwargs, '--model_kwargs')
     args.student_kwargs = parse_kwargs(args.student_kwargs, '--student_kwargs')
-    path = resume_path(args.resume, args.output_dir)
+    path = requeued_checkpoint(args) or resume_path(args.resume, args.output_dir)
     ckpt = load_training_checkpoint(path, to_train=not args.eval) if path and read_resume else None
     if ckpt is not None and args.eval and isinstance(ckpt.get('args'), dict):
         adopt_checkpoint_args(args, ckpt['args'])
