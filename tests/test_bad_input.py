@@ -403,9 +403,9 @@ def test_url_naming_no_file_is_reported_as_such(work, tmp_path, monkeypatch):
 def test_dfnd_refuses_what_the_task_cannot_give_before_scoring(tmp_path, monkeypatch, capsys, extra, expected):
     import string
 
-    import select_wild_data
     from test_reference_probe import REFERENCE_LINES, load_dfnd, reference_layout
 
+    import select_wild_data
     from util.errors import run_cli
 
     v = reference_layout(tmp_path, 'cifar10')  # one training image a class
