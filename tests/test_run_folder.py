@@ -558,3 +558,7 @@ def test_a_moved_wild_folder_is_refused_at_start(tmp_path, monkeypatch):
     os.remove(os.path.join(wild, paths[3]))
     with pytest.raises(UserError, match=r"1 of 8 kept images checked are missing from its wild image folder"):
         main_finetune.run(argv)
+    # one that goes missing during training is reported as missing, not as undecodable
+    from util.selection import ImageFiles
+    with pytest.warns(UserWarning, match=r"skipping missing image .*: FileNotFoundError"):
+        assert ImageFiles(wild, [paths[3]])[0] is None

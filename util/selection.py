@@ -187,7 +187,8 @@ class ImageFiles(Dataset):
         try:
             image = load_rgb(path)
         except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
-            warnings.warn(f"skipping undecodable image {path}: {type(e).__name__}: {e}", stacklevel=1)
+            what = 'missing' if isinstance(e, FileNotFoundError) else 'undecodable'  # moved, or corrupt
+            warnings.warn(f"skipping {what} image {path}: {type(e).__name__}: {e}", stacklevel=1)
             return None
         transform = self.transform_of(index)
         return (transform(image) if transform is not None else image), index
