@@ -86,6 +86,7 @@ from util.output import (
     finished,
     open_log_writer,
     output_dir_in_use,
+    requeued_checkpoint,
     trim_log,
     warn_if_little_space,
     write_eval_results,
@@ -322,7 +323,7 @@ def resolve_args(args, read_resume: bool = True) -> Resolved:
     check_output_folders(cfg)
     cfg = cfg.replace(model_kwargs=parse_kwargs(cfg.model_kwargs, '--model_kwargs'),
                       student_kwargs=parse_kwargs(cfg.student_kwargs, '--student_kwargs'))
-    path = resume_path(cfg.resume, cfg.output_dir)
+    path = requeued_checkpoint(cfg) or resume_path(cfg.resume, cfg.output_dir)
     ckpt = load_training_checkpoint(path, to_train=not cfg.eval) if path and read_resume else None
     if ckpt is not None and cfg.eval:
         cfg = cfg.replace(**checkpoint_model_args(recorded_args(ckpt), cfg))

@@ -44,6 +44,7 @@ from util.pretrained import (
 )
 from util.selection import (
     ProbeImages,
+    check_selected_files,
     labelled_originals,
     probe_training_set,
     read_selection,
@@ -328,6 +329,7 @@ class AttentionProbe(PlainTraining):
     def train_dataset(self, args) -> ProbeImages:
         """The selected wild images and, with --pos_num, the labelled originals (see ``probe_training_set``)."""
         selection = read_selection(args.selection)
+        check_selected_files(selection, args.selection)
         if selection.get('nb_classes') not in (None, args.nb_classes):
             raise UserError(f"{args.selection} was selected for a {selection['nb_classes']}-class teacher, "
                             f"but --nb_classes is {args.nb_classes}")

@@ -307,6 +307,9 @@ def test_visualize_attention_of_a_copy_student_compares_the_maps_it_uses(work, r
     (['--mode', 'probe', '--kd_temperature', '-4'], '--kd_temperature -4: must be > 0'),
     (['--mode', 'probe', '--teacher_acc', '96.65'], '--teacher_acc 96.65: must lie in [0, 1]'),
     (['--mode', 'probe', '--teacher_acc', '-0.1'], '--teacher_acc -0.1: must lie in [0, 1]'),
+    (['--lr', '-1'], '--lr -1: must be > 0'),
+    (['--lr', '0'], '--lr 0: must be > 0'),
+    (['--blr=-1e-3'], '--blr -0.001: must be > 0'),
 ])
 def test_numeric_flags_are_refused_before_any_work(work, tmp_path, monkeypatch, extra, expected):
     no_long_work(monkeypatch, 'build_dataset', 'build_model')
@@ -619,3 +622,40 @@ def test_url_naming_no_file_is_reported_as_such(work, tmp_path, monkeypatch):
             main_finetune.run(tiny_args(work.data, str(tmp_path / 'out'), '--mode', 'distill', '--finetune', url))
         message = str(err.value)
         assert message.startswith(f"{url!r}: the URL names no file") and 'not in the local cache' not in message
+
+
+# ---- DFND_DeiT-train.py: the reference's flags, refused before the selection scores an image ---------------
+@pytest.mark.parametrize('extra, expected', [
+    (['--lr_S', '-1'], r"--lr_S -1: the student's learning rate must be > 0"),
+    (['--nb_classes', '0'], r"--nb_classes 0: must be >= 1"),
+    (['--dataset', 'imagenet'], r"--pos_num 129: class folder .* holds only 1 images; lower --pos_num"),  # its default
+    (['--pos_num', '3'], r"--pos_num 3: class folder .* holds only 1 images; lower --pos_num"),
+])
+def test_dfnd_refuses_what_the_task_cannot_give_before_scoring(tmp_path, monkeypatch, capsys, extra, expected):
+    import string
+
+    from test_reference_probe import REFERENCE_LINES, load_dfnd, reference_layout
+
+    import select_wild_data
+    from util.errors import run_cli
+
+    v = reference_layout(tmp_path, 'cifar10')  # one training image a class
+    monkeypatch.setattr(select_wild_data, 'main', lambda args: pytest.fail('the selection started'))
+    monkeypatch.setattr(main_finetune, 'run', lambda argv: pytest.fail('training started'))
+    argv = string.Template(REFERENCE_LINES['cifar10']).substitute(v).split() + extra
+    with pytest.raises(SystemExit) as end:
+        run_cli(load_dfnd().main, argv)
+    assert end.value.code == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and re.match('error: ' + expected, err[0]), err
+
+
+def test_dfnd_help_shows_every_default(capsys):
+    from test_reference_probe import load_dfnd
+
+    with pytest.raises(SystemExit):
+        load_dfnd().main(['--help'])
+    blocks = {b.split()[0]: ' '.join(b.split()) for b in re.split(r'\n  (?=-)', capsys.readouterr().out)[1:]}
+    for flag, default in (('--num_select', '600000'), ('--nb_classes', '10'), ('--lr_S', '0.00075'),
+                          ('--dataset', 'cifar10'), ('--attnlier', '0.05'), ('--outlier', '0.9')):
+        assert f'(default: {default}' in blocks[flag], blocks[flag]

@@ -244,8 +244,8 @@ def reference_layout(tmp_path, dataset: str) -> dict:
     """The scripts' folders under tmp_path: the target task (train/, val/), the wild set, a teacher file in the
     reference's format (a state dict under 'model', no architecture recorded; not read by these tests' stubs)."""
     root = str(tmp_path)
-    target = make_image_folder(os.path.join(root, 'database', dataset), classes=2, train_per_class=1,
-                               val_per_class=1, size=8)
+    target = make_image_folder(os.path.join(root, 'database', dataset), classes=2, val_per_class=1, size=8,
+                               train_per_class={'imagenet': 129, 'tinyimagenet': 50}.get(dataset, 1))  # --pos_num
     os.makedirs(os.path.join(root, 'database', 'wild'))
     teacher = os.path.join(root, 'output', dataset, 'teacher', 'checkpoint.pth')
     os.makedirs(os.path.dirname(teacher))

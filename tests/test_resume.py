@@ -252,3 +252,24 @@ def test_checkpoints_of_revision_61197d7_resume_bit_for_bit(tmp_path, one_thread
     for key in ('model', 'model_ema'):
         for param, value in final[key].items():
             assert torch.equal(value, resumed[key][param]), f'{key}.{param}'
+
+
+# ---- gradient accumulation: mid-epoch checkpoints at a window's end -----------------------------------------
+@pytest.mark.slow
+def test_a_stop_inside_an_accumulation_window_saves_at_its_end_and_resumes_exactly(workdir, monkeypatch):
+    extra = ['--accum_iter', '4', '--print_freq', '1', '--checkpoint_minutes', '0']  # windows: steps 1-4, 5-6
+    full, _ = train(workdir, 'accum_full', *extra)
+    out = workdir.root / 'accum_part'
+    stop = run_until_stopped(workdir, monkeypatch, out, 6 + 2, *extra)  # asked during epoch 1's second step
+    assert (stop.epoch, stop.step) == (1, 4)  # saved where the window's update was applied, not inside it
+    saved = read_checkpoint(str(out / 'checkpoint.pth'))
+    assert (saved['epoch'], saved['step']) == (1, 4)
+    main_finetune.run(args_for(workdir, out, *extra, '--resume', 'allow'))
+    a = read_checkpoint(os.path.join(full, 'checkpoint.pth'))
+    b = read_checkpoint(str(out / 'checkpoint.pth'))
+    assert a['epoch'] == b['epoch'] == 1 and b['step'] is None
+    for name, value in a['model'].items():
+        assert torch.equal(value, b['model'][name]), name
+    for pid, state in a['optimizer']['state'].items():
+        assert torch.equal(state['exp_avg'], b['optimizer']['state'][pid]['exp_avg'])
+        assert state['step'] == b['optimizer']['state'][pid]['step'] == 4  # 2 windows an epoch, both applied

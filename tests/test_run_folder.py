@@ -599,6 +599,7 @@ def test_probe_run_resumed_past_the_default_epochs_trains_on(tmp_path):
             '--device', 'cpu', '--output_dir', out, '--print_freq', '100']
     main_finetune.run(argv)
     assert read_checkpoint(os.path.join(out, 'checkpoint.pth'))['epoch'] == 53
+    os.remove(os.path.join(out, 'checkpoint.pth'))  # back to epoch 51 in the same folder, deliberately
     stats = main_finetune.run(argv + ['--resume', os.path.join(out, 'checkpoint-51.pth')])
     assert stats and stats['epoch'] == 53  # not "nothing to do": 52 of 54 epochs were done
     log = read_log(out)
@@ -648,3 +649,166 @@ def test_dfnd_reports_a_stop_in_one_line_with_the_signals_status(tmp_path, monke
     assert end.value.code == 128 + signal.SIGTERM
     assert capsys.readouterr().err.strip() == ('stopped: checkpoint written at epoch 3, step 40; continue with '
                                                '--resume allow')
+
+
+# ---- forks, records and locks -----------------------------------------------------------------------------
+@pytest.fixture(scope='module')
+def finished_numbered(workdir):
+    """A finished 2-epoch run keeping checkpoint-0.pth and checkpoint-1.pth."""
+    out = workdir.root / 'finished_numbered'
+    main_finetune.run(args_for(workdir, out, '--save_every', '1', epochs=2))
+    return out
+
+
+def started(monkeypatch):
+    """Training raises Started instead of training: the run got past every start-up check."""
+    class Started(Exception):
+        pass
+
+    def start(*a, **k):
+        raise Started
+
+    monkeypatch.setattr(main_finetune, 'train_one_epoch', start)
+    return Started
+
+
+def test_resuming_an_earlier_checkpoint_into_its_own_folder_is_refused_before_replacing(workdir, finished_numbered,
+                                                                                        monkeypatch):
+    out = finished_numbered
+    before = snapshot(out)
+    no_training(monkeypatch)
+    with pytest.raises(UserError, match=r"(?s)--resume .*checkpoint-0\.pth' \(end of epoch 0\) is an earlier "
+                                        r"checkpoint of the run .*checkpoint\.pth is further on \(end of epoch 1\)"
+                                        r".*another --output_dir"):
+        main_finetune.run(args_for(workdir, out, '--resume', str(out / 'checkpoint-0.pth'), '--lr', '1e-4'))
+    assert snapshot(out) == before
+    # branching off it into another folder keeps the run
+    branch = workdir.root / 'branch_of_finished'
+    Started = started(monkeypatch)
+    with pytest.raises(Started):
+        main_finetune.run(args_for(workdir, branch, '--resume', str(out / 'checkpoint-0.pth'), '--lr', '1e-4'))
+    assert snapshot(out) == before
+
+
+def test_a_log_line_cut_by_a_kill_is_dropped_and_the_next_starts_its_own_line(tmp_path, capsys):
+    from types import SimpleNamespace
+
+    from util.output import trim_log, write_log
+
+    log = tmp_path / 'log.txt'
+    log.write_text('{"epoch": 0, "train_loss": 1.5}\n{"epoch": 1, "train_lo')  # epoch 1's append was cut
+    trim_log(str(tmp_path), 1)  # the run resumes at epoch 1
+    assert 'removed its last line, cut off while it was written' in capsys.readouterr().out
+    write_log(SimpleNamespace(output_dir=str(tmp_path)), {'epoch': 1, 'train_loss': 1.25})
+    assert read_log(tmp_path) == [{'epoch': 0, 'train_loss': 1.5}, {'epoch': 1, 'train_loss': 1.25}]
+    # a cut line that trim_log did not see (e.g. a full disk, then the run went on): the next line is its own
+    log.write_text('{"epoch": 0}\n{"epo')
+    write_log(SimpleNamespace(output_dir=str(tmp_path)), {'epoch': 1})
+    assert log.read_text().splitlines() == ['{"epoch": 0}', '{"epo', '{"epoch": 1}']
+
+
+def test_an_empty_log_txt_is_no_run(workdir, monkeypatch):
+    out = workdir.root / 'empty_log'
+    out.mkdir()
+    (out / 'log.txt').write_text('')  # ... > OUT/log.txt
+    Started = started(monkeypatch)
+    for resume in ([], ['--resume', 'allow']):
+        with pytest.raises(Started):
+            main_finetune.run(args_for(workdir, out, *resume))
+
+
+def test_an_mae_checkpoint_in_the_folder_is_described_not_called_unreadable(workdir, monkeypatch):
+    import argparse
+
+    out = workdir.root / 'mae_folder'
+    out.mkdir()
+    torch.save({'model': {}, 'optimizer': {}, 'epoch': 7, 'scaler': {}, 'args': argparse.Namespace(lr=1e-3)},
+               out / 'checkpoint.pth')  # MAE's main_finetune.py writes its args as a Namespace
+    no_training(monkeypatch)
+    with pytest.raises(UserError, match=r"holds a run \(checkpoint\.pth; checkpoint\.pth: end of epoch 7, written"):
+        main_finetune.run(args_for(workdir, out))
+
+
+@ROOT_ONLY
+def test_an_immutable_numbered_checkpoint_of_an_earlier_epoch_is_no_obstacle(workdir, finished_numbered):
+    out = workdir.root / 'continued_past_immutable'
+    shutil.copytree(finished_numbered, out)
+    with immutable(out / 'checkpoint-0.pth'):  # an epoch the continued run never writes again
+        main_finetune.run(args_for(workdir, out, '--save_every', '1', '--resume', 'allow', epochs=3))
+    assert [e['epoch'] for e in read_log(out)] == [0, 1, 2]
+    assert read_checkpoint(str(out / 'checkpoint-2.pth'))['epoch'] == 2
+    os.remove(out / 'checkpoint.pth')  # back to epoch 1 deliberately: epoch 2's checkpoint would be rewritten
+    with immutable(out / 'checkpoint-2.pth'), pytest.raises(UserError, match=r"checkpoint-2\.pth cannot be replaced"):
+        main_finetune.run(args_for(workdir, out, '--save_every', '1', '--resume', str(out / 'checkpoint-1.pth'),
+                                   epochs=3))  # would rewrite epoch 2: refused as before
+
+
+def test_a_lock_that_is_a_folder_or_cannot_be_removed_is_one_error(tmp_path):
+    folder_lock = tmp_path / 'a'
+    (folder_lock / 'run.lock').mkdir(parents=True)
+    with pytest.raises(UserError, match=r"run\.lock is not a lock file of this project \(a folder\).*remove it"):
+        RunLock(str(folder_lock)).acquire()
+    stale = tmp_path / 'b'
+    stale.mkdir()
+    dead = subprocess.Popen(['true'])
+    dead.wait()
+    (stale / 'run.lock').write_text(json.dumps({'host': __import__('socket').gethostname(), 'pid': dead.pid,
+                                                'job_id': None}))
+    if os.geteuid() == 0:
+        context = immutable(stale)
+    else:
+        stale.chmod(0o555)
+        context = contextlib.nullcontext()
+    try:
+        with context, pytest.raises(UserError, match=r"cannot remove the stale lock of pid \d+ .*\(Operation not "
+                                                     r"permitted|Permission denied\): delete .*run\.lock yourself"):
+            RunLock(str(stale)).acquire()
+    finally:
+        stale.chmod(0o755)
+
+
+# ---- probe data: a moved target task, a moved wild folder ---------------------------------------------------
+def test_pos_num_originals_are_fingerprinted_relative_to_their_folder(tmp_path):
+    from util.samplers import dataset_fingerprint
+    from util.selection import labelled_originals, probe_training_set
+
+    target = make_image_folder(str(tmp_path / 'target'), classes=3, train_per_class=3, val_per_class=0)
+    moved = tmp_path / 'moved_target'
+    shutil.copytree(target, moved)
+    selection = {'root': str(tmp_path / 'wild'), 'paths': ['a.png', 'b.png'], 'selected': torch.tensor([1, 0])}
+
+    def fingerprint(root):
+        return dataset_fingerprint(probe_training_set(selection, labelled_originals(os.path.join(root, 'train'), 2),
+                                                      32, 0.5))
+
+    assert fingerprint(str(moved)) == fingerprint(target)
+    first = sorted(os.listdir(moved / 'train' / 'class_1'))[0]
+    os.rename(moved / 'train' / 'class_1' / first, moved / 'train' / 'class_1' / ('z' + first))
+    assert fingerprint(str(moved)) != fingerprint(target)  # other originals: another training set
+
+
+def test_a_moved_wild_folder_is_refused_at_start(tmp_path, monkeypatch):
+    target = make_image_folder(str(tmp_path / 'target'), classes=3, train_per_class=2, val_per_class=2)
+    wild = make_image_folder(str(tmp_path / 'wild'), classes=2, train_per_class=4, val_per_class=0)
+    paths = sorted(os.path.relpath(os.path.join(d, f), wild) for d, _, fs in os.walk(wild) for f in fs)
+    selection = str(tmp_path / 'selection.pth')
+    torch.save({'root': wild, 'paths': paths, 'selected': torch.arange(8), 'nb_classes': 3, 'ranking': 'output'},
+               selection)
+    teacher = make_teacher_checkpoint(str(tmp_path / 'teacher.pth'))
+    argv = ['--mode', 'probe', '--finetune', teacher, '--selection', selection, '--eval_data_path', target,
+            '--model', 'vit_base_patch16_224', '--model_kwargs', 'patch_size=8', 'embed_dim=48', 'depth=4',
+            'num_heads=3', '--input_size', '32', '--nb_classes', '3', '--batch_size', '8', '--teacher_acc', '0.9',
+            '--num_workers', '0', '--device', 'cpu', '--output_dir', str(tmp_path / 'probe'), '--epochs', '1']
+    no_training(monkeypatch)
+    os.rename(wild, tmp_path / 'wild_moved')
+    with pytest.raises(UserError, match=r"--selection .*selection\.pth: its wild image folder .*wild' no longer "
+                                        r"exists"):
+        main_finetune.run(argv)
+    os.rename(tmp_path / 'wild_moved', wild)
+    os.remove(os.path.join(wild, paths[3]))
+    with pytest.raises(UserError, match=r"1 of 8 kept images checked are missing from its wild image folder"):
+        main_finetune.run(argv)
+    # one that goes missing during training is reported as missing, not as undecodable
+    from util.selection import ImageFiles
+    with pytest.warns(UserWarning, match=r"skipping missing image .*: FileNotFoundError"):
+        assert ImageFiles(wild, [paths[3]])[0] is None

@@ -132,6 +132,9 @@ def check_values(args) -> None:
     check_range('hflip', args.hflip, 0, 1, meaning='a probability')
     if args.batch_size < 1:
         raise UserError(f"--batch_size {args.batch_size}: must be >= 1 (images per GPU and step)")
+    if args.lr is not None:
+        check_positive('lr', args.lr, 'the absolute learning rate, e.g. --lr 1e-3; or leave it out and set --blr')
+    check_positive('blr', args.blr, 'the base learning rate, scaled by the effective batch size / 256')
     check_normalization(args.mean, args.std)
 
 

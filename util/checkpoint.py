@@ -20,6 +20,7 @@ A checkpoint is a dict:
 """
 from __future__ import annotations
 
+import argparse
 import errno
 import filecmp
 import math
@@ -428,6 +429,23 @@ def holds_teacher(ckpt: Optional[dict]) -> bool:
 
 def holds_ema(ckpt: Optional[dict]) -> bool:
     return ckpt is not None and 'model_ema' in ckpt
+
+
+def read_position(path: str) -> Optional[dict]:
+    """A checkpoint's ``epoch`` and ``step`` (memory-mapped, tensors not read), or None when it records no epoch
+    (weights only): this project's format, or MAE's / DeiT's (their args are an argparse.Namespace). Raises on a
+    file torch cannot read."""
+    with torch.serialization.safe_globals([argparse.Namespace]):
+        ckpt = torch.load(path, map_location='cpu', mmap=True, weights_only=True)
+    if not isinstance(ckpt, dict) or 'epoch' not in ckpt:
+        return None
+    return {'epoch': ckpt['epoch'], 'step': ckpt.get('step')}
+
+
+def describe_position(ckpt: dict) -> str:
+    """'end of epoch E' or 'epoch E, step S' of a checkpoint (or of ``read_position``'s answer)."""
+    epoch, step = saved_position(ckpt)
+    return f"end of epoch {epoch}" if step is None else f"epoch {epoch}, step {step}"
 
 
 def student_weights(ckpt: dict, ema: bool = False) -> dict:

@@ -101,8 +101,12 @@ def dataset_fingerprint(dataset: Dataset) -> dict:
     root, so a moved copy of the same set matches)."""
     if hasattr(dataset, 'samples'):  # ImageFolder
         items = [f"{os.path.relpath(path, dataset.root)}\t{label}" for path, label in dataset.samples]
-    elif hasattr(dataset, 'paths'):  # the selected wild images
-        items = list(dataset.paths)
+    elif hasattr(dataset, 'paths'):  # the selected wild images (relative), then --pos_num's originals (absolute)
+        absolute = [p for p in dataset.paths if os.path.isabs(p)]
+        base = os.path.commonpath(absolute) if absolute else ''
+        if len(absolute) == 1:
+            base = os.path.dirname(base)
+        items = [os.path.relpath(p, base) if os.path.isabs(p) else p for p in dataset.paths]
     else:
         items = None
     digest = hashlib.sha1('\n'.join(items).encode('utf-8')).hexdigest() if items is not None else None
