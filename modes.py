@@ -62,13 +62,14 @@ IMAGENET_PROBE_PRESENTATIONS = 640000 * 512
 MODEL_ARGS = {'model': None, 'mode': 'none', 'teacher_model': None, 'student_model': None, 'model_kwargs': {},
               'student_kwargs': {}, 'input_size': 224, 'nb_classes': 1000, 'global_pool': True,
               'transfer_layers': None, 'end_layer': 0, 'share_drop_path': True, 'probe_blocks': None,
-              'eval_crop_pct': None, 'attention_impl': 'auto', 'drop_path': 0.0}
+              'eval_crop_pct': None}
 
 
 def recorded_model(saved: dict, **changes) -> Config:
     """The configuration of the model a checkpoint's recorded args describe (older checkpoints: the values
     then in effect for what they do not record), with ``changes``: what a tool needs to rebuild that model."""
-    return Config.of({**MODEL_ARGS, 'use_teacher_ema': False, 'finetune': '', **saved}, **changes)
+    built_with = {'attention_impl': 'auto', 'drop_path': 0.0, 'use_teacher_ema': False, 'finetune': ''}
+    return Config.of({**MODEL_ARGS, **built_with, **saved}, **changes)
 
 
 def probe_epochs(num_selected: int, presentations: int = PROBE_PRESENTATIONS) -> int:

@@ -207,7 +207,7 @@ def test_kill_while_writing_the_best_checkpoint_loses_nothing(workdir, monkeypat
                 self.best[key] = {'acc1': stats[key], 'epoch': epoch}
         return [key for key in self.KEYS if key in stats]
 
-    monkeypatch.setattr(main_finetune, 'save_atomic', kill_at_second_best)
+    monkeypatch.setattr(util.checkpoint, 'save_atomic', kill_at_second_best)
     monkeypatch.setattr(main_finetune.BestAccuracy, 'update', always_improves)
     with pytest.raises(KeyboardInterrupt):
         main_finetune.run(args_for(workdir, out, '--save_best', epochs=2))
@@ -215,7 +215,7 @@ def test_kill_while_writing_the_best_checkpoint_loses_nothing(workdir, monkeypat
     record = read_checkpoint(str(out / 'checkpoint.pth'))
     best_file = read_checkpoint(str(out / 'checkpoint-best.pth'))
     assert record['best']['test_acc1']['epoch'] == best_file['epoch'] == 0  # the record never ran ahead
-    monkeypatch.setattr(main_finetune, 'save_atomic', save_atomic)
+    monkeypatch.setattr(util.checkpoint, 'save_atomic', save_atomic)
     main_finetune.run(args_for(workdir, out, '--save_best', '--resume', 'allow', epochs=2))
     log = read_log(out)
     assert [e['epoch'] for e in log] == [0, 1]  # epoch 1's evaluation and line were written on resume
