@@ -32,6 +32,7 @@ from huggingface_hub.errors import EntryNotFoundError, LocalEntryNotFoundError
 from timm.models import clean_state_dict, get_pretrained_cfg, split_model_name_tag
 from timm.models.vision_transformer import checkpoint_filter_fn
 
+from models_families import checkpoint_filter_for
 from util.errors import UserError
 
 # Keys of MAE's pre-training decoder: part of the checkpoint, not of the encoder.
@@ -345,8 +346,9 @@ def load_pretrained_weights(model: nn.Module, path: str, use_ema: bool = False, 
     checkpoint = read_checkpoint(path, flag) if checkpoint is None else checkpoint
     state_dict = select_state_dict(checkpoint, use_ema=use_ema, source=source)
     if hasattr(model, 'patch_embed'):
-        # plain bicubic, as MAE's interpolate_pos_embed (timm's default adds antialiasing)
-        state_dict = checkpoint_filter_fn(state_dict, model, antialias=False)
+        # the model family's own timm conversion; plain bicubic, as MAE's interpolate_pos_embed (timm's
+        # default adds antialiasing)
+        state_dict = (checkpoint_filter_for(model) or checkpoint_filter_fn)(state_dict, model, antialias=False)
     state_dict = {k: v for k, v in state_dict.items() if not k.startswith(IGNORED_PREFIXES)}
     check_fits(model, state_dict, source, tolerate=_is_classifier)
     own = model.state_dict()
