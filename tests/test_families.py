@@ -183,10 +183,10 @@ def test_one_training_step_through_main_finetune(family, mode, teacher_files, sh
     data = shared_images(train_per_class=3, val_per_class=1)
     out = str(tmp_path / 'out')
     argv = tiny_args(data, out, '--mode', mode, '--finetune', teacher_files[family], '--model', name,
-                     '--model_kwargs', *kwargs_flags(kw), '--global_pool', 'avg', '--save_every', '1', epochs=1)
+                     '--model_kwargs', *kwargs_flags(kw), epochs=1)
     stats = main_finetune.run(argv)
     assert torch.isfinite(torch.tensor(stats['test_loss']))
-    ckpt = torch.load(os.path.join(out, 'checkpoint-0.pth'), map_location='cpu', weights_only=False)
+    ckpt = torch.load(os.path.join(out, 'checkpoint.pth'), map_location='cpu', weights_only=False)
     if mode == 'copy':
         saved = torch.load(teacher_files[family], map_location='cpu')
         for k, v in saved.items():
