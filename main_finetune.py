@@ -430,12 +430,24 @@ def resolve_args(args, read_resume: bool = True) -> tuple[dict | None, str | Non
     return ckpt, path
 
 
+def adopt_attention_pooling(args, mode: PlainTraining) -> None:
+    """--eval of a local classifier with an attention-pooling head (SigLIP's attn_pool): it pools with that
+    head unless --global_pool / --cls_token say otherwise (average pooling would score it without it)."""
+    pool_given = 'global_pool' in (getattr(args, 'explicit_flags', None) or ())
+    if not args.eval or mode.uses_teacher or pool_given or is_named(args.finetune):
+        return
+    if pool_of_state_dict(select_state_dict(read_checkpoint(args.finetune, '--finetune'))) == 'map':
+        args.global_pool = 'map'
+        log(f"pooling: the attention-pooling head of --finetune {args.finetune}")
+
+
 def follow_finetune_source(args, mode: PlainTraining) -> None:
     """What the --finetune checkpoint says about its model: a name (timm:, hf-hub:) gives the architecture
     when --model / --teacher_model are not set, and its pretrained config's mean and std; a teacher checkpoint
     of this project (modes whose teacher comes from its checkpoint) gives the normalisation it was trained with.
     --mean / --std override; ImageNet's are the fallback. (Other local files are not read here: MAE's and
     timm's record no normalisation, and a large teacher would be read twice.)"""
+    adopt_attention_pooling(args, mode)
     arch = checkpoint_architecture(args.finetune) if is_named(args.finetune) or mode.teacher_from_checkpoint else None
     if arch is None:
         return

@@ -785,7 +785,9 @@ def resolve_model_name(name: str) -> str:
     return name
 
 
-def _pool_name(global_pool: Union[bool, str]) -> str:
+def _pool_name(global_pool: Union[bool, str], arch: str = '') -> str:
+    if 'distilled' in arch:  # DeiT-distilled's two heads read the class and distillation tokens
+        return 'token'
     if isinstance(global_pool, bool):  # MAE's flag: True = average pooling + fc_norm, False = class token
         return 'avg' if global_pool else 'token'
     return global_pool
@@ -802,8 +804,9 @@ def create_vit(
     """A randomly initialised timm ViT (no download) for a dual, MAE or timm name."""
     arch = resolve_model_name(name)
     try:
-        return timm.create_model(arch, pretrained=False, num_classes=num_classes, global_pool=_pool_name(global_pool),
-                                 img_size=img_size, drop_path_rate=drop_path_rate, **kwargs)
+        return timm.create_model(arch, pretrained=False, num_classes=num_classes,
+                                 global_pool=_pool_name(global_pool, arch), img_size=img_size,
+                                 drop_path_rate=drop_path_rate, **kwargs)
     except (TypeError, ValueError, AssertionError) as e:
         # timm's constructors reject a wrong name or argument with these, and their messages name
         # neither the model nor the flag that set it

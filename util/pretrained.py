@@ -40,7 +40,8 @@ IGNORED_PREFIXES = ('decoder_', 'mask_token')
 # Classifier-side parameters: a pre-training checkpoint has none (or a final ``norm`` where the model
 # pools with ``fc_norm``), a fine-tuned one has a head for another label set. They may be absent,
 # extra or of another shape; the model keeps its own freshly initialised ones.
-CLASSIFIER_PREFIXES = ('head.', 'fc_norm.', 'norm.')
+# SigLIP's attention-pooling head (attn_pool) and DeiT-distilled's second head (head_dist) are classifier side.
+CLASSIFIER_PREFIXES = ('head.', 'fc_norm.', 'norm.', 'attn_pool.', 'head_dist.')
 # Entries that hold a model's state dict, in the order they are looked for.
 STATE_DICT_ENTRIES = ('model', 'state_dict', 'module')
 EMA_ENTRIES = ('model_ema', 'state_dict_ema')
@@ -381,8 +382,11 @@ def trained_architecture(checkpoint: Any) -> dict | None:
 
 
 def pool_of_state_dict(state_dict: dict) -> str:
-    """A timm ViT's pooling from its weights: timm gives average-pooling models an ``fc_norm`` (and no
-    final ``norm``), class-token models a final ``norm``."""
+    """A timm ViT's pooling from its weights: an attention-pooling head (SigLIP's ``attn_pool``) pools with
+    it; timm gives average-pooling models an ``fc_norm`` (and no final ``norm``), class-token models a final
+    ``norm``."""
+    if any(k.startswith('attn_pool.') for k in state_dict):
+        return 'map'
     return 'avg' if 'fc_norm.weight' in state_dict else 'token'
 
 
