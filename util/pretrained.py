@@ -1,8 +1,9 @@
 """Loading pre-trained ViT weights (teachers, fine-tuning starts) with strict, explained key checks.
 
 Accepted files: MAE pre-training and fine-tuning checkpoints (``model`` / ``model_ema`` entries),
-DeiT-style checkpoints (``model``), plain timm state dicts, ``.safetensors`` files, and this
-project's own checkpoints. Wherever a path is accepted, so are names, resolved to a local file in the
+DeiT-style checkpoints (``model``), plain timm state dicts, ``.safetensors`` files, MoCo v3
+(``module.base_encoder.*``) and DINO (``teacher`` / ``student``) checkpoints, and this project's own
+checkpoints. Wherever a path is accepted, so are names, resolved to a local file in the
 usual caches (downloaded once with internet; from the cache alone with ``HF_HUB_OFFLINE=1``):
 ``timm:NAME[.tag]`` (timm's pretrained weights, through huggingface_hub or torch.hub as timm's own
 config says), ``hf-hub:ORG/NAME[@revision]`` (a Hugging Face Hub repository in timm's layout:
@@ -265,9 +266,25 @@ def from_reference_layout(checkpoint: Any) -> Any:
     return out
 
 
+# Self-supervised checkpoints keep the ViT under a prefix beside other networks: MoCo v3's base_encoder (beside
+# its momentum_encoder and predictor), DINO's backbone (beside its projection head).
+ENCODER_PREFIXES = ('base_encoder.', 'backbone.')
+
+
+def encoder_weights(state_dict: dict) -> dict:
+    """The ViT's weights of a state dict: those under a self-supervised encoder prefix (ENCODER_PREFIXES) with
+    the prefix removed, when it has such keys; else the state dict unchanged."""
+    for prefix in ENCODER_PREFIXES:
+        if any(k.startswith(prefix) for k in state_dict):
+            return {k[len(prefix):]: v for k, v in state_dict.items() if k.startswith(prefix)}
+    return state_dict
+
+
 def select_state_dict(checkpoint: Any, use_ema: bool = False, source: str = 'checkpoint') -> dict:
     """The model weights inside a loaded checkpoint: its ``model_ema`` entry when ``use_ema``,
-    else its ``model`` (or ``state_dict``) entry, else the checkpoint itself when it is a state dict."""
+    else its ``model`` (or ``state_dict``) entry, else the ``teacher`` of a DINO checkpoint (``teacher`` and
+    ``student`` entries), else the checkpoint itself when it is a state dict; the encoder's weights of a MoCo v3
+    (``module.base_encoder.*``) or DINO (``backbone.*``) layout."""
     if not isinstance(checkpoint, dict):
         raise UserError(f"{source}: expected a dict of tensors or of entries, got {type(checkpoint).__name__}")
     if use_ema:
@@ -278,9 +295,11 @@ def select_state_dict(checkpoint: Any, use_ema: bool = False, source: str = 'che
                         f"{', '.join(sorted(checkpoint)[:12])}); drop --use_teacher_ema to load its model weights")
     for key in STATE_DICT_ENTRIES:
         if isinstance(checkpoint.get(key), dict):
-            return clean_state_dict(checkpoint[key])
+            return encoder_weights(clean_state_dict(checkpoint[key]))
+    if isinstance(checkpoint.get('teacher'), dict) and isinstance(checkpoint.get('student'), dict):
+        return encoder_weights(clean_state_dict(checkpoint['teacher']))  # DINO: its evaluations use the teacher
     if checkpoint and all(isinstance(v, torch.Tensor) for v in checkpoint.values()):
-        return clean_state_dict(checkpoint)
+        return encoder_weights(clean_state_dict(checkpoint))
     if any(isinstance(checkpoint.get(key), dict) for key in EMA_ENTRIES):
         raise UserError(f"{source} holds only EMA weights ({' or '.join(k for k in EMA_ENTRIES if k in checkpoint)} "
                         "entry, no model entry): add --use_teacher_ema to load them")
