@@ -175,7 +175,7 @@ def test_copy_uses_the_teachers_maps_as_timm_computes_them(family, impl, teacher
 
 @pytest.mark.slow
 @pytest.mark.parametrize('mode', ['copy', 'distill'])
-@pytest.mark.parametrize('family', ['eva02_qknorm', 'beitv2'])
+@pytest.mark.parametrize('family', list(FAMILIES))
 def test_one_training_step_through_main_finetune(family, mode, teacher_files, shared_images, tmp_path):
     """main_finetune's own model building (--model NAME --model_kwargs ...) with a teacher checkpoint in
     timm's layout: one step of each mode trains, and the teacher is the checkpoint's."""
