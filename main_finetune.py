@@ -98,8 +98,8 @@ from util.samplers import ResumableDistributedSampler, ShardSampler, check_same_
 
 # The arguments that define the model: --eval --resume takes them from the checkpoint.
 MODEL_ARGS = ('model', 'mode', 'teacher_model', 'student_model', 'model_kwargs', 'student_kwargs', 'input_size',
-              'nb_classes', 'global_pool', 'transfer_layers', 'end_layer', 'share_drop_path', 'probe_blocks',
-              'eval_crop_pct')
+              'nb_classes', 'global_pool', 'transfer_layers', 'layer_map', 'end_layer', 'share_drop_path',
+              'probe_blocks', 'eval_crop_pct')
 DEFAULT_MODEL = 'vit_large_patch16'
 
 
@@ -147,6 +147,9 @@ def get_args_parser() -> argparse.ArgumentParser:
                    help='transfer layers [0, depth + end_layer); 0 = all layers, -6 = all but the last 6')
     g.add_argument('--transfer_layers', default=None, type=str,
                    help='explicit transferred layers, e.g. 0-17 or 0,2,4 (overrides --end_layer)')
+    g.add_argument('--layer_map', default=None, type=str,
+                   help='student:teacher layer pairs, e.g. 0:1,1:3 (a 2-block student of a 4-block teacher); default: '
+                        'block i with block i, and a shallower student spread over the teacher, top to top')
     g.add_argument('--atd_weight', default=3, type=float,
                    help='weight of the attention distillation loss (distill modes)')
     g.add_argument('--no_share_drop_path', action='store_false', dest='share_drop_path',
@@ -513,6 +516,12 @@ def require_classifier_head(report: LoadReport, flag: str, path: str, nb_classes
                     "must match its head), or a run's checkpoint with --resume CKPT")
 
 
+def describe_layers(model: torch.nn.Module) -> str:
+    """The transferred layers as the start of a run prints them (a teacher-student pair also names the teacher
+    block of each layer where it is not the same index)."""
+    return model.describe_layers() if isinstance(model, DualViT) else str(model.layers)
+
+
 def restrict_to_qkv(student: torch.nn.Module) -> None:
     """--train_qkv: freeze everything but the qkv projections, the head and fc_norm."""
     for name, param in student.named_parameters():
@@ -651,7 +660,7 @@ def train_and_evaluate(args, ckpt: dict | None, ckpt_path: str | None) -> dict:
     n_parameters = sum(p.numel() for p in model.student.parameters() if p.requires_grad)
     log(f"student: {type(model.student).__name__} {model.student.default_cfg.get('architecture')}, "
         f"{n_parameters / 1e6:.2f}M trainable parameters; mode {mode.name}"
-        + (f", transferred layers {model.layers}" if model.layers else ''))
+        + (f", transferred layers {describe_layers(model)}" if model.layers else ''))
     evaluator = Evaluator(loader_val, device, amp_dtype, args)
     if args.eval:
         stats = evaluate_only(args, model, ckpt, ckpt_path, evaluator, device, amp_dtype)

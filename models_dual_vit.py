@@ -468,6 +468,52 @@ def check_supported(vit: nn.Module, role: str) -> None:
                         "mode (--mode none).")
 
 
+def pair_layers(spec: Union[str, dict, None], student_depth: int, teacher_depth: int) -> dict[int, int]:
+    """Student layer -> teacher block. ``spec``: ``"0:1,1:3"`` (student:teacher pairs) or a dict; without one,
+    a student as deep as the teacher (or deeper) pairs block i with block i, and a shallower student is spread
+    over the teacher's depth, top layer to top layer: student layer i with teacher block
+    round((i + 1) * teacher_depth / student_depth) - 1 (2 of 4: 0:1, 1:3; 4 of 12: 0:2, 1:5, 2:8, 3:11)."""
+    if spec is None or spec == '' or spec == {}:
+        if student_depth >= teacher_depth:
+            return {i: i for i in range(teacher_depth)}
+        return {i: round((i + 1) * teacher_depth / student_depth) - 1 for i in range(student_depth)}
+    if isinstance(spec, dict):
+        pairs = {int(i): int(j) for i, j in spec.items()}
+    else:
+        pairs = {}
+        for part in str(spec).split(','):
+            try:
+                i, j = (int(n) for n in part.split(':'))
+            except ValueError:
+                raise UserError(f"--layer_map {spec!r}: cannot read {part.strip()!r}; write student:teacher pairs, "
+                                "e.g. 0:1,1:3") from None
+            if i in pairs:
+                raise UserError(f"--layer_map {spec!r}: student layer {i} is paired twice")
+            pairs[i] = j
+    bad = [f'{i}:{j}' for i, j in pairs.items() if not (0 <= i < student_depth and 0 <= j < teacher_depth)]
+    if bad:
+        raise UserError(f"--layer_map: pairs {', '.join(bad)} name layers outside the student's blocks "
+                        f"0..{student_depth - 1} or the teacher's 0..{teacher_depth - 1}")
+    order = sorted(pairs)
+    if any(pairs[a] >= pairs[b] for a, b in zip(order, order[1:])):
+        raise UserError(f"--layer_map {spec!r}: the teacher blocks must rise with the student layers (the teacher "
+                        "runs once, bottom to top), e.g. 0:1,1:3")
+    return {i: pairs[i] for i in order}
+
+
+def transferred_pairs(selected: list[int], pairs: dict[int, int], explicit: bool) -> list[int]:
+    """The transferred student layers: those selected (--transfer_layers / --end_layer) that are paired with a
+    teacher block; an explicit selection of an unpaired layer is an error."""
+    unpaired = [i for i in selected if i not in pairs]
+    if unpaired and explicit:
+        raise UserError(f"--transfer_layers selects layers {unpaired} that --layer_map pairs with no teacher block; "
+                        "pair them, or leave them out")
+    layers = [i for i in selected if i in pairs]
+    if not layers:
+        raise UserError("--layer_map and --transfer_layers / --end_layer leave no layer to transfer")
+    return layers
+
+
 def parse_layers(spec: Union[str, Sequence[int], None], depth: int, end_layer: int = 0) -> list[int]:
     """The transferred layer indices.
 
@@ -528,6 +574,7 @@ class DualViT(nn.Module):
             end_layer: int = 0,
             share_drop_path: bool = True,
             attention_impl: str = 'fused',
+            layer_map: Union[str, dict, None] = None,
     ) -> None:
         super().__init__()
         if attention_impl not in ATTENTION_IMPL_CHOICES:
@@ -544,11 +591,14 @@ class DualViT(nn.Module):
         self.grad_checkpointing = False
         self._teacher_layer, self._student_layer = teacher_layer, student_layer
         self.layers: list[int] = []
+        self.pairs: dict[int, int] = {}  # student layer -> the teacher block it is paired with
         if teacher is not None:
             check_supported(teacher, 'teacher')
             check_supported(student, 'student')
             depth = min(len(teacher.blocks), len(student.blocks))
-            self.layers = parse_layers(layers, depth, end_layer)
+            self.pairs = pair_layers(layer_map, len(student.blocks), len(teacher.blocks))
+            self.layers = transferred_pairs(parse_layers(layers, depth, end_layer), self.pairs,
+                                            explicit=layers not in (None, ''))
             self._check_compatible()
             teacher.requires_grad_(False)
             teacher.eval()
@@ -561,7 +611,13 @@ class DualViT(nn.Module):
     @property
     def last_teacher_layer(self) -> int:
         """Index of the last teacher block that runs; -1 without a teacher."""
-        return self.layers[-1] if self.layers else -1
+        return self.pairs[self.layers[-1]] if self.layers else -1
+
+    def describe_layers(self) -> str:
+        """The transferred layers, with the teacher block of each where they differ."""
+        if all(self.pairs[i] == i for i in self.layers):
+            return str(self.layers)
+        return ', '.join(f'{i}:{self.pairs[i]}' for i in self.layers) + ' (student:teacher)'
 
     def _check_compatible(self) -> None:
         t, s = self.teacher, self.student
@@ -574,7 +630,7 @@ class DualViT(nn.Module):
         if family_of_model(s).uses_patch_dropout(s):
             problems.append("the student uses patch dropout, which breaks the token correspondence with the teacher")
         for i in self.layers:
-            ta, sa = t.blocks[i].attn, s.blocks[i].attn
+            ta, sa = t.blocks[self.pairs[i]].attn, s.blocks[i].attn
             (t_heads, t_dim), (s_heads, s_dim) = family_of_attention(ta).heads(ta), family_of_attention(sa).heads(sa)
             if t_heads != s_heads:
                 problems.append(f"layer {i}: teacher has {t_heads} heads, student {s_heads}")
@@ -602,7 +658,8 @@ class DualViT(nn.Module):
     def with_student(self, student: VisionTransformer) -> DualViT:
         """The same teacher and transfer around another student (e.g. the EMA weights, for evaluation)."""
         return DualViT(student, self.teacher, mode=self.mode.name if self.mode else None, layers=self.layers or None,
-                       share_drop_path=self.share_drop_path, attention_impl=self.attention_impl)
+                       share_drop_path=self.share_drop_path, attention_impl=self.attention_impl,
+                       layer_map=self.pairs or None)
 
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         """Recompute each student block in the backward pass instead of keeping its activations:
@@ -651,14 +708,17 @@ class DualViT(nn.Module):
         with torch.no_grad():
             tx, t_context = embed_with_context(t, x)
         sx, s_context = embed_with_context(s, x)
-        loss = None
+        loss, t_next, paired_student = None, 0, {j: i for i, j in self.pairs.items()}
         for i, s_blk in enumerate(s.blocks):
             block_masks = masks[i] if masks is not None else None
-            handed = None
-            if i <= self.last_teacher_layer:
-                expose = mode.exposes if i in self.layers else None
-                with torch.no_grad():
-                    tx, handed = self._teacher_layer(t.blocks[i], tx, expose, impl, block_masks, t_context[i])
+            handed, target = None, self.pairs.get(i)
+            if target is not None and target <= self.last_teacher_layer:
+                with torch.no_grad():  # the teacher runs up to the block paired with this layer
+                    for j in range(t_next, target + 1):
+                        expose = mode.exposes if j == target and i in self.layers else None
+                        j_masks = masks[paired_student[j]] if masks is not None and j in paired_student else None
+                        tx, handed = self._teacher_layer(t.blocks[j], tx, expose, impl, j_masks, t_context[j])
+                t_next = target + 1
             args = (mode, s_blk, sx, handed or None, impl, block_masks, s_context[i])
             if checkpointed:
                 sx, layer_loss = torch.utils.checkpoint.checkpoint(self._student_layer, *args, use_reentrant=False)
@@ -734,19 +794,23 @@ def forward_dual_with_capture(
     Where the student uses what the teacher hands over (copy modes, transferred layers), its map is the one
     it attended with: the teacher's own in ``copy``, the teacher's q with the student's k in ``copy_q`` (its
     q with the teacher's k in ``copy_k``); elsewhere the student's own, computed on the tokens of this
-    forward (which, after a copied layer, differ from those of the student run alone). The teacher runs
-    all its blocks, for its maps."""
+    forward (which, after a copied layer, differ from those of the student run alone). The teacher's map at
+    student layer i is that of the teacher block paired with it (``model.pairs``; block i unless a layer map
+    says otherwise); the teacher runs up to the block paired with the student's last layer."""
     teacher, student = model.teacher, model.student
     replaces = model.needs_teacher_at_eval
     (tx, t_context), (sx, s_context) = embed_with_context(teacher, x), embed_with_context(student, x)
     t_maps, s_maps = {}, {}
+    t_next = 0
     for i, s_blk in enumerate(student.blocks):
-        given = None
-        if i < len(teacher.blocks):
-            t_blk, store = teacher.blocks[i], {}
-            expose = model.mode.exposes if replaces and i in model.layers else None
-            tx, _ = block_forward(t_blk, tx, partial(_attention_used, t_blk.attn, given=None, expose=expose,
-                                                     store=store, context=t_context[i]))
+        given, target = None, model.pairs.get(i)
+        if target is not None:
+            for j in range(t_next, target + 1):
+                t_blk, store = teacher.blocks[j], {}
+                expose = model.mode.exposes if replaces and j == target and i in model.layers else None
+                tx, _ = block_forward(t_blk, tx, partial(_attention_used, t_blk.attn, given=None, expose=expose,
+                                                         store=store, context=t_context[j]))
+            t_next = target + 1
             given = store.get('handed')
             if i in attention_blocks:
                 t_maps[i] = store['map']
@@ -839,6 +903,7 @@ def build_dual_vit(
         attention_impl: str = 'fused',
         teacher_kwargs: Optional[dict] = None,
         student_kwargs: Optional[dict] = None,
+        layer_map: Union[str, dict, None] = None,
 ) -> DualViT:
     """Build the pair from timm names. The student mirrors the teacher's architecture unless
     ``student_model`` names another; in plain mode there is no teacher and the student is
@@ -858,7 +923,7 @@ def build_dual_vit(
         teacher = create_vit(teacher_model, drop_path_rate=0.0, **common, **teacher_kwargs)
         init_class_token(student)
     return DualViT(student, teacher, mode=mode, layers=transfer_layers, end_layer=end_layer,
-                   share_drop_path=share_drop_path, attention_impl=attention_impl)
+                   share_drop_path=share_drop_path, attention_impl=attention_impl, layer_map=layer_map)
 
 
 def _dual_factory(name: str) -> Callable[..., DualViT]:

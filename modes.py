@@ -111,7 +111,8 @@ class PlainTraining:
                               end_layer=args.end_layer, transfer_layers=args.transfer_layers,
                               num_classes=args.nb_classes, global_pool=args.global_pool, img_size=args.input_size,
                               share_drop_path=args.share_drop_path, attention_impl=args.attention_impl,
-                              teacher_kwargs=teacher_kwargs, student_kwargs=student_kwargs)
+                              teacher_kwargs=teacher_kwargs, student_kwargs=student_kwargs,
+                              layer_map=getattr(args, 'layer_map', None))
 
     def train_dataset(self, args):
         return build_dataset(True, args)

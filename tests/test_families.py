@@ -15,8 +15,9 @@ import torch.nn.functional as F
 from helpers import kwargs_flags, tiny_args
 
 import main_finetune
-from models_dual_vit import build_dual_vit, forward_with_capture
+from models_dual_vit import build_dual_vit, forward_dual_with_capture, forward_with_capture, pair_layers
 from models_families import family_of_model
+from util.errors import UserError
 
 SIZE = dict(patch_size=8, embed_dim=48, depth=3, num_heads=3)
 # family -> (timm name, architecture arguments): tiny members of each family, 32 x 32 input
@@ -247,3 +248,66 @@ def test_eval_of_a_classifier_reads_its_own_head(family, shared_images, tmp_path
     with torch.no_grad():
         expected = F.cross_entropy(src(x), y).item()
     assert stats['test_loss'] == pytest.approx(expected, rel=1e-5)
+
+
+# ---- a student shallower than its teacher: --layer_map ----------------------------------------------------------
+def shallow_pair(mode, impl, layer_map=None):
+    arch = dict(patch_size=8, embed_dim=48, depth=4, num_heads=3)
+    model = build_dual_vit('vit_base_patch16_224', 'vit_base_patch16_224', mode=mode, num_classes=3, img_size=32,
+                           teacher_kwargs=arch, student_kwargs=dict(arch, depth=2), attention_impl=impl,
+                           layer_map=layer_map)
+    randomise(model.teacher, seed=1)
+    randomise(model.student, seed=2)
+    return model.double()
+
+
+def test_default_layer_map_spreads_a_shallower_student_top_to_top():
+    assert shallow_pair('distill', 'fused').pairs == {0: 1, 1: 3}
+    assert shallow_pair('distill', 'fused').describe_layers() == '0:1, 1:3 (student:teacher)'
+    assert pair_layers(None, 4, 12) == {0: 2, 1: 5, 2: 8, 3: 11}
+    assert pair_layers(None, 4, 4) == {i: i for i in range(4)} and pair_layers(None, 6, 4) == {i: i for i in range(4)}
+    for bad, message in (('1:0,0:1', 'rise'), ('0:4', 'outside'), ('0-1', 'e.g.')):
+        with pytest.raises(UserError, match=message):
+            pair_layers(bad, 2, 4)
+
+
+@pytest.mark.parametrize('layer_map', [None, '0:0,1:2', '1:2'])
+@pytest.mark.parametrize('impl', ['fused', 'explicit'])
+def test_layer_map_pairs_are_the_maps_transferred(impl, layer_map):
+    """A 2-block student of a 4-block teacher: copy uses, and distill compares with, the teacher blocks the map
+    names (read back from timm's own maps: the student's logits and loss with those maps)."""
+    x = images().double()
+    copy_model = shallow_pair('copy', impl, layer_map)
+    pairs = {None: {0: 1, 1: 3}, '0:0,1:2': {0: 0, 1: 2}, '1:2': {1: 2}}[layer_map]
+    assert {i: copy_model.pairs[i] for i in copy_model.layers} == pairs
+    with torch.no_grad():
+        _, t_maps = timm_maps(unfused(copy_model.teacher).eval(), x)
+    student = unfused(copy_model.student).train()
+    _, own = timm_maps(copy.deepcopy(student), x)
+    expected_logits, _ = timm_maps(student, x, replace={i: t_maps[pairs[i]] if i in pairs else own[i].detach()
+                                                        for i in range(2)})
+    copy_model.train()
+    torch.testing.assert_close(copy_model(x), expected_logits, rtol=1e-6, atol=1e-8)
+    with torch.no_grad():
+        _, captured_t, captured_s = forward_dual_with_capture(copy_model.eval(), x, attention_blocks=range(2))
+    for i, j in pairs.items():  # the map the student attended with is the named teacher block's, no other's
+        matches = [k for k in range(4) if torch.allclose(captured_s[i], t_maps[k], atol=1e-8)]
+        assert matches == [j] and torch.allclose(captured_t[i], t_maps[j], atol=1e-8)
+
+    distill_model = shallow_pair('distill', impl, layer_map).train()
+    distill_model.load_state_dict(copy_model.state_dict())  # the same teacher (and student) as above
+    _, s_maps = timm_maps(unfused(distill_model.student).train(), x)
+    expected = sum(-(t_maps[j] * s_maps[i].log()).sum(-1).mean() for i, j in pairs.items())
+    _, loss = distill_model(x)
+    torch.testing.assert_close(loss, expected, rtol=1e-5, atol=0)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize('layer_map, printed', [(None, '0:1, 1:3 (student:teacher)'),
+                                                ('0:0,1:2', '0:0, 1:2 (student:teacher)')])
+def test_run_prints_the_layer_pairs_it_transfers(layer_map, printed, workdir, capsys, tmp_path):
+    """main_finetune: a 2-block student of the shared 4-block teacher; the start of the run names the pairs."""
+    extra = ['--mode', 'distill', '--student_kwargs', 'depth=2'] + (['--layer_map', layer_map] if layer_map else [])
+    argv = tiny_args(workdir.data, str(tmp_path / 'out'), '--finetune', workdir.teacher, *extra, epochs=1)
+    main_finetune.run(argv)
+    assert f'transferred layers {printed}' in capsys.readouterr().out
