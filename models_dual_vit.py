@@ -514,6 +514,27 @@ def transferred_pairs(selected: list[int], pairs: dict[int, int], explicit: bool
     return layers
 
 
+def token_mismatches(teacher: nn.Module, student: nn.Module) -> list[str]:
+    """Why the teacher's and the student's tokens do not correspond one to one (empty when they do). Maps of
+    other patch grids are not resampled and register rows are neither dropped nor mirrored: the student is
+    asked for the teacher's grid and prefix tokens, which its own architecture arguments give."""
+    problems = []
+    t_grid, s_grid = tuple(teacher.patch_embed.grid_size), tuple(student.patch_embed.grid_size)
+    if t_grid != s_grid:
+        t_patch, s_patch = teacher.patch_embed.patch_size, student.patch_embed.patch_size
+        problems.append(f"teacher's patch grid {t_grid[0]}x{t_grid[1]} (patch {t_patch[0]}), student's "
+                        f"{s_grid[0]}x{s_grid[1]} (patch {s_patch[0]}): maps pair the tokens one to one, so give the "
+                        f"student the teacher's patch size (--student_kwargs patch_size={t_patch[0]})")
+    t_prefix, s_prefix = teacher.num_prefix_tokens, student.num_prefix_tokens
+    if t_prefix != s_prefix:
+        key = 'num_reg_tokens' if family_of_model(student).name == 'Eva' else 'reg_tokens'
+        t_regs = t_prefix - int(getattr(teacher, 'cls_token', None) is not None)
+        problems.append(f"teacher has {t_prefix} prefix tokens (class and {t_regs} register tokens), student "
+                        f"{s_prefix}: give the student the teacher's register tokens (--student_kwargs {key}={t_regs})"
+                        " and class token")
+    return problems
+
+
 def parse_layers(spec: Union[str, Sequence[int], None], depth: int, end_layer: int = 0) -> list[int]:
     """The transferred layer indices.
 
@@ -622,11 +643,7 @@ class DualViT(nn.Module):
     def _check_compatible(self) -> None:
         t, s = self.teacher, self.student
         problems = []
-        t_tokens = t.patch_embed.num_patches + t.num_prefix_tokens
-        s_tokens = s.patch_embed.num_patches + s.num_prefix_tokens
-        if t_tokens != s_tokens:
-            problems.append(f"teacher has {t_tokens} tokens ({t.num_prefix_tokens} prefix), student {s_tokens} "
-                            f"({s.num_prefix_tokens} prefix): use the same patch size, image size and register tokens")
+        problems += token_mismatches(t, s)
         if family_of_model(s).uses_patch_dropout(s):
             problems.append("the student uses patch dropout, which breaks the token correspondence with the teacher")
         for i in self.layers:

@@ -311,3 +311,15 @@ def test_run_prints_the_layer_pairs_it_transfers(layer_map, printed, workdir, ca
     argv = tiny_args(workdir.data, str(tmp_path / 'out'), '--finetune', workdir.teacher, *extra, epochs=1)
     main_finetune.run(argv)
     assert f'transferred layers {printed}' in capsys.readouterr().out
+
+
+def test_token_mismatches_are_refused_with_the_arguments_that_match():
+    """Other patch grids and other register tokens are refused (no map resampling), naming the student argument
+    that gives the teacher's tokens."""
+    arch = dict(patch_size=8, embed_dim=48, depth=2, num_heads=3)
+    for student, expected in ((dict(arch, patch_size=4), 'patch_size=8'), (dict(arch, reg_tokens=0), 'reg_tokens=4')):
+        with pytest.raises(UserError, match=expected):
+            build_dual_vit('vit_base_patch16_224', 'vit_base_patch16_224', mode='distill', num_classes=3, img_size=32,
+                           teacher_kwargs=dict(arch, reg_tokens=4), student_kwargs=student)
+    build_dual_vit('vit_base_patch16_224', 'vit_base_patch16_224', mode='distill', num_classes=3, img_size=32,
+                   teacher_kwargs=dict(arch, reg_tokens=4), student_kwargs=dict(arch, reg_tokens=4))
