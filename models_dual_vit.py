@@ -701,13 +701,16 @@ class DualViT(nn.Module):
     @property
     def may_leave_student_parameters_unused(self) -> bool:
         """Whether some trainable student parameters get no gradient: in copy, copy_q and copy_k the
-        student's own qk-norm of transferred layers is replaced by the teacher's activations (DDP must
-        then look for unused parameters)."""
+        student's own qk-norm (separate q / k projections) of transferred layers is replaced by the teacher's
+        activations, and in copy its score bias (a relative position table) by the teacher's map (DDP must then
+        look for unused parameters)."""
         if self.mode is None or self.mode.use != 'replace' or self.mode.exposes == 'v':
             return False
         attns = [self.student.blocks[i].attn for i in self.layers]
-        norms = [m for a in attns for m in family_of_attention(a).projections(a)]
-        return any(p.requires_grad for m in norms for p in m.parameters())
+        unused = [p for a in attns for m in family_of_attention(a).projections(a) for p in m.parameters()]
+        if self.mode.exposes == 'attn':
+            unused += family_of_model(self.student).score_bias_parameters(self.student, self.layers)
+        return any(p.requires_grad for p in unused)
 
     def draw_drop_path_masks(self, batch_size: int, device: torch.device) -> DropPathMasks:
         """Masks for one training step, drawn from the student's stochastic-depth rates."""

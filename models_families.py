@@ -88,6 +88,10 @@ class ViTFamily:
     def score_bias(self, attn: nn.Module, context: Any) -> Optional[Tensor]:
         return None
 
+    def score_bias_parameters(self, vit: nn.Module, layers: list[int]) -> list[nn.Parameter]:
+        """The parameters of the score biases of ``layers`` (unused where a copied map brings the teacher's)."""
+        return []
+
     def output(self, attn: nn.Module, out: Tensor, x: Tensor) -> Tensor:
         """The attention branch from the heads' output ``out`` (B, H, N, head_dim) and the input ``x``."""
         B, N = out.shape[0], out.shape[2]
@@ -203,6 +207,11 @@ class BeitFamily(ViTFamily):
         if context is not None:
             bias = context if bias is None else bias + context
         return bias
+
+    def score_bias_parameters(self, vit: nn.Module, layers: list[int]) -> list[nn.Parameter]:
+        tables = [vit.blocks[i].attn.relative_position_bias_table for i in layers]
+        shared = list(vit.rel_pos_bias.parameters()) if vit.rel_pos_bias is not None else []
+        return [t for t in tables if t is not None] + shared
 
     def output(self, attn: nn.Module, out: Tensor, x: Tensor) -> Tensor:
         B, N = out.shape[0], out.shape[2]

@@ -24,7 +24,7 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 from models_dual_vit import ATTENTION_IMPL_CHOICES, build_dual_vit, resolve_attention_impl  # noqa: E402
-from util.args import HelpFormatter  # noqa: E402
+from util.args import HelpFormatter, parse_kwargs  # noqa: E402
 
 MODES = ('teacher_forward', 'none', 'copy', 'distill')
 
@@ -46,6 +46,10 @@ def get_args(argv=None):
     p = argparse.ArgumentParser('python benchmarks/bench_step.py', description=__doc__, formatter_class=HelpFormatter)
     add_step_args(p, model='vit_tiny_patch16_224', batch_size=32, steps=10, warmup=3)
     p.add_argument('--input_size', type=int, default=224, help='image side in pixels')
+    p.add_argument('--clock', default='wall', choices=['wall', 'process'],
+                   help="wall-clock time, or the process's CPU time (CPU runs on a shared machine, with --threads 1)")
+    p.add_argument('--model_kwargs', default={}, nargs='*', metavar='KEY=VALUE',
+                   help='timm architecture arguments of teacher and student, e.g. embed_dim=384 num_heads=6')
     p.add_argument('--nb_classes', type=int, default=1000, help='classifier width')
     p.add_argument('--end_layer', type=int, default=0, help='transfer layers [0, depth + end_layer)')
     p.add_argument('--modes', default=','.join(MODES), help=f'comma-separated subset of {",".join(MODES)}')
@@ -56,6 +60,7 @@ def get_args(argv=None):
     if args.amp is None:
         args.amp = 'bf16' if args.device.startswith('cuda') else 'none'
     args.attention_impl = resolve_attention_impl(args.attention_impl, args.device)
+    args.model_kwargs = parse_kwargs(args.model_kwargs, '--model_kwargs')
     return args
 
 
@@ -77,7 +82,7 @@ def measure(args, mode: str, queue) -> None:
     transfer = 'distill' if mode == 'teacher_forward' else mode
     model = build_dual_vit(args.model, mode=transfer, drop_path_rate=args.drop_path, end_layer=args.end_layer,
                            num_classes=args.nb_classes, img_size=args.input_size,
-                           attention_impl=args.attention_impl).to(device)
+                           attention_impl=args.attention_impl, teacher_kwargs=args.model_kwargs).to(device)
     x = torch.randn(args.batch_size, 3, args.input_size, args.input_size, device=device)
     y = torch.randint(0, args.nb_classes, (args.batch_size,), device=device)
     dtype = {'bf16': torch.bfloat16, 'fp16': torch.float16}.get(args.amp)
@@ -113,11 +118,12 @@ def measure(args, mode: str, queue) -> None:
     if device.type == 'cuda':
         torch.cuda.reset_peak_memory_stats()
     times = []
+    clock = time.process_time if args.clock == 'process' else time.perf_counter
     for _ in range(args.steps):
-        t0 = time.perf_counter()
+        t0 = clock()
         step()
         sync()
-        times.append(time.perf_counter() - t0)
+        times.append(clock() - t0)
     queue.put((statistics.median(times), peak_memory(device), before))
 
 
@@ -133,7 +139,7 @@ def main(args) -> dict:
     memory = 'peak CUDA memory' if args.device.startswith('cuda') else 'peak RSS'
     device = torch.cuda.get_device_name() if args.device.startswith('cuda') else f'CPU x{torch.get_num_threads()}'
     print(f"\n{args.model}, batch {args.batch_size}, {args.input_size}px, {device}, amp {args.amp}, "
-          f"attention {args.attention_impl}, "
+          f"attention {args.attention_impl}, {args.model_kwargs or ''} {args.clock} clock, "
           f"end_layer {args.end_layer}, median of {args.steps} steps\n")
     print(f"| mode | ms / step | images / s | {memory} (GiB) |")
     print("| --- | ---: | ---: | ---: |")

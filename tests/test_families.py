@@ -323,3 +323,17 @@ def test_token_mismatches_are_refused_with_the_arguments_that_match():
                            teacher_kwargs=dict(arch, reg_tokens=4), student_kwargs=student)
     build_dual_vit('vit_base_patch16_224', 'vit_base_patch16_224', mode='distill', num_classes=3, img_size=32,
                    teacher_kwargs=dict(arch, reg_tokens=4), student_kwargs=dict(arch, reg_tokens=4))
+
+
+@pytest.mark.parametrize('mode', ['copy', 'copy_q', 'distill'])
+@pytest.mark.parametrize('family', list(FAMILIES))
+def test_unused_student_parameters_are_announced_for_ddp(family, mode, teacher_files):
+    """may_leave_student_parameters_unused (DDP's find_unused_parameters) says whether a training step leaves
+    trainable student parameters without a gradient (a copied map makes the student's relative position table
+    unused, a copied q its q-norm)."""
+    model = dual(family, mode, 'fused', teacher_files[family]).train()
+    out = model(images())
+    logits, aux = out if isinstance(out, tuple) else (out, 0.0)
+    (F.cross_entropy(logits, torch.tensor([0, 2])) + aux).backward()
+    unused = [n for n, p in model.student.named_parameters() if p.requires_grad and p.grad is None]
+    assert model.may_leave_student_parameters_unused == bool(unused), unused
