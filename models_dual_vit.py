@@ -1,9 +1,10 @@
 """Teacher/student pair of timm Vision Transformers for attention transfer (Li et al., NeurIPS 2024).
 
-Teacher and student are ordinary ``timm`` ``VisionTransformer`` instances. This module never
-re-implements a timm layer: it walks their blocks and calls their own submodules (``norm1``,
-``attn.qkv``, ``attn.q_norm``, ``attn.proj``, ``ls1``, ``mlp`` ...), so every timm ViT family built
-from the standard pre-norm ``Block`` works, and a trained student is a plain timm model.
+Teacher and student are ordinary ``timm`` models (``VisionTransformer``, ``Eva``, ``Beit``). This module
+never re-implements a timm layer: it walks their blocks and calls their own submodules (``norm1``,
+``attn.qkv``, ``attn.q_norm``, ``attn.proj``, ``ls1``, ``mlp`` ...), through the family adapter of
+models_families.py that says how each family's attention computes q, k and its scores, so every timm ViT
+family built from a pre-norm block of a known family works, and a trained student is a plain timm model.
 
 Teacher and student blocks run interleaved, layer by layer: the teacher hands over what the mode
 asks for in layer ``i`` right before the student runs layer ``i``. The teacher stops after the last
