@@ -31,8 +31,8 @@ import torch.utils.checkpoint
 from timm.layers import Attention, trunc_normal_
 from timm.models.vision_transformer import Block, VisionTransformer
 
-from models_pair import TeacherStudentPair
 from models_families import family_of_attention, family_of_block, family_of_model
+from models_pair import TeacherStudentPair
 from util.errors import UserError
 from util.pretrained import LoadReport, load_pretrained_weights
 
