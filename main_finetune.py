@@ -99,7 +99,7 @@ from util.samplers import ResumableDistributedSampler, ShardSampler, check_same_
 # The arguments that define the model: --eval --resume takes them from the checkpoint.
 MODEL_ARGS = ('model', 'mode', 'teacher_model', 'student_model', 'model_kwargs', 'student_kwargs', 'input_size',
               'nb_classes', 'global_pool', 'transfer_layers', 'end_layer', 'share_drop_path', 'probe_blocks',
-              'eval_crop_pct')
+              'eval_crop_pct', 'transfer_heads', 'map_average')
 DEFAULT_MODEL = 'vit_large_patch16'
 
 
@@ -147,8 +147,25 @@ def get_args_parser() -> argparse.ArgumentParser:
                    help='transfer layers [0, depth + end_layer); 0 = all layers, -6 = all but the last 6')
     g.add_argument('--transfer_layers', default=None, type=str,
                    help='explicit transferred layers, e.g. 0-17 or 0,2,4 (overrides --end_layer)')
+    g.add_argument('--transfer_heads', default=None, type=str, metavar='N|HEADS',
+                   help='heads of each transferred layer that are transferred: N = the first N heads, or indices '
+                        'such as 0,2 or 4-7 (one head by index: 3-3); the other heads attend on their own, and in '
+                        'distill modes the loss is that of the transferred heads alone (default: all heads)')
+    g.add_argument('--map_average', default='none', choices=['none', 'examples', 'queries'],
+                   help='copy / distill: replace the teacher\'s maps, before they are copied or distilled, by their '
+                        'mean over the images of the batch on each GPU (examples: every image gets the same map) or '
+                        'over the query positions (queries: every query of an image gets the same row of key '
+                        'weights); needs explicit maps (--attention_impl auto or explicit)')
     g.add_argument('--atd_weight', default=3, type=float,
-                   help='weight of the attention distillation loss (distill modes)')
+                   help='weight of the attention distillation loss (distill modes; the transfer loss of every mode '
+                        'that has one)')
+    g.add_argument('--transfer_until', default=None, type=float, metavar='EPOCH',
+                   help='modes with a transfer loss: its weight is --atd_weight before EPOCH (counted in epochs from '
+                        '0, fractions allowed) and 0 from then on, so the term and its gradient vanish (default: '
+                        'the whole run)')
+    g.add_argument('--transfer_decay', default='step', choices=['step', 'linear'],
+                   help='with --transfer_until: step keeps the full weight until EPOCH; linear lowers it at every '
+                        'step, --atd_weight x (1 - epoch / EPOCH), to 0 at EPOCH')
     g.add_argument('--no_share_drop_path', action='store_false', dest='share_drop_path',
                    help='draw the student\'s stochastic-depth masks alone instead of sharing them with the teacher')
     g.add_argument('--train_qkv', action='store_true', help='train only the student\'s qkv, head and fc_norm')
@@ -372,6 +389,8 @@ def resolve_args(args, read_resume: bool = True) -> tuple[dict | None, str | Non
         mode.apply_defaults(args)
     if args.amp is None:
         args.amp = default_amp(args.device)
+    if args.attention_impl == 'auto' and getattr(args, 'map_average', 'none') != 'none':
+        args.attention_impl = 'explicit'  # the averaged maps exist only as explicit maps
     if args.attention_impl == 'auto':
         args.attention_impl = resolve_attention_impl('auto', args.device)
         if mode.uses_teacher:

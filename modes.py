@@ -56,6 +56,21 @@ def student_architecture(args, teacher_kwargs: dict) -> tuple[str, dict]:
     return args.teacher_model or args.model, {**teacher_kwargs, **args.student_kwargs}
 
 
+# Flags of the attention transfer modes alone: (flag, its value when unset, what it does)
+TRANSFER_FLAGS = (('transfer_heads', None, 'chooses the transferred heads'),
+                  ('map_average', 'none', "averages the teacher's maps"))
+
+
+def refuse_transfer_flags(mode: PlainTraining, args) -> None:
+    """Flags that act on transferred attention, refused in modes that transfer none."""
+    if args.eval or mode.transfer is not None:
+        return
+    for flag, unset, what in TRANSFER_FLAGS:
+        if getattr(args, flag, unset) not in (unset, ''):
+            raise UserError(f"--{flag} {what} of an attention transfer mode (copy, distill ...); --mode {mode.name} "
+                            "transfers none: drop it")
+
+
 class PlainTraining:
     """A plain ViT trained on the labelled split with the task loss (no teacher)."""
 
@@ -93,6 +108,7 @@ class PlainTraining:
 
     def check(self, args) -> None:
         """Flags this mode cannot use, refused before anything is loaded."""
+        refuse_transfer_flags(self, args)
 
     def default_eval_crop_pct(self, input_size: int, val_root: str) -> float:
         return default_eval_crop_pct(input_size, val_root)
@@ -111,7 +127,9 @@ class PlainTraining:
                               end_layer=args.end_layer, transfer_layers=args.transfer_layers,
                               num_classes=args.nb_classes, global_pool=args.global_pool, img_size=args.input_size,
                               share_drop_path=args.share_drop_path, attention_impl=args.attention_impl,
-                              teacher_kwargs=teacher_kwargs, student_kwargs=student_kwargs)
+                              teacher_kwargs=teacher_kwargs, student_kwargs=student_kwargs,
+                              transfer_heads=getattr(args, 'transfer_heads', None) if self.uses_teacher else None,
+                              map_average=getattr(args, 'map_average', 'none') if self.uses_teacher else 'none')
 
     def train_dataset(self, args):
         return build_dataset(True, args)
@@ -201,6 +219,7 @@ class AttentionProbe(PlainTraining):
         return PLAIN
 
     def check(self, args) -> None:
+        refuse_transfer_flags(self, args)
         if args.grad_checkpointing or args.compile:
             raise UserError("--grad_checkpointing and --compile apply to the attention transfer modes and plain "
                             "training, not to --mode probe: drop them")

@@ -1,0 +1,172 @@
+"""The paper's ablations as flags: --transfer_heads, --map_average, --transfer_until, checked against attention
+written out by hand from the timm modules' weights."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+from models_dual_vit import build_dual_vit, forward_dual_with_capture
+from util.errors import UserError
+
+# a tiny ViT with 4 heads (head_dim 12), 3 blocks
+ARCH = dict(patch_size=8, embed_dim=48, depth=3, num_heads=4)
+
+
+def pair(mode, impl, **kwargs):
+    torch.manual_seed(0)
+    model = build_dual_vit('vit_base_patch16_224', mode=mode, num_classes=5, img_size=32, attention_impl=impl,
+                           teacher_kwargs=ARCH, **kwargs)
+    with torch.no_grad():  # maps far from uniform, and different in each head
+        for vit, sharpen in ((model.teacher, 30.0), (model.student, 20.0)):
+            for blk in vit.blocks:
+                blk.attn.qkv.weight[:96].mul_(sharpen)
+    return model
+
+
+def qkv(attn, h):
+    """q, k, v (B, H, N, d) of a timm Attention from its qkv weights (no qk-norm in these models)."""
+    B, N, C = h.shape
+    q, k, v = (h @ attn.qkv.weight.T + attn.qkv.bias).reshape(B, N, 3, attn.num_heads, -1).permute(2, 0, 3, 1, 4)
+    return q, k, v
+
+
+def probs(attn, h):
+    q, k, _ = qkv(attn, h)
+    return ((q @ k.transpose(-2, -1)) * attn.head_dim ** -0.5).softmax(-1)
+
+
+def logits(attn, h):
+    q, k, _ = qkv(attn, h)
+    return (q @ k.transpose(-2, -1)) * attn.head_dim ** -0.5
+
+
+def attend(attn, h, maps):
+    """The attention module's output with the given maps (B, H, N, N) applied to its own v."""
+    B, N, C = h.shape
+    _, _, v = qkv(attn, h)
+    return attn.proj((maps @ v).transpose(1, 2).reshape(B, N, C))
+
+
+def tokens(vit, x):
+    return vit.norm_pre(vit._pos_embed(vit.patch_embed(x)))
+
+
+def by_hand(model, x, heads, average='none'):
+    """Student logits and summed distillation loss of a copy / distill pair, written out: in each layer the student
+    uses (copy) or is compared with (distill) the teacher's maps in ``heads``, its own elsewhere."""
+    t, s = model.teacher, model.student
+    tx, sx, loss = tokens(t, x), tokens(s, x), 0.0
+    copy = model.mode.use == 'replace'
+    for t_blk, s_blk in zip(t.blocks, s.blocks):
+        t_map = probs(t_blk.attn, t_blk.norm1(tx))
+        if average == 'examples':
+            t_map = t_map.mean(0, keepdim=True).expand_as(t_map)
+        elif average == 'queries':
+            t_map = t_map.mean(2, keepdim=True).expand_as(t_map)
+        tx = t_blk(tx)
+        h = s_blk.norm1(sx)
+        own = probs(s_blk.attn, h)
+        maps = own.clone()
+        if copy:
+            maps[:, heads] = t_map[:, heads]
+        else:
+            ce = -(t_map[:, heads] * logits(s_blk.attn, h)[:, heads].log_softmax(-1)).sum(-1)
+            loss = loss + ce.mean()
+        sx = sx + attend(s_blk.attn, h, maps)
+        sx = sx + s_blk.mlp(s_blk.norm2(sx))
+    return s.forward_head(s.norm(sx)), loss
+
+
+@pytest.mark.parametrize('impl', ['explicit', 'fused'])
+@pytest.mark.parametrize('spec,heads', [('2', [0, 1]), ('1,3', [1, 3])])
+def test_copy_transfers_only_the_chosen_heads(impl, spec, heads):
+    model = pair('copy', impl, transfer_heads=spec).eval()
+    x = torch.randn(3, 3, 32, 32)
+    expected, _ = by_hand(model, x, heads)
+    with torch.no_grad():
+        assert torch.allclose(model(x), expected, atol=1e-5, rtol=1e-4)
+        # all heads transferred: another answer (the untransferred heads matter)
+        assert not torch.allclose(by_hand(model, x, [0, 1, 2, 3])[0], expected, atol=1e-3)
+
+
+def test_copy_maps_of_untransferred_heads_are_the_students_own():
+    model = pair('copy', 'explicit', transfer_heads='2').eval()
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        _, t_maps, s_maps = forward_dual_with_capture(model, x, [0])
+        blk = model.student.blocks[0]
+        own = probs(blk.attn, blk.norm1(tokens(model.student, x)))
+    assert torch.allclose(s_maps[0][:, :2], t_maps[0][:, :2], atol=1e-6)
+    assert torch.allclose(s_maps[0][:, 2:], own[:, 2:], atol=1e-5)
+    assert not torch.allclose(s_maps[0][:, 2:], t_maps[0][:, 2:], atol=1e-3)
+
+
+@pytest.mark.parametrize('impl', ['explicit', 'fused'])
+def test_distill_loss_is_that_of_the_transferred_heads(impl):
+    model = pair('distill', impl, transfer_heads='1,3').train()
+    x = torch.randn(3, 3, 32, 32)
+    out, loss = model(x)
+    expected_logits, expected = by_hand(model, x, [1, 3])
+    assert torch.allclose(out, expected_logits, atol=1e-5, rtol=1e-4)
+    assert torch.allclose(loss, expected, rtol=1e-5)
+    assert not torch.allclose(loss, by_hand(model, x, [0, 2])[1], rtol=1e-2)
+    # in the last block, the untransferred heads' q get no gradient from the loss (no later layer uses them)
+    grad = torch.autograd.grad(loss, model.student.blocks[-1].attn.qkv.weight)[0]
+    q_rows = grad[:48].reshape(4, 12, 48)
+    assert q_rows[[0, 2]].abs().max() == 0 and q_rows[[1, 3]].abs().max() > 0
+
+
+@pytest.mark.parametrize('mode', ['copy', 'distill'])
+@pytest.mark.parametrize('average', ['examples', 'queries'])
+def test_map_average_hands_over_the_mean_map(mode, average):
+    model = pair(mode, 'explicit', map_average=average).train()
+    x = torch.randn(3, 3, 32, 32)
+    out = model(x)
+    expected_logits, expected_loss = by_hand(model, x, [0, 1, 2, 3], average)
+    if mode == 'copy':
+        assert torch.allclose(out, expected_logits, atol=1e-5, rtol=1e-4)
+        assert not torch.allclose(out, by_hand(model, x, [0, 1, 2, 3])[0], atol=1e-3)
+    else:
+        assert torch.allclose(out[1], expected_loss, rtol=1e-5)
+        assert not torch.allclose(out[1], by_hand(model, x, [0, 1, 2, 3])[1], rtol=1e-4)
+
+
+def test_map_average_examples_copies_the_batch_mean_to_every_image():
+    model = pair('copy', 'explicit', map_average='examples').eval()
+    x = torch.randn(4, 3, 32, 32)
+    _, t_maps, s_maps = forward_dual_with_capture(model, x, [0, 1, 2])
+    for i in range(3):
+        mean = t_maps[i].mean(0)
+        for b in range(4):
+            assert torch.allclose(s_maps[i][b], mean, atol=1e-6)
+
+
+def test_map_average_refuses_the_fused_attention_and_other_modes():
+    with pytest.raises(UserError, match='--attention_impl explicit'):
+        pair('copy', 'fused', map_average='examples')
+    with pytest.raises(UserError, match='copy_q'):
+        pair('copy_q', 'explicit', map_average='queries')
+    model = pair('copy', 'auto', map_average='examples').eval()  # auto: explicit maps on any device
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.allclose(model(x), by_hand(model, x, [0, 1, 2, 3], 'examples')[0], atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize('spec', ['0', '5', '2-1', 'x'])
+def test_transfer_heads_refuses_heads_the_layers_lack(spec):
+    with pytest.raises(UserError, match='--transfer_heads'):
+        pair('copy', 'explicit', transfer_heads=spec)
+
+
+def test_fused_and_explicit_agree_with_some_heads():
+    x = torch.randn(2, 3, 32, 32)
+    for mode in ('copy', 'distill', 'copy_q', 'copy_v', 'distill_k'):
+        outs = []
+        for impl in ('explicit', 'fused'):
+            model = pair(mode, impl, transfer_heads='0,2').train()
+            outs.append(model(x))
+        a, b = outs
+        if isinstance(a, tuple):
+            assert torch.allclose(a[1], b[1], rtol=1e-4), mode
+            a, b = a[0], b[0]
+        assert torch.allclose(a, b, atol=1e-5, rtol=1e-4), mode
+        assert F.mse_loss(a, b) < 1e-10
