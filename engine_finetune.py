@@ -179,6 +179,8 @@ def train_one_epoch(
         data_wait += time.time() - t_ready
         if step % accum == 0:
             lr = lr_sched.adjust_learning_rate(optimizer, epoch + step / steps_per_epoch, schedule)
+        if hasattr(criterion, 'set_progress'):  # a transfer loss weighted by the position (--transfer_until)
+            criterion.set_progress(epoch + step / steps_per_epoch)
         if len(images) == 0:
             raise RuntimeError(f"epoch {epoch} step {step}: every image of the batch failed to decode; "
                                "check the data set (see the warnings above)")

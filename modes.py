@@ -63,7 +63,15 @@ TRANSFER_FLAGS = (('transfer_heads', None, 'chooses the transferred heads'),
 
 def refuse_transfer_flags(mode: PlainTraining, args) -> None:
     """Flags that act on transferred attention, refused in modes that transfer none."""
-    if args.eval or mode.transfer is not None:
+    if args.eval:
+        return
+    until = getattr(args, 'transfer_until', None)
+    if until is not None:
+        if mode.transfer is None or mode.transfer.use != 'loss':
+            raise UserError(f"--transfer_until {until:g} ends a transfer loss, which --mode {mode.name} does not have "
+                            "(it applies to distill modes and the other modes with a loss): drop it")
+        check_positive('transfer_until', until, 'the epoch from which the transfer loss weighs 0')
+    if mode.transfer is not None:
         return
     for flag, unset, what in TRANSFER_FLAGS:
         if getattr(args, flag, unset) not in (unset, ''):
@@ -137,7 +145,8 @@ class PlainTraining:
     def criterion(self, args, model, loader_val, device, amp_dtype) -> torch.nn.Module:
         """The task loss (soft-target CE under mixup, else label smoothing), plus ``atd_weight`` times the
         transfer loss the model returns in distill modes."""
-        return TransferCriterion(build_task_criterion(args.mixup_active, args.smoothing), args.atd_weight)
+        return TransferCriterion(build_task_criterion(args.mixup_active, args.smoothing), args.atd_weight,
+                                 getattr(args, 'transfer_until', None), getattr(args, 'transfer_decay', 'step'))
 
     def recorded_args(self, args, criterion) -> dict:
         """Values this mode resolved while building, recorded in checkpoints beside the flags."""

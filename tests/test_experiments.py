@@ -3,9 +3,12 @@ written out by hand from the timm modules' weights."""
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import args_for, read_log
 
+import main_finetune
 from models_dual_vit import build_dual_vit, forward_dual_with_capture
 from util.errors import UserError
+from util.losses import TransferCriterion
 
 # a tiny ViT with 4 heads (head_dim 12), 3 blocks
 ARCH = dict(patch_size=8, embed_dim=48, depth=3, num_heads=4)
@@ -170,3 +173,50 @@ def test_fused_and_explicit_agree_with_some_heads():
             a, b = a[0], b[0]
         assert torch.allclose(a, b, atol=1e-5, rtol=1e-4), mode
         assert F.mse_loss(a, b) < 1e-10
+
+
+# ---- --transfer_until ---------------------------------------------------------------------------------
+def distill_step_grads(criterion, model, x, y, epoch):
+    criterion.set_progress(epoch)
+    model.zero_grad()
+    loss, terms = criterion(model(x), y)
+    loss.backward()
+    return loss, terms, {n: p.grad.clone() for n, p in model.student.named_parameters() if p.grad is not None}
+
+
+@pytest.mark.parametrize('decay', ['step', 'linear'])
+def test_transfer_until_leaves_the_task_loss_and_its_gradient_alone(decay):
+    model = pair('distill', 'explicit').train()
+    x, y = torch.randn(3, 3, 32, 32), torch.tensor([0, 1, 4])
+    criterion = TransferCriterion(torch.nn.CrossEntropyLoss(), 3.0, until=2.0, decay=decay)
+    task_only = TransferCriterion(torch.nn.CrossEntropyLoss(), 0.0)
+    for epoch in (2.0, 2.5, 7.0):  # from the epoch on: the task loss alone, and its gradient
+        loss, terms, grads = distill_step_grads(criterion, model, x, y, epoch)
+        expected, _, expected_grads = distill_step_grads(task_only, model, x, y, epoch)
+        assert terms['atd_weight'] == 0 and terms['loss_atd'] > 0
+        assert torch.equal(loss, expected)
+        for name, grad in grads.items():
+            assert torch.equal(grad, expected_grads[name]), name
+    # before it: the full weight (step) or the linearly decayed one, in the loss and its gradient
+    for epoch, weight in ((0.0, 3.0), (0.5, 3.0 if decay == 'step' else 2.25), (1.99, 3.0 if decay == 'step' else
+                                                                                 3.0 * (1 - 1.99 / 2))):
+        loss, terms, _ = distill_step_grads(criterion, model, x, y, epoch)
+        assert terms['atd_weight'] == pytest.approx(weight)
+        assert torch.allclose(loss, terms['loss_task'] + weight * terms['loss_atd'], rtol=1e-6)
+        assert terms['loss_atd'] > 0.1
+
+
+@pytest.mark.slow
+def test_transfer_until_in_a_run(workdir):
+    out = str(workdir.root / 'until')
+    main_finetune.run(args_for(workdir, out, '--mode', 'distill', '--transfer_until', '1', epochs=2))
+    log = read_log(out)
+    assert [e['train_atd_weight'] for e in log] == [3.0, 0.0]
+    assert log[1]['train_loss'] == pytest.approx(log[1]['train_loss_task'], rel=1e-6)
+
+
+def test_transfer_until_refused_without_a_transfer_loss(workdir):
+    for mode in ('copy', 'none'):
+        with pytest.raises(UserError, match='--transfer_until'):
+            main_finetune.run(args_for(workdir, str(workdir.root / 'refused'), '--mode', mode, '--transfer_until',
+                                       '1'))
