@@ -573,7 +573,7 @@ class DualViT(nn.Module):
             self,
             student: VisionTransformer,
             teacher: Optional[VisionTransformer] = None,
-            mode: Optional[str] = None,
+            mode: Union[str, TransferMode, None] = None,
             layers: Union[str, Sequence[int], None] = None,
             end_layer: int = 0,
             share_drop_path: bool = True,
@@ -584,7 +584,7 @@ class DualViT(nn.Module):
         super().__init__()
         if attention_impl not in ATTENTION_IMPL_CHOICES:
             raise ValueError(f"attention_impl {attention_impl!r}: choose one of {', '.join(ATTENTION_IMPL_CHOICES)}")
-        self.mode = get_transfer_mode(mode)
+        self.mode = mode if isinstance(mode, TransferMode) else get_transfer_mode(mode)
         if self.mode is not None and teacher is None:
             raise ValueError(f"mode {mode!r} needs a teacher model; give one, or use mode 'none'")
         if self.mode is None and teacher is not None:

@@ -3,6 +3,8 @@
     PlainTraining       --mode none: a plain timm ViT (training from scratch, or fine-tuning a checkpoint)
     AttentionTransfer   --mode copy, distill, copy_q/k/v, distill_q/k/v: a student beside a frozen teacher
                         (Li et al., NeurIPS 2024), one ``TransferMode`` of models_dual_vit's table each
+    FeatureKD, LogitKD  --mode feature_kd, logit_kd: distillation baselines of the residual stream or of the
+                        soft labels (models_kd)
     AttentionProbe      --mode probe: distillation on selected wild images without labels (Wang et al.,
                         ICASSP 2022)
 
@@ -20,6 +22,7 @@ import torch
 
 from engine_finetune import evaluate
 from models_dual_vit import TRANSFER_MODES, DualViT, TransferMode, build_dual_vit
+from models_kd import FEATURE_KD, LOGIT_KD, FeatureDistillation, LogitDistillation, build_kd_pair
 from models_probe import ProbeDistiller, build_probe_distiller
 from util.args import check_positive, check_range
 from util.datasets import build_dataset, default_eval_crop_pct, normalization
@@ -189,6 +192,63 @@ class AttentionTransfer(PlainTraining):
         return depth
 
 
+class KnowledgeDistillation(AttentionTransfer):
+    """A distillation baseline beside attention transfer (models_kd): the student trained on the labelled split
+    with the task loss plus ``--atd_weight`` (1 unless given) times the loss of ``pair``. The student runs alone
+    at evaluation."""
+
+    defaults = dict(atd_weight=1.0)
+
+    def __init__(self, transfer: TransferMode, pair: type[DualViT]) -> None:
+        super().__init__(transfer)
+        self.pair = pair
+
+    def check(self, args) -> None:
+        super().check(args)
+        for flag, unset, what in TRANSFER_FLAGS:
+            if getattr(args, flag, unset) not in (unset, ''):
+                raise UserError(f"--{flag} {what} of an attention transfer mode; --mode {self.name} transfers no "
+                                "attention: drop it")
+
+    def pair_args(self, args) -> dict:
+        """The pair's own arguments from the flags."""
+        return {}
+
+    def build_model(self, args) -> DualViT:
+        teacher, teacher_kwargs, _ = self.teacher_architecture(args)
+        student, student_kwargs = student_architecture(args, teacher_kwargs)
+        return build_kd_pair(self.pair, teacher, student, drop_path_rate=args.drop_path, num_classes=args.nb_classes,
+                             global_pool=args.global_pool, img_size=args.input_size, teacher_kwargs=teacher_kwargs,
+                             student_kwargs=student_kwargs, **self.pair_args(args))
+
+
+class FeatureKD(KnowledgeDistillation):
+    """--mode feature_kd: the student's residual stream after each transferred block (--end_layer /
+    --transfer_layers) regressed onto the teacher's (``models_kd.feature_distillation_loss``)."""
+
+    def __init__(self) -> None:
+        super().__init__(FEATURE_KD, FeatureDistillation)
+
+    def pair_args(self, args) -> dict:
+        return dict(layers=args.transfer_layers, end_layer=args.end_layer)
+
+
+class LogitKD(KnowledgeDistillation):
+    """--mode logit_kd: the student's class probabilities pulled towards the teacher's soft labels at
+    --kd_temperature (``util.losses.kd_loss``); the teacher must be a classifier of the task's classes."""
+
+    def __init__(self) -> None:
+        super().__init__(LOGIT_KD, LogitDistillation)
+
+    def check(self, args) -> None:
+        super().check(args)
+        if not args.eval:
+            check_positive('kd_temperature', args.kd_temperature, 'the temperature of the soft labels')
+
+    def pair_args(self, args) -> dict:
+        return dict(temperature=args.kd_temperature)
+
+
 def check_probe_values(args) -> None:
     """Numeric flags of probe distillation that no run can use."""
     check_positive('kd_temperature', args.kd_temperature, "the temperature T of the KD softmax, whose loss is "
@@ -348,6 +408,7 @@ class AttentionProbe(PlainTraining):
 
 PLAIN = PlainTraining()
 MODES: dict[str, PlainTraining] = {'none': PLAIN, **{name: AttentionTransfer(t) for name, t in TRANSFER_MODES.items()},
+                                   'feature_kd': FeatureKD(), 'logit_kd': LogitKD(),
                                    'probe': AttentionProbe()}
 
 

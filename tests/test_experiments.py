@@ -1,14 +1,18 @@
-"""The paper's ablations as flags: --transfer_heads, --map_average, --transfer_until, checked against attention
-written out by hand from the timm modules' weights."""
+"""The paper's ablations and baselines: --transfer_heads, --map_average, --transfer_until, --mode feature_kd and
+logit_kd, checked against attention and losses written out by hand from the timm modules' weights."""
+import os
+
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import args_for, read_log
+from helpers import args_for, read_log, run_until_stopped
 
 import main_finetune
 from models_dual_vit import build_dual_vit, forward_dual_with_capture
+from models_kd import FeatureDistillation, LogitDistillation, build_kd_pair
 from util.errors import UserError
 from util.losses import TransferCriterion
+from util.pretrained import read_checkpoint
 
 # a tiny ViT with 4 heads (head_dim 12), 3 blocks
 ARCH = dict(patch_size=8, embed_dim=48, depth=3, num_heads=4)
@@ -220,3 +224,86 @@ def test_transfer_until_refused_without_a_transfer_loss(workdir):
         with pytest.raises(UserError, match='--transfer_until'):
             main_finetune.run(args_for(workdir, str(workdir.root / 'refused'), '--mode', mode, '--transfer_until',
                                        '1'))
+
+
+# ---- --mode feature_kd / logit_kd ---------------------------------------------------------------------
+def kd_pair(kind, **kwargs):
+    torch.manual_seed(0)
+    return build_kd_pair(kind, 'vit_base_patch16_224', num_classes=5, img_size=32, teacher_kwargs=ARCH, **kwargs)
+
+
+def test_feature_kd_loss_is_the_summed_mse_of_the_residual_streams():
+    model = kd_pair(FeatureDistillation, end_layer=-1).train()  # layers 0 and 1 of 3
+    assert model.layers == [0, 1]
+    x = torch.randn(3, 3, 32, 32)
+    out, loss = model(x)
+    expected, sx, tx = 0.0, tokens(model.student, x), tokens(model.teacher, x)
+    with torch.no_grad():
+        for i, (s_blk, t_blk) in enumerate(zip(model.student.blocks, model.teacher.blocks)):
+            sx, tx = s_blk(sx), t_blk(tx)
+            if i in (0, 1):
+                expected = expected + ((sx - tx) ** 2).mean()
+        assert torch.allclose(out, model.student.forward_head(model.student.norm(sx)), atol=1e-6)
+    assert torch.allclose(loss, expected, rtol=1e-6)
+    assert loss.grad_fn is not None and loss > 0
+    model.eval()
+    with torch.no_grad():
+        assert torch.equal(model(x), model.student(x))  # the student alone at evaluation
+
+
+def test_feature_kd_refuses_other_widths():
+    with pytest.raises(UserError, match='feature_kd.*widths'):
+        kd_pair(FeatureDistillation, student_model='vit_base_patch16_224', student_kwargs={**ARCH, 'embed_dim': 32})
+
+
+@pytest.mark.parametrize('temperature', [1.0, 4.0])
+def test_logit_kd_loss_is_the_kl_to_the_soft_labels(temperature):
+    model = kd_pair(LogitDistillation, temperature=temperature).train()
+    with torch.no_grad():  # logits of a few units, as a trained classifier's
+        model.teacher.head.weight.mul_(300.0)
+        model.student.head.weight.mul_(100.0)
+    x = torch.randn(3, 3, 32, 32)
+    out, loss = model(x)
+    with torch.no_grad():
+        t = model.teacher(x)
+    p_t = (t / temperature).softmax(1)
+    expected = temperature ** 2 * (p_t * ((t / temperature).log_softmax(1)
+                                          - (out / temperature).log_softmax(1))).sum(1).mean()
+    assert torch.allclose(loss, expected, rtol=1e-5)
+    assert loss > 0.1
+
+
+def test_logit_kd_needs_a_teacher_with_a_head(tmp_path):
+    model = kd_pair(LogitDistillation)
+    state = {k: v for k, v in model.teacher.state_dict().items() if not k.startswith('head.')}
+    torch.save({'model': state}, tmp_path / 'pretrain.pth')
+    with pytest.raises(UserError, match='logit_kd.*classifier head'):
+        model.load_teacher(str(tmp_path / 'pretrain.pth'), flag='--finetune')
+    torch.save({'model': model.teacher.state_dict()}, tmp_path / 'classifier.pth')
+    assert 'head.weight' in model.load_teacher(str(tmp_path / 'classifier.pth'), flag='--finetune').loaded
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize('mode', ['feature_kd', 'logit_kd'])
+def test_kd_modes_resume_mid_epoch_equal_uninterrupted(workdir, monkeypatch, mode):
+    extra = ['--mode', mode, '--ema', '0.9', '--mixup', '0.8', '--drop_path', '0.1', '--print_freq', '1',
+             '--checkpoint_minutes', '0']
+    full = str(workdir.root / f'{mode}_full')
+    main_finetune.run(args_for(workdir, full, *extra))
+    part = str(workdir.root / f'{mode}_part')
+    stop = run_until_stopped(workdir, monkeypatch, part, 6 + 3, *extra)
+    assert (stop.epoch, stop.step) == (1, 3)
+    main_finetune.run(args_for(workdir, part, *extra, '--resume', 'allow'))
+    a, b = (read_checkpoint(os.path.join(out, 'checkpoint.pth')) for out in (full, part))
+    assert a['args']['atd_weight'] == 1.0 and a['epoch'] == b['epoch'] == 1
+    assert 'teacher' not in a
+    for key in ('model', 'model_ema'):
+        for name, value in a[key].items():
+            assert torch.equal(value, b[key][name]), f'{key}.{name}'
+    log = read_log(full)
+    assert all(e['train_loss_atd'] > 0 for e in log)
+    # the saved student evaluates alone, as a plain ViT
+    stats = main_finetune.run(['--eval', '--resume', os.path.join(full, 'checkpoint.pth'), '--data_path',
+                               workdir.data, '--output_dir', str(workdir.root / f'{mode}_eval'), '--device', 'cpu',
+                               '--num_workers', '0'])
+    assert stats['test_acc1'] == log[-1]['test_acc1']
