@@ -282,6 +282,11 @@ def get_args_parser() -> argparse.ArgumentParser:
                         'https:// URL, downloaded once into the huggingface_hub / torch.hub cache and read from '
                         'there offline (HF_HUB_OFFLINE=1); a name also gives the architecture when --model / '
                         '--teacher_model is not set')
+    g.add_argument('--student_init', default='', metavar='CKPT|NAME',
+                   help='transfer and distillation modes: start the student from these pre-trained weights instead of '
+                        'a random initialisation (a file or a name, as --finetune, loaded and reported the same way; '
+                        'a checkpoint without a classifier for --nb_classes leaves the head freshly initialised); '
+                        'not used when resuming')
     g.add_argument('--use_teacher_ema', action='store_true',
                    help='take the model_ema entry of the --finetune checkpoint instead of model')
     g.add_argument('--mean', default=None, type=float, nargs=3, metavar=('R', 'G', 'B'),
@@ -399,6 +404,11 @@ def resolve_args(args, read_resume: bool = True) -> tuple[dict | None, str | Non
     if args.finetune:
         local_checkpoint(args.finetune, '--finetune')  # a name is resolved (downloaded) here, a missing file refused
         follow_finetune_source(args, mode)
+    if getattr(args, 'student_init', '') and not args.eval:
+        if not mode.student_init:
+            raise UserError(f"--student_init initialises the student of a transfer or distillation mode; --mode "
+                            f"{mode.name} takes its starting weights from --finetune: use that instead")
+        local_checkpoint(args.student_init, '--student_init')  # a name is resolved here, a missing file refused
     if not args.model:
         args.model = DEFAULT_MODEL
     args.mean = list(args.mean or IMAGENET_DEFAULT_MEAN)
@@ -499,6 +509,8 @@ def load_initial_weights(model: DualViT, args, ckpt: dict | None) -> None:
                             "does not hold: give the run's checkpoint with --resume CKPT")
         if ckpt is None or 'teacher' not in ckpt:
             log(f"teacher: {model.load_teacher(args.finetune, use_ema=args.use_teacher_ema, flag='--finetune')}")
+        if getattr(args, 'student_init', '') and ckpt is None and not args.eval:
+            load_student_init(model.student, args.student_init)
     elif ckpt is None:
         report = load_pretrained_weights(model.student, args.finetune, use_ema=args.use_teacher_ema, flag='--finetune')
         log(f"student: {report}")
@@ -506,6 +518,15 @@ def load_initial_weights(model: DualViT, args, ckpt: dict | None) -> None:
             require_classifier_head(report, '--finetune', args.finetune, args.nb_classes)
         if 'head.weight' not in report.loaded and hasattr(model.student.head, 'weight'):
             trunc_normal_(model.student.head.weight, std=2e-5)  # MAE's fine-tuning head initialisation
+
+
+def load_student_init(student: torch.nn.Module, spec: str) -> None:
+    """--student_init: the student's starting weights in a transfer mode, loaded as --finetune loads a plain
+    model's (key report; MAE's head initialisation when the checkpoint has no head for these classes)."""
+    report = load_pretrained_weights(student, spec, flag='--student_init')
+    log(f"student (--student_init): {report}")
+    if 'head.weight' not in report.loaded and hasattr(student.head, 'weight'):
+        trunc_normal_(student.head.weight, std=2e-5)
 
 
 def require_classifier_head(report: LoadReport, flag: str, path: str, nb_classes: int) -> None:

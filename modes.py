@@ -94,6 +94,8 @@ class PlainTraining:
     trains_on_labels = True
     teacher_hint = 'e.g. mae_pretrain_vit_large.pth'
     data_hint = ''
+    # whether --student_init may give the student's starting weights (--finetune gives them in plain training)
+    student_init = False
 
     @property
     def uses_teacher(self) -> bool:
@@ -178,6 +180,8 @@ class AttentionTransfer(PlainTraining):
     """A student trained on the labelled split beside a frozen teacher that hands over its attention
     (copy modes: used in place of the student's own, so the teacher runs at evaluation too) or pulls the
     student's towards its own by a loss (distill modes: the student runs alone at evaluation)."""
+
+    student_init = True
 
     def __init__(self, transfer: TransferMode) -> None:
         self.transfer = transfer

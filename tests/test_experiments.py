@@ -1,15 +1,17 @@
 """The paper's ablations and baselines: --transfer_heads, --map_average, --transfer_until, --mode feature_kd and
 logit_kd, checked against attention and losses written out by hand from the timm modules' weights."""
+import argparse
 import os
 
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import args_for, read_log, run_until_stopped
+from helpers import TINY_ARCH, args_for, read_log, run_until_stopped
 
 import main_finetune
-from models_dual_vit import build_dual_vit, forward_dual_with_capture
+from models_dual_vit import build_dual_vit, create_vit, forward_dual_with_capture
 from models_kd import FeatureDistillation, LogitDistillation, build_kd_pair
+from util.args import explicit_flags
 from util.errors import UserError
 from util.losses import TransferCriterion
 from util.pretrained import read_checkpoint
@@ -307,3 +309,35 @@ def test_kd_modes_resume_mid_epoch_equal_uninterrupted(workdir, monkeypatch, mod
                                workdir.data, '--output_dir', str(workdir.root / f'{mode}_eval'), '--device', 'cpu',
                                '--num_workers', '0'])
     assert stats['test_acc1'] == log[-1]['test_acc1']
+
+
+# ---- --student_init ---------------------------------------------------------------------------------
+def resolved(argv):
+    parser = argparse.ArgumentParser(parents=[main_finetune.get_args_parser()])
+    args = parser.parse_args(argv)
+    args.explicit_flags = explicit_flags(parser, argv)
+    main_finetune.resolve_args(args)
+    return args
+
+
+@pytest.mark.parametrize('mode', ['distill', 'copy', 'feature_kd'])
+def test_student_init_starts_the_student_from_another_model(workdir, tmp_path, mode):
+    torch.manual_seed(7)
+    other = create_vit('vit_base_patch16_224', num_classes=3, img_size=32, **TINY_ARCH)
+    torch.save({'model': other.state_dict()}, tmp_path / 'other.pth')
+    args = resolved(args_for(workdir, tmp_path / 'out', '--mode', mode, '--student_init', str(tmp_path / 'other.pth')))
+    model = main_finetune.build_model(args)
+    main_finetune.load_initial_weights(model, args, None)
+    student, teacher = model.student.state_dict(), model.teacher.state_dict()
+    for name, value in other.state_dict().items():
+        assert torch.equal(student[name], value), name
+    for name, value in read_checkpoint(workdir.teacher)['model'].items():
+        assert torch.equal(teacher[name], value), name
+    assert not torch.equal(student['blocks.0.attn.qkv.weight'], teacher['blocks.0.attn.qkv.weight'])
+
+
+def test_student_init_refused_where_it_has_no_meaning(workdir, tmp_path):
+    with pytest.raises(UserError, match='--student_init.*--finetune'):
+        resolved(args_for(workdir, tmp_path / 'out', '--student_init', workdir.teacher))
+    with pytest.raises(UserError, match="--student_init .*missing.pth.*no such file"):
+        resolved(args_for(workdir, tmp_path / 'out', '--mode', 'distill', '--student_init', 'missing.pth'))
