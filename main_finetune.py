@@ -65,6 +65,7 @@ from util.distributed import (
     wrap_ddp,
 )
 from util.errors import UserError, run_cli
+from util.eval_classes import RestrictedClassifier, check_class_folders, read_eval_classes
 from util.lr_sched import Schedule, lr_floor_warning
 from util.output import (
     EVAL_RESULTS,
@@ -326,6 +327,11 @@ def get_args_parser() -> argparse.ArgumentParser:
     g.add_argument('--eval', action='store_true',
                    help=f'evaluate only (with --resume CKPT or --finetune CKPT); the results are printed and '
                         f'written to output_dir/{EVAL_RESULTS}')
+    g.add_argument('--eval_classes', default='', metavar='imagenet-a|imagenet-r|FILE',
+                   help='with --eval: score an ImageNet-1k classifier on a subset of its classes, its logits '
+                        'restricted to them: imagenet-a, imagenet-r (the 200 classes of ImageNet-A / -R, as timm\'s '
+                        'ImageNet metadata lists them) or a FILE with one WordNet id or logit index a line, in the '
+                        'order of the sorted class folders under --data_path/val (default: every class)')
     g.add_argument('--ensemble_with', default='', metavar='CKPT',
                    help='with --eval: also evaluate this model and the average of both models\' softmax outputs '
                         '(e.g. the fine-tuned teacher beside a distilled student)')
@@ -447,6 +453,10 @@ def resolve_args(args, read_resume: bool = True) -> tuple[dict | None, str | Non
     if args.save_best == 'ema' and args.ema is None and not args.eval:
         raise UserError("--save_best ema keeps the checkpoint of the best EMA top-1, but there is no EMA: add --ema "
                         "DECAY (e.g. --ema 0.9999), or use --save_best (raw weights)")
+    if getattr(args, 'eval_classes', ''):
+        if not args.eval:
+            raise UserError("--eval_classes restricts an evaluation's logits: add --eval (and --resume CKPT)")
+        read_eval_classes(args.eval_classes, args.nb_classes)
     if args.ensemble_with and not args.eval:
         raise UserError("--ensemble_with is an evaluation: add --eval (and --resume CKPT for the first model)")
     if args.eval and ckpt is None and not args.finetune:
@@ -604,6 +614,27 @@ class Evaluator:
         return stats
 
 
+def build_eval_dataset(args):
+    """The evaluation set: --eval_data_path/val, whose class folders are the model's classes or, with
+    --eval_classes, those of the subset."""
+    root = os.path.join(args.eval_data_path, 'val')
+    if not getattr(args, 'eval_classes', ''):
+        return build_dataset(False, args, root=root)
+    subset = read_eval_classes(args.eval_classes, args.nb_classes)
+    dataset = build_dataset(False, args, root=root, nb_classes=len(subset.indices))
+    check_class_folders(dataset.classes, subset, args.eval_classes, root)
+    return dataset
+
+
+def restrict_classes(model: torch.nn.Module, args) -> torch.nn.Module:
+    """The model scored on --eval_classes alone (the model itself without)."""
+    if not getattr(args, 'eval_classes', ''):
+        return model
+    subset = read_eval_classes(args.eval_classes, args.nb_classes)
+    log(f"--eval_classes {args.eval_classes}: logits restricted to {len(subset.indices)} of {args.nb_classes} classes")
+    return RestrictedClassifier(model, subset.indices).to(next(model.parameters()).device)
+
+
 def evaluate_only(args, model, ckpt: dict | None, ckpt_path: str | None, evaluator: Evaluator, device,
                   amp_dtype) -> dict:
     """--eval: the checkpoint's raw and EMA weights, or with --ensemble_with both models and their average."""
@@ -611,8 +642,9 @@ def evaluate_only(args, model, ckpt: dict | None, ckpt_path: str | None, evaluat
     if ckpt is not None:
         model_ema = ModelEmaV3(model.student) if 'model_ema' in ckpt else None
         restore_weights(ckpt, ckpt_path, model, model_ema)
+    model = restrict_classes(model, args)
     if args.ensemble_with:
-        models = {'model': model, 'other': load_ensemble_member(args).to(device)}
+        models = {'model': model, 'other': restrict_classes(load_ensemble_member(args).to(device), args)}
         results = evaluate_ensemble(evaluator.loader, models, device, amp_dtype, args.dist_eval, args.print_freq)
         stats = {f'{prefix}{k}': v for name, prefix in (('model', 'test_'), ('other', 'other_test_'),
                                                          ('ensemble', 'ensemble_test_'))
@@ -656,7 +688,7 @@ def train_and_evaluate(args, ckpt: dict | None, ckpt_path: str | None) -> dict:
     torch.backends.cudnn.benchmark = True
     seed_epoch(args.seed, 0, rank)
 
-    dataset_val = build_dataset(False, args, root=os.path.join(args.eval_data_path, 'val'))
+    dataset_val = build_eval_dataset(args)
     dataset_train = None if args.eval else mode.train_dataset(args)
     if getattr(dataset_train, 'classes', dataset_val.classes) != dataset_val.classes:
         raise DataError(f"train and val class folders differ under {args.data_path!r}; give both splits the same "
