@@ -93,7 +93,8 @@ def test_every_experiment_command_runs(labelled, tmp_path):
     inat_root = miniature(tmp_path / 'inat2018', '2018')
     a, r = read_eval_classes('imagenet-a', 1000), read_eval_classes('imagenet-r', 1000)
     env = {
-        'IMAGENET': labelled.data, 'MAE_L': teacher, 'MAE_L_FT': teacher, 'STUDENT_INIT': teacher, 'RUNS': str(tmp_path / 'runs'), 'JOB_DIR': str(tmp_path / 'jobs'),
+        'IMAGENET': labelled.data, 'MAE_L': teacher, 'MAE_L_FT': teacher, 'STUDENT_INIT': teacher,
+        'RUNS': str(tmp_path / 'runs'), 'JOB_DIR': str(tmp_path / 'jobs'),
         'INAT_ROOT': inat_root, 'INAT': str(tmp_path / 'inat2018_folders'),
         'IMAGENET_A': fake_set(tmp_path / 'imagenet_a', a.synsets, None),
         'IMAGENET_R': fake_set(tmp_path / 'imagenet_r', r.synsets, None),
