@@ -341,3 +341,23 @@ def test_student_init_refused_where_it_has_no_meaning(workdir, tmp_path):
         resolved(args_for(workdir, tmp_path / 'out', '--student_init', workdir.teacher))
     with pytest.raises(UserError, match="--student_init .*missing.pth.*no such file"):
         resolved(args_for(workdir, tmp_path / 'out', '--mode', 'distill', '--student_init', 'missing.pth'))
+
+
+@pytest.mark.parametrize('flags', [['--transfer_heads', '2'], ['--map_average', 'examples']])
+def test_transfer_flags_refused_without_attention_transfer(workdir, tmp_path, flags):
+    for mode in ('none', 'feature_kd', 'logit_kd'):
+        with pytest.raises(UserError, match=flags[0]):
+            main_finetune.run(args_for(workdir, str(tmp_path / mode), '--mode', mode, *flags))
+
+
+def test_transfer_heads_recorded_and_used_at_evaluation(workdir):
+    """A copy student attends with the teacher's maps at evaluation too: --eval --resume takes the heads from the
+    checkpoint, and evaluates as the run did."""
+    out = str(workdir.root / 'copy_heads')
+    stats = main_finetune.run(args_for(workdir, out, '--mode', 'copy', '--transfer_heads', '2', epochs=1))
+    ckpt = read_checkpoint(os.path.join(out, 'checkpoint.pth'))
+    assert ckpt['args']['transfer_heads'] == '2'
+    evaluated = main_finetune.run(['--eval', '--resume', os.path.join(out, 'checkpoint.pth'), '--data_path',
+                                   workdir.data, '--output_dir', str(workdir.root / 'copy_heads_eval'), '--device',
+                                   'cpu', '--num_workers', '0'])
+    assert evaluated['test_loss'] == pytest.approx(stats['test_loss'], rel=1e-6)
