@@ -82,7 +82,7 @@ class LogitDistillation(DualViT):
     def __init__(self, student: VisionTransformer, teacher: VisionTransformer, temperature: float = 4.0,
                  **kwargs) -> None:
         super().__init__(student, teacher, mode=LOGIT_KD, layers=[len(teacher.blocks) - 1], **kwargs)
-        self.layers = []  # no layer is transferred: only the outputs are compared
+        self._layers = []  # no layer is transferred: only the outputs are compared
         self.temperature = temperature
 
     def _check_compatible(self) -> None:

@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from helpers import TINY_ARCH, args_for, read_log, run_until_stopped
 
 import main_finetune
+import modes
 from models_dual_vit import build_dual_vit, create_vit, forward_dual_with_capture
 from models_kd import FeatureDistillation, LogitDistillation, build_kd_pair
 from util.args import explicit_flags
@@ -316,8 +317,7 @@ def resolved(argv):
     parser = argparse.ArgumentParser(parents=[main_finetune.get_args_parser()])
     args = parser.parse_args(argv)
     args.explicit_flags = explicit_flags(parser, argv)
-    main_finetune.resolve_args(args)
-    return args
+    return main_finetune.resolve_args(args)
 
 
 @pytest.mark.parametrize('mode', ['distill', 'copy', 'feature_kd'])
@@ -325,9 +325,9 @@ def test_student_init_starts_the_student_from_another_model(workdir, tmp_path, m
     torch.manual_seed(7)
     other = create_vit('vit_base_patch16_224', num_classes=3, img_size=32, **TINY_ARCH)
     torch.save({'model': other.state_dict()}, tmp_path / 'other.pth')
-    args = resolved(args_for(workdir, tmp_path / 'out', '--mode', mode, '--student_init', str(tmp_path / 'other.pth')))
-    model = main_finetune.build_model(args)
-    main_finetune.load_initial_weights(model, args, None)
+    run = resolved(args_for(workdir, tmp_path / 'out', '--mode', mode, '--student_init', str(tmp_path / 'other.pth')))
+    model = main_finetune.build_model(run.cfg, run.mode)
+    modes.load_initial_weights(model, run.cfg, None)
     student, teacher = model.student.state_dict(), model.teacher.state_dict()
     for name, value in other.state_dict().items():
         assert torch.equal(student[name], value), name
