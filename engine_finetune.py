@@ -196,6 +196,8 @@ def train_one_epoch(
         window_size = accumulation_window(step, start_step, accum, steps_per_epoch)
         if step % accum == 0 or step == start_step:
             lr = lr_sched.adjust_learning_rate(optimizer, epoch + step / steps_per_epoch, schedule)
+        if hasattr(criterion, 'set_progress'):  # a transfer loss weighted by the position (--transfer_until)
+            criterion.set_progress(epoch + step / steps_per_epoch)
         if len(images) == 0:
             raise RuntimeError(f"epoch {epoch} step {step}: every image of the batch failed to decode; "
                                "check the data set (see the warnings above)")

@@ -74,6 +74,7 @@ from util.config import Config
 from util.datasets import DataError, build_dataset, build_loader
 from util.distributed import destroy, get_rank, get_world_size, init_distributed_mode, is_main_process, log, wrap_ddp
 from util.errors import UserError, run_cli
+from util.eval_classes import RestrictedClassifier, check_class_folders, read_eval_classes
 from util.lr_sched import Schedule, learning_rate
 from util.output import (
     EVAL_RESULTS,
@@ -220,6 +221,11 @@ def get_args_parser() -> argparse.ArgumentParser:
                         'https:// URL, downloaded once into the huggingface_hub / torch.hub cache and read from '
                         'there offline (HF_HUB_OFFLINE=1); a name also gives the architecture when --model / '
                         '--teacher_model is not set')
+    g.add_argument('--student_init', default='', metavar='CKPT|NAME',
+                   help='transfer and distillation modes: start the student from these pre-trained weights instead of '
+                        'a random initialisation (a file or a name, as --finetune, loaded and reported the same way; '
+                        'a checkpoint without a classifier for --nb_classes leaves the head freshly initialised); '
+                        'not used when resuming')
     g.add_argument('--use_teacher_ema', action='store_true',
                    help='take the model_ema entry of the --finetune checkpoint instead of model')
     g.add_argument('--mean', default=None, type=float, nargs=3, metavar=('R', 'G', 'B'),
@@ -259,6 +265,11 @@ def get_args_parser() -> argparse.ArgumentParser:
     g.add_argument('--eval', action='store_true',
                    help=f'evaluate only (with --resume CKPT or --finetune CKPT); the results are printed and '
                         f'written to output_dir/{EVAL_RESULTS}')
+    g.add_argument('--eval_classes', default='', metavar='imagenet-a|imagenet-r|FILE',
+                   help='with --eval: score an ImageNet-1k classifier on a subset of its classes, its logits '
+                        'restricted to them: imagenet-a, imagenet-r (the 200 classes of ImageNet-A / -R, as timm\'s '
+                        'ImageNet metadata lists them) or a FILE with one WordNet id or logit index a line, in the '
+                        'order of the sorted class folders under --data_path/val (default: every class)')
     g.add_argument('--ensemble_with', default='', metavar='CKPT',
                    help='with --eval: also evaluate this model and the average of both models\' softmax outputs '
                         '(e.g. the fine-tuned teacher beside a distilled student)')
@@ -334,7 +345,7 @@ def resolve_args(args, read_resume: bool = True) -> Resolved:
     cfg = cfg.replace(mode=mode.name, log_dir=cfg.output_dir if getattr(cfg, 'log_dir', None) is None else cfg.log_dir,
                       **({} if cfg.eval else mode.recipe(cfg)))
     cfg = cfg.replace(amp=cfg.amp or default_amp(cfg.device),
-                      attention_impl=resolve_attention_impl(cfg.attention_impl, cfg.device),
+                      attention_impl=resolve_attention_impl(attention_impl_for(cfg), cfg.device),
                       mixup_active=cfg.mixup > 0 or cfg.cutmix > 0.0 or cfg.cutmix_minmax is not None)
     if args.attention_impl == 'auto' and mode.uses_teacher:
         log(f"attention: {cfg.attention_impl} (--attention_impl auto on {cfg.device})")
@@ -359,7 +370,29 @@ def resolve_args(args, read_resume: bool = True) -> Resolved:
         check_inputs_not_overwritten(cfg, next_position(ckpt)[0] if ckpt is not None else cfg.start_epoch)
     check_run_folder(cfg, path)
     check_run_flags(cfg, mode, holds_teacher(ckpt) or (path is not None and not read_resume), ckpt is not None)
+    check_experiment_flags(cfg, mode)
     return Resolved(cfg, mode, ckpt, path)
+
+
+def attention_impl_for(cfg: Config) -> str:
+    """--attention_impl, with auto meaning explicit where --map_average needs the N x N maps."""
+    if cfg.attention_impl == 'auto' and getattr(cfg, 'map_average', 'none') != 'none':
+        return 'explicit'  # the averaged maps exist only as explicit maps
+    return cfg.attention_impl
+
+
+def check_experiment_flags(cfg: Config, mode: PlainTraining) -> None:
+    """--student_init (transfer and distillation modes; its file or name resolved now) and --eval_classes (an
+    evaluation's, of classes the model has)."""
+    if getattr(cfg, 'student_init', '') and not cfg.eval:
+        if not mode.student_init:
+            raise UserError(f"--student_init initialises the student of a transfer or distillation mode; --mode "
+                            f"{mode.name} takes its starting weights from --finetune: use that instead")
+        local_checkpoint(cfg.student_init, '--student_init')  # a name is resolved here, a missing file refused
+    if getattr(cfg, 'eval_classes', ''):
+        if not cfg.eval:
+            raise UserError("--eval_classes restricts an evaluation's logits: add --eval (and --resume CKPT)")
+        read_eval_classes(cfg.eval_classes, cfg.nb_classes)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -390,14 +423,36 @@ def main(args) -> dict:
         return train_and_evaluate(run)
 
 
+def build_eval_dataset(cfg: Config):
+    """The evaluation set: --eval_data_path/val, whose class folders are the model's classes or, with
+    --eval_classes, those of the subset."""
+    root = os.path.join(cfg.eval_data_path, 'val')
+    if not getattr(cfg, 'eval_classes', ''):
+        return build_dataset(False, cfg, root=root)
+    subset = read_eval_classes(cfg.eval_classes, cfg.nb_classes)
+    dataset = build_dataset(False, cfg, root=root, nb_classes=len(subset.indices))
+    check_class_folders(dataset.classes, subset, cfg.eval_classes, root)
+    return dataset
+
+
+def restrict_classes(model: torch.nn.Module, cfg: Config) -> torch.nn.Module:
+    """The model scored on --eval_classes alone (the model itself without)."""
+    if not getattr(cfg, 'eval_classes', ''):
+        return model
+    subset = read_eval_classes(cfg.eval_classes, cfg.nb_classes)
+    log(f"--eval_classes {cfg.eval_classes}: logits restricted to {len(subset.indices)} of {cfg.nb_classes} classes")
+    return RestrictedClassifier(model, subset.indices).to(next(model.parameters()).device)
+
+
 def evaluate_only(cfg: Config, model, ckpt: dict | None, ckpt_path: str | None, evaluator: Evaluator) -> dict:
     """--eval: the checkpoint's raw and EMA weights, or with --ensemble_with both models and their average."""
     model_ema = None
     if ckpt is not None:
         model_ema = ModelEmaV3(model.student) if holds_ema(ckpt) else None
         restore_weights(ckpt, ckpt_path, model, model_ema)
+    model = restrict_classes(model, cfg)
     if cfg.ensemble_with:
-        models = {'model': model, 'other': load_ensemble_member(cfg).to(evaluator.device)}
+        models = {'model': model, 'other': restrict_classes(load_ensemble_member(cfg).to(evaluator.device), cfg)}
         results = evaluate_ensemble(evaluator.loader, models, evaluator.device, evaluator.amp_dtype, cfg.dist_eval,
                                     cfg.print_freq)
         stats = {f'{prefix}{k}': v for name, prefix in (('model', 'test_'), ('other', 'other_test_'),
@@ -418,7 +473,7 @@ def train_and_evaluate(run: Resolved) -> dict:
     torch.backends.cudnn.benchmark = True
     seed_epoch(cfg.seed, 0, rank)
 
-    dataset_val = build_dataset(False, cfg, root=os.path.join(cfg.eval_data_path, 'val'))
+    dataset_val = build_eval_dataset(cfg)
     dataset_train = None if cfg.eval else mode.train_dataset(cfg)
     if getattr(dataset_train, 'classes', dataset_val.classes) != dataset_val.classes:
         raise DataError(f"train and val class folders differ under {cfg.data_path!r}; give both splits the same "

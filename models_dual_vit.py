@@ -258,7 +258,11 @@ def _at_least_float32(x: Tensor) -> Tensor:
 def transfer_loss(mode: TransferMode, student: Captured, teacher: Captured, impl: str) -> Tensor:
     """The per-layer loss of a ``loss`` mode, from what the student's and the teacher's attention
     captured with implementation ``impl`` (explicit maps, or q and k with their scale: see
-    transfer_attention): the MSE of q, k or v, or the attention maps' cross-entropy."""
+    transfer_attention): the MSE of q, k or v, or the attention maps' cross-entropy. When the teacher's
+    capture names ``heads`` (--transfer_heads), the loss is that of those heads alone (its mean runs over
+    them, not over the others)."""
+    if 'heads' in teacher:
+        student, teacher = select_heads(student, teacher['heads']), select_heads(teacher, teacher['heads'])
     if mode.exposes != 'attn':
         return activation_mse(student[mode.exposes], teacher[mode.exposes])
     if impl == 'explicit':
@@ -325,6 +329,8 @@ def transfer_attention(
     """
     if impl not in ATTENTION_IMPLS:
         raise ValueError(f"attention impl {impl!r}: choose one of {', '.join(ATTENTION_IMPLS)}")
+    if given and 'heads' in given:
+        return _transfer_some_heads(attn, x, expose, given, impl, context)
     given = given or {}
     family = family_of_attention(attn)
     map_given = 'q' in given and 'k' in given
@@ -351,6 +357,74 @@ def transfer_attention(
         mask = bias.to(q.dtype) if bias is not None else None
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=drop_p, scale=scale)
     return family.output(attn, out, x), captured
+
+
+def select_heads(captured: Captured, heads: Sequence[int]) -> Captured:
+    """The entries of a capture restricted to ``heads`` (dimension 1 of q, k, v and the maps)."""
+    index = list(heads)
+    return {name: value[:, index] if isinstance(value, Tensor) else value
+            for name, value in captured.items() if name != 'heads'}
+
+
+def _transfer_some_heads(attn: Attention, x: Tensor, expose: Optional[str], given: Captured,
+                         impl: str, context=None) -> tuple[Tensor, Captured]:
+    """transfer_attention with what ``given`` hands over used in the heads ``given['heads']`` only
+    (--transfer_heads); the module's other heads attend with their own q, k and v (and its family's score
+    bias). With ``expose='attn'`` (explicit) the capture holds the probabilities each head used."""
+    heads = list(given['heads'])
+    given = {name: value for name, value in given.items() if name != 'heads'}
+    family = family_of_attention(attn)
+    q, k, v = family.project(attn, x, context, only_v=False)
+    bias = family.score_bias(attn, context)
+    chosen = torch.zeros(attn.num_heads, dtype=torch.bool, device=x.device)
+    chosen[heads] = True
+    mask = chosen.view(1, -1, 1, 1)
+    drop_p = attn.attn_drop.p if attn.training else 0.0
+    captured: Captured = {}
+    if 'attn' in given:  # explicit probabilities: the teacher's rows in the chosen heads, the student's elsewhere
+        _, own = attention_logits_and_probs(q, k, attn.scale, bias)
+        probs = torch.where(mask, given['attn'].to(own.dtype), own)
+        if expose == 'attn':
+            captured['attn'] = probs
+        return family.output(attn, attn.attn_drop(probs).to(v.dtype) @ v, x), captured
+    if 'q' in given and 'k' in given:  # a fused map: the teacher's q and k (and scale) attend over the chosen heads
+        if expose:
+            raise ValueError("a fused map given to some heads exposes nothing; use impl='explicit' to capture maps")
+        rest = [h for h in range(attn.num_heads) if h not in heads]
+        out_given = F.scaled_dot_product_attention(
+            given['q'][:, heads], given['k'][:, heads], v[:, heads], dropout_p=drop_p, scale=given['scale'],
+            attn_mask=_heads_of(given.get('bias'), heads, q.dtype))
+        out_own = F.scaled_dot_product_attention(q[:, rest], k[:, rest], v[:, rest], dropout_p=drop_p,
+                                                 scale=attn.scale, attn_mask=_heads_of(bias, rest, q.dtype))
+        order = torch.tensor(heads + rest, device=x.device).argsort()
+        return family.output(attn, torch.cat([out_given, out_own], dim=1)[:, order], x), captured
+    q, k, v = (torch.where(mask, given[name].to(own.dtype), own) if name in given else own
+               for name, own in (('q', q), ('k', k), ('v', v)))
+    return transfer_attention(attn, x, expose, {'q': q, 'k': k, 'v': v, 'bias': bias}, impl, context)
+
+
+def _heads_of(bias: Optional[Tensor], heads: list[int], dtype: torch.dtype) -> Optional[Tensor]:
+    """A score bias (broadcastable to (B, H, N, N)) restricted to ``heads``, as an SDPA mask."""
+    if bias is None:
+        return None
+    return (bias[:, heads] if bias.dim() == 4 and bias.shape[1] > 1 else bias).to(dtype)
+
+
+# --map_average: how the teacher's maps are averaged before they are handed over
+MAP_AVERAGES = ('none', 'examples', 'queries')
+
+
+def average_maps(handed: Captured, how: str) -> Captured:
+    """--map_average: the teacher's attention probabilities ``attn`` (B, H, N, N) replaced by their mean over
+    the batch's images (``examples``: A'[b, h, i, j] = mean over b' of A[b', h, i, j], the same map for every
+    image) or over the query positions (``queries``: A'[b, h, i, j] = mean over i' of A[b, h, i', j], the same
+    row for every query); each row still sums to one. ``none`` hands the maps over as they are."""
+    if how == 'none':
+        return handed
+    dim = {'examples': 0, 'queries': 2}[how]
+    averaged = {name: value for name, value in handed.items() if name != 'attn_logits'}
+    averaged['attn'] = handed['attn'].mean(dim, keepdim=True).expand_as(handed['attn'])
+    return averaged
 
 
 # ---------------------------------------------------------------------------------------------
@@ -577,6 +651,28 @@ def parse_layers(spec: Union[str, Sequence[int], None], depth: int, end_layer: i
     return layers
 
 
+def parse_heads(spec: Union[str, int, Sequence[int], None], num_heads: int) -> Optional[tuple[int, ...]]:
+    """--transfer_heads: the transferred heads of each transferred layer, None for all of them.
+
+    ``spec``: a count ``N`` (the first N heads, ``"2"``), or heads by index with ``,`` and ranges (``"0,2"``,
+    ``"4-7"``; one head by index: ``"3-3"``), or a sequence of indices; None or ``''``: every head."""
+    if spec is None or spec == '':
+        return None
+    if isinstance(spec, int) or (isinstance(spec, str) and spec.strip().isdigit()):
+        count = int(spec)
+        if not 1 <= count <= num_heads:
+            raise UserError(f"--transfer_heads {spec}: transfers the first N heads; N must lie in [1, {num_heads}] "
+                            f"(the transferred layers have {num_heads} heads)")
+        heads = list(range(count))
+    else:
+        try:
+            heads = parse_layers(spec, num_heads)
+        except UserError as e:
+            raise UserError(str(e).replace('--transfer_layers', '--transfer_heads').replace('layers', 'heads')
+                            .replace("model's blocks", 'heads')) from None
+    return None if len(heads) == num_heads else tuple(heads)
+
+
 # ---------------------------------------------------------------------------------------------
 # The pair
 # ---------------------------------------------------------------------------------------------
@@ -599,6 +695,8 @@ class DualViT(TeacherStudentPair):
             share_drop_path: bool = True,
             attention_impl: str = 'fused',
             layer_map: Union[str, dict, None] = None,
+            transfer_heads: Union[str, int, Sequence[int], None] = None,
+            map_average: str = 'none',
     ) -> None:
         super().__init__()
         if attention_impl not in ATTENTION_IMPL_CHOICES:
@@ -626,6 +724,9 @@ class DualViT(TeacherStudentPair):
             self._check_compatible()
             teacher.requires_grad_(False)
             teacher.eval()
+        self.transfer_heads, self.map_average = transfer_heads, map_average
+        self.heads = self._transferred_heads(transfer_heads)
+        self._check_map_average()
 
     @property
     def needs_teacher_at_eval(self) -> bool:
@@ -666,6 +767,34 @@ class DualViT(TeacherStudentPair):
             raise UserError(f"teacher and student are incompatible for mode {self.mode.name}:\n  - "
                             + "\n  - ".join(problems))
 
+    def _transferred_heads(self, spec) -> Optional[tuple[int, ...]]:
+        """--transfer_heads as head indices valid in every transferred layer (None: all heads)."""
+        if spec in (None, ''):
+            return None
+        if self.mode is None:
+            raise UserError("--transfer_heads chooses heads of a transfer mode: give a --mode such as copy or distill")
+        return parse_heads(spec, min(self.student.blocks[i].attn.num_heads for i in self.layers))
+
+    def _check_map_average(self) -> None:
+        if self.map_average not in MAP_AVERAGES:
+            raise UserError(f"--map_average {self.map_average!r}: choose one of {', '.join(MAP_AVERAGES)}")
+        if self.map_average == 'none':
+            return
+        if self.mode is None or self.mode.exposes != 'attn':
+            raise UserError(f"--map_average {self.map_average} averages attention maps: it applies to --mode copy "
+                            f"and distill, not to {self.mode.name if self.mode else 'none'}")
+        if self.attention_impl == 'fused':
+            raise UserError(f"--map_average {self.map_average} averages the teacher's N x N maps, which the fused "
+                            "attention never builds: use --attention_impl explicit (or auto)")
+
+    def hand_over(self, handed: Captured) -> Optional[Captured]:
+        """What the student's layer receives of the teacher's capture: averaged over examples or queries
+        (--map_average), and naming the transferred heads (--transfer_heads)."""
+        if not handed:
+            return None
+        handed = average_maps(handed, self.map_average)
+        return handed if self.heads is None else {**handed, 'heads': self.heads}
+
     def load_teacher(self, path: str, use_ema: bool = False, flag: str = '') -> LoadReport:
         """Load pre-trained teacher weights (see util.pretrained.load_pretrained_weights)."""
         if self.teacher is None:
@@ -678,7 +807,8 @@ class DualViT(TeacherStudentPair):
         """The same teacher and transfer around another student (e.g. the EMA weights, for evaluation)."""
         return DualViT(student, self.teacher, mode=self.mode, layers=self.layers or None,
                        share_drop_path=self.share_drop_path, attention_impl=self.attention_impl,
-                       layer_map=self.pairs or None)
+                       layer_map=self.pairs or None, transfer_heads=self.transfer_heads,
+                       map_average=self.map_average)
 
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         """Recompute each student block in the backward pass instead of keeping its activations:
@@ -726,6 +856,8 @@ class DualViT(TeacherStudentPair):
             masks = self.draw_drop_path_masks(x.shape[0], x.device)
 
         mode, t, s, impl = self.mode, self.teacher, self.student, resolve_attention_impl(self.attention_impl, x.device)
+        if self.map_average != 'none' and impl == 'fused':
+            impl = 'explicit'  # the averaged maps exist only as explicit maps (--attention_impl auto on CUDA)
         checkpointed = self.grad_checkpointing and self.training and torch.is_grad_enabled()
         with torch.no_grad():
             tx, t_context = embed_with_context(t, x)
@@ -741,7 +873,7 @@ class DualViT(TeacherStudentPair):
                         j_masks = masks[paired_student[j]] if masks is not None and j in paired_student else None
                         tx, handed = self._teacher_layer(t.blocks[j], tx, expose, impl, j_masks, t_context[j])
                 t_next = target + 1
-            args = (mode, s_blk, sx, handed or None, impl, block_masks, s_context[i])
+            args = (mode, s_blk, sx, self.hand_over(handed), impl, block_masks, s_context[i])
             if checkpointed:
                 sx, layer_loss = torch.utils.checkpoint.checkpoint(self._student_layer, *args, use_reentrant=False)
             else:
@@ -797,7 +929,7 @@ def _attention_used(attn: nn.Module, h: Tensor, given: Optional[Captured], expos
     in ``store['map']`` the probabilities the layer used and in ``store['handed']`` what it hands over
     (``expose``), both explicit."""
     out, captured = transfer_attention(attn, h, expose='attn', given=given, impl='explicit', context=context)
-    store['map'] = given['attn'] if given and 'attn' in given else captured['attn']
+    store['map'] = given['attn'] if given and 'attn' in given and 'heads' not in given else captured['attn']
     if expose:
         store['handed'] = captured if expose == 'attn' else transfer_attention(attn, h, expose=expose,
                                                                                impl='explicit', context=context)[1]
@@ -833,7 +965,7 @@ def forward_dual_with_capture(
                 tx, _ = block_forward(t_blk, tx, partial(_attention_used, t_blk.attn, given=None, expose=expose,
                                                          store=store, context=t_context[j]))
             t_next = target + 1
-            given = store.get('handed')
+            given = model.hand_over(store.get('handed'))
             if i in attention_blocks:
                 t_maps[i] = store['map']
         store = {}
@@ -926,6 +1058,8 @@ def build_dual_vit(
         teacher_kwargs: Optional[dict] = None,
         student_kwargs: Optional[dict] = None,
         layer_map: Union[str, dict, None] = None,
+        transfer_heads: Union[str, int, Sequence[int], None] = None,
+        map_average: str = 'none',
 ) -> DualViT:
     """Build the pair from timm names. The student mirrors the teacher's architecture unless
     ``student_model`` names another; in plain mode there is no teacher and the student is
@@ -945,7 +1079,8 @@ def build_dual_vit(
         teacher = create_vit(teacher_model, drop_path_rate=0.0, **common, **teacher_kwargs)
         init_class_token(student)
     return DualViT(student, teacher, mode=mode, layers=transfer_layers, end_layer=end_layer,
-                   share_drop_path=share_drop_path, attention_impl=attention_impl, layer_map=layer_map)
+                   share_drop_path=share_drop_path, attention_impl=attention_impl, layer_map=layer_map,
+                   transfer_heads=transfer_heads, map_average=map_average)
 
 
 def _dual_factory(name: str) -> Callable[..., DualViT]:

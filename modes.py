@@ -3,6 +3,8 @@
     PlainTraining       --mode none: a plain timm ViT (training from scratch, or fine-tuning a checkpoint)
     AttentionTransfer   --mode copy, distill, copy_q/k/v, distill_q/k/v: a student beside a frozen teacher
                         (Li et al., NeurIPS 2024), one ``TransferMode`` of models_dual_vit's table each
+    FeatureKD, LogitKD  --mode feature_kd, logit_kd: distillation baselines of the residual stream or of the
+                        soft labels (models_kd)
     AttentionProbe      --mode probe: distillation on selected wild images without labels (Wang et al.,
                         ICASSP 2022)
 
@@ -22,6 +24,7 @@ from timm.layers import trunc_normal_
 
 from engine_finetune import evaluate
 from models_dual_vit import ATTENTION_IMPL_CHOICES, TRANSFER_MODES, DualViT, TransferMode, build_dual_vit, create_vit
+from models_kd import FEATURE_KD, LOGIT_KD, FeatureDistillation, LogitDistillation, build_kd_pair
 from models_probe import ProbeDistiller, build_probe_distiller
 from util.args import check_positive, check_range, parse_kwargs
 from util.checkpoint import holds_teacher, recorded_args, restore_weights
@@ -62,7 +65,7 @@ IMAGENET_PROBE_PRESENTATIONS = 640000 * 512
 MODEL_ARGS = {'model': None, 'mode': 'none', 'teacher_model': None, 'student_model': None, 'model_kwargs': {},
               'student_kwargs': {}, 'input_size': 224, 'nb_classes': 1000, 'global_pool': True,
               'transfer_layers': None, 'layer_map': None, 'end_layer': 0, 'share_drop_path': True,
-              'probe_blocks': None, 'eval_crop_pct': None}
+              'probe_blocks': None, 'eval_crop_pct': None, 'transfer_heads': None, 'map_average': 'none'}
 
 
 def recorded_model(saved: dict, **changes) -> Config:
@@ -86,6 +89,29 @@ def student_architecture(args, teacher_kwargs: dict) -> tuple[str, dict]:
     return args.teacher_model or args.model, {**teacher_kwargs, **args.student_kwargs}
 
 
+# Flags of the attention transfer modes alone: (flag, its value when unset, what it does)
+TRANSFER_FLAGS = (('transfer_heads', None, 'chooses the transferred heads'),
+                  ('map_average', 'none', "averages the teacher's maps"))
+
+
+def refuse_transfer_flags(mode: PlainTraining, args) -> None:
+    """Flags that act on transferred attention, refused in modes that transfer none."""
+    if args.eval:
+        return
+    until = getattr(args, 'transfer_until', None)
+    if until is not None:
+        if mode.transfer is None or mode.transfer.use != 'loss':
+            raise UserError(f"--transfer_until {until:g} ends a transfer loss, which --mode {mode.name} does not have "
+                            "(it applies to distill modes and the other modes with a loss): drop it")
+        check_positive('transfer_until', until, 'the epoch from which the transfer loss weighs 0')
+    if mode.transfer is not None:
+        return
+    for flag, unset, what in TRANSFER_FLAGS:
+        if getattr(args, flag, unset) not in (unset, ''):
+            raise UserError(f"--{flag} {what} of an attention transfer mode (copy, distill ...); --mode {mode.name} "
+                            "transfers none: drop it")
+
+
 class PlainTraining:
     """A plain ViT trained on the labelled split with the task loss (no teacher)."""
 
@@ -98,6 +124,8 @@ class PlainTraining:
     trains_on_labels = True
     teacher_hint = 'e.g. mae_pretrain_vit_large.pth'
     data_hint = ''
+    # whether --student_init may give the student's starting weights (--finetune gives them in plain training)
+    student_init = False
 
     @property
     def uses_teacher(self) -> bool:
@@ -132,6 +160,7 @@ class PlainTraining:
 
     def check(self, args) -> None:
         """Flags this mode cannot use, refused before anything is loaded."""
+        refuse_transfer_flags(self, args)
 
     def default_eval_crop_pct(self, input_size: int, val_root: str) -> float:
         return default_eval_crop_pct(input_size, val_root)
@@ -151,7 +180,9 @@ class PlainTraining:
                               num_classes=args.nb_classes, global_pool=args.global_pool, img_size=args.input_size,
                               share_drop_path=args.share_drop_path, attention_impl=args.attention_impl,
                               teacher_kwargs=teacher_kwargs, student_kwargs=student_kwargs,
-                              layer_map=getattr(args, 'layer_map', None))
+                              layer_map=getattr(args, 'layer_map', None),
+                              transfer_heads=getattr(args, 'transfer_heads', None) if self.uses_teacher else None,
+                              map_average=getattr(args, 'map_average', 'none') if self.uses_teacher else 'none')
 
     def train_dataset(self, args):
         return build_dataset(True, args)
@@ -159,7 +190,8 @@ class PlainTraining:
     def criterion(self, args, model, loader_val, device, amp_dtype) -> torch.nn.Module:
         """The task loss (soft-target CE under mixup, else label smoothing), plus ``atd_weight`` times the
         transfer loss the model returns in distill modes."""
-        return TransferCriterion(build_task_criterion(args.mixup_active, args.smoothing), args.atd_weight)
+        return TransferCriterion(build_task_criterion(args.mixup_active, args.smoothing), args.atd_weight,
+                                 getattr(args, 'transfer_until', None), getattr(args, 'transfer_decay', 'step'))
 
     def recorded_args(self, args, criterion) -> dict:
         """Values this mode resolved while building, recorded in checkpoints beside the flags."""
@@ -189,6 +221,8 @@ class AttentionTransfer(PlainTraining):
     (copy modes: used in place of the student's own, so the teacher runs at evaluation too) or pulls the
     student's towards its own by a loss (distill modes: the student runs alone at evaluation)."""
 
+    student_init = True
+
     def __init__(self, transfer: TransferMode) -> None:
         self.transfer = transfer
         self.name = transfer.name
@@ -212,8 +246,25 @@ class AttentionTransfer(PlainTraining):
                        help='student:teacher layer pairs, e.g. 0:1,1:3 (a 2-block student of a 4-block teacher); '
                             'default: block i with block i, and a shallower student spread over the teacher, top to '
                             'top')
+        g.add_argument('--transfer_heads', default=None, type=str, metavar='N|HEADS',
+                       help='heads of each transferred layer that are transferred: N = the first N heads, or indices '
+                            'such as 0,2 or 4-7 (one head by index: 3-3); the other heads attend on their own, and in '
+                            'distill modes the loss is that of the transferred heads alone (default: all heads)')
+        g.add_argument('--map_average', default='none', choices=['none', 'examples', 'queries'],
+                       help='copy / distill: replace the teacher\'s maps, before they are copied or distilled, by '
+                            'their mean over the images of the batch on each GPU (examples: every image gets the same '
+                            'map) or over the query positions (queries: every query of an image gets the same row of '
+                            'key weights); needs explicit maps (--attention_impl auto or explicit)')
         g.add_argument('--atd_weight', default=3, type=float,
-                       help='weight of the attention distillation loss (distill modes)')
+                       help='weight of the attention distillation loss (distill modes; the transfer loss of every '
+                            'mode that has one)')
+        g.add_argument('--transfer_until', default=None, type=float, metavar='EPOCH',
+                       help='modes with a transfer loss: its weight is --atd_weight before EPOCH (counted in epochs '
+                            'from 0, fractions allowed) and 0 from then on, so the term and its gradient vanish '
+                            '(default: the whole run)')
+        g.add_argument('--transfer_decay', default='step', choices=['step', 'linear'],
+                       help='with --transfer_until: step keeps the full weight until EPOCH; linear lowers it at every '
+                            'step, --atd_weight x (1 - epoch / EPOCH), to 0 at EPOCH')
         g.add_argument('--no_share_drop_path', action='store_false', dest='share_drop_path',
                        help='draw the student\'s stochastic-depth masks alone instead of sharing them with the teacher')
         g.add_argument('--train_qkv', action='store_true', help='train only the student\'s qkv, head and fc_norm')
@@ -223,6 +274,63 @@ class AttentionTransfer(PlainTraining):
                             'stored; explicit: N x N attention maps in float32 (same numbers; faster on CPU at ViT '
                             'sizes); auto: fused on CUDA, explicit on CPU (default: %(default)s; the choice is printed '
                             'at start and recorded in checkpoints)')
+
+
+class KnowledgeDistillation(AttentionTransfer):
+    """A distillation baseline beside attention transfer (models_kd): the student trained on the labelled split
+    with the task loss plus ``--atd_weight`` (1 unless given) times the loss of ``pair``. The student runs alone
+    at evaluation."""
+
+    defaults = dict(atd_weight=1.0)
+
+    def __init__(self, transfer: TransferMode, pair: type[DualViT]) -> None:
+        super().__init__(transfer)
+        self.pair = pair
+
+    def check(self, args) -> None:
+        super().check(args)
+        for flag, unset, what in TRANSFER_FLAGS:
+            if getattr(args, flag, unset) not in (unset, ''):
+                raise UserError(f"--{flag} {what} of an attention transfer mode; --mode {self.name} transfers no "
+                                "attention: drop it")
+
+    def pair_args(self, args) -> dict:
+        """The pair's own arguments from the flags."""
+        return {}
+
+    def build_model(self, args) -> DualViT:
+        teacher, teacher_kwargs, _ = self.teacher_architecture(args)
+        student, student_kwargs = student_architecture(args, teacher_kwargs)
+        return build_kd_pair(self.pair, teacher, student, drop_path_rate=args.drop_path, num_classes=args.nb_classes,
+                             global_pool=args.global_pool, img_size=args.input_size, teacher_kwargs=teacher_kwargs,
+                             student_kwargs=student_kwargs, **self.pair_args(args))
+
+
+class FeatureKD(KnowledgeDistillation):
+    """--mode feature_kd: the student's residual stream after each transferred block (--end_layer /
+    --transfer_layers) regressed onto the teacher's (``models_kd.feature_distillation_loss``)."""
+
+    def __init__(self) -> None:
+        super().__init__(FEATURE_KD, FeatureDistillation)
+
+    def pair_args(self, args) -> dict:
+        return dict(layers=args.transfer_layers, end_layer=args.end_layer)
+
+
+class LogitKD(KnowledgeDistillation):
+    """--mode logit_kd: the student's class probabilities pulled towards the teacher's soft labels at
+    --kd_temperature (``util.losses.kd_loss``); the teacher must be a classifier of the task's classes."""
+
+    def __init__(self) -> None:
+        super().__init__(LOGIT_KD, LogitDistillation)
+
+    def check(self, args) -> None:
+        super().check(args)
+        if not args.eval:
+            check_positive('kd_temperature', args.kd_temperature, 'the temperature of the soft labels')
+
+    def pair_args(self, args) -> dict:
+        return dict(temperature=args.kd_temperature)
 
 
 def check_probe_values(args) -> None:
@@ -300,6 +408,7 @@ class AttentionProbe(PlainTraining):
                        help='L2-normalise features along the token axis (the reference) or the channel axis')
 
     def check(self, args) -> None:
+        refuse_transfer_flags(self, args)
         if args.grad_checkpointing:
             raise UserError("--grad_checkpointing applies to the attention transfer modes and plain training, not to "
                             "--mode probe: drop it")
@@ -429,6 +538,8 @@ def load_initial_weights(model, cfg: Config, ckpt: dict | None) -> None:
                             "does not hold: give the run's checkpoint with --resume CKPT")
         if not holds_teacher(ckpt):
             log(f"teacher: {model.load_teacher(cfg.finetune, use_ema=cfg.use_teacher_ema, flag='--finetune')}")
+        if getattr(cfg, 'student_init', '') and ckpt is None and not cfg.eval:
+            load_student_init(model.student, cfg.student_init)
     elif ckpt is None:
         report = load_pretrained_weights(model.student, cfg.finetune, use_ema=cfg.use_teacher_ema, flag='--finetune')
         log(f"student: {report}")
@@ -436,6 +547,15 @@ def load_initial_weights(model, cfg: Config, ckpt: dict | None) -> None:
             require_classifier_head(report, '--finetune', cfg.finetune, cfg.nb_classes, EVAL_HEAD_ADVICE)
         if 'head.weight' not in report.loaded and hasattr(model.student.head, 'weight'):
             trunc_normal_(model.student.head.weight, std=2e-5)  # MAE's fine-tuning head initialisation
+
+
+def load_student_init(student: torch.nn.Module, spec: str) -> None:
+    """--student_init: the student's starting weights in a transfer mode, loaded as --finetune loads a plain
+    model's (key report; MAE's head initialisation when the checkpoint has no head for these classes)."""
+    report = load_pretrained_weights(student, spec, flag='--student_init')
+    log(f"student (--student_init): {report}")
+    if 'head.weight' not in report.loaded and hasattr(student.head, 'weight'):
+        trunc_normal_(student.head.weight, std=2e-5)
 
 
 def restrict_to_qkv(student: torch.nn.Module) -> None:
@@ -472,6 +592,7 @@ def load_ensemble_member(cfg: Config) -> torch.nn.Module:
 
 PLAIN = PlainTraining()
 MODES: dict[str, PlainTraining] = {'none': PLAIN, **{name: AttentionTransfer(t) for name, t in TRANSFER_MODES.items()},
+                                   'feature_kd': FeatureKD(), 'logit_kd': LogitKD(),
                                    'probe': AttentionProbe()}
 
 

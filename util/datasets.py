@@ -104,7 +104,7 @@ def collate_skipping_bad(batch: list) -> tuple[torch.Tensor, torch.Tensor, int]:
 
 
 def _has_images(folder: str) -> bool:
-    for _, _, files in os.walk(folder):
+    for _, _, files in os.walk(folder, followlinks=True):  # as ImageFolder, which follows linked folders
         if any(f.lower().endswith(IMG_EXTENSIONS) for f in files):
             return True
     return False
@@ -294,13 +294,18 @@ def build_transform(is_train: bool, args) -> transforms.Compose:
     ])
 
 
-def build_dataset(is_train: bool, args, root: Optional[str] = None) -> RobustImageFolder:
-    """``data_path/train`` or ``data_path/val`` with its transform; checks ``--nb_classes``."""
+def build_dataset(is_train: bool, args, root: Optional[str] = None, nb_classes: Optional[int] = None
+                  ) -> RobustImageFolder:
+    """``data_path/train`` or ``data_path/val`` with its transform; checks ``--nb_classes`` (or ``nb_classes``,
+    the class folders an evaluation on a subset of the model's classes expects)."""
     split = 'train' if is_train else 'val'
     root = root or os.path.join(args.data_path, split)
     loader = open_image if getattr(args, 'jpeg_draft', False) else None
     dataset = image_folder(root, build_transform(is_train, args), split, loader)
-    if args.nb_classes != len(dataset.classes):
+    if nb_classes is not None and nb_classes != len(dataset.classes):
+        raise DataError(f"{root!r} has {len(dataset.classes)} class folders, but the evaluated classes are "
+                        f"{nb_classes}: give the evaluation set that --eval_classes names")
+    if nb_classes is None and args.nb_classes != len(dataset.classes):
         raise DataError(f"{root!r} has {len(dataset.classes)} class folders but --nb_classes is {args.nb_classes}; "
                         f"pass --nb_classes {len(dataset.classes)} (or fix the folders)")
     return dataset

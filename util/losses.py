@@ -23,24 +23,46 @@ def build_task_criterion(mixup_active: bool, smoothing: float) -> nn.Module:
     return nn.CrossEntropyLoss()
 
 
+def transfer_weight(weight: float, until: float | None, decay: str, epoch: float) -> float:
+    """The transfer loss's weight at ``epoch`` (fractional, counted from 0) under --transfer_until ``until``:
+    ``weight`` throughout without one; ``step``: ``weight`` before ``until``, 0 from it on; ``linear``:
+    ``weight * max(0, 1 - epoch / until)``."""
+    if until is None:
+        return weight
+    if decay == 'linear':
+        return weight * max(0.0, 1.0 - epoch / until)
+    return weight if epoch < until else 0.0
+
+
 class TransferCriterion(nn.Module):
     """Task loss on the student's logits plus ``atd_weight`` times the model's transfer loss.
 
-    The model returns logits, or (logits, transfer loss) in distill modes during training.
+    The model returns logits, or (logits, transfer loss) in distill modes during training. With ``until``
+    (--transfer_until) the weight follows ``transfer_weight`` at the position ``set_progress`` was last given.
     """
 
-    def __init__(self, task: nn.Module, atd_weight: float = 3.0) -> None:
+    def __init__(self, task: nn.Module, atd_weight: float = 3.0, until: float | None = None,
+                 decay: str = 'step') -> None:
         super().__init__()
         self.task = task
         self.atd_weight = atd_weight
+        self.until, self.decay, self.epoch = until, decay, 0.0
+
+    def set_progress(self, epoch: float) -> None:
+        """The training position in epochs (fractional), which the transfer weight follows."""
+        self.epoch = epoch
 
     def forward(self, outputs, targets: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
         logits, transfer = outputs if isinstance(outputs, tuple) else (outputs, None)
         task = self.task(logits.float(), targets)
         if transfer is None:
             return task, {'loss': task}
-        loss = task + self.atd_weight * transfer
-        return loss, {'loss': loss, 'loss_task': task, 'loss_atd': transfer}
+        weight = transfer_weight(self.atd_weight, self.until, self.decay, self.epoch)
+        loss = task + weight * transfer
+        terms = {'loss': loss, 'loss_task': task, 'loss_atd': transfer}
+        if self.until is not None:
+            terms['atd_weight'] = task.new_tensor(weight)
+        return loss, terms
 
 
 # ---------------------------------------------------------------------------------------------
