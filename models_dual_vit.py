@@ -360,10 +360,16 @@ def transfer_attention(
 
 
 def select_heads(captured: Captured, heads: Sequence[int]) -> Captured:
-    """The entries of a capture restricted to ``heads`` (dimension 1 of q, k, v and the maps)."""
+    """The entries of a capture restricted to ``heads`` (dimension 1 of q, k, v and the maps; a family's score
+    bias by its own head dimension)."""
     index = list(heads)
-    return {name: value[:, index] if isinstance(value, Tensor) else value
-            for name, value in captured.items() if name != 'heads'}
+    return {name: (_bias_of_heads(value, index) if name == 'bias' else value[:, index])
+            if isinstance(value, Tensor) else value for name, value in captured.items() if name != 'heads'}
+
+
+def _bias_of_heads(bias: Tensor, heads: list[int]) -> Tensor:
+    """A score bias broadcastable to (B, H, N, N) (e.g. (H, N, N) or (1, H, N, N)) restricted to ``heads``."""
+    return bias[..., heads, :, :] if bias.dim() >= 3 and bias.shape[-3] > 1 else bias
 
 
 def _transfer_some_heads(attn: Attention, x: Tensor, expose: Optional[str], given: Captured,
@@ -407,7 +413,7 @@ def _heads_of(bias: Optional[Tensor], heads: list[int], dtype: torch.dtype) -> O
     """A score bias (broadcastable to (B, H, N, N)) restricted to ``heads``, as an SDPA mask."""
     if bias is None:
         return None
-    return (bias[:, heads] if bias.dim() == 4 and bias.shape[1] > 1 else bias).to(dtype)
+    return _bias_of_heads(bias, heads).to(dtype)
 
 
 # --map_average: how the teacher's maps are averaged before they are handed over

@@ -337,3 +337,34 @@ def test_unused_student_parameters_are_announced_for_ddp(family, mode, teacher_f
     (F.cross_entropy(logits, torch.tensor([0, 2])) + aux).backward()
     unused = [n for n, p in model.student.named_parameters() if p.requires_grad and p.grad is None]
     assert model.may_leave_student_parameters_unused == bool(unused), unused
+
+
+# ---- some heads transferred (--transfer_heads) in every family ---------------------------------------------
+@pytest.mark.parametrize('family', list(FAMILIES))
+@pytest.mark.parametrize('mode', ['copy', 'distill'])
+def test_some_heads_transferred_agree_across_paths_and_all_heads_equal_the_full_transfer(family, mode, teacher_files):
+    """Heads 0 and 2 of 3 through the family's projections and score bias: the fused path (SDPA per group of
+    heads) equals the explicit one (maps mixed head by head), and naming every head equals the full transfer."""
+    x = torch.randn(2, 3, 32, 32)
+    outputs = {}
+    for impl in ('explicit', 'fused'):
+        for heads in ('0,2', '0-2', None):
+            name, kw = FAMILIES[family]
+            torch.manual_seed(0)  # the same student in every variant
+            model = build_dual_vit(name, mode=mode, num_classes=3, img_size=32, teacher_kwargs=kw, attention_impl=impl,
+                                   transfer_heads=heads)
+            model.load_teacher(teacher_files[family])
+            randomise(model.student, seed=7)
+            model.train()
+            out = model(x)
+            outputs[impl, heads] = (out[0], out[1]) if isinstance(out, tuple) else (out, None)
+    for heads in ('0,2', '0-2', None):
+        for a, b in zip(outputs['explicit', heads], outputs['fused', heads]):
+            if a is not None:
+                torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+    for a, b in zip(outputs['explicit', '0-2'], outputs['explicit', None]):
+        if a is not None:
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    affected = 0 if mode == 'copy' else 1  # copy: the logits; distill: the loss
+    assert not torch.allclose(outputs['explicit', '0,2'][affected], outputs['explicit', None][affected], rtol=1e-3,
+                              atol=0)
