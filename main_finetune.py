@@ -492,7 +492,7 @@ def train_and_evaluate(run: Resolved) -> dict:
         model.compile_blocks()
     log(f"student: {type(model.student).__name__} {model.student.default_cfg.get('architecture')}, "
         f"{trainable_parameters(model) / 1e6:.2f}M trainable parameters; mode {mode.name}"
-        + (f", transferred layers {model.layers}" if model.layers else ''))
+        + (f", transferred layers {model.describe_layers()}" if model.layers else ''))
     evaluator = Evaluator(build_loader(dataset_val, sampler_val, cfg, train=False), device, amp_dtype,
                           cfg.dist_eval, cfg.print_freq)
     if cfg.eval:

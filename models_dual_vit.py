@@ -1,9 +1,10 @@
 """Teacher/student pair of timm Vision Transformers for attention transfer (Li et al., NeurIPS 2024).
 
-Teacher and student are ordinary ``timm`` ``VisionTransformer`` instances. This module never
-re-implements a timm layer: it walks their blocks and calls their own submodules (``norm1``,
-``attn.qkv``, ``attn.q_norm``, ``attn.proj``, ``ls1``, ``mlp`` ...), so every timm ViT family built
-from the standard pre-norm ``Block`` works, and a trained student is a plain timm model.
+Teacher and student are ordinary ``timm`` models (``VisionTransformer``, ``Eva``, ``Beit``). This module
+never re-implements a timm layer: it walks their blocks and calls their own submodules (``norm1``,
+``attn.qkv``, ``attn.q_norm``, ``attn.proj``, ``ls1``, ``mlp`` ...), through the family adapter of
+models_families.py that says how each family's attention computes q, k and its scores, so every timm ViT
+family built from a pre-norm block of a known family works, and a trained student is a plain timm model.
 
 Teacher and student blocks run interleaved, layer by layer: the teacher hands over what the mode
 asks for in layer ``i`` right before the student runs layer ``i``. The teacher stops after the last
@@ -30,6 +31,7 @@ import torch.utils.checkpoint
 from timm.layers import Attention, trunc_normal_
 from timm.models.vision_transformer import Block, VisionTransformer
 
+from models_families import family_of_attention, family_of_block, family_of_model
 from models_pair import TeacherStudentPair
 from util.errors import UserError
 from util.pretrained import LoadReport, load_pretrained_weights
@@ -46,6 +48,7 @@ class Captured(TypedDict, total=False):
     k: Tensor
     v: Tensor
     scale: float
+    bias: Tensor
     attn: Tensor
     attn_logits: Tensor
 
@@ -147,13 +150,47 @@ def attention_cross_entropy(
 ATTENTION_LSE_ROWS = 256
 
 
-def _row_logsumexp(q: Tensor, k: Tensor, scale: float, chunk: Optional[int]) -> Tensor:
-    """logsumexp_j (q k^T * scale)_ij per query row i, without autograd, ``chunk`` query rows at a time
+def _row_logsumexp(q: Tensor, k: Tensor, scale: float, chunk: Optional[int], bias: Optional[Tensor] = None) -> Tensor:
+    """logsumexp_j (q k^T * scale + bias)_ij per query row i, without autograd, ``chunk`` query rows at a time
     (default ATTENTION_LSE_ROWS)."""
     n, rows = q.shape[-2], chunk or ATTENTION_LSE_ROWS
     with torch.no_grad():
         keys = (k * scale).transpose(-2, -1)
-        return torch.cat([torch.logsumexp(q[..., lo:lo + rows, :] @ keys, dim=-1) for lo in range(0, n, rows)], dim=-1)
+        return torch.cat([torch.logsumexp(_biased(q[..., lo:lo + rows, :] @ keys, bias, lo, rows), dim=-1)
+                          for lo in range(0, n, rows)], dim=-1)
+
+
+def _biased(scores: Tensor, bias: Optional[Tensor], lo: int, rows: int) -> Tensor:
+    """Scores of query rows lo:lo+rows plus those rows of an additive score bias (None: none)."""
+    return scores if bias is None else scores + bias[..., lo:lo + rows, :].to(scores.dtype)
+
+
+def _score_bias_term(q_s: Tensor, k_s: Tensor, q_t: Tensor, k_t: Tensor, scale_s: float, scale_t: float,
+                     bias_s: Tensor, bias_t: Optional[Tensor], chunk: Optional[int]) -> Tensor:
+    """The part of the summed row cross-entropies that a student's additive score bias B_s carries:
+    value -sum_ij P_t,ij B_s,ij, gradient (P_s - P_t) summed over what B_s broadcasts over, from a no-grad
+    pass over ``chunk`` query rows at a time (no (B, H, N, N) tensor kept; the gradient has B_s's shape)."""
+    n, rows = q_s.shape[-2], chunk or ATTENTION_LSE_ROWS
+    value, grads = q_s.new_zeros(()), []
+    with torch.no_grad():
+        b_s = bias_s.detach().to(q_s.dtype)
+        for lo in range(0, n, rows):
+            p_s = _biased(q_s[..., lo:lo + rows, :] @ (k_s * scale_s).transpose(-2, -1), b_s, lo, rows).softmax(-1)
+            p_t = _biased(q_t[..., lo:lo + rows, :] @ (k_t * scale_t).transpose(-2, -1), bias_t, lo, rows).softmax(-1)
+            rows_bias = b_s[..., lo:lo + rows, :]
+            value = value - (p_t * rows_bias).sum()
+            grads.append(_sum_to_shape(p_s - p_t, rows_bias.shape))
+        grad = torch.cat(grads, dim=-2)
+    b = bias_s.to(q_s.dtype)
+    surrogate = (b * grad).sum()
+    return value + (surrogate - surrogate.detach())
+
+
+def _sum_to_shape(x: Tensor, shape: torch.Size) -> Tensor:
+    """``x`` summed over the leading and size-1 dimensions that ``shape`` broadcasts over."""
+    x = x.sum(dim=tuple(range(x.dim() - len(shape)))) if x.dim() > len(shape) else x
+    dims = tuple(i for i, n in enumerate(shape) if n == 1 and x.shape[i] != 1)
+    return x.sum(dim=dims, keepdim=True) if dims else x
 
 
 def attention_distillation_loss(
@@ -164,6 +201,8 @@ def attention_distillation_loss(
         scale_s: float,
         scale_t: float,
         chunk: Optional[int] = None,
+        bias_s: Optional[Tensor] = None,
+        bias_t: Optional[Tensor] = None,
 ) -> Tensor:
     """The attention distillation loss of Li et al. (NeurIPS 2024) for one layer from queries and keys
     (B, H, N, head_dim): mean over (b, h, i) of CE_i = -sum_j softmax(T)_ij log_softmax(S)_ij with
@@ -179,6 +218,10 @@ def attention_distillation_loss(
 
     Computed in float32 (or the inputs' wider dtype) with autocast off, also under bf16/fp16 autocast
     (which would hand SDPA bf16). Student and teacher may differ in head_dim, not in heads or tokens.
+
+    ``bias_s`` / ``bias_t``: additive score biases (a relative position bias, broadcastable to
+    (B, H, N, N)): S and T gain them, the attention calls take them as ``attn_mask``, and the student's
+    gets its gradient from _score_bias_term (the teacher's gets none).
     """
     if q_s.shape[:-1] != q_t.shape[:-1] or k_s.shape[-2] != k_t.shape[-2]:
         raise ValueError(f"student q {tuple(q_s.shape)} and teacher q {tuple(q_t.shape)} differ in batch, "
@@ -187,12 +230,19 @@ def attention_distillation_loss(
     q_s, k_s, q_t, k_t = (a.to(dtype) for a in (q_s, k_s, q_t, k_t))
     scale_s, scale_t = float(scale_s), float(scale_t)
     with torch.autocast(q_s.device.type, enabled=False):
-        lse = _row_logsumexp(q_s.detach(), k_s.detach(), scale_s, chunk)
-        teacher_mix = F.scaled_dot_product_attention(q_t, k_t, k_s, scale=scale_t)  # P_t k_s
-        own_mix = F.scaled_dot_product_attention(q_s.detach(), k_s.detach(), k_s, scale=scale_s)  # P_s k_s
+        mask_s = bias_s.detach().to(dtype) if bias_s is not None else None
+        mask_t = bias_t.detach().to(dtype) if bias_t is not None else None
+        lse = _row_logsumexp(q_s.detach(), k_s.detach(), scale_s, chunk, mask_s)
+        teacher_mix = F.scaled_dot_product_attention(q_t, k_t, k_s, attn_mask=mask_t, scale=scale_t)  # P_t k_s
+        own_mix = F.scaled_dot_product_attention(q_s.detach(), k_s.detach(), k_s, attn_mask=mask_s,
+                                                 scale=scale_s)  # P_s k_s
         lse_grad = scale_s * (q_s * own_mix).sum(dim=-1)
         ce = lse + (lse_grad - lse_grad.detach()) - scale_s * (q_s * teacher_mix).sum(dim=-1)
-    return ce.mean()
+        if bias_s is None:
+            return ce.mean()
+        bias_term = _score_bias_term(q_s.detach(), k_s.detach(), q_t.detach(), k_t.detach(), scale_s, scale_t,
+                                     bias_s.to(dtype), mask_t, chunk)
+    return ce.mean() + bias_term / ce.numel()
 
 
 def activation_mse(student: Tensor, teacher: Tensor) -> Tensor:
@@ -218,7 +268,8 @@ def transfer_loss(mode: TransferMode, student: Captured, teacher: Captured, impl
     if impl == 'explicit':
         return attention_cross_entropy(student['attn_logits'], teacher['attn'], student['attn'])
     return attention_distillation_loss(student['q'], student['k'], teacher['q'], teacher['k'],
-                                       student['scale'], teacher['scale'])
+                                       student['scale'], teacher['scale'], bias_s=student.get('bias'),
+                                       bias_t=teacher.get('bias'))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -239,29 +290,15 @@ def resolve_attention_impl(impl: str, device: Union[str, torch.device]) -> str:
     return impl
 
 
-def _project_qkv(attn: Attention, x: Tensor, only_v: bool) -> tuple[Optional[Tensor], Optional[Tensor], Tensor]:
-    """q, k, v of shape (B, H, N, head_dim), q and k after the module's own qk-norm.
-
-    With ``only_v`` the q and k rows of ``attn.qkv`` are skipped (a copied attention map needs no
-    q or k of the student's); their weights still get (zero) gradients, as when computed unused.
-    """
-    B, N, _ = x.shape
-    if only_v:
-        rows = slice(2 * attn.attn_dim, 3 * attn.attn_dim)
-        bias = attn.qkv.bias[rows] if attn.qkv.bias is not None else None
-        v = F.linear(x, attn.qkv.weight[rows], bias)
-        return None, None, v.reshape(B, N, attn.num_heads, attn.head_dim).transpose(1, 2)
-    qkv = attn.qkv(x).reshape(B, N, 3, attn.num_heads, attn.head_dim).permute(2, 0, 3, 1, 4)
-    q, k, v = qkv.unbind(0)
-    return attn.q_norm(q), attn.k_norm(k), v
-
-
-def attention_logits_and_probs(q: Tensor, k: Tensor, scale: float) -> tuple[Tensor, Tensor]:
-    """Explicit attention map: logits ``q k^T * scale`` in float32 (or wider) and their softmax over keys.
+def attention_logits_and_probs(q: Tensor, k: Tensor, scale: float,
+                               bias: Optional[Tensor] = None) -> tuple[Tensor, Tensor]:
+    """Explicit attention map: logits ``q k^T * scale (+ bias)`` in float32 (or wider) and their softmax over keys.
 
     The only place that builds an (B, H, N, N) map: diagnostics (forward_with_capture, attention
     probe scoring, visualisation) and ``--attention_impl explicit``."""
     logits = _at_least_float32((q * scale) @ k.transpose(-2, -1))
+    if bias is not None:
+        logits = logits + bias.to(logits.dtype)
     return logits, logits.softmax(dim=-1)
 
 
@@ -271,8 +308,9 @@ def transfer_attention(
         expose: Optional[str] = None,
         given: Optional[Captured] = None,
         impl: str = 'fused',
+        context=None,
 ) -> tuple[Tensor, Captured]:
-    """Run a timm ``Attention`` module, exposing and/or replacing some of its activations.
+    """Run a timm attention module, exposing and/or replacing some of its activations.
 
     expose: ``q``, ``k``, ``v`` or ``attn`` (the attention map); the returned dict holds it.
         With ``impl='fused'`` the map is exposed as what defines it, ``q``, ``k`` and ``scale``;
@@ -284,41 +322,41 @@ def transfer_attention(
 
     With ``impl='fused'``, or without an explicit map exposed or given, the layer runs
     ``scaled_dot_product_attention`` and no N x N tensor is built.
+
+    ``context``: what the module's family needs beside ``x`` (models_families: the rotary embedding of an
+    Eva block, the shared relative position bias of a Beit model). A family's additive score bias is part
+    of the map: exposed as ``bias`` with q and k (fused), and a map given as q and k brings its own.
     """
     if impl not in ATTENTION_IMPLS:
         raise ValueError(f"attention impl {impl!r}: choose one of {', '.join(ATTENTION_IMPLS)}")
     if given and 'heads' in given:
-        return _transfer_some_heads(attn, x, expose, given, impl)
+        return _transfer_some_heads(attn, x, expose, given, impl, context)
     given = given or {}
-    B, N, _ = x.shape
-    q, k, v = _project_qkv(attn, x, only_v='attn' in given or ('q' in given and 'k' in given))
+    family = family_of_attention(attn)
+    map_given = 'q' in given and 'k' in given
+    q, k, v = family.project(attn, x, context, only_v='attn' in given or map_given)
     q, k, v = given.get('q', q), given.get('k', k), given.get('v', v)
     scale = given.get('scale', attn.scale)
+    bias = given.get('bias') if map_given else family.score_bias(attn, context)
     captured: Captured = {}
     if expose in ('q', 'k', 'v'):
         captured[expose] = {'q': q, 'k': k, 'v': v}[expose]
     elif expose == 'attn' and impl == 'fused':
         captured.update(q=q, k=k, scale=scale)
+        if bias is not None:
+            captured['bias'] = bias
 
     drop_p = attn.attn_drop.p if attn.training else 0.0
     if 'attn' in given:
         out = attn.attn_drop(given['attn']).to(v.dtype) @ v
     elif expose == 'attn' and impl == 'explicit':
-        logits, probs = attention_logits_and_probs(q, k, scale)
+        logits, probs = attention_logits_and_probs(q, k, scale, bias)
         captured['attn_logits'], captured['attn'] = logits, probs
         out = attn.attn_drop(probs).to(v.dtype) @ v
     else:
-        out = F.scaled_dot_product_attention(q, k, v, dropout_p=drop_p, scale=scale)
-    return _attention_output(attn, x, out), captured
-
-
-def _attention_output(attn: Attention, x: Tensor, out: Tensor) -> Tensor:
-    """The module's own steps after the attention: heads (B, H, N, head_dim) merged, norm, gate, projection."""
-    B, N, _ = x.shape
-    y = attn.norm(out.transpose(1, 2).reshape(B, N, attn.attn_dim))
-    if attn.gate is not None:
-        y = y * attn.gate(x).sigmoid()
-    return attn.proj_drop(attn.proj(y))
+        mask = bias.to(q.dtype) if bias is not None else None
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=drop_p, scale=scale)
+    return family.output(attn, out, x), captured
 
 
 def select_heads(captured: Captured, heads: Sequence[int]) -> Captured:
@@ -329,55 +367,47 @@ def select_heads(captured: Captured, heads: Sequence[int]) -> Captured:
 
 
 def _transfer_some_heads(attn: Attention, x: Tensor, expose: Optional[str], given: Captured,
-                         impl: str) -> tuple[Tensor, Captured]:
+                         impl: str, context=None) -> tuple[Tensor, Captured]:
     """transfer_attention with what ``given`` hands over used in the heads ``given['heads']`` only
-    (--transfer_heads); the module's other heads attend with their own q, k and v. With ``expose='attn'``
-    (explicit) the capture holds the probabilities each head used."""
+    (--transfer_heads); the module's other heads attend with their own q, k and v (and its family's score
+    bias). With ``expose='attn'`` (explicit) the capture holds the probabilities each head used."""
     heads = list(given['heads'])
     given = {name: value for name, value in given.items() if name != 'heads'}
-    q, k, v = _project_qkv(attn, x, only_v=False)
+    family = family_of_attention(attn)
+    q, k, v = family.project(attn, x, context, only_v=False)
+    bias = family.score_bias(attn, context)
     chosen = torch.zeros(attn.num_heads, dtype=torch.bool, device=x.device)
     chosen[heads] = True
     mask = chosen.view(1, -1, 1, 1)
     drop_p = attn.attn_drop.p if attn.training else 0.0
     captured: Captured = {}
     if 'attn' in given:  # explicit probabilities: the teacher's rows in the chosen heads, the student's elsewhere
-        _, own = attention_logits_and_probs(q, k, attn.scale)
+        _, own = attention_logits_and_probs(q, k, attn.scale, bias)
         probs = torch.where(mask, given['attn'].to(own.dtype), own)
         if expose == 'attn':
             captured['attn'] = probs
-        return _attention_output(attn, x, attn.attn_drop(probs).to(v.dtype) @ v), captured
+        return family.output(attn, attn.attn_drop(probs).to(v.dtype) @ v, x), captured
     if 'q' in given and 'k' in given:  # a fused map: the teacher's q and k (and scale) attend over the chosen heads
         if expose:
             raise ValueError("a fused map given to some heads exposes nothing; use impl='explicit' to capture maps")
         rest = [h for h in range(attn.num_heads) if h not in heads]
-        out_given = F.scaled_dot_product_attention(given['q'][:, heads], given['k'][:, heads], v[:, heads],
-                                                   dropout_p=drop_p, scale=given['scale'])
+        out_given = F.scaled_dot_product_attention(
+            given['q'][:, heads], given['k'][:, heads], v[:, heads], dropout_p=drop_p, scale=given['scale'],
+            attn_mask=_heads_of(given.get('bias'), heads, q.dtype))
         out_own = F.scaled_dot_product_attention(q[:, rest], k[:, rest], v[:, rest], dropout_p=drop_p,
-                                                 scale=attn.scale)
+                                                 scale=attn.scale, attn_mask=_heads_of(bias, rest, q.dtype))
         order = torch.tensor(heads + rest, device=x.device).argsort()
-        return _attention_output(attn, x, torch.cat([out_given, out_own], dim=1)[:, order]), captured
+        return family.output(attn, torch.cat([out_given, out_own], dim=1)[:, order], x), captured
     q, k, v = (torch.where(mask, given[name].to(own.dtype), own) if name in given else own
                for name, own in (('q', q), ('k', k), ('v', v)))
-    return transfer_attention_qkv(attn, x, q, k, v, expose, impl)
+    return transfer_attention(attn, x, expose, {'q': q, 'k': k, 'v': v, 'bias': bias}, impl, context)
 
 
-def transfer_attention_qkv(attn: Attention, x: Tensor, q: Tensor, k: Tensor, v: Tensor, expose: Optional[str],
-                           impl: str) -> tuple[Tensor, Captured]:
-    """The module's attention from given q, k, v (after qk-norm), exposing ``expose`` as transfer_attention."""
-    captured: Captured = {}
-    if expose in ('q', 'k', 'v'):
-        captured[expose] = {'q': q, 'k': k, 'v': v}[expose]
-    elif expose == 'attn' and impl == 'fused':
-        captured.update(q=q, k=k, scale=attn.scale)
-    if expose == 'attn' and impl == 'explicit':
-        logits, probs = attention_logits_and_probs(q, k, attn.scale)
-        captured['attn_logits'], captured['attn'] = logits, probs
-        out = attn.attn_drop(probs).to(v.dtype) @ v
-    else:
-        out = F.scaled_dot_product_attention(q, k, v, dropout_p=attn.attn_drop.p if attn.training else 0.0,
-                                             scale=attn.scale)
-    return _attention_output(attn, x, out), captured
+def _heads_of(bias: Optional[Tensor], heads: list[int], dtype: torch.dtype) -> Optional[Tensor]:
+    """A score bias (broadcastable to (B, H, N, N)) restricted to ``heads``, as an SDPA mask."""
+    if bias is None:
+        return None
+    return (bias[:, heads] if bias.dim() == 4 and bias.shape[1] > 1 else bias).to(dtype)
 
 
 # --map_average: how the teacher's maps are averaged before they are handed over
@@ -405,8 +435,9 @@ DropPathMasks = list  # per block: (mask for the attention branch, mask for the 
 AttentionFn = Callable[[Tensor], tuple[Tensor, Captured]]
 
 
-def _plain_attention(attn: Attention) -> AttentionFn:
-    return lambda h: (attn(h), {})
+def _plain_attention(attn: nn.Module, context=None) -> AttentionFn:
+    family = family_of_attention(attn)
+    return lambda h: (family.call(attn, h, context), {})
 
 
 def block_forward(
@@ -415,13 +446,15 @@ def block_forward(
         attention: AttentionFn,
         masks: Optional[tuple[Optional[Tensor], Optional[Tensor]]] = None,
 ) -> tuple[Tensor, Captured]:
-    """A timm pre-norm ``Block`` with a given attention call and, optionally, given drop-path masks.
+    """A timm pre-norm block (``Block``, or another family's: models_families) with a given attention call
+    and, optionally, given drop-path masks.
 
     Without masks, the block's own ``drop_path1/2`` modules apply (identity in eval mode).
     """
+    scale1, scale2 = family_of_block(blk).branch_scales(blk)
     h, captured = attention(blk.norm1(x))
-    x = x + _drop_branch(blk.ls1(h), blk.drop_path1, masks, 0)
-    x = x + _drop_branch(blk.ls2(blk.mlp(blk.norm2(x))), blk.drop_path2, masks, 1)
+    x = x + _drop_branch(scale1(h), blk.drop_path1, masks, 0)
+    x = x + _drop_branch(scale2(blk.mlp(blk.norm2(x))), blk.drop_path2, masks, 1)
     return x, captured
 
 
@@ -434,10 +467,13 @@ def _drop_branch(branch: Tensor, own_drop_path: nn.Module, masks: Optional[tuple
 
 def embed_tokens(vit: VisionTransformer, x: Tensor) -> Tensor:
     """Patch embedding, prefix tokens, position embedding and pre-norm: the tokens block 0 sees."""
-    x = vit.patch_embed(x)
-    x = vit._pos_embed(x)
-    x = vit.patch_drop(x)
-    return vit.norm_pre(x)
+    return embed_with_context(vit, x)[0]
+
+
+def embed_with_context(vit: nn.Module, x: Tensor) -> tuple[Tensor, list]:
+    """The tokens block 0 sees and, per block, what its attention needs beside its input (its family's
+    context: a rotary embedding, a shared relative position bias, or None)."""
+    return family_of_model(vit).embed(vit, x)
 
 
 def drop_path_rates(vit: VisionTransformer) -> list[tuple[float, float]]:
@@ -469,11 +505,11 @@ def forward_with_capture(
 ) -> tuple[Tensor, dict[int, Tensor], dict[int, Tensor]]:
     """A ViT's logits, its attention probabilities (B, H, N, N) at ``attention_blocks`` and its block
     outputs (B, N, C) at ``feature_blocks``, through the same attention code as the transfer."""
-    tokens = embed_tokens(vit, x)
+    tokens, contexts = embed_with_context(vit, x)
     maps, features = {}, {}
     for i, blk in enumerate(vit.blocks):
-        attention = (partial(transfer_attention, blk.attn, expose='attn', impl='explicit') if i in attention_blocks
-                     else _plain_attention(blk.attn))
+        attention = (partial(transfer_attention, blk.attn, expose='attn', impl='explicit', context=contexts[i])
+                     if i in attention_blocks else _plain_attention(blk.attn, contexts[i]))
         tokens, captured = block_forward(blk, tokens, attention)
         if i in attention_blocks:
             maps[i] = captured['attn']
@@ -482,20 +518,98 @@ def forward_with_capture(
     return vit.forward_head(vit.norm(tokens)), maps, features
 
 
+SUPPORTED_FAMILIES = ("timm VisionTransformer with its pre-norm Block (ViT, DeiT, MAE, DINO, DINOv2, CLIP, SigLIP, "
+                      "qk-norm), Eva with EvaBlock (EVA-02, vit_*_rope_*, DINOv3, PE) and Beit (BEiT, BEiTv2)")
+
+
 def check_supported(vit: nn.Module, role: str) -> None:
-    """Raise a clear error unless ``vit`` is a timm ViT made of standard pre-norm Blocks."""
-    if not isinstance(vit, VisionTransformer):
-        raise UserError(
-            f"{role}: {type(vit).__name__} is not a timm VisionTransformer; attention transfer supports "
-            "timm ViTs built from the standard pre-norm Block (vit_*, deit_*, DINO, DINOv2, CLIP, qk-norm).")
+    """Raise a clear error unless ``vit`` is a timm model of a family models_families has an adapter for,
+    made of that family's pre-norm blocks."""
+    family = family_of_model(vit)
+    if family is None:
+        raise UserError(f"{role}: {type(vit).__name__} is not a ViT family attention transfer supports; it "
+                        f"supports a {SUPPORTED_FAMILIES}. Pick such a model, or train without a transfer mode "
+                        "(--mode none).")
     for i, blk in enumerate(vit.blocks):
         attn = getattr(blk, 'attn', None)  # parallel blocks (vit_*_18x2_*, vit_pwee_*) have none
-        if type(blk) is not Block or type(attn) is not Attention:
+        if type(blk) not in family.block_types or type(attn) not in family.attention_types:
             raise UserError(
-                f"{role}: block {i} is {type(blk).__name__} with {type(attn).__name__}; attention "
-                "transfer supports timm's pre-norm Block with timm.layers.Attention only (plain ViT, DeiT, "
-                "MAE, DINO, DINOv2, CLIP, qk-norm variants). Pick such a model, or train without a "
-                "transfer mode (--mode none).")
+                f"{role}: block {i} is {type(blk).__name__} with {type(attn).__name__}; attention transfer "
+                f"supports {family.name} models built from {' or '.join(t.__name__ for t in family.block_types)} "
+                f"with {' or '.join(t.__name__ for t in family.attention_types)} (post-norm blocks such as "
+                "ResPostBlock and EvaBlockPostNorm, and parallel blocks, are not supported). Pick such a model, "
+                "or train without a transfer mode (--mode none).")
+    refusal = family.refusal(vit)
+    if refusal:
+        raise UserError(f"{role}: {type(vit).__name__}: {refusal}. Pick another model, or train without a transfer "
+                        "mode (--mode none).")
+
+
+def pair_layers(spec: Union[str, dict, None], student_depth: int, teacher_depth: int) -> dict[int, int]:
+    """Student layer -> teacher block. ``spec``: ``"0:1,1:3"`` (student:teacher pairs) or a dict; without one,
+    a student as deep as the teacher (or deeper) pairs block i with block i, and a shallower student is spread
+    over the teacher's depth, top layer to top layer: student layer i with teacher block
+    round((i + 1) * teacher_depth / student_depth) - 1 (2 of 4: 0:1, 1:3; 4 of 12: 0:2, 1:5, 2:8, 3:11)."""
+    if spec is None or spec == '' or spec == {}:
+        if student_depth >= teacher_depth:
+            return {i: i for i in range(teacher_depth)}
+        return {i: round((i + 1) * teacher_depth / student_depth) - 1 for i in range(student_depth)}
+    if isinstance(spec, dict):
+        pairs = {int(i): int(j) for i, j in spec.items()}
+    else:
+        pairs = {}
+        for part in str(spec).split(','):
+            try:
+                i, j = (int(n) for n in part.split(':'))
+            except ValueError:
+                raise UserError(f"--layer_map {spec!r}: cannot read {part.strip()!r}; write student:teacher pairs, "
+                                "e.g. 0:1,1:3") from None
+            if i in pairs:
+                raise UserError(f"--layer_map {spec!r}: student layer {i} is paired twice")
+            pairs[i] = j
+    bad = [f'{i}:{j}' for i, j in pairs.items() if not (0 <= i < student_depth and 0 <= j < teacher_depth)]
+    if bad:
+        raise UserError(f"--layer_map: pairs {', '.join(bad)} name layers outside the student's blocks "
+                        f"0..{student_depth - 1} or the teacher's 0..{teacher_depth - 1}")
+    order = sorted(pairs)
+    if any(pairs[a] >= pairs[b] for a, b in zip(order, order[1:])):
+        raise UserError(f"--layer_map {spec!r}: the teacher blocks must rise with the student layers (the teacher "
+                        "runs once, bottom to top), e.g. 0:1,1:3")
+    return {i: pairs[i] for i in order}
+
+
+def transferred_pairs(selected: list[int], pairs: dict[int, int], explicit: bool) -> list[int]:
+    """The transferred student layers: those selected (--transfer_layers / --end_layer) that are paired with a
+    teacher block; an explicit selection of an unpaired layer is an error."""
+    unpaired = [i for i in selected if i not in pairs]
+    if unpaired and explicit:
+        raise UserError(f"--transfer_layers selects layers {unpaired} that --layer_map pairs with no teacher block; "
+                        "pair them, or leave them out")
+    layers = [i for i in selected if i in pairs]
+    if not layers:
+        raise UserError("--layer_map and --transfer_layers / --end_layer leave no layer to transfer")
+    return layers
+
+
+def token_mismatches(teacher: nn.Module, student: nn.Module) -> list[str]:
+    """Why the teacher's and the student's tokens do not correspond one to one (empty when they do). Maps of
+    other patch grids are not resampled and register rows are neither dropped nor mirrored: the student is
+    asked for the teacher's grid and prefix tokens, which its own architecture arguments give."""
+    problems = []
+    t_grid, s_grid = tuple(teacher.patch_embed.grid_size), tuple(student.patch_embed.grid_size)
+    if t_grid != s_grid:
+        t_patch, s_patch = teacher.patch_embed.patch_size, student.patch_embed.patch_size
+        problems.append(f"teacher's patch grid {t_grid[0]}x{t_grid[1]} (patch {t_patch[0]}), student's "
+                        f"{s_grid[0]}x{s_grid[1]} (patch {s_patch[0]}): maps pair the tokens one to one, so give the "
+                        f"student the teacher's patch size (--student_kwargs patch_size={t_patch[0]})")
+    t_prefix, s_prefix = teacher.num_prefix_tokens, student.num_prefix_tokens
+    if t_prefix != s_prefix:
+        key = 'num_reg_tokens' if family_of_model(student).name == 'Eva' else 'reg_tokens'
+        t_regs = t_prefix - int(getattr(teacher, 'cls_token', None) is not None)
+        problems.append(f"teacher has {t_prefix} prefix tokens (class and {t_regs} register tokens), student "
+                        f"{s_prefix}: give the student the teacher's register tokens (--student_kwargs {key}={t_regs})"
+                        " and class token")
+    return problems
 
 
 def parse_layers(spec: Union[str, Sequence[int], None], depth: int, end_layer: int = 0) -> list[int]:
@@ -580,6 +694,7 @@ class DualViT(TeacherStudentPair):
             end_layer: int = 0,
             share_drop_path: bool = True,
             attention_impl: str = 'fused',
+            layer_map: Union[str, dict, None] = None,
             transfer_heads: Union[str, int, Sequence[int], None] = None,
             map_average: str = 'none',
     ) -> None:
@@ -598,11 +713,14 @@ class DualViT(TeacherStudentPair):
         self.grad_checkpointing = False
         self._teacher_layer, self._student_layer = teacher_layer, student_layer
         self._layers: list[int] = []
+        self.pairs: dict[int, int] = {}  # student layer -> the teacher block it is paired with
         if teacher is not None:
             check_supported(teacher, 'teacher')
             check_supported(student, 'student')
             depth = min(len(teacher.blocks), len(student.blocks))
-            self._layers = parse_layers(layers, depth, end_layer)
+            self.pairs = pair_layers(layer_map, len(student.blocks), len(teacher.blocks))
+            self._layers = transferred_pairs(parse_layers(layers, depth, end_layer), self.pairs,
+                                             explicit=layers not in (None, ''))
             self._check_compatible()
             teacher.requires_grad_(False)
             teacher.eval()
@@ -623,24 +741,27 @@ class DualViT(TeacherStudentPair):
     @property
     def last_teacher_layer(self) -> int:
         """Index of the last teacher block that runs; -1 without a teacher."""
-        return self.layers[-1] if self.layers else -1
+        return self.pairs[self.layers[-1]] if self.layers else -1
+
+    def describe_layers(self) -> str:
+        """The transferred layers, with the teacher block of each where they differ."""
+        if all(self.pairs[i] == i for i in self.layers):
+            return str(self.layers)
+        return ', '.join(f'{i}:{self.pairs[i]}' for i in self.layers) + ' (student:teacher)'
 
     def _check_compatible(self) -> None:
         t, s = self.teacher, self.student
         problems = []
-        t_tokens = t.patch_embed.num_patches + t.num_prefix_tokens
-        s_tokens = s.patch_embed.num_patches + s.num_prefix_tokens
-        if t_tokens != s_tokens:
-            problems.append(f"teacher has {t_tokens} tokens ({t.num_prefix_tokens} prefix), student {s_tokens} "
-                            f"({s.num_prefix_tokens} prefix): use the same patch size, image size and register tokens")
-        if not isinstance(s.patch_drop, nn.Identity):
+        problems += token_mismatches(t, s)
+        if family_of_model(s).uses_patch_dropout(s):
             problems.append("the student uses patch dropout, which breaks the token correspondence with the teacher")
         for i in self.layers:
-            ta, sa = t.blocks[i].attn, s.blocks[i].attn
-            if ta.num_heads != sa.num_heads:
-                problems.append(f"layer {i}: teacher has {ta.num_heads} heads, student {sa.num_heads}")
-            elif self.mode.exposes != 'attn' and ta.head_dim != sa.head_dim:
-                problems.append(f"layer {i}: teacher head_dim {ta.head_dim}, student {sa.head_dim} "
+            ta, sa = t.blocks[self.pairs[i]].attn, s.blocks[i].attn
+            (t_heads, t_dim), (s_heads, s_dim) = family_of_attention(ta).heads(ta), family_of_attention(sa).heads(sa)
+            if t_heads != s_heads:
+                problems.append(f"layer {i}: teacher has {t_heads} heads, student {s_heads}")
+            elif self.mode.exposes != 'attn' and t_dim != s_dim:
+                problems.append(f"layer {i}: teacher head_dim {t_dim}, student {s_dim} "
                                 f"(mode {self.mode.name} moves {self.mode.exposes} between them)")
         if problems:
             raise UserError(f"teacher and student are incompatible for mode {self.mode.name}:\n  - "
@@ -686,7 +807,8 @@ class DualViT(TeacherStudentPair):
         """The same teacher and transfer around another student (e.g. the EMA weights, for evaluation)."""
         return DualViT(student, self.teacher, mode=self.mode, layers=self.layers or None,
                        share_drop_path=self.share_drop_path, attention_impl=self.attention_impl,
-                       transfer_heads=self.transfer_heads, map_average=self.map_average)
+                       layer_map=self.pairs or None, transfer_heads=self.transfer_heads,
+                       map_average=self.map_average)
 
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         """Recompute each student block in the backward pass instead of keeping its activations:
@@ -711,13 +833,16 @@ class DualViT(TeacherStudentPair):
     @property
     def may_leave_student_parameters_unused(self) -> bool:
         """Whether some trainable student parameters get no gradient: in copy, copy_q and copy_k the
-        student's own qk-norm of transferred layers is replaced by the teacher's activations (DDP must
-        then look for unused parameters)."""
+        student's own qk-norm (separate q / k projections) of transferred layers is replaced by the teacher's
+        activations, and in copy its score bias (a relative position table) by the teacher's map (DDP must then
+        look for unused parameters)."""
         if self.mode is None or self.mode.use != 'replace' or self.mode.exposes == 'v':
             return False
         attns = [self.student.blocks[i].attn for i in self.layers]
-        norms = [m for a in attns for m in (a.q_norm, a.k_norm)]
-        return any(p.requires_grad for m in norms for p in m.parameters())
+        unused = [p for a in attns for m in family_of_attention(a).projections(a) for p in m.parameters()]
+        if self.mode.exposes == 'attn':
+            unused += family_of_model(self.student).score_bias_parameters(self.student, self.layers)
+        return any(p.requires_grad for p in unused)
 
     def draw_drop_path_masks(self, batch_size: int, device: torch.device) -> DropPathMasks:
         """Masks for one training step, drawn from the student's stochastic-depth rates."""
@@ -735,17 +860,20 @@ class DualViT(TeacherStudentPair):
             impl = 'explicit'  # the averaged maps exist only as explicit maps (--attention_impl auto on CUDA)
         checkpointed = self.grad_checkpointing and self.training and torch.is_grad_enabled()
         with torch.no_grad():
-            tx = embed_tokens(t, x)
-        sx = embed_tokens(s, x)
-        loss = None
+            tx, t_context = embed_with_context(t, x)
+        sx, s_context = embed_with_context(s, x)
+        loss, t_next, paired_student = None, 0, {j: i for i, j in self.pairs.items()}
         for i, s_blk in enumerate(s.blocks):
             block_masks = masks[i] if masks is not None else None
-            handed = None
-            if i <= self.last_teacher_layer:
-                expose = mode.exposes if i in self.layers else None
-                with torch.no_grad():
-                    tx, handed = self._teacher_layer(t.blocks[i], tx, expose, impl, block_masks)
-            args = (mode, s_blk, sx, self.hand_over(handed), impl, block_masks)
+            handed, target = None, self.pairs.get(i)
+            if target is not None and target <= self.last_teacher_layer:
+                with torch.no_grad():  # the teacher runs up to the block paired with this layer
+                    for j in range(t_next, target + 1):
+                        expose = mode.exposes if j == target and i in self.layers else None
+                        j_masks = masks[paired_student[j]] if masks is not None and j in paired_student else None
+                        tx, handed = self._teacher_layer(t.blocks[j], tx, expose, impl, j_masks, t_context[j])
+                t_next = target + 1
+            args = (mode, s_blk, sx, self.hand_over(handed), impl, block_masks, s_context[i])
             if checkpointed:
                 sx, layer_loss = torch.utils.checkpoint.checkpoint(self._student_layer, *args, use_reentrant=False)
             else:
@@ -764,10 +892,11 @@ def teacher_layer(
         expose: Optional[str],
         impl: str,
         masks: Optional[tuple[Optional[Tensor], Optional[Tensor]]],
+        context=None,
 ) -> tuple[Tensor, Captured]:
     """One teacher block of the transfer loop: its output and what it hands over (``expose``)."""
-    attention = (partial(transfer_attention, blk.attn, expose=expose, impl=impl) if expose
-                 else _plain_attention(blk.attn))
+    attention = (partial(transfer_attention, blk.attn, expose=expose, impl=impl, context=context) if expose
+                 else _plain_attention(blk.attn, context))
     return block_forward(blk, x, attention, masks)
 
 
@@ -778,31 +907,32 @@ def student_layer(
         handed: Optional[Captured],
         impl: str,
         masks: Optional[tuple[Optional[Tensor], Optional[Tensor]]],
+        context=None,
 ) -> tuple[Tensor, Optional[Tensor]]:
     """One student block of the transfer loop: its output and its transfer loss (None without one).
 
     ``handed``: what the teacher's block handed over, None in a layer without transfer. A
     ``replace`` mode uses it in place of the student's own activations; a ``loss`` mode compares."""
     if handed is None:
-        attention = _plain_attention(blk.attn)
+        attention = _plain_attention(blk.attn, context)
     elif mode.use == 'replace':
-        attention = partial(transfer_attention, blk.attn, given=handed, impl=impl)
+        attention = partial(transfer_attention, blk.attn, given=handed, impl=impl, context=context)
     else:
-        attention = partial(transfer_attention, blk.attn, expose=mode.exposes, impl=impl)
+        attention = partial(transfer_attention, blk.attn, expose=mode.exposes, impl=impl, context=context)
     x, captured = block_forward(blk, x, attention, masks)
     return x, (transfer_loss(mode, captured, handed, impl) if captured else None)
 
 
-def _attention_used(attn: Attention, h: Tensor, given: Optional[Captured], expose: Optional[str],
-                    store: dict) -> tuple[Tensor, Captured]:
+def _attention_used(attn: nn.Module, h: Tensor, given: Optional[Captured], expose: Optional[str],
+                    store: dict, context=None) -> tuple[Tensor, Captured]:
     """A layer's attention as the dual model runs it (with ``given``: what the teacher handed over), keeping
     in ``store['map']`` the probabilities the layer used and in ``store['handed']`` what it hands over
     (``expose``), both explicit."""
-    out, captured = transfer_attention(attn, h, expose='attn', given=given, impl='explicit')
+    out, captured = transfer_attention(attn, h, expose='attn', given=given, impl='explicit', context=context)
     store['map'] = given['attn'] if given and 'attn' in given and 'heads' not in given else captured['attn']
     if expose:
         store['handed'] = captured if expose == 'attn' else transfer_attention(attn, h, expose=expose,
-                                                                               impl='explicit')[1]
+                                                                               impl='explicit', context=context)[1]
     return out, captured
 
 
@@ -818,24 +948,29 @@ def forward_dual_with_capture(
     Where the student uses what the teacher hands over (copy modes, transferred layers), its map is the one
     it attended with: the teacher's own in ``copy``, the teacher's q with the student's k in ``copy_q`` (its
     q with the teacher's k in ``copy_k``); elsewhere the student's own, computed on the tokens of this
-    forward (which, after a copied layer, differ from those of the student run alone). The teacher runs
-    all its blocks, for its maps."""
+    forward (which, after a copied layer, differ from those of the student run alone). The teacher's map at
+    student layer i is that of the teacher block paired with it (``model.pairs``; block i unless a layer map
+    says otherwise); the teacher runs up to the block paired with the student's last layer."""
     teacher, student = model.teacher, model.student
     replaces = model.needs_teacher_at_eval
-    tx, sx = embed_tokens(teacher, x), embed_tokens(student, x)
+    (tx, t_context), (sx, s_context) = embed_with_context(teacher, x), embed_with_context(student, x)
     t_maps, s_maps = {}, {}
+    t_next = 0
     for i, s_blk in enumerate(student.blocks):
-        given = None
-        if i < len(teacher.blocks):
-            t_blk, store = teacher.blocks[i], {}
-            expose = model.mode.exposes if replaces and i in model.layers else None
-            tx, _ = block_forward(t_blk, tx, partial(_attention_used, t_blk.attn, given=None, expose=expose,
-                                                     store=store))
+        given, target = None, model.pairs.get(i)
+        if target is not None:
+            for j in range(t_next, target + 1):
+                t_blk, store = teacher.blocks[j], {}
+                expose = model.mode.exposes if replaces and j == target and i in model.layers else None
+                tx, _ = block_forward(t_blk, tx, partial(_attention_used, t_blk.attn, given=None, expose=expose,
+                                                         store=store, context=t_context[j]))
+            t_next = target + 1
             given = model.hand_over(store.get('handed'))
             if i in attention_blocks:
                 t_maps[i] = store['map']
         store = {}
-        sx, _ = block_forward(s_blk, sx, partial(_attention_used, s_blk.attn, given=given, expose=None, store=store))
+        sx, _ = block_forward(s_blk, sx, partial(_attention_used, s_blk.attn, given=given, expose=None, store=store,
+                                                 context=s_context[i]))
         if i in attention_blocks:
             s_maps[i] = store['map']
     return student.forward_head(student.norm(sx)), t_maps, s_maps
@@ -868,7 +1003,9 @@ def resolve_model_name(name: str) -> str:
     return name
 
 
-def _pool_name(global_pool: Union[bool, str]) -> str:
+def _pool_name(global_pool: Union[bool, str], arch: str = '') -> str:
+    if 'distilled' in arch:  # DeiT-distilled's two heads read the class and distillation tokens
+        return 'token'
     if isinstance(global_pool, bool):  # MAE's flag: True = average pooling + fc_norm, False = class token
         return 'avg' if global_pool else 'token'
     return global_pool
@@ -885,8 +1022,9 @@ def create_vit(
     """A randomly initialised timm ViT (no download) for a dual, MAE or timm name."""
     arch = resolve_model_name(name)
     try:
-        return timm.create_model(arch, pretrained=False, num_classes=num_classes, global_pool=_pool_name(global_pool),
-                                 img_size=img_size, drop_path_rate=drop_path_rate, **kwargs)
+        return timm.create_model(arch, pretrained=False, num_classes=num_classes,
+                                 global_pool=_pool_name(global_pool, arch), img_size=img_size,
+                                 drop_path_rate=drop_path_rate, **kwargs)
     except (TypeError, ValueError, AssertionError) as e:
         # timm's constructors reject a wrong name or argument with these, and their messages name
         # neither the model nor the flag that set it
@@ -919,6 +1057,7 @@ def build_dual_vit(
         attention_impl: str = 'fused',
         teacher_kwargs: Optional[dict] = None,
         student_kwargs: Optional[dict] = None,
+        layer_map: Union[str, dict, None] = None,
         transfer_heads: Union[str, int, Sequence[int], None] = None,
         map_average: str = 'none',
 ) -> DualViT:
@@ -940,8 +1079,8 @@ def build_dual_vit(
         teacher = create_vit(teacher_model, drop_path_rate=0.0, **common, **teacher_kwargs)
         init_class_token(student)
     return DualViT(student, teacher, mode=mode, layers=transfer_layers, end_layer=end_layer,
-                   share_drop_path=share_drop_path, attention_impl=attention_impl, transfer_heads=transfer_heads,
-                   map_average=map_average)
+                   share_drop_path=share_drop_path, attention_impl=attention_impl, layer_map=layer_map,
+                   transfer_heads=transfer_heads, map_average=map_average)
 
 
 def _dual_factory(name: str) -> Callable[..., DualViT]:

@@ -35,6 +35,10 @@ class TeacherStudentPair(nn.Module, ABC):
     def layers(self) -> list:
         """The layers the pair transfers or compares (empty without a teacher), for the start-up line."""
 
+    def describe_layers(self) -> str:
+        """The layers as the start of a run prints them."""
+        return str(self.layers)
+
     @property
     @abstractmethod
     def may_leave_student_parameters_unused(self) -> bool:

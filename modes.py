@@ -64,8 +64,8 @@ IMAGENET_PROBE_PRESENTATIONS = 640000 * 512
 # its checkpoint records), each with the value in effect for checkpoints written before it was recorded.
 MODEL_ARGS = {'model': None, 'mode': 'none', 'teacher_model': None, 'student_model': None, 'model_kwargs': {},
               'student_kwargs': {}, 'input_size': 224, 'nb_classes': 1000, 'global_pool': True,
-              'transfer_layers': None, 'end_layer': 0, 'share_drop_path': True, 'probe_blocks': None,
-              'eval_crop_pct': None, 'transfer_heads': None, 'map_average': 'none'}
+              'transfer_layers': None, 'layer_map': None, 'end_layer': 0, 'share_drop_path': True,
+              'probe_blocks': None, 'eval_crop_pct': None, 'transfer_heads': None, 'map_average': 'none'}
 
 
 def recorded_model(saved: dict, **changes) -> Config:
@@ -180,6 +180,7 @@ class PlainTraining:
                               num_classes=args.nb_classes, global_pool=args.global_pool, img_size=args.input_size,
                               share_drop_path=args.share_drop_path, attention_impl=args.attention_impl,
                               teacher_kwargs=teacher_kwargs, student_kwargs=student_kwargs,
+                              layer_map=getattr(args, 'layer_map', None),
                               transfer_heads=getattr(args, 'transfer_heads', None) if self.uses_teacher else None,
                               map_average=getattr(args, 'map_average', 'none') if self.uses_teacher else 'none')
 
@@ -241,6 +242,10 @@ class AttentionTransfer(PlainTraining):
                        help='transfer layers [0, depth + end_layer); 0 = all layers, -6 = all but the last 6')
         g.add_argument('--transfer_layers', default=None, type=str,
                        help='explicit transferred layers, e.g. 0-17 or 0,2,4 (overrides --end_layer)')
+        g.add_argument('--layer_map', default=None, type=str,
+                       help='student:teacher layer pairs, e.g. 0:1,1:3 (a 2-block student of a 4-block teacher); '
+                            'default: block i with block i, and a shallower student spread over the teacher, top to '
+                            'top')
         g.add_argument('--transfer_heads', default=None, type=str, metavar='N|HEADS',
                        help='heads of each transferred layer that are transferred: N = the first N heads, or indices '
                             'such as 0,2 or 4-7 (one head by index: 3-3); the other heads attend on their own, and in '

@@ -192,3 +192,24 @@ def test_reference_checkpoints_evaluate_finetune_ensemble_and_export(shared_imag
     args = main_finetune.get_args_parser().parse_args(tiny_args(data, str(tmp_path / 'out'), '--resume', copy_path))
     with pytest.raises(UserError, match='--resume'):
         main_finetune.resolve_args(args)
+
+
+def test_moco_v3_and_dino_checkpoint_layouts_load_their_encoder(tmp_path):
+    """MoCo v3 (state_dict: module.base_encoder.* beside module.momentum_encoder.* and module.predictor.*) and
+    DINO (teacher / student entries: backbone.* beside the projection head.*; the teacher is loaded)."""
+    base, momentum, dino_teacher, dino_student = encoder(), encoder(), encoder(), encoder()
+    moco = {'state_dict': {**{'module.base_encoder.' + k: v for k, v in base.state_dict().items()},
+                           'module.base_encoder.head.0.weight': torch.randn(8, 48),
+                           **{'module.momentum_encoder.' + k: v for k, v in momentum.state_dict().items()},
+                           'module.predictor.0.weight': torch.randn(8, 8)}, 'arch': 'vit_small', 'epoch': 300}
+    dino = {'teacher': {**{'backbone.' + k: v for k, v in dino_teacher.state_dict().items()},
+                        'head.mlp.0.weight': torch.randn(8, 48)},
+            'student': {**{'module.backbone.' + k: v for k, v in dino_student.state_dict().items()},
+                        'module.head.mlp.0.weight': torch.randn(8, 48)}, 'epoch': 100}
+    for name, ckpt, expected in (('moco.pth.tar', moco, base), ('dino.pth', dino, dino_teacher)):
+        torch.save(ckpt, tmp_path / name)
+        target = encoder()
+        report = load_pretrained_weights(target, str(tmp_path / name))
+        for k, v in expected.state_dict().items():
+            assert torch.equal(target.state_dict()[k], v), (name, k)
+        assert 'blocks.0.attn.qkv.weight' in report.loaded

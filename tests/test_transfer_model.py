@@ -377,15 +377,17 @@ def test_bf16_autocast_end_to_end_close_to_float32(mode):
     torch.testing.assert_close(aux16, aux32, rtol=0.05, atol=0.05)
 
 
-def test_families_the_readme_lists_as_refused_are_refused_with_a_message():
-    """README's list: BEiT/BEiTv2 (Beit), EVA (Eva) and parallel blocks are refused with a UserError naming
-    the class, not an AttributeError from inside the check."""
-    for name, expected in (('beitv2_base_patch16_224', 'Beit'), ('eva02_tiny_patch14_224', 'Eva'),
-                           ('vit_small_patch16_18x2_224', 'ParallelThingsBlock')):
-        model = timm.create_model(name, pretrained=False, depth=1, embed_dim=48, num_heads=3)
+def test_families_without_an_adapter_are_refused_with_a_message():
+    """Parallel blocks and post-norm Eva blocks are refused with a UserError naming the class, not an
+    AttributeError from inside the check; Beit and Eva (pre-norm) have adapters (tests/test_families.py)."""
+    for name, expected in (('vit_small_patch16_18x2_224', 'ParallelThingsBlock'),
+                           ('eva_giant_patch14_224', 'EvaBlockPostNorm')):
+        kw = dict(use_post_norm=True) if name.startswith('eva') else {}
+        model = timm.create_model(name, pretrained=False, depth=1, embed_dim=48, num_heads=3, **kw)
         with pytest.raises(UserError, match=expected):
             check_supported(model, 'teacher')
-    check_supported(timm.create_model('vit_small_patch14_reg4_dinov2', pretrained=False, depth=1), 'teacher')
+    for name in ('vit_small_patch14_reg4_dinov2', 'beitv2_base_patch16_224', 'eva02_tiny_patch14_224'):
+        check_supported(timm.create_model(name, pretrained=False, depth=1, embed_dim=48, num_heads=3), 'teacher')
 
 
 # ---- the student's class token: std 0.02 in transfer modes (the reference), timm's 1e-6 otherwise ------

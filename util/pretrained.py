@@ -1,8 +1,9 @@
 """Loading pre-trained ViT weights (teachers, fine-tuning starts) with strict, explained key checks.
 
 Accepted files: MAE pre-training and fine-tuning checkpoints (``model`` / ``model_ema`` entries),
-DeiT-style checkpoints (``model``), plain timm state dicts, ``.safetensors`` files, and this
-project's own checkpoints. Wherever a path is accepted, so are names, resolved to a local file in the
+DeiT-style checkpoints (``model``), plain timm state dicts, ``.safetensors`` files, MoCo v3
+(``module.base_encoder.*``) and DINO (``teacher`` / ``student``) checkpoints, and this project's own
+checkpoints. Wherever a path is accepted, so are names, resolved to a local file in the
 usual caches (downloaded once with internet; from the cache alone with ``HF_HUB_OFFLINE=1``):
 ``timm:NAME[.tag]`` (timm's pretrained weights, through huggingface_hub or torch.hub as timm's own
 config says), ``hf-hub:ORG/NAME[@revision]`` (a Hugging Face Hub repository in timm's layout:
@@ -32,6 +33,7 @@ from huggingface_hub.errors import EntryNotFoundError, LocalEntryNotFoundError
 from timm.models import clean_state_dict, get_pretrained_cfg, split_model_name_tag
 from timm.models.vision_transformer import checkpoint_filter_fn
 
+from models_families import checkpoint_filter_for
 from util.distributed import log
 from util.errors import UserError
 
@@ -40,7 +42,8 @@ IGNORED_PREFIXES = ('decoder_', 'mask_token')
 # Classifier-side parameters: a pre-training checkpoint has none (or a final ``norm`` where the model
 # pools with ``fc_norm``), a fine-tuned one has a head for another label set. They may be absent,
 # extra or of another shape; the model keeps its own freshly initialised ones.
-CLASSIFIER_PREFIXES = ('head.', 'fc_norm.', 'norm.')
+# SigLIP's attention-pooling head (attn_pool) and DeiT-distilled's second head (head_dist) are classifier side.
+CLASSIFIER_PREFIXES = ('head.', 'fc_norm.', 'norm.', 'attn_pool.', 'head_dist.')
 # Entries that hold a model's state dict, in the order they are looked for.
 STATE_DICT_ENTRIES = ('model', 'state_dict', 'module')
 EMA_ENTRIES = ('model_ema', 'state_dict_ema')
@@ -264,9 +267,25 @@ def from_reference_layout(checkpoint: Any) -> Any:
     return out
 
 
+# Self-supervised checkpoints keep the ViT under a prefix beside other networks: MoCo v3's base_encoder (beside
+# its momentum_encoder and predictor), DINO's backbone (beside its projection head).
+ENCODER_PREFIXES = ('base_encoder.', 'backbone.')
+
+
+def encoder_weights(state_dict: dict) -> dict:
+    """The ViT's weights of a state dict: those under a self-supervised encoder prefix (ENCODER_PREFIXES) with
+    the prefix removed, when it has such keys; else the state dict unchanged."""
+    for prefix in ENCODER_PREFIXES:
+        if any(k.startswith(prefix) for k in state_dict):
+            return {k[len(prefix):]: v for k, v in state_dict.items() if k.startswith(prefix)}
+    return state_dict
+
+
 def select_state_dict(checkpoint: Any, use_ema: bool = False, source: str = 'checkpoint') -> dict:
     """The model weights inside a loaded checkpoint: its ``model_ema`` entry when ``use_ema``,
-    else its ``model`` (or ``state_dict``) entry, else the checkpoint itself when it is a state dict."""
+    else its ``model`` (or ``state_dict``) entry, else the ``teacher`` of a DINO checkpoint (``teacher`` and
+    ``student`` entries), else the checkpoint itself when it is a state dict; the encoder's weights of a MoCo v3
+    (``module.base_encoder.*``) or DINO (``backbone.*``) layout."""
     if not isinstance(checkpoint, dict):
         raise UserError(f"{source}: expected a dict of tensors or of entries, got {type(checkpoint).__name__}")
     if use_ema:
@@ -277,9 +296,11 @@ def select_state_dict(checkpoint: Any, use_ema: bool = False, source: str = 'che
                         f"{', '.join(sorted(checkpoint)[:12])}); drop --use_teacher_ema to load its model weights")
     for key in STATE_DICT_ENTRIES:
         if isinstance(checkpoint.get(key), dict):
-            return clean_state_dict(checkpoint[key])
+            return encoder_weights(clean_state_dict(checkpoint[key]))
+    if isinstance(checkpoint.get('teacher'), dict) and isinstance(checkpoint.get('student'), dict):
+        return encoder_weights(clean_state_dict(checkpoint['teacher']))  # DINO: its evaluations use the teacher
     if checkpoint and all(isinstance(v, torch.Tensor) for v in checkpoint.values()):
-        return clean_state_dict(checkpoint)
+        return encoder_weights(clean_state_dict(checkpoint))
     if any(isinstance(checkpoint.get(key), dict) for key in EMA_ENTRIES):
         raise UserError(f"{source} holds only EMA weights ({' or '.join(k for k in EMA_ENTRIES if k in checkpoint)} "
                         "entry, no model entry): add --use_teacher_ema to load them")
@@ -346,8 +367,9 @@ def load_pretrained_weights(model: nn.Module, path: str, use_ema: bool = False, 
     checkpoint = read_checkpoint(path, flag) if checkpoint is None else checkpoint
     state_dict = select_state_dict(checkpoint, use_ema=use_ema, source=source)
     if hasattr(model, 'patch_embed'):
-        # plain bicubic, as MAE's interpolate_pos_embed (timm's default adds antialiasing)
-        state_dict = checkpoint_filter_fn(state_dict, model, antialias=False)
+        # the model family's own timm conversion; plain bicubic, as MAE's interpolate_pos_embed (timm's
+        # default adds antialiasing)
+        state_dict = (checkpoint_filter_for(model) or checkpoint_filter_fn)(state_dict, model, antialias=False)
     state_dict = {k: v for k, v in state_dict.items() if not k.startswith(IGNORED_PREFIXES)}
     check_fits(model, state_dict, source, tolerate=_is_classifier)
     own = model.state_dict()
@@ -380,8 +402,11 @@ def trained_architecture(checkpoint: Any) -> dict | None:
 
 
 def pool_of_state_dict(state_dict: dict) -> str:
-    """A timm ViT's pooling from its weights: timm gives average-pooling models an ``fc_norm`` (and no
-    final ``norm``), class-token models a final ``norm``."""
+    """A timm ViT's pooling from its weights: an attention-pooling head (SigLIP's ``attn_pool``) pools with
+    it; timm gives average-pooling models an ``fc_norm`` (and no final ``norm``), class-token models a final
+    ``norm``."""
+    if any(k.startswith('attn_pool.') for k in state_dict):
+        return 'map'
     return 'avg' if 'fc_norm.weight' in state_dict else 'token'
 
 
@@ -414,12 +439,27 @@ def require_classifier_head(report: LoadReport, flag: str, path: str, nb_classes
                         f"none, as a pre-training checkpoint, or one for another number of classes); {why}")
 
 
+def attention_pooling(cfg, mode) -> dict:
+    """--eval of a local classifier with an attention-pooling head (SigLIP's attn_pool): it pools with that
+    head unless --global_pool / --cls_token say otherwise (average pooling would score it without it)."""
+    pool_given = 'global_pool' in (getattr(cfg, 'explicit_flags', None) or ())
+    if not cfg.eval or mode.uses_teacher or pool_given or is_named(cfg.finetune):
+        return {}
+    if pool_of_state_dict(select_state_dict(read_checkpoint(cfg.finetune, '--finetune'))) != 'map':
+        return {}
+    log(f"pooling: the attention-pooling head of --finetune {cfg.finetune}")
+    return {'global_pool': 'map'}
+
+
 def finetune_source(cfg, mode) -> dict:
     """What the --finetune checkpoint says about its model: a name (timm:, hf-hub:) gives the architecture
     when --model / --teacher_model are not set, and its pretrained config's mean and std; a teacher checkpoint
     of this project (modes whose teacher comes from its checkpoint) gives the normalisation it was trained with.
     --mean / --std override; ImageNet's are the fallback. (Other local files are not read here: MAE's and
     timm's record no normalisation, and a large teacher would be read twice.) Returns the resolved values."""
+    pooling = attention_pooling(cfg, mode)
+    if pooling:
+        return pooling
     arch = checkpoint_architecture(cfg.finetune) if is_named(cfg.finetune) or mode.teacher_from_checkpoint else None
     if arch is None:
         return {}
