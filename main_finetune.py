@@ -45,6 +45,7 @@ from util.args import (
     HelpFormatter,
     annotate_mode_defaults,
     check_data_folders,
+    check_experiment_flags,
     check_run_flags,
     check_values,
     explicit_flags,
@@ -71,10 +72,10 @@ from util.checkpoint import (
     set_rng_state,
 )
 from util.config import Config
-from util.datasets import DataError, build_dataset, build_loader
+from util.datasets import DataError, build_loader
 from util.distributed import destroy, get_rank, get_world_size, init_distributed_mode, is_main_process, log, wrap_ddp
 from util.errors import UserError, run_cli
-from util.eval_classes import RestrictedClassifier, check_class_folders, read_eval_classes
+from util.eval_classes import build_eval_dataset, restrict_classes
 from util.lr_sched import Schedule, learning_rate
 from util.output import (
     EVAL_RESULTS,
@@ -381,20 +382,6 @@ def attention_impl_for(cfg: Config) -> str:
     return cfg.attention_impl
 
 
-def check_experiment_flags(cfg: Config, mode: PlainTraining) -> None:
-    """--student_init (transfer and distillation modes; its file or name resolved now) and --eval_classes (an
-    evaluation's, of classes the model has)."""
-    if getattr(cfg, 'student_init', '') and not cfg.eval:
-        if not mode.student_init:
-            raise UserError(f"--student_init initialises the student of a transfer or distillation mode; --mode "
-                            f"{mode.name} takes its starting weights from --finetune: use that instead")
-        local_checkpoint(cfg.student_init, '--student_init')  # a name is resolved here, a missing file refused
-    if getattr(cfg, 'eval_classes', ''):
-        if not cfg.eval:
-            raise UserError("--eval_classes restricts an evaluation's logits: add --eval (and --resume CKPT)")
-        read_eval_classes(cfg.eval_classes, cfg.nb_classes)
-
-
 # ---------------------------------------------------------------------------------------------
 # Model, optimizer and distributed wrapper
 # ---------------------------------------------------------------------------------------------
@@ -421,27 +408,6 @@ def main(args) -> dict:
         return {}
     with output_dir_in_use(run.cfg), stop_on_signals(enabled=not run.cfg.eval):
         return train_and_evaluate(run)
-
-
-def build_eval_dataset(cfg: Config):
-    """The evaluation set: --eval_data_path/val, whose class folders are the model's classes or, with
-    --eval_classes, those of the subset."""
-    root = os.path.join(cfg.eval_data_path, 'val')
-    if not getattr(cfg, 'eval_classes', ''):
-        return build_dataset(False, cfg, root=root)
-    subset = read_eval_classes(cfg.eval_classes, cfg.nb_classes)
-    dataset = build_dataset(False, cfg, root=root, nb_classes=len(subset.indices))
-    check_class_folders(dataset.classes, subset, cfg.eval_classes, root)
-    return dataset
-
-
-def restrict_classes(model: torch.nn.Module, cfg: Config) -> torch.nn.Module:
-    """The model scored on --eval_classes alone (the model itself without)."""
-    if not getattr(cfg, 'eval_classes', ''):
-        return model
-    subset = read_eval_classes(cfg.eval_classes, cfg.nb_classes)
-    log(f"--eval_classes {cfg.eval_classes}: logits restricted to {len(subset.indices)} of {cfg.nb_classes} classes")
-    return RestrictedClassifier(model, subset.indices).to(next(model.parameters()).device)
 
 
 def evaluate_only(cfg: Config, model, ckpt: dict | None, ckpt_path: str | None, evaluator: Evaluator) -> dict:

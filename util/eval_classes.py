@@ -15,6 +15,8 @@ import torch
 import torch.nn as nn
 from timm.data import ImageNetInfo
 
+from util.datasets import build_dataset
+from util.distributed import log
 from util.errors import UserError
 
 # --eval_classes names and the stem of timm's files for them
@@ -108,3 +110,24 @@ class RestrictedClassifier(nn.Module):
     def with_student(self, student: nn.Module) -> RestrictedClassifier:
         return RestrictedClassifier(self.model.with_student(student), tuple(self.indices.tolist())).to(
             self.indices.device)
+
+
+def build_eval_dataset(cfg):
+    """The evaluation set: --eval_data_path/val, whose class folders are the model's classes or, with
+    --eval_classes, those of the subset."""
+    root = os.path.join(cfg.eval_data_path, 'val')
+    if not getattr(cfg, 'eval_classes', ''):
+        return build_dataset(False, cfg, root=root)
+    subset = read_eval_classes(cfg.eval_classes, cfg.nb_classes)
+    dataset = build_dataset(False, cfg, root=root, nb_classes=len(subset.indices))
+    check_class_folders(dataset.classes, subset, cfg.eval_classes, root)
+    return dataset
+
+
+def restrict_classes(model: nn.Module, cfg) -> nn.Module:
+    """The model scored on --eval_classes alone (the model itself without)."""
+    if not getattr(cfg, 'eval_classes', ''):
+        return model
+    subset = read_eval_classes(cfg.eval_classes, cfg.nb_classes)
+    log(f"--eval_classes {cfg.eval_classes}: logits restricted to {len(subset.indices)} of {cfg.nb_classes} classes")
+    return RestrictedClassifier(model, subset.indices).to(next(model.parameters()).device)
