@@ -37,7 +37,9 @@ from timm.models import save_for_hf
 
 import engine_finetune
 import main_finetune
+import modes
 import select_wild_data
+import util.eval_classes
 from engine_finetune import NonFiniteLossError
 from models_dual_vit import create_vit
 from modes import get_mode
@@ -86,8 +88,10 @@ def no_long_work(monkeypatch, *names):
     """Make the named functions of main_finetune (or of the engine) fail the test when called: the check must
     come first."""
     for name in names:
-        module = main_finetune if hasattr(main_finetune, name) else engine_finetune
-        monkeypatch.setattr(module, name, lambda *a, _name=name, **k: pytest.fail(f"{_name} was called"))
+        modules = [m for m in (main_finetune, engine_finetune, util.eval_classes, modes) if hasattr(m, name)]
+        assert modules, name
+        for module in modules:
+            monkeypatch.setattr(module, name, lambda *a, _name=name, **k: pytest.fail(f"{_name} was called"))
 
 
 # ---- reporting: one error line, bugs keep their traceback ---------------------------------------------------
@@ -506,7 +510,7 @@ def test_lr_floor_above_peak_warns_with_numbers_and_fix(floor_run):
 
 
 def test_resume_of_a_finished_run_says_nothing_to_do(work, floor_run, capsys, monkeypatch):
-    monkeypatch.setattr(main_finetune, 'build_dataset', lambda *a, **k: pytest.fail('data loaded'))
+    no_long_work(monkeypatch, 'build_dataset')
     ckpt = os.path.join(floor_run.out, 'checkpoint.pth')
     stats = main_finetune.run(run_args(work, 'floor', '--resume', ckpt, epochs=1))
     assert stats == {}
