@@ -35,6 +35,7 @@ CIFAR's own files. Flags this script does not know are passed on to main_finetun
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import sys
 from typing import NamedTuple
@@ -43,10 +44,12 @@ import torch
 
 import main_finetune
 import select_wild_data
-from modes import IMAGENET_PROBE_PRESENTATIONS, PROBE_PRESENTATIONS, get_mode
+from modes import IMAGENET_PROBE_PRESENTATIONS, PROBE_PRESENTATIONS
 from util.args import HelpFormatter, explicit_flags
+from util.config import Config
 from util.errors import UserError, run_cli
 from util.pretrained import checkpoint_architecture, local_checkpoint
+from util.selection import labelled_originals
 
 # The reference's CIFAR student: 32x32 input, 4x4 patches, width 128, 12 blocks, 2 heads, MLP ratio 4.
 CIFAR_STUDENT = ('--student_model', 'vit_tiny_patch16_224', '--student_kwargs', 'patch_size=4', 'embed_dim=128',
@@ -103,8 +106,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     g.add_argument('--data_imagenet', required=True, default=argparse.SUPPRESS,
                    help='the wild image folder -> select_wild_data.py --wild_path')
     g.add_argument('--num_select', default=600000, type=int,
-                   help='wild images to keep -> --num_select (the reference\'s default; its scripts pass 650000, '
-                        '800000 and 1000000)')
+                   help='wild images to keep -> --num_select (default: %(default)s, the reference\'s; its scripts '
+                        'pass 650000, 800000 and 1000000)')
     g.add_argument('--teacher', default=None, metavar='ARCH',
                    help='the teacher\'s architecture, for a checkpoint in the reference\'s format: one the '
                         f'reference registers ({", ".join(REFERENCE_TEACHERS)}) or a timm name (e.g. '
@@ -229,21 +232,38 @@ def check(select: list[str], train: list[str]) -> argparse.Namespace:
         raise UserError(f"unrecognised arguments: {' '.join(unknown)}. This script passes the flags it does not "
                         "define to main_finetune.py, which does not define these either: see python "
                         "DFND_DeiT-train.py --help and python main_finetune.py --help")
-    args.explicit_flags = explicit_flags(parser, train)
-    args.selection_pending = True
+    args = Config.of(args, explicit_flags=explicit_flags(parser, train), selection_pending=True)
     for split in ['val'] + (['train'] if args.pos_num else []):
         if not os.path.isdir(os.path.join(args.eval_data_path, split)):
             raise UserError(f"--data_cifar {args.eval_data_path!r} has no {split}/ folder: give the target task in "
                             "the ImageFolder layout (train/<class>/, val/<class>/; CIFAR's python files convert with "
                             "python tools/prepare_cifar.py --src cifar-10-batches-py --dst data/cifar10)")
-    main_finetune.resolve_args(args)
+    resolved = main_finetune.resolve_args(args)
+    check_pos_num(resolved.cfg)
     with torch.device('meta'):
-        get_mode(args.mode).build_model(args)
+        resolved.mode.build_model(resolved.cfg)
     return select_args
+
+
+def check_reference_flags(args: argparse.Namespace) -> None:
+    """This script's own numeric flags, named as the user gave them (before they become main_finetune.py's)."""
+    if not (math.isfinite(args.lr_S) and args.lr_S > 0):
+        raise UserError(f"--lr_S {args.lr_S:g}: the student's learning rate must be > 0 (the reference's is 7.5e-4)")
+    if args.nb_classes < 1:
+        raise UserError(f"--nb_classes {args.nb_classes}: must be >= 1, the number of classes of the target task "
+                        "(and of the teacher's head): 10 for CIFAR-10, 100 for CIFAR-100, 1000 for ImageNet")
+
+
+def check_pos_num(train_args: argparse.Namespace) -> None:
+    """--pos_num's originals (default 129 a class for imagenet and tinyimagenet) must exist in every class of the
+    target task's training split: listed now, not after the selection has scored the wild images."""
+    if train_args.pos_num:
+        labelled_originals(os.path.join(train_args.eval_data_path, 'train'), train_args.pos_num)
 
 
 def main(argv=None) -> dict:
     args, extra = get_args_parser().parse_known_args(argv)
+    check_reference_flags(args)
     select, train = translate(args, extra)
     select_args = check(select, train)
     select_wild_data.main(select_args)

@@ -51,6 +51,8 @@ import main_finetune
 import select_wild_data
 from modes import probe_epochs
 from tools import visualize_attention
+from util.args import check_writable_folder
+from util.checkpoint import CHECKPOINT, LOG
 from util.errors import UserError, run_cli
 
 SIZE = 32
@@ -194,7 +196,7 @@ def job_folder(out: str, name: str) -> str:
 def seed_jobs(out: str, seed: int, recipe: dict, presentations: int, figure_seed: bool) -> list[Job]:
     """One seed's runs on its own data split: the teacher first, then the students that need it."""
     data = os.path.join(out, 'data', f'split{seed}')
-    teacher = os.path.join(job_folder(out, f'seed{seed}_teacher'), 'checkpoint.pth')
+    teacher = os.path.join(job_folder(out, f'seed{seed}_teacher'), CHECKPOINT)
 
     def train_args(name: str, epochs: int, figure_every: int = 10) -> list[str]:
         folder = job_folder(out, f'seed{seed}_{name}')
@@ -407,7 +409,7 @@ def plot_accuracy(runs: dict[str, str], path: str, seed: int) -> None:
     import matplotlib.pyplot as plt
     fig, ax = plt.subplots(figsize=(7, 4))
     for method, folder in runs.items():
-        with open(os.path.join(folder, 'log.txt')) as f:
+        with open(os.path.join(folder, LOG)) as f:
             entries = [json.loads(line) for line in f if 'test_acc1' in line]
         ax.plot([e['epoch'] + 1 for e in entries], [e['test_acc1'] for e in entries], marker='o', label=method)
     ax.set_xlabel('epoch')
@@ -440,9 +442,34 @@ def parse(argv=None) -> tuple[argparse.Namespace, list[int], int]:
     return a, seeds, PROBE_PRESENTATIONS['quick' if a.quick else 'full']
 
 
+# The file that marks a folder as the demo's own: only there does a rerun replace runs/ and data/.
+MARKER = '.attention_transfer_demo'
+
+
+def claim_output_folder(out: str) -> None:
+    """Make ``out`` the demo's folder, or refuse: a rerun replaces its runs/ and data/ folders, so the demo writes
+    only into a new or empty folder, or one that an earlier demo made (it holds MARKER). Checked before anything is
+    written or removed; a folder that cannot be written is refused in one line too."""
+    entries = sorted(os.listdir(out)) if os.path.isdir(out) else []
+    if entries and MARKER not in entries:
+        shown = ', '.join(entries[:5]) + (f' and {len(entries) - 5} more' if len(entries) > 5 else '')
+        raise UserError(f"--output_dir {out!r} holds files the demo did not write ({shown}); the demo replaces its "
+                        "runs/ and data/ folders on every run, so it writes only into a new or empty folder or one an "
+                        "earlier demo made. Give another --output_dir (e.g. a new demo_output folder).")
+    check_writable_folder(out, f"--output_dir {out!r}", "give a folder this user can create files in")
+    try:
+        with open(os.path.join(out, MARKER), 'a', encoding='utf-8') as f:
+            if not entries:
+                f.write("this folder is demo.py's output: a rerun of the demo replaces runs/ and data/ here\n")
+    except OSError as e:
+        raise UserError(f"--output_dir {out!r} cannot be written ({e.strerror or e}): give a folder this user can "
+                        "create files in") from e
+
+
 def main(argv=None) -> dict:
     a, seeds, presentations = parse(argv)
     out = a.output_dir
+    claim_output_folder(out)
     t0 = time.time()
     print(f"seeds {', '.join(map(str, seeds))}, each with its own data split (under {out}/data) and teacher; "
           f"{a.workers} runs at a time, one thread each; logs in {out}/runs/", flush=True)
@@ -497,7 +524,7 @@ def main(argv=None) -> dict:
 def draw_figures(out: str, seed: int, runs: dict[str, str]) -> dict[str, str]:
     """The first seed's accuracy per epoch and its distilled student's attention against the teacher's."""
     figures = {}
-    distill_ckpt = os.path.join(runs['attention distillation'], 'checkpoint.pth')
+    distill_ckpt = os.path.join(runs['attention distillation'], CHECKPOINT)
     with open(os.path.join(out, 'runs', 'attention_figures.log'), 'w') as log, contextlib.redirect_stdout(log):
         visualize_attention.main(['--checkpoint', distill_ckpt,
                                   '--data_path', os.path.join(out, 'data', f'split{seed}', 'small'),

@@ -172,12 +172,29 @@ def train_one_epoch(
         totals.add(sums, steps, images, skipped)
         return {k: v / max(steps, 1) for k, v in sums.items()}, images, skipped, votes
 
+    def update_weights() -> None:
+        if args.clip_grad:
+            scaler.unscale_(optimizer)
+            torch.nn.utils.clip_grad_norm_(params, args.clip_grad)
+        scaler.step(optimizer)
+        if aux_optimizer is not None:
+            average_gradients(aux_optimizer)
+            scaler.step(aux_optimizer)
+            aux_optimizer.zero_grad(set_to_none=True)
+        scaler.update()
+        optimizer.zero_grad(set_to_none=True)
+        if model_ema is not None:
+            model_ema.update(ema_source)
+
     optimizer.zero_grad(set_to_none=True)
     if aux_optimizer is not None:
         aux_optimizer.zero_grad(set_to_none=True)
+    deferred: Optional[list[float]] = None  # a save or stop agreed inside a window, done at the window's end
+    pending = 0  # micro-batches whose gradients are accumulated but not applied yet
     for step, (images, targets, skipped) in enumerate(data_loader, start=start_step):
         data_wait += time.time() - t_ready
-        if step % accum == 0:
+        window_size = accumulation_window(step, start_step, accum, steps_per_epoch)
+        if step % accum == 0 or step == start_step:
             lr = lr_sched.adjust_learning_rate(optimizer, epoch + step / steps_per_epoch, schedule)
         if len(images) == 0:
             raise RuntimeError(f"epoch {epoch} step {step}: every image of the batch failed to decode; "
@@ -189,31 +206,23 @@ def train_one_epoch(
                 images, targets = images[:-1], targets[:-1]
             images, targets = mixup_fn(images, targets)
 
-        update = (step + 1) % accum == 0
+        # the window's end: every K-th step, and the epoch's last step, which closes a shorter last window
+        update = (step + 1) % accum == 0 or step + 1 >= steps_per_epoch
         no_sync = model.no_sync() if hasattr(model, 'no_sync') and not update else contextlib.nullcontext()
         with no_sync:
             with autocast:
                 outputs = model(images)
                 loss, terms = criterion(outputs, targets)
-            scaler.scale(loss / accum).backward()
+            scaler.scale(loss / window_size).backward()  # the window's gradient: the mean over its micro-batches
+        pending += 1
         if update:
-            if args.clip_grad:
-                scaler.unscale_(optimizer)
-                torch.nn.utils.clip_grad_norm_(params, args.clip_grad)
-            scaler.step(optimizer)
-            if aux_optimizer is not None:
-                average_gradients(aux_optimizer)
-                scaler.step(aux_optimizer)
-                aux_optimizer.zero_grad(set_to_none=True)
-            scaler.update()
-            optimizer.zero_grad(set_to_none=True)
-            if model_ema is not None:
-                model_ema.update(ema_source)
+            update_weights()
+            pending = 0
 
         names, values = list(terms), torch.stack([t.detach().float() for t in terms.values()])
         window.add(names, values, step, len(images), skipped)
         last = step + 1 == steps_per_epoch
-        if (step + 1) % args.print_freq == 0 or last:
+        if (step + 1) % args.print_freq == 0 or last or (deferred is not None and update):
             means, n_images, n_skipped, votes = check(window, control.local_flags() if control else ())
             elapsed = time.time() - t_window
             per_step = (time.time() - t_start) / (step + 1 - start_step)
@@ -233,9 +242,21 @@ def train_one_epoch(
             window.reset()
             t_window, data_wait = time.time(), 0.0
             if control is not None:
-                control.act(votes, epoch, step + 1, steps_per_epoch, totals.state())
+                if deferred is not None:
+                    votes = [max(a, b) for a, b in zip(votes, deferred)]
+                if update:  # a checkpoint holds no accumulated gradients: saves and stops happen at a window's end
+                    deferred = None
+                    control.act(votes, epoch, step + 1, steps_per_epoch, totals.state())
+                elif any(v > 0 for v in votes):  # the same on every rank (the votes are all-reduced)
+                    deferred = votes
         t_ready = time.time()
 
+    if pending:  # a loader shorter than steps_per_epoch: its last window is applied as far as it went
+        scale = accumulation_window(step, start_step, accum, steps_per_epoch) / pending
+        for p in params + [p for g in (aux_optimizer.param_groups if aux_optimizer else []) for p in g['params']]:
+            if p.grad is not None:
+                p.grad.mul_(scale)
+        update_weights()
     if window.steps:  # a loader shorter than steps_per_epoch: its last steps were not read back yet
         check(window)
     means = totals.means()
@@ -243,6 +264,15 @@ def train_one_epoch(
         + f"  ({totals.images} images on {get_world_size()} ranks in {_hms(time.time() - t_start)}"
         + (", resumed mid-epoch" if partial else '') + ")")
     return {**means, 'lr': lr, 'skipped_images': totals.skipped}
+
+
+def accumulation_window(step: int, start_step: int, accum: int, steps_per_epoch: int) -> int:
+    """The number of micro-batches in the accumulation window of ``step``: windows are the epoch's steps
+    [k * accum, (k + 1) * accum), cut at the epoch's end (its last window may be shorter) and, in a resumed epoch,
+    at the step it resumed from. Each micro-batch's loss is divided by it, so that the window's gradient is the
+    mean over its micro-batches whatever its length."""
+    first = max(step - step % accum, start_step)
+    return min(step - step % accum + accum, max(steps_per_epoch, step + 1)) - first
 
 
 def average_gradients(optimizer: torch.optim.Optimizer) -> None:
@@ -348,3 +378,22 @@ def evaluate_ensemble(
             f"loss {results[name]['loss']:.3f} ({results[name]['images']} images"
             + (f", {skipped} skipped" if skipped else '') + ")")
     return results
+
+
+class Evaluator:
+    """Top-1/top-5 and loss on the evaluation set of the raw weights (``test_*``) and, with an EMA, of the
+    EMA student in the same pair (``ema_test_*``)."""
+
+    def __init__(self, loader, device: torch.device, amp_dtype: Optional[torch.dtype], dist_eval: bool,
+                 print_freq: int) -> None:
+        self.loader, self.device, self.amp_dtype = loader, device, amp_dtype
+        self.dist_eval, self.print_freq = dist_eval, print_freq
+
+    def __call__(self, model: nn.Module, ema=None) -> dict:
+        stats = {f'test_{k}': v for k, v in evaluate(self.loader, model, self.device, self.amp_dtype, self.dist_eval,
+                                                     name='model', print_freq=self.print_freq).items()}
+        if ema is not None:
+            ema_stats = evaluate(self.loader, model.with_student(ema.module), self.device, self.amp_dtype,
+                                 self.dist_eval, name='EMA', print_freq=self.print_freq)
+            stats.update({f'ema_test_{k}': v for k, v in ema_stats.items()})
+        return stats

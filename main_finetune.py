@@ -6,8 +6,9 @@
     # evaluate a checkpoint (model, mode and sizes come from the checkpoint)
     python main_finetune.py --eval --resume output_dir/checkpoint.pth --data_path $IMAGENET
 
-Flow: arguments -> data -> model (teacher weights) -> optimizer, EMA -> resume -> epochs of
-train_one_epoch / checkpoint / evaluate -> log.txt and TensorBoard.
+Flow: arguments -> one read-only configuration (resolve_args, with the mode and the resumed checkpoint) ->
+data -> the teacher-student pair (teacher weights) -> Trainer: optimizer, EMA, the checkpointer (resume) ->
+epochs of train_one_epoch / checkpoint / evaluate -> log.txt and TensorBoard.
 """
 from __future__ import annotations
 
@@ -18,54 +19,62 @@ import json
 import os
 import sys
 import time
+from typing import NamedTuple
 
 import torch
 from timm.data import Mixup
 from timm.data.constants import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
-from timm.layers import trunc_normal_
 from timm.utils import ModelEmaV3
 
-import modes
-from engine_finetune import NonFiniteLossError, evaluate, evaluate_ensemble, train_one_epoch
-from models_dual_vit import ATTENTION_IMPL_CHOICES, DualViT, create_vit, resolve_attention_impl, resolve_model_name
-from modes import MODES, PlainTraining, get_mode, student_architecture
+from engine_finetune import Evaluator, NonFiniteLossError, evaluate_ensemble, train_one_epoch
+from models_dual_vit import resolve_attention_impl, resolve_model_name
+from models_pair import TeacherStudentPair
+from modes import (
+    MODEL_ARGS,
+    MODES,
+    AttentionProbe,
+    AttentionTransfer,
+    PlainTraining,
+    get_mode,
+    load_ensemble_member,
+    load_initial_weights,
+    restrict_to_qkv,
+    student_architecture,
+)
 from util.args import (
     HelpFormatter,
     annotate_mode_defaults,
+    check_data_folders,
+    check_run_flags,
     check_values,
     explicit_flags,
     parse_kwargs,
 )
 from util.checkpoint import (
-    check_finite,
+    BEST,
+    Checkpointer,
+    ResumePoint,
+    TrainingState,
+    best_record,
     check_resume_matches,
-    checkpoint_state,
-    describe_checkpoint,
+    end_of_epoch_stats,
+    holds_ema,
+    holds_teacher,
     last_good_sentence,
     load_training_checkpoint,
     next_position,
+    recorded_args,
     restore_weights,
     resume_path,
-    resume_rng,
-    resume_step,
-    samples_done,
-    save_atomic,
+    saved_position,
     seed_epoch,
     set_rng_state,
 )
-from util.datasets import LAYOUT, DataError, build_dataset, build_loader
-from util.distributed import (
-    barrier,
-    destroy,
-    get_rank,
-    get_world_size,
-    init_distributed_mode,
-    is_main_process,
-    log,
-    wrap_ddp,
-)
+from util.config import Config
+from util.datasets import DataError, build_dataset, build_loader
+from util.distributed import destroy, get_rank, get_world_size, init_distributed_mode, is_main_process, log, wrap_ddp
 from util.errors import UserError, run_cli
-from util.lr_sched import Schedule, lr_floor_warning
+from util.lr_sched import Schedule, learning_rate
 from util.output import (
     EVAL_RESULTS,
     BestAccuracy,
@@ -77,6 +86,7 @@ from util.output import (
     finished,
     open_log_writer,
     output_dir_in_use,
+    requeued_checkpoint,
     trim_log,
     warn_if_little_space,
     write_eval_results,
@@ -84,22 +94,12 @@ from util.output import (
 )
 from util.precision import AMP_DTYPES, default_amp
 from util.pretrained import (
-    LoadReport,
-    checkpoint_architecture,
-    is_named,
-    load_pretrained_weights,
+    finetune_source,
     local_checkpoint,
-    pool_of_state_dict,
-    read_checkpoint,
-    select_state_dict,
 )
 from util.run_control import Preempted, RunControl, stop_on_signals
-from util.samplers import ResumableDistributedSampler, ShardSampler, check_same_permutation, dataset_fingerprint
+from util.samplers import ResumableDistributedSampler, ShardSampler, dataset_fingerprint
 
-# The arguments that define the model: --eval --resume takes them from the checkpoint.
-MODEL_ARGS = ('model', 'mode', 'teacher_model', 'student_model', 'model_kwargs', 'student_kwargs', 'input_size',
-              'nb_classes', 'global_pool', 'transfer_layers', 'layer_map', 'end_layer', 'share_drop_path',
-              'probe_blocks', 'eval_crop_pct')
 DEFAULT_MODEL = 'vit_large_patch16'
 
 
@@ -143,24 +143,7 @@ def get_args_parser() -> argparse.ArgumentParser:
                         'which sets every one of ' + ', '.join(f'--{k}' for k in MODES['probe'].defaults) + ' that the '
                         'command line leaves unset to the reference\'s recipe (shown as "--mode probe: VALUE") '
                         '(default: %(default)s)')
-    g.add_argument('--end_layer', default=0, type=int,
-                   help='transfer layers [0, depth + end_layer); 0 = all layers, -6 = all but the last 6')
-    g.add_argument('--transfer_layers', default=None, type=str,
-                   help='explicit transferred layers, e.g. 0-17 or 0,2,4 (overrides --end_layer)')
-    g.add_argument('--layer_map', default=None, type=str,
-                   help='student:teacher layer pairs, e.g. 0:1,1:3 (a 2-block student of a 4-block teacher); default: '
-                        'block i with block i, and a shallower student spread over the teacher, top to top')
-    g.add_argument('--atd_weight', default=3, type=float,
-                   help='weight of the attention distillation loss (distill modes)')
-    g.add_argument('--no_share_drop_path', action='store_false', dest='share_drop_path',
-                   help='draw the student\'s stochastic-depth masks alone instead of sharing them with the teacher')
-    g.add_argument('--train_qkv', action='store_true', help='train only the student\'s qkv, head and fc_norm')
-    g.add_argument('--attention_impl', default='auto', choices=list(ATTENTION_IMPL_CHOICES),
-                   help='fused: every mode through scaled_dot_product_attention, the teacher handing over q/k/v and '
-                        'the distillation loss computed through the attention kernels, so no N x N map is stored; '
-                        'explicit: N x N attention maps in float32 (same numbers; faster on CPU at ViT sizes); '
-                        'auto: fused on CUDA, explicit on CPU (default: %(default)s; the choice is printed at start '
-                        'and recorded in checkpoints)')
+    AttentionTransfer.add_arguments(g)
 
     g = p.add_argument_group('speed and memory')
     g.add_argument('--grad_checkpointing', action='store_true',
@@ -170,38 +153,7 @@ def get_args_parser() -> argparse.ArgumentParser:
                    help='torch.compile the teacher and student blocks (the first steps compile); same losses and '
                         'gradients up to float rounding')
 
-    g = p.add_argument_group('attention probe (--mode probe: distil on selected wild images, no labels)')
-    g.add_argument('--selection', default='', help='selection file written by select_wild_data.py')
-    g.add_argument('--eval_data_path', default='',
-                   help='the target task\'s folder with val/<class>/ to evaluate on (default: --data_path)')
-    g.add_argument('--kd_temperature', default=4.0, type=float, help='temperature T of the KD loss (times T^2)')
-    g.add_argument('--robust', action='store_true',
-                   help='weight each image\'s KD term by the class-balance weight of the teacher\'s prediction '
-                        '(the selection\'s weights plus uniform noise in [0, 0.1))')
-    g.add_argument('--pos_num', default=0, type=int,
-                   help='mix the first N labelled originals of each class of the target task\'s training split '
-                        '(--eval_data_path/train) into the selected images, aspect ratio kept, as the reference\'s '
-                        'ImageNet script')
-    g.add_argument('--class_weights', default='augmented', choices=['augmented', 'selection'],
-                   help='--robust: class-balance weights from a pass over the selection (and the --pos_num '
-                        'originals) with the training augmentation, as the reference (cached beside the selection), '
-                        'or from the unaugmented scoring pass stored in the selection file')
-    g.add_argument('--no_noise_adaptation', action='store_false', dest='noise_adaptation',
-                   help='drop the noise adaptation layer (DFND) and its NLL loss')
-    g.add_argument('--noise_lr', default=1e-3, type=float, help='Adam lr of the noise adaptation parameters')
-    g.add_argument('--teacher_acc', default=None, type=float,
-                   help='teacher accuracy (0-1) on the target task, the diagonal of the noise transition matrix '
-                        '(default: measured on the evaluation set before training)')
-    g.add_argument('--patchattn', default=0.8, type=float, help='weight of the patch attention probe loss')
-    g.add_argument('--probe_blocks', default=None, type=str,
-                   help='teacher blocks whose features the patch probe compares, e.g. 3,7,11 (default: 1/3, 2/3 '
-                        'and the last block); student blocks are matched by relative depth')
-    g.add_argument('--presentations', default=modes.PROBE_PRESENTATIONS, type=int,
-                   help='probe mode without --epochs: train int(presentations / selected images) - 1 epochs, as the '
-                        'reference (default 320000 x 512: 251 epochs for 650,000 selected images; its ImageNet '
-                        'script: 640000 x 512); --pos_num originals are not counted')
-    g.add_argument('--probe_norm', default='tokens', choices=['tokens', 'channels'],
-                   help='L2-normalise features along the token axis (the reference) or the channel axis')
+    AttentionProbe.add_arguments(p)
 
     g = p.add_argument_group('optimizer')
     g.add_argument('--clip_grad', type=float, default=None, metavar='NORM',
@@ -341,482 +293,306 @@ def get_args_parser() -> argparse.ArgumentParser:
     return p
 
 # ---------------------------------------------------------------------------------------------
-# Flags -> a resolved run
+# Flags -> one resolved configuration
 # ---------------------------------------------------------------------------------------------
-def adopt_checkpoint_args(args, saved: dict) -> None:
+class Resolved(NamedTuple):
+    """The resolved run: its read-only configuration, its mode (looked up once), and the checkpoint it resumes
+    (read once) with its path."""
+    cfg: Config
+    mode: PlainTraining
+    ckpt: dict | None
+    ckpt_path: str | None
+
+
+def checkpoint_model_args(saved: dict, cfg: Config) -> dict:
     """--eval --resume: the model's arguments from the checkpoint, and the normalisation it was trained with
     unless --mean / --std are given."""
-    for key in MODEL_ARGS:
-        if key in saved:
-            setattr(args, key, saved[key])
-    for key in ('mean', 'std'):
-        if getattr(args, key, None) is None and saved.get(key) is not None:
-            setattr(args, key, saved[key])
+    values = {key: saved[key] for key in MODEL_ARGS if key in saved}
+    values.update({key: saved[key] for key in ('mean', 'std')
+                   if getattr(cfg, key, None) is None and saved.get(key) is not None})
+    return values
 
 
-def resolve_args(args, read_resume: bool = True) -> tuple[dict | None, str | None]:
-    """Fill derived defaults and check the flags before any heavy work; returns (checkpoint to resume, its path).
+def resolve_args(args, read_resume: bool = True) -> Resolved:
+    """Resolve the flags into the run's configuration and check them before any heavy work: each step returns
+    a new read-only ``Config``, nothing writes into one afterwards.
 
     ``read_resume=False`` (the SLURM launcher, at submission) only checks that the checkpoint exists."""
-    check_values(args)
-    check_output_folders(args)
-    args.model_kwargs = parse_kwargs(args.model_kwargs, '--model_kwargs')
-    args.student_kwargs = parse_kwargs(args.student_kwargs, '--student_kwargs')
-    path = resume_path(args.resume, args.output_dir)
-    ckpt = load_training_checkpoint(path, to_train=not args.eval) if path and read_resume else None
-    if ckpt is not None and args.eval and isinstance(ckpt.get('args'), dict):
-        adopt_checkpoint_args(args, ckpt['args'])
-    mode = get_mode(args.mode)
-    args.mode = mode.name
-    check_resume_matches(ckpt, path, args, mode.uses_teacher)
-    if getattr(args, 'log_dir', None) is None:
-        args.log_dir = args.output_dir
-    if not args.eval:
-        mode.apply_defaults(args)
-    if args.amp is None:
-        args.amp = default_amp(args.device)
-    if args.attention_impl == 'auto':
-        args.attention_impl = resolve_attention_impl('auto', args.device)
-        if mode.uses_teacher:
-            log(f"attention: {args.attention_impl} (--attention_impl auto on {args.device})")
-    args.mixup_active = args.mixup > 0 or args.cutmix > 0.0 or args.cutmix_minmax is not None
-    if args.finetune:
-        local_checkpoint(args.finetune, '--finetune')  # a name is resolved (downloaded) here, a missing file refused
-        follow_finetune_source(args, mode)
-    if not args.model:
-        args.model = DEFAULT_MODEL
-    args.mean = list(args.mean or IMAGENET_DEFAULT_MEAN)
-    args.std = list(args.std or IMAGENET_DEFAULT_STD)
-    resolve_model_name(args.model)
-    if args.teacher_model:
-        resolve_model_name(args.teacher_model)
+    cfg = Config.of(args)
+    check_values(cfg)
+    check_output_folders(cfg)
+    cfg = cfg.replace(model_kwargs=parse_kwargs(cfg.model_kwargs, '--model_kwargs'),
+                      student_kwargs=parse_kwargs(cfg.student_kwargs, '--student_kwargs'))
+    path = requeued_checkpoint(cfg) or resume_path(cfg.resume, cfg.output_dir)
+    ckpt = load_training_checkpoint(path, to_train=not cfg.eval) if path and read_resume else None
+    if ckpt is not None and cfg.eval:
+        cfg = cfg.replace(**checkpoint_model_args(recorded_args(ckpt), cfg))
+    mode = get_mode(cfg.mode)
+    if not cfg.eval:
+        mode.check_resumed(recorded_args(ckpt), path)
+    check_resume_matches(ckpt, path, cfg, mode.uses_teacher)
+    cfg = cfg.replace(mode=mode.name, log_dir=cfg.output_dir if getattr(cfg, 'log_dir', None) is None else cfg.log_dir,
+                      **({} if cfg.eval else mode.recipe(cfg)))
+    cfg = cfg.replace(amp=cfg.amp or default_amp(cfg.device),
+                      attention_impl=resolve_attention_impl(cfg.attention_impl, cfg.device),
+                      mixup_active=cfg.mixup > 0 or cfg.cutmix > 0.0 or cfg.cutmix_minmax is not None)
+    if args.attention_impl == 'auto' and mode.uses_teacher:
+        log(f"attention: {cfg.attention_impl} (--attention_impl auto on {cfg.device})")
+    if cfg.finetune:
+        local_checkpoint(cfg.finetune, '--finetune')  # a name is resolved (downloaded) here, a missing file refused
+        cfg = cfg.replace(**finetune_source(cfg, mode))
+    cfg = cfg.replace(model=cfg.model or DEFAULT_MODEL, mean=list(cfg.mean or IMAGENET_DEFAULT_MEAN),
+                      std=list(cfg.std or IMAGENET_DEFAULT_STD))
+    resolve_model_name(cfg.model)
+    if cfg.teacher_model:
+        resolve_model_name(cfg.teacher_model)
     # the student is recorded completely in every checkpoint: its timm name and arguments
-    _, teacher_kwargs, _ = (mode.evaluated_as() if args.eval else mode).teacher_architecture(args)
-    student, args.student_kwargs = student_architecture(args, teacher_kwargs)
-    args.student_model = resolve_model_name(student)
-
-    args.eval_data_path = args.eval_data_path or args.data_path
-    if not args.eval_data_path:
-        raise UserError("give --data_path: a folder holding train/<class>/ and val/<class>/" + mode.data_hint)
-    splits = [(args.eval_data_path, 'val')]
-    if not args.eval and mode.trains_on_labels:
-        splits.append((args.data_path, 'train'))
-    for root, split in splits:
-        if not os.path.isdir(os.path.join(root, split)):
-            raise DataError(f"{split} data not found: {os.path.join(root, split)!r} is not a directory. "
-                            f"Expected the layout {LAYOUT}.")
-    if args.eval_crop_pct is None:
-        args.eval_crop_pct = mode.default_eval_crop_pct(args.input_size, os.path.join(args.eval_data_path, 'val'))
-    if not 0.0 < args.eval_crop_pct <= 1.0:
-        raise UserError(f"--eval_crop_pct {args.eval_crop_pct}: the crop fraction must be in (0, 1] (1.0: evaluate "
-                        "the image at the input size, uncropped; 0.875: MAE's ImageNet evaluation)")
-
+    _, teacher_kwargs, _ = (mode.evaluated_as() if cfg.eval else mode).teacher_architecture(cfg)
+    student, student_kwargs = student_architecture(cfg, teacher_kwargs)
+    cfg = cfg.replace(student_model=resolve_model_name(student), student_kwargs=student_kwargs,
+                      eval_data_path=cfg.eval_data_path or cfg.data_path)
+    check_data_folders(cfg, mode)
+    if cfg.eval_crop_pct is None:
+        cfg = cfg.replace(eval_crop_pct=mode.default_eval_crop_pct(cfg.input_size,
+                                                                    os.path.join(cfg.eval_data_path, 'val')))
     if read_resume or not path:  # at submission the resumed epoch is unknown: the job checks it
-        check_inputs_not_overwritten(args, next_position(ckpt)[0] if ckpt is not None else args.start_epoch)
-    check_run_folder(args, path)
-    has_teacher_weights = (ckpt is not None and 'teacher' in ckpt) or (path is not None and not read_resume)
-    if mode.needs_teacher(args.eval) and not args.finetune and not has_teacher_weights:
-        raise UserError(f"mode {mode.name} needs the teacher's weights: --finetune PATH ({mode.teacher_hint})")
-    mode.check(args)
-    if args.save_best == 'ema' and args.ema is None and not args.eval:
-        raise UserError("--save_best ema keeps the checkpoint of the best EMA top-1, but there is no EMA: add --ema "
-                        "DECAY (e.g. --ema 0.9999), or use --save_best (raw weights)")
-    if args.ensemble_with and not args.eval:
-        raise UserError("--ensemble_with is an evaluation: add --eval (and --resume CKPT for the first model)")
-    if args.eval and ckpt is None and not args.finetune:
-        raise UserError("--eval needs a checkpoint: --resume CKPT (or --finetune CKPT for pre-trained weights)")
-    if args.mixup_active and args.batch_size % 2:
-        raise UserError("mixup/cutmix pair up the images of a batch: --batch_size must be even "
-                        f"(got {args.batch_size})")
-    if args.accum_iter < 1 or args.print_freq < 1 or args.eval_every < 1:
-        raise UserError("--accum_iter, --print_freq and --eval_every must be >= 1")
-    return ckpt, path
-
-
-def adopt_attention_pooling(args, mode: PlainTraining) -> None:
-    """--eval of a local classifier with an attention-pooling head (SigLIP's attn_pool): it pools with that
-    head unless --global_pool / --cls_token say otherwise (average pooling would score it without it)."""
-    pool_given = 'global_pool' in (getattr(args, 'explicit_flags', None) or ())
-    if not args.eval or mode.uses_teacher or pool_given or is_named(args.finetune):
-        return
-    if pool_of_state_dict(select_state_dict(read_checkpoint(args.finetune, '--finetune'))) == 'map':
-        args.global_pool = 'map'
-        log(f"pooling: the attention-pooling head of --finetune {args.finetune}")
-
-
-def follow_finetune_source(args, mode: PlainTraining) -> None:
-    """What the --finetune checkpoint says about its model: a name (timm:, hf-hub:) gives the architecture
-    when --model / --teacher_model are not set, and its pretrained config's mean and std; a teacher checkpoint
-    of this project (modes whose teacher comes from its checkpoint) gives the normalisation it was trained with.
-    --mean / --std override; ImageNet's are the fallback. (Other local files are not read here: MAE's and
-    timm's record no normalisation, and a large teacher would be read twice.)"""
-    adopt_attention_pooling(args, mode)
-    arch = checkpoint_architecture(args.finetune) if is_named(args.finetune) or mode.teacher_from_checkpoint else None
-    if arch is None:
-        return
-    if is_named(args.finetune) and not args.model and not args.teacher_model:
-        args.model = arch['model']
-        args.model_kwargs = {**arch['model_kwargs'], **args.model_kwargs}
-        log(f"architecture from --finetune {args.finetune}: {args.model} {args.model_kwargs}")
-        pool_given = 'global_pool' in (getattr(args, 'explicit_flags', None) or ())
-        if args.eval and not mode.uses_teacher and not pool_given:  # evaluating the named classifier as it is
-            args.global_pool = arch['global_pool'] or pool_of_state_dict(select_state_dict(
-                read_checkpoint(args.finetune)))
-    if arch.get('mean') is not None and arch.get('std') is not None and (args.mean is None or args.std is None):
-        args.mean = args.mean or list(arch['mean'])
-        args.std = args.std or list(arch['std'])
-        log(f"input normalisation: mean {args.mean}, std {args.std} (the --finetune teacher's; --mean / --std "
-            "override)")
+        check_inputs_not_overwritten(cfg, next_position(ckpt)[0] if ckpt is not None else cfg.start_epoch)
+    check_run_folder(cfg, path)
+    check_run_flags(cfg, mode, holds_teacher(ckpt) or (path is not None and not read_resume), ckpt is not None)
+    return Resolved(cfg, mode, ckpt, path)
 
 
 # ---------------------------------------------------------------------------------------------
 # Model, optimizer and distributed wrapper
 # ---------------------------------------------------------------------------------------------
-def build_model(args, eval_only: bool = False) -> torch.nn.Module:
+def build_model(cfg: Config, mode: PlainTraining | None = None, eval_only: bool = False) -> TeacherStudentPair:
     """The mode's model: the teacher/student pair (the student alone in plain mode), or to evaluate, what
-    the saved model is evaluated as (a distilled student is a plain ViT)."""
-    mode = get_mode(args.mode)
-    return (mode.evaluated_as() if eval_only else mode).build_model(args)
+    the saved model is evaluated as (a distilled student is a plain ViT). ``mode``: the run's, else cfg.mode's."""
+    mode = mode or get_mode(cfg.mode)
+    return (mode.evaluated_as() if eval_only else mode).build_model(cfg)
 
 
-def param_groups(model: torch.nn.Module, mode: PlainTraining, args) -> list[dict]:
+def param_groups(model: TeacherStudentPair, mode: PlainTraining, cfg: Config) -> list[dict]:
     """The student's AdamW groups, as the mode forms them (layer-wise lr decay, weight decay exemptions)."""
-    return mode.param_groups(model.student, args)
-
-
-def load_initial_weights(model: DualViT, args, ckpt: dict | None) -> None:
-    """--finetune: the teacher's weights in transfer modes (unless the checkpoint holds them), the
-    student's starting point in plain mode (unless a checkpoint is resumed)."""
-    if not args.finetune:
-        return
-    if model.teacher is not None:
-        if args.eval and ckpt is None:
-            raise UserError(f"--eval --mode {args.mode} evaluates a trained student, which --finetune (the teacher) "
-                            "does not hold: give the run's checkpoint with --resume CKPT")
-        if ckpt is None or 'teacher' not in ckpt:
-            log(f"teacher: {model.load_teacher(args.finetune, use_ema=args.use_teacher_ema, flag='--finetune')}")
-    elif ckpt is None:
-        report = load_pretrained_weights(model.student, args.finetune, use_ema=args.use_teacher_ema, flag='--finetune')
-        log(f"student: {report}")
-        if args.eval:
-            require_classifier_head(report, '--finetune', args.finetune, args.nb_classes)
-        if 'head.weight' not in report.loaded and hasattr(model.student.head, 'weight'):
-            trunc_normal_(model.student.head.weight, std=2e-5)  # MAE's fine-tuning head initialisation
-
-
-def require_classifier_head(report: LoadReport, flag: str, path: str, nb_classes: int) -> None:
-    """An evaluated model must have loaded a classifier head for this task's classes: a pre-training
-    checkpoint has none and a classifier of another label set has one of another shape, and either would
-    be scored with a random head."""
-    if 'head.weight' in report.loaded:
-        return
-    raise UserError(f"{flag} {path}: no classifier head for {nb_classes} classes was loaded (the checkpoint has "
-                    "none, as a pre-training checkpoint, or one for another number of classes), so the evaluation "
-                    "would score a random head. Evaluate a classifier trained on this task's classes (--nb_classes "
-                    "must match its head), or a run's checkpoint with --resume CKPT")
-
-
-def describe_layers(model: torch.nn.Module) -> str:
-    """The transferred layers as the start of a run prints them (a teacher-student pair also names the teacher
-    block of each layer where it is not the same index)."""
-    return model.describe_layers() if isinstance(model, DualViT) else str(model.layers)
-
-
-def restrict_to_qkv(student: torch.nn.Module) -> None:
-    """--train_qkv: freeze everything but the qkv projections, the head and fc_norm."""
-    for name, param in student.named_parameters():
-        param.requires_grad = 'qkv' in name or name.startswith(('head.', 'fc_norm.'))
-
-
-def load_ensemble_member(args) -> torch.nn.Module:
-    """The model of --ensemble_with: a checkpoint of this project (any mode), a classifier checkpoint
-    of --ensemble_model / --model's architecture (e.g. an MAE fine-tuned ViT), or a named classifier
-    (timm:NAME.tag, hf-hub:ORG/NAME: its own architecture; an https:// URL)."""
-    path = args.ensemble_with
-    ckpt = read_checkpoint(local_checkpoint(path, '--ensemble_with'), flag='--ensemble_with')
-    if isinstance(ckpt, dict) and isinstance(ckpt.get('args'), dict) and 'model' in ckpt['args']:
-        member_args = argparse.Namespace(**{**vars(args), **{k: ckpt['args'][k] for k in MODEL_ARGS
-                                                           if k in ckpt['args']}, 'finetune': ''})
-        member = build_model(member_args, eval_only=True)
-        restore_weights(ckpt, path, member, None)
-        return member
-    name = args.ensemble_model or args.teacher_model or args.model
-    kwargs = parse_kwargs(args.ensemble_kwargs, '--ensemble_kwargs') if args.ensemble_model else args.model_kwargs
-    named = checkpoint_architecture(path) if is_named(path) and not args.ensemble_model else None
-    pool = args.global_pool
-    if named is not None:  # a timm: / hf-hub: name gives its architecture; timm pools by average iff it has fc_norm
-        name, kwargs = named['model'], named['model_kwargs']
-        pool = named['global_pool'] or pool_of_state_dict(select_state_dict(ckpt))
-    member = create_vit(name, num_classes=args.nb_classes, global_pool=pool, img_size=args.input_size, **kwargs)
-    report = load_pretrained_weights(member, path, checkpoint=ckpt, flag='--ensemble_with')
-    require_classifier_head(report, '--ensemble_with', path, args.nb_classes)
-    log(f"ensemble member: {report}")
-    return member
+    return mode.param_groups(model.student, cfg)
 
 
 # ---------------------------------------------------------------------------------------------
 # main
 # ---------------------------------------------------------------------------------------------
 def main(args) -> dict:
-    init_distributed_mode(args)
-    ckpt, ckpt_path = resolve_args(args)
-    if not args.eval and finished(ckpt, ckpt_path, get_mode(args.mode).known_epochs(args), args.output_dir):
+    cfg = Config.of(args)
+    run = resolve_args(cfg.replace(**init_distributed_mode(cfg)))
+    if not run.cfg.eval and finished(run.ckpt, run.ckpt_path, run.mode.known_epochs(run.cfg), run.cfg.output_dir):
         destroy()
         return {}
-    with output_dir_in_use(args), stop_on_signals(enabled=not args.eval):
-        return train_and_evaluate(args, ckpt, ckpt_path)
+    with output_dir_in_use(run.cfg), stop_on_signals(enabled=not run.cfg.eval):
+        return train_and_evaluate(run)
 
 
-class Evaluator:
-    """Top-1/top-5 and loss on the evaluation set of the raw weights (``test_*``) and, with an EMA, of the
-    EMA student in the same model (``ema_test_*``)."""
-
-    def __init__(self, loader, device: torch.device, amp_dtype, args) -> None:
-        self.loader, self.device, self.amp_dtype = loader, device, amp_dtype
-        self.dist_eval, self.print_freq = args.dist_eval, args.print_freq
-
-    def __call__(self, model: DualViT, ema=None) -> dict:
-        stats = {f'test_{k}': v for k, v in evaluate(self.loader, model, self.device, self.amp_dtype, self.dist_eval,
-                                                     name='model', print_freq=self.print_freq).items()}
-        if ema is not None:
-            ema_stats = evaluate(self.loader, model.with_student(ema.module), self.device, self.amp_dtype,
-                                 self.dist_eval, name='EMA', print_freq=self.print_freq)
-            stats.update({f'ema_test_{k}': v for k, v in ema_stats.items()})
-        return stats
-
-
-def evaluate_only(args, model, ckpt: dict | None, ckpt_path: str | None, evaluator: Evaluator, device,
-                  amp_dtype) -> dict:
+def evaluate_only(cfg: Config, model, ckpt: dict | None, ckpt_path: str | None, evaluator: Evaluator) -> dict:
     """--eval: the checkpoint's raw and EMA weights, or with --ensemble_with both models and their average."""
     model_ema = None
     if ckpt is not None:
-        model_ema = ModelEmaV3(model.student) if 'model_ema' in ckpt else None
+        model_ema = ModelEmaV3(model.student) if holds_ema(ckpt) else None
         restore_weights(ckpt, ckpt_path, model, model_ema)
-    if args.ensemble_with:
-        models = {'model': model, 'other': load_ensemble_member(args).to(device)}
-        results = evaluate_ensemble(evaluator.loader, models, device, amp_dtype, args.dist_eval, args.print_freq)
+    if cfg.ensemble_with:
+        models = {'model': model, 'other': load_ensemble_member(cfg).to(evaluator.device)}
+        results = evaluate_ensemble(evaluator.loader, models, evaluator.device, evaluator.amp_dtype, cfg.dist_eval,
+                                    cfg.print_freq)
         stats = {f'{prefix}{k}': v for name, prefix in (('model', 'test_'), ('other', 'other_test_'),
                                                          ('ensemble', 'ensemble_test_'))
                  for k, v in results[name].items()}
     else:
         stats = evaluator(model, model_ema)
-    write_eval_results(args, stats, ckpt_path)
+    write_eval_results(cfg, stats, ckpt_path)
     return stats
 
 
-def restore_training_state(ckpt: dict, ckpt_path: str, model, model_ema, optimizer, scaler, criterion,
-                           aux_optimizer, args, steps_per_epoch: int, data: dict
-                           ) -> tuple[int, int, dict | None, dict | None]:
-    """Weights, optimizers and the position from a checkpoint; returns (epoch, step, this rank's generator
-    states to continue the epoch with, the epoch's loss sums so far). A mid-epoch checkpoint continues only
-    with the same training set and --seed (``data``: this run's ``dataset_fingerprint``)."""
-    restore_weights(ckpt, ckpt_path, model, model_ema)
-    optimizer.load_state_dict(ckpt['optimizer'])
-    scaler.load_state_dict(ckpt['scaler'])
-    if aux_optimizer is not None:
-        criterion.load_state_dict(ckpt['criterion'])
-        aux_optimizer.load_state_dict(ckpt['aux_optimizer'])
-    world = get_world_size()
-    epoch, step = resume_step(ckpt, ckpt_path, args.batch_size, world, steps_per_epoch)
-    rng, partial = None, None
-    if step:
-        rng, partial = resume_rng(ckpt, get_rank(), world, args.batch_size), ckpt.get('partial_epoch')
-    if step:
-        check_same_permutation(ckpt, ckpt_path, args.seed, data, epoch)
-    log(f"resumed from {ckpt_path}: epoch {epoch}, step {step}"
-        + (f" of {steps_per_epoch} ({samples_done(ckpt)} samples of the epoch done)" if step else ''))
-    return epoch, step, rng, partial
-
-
-def train_and_evaluate(args, ckpt: dict | None, ckpt_path: str | None) -> dict:
-    device = torch.device(args.device)
+def train_and_evaluate(run: Resolved) -> dict:
+    cfg, mode, ckpt = run.cfg, run.mode, run.ckpt
+    device = torch.device(cfg.device)
     rank, world = get_rank(), get_world_size()
-    mode = get_mode(args.mode)
     log(f"job dir: {os.path.dirname(os.path.realpath(__file__))}")
-    log(json.dumps(vars(args), indent=1, default=str))
+    log(json.dumps(vars(cfg), indent=1, default=str))
     torch.backends.cudnn.benchmark = True
-    seed_epoch(args.seed, 0, rank)
+    seed_epoch(cfg.seed, 0, rank)
 
-    dataset_val = build_dataset(False, args, root=os.path.join(args.eval_data_path, 'val'))
-    dataset_train = None if args.eval else mode.train_dataset(args)
+    dataset_val = build_dataset(False, cfg, root=os.path.join(cfg.eval_data_path, 'val'))
+    dataset_train = None if cfg.eval else mode.train_dataset(cfg)
     if getattr(dataset_train, 'classes', dataset_val.classes) != dataset_val.classes:
-        raise DataError(f"train and val class folders differ under {args.data_path!r}; give both splits the same "
+        raise DataError(f"train and val class folders differ under {cfg.data_path!r}; give both splits the same "
                         "class folders")
-    sampler_val = ShardSampler(dataset_val, world, rank) if args.dist_eval else range(len(dataset_val))
-    loader_val = build_loader(dataset_val, sampler_val, args, train=False)
-
-    model = build_model(args, eval_only=args.eval)
-    load_initial_weights(model, args, ckpt)
-    if args.train_qkv:
+    sampler_val = ShardSampler(dataset_val, world, rank) if cfg.dist_eval else range(len(dataset_val))
+    model = build_model(cfg, mode, eval_only=cfg.eval)
+    load_initial_weights(model, cfg, ckpt)
+    if cfg.train_qkv:
         restrict_to_qkv(model.student)
     model.to(device)
-    amp_dtype = AMP_DTYPES[args.amp]
-    scaler = torch.amp.GradScaler(device.type, enabled=args.amp == 'fp16')
-    model_ema = ModelEmaV3(model.student, decay=args.ema) if args.ema is not None and not args.eval else None
-    if args.grad_checkpointing:
+    amp_dtype = AMP_DTYPES[cfg.amp]
+    model_ema = ModelEmaV3(model.student, decay=cfg.ema) if cfg.ema is not None and not cfg.eval else None
+    if cfg.grad_checkpointing:
         model.set_grad_checkpointing(True)
-    if args.compile:  # after the EMA's deep copy, which must not share the compiled blocks
+    if cfg.compile:  # after the EMA's deep copy, which must not share the compiled blocks
         model.compile_blocks()
-    n_parameters = sum(p.numel() for p in model.student.parameters() if p.requires_grad)
     log(f"student: {type(model.student).__name__} {model.student.default_cfg.get('architecture')}, "
-        f"{n_parameters / 1e6:.2f}M trainable parameters; mode {mode.name}"
-        + (f", transferred layers {describe_layers(model)}" if model.layers else ''))
-    evaluator = Evaluator(loader_val, device, amp_dtype, args)
-    if args.eval:
-        stats = evaluate_only(args, model, ckpt, ckpt_path, evaluator, device, amp_dtype)
+        f"{trainable_parameters(model) / 1e6:.2f}M trainable parameters; mode {mode.name}"
+        + (f", transferred layers {model.describe_layers()}" if model.layers else ''))
+    evaluator = Evaluator(build_loader(dataset_val, sampler_val, cfg, train=False), device, amp_dtype,
+                          cfg.dist_eval, cfg.print_freq)
+    if cfg.eval:
+        stats = evaluate_only(cfg, model, ckpt, run.ckpt_path, evaluator)
         destroy()
         return stats
-
-
-    eff_batch_size = args.batch_size * args.accum_iter * world
-    lr = args.lr if args.lr is not None else args.blr * eff_batch_size / 256
-    log(f"base lr: {lr * 256 / eff_batch_size:.2e}  actual lr: {lr:.2e}  "
-        f"accumulate grad iterations: {args.accum_iter}  effective batch size: {eff_batch_size}")
-    if args.min_lr > lr and is_main_process():
-        print(lr_floor_warning(lr, args.min_lr, eff_batch_size, args.accum_iter), file=sys.stderr, flush=True)
-    schedule = Schedule.from_args(args, lr=lr, epochs=mode.epochs(args, dataset_train))
-    if finished(ckpt, ckpt_path, schedule.epochs, args.output_dir):  # epochs the training set gave
-        destroy()
-        return {}
-    sampler_train = ResumableDistributedSampler(dataset_train, world, rank, shuffle=True, seed=args.seed)
-    loader_train = build_loader(dataset_train, sampler_train, args, train=True)
-    steps_per_epoch = sampler_train.num_samples // args.batch_size  # the loader drops the last partial batch
-    if steps_per_epoch == 0:
-        raise UserError(f"{len(dataset_train)} training images on {world} processes make no full batch of "
-                        f"{args.batch_size}; lower --batch_size")
-
-    optimizer = torch.optim.AdamW(param_groups(model, mode, args), lr=lr, betas=(0.9, args.beta2),
-                                  fused=device.type == 'cuda')
-    mixup_fn = None
-    if args.mixup_active:
-        mixup_fn = Mixup(mixup_alpha=args.mixup, cutmix_alpha=args.cutmix, cutmix_minmax=args.cutmix_minmax,
-                         prob=args.mixup_prob, switch_prob=args.mixup_switch_prob, mode=args.mixup_mode,
-                         label_smoothing=args.smoothing, num_classes=args.nb_classes)
-    criterion = mode.criterion(args, model, loader_val, device, amp_dtype).to(device)
-    aux_params = [p for p in criterion.parameters() if p.requires_grad]
-    aux_optimizer = torch.optim.Adam(aux_params, lr=args.noise_lr) if aux_params else None
-    # what checkpoints record as their args: the flags and the values resolved from them
-    data = dataset_fingerprint(dataset_train)
-    record = {**vars(args), 'lr': lr, 'epochs': schedule.epochs, 'train_data': data,
-              **mode.recorded_args(args, criterion)}
-
-    if is_main_process() and args.output_dir:
-        saved = [model.student, criterion] + ([model_ema.module] if model_ema is not None else []) \
-            + ([model.teacher] if model.needs_teacher_at_eval else [])
-        warn_if_little_space(args.output_dir, checkpoint_bytes(saved, optimizer), bool(args.save_every))
-
-    start_epoch, start_step, start_rng, partial, last_good = args.start_epoch, 0, None, None, None
-    best = BestAccuracy(ckpt.get('best') if ckpt is not None else None)
-    if ckpt is not None:
-        start_epoch, start_step, start_rng, partial = restore_training_state(
-            ckpt, ckpt_path, model, model_ema, optimizer, scaler, criterion, aux_optimizer, args, steps_per_epoch,
-            data)
-        last_good = describe_checkpoint(ckpt_path, ckpt['epoch'], ckpt.get('step'))
-        trim_log(args.output_dir, start_epoch)
-    ddp_model = wrap_ddp(model, args)
-    log_writer = open_log_writer(args, int((start_epoch + start_step / steps_per_epoch) * 1000))
-
-    def save(epoch: int, step: int | None, partial: dict | None = None, extra_names: tuple[str, ...] = (),
-             epoch_stats: dict | None = None) -> None:
-        """``extra_names`` and then checkpoint.pth on rank 0, unless any rank's state holds NaN or inf: the record
-        of checkpoint.pth (its best accuracies) never points at a file that was not written."""
-        nonlocal last_good
-        if not args.output_dir:
-            return
-        state = checkpoint_state(model, model_ema, optimizer, scaler, criterion, aux_optimizer, record, epoch, step,
-                                 best.best, partial, epoch_stats)
-        path = os.path.join(args.output_dir, 'checkpoint.pth')
-        check_finite(state, describe_checkpoint(path, epoch, step), last_good, device)
-        if is_main_process():
-            for name in extra_names:
-                save_atomic(state, os.path.join(args.output_dir, name))
-            save_atomic(state, path)
-        barrier()
-        last_good = describe_checkpoint(path, epoch, step)
-
-    best_key = {'raw': 'test_acc1', 'ema': 'ema_test_acc1'}.get(args.save_best)
-
-    def numbered(epoch: int) -> tuple[str, ...]:
-        keep = args.save_every and ((epoch + 1) % args.save_every == 0 or epoch + 1 == schedule.epochs)
-        return (f'checkpoint-{epoch}.pth',) if keep else ()
-
-    def end_epoch(epoch: int, train_stats: dict, evaluate_now: bool) -> dict:
-        """After the epoch's checkpoint: its evaluation (a better top-1 rewrites the epoch's checkpoints, and
-        checkpoint-best.pth with --save_best) and its log.txt line."""
-        stats = {**{f'train_{k}': v for k, v in train_stats.items()}, 'epoch': epoch, 'n_parameters': n_parameters}
-        if evaluate_now:
-            test_stats = evaluator(model, model_ema)
-            stats.update(test_stats)
-            improved = best.update(test_stats, epoch)
-            stats.update(best.log_fields())
-            if improved:  # this epoch's checkpoints are written again so that a resume continues the same record
-                save(epoch, None, extra_names=numbered(epoch) + (('checkpoint-best.pth',) if best_key in improved
-                                                                 else ()), epoch_stats=train_stats)
-            if best_key in improved:
-                log(f"checkpoint-best.pth: epoch {epoch}, {best_key} {test_stats[best_key]:.2f}%")
-            log(best.summary(test_stats))
-            if log_writer is not None:
-                for k, v in test_stats.items():
-                    if k.endswith(('acc1', 'acc5', 'loss')):
-                        log_writer.add_scalar(f"perf/{k}", v, epoch)
-        write_log(args, stats)
-        if log_writer is not None:
-            log_writer.flush()
-        return stats
-
-    def due(epoch: int) -> bool:
-        return (epoch + 1) % args.eval_every == 0 or epoch + 1 == schedule.epochs
-
+    lr = learning_rate(cfg, get_world_size())
+    schedule = Schedule.from_args(cfg, lr=lr, epochs=mode.epochs(cfg, dataset_train))
     stats = {}
-    if epoch_end_missing(ckpt, ckpt_path, args.output_dir):
-        log(f"finishing epoch {ckpt['epoch']} of {ckpt_path}: its evaluation and log.txt line were not written")
-        stats = end_epoch(ckpt['epoch'], ckpt['epoch_stats'], due(ckpt['epoch']))
-    control = RunControl(args.checkpoint_minutes, save)
-    log(f"start training for {schedule.epochs} epochs ({steps_per_epoch} steps each) from epoch {start_epoch}"
-        + (f", step {start_step}" if start_step else ''))
-    start_time = time.time()
-    for epoch in range(start_epoch, schedule.epochs):
-        seed_epoch(args.seed, epoch, rank, loader_train.generator)
-        first_step = start_step if epoch == start_epoch else 0
-        if first_step and start_rng is not None:
-            set_rng_state(start_rng)
-        sampler_train.set_epoch(epoch, start_index=first_step * args.batch_size)
-        try:
-            train_stats = train_one_epoch(
-                ddp_model, criterion, loader_train, optimizer, device, epoch, scaler, args, schedule,
-                amp_dtype=amp_dtype, mixup_fn=mixup_fn, model_ema=model_ema, ema_source=model.student,
-                log_writer=log_writer, aux_optimizer=aux_optimizer, partial=partial if first_step else None,
-                start_step=first_step, steps_per_epoch=steps_per_epoch, control=control)
-        except NonFiniteLossError as e:
-            e.args = (f"{e} Training stopped; " + last_good_sentence(last_good),)
-            raise
-        last = epoch + 1 == schedule.epochs
-        try:
-            save(epoch, None, extra_names=numbered(epoch), epoch_stats=train_stats)
-        except UserError:  # e.g. a full disk: the epoch's line still goes into log.txt (it is trained again)
-            with contextlib.suppress(OSError):
-                write_log(args, {**{f'train_{k}': v for k, v in train_stats.items()}, 'epoch': epoch})
-            raise
-        # a stop agreed at the epoch's last step: no evaluation now (the run itself ends after the last epoch)
-        stopping = control.stop_at_epoch_end is not None and not last
-        stats = end_epoch(epoch, train_stats, not stopping and due(epoch))
-        if not last:
-            control.stop_after_epoch()
-
-    log(f"training time {datetime.timedelta(seconds=int(time.time() - start_time))}")
-    log(best.summary(stats))
-    if log_writer is not None:
-        log_writer.close()
+    if not finished(ckpt, run.ckpt_path, schedule.epochs, cfg.output_dir):  # epochs the training set gave
+        stats = Trainer(run, model, model_ema, dataset_train, evaluator, schedule, device, amp_dtype).fit()
     destroy()
     return stats
+
+
+def trainable_parameters(model: TeacherStudentPair) -> int:
+    return sum(p.numel() for p in model.student.parameters() if p.requires_grad)
+
+
+class Trainer:
+    """The training run: its optimizer, schedule, loaders and criterion, the checkpointer that saves and
+    resumes them, and the loop over epochs (``fit``)."""
+
+    def __init__(self, run: Resolved, model: TeacherStudentPair, model_ema, dataset_train, evaluator: Evaluator,
+                 schedule: Schedule, device: torch.device, amp_dtype) -> None:
+        cfg, mode, ckpt = run.cfg, run.mode, run.ckpt
+        self.cfg, self.schedule, self.model, self.model_ema = cfg, schedule, model, model_ema
+        self.evaluator, self.device, self.amp_dtype = evaluator, device, amp_dtype
+        world, rank, lr = get_world_size(), get_rank(), schedule.lr
+        self.sampler = ResumableDistributedSampler(dataset_train, world, rank, shuffle=True, seed=cfg.seed)
+        self.loader = build_loader(dataset_train, self.sampler, cfg, train=True)
+        self.steps_per_epoch = self.sampler.num_samples // cfg.batch_size  # the loader drops the last partial batch
+        if self.steps_per_epoch == 0:
+            raise UserError(f"{len(dataset_train)} training images on {world} processes make no full batch of "
+                            f"{cfg.batch_size}; lower --batch_size")
+        optimizer = torch.optim.AdamW(param_groups(model, mode, cfg), lr=lr, betas=(0.9, cfg.beta2),
+                                      fused=device.type == 'cuda')
+        self.mixup_fn = None if not cfg.mixup_active else Mixup(
+            mixup_alpha=cfg.mixup, cutmix_alpha=cfg.cutmix, cutmix_minmax=cfg.cutmix_minmax, prob=cfg.mixup_prob,
+            switch_prob=cfg.mixup_switch_prob, mode=cfg.mixup_mode, label_smoothing=cfg.smoothing,
+            num_classes=cfg.nb_classes)
+        criterion = mode.criterion(cfg, model, evaluator.loader, device, amp_dtype).to(device)
+        aux_params = [p for p in criterion.parameters() if p.requires_grad]
+        aux_optimizer = torch.optim.Adam(aux_params, lr=cfg.noise_lr) if aux_params else None
+        self.state = TrainingState(model, optimizer, torch.amp.GradScaler(device.type, enabled=cfg.amp == 'fp16'),
+                                   model_ema, criterion, aux_optimizer)
+        data = dataset_fingerprint(dataset_train)
+        # what checkpoints record as their args: the configuration and the values resolved while building
+        record = {**cfg.record(), 'lr': lr, 'epochs': self.schedule.epochs, 'train_data': data,
+                  **mode.recorded_args(cfg, criterion)}
+        self.checkpointer = Checkpointer(cfg.output_dir, self.state, record, device, self.schedule.epochs,
+                                         cfg.save_every)
+        if is_main_process() and cfg.output_dir:
+            warn_if_little_space(cfg.output_dir, checkpoint_bytes(self.state.saved_modules(), optimizer),
+                                 bool(cfg.save_every))
+        self.best = BestAccuracy(best_record(ckpt))
+        self.start = ResumePoint(cfg.start_epoch, 0, None, None)
+        if ckpt is not None:
+            self.start = self.checkpointer.load(ckpt, run.ckpt_path, cfg.batch_size, self.steps_per_epoch, cfg.seed,
+                                                data)
+            trim_log(cfg.output_dir, self.start.epoch)
+        self.ddp_model = wrap_ddp(model, cfg)
+        self.log_writer = open_log_writer(cfg, int((self.start.epoch + self.start.step / self.steps_per_epoch)
+                                                   * 1000))
+        self.best_key = {'raw': 'test_acc1', 'ema': 'ema_test_acc1'}.get(cfg.save_best)
+        self.unfinished = run.ckpt if epoch_end_missing(ckpt, run.ckpt_path, cfg.output_dir) else None
+
+    def due(self, epoch: int) -> bool:
+        """Whether ``epoch``'s end evaluates: every --eval_every epochs and after the last."""
+        return (epoch + 1) % self.cfg.eval_every == 0 or epoch + 1 == self.schedule.epochs
+
+    def save(self, epoch: int, step: int | None, partial: dict | None = None, epoch_stats: dict | None = None,
+             with_best: bool = False) -> None:
+        self.checkpointer.save(epoch, step, self.best.best, partial, epoch_stats, with_best)
+
+    def end_epoch(self, epoch: int, train_stats: dict, evaluate_now: bool) -> dict:
+        """After the epoch's checkpoint: its evaluation (a better top-1 rewrites the epoch's checkpoints, and
+        checkpoint-best.pth with --save_best) and its log.txt line."""
+        stats = {**{f'train_{k}': v for k, v in train_stats.items()}, 'epoch': epoch,
+                 'n_parameters': trainable_parameters(self.model)}
+        if evaluate_now:
+            test_stats = self.evaluator(self.model, self.model_ema)
+            stats.update(test_stats)
+            improved = self.best.update(test_stats, epoch)
+            stats.update(self.best.log_fields())
+            if improved:  # this epoch's checkpoints are written again so that a resume continues the same record
+                self.save(epoch, None, epoch_stats=train_stats, with_best=self.best_key in improved)
+            if self.best_key in improved:
+                log(f"{BEST}: epoch {epoch}, {self.best_key} {test_stats[self.best_key]:.2f}%")
+            log(self.best.summary(test_stats))
+            if self.log_writer is not None:
+                for k, v in test_stats.items():
+                    if k.endswith(('acc1', 'acc5', 'loss')):
+                        self.log_writer.add_scalar(f"perf/{k}", v, epoch)
+        write_log(self.cfg, stats)
+        if self.log_writer is not None:
+            self.log_writer.flush()
+        return stats
+
+    def train_epoch(self, epoch: int, control: RunControl) -> dict:
+        """One epoch (from the resumed step in the first), its checkpoint and, unless a stop was agreed at its
+        last step, its end."""
+        cfg, start = self.cfg, self.start
+        seed_epoch(cfg.seed, epoch, get_rank(), self.loader.generator)
+        first_step = start.step if epoch == start.epoch else 0
+        if first_step and start.rng is not None:
+            set_rng_state(start.rng)
+        self.sampler.set_epoch(epoch, start_index=first_step * cfg.batch_size)
+        try:
+            train_stats = train_one_epoch(
+                self.ddp_model, self.state.criterion, self.loader, self.state.optimizer, self.device, epoch,
+                self.state.scaler, cfg, self.schedule, amp_dtype=self.amp_dtype, mixup_fn=self.mixup_fn,
+                model_ema=self.model_ema, ema_source=self.model.student, log_writer=self.log_writer,
+                aux_optimizer=self.state.aux_optimizer, partial=start.partial if first_step else None,
+                start_step=first_step, steps_per_epoch=self.steps_per_epoch, control=control)
+        except NonFiniteLossError as e:
+            e.args = (f"{e} Training stopped; " + last_good_sentence(self.checkpointer.last_good),)
+            raise
+        try:
+            self.save(epoch, None, epoch_stats=train_stats)
+        except UserError:  # e.g. a full disk: the epoch's line still goes into log.txt (it is trained again)
+            with contextlib.suppress(OSError):
+                write_log(cfg, {**{f'train_{k}': v for k, v in train_stats.items()}, 'epoch': epoch})
+            raise
+        # a stop agreed at the epoch's last step: no evaluation now (the run itself ends after the last epoch)
+        last = epoch + 1 == self.schedule.epochs
+        stopping = control.stop_at_epoch_end is not None and not last
+        return self.end_epoch(epoch, train_stats, not stopping and self.due(epoch))
+
+    def fit(self) -> dict:
+        stats = {}
+        if self.unfinished is not None:
+            epoch = saved_position(self.unfinished)[0]
+            log(f"finishing epoch {epoch} of {self.checkpointer.last_good}: its evaluation and log.txt line were not "
+                "written")
+            stats = self.end_epoch(epoch, end_of_epoch_stats(self.unfinished), self.due(epoch))
+        control = RunControl(self.cfg.checkpoint_minutes, self.save)
+        log(f"start training for {self.schedule.epochs} epochs ({self.steps_per_epoch} steps each) from epoch "
+            f"{self.start.epoch}" + (f", step {self.start.step}" if self.start.step else ''))
+        start_time = time.time()
+        for epoch in range(self.start.epoch, self.schedule.epochs):
+            stats = self.train_epoch(epoch, control)
+            if epoch + 1 < self.schedule.epochs:
+                control.stop_after_epoch()
+        log(f"training time {datetime.timedelta(seconds=int(time.time() - start_time))}")
+        log(self.best.summary(stats))
+        if self.log_writer is not None:
+            self.log_writer.close()
+        return stats
 
 
 def run(argv=None) -> dict:
     parser = argparse.ArgumentParser('python main_finetune.py', parents=[get_args_parser()],
                                      description=__doc__, formatter_class=HelpFormatter)
-    args = parser.parse_args(argv)
-    args.explicit_flags = explicit_flags(parser, argv)
-    return main(args)
+    return main(Config.of(parser.parse_args(argv), explicit_flags=explicit_flags(parser, argv)))
 
 
 def run_reporting_stop(argv=None) -> dict:

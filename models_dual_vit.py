@@ -32,6 +32,7 @@ from timm.layers import Attention, trunc_normal_
 from timm.models.vision_transformer import Block, VisionTransformer
 
 from models_families import family_of_attention, family_of_block, family_of_model
+from models_pair import TeacherStudentPair
 from util.errors import UserError
 from util.pretrained import LoadReport, load_pretrained_weights
 
@@ -86,17 +87,18 @@ TRANSFER_MODES = {m.name: m for m in (
     TransferMode('distill_k', 'k', 'loss'),
     TransferMode('distill_v', 'v', 'loss'),
 )}
-PLAIN_MODES = (None, '', 'none')
-MODE_CHOICES = ('none',) + tuple(TRANSFER_MODES)
+# the pair's wiring by name (a model built from names, as the tests and benchmarks do): 'none' has no teacher
+WIRING = {'none': None, **TRANSFER_MODES}
 
 
-def get_transfer_mode(mode: Optional[str]) -> Optional[TransferMode]:
-    """The TransferMode for a mode name; ``None`` for plain training (no teacher)."""
-    if mode in PLAIN_MODES:
-        return None
-    if mode not in TRANSFER_MODES:
-        raise ValueError(f"unknown mode {mode!r}; choose one of {', '.join(MODE_CHOICES)}")
-    return TRANSFER_MODES[mode]
+def transfer_of(mode: Union[TransferMode, str, None]) -> Optional[TransferMode]:
+    """The TransferMode a model is built with: one of TRANSFER_MODES, or its name in ``WIRING``."""
+    if mode is None or isinstance(mode, TransferMode):
+        return mode
+    try:
+        return WIRING[mode]
+    except KeyError:
+        raise ValueError(f"unknown mode {mode!r}; choose one of {', '.join(WIRING)}") from None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -578,7 +580,7 @@ def parse_layers(spec: Union[str, Sequence[int], None], depth: int, end_layer: i
 # ---------------------------------------------------------------------------------------------
 # The pair
 # ---------------------------------------------------------------------------------------------
-class DualViT(nn.Module):
+class DualViT(TeacherStudentPair):
     """A trainable student ViT and, for transfer modes, a frozen teacher ViT beside it.
 
     forward(x) returns the student's logits; in training under a ``loss`` mode it returns
@@ -591,7 +593,7 @@ class DualViT(nn.Module):
             self,
             student: VisionTransformer,
             teacher: Optional[VisionTransformer] = None,
-            mode: Optional[str] = None,
+            mode: Union[TransferMode, str, None] = None,
             layers: Union[str, Sequence[int], None] = None,
             end_layer: int = 0,
             share_drop_path: bool = True,
@@ -601,7 +603,7 @@ class DualViT(nn.Module):
         super().__init__()
         if attention_impl not in ATTENTION_IMPL_CHOICES:
             raise ValueError(f"attention_impl {attention_impl!r}: choose one of {', '.join(ATTENTION_IMPL_CHOICES)}")
-        self.mode = get_transfer_mode(mode)
+        self.mode = transfer_of(mode)
         if self.mode is not None and teacher is None:
             raise ValueError(f"mode {mode!r} needs a teacher model; give one, or use mode 'none'")
         if self.mode is None and teacher is not None:
@@ -612,15 +614,15 @@ class DualViT(nn.Module):
         self.attention_impl = attention_impl
         self.grad_checkpointing = False
         self._teacher_layer, self._student_layer = teacher_layer, student_layer
-        self.layers: list[int] = []
+        self._layers: list[int] = []
         self.pairs: dict[int, int] = {}  # student layer -> the teacher block it is paired with
         if teacher is not None:
             check_supported(teacher, 'teacher')
             check_supported(student, 'student')
             depth = min(len(teacher.blocks), len(student.blocks))
             self.pairs = pair_layers(layer_map, len(student.blocks), len(teacher.blocks))
-            self.layers = transferred_pairs(parse_layers(layers, depth, end_layer), self.pairs,
-                                            explicit=layers not in (None, ''))
+            self._layers = transferred_pairs(parse_layers(layers, depth, end_layer), self.pairs,
+                                             explicit=layers not in (None, ''))
             self._check_compatible()
             teacher.requires_grad_(False)
             teacher.eval()
@@ -629,6 +631,11 @@ class DualViT(nn.Module):
     def needs_teacher_at_eval(self) -> bool:
         """Whether evaluation runs the teacher too (copy modes): their checkpoints then hold it."""
         return self.mode is not None and self.mode.needs_teacher_at_eval
+
+    @property
+    def layers(self) -> list[int]:
+        """The transferred layers (empty without a teacher)."""
+        return self._layers
 
     @property
     def last_teacher_layer(self) -> int:
@@ -659,12 +666,6 @@ class DualViT(nn.Module):
             raise UserError(f"teacher and student are incompatible for mode {self.mode.name}:\n  - "
                             + "\n  - ".join(problems))
 
-    def train(self, mode: bool = True) -> DualViT:
-        super().train(mode)
-        if self.teacher is not None:
-            self.teacher.eval()  # the teacher never uses dropout; stochastic depth comes as shared masks
-        return self
-
     def load_teacher(self, path: str, use_ema: bool = False, flag: str = '') -> LoadReport:
         """Load pre-trained teacher weights (see util.pretrained.load_pretrained_weights)."""
         if self.teacher is None:
@@ -675,7 +676,7 @@ class DualViT(nn.Module):
 
     def with_student(self, student: VisionTransformer) -> DualViT:
         """The same teacher and transfer around another student (e.g. the EMA weights, for evaluation)."""
-        return DualViT(student, self.teacher, mode=self.mode.name if self.mode else None, layers=self.layers or None,
+        return DualViT(student, self.teacher, mode=self.mode, layers=self.layers or None,
                        share_drop_path=self.share_drop_path, attention_impl=self.attention_impl,
                        layer_map=self.pairs or None)
 
@@ -913,7 +914,7 @@ def init_class_token(vit: VisionTransformer) -> None:
 def build_dual_vit(
         teacher_model: Optional[str],
         student_model: Optional[str] = None,
-        mode: Optional[str] = 'distill',
+        mode: Union[TransferMode, str, None] = 'distill',
         drop_path_rate: float = 0.0,
         end_layer: int = 0,
         transfer_layers: Union[str, Sequence[int], None] = None,
@@ -938,7 +939,7 @@ def build_dual_vit(
     common = dict(num_classes=num_classes, global_pool=global_pool, img_size=img_size)
     student = create_vit(student_name, drop_path_rate=drop_path_rate, **common, **(student_kwargs or {}))
     teacher = None
-    if get_transfer_mode(mode) is not None:
+    if transfer_of(mode) is not None:
         if teacher_model is None:
             raise ValueError(f"mode {mode!r} needs a teacher model (--teacher_model or a dual_vit_* --model)")
         teacher = create_vit(teacher_model, drop_path_rate=0.0, **common, **teacher_kwargs)

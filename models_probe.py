@@ -10,12 +10,12 @@ from collections.abc import Sequence
 from typing import NamedTuple, Optional, Union
 
 import torch
-import torch.nn as nn
 from timm.models.vision_transformer import VisionTransformer
 
 from models_dual_vit import check_supported, create_vit, forward_with_capture, init_class_token
+from models_pair import TeacherStudentPair
 from util.errors import UserError
-from util.pretrained import LoadReport, load_pretrained_weights
+from util.pretrained import LoadReport, load_pretrained_weights, require_classifier_head
 
 Tensor = torch.Tensor
 
@@ -53,7 +53,7 @@ def parse_blocks(spec: Union[str, Sequence[int], None], depth: int, default: Seq
     return blocks
 
 
-class ProbeDistiller(nn.Module):
+class ProbeDistiller(TeacherStudentPair):
     """Teacher (frozen, eval mode, no gradients) and student for probe distillation."""
 
     needs_teacher_at_eval = False
@@ -78,6 +78,7 @@ class ProbeDistiller(nn.Module):
                             "check --nb_classes")
         teacher.requires_grad_(False)
         teacher.eval()
+        self._capture = forward_with_capture
 
     @property
     def layers(self) -> list[tuple[int, int]]:
@@ -86,10 +87,12 @@ class ProbeDistiller(nn.Module):
 
     may_leave_student_parameters_unused = False
 
-    def train(self, mode: bool = True) -> ProbeDistiller:
-        super().train(mode)
-        self.teacher.eval()
-        return self
+    def compile_blocks(self, **compile_kwargs) -> None:
+        """torch.compile the student's blocks (its forward alone, at evaluation) and the capturing forward of
+        training, which walks both models' blocks."""
+        for blk in self.student.blocks:
+            blk.compile(**compile_kwargs)
+        self._capture = torch.compile(forward_with_capture, **compile_kwargs)
 
     def with_student(self, student: VisionTransformer) -> ProbeDistiller:
         return ProbeDistiller(student, self.teacher, self.teacher_blocks)
@@ -97,10 +100,8 @@ class ProbeDistiller(nn.Module):
     def load_teacher(self, path: str, use_ema: bool = False, flag: str = '') -> LoadReport:
         """The target-task teacher, head included: KD needs its predictions."""
         report = load_pretrained_weights(self.teacher, path, use_ema=use_ema, flag=flag)
-        if 'head.weight' not in report.loaded:
-            raise UserError(f"{flag or 'checkpoint'} {path}: no classifier head for {self.teacher.num_classes} "
-                            "classes was loaded; probe distillation needs the teacher trained on the target task "
-                            "(check --nb_classes)")
+        require_classifier_head(report, flag or 'checkpoint', path, self.teacher.num_classes,
+                                "probe distillation needs the teacher trained on the target task (check --nb_classes)")
         self.teacher.requires_grad_(False)
         return report
 
@@ -108,8 +109,8 @@ class ProbeDistiller(nn.Module):
         if not self.training:
             return self.student(x)
         with torch.no_grad():
-            t_logits, _, t_feats = forward_with_capture(self.teacher, x, feature_blocks=self.teacher_blocks)
-        s_logits, _, s_feats = forward_with_capture(self.student, x, feature_blocks=self.student_blocks)
+            t_logits, _, t_feats = self._capture(self.teacher, x, feature_blocks=self.teacher_blocks)
+        s_logits, _, s_feats = self._capture(self.student, x, feature_blocks=self.student_blocks)
         return ProbeOutputs(s_logits, t_logits, [s_feats[b] for b in self.student_blocks],
                             [t_feats[b] for b in self.teacher_blocks])
 

@@ -7,29 +7,44 @@
                         ICASSP 2022)
 
 ``MODES`` maps every ``--mode`` value to its object and ``get_mode`` looks one up; nothing else in the
-project tests a mode's name. The training script asks the mode, in this order: ``apply_defaults`` and
+project tests a mode's name. The training script asks the mode, in this order: ``recipe`` and
 ``check`` (while the flags are resolved), ``teacher_architecture`` / ``build_model``, ``train_dataset``,
 ``criterion``, ``param_groups`` (with ``lr_decay_layers``) and ``epochs``; ``evaluated_as`` says what a saved
 model is evaluated as.
 """
 from __future__ import annotations
 
+import argparse
 import os
 
 import torch
+from timm.layers import trunc_normal_
 
 from engine_finetune import evaluate
-from models_dual_vit import TRANSFER_MODES, DualViT, TransferMode, build_dual_vit
+from models_dual_vit import ATTENTION_IMPL_CHOICES, TRANSFER_MODES, DualViT, TransferMode, build_dual_vit, create_vit
 from models_probe import ProbeDistiller, build_probe_distiller
-from util.args import check_positive, check_range
+from util.args import check_positive, check_range, parse_kwargs
+from util.checkpoint import holds_teacher, recorded_args, restore_weights
+from util.config import Config
 from util.datasets import build_dataset, default_eval_crop_pct, normalization
 from util.distributed import barrier, is_main_process, log
 from util.errors import UserError
 from util.losses import ProbeCriterion, TransferCriterion, build_task_criterion
 from util.lr_decay import param_groups_lrd
-from util.pretrained import checkpoint_architecture, local_checkpoint
+from util.pretrained import (
+    EVAL_HEAD_ADVICE,
+    checkpoint_architecture,
+    is_named,
+    load_pretrained_weights,
+    local_checkpoint,
+    pool_of_state_dict,
+    read_checkpoint,
+    require_classifier_head,
+    select_state_dict,
+)
 from util.selection import (
     ProbeImages,
+    check_selected_files,
     labelled_originals,
     probe_training_set,
     read_selection,
@@ -40,6 +55,21 @@ from util.selection import (
 # 650,000 selected images); its ImageNet script's is twice that.
 PROBE_PRESENTATIONS = 320000 * 512
 IMAGENET_PROBE_PRESENTATIONS = 640000 * 512
+
+
+# The arguments that define a run's model (--eval --resume, --ensemble_with and the tools rebuild it from those
+# its checkpoint records), each with the value in effect for checkpoints written before it was recorded.
+MODEL_ARGS = {'model': None, 'mode': 'none', 'teacher_model': None, 'student_model': None, 'model_kwargs': {},
+              'student_kwargs': {}, 'input_size': 224, 'nb_classes': 1000, 'global_pool': True,
+              'transfer_layers': None, 'layer_map': None, 'end_layer': 0, 'share_drop_path': True,
+              'probe_blocks': None, 'eval_crop_pct': None}
+
+
+def recorded_model(saved: dict, **changes) -> Config:
+    """The configuration of the model a checkpoint's recorded args describe (older checkpoints: the values
+    then in effect for what they do not record), with ``changes``: what a tool needs to rebuild that model."""
+    built_with = {'attention_impl': 'auto', 'drop_path': 0.0, 'use_teacher_ema': False, 'finetune': ''}
+    return Config.of({**MODEL_ARGS, **built_with, **saved}, **changes)
 
 
 def probe_epochs(num_selected: int, presentations: int = PROBE_PRESENTATIONS) -> int:
@@ -81,15 +111,24 @@ class PlainTraining:
         """Whether this run needs the teacher's weights: to train, and to evaluate a model that runs with it."""
         return self.uses_teacher and (not evaluating or self.evaluated_as() is self)
 
-    def apply_defaults(self, args) -> None:
+    def recipe(self, args) -> dict:
         """The mode's recipe for every flag the command line left unset (code that builds args itself, without
         ``explicit_flags``, gets its values as given)."""
         explicit = getattr(args, 'explicit_flags', None)
         if explicit is None:
+            return {}
+        return {key: value for key, value in self.defaults.items() if key not in explicit}
+
+    def check_resumed(self, saved: dict, path: str) -> None:
+        """A training run continues its checkpoint's run in the same mode: another mode's optimizer groups do not
+        fit, or the student would train under another objective (``saved``: the checkpoint's recorded args)."""
+        if not saved:
             return
-        for key, value in self.defaults.items():
-            if key not in explicit:
-                setattr(args, key, value)
+        before = get_mode(saved.get('mode'))  # older checkpoints record None for plain training
+        if before is not self:
+            raise UserError(f"--resume {path}: the checkpoint is of a --mode {before.name} run, but this command has "
+                            f"--mode {self.name}: give --mode {before.name} to continue it (a run keeps the mode it "
+                            "started with; to train another mode start a new run in another --output_dir)")
 
     def check(self, args) -> None:
         """Flags this mode cannot use, refused before anything is loaded."""
@@ -107,7 +146,7 @@ class PlainTraining:
         teacher, teacher_kwargs, _ = self.teacher_architecture(args)
         student, student_kwargs = student_architecture(args, teacher_kwargs)
         return build_dual_vit(teacher if self.uses_teacher else None, student,
-                              mode=self.transfer.name if self.uses_teacher else None, drop_path_rate=args.drop_path,
+                              mode=self.transfer, drop_path_rate=args.drop_path,
                               end_layer=args.end_layer, transfer_layers=args.transfer_layers,
                               num_classes=args.nb_classes, global_pool=args.global_pool, img_size=args.input_size,
                               share_drop_path=args.share_drop_path, attention_impl=args.attention_impl,
@@ -162,6 +201,29 @@ class AttentionTransfer(PlainTraining):
         shares the head's scale)."""
         return depth
 
+    @staticmethod
+    def add_arguments(g: argparse._ArgumentGroup) -> None:
+        """The flags of attention transfer (to the parser's 'attention transfer' group, after --mode)."""
+        g.add_argument('--end_layer', default=0, type=int,
+                       help='transfer layers [0, depth + end_layer); 0 = all layers, -6 = all but the last 6')
+        g.add_argument('--transfer_layers', default=None, type=str,
+                       help='explicit transferred layers, e.g. 0-17 or 0,2,4 (overrides --end_layer)')
+        g.add_argument('--layer_map', default=None, type=str,
+                       help='student:teacher layer pairs, e.g. 0:1,1:3 (a 2-block student of a 4-block teacher); '
+                            'default: block i with block i, and a shallower student spread over the teacher, top to '
+                            'top')
+        g.add_argument('--atd_weight', default=3, type=float,
+                       help='weight of the attention distillation loss (distill modes)')
+        g.add_argument('--no_share_drop_path', action='store_false', dest='share_drop_path',
+                       help='draw the student\'s stochastic-depth masks alone instead of sharing them with the teacher')
+        g.add_argument('--train_qkv', action='store_true', help='train only the student\'s qkv, head and fc_norm')
+        g.add_argument('--attention_impl', default='auto', choices=list(ATTENTION_IMPL_CHOICES),
+                       help='fused: every mode through scaled_dot_product_attention, the teacher handing over q/k/v '
+                            'and the distillation loss computed through the attention kernels, so no N x N map is '
+                            'stored; explicit: N x N attention maps in float32 (same numbers; faster on CPU at ViT '
+                            'sizes); auto: fused on CUDA, explicit on CPU (default: %(default)s; the choice is printed '
+                            'at start and recorded in checkpoints)')
+
 
 def check_probe_values(args) -> None:
     """Numeric flags of probe distillation that no run can use."""
@@ -201,10 +263,46 @@ class AttentionProbe(PlainTraining):
     def evaluated_as(self) -> PlainTraining:
         return PLAIN
 
+    @staticmethod
+    def add_arguments(p: argparse.ArgumentParser) -> None:
+        """The flags of probe distillation, in their own group."""
+        g = p.add_argument_group('attention probe (--mode probe: distil on selected wild images, no labels)')
+        g.add_argument('--selection', default='', help='selection file written by select_wild_data.py')
+        g.add_argument('--eval_data_path', default='',
+                       help='the target task\'s folder with val/<class>/ to evaluate on (default: --data_path)')
+        g.add_argument('--kd_temperature', default=4.0, type=float, help='temperature T of the KD loss (times T^2)')
+        g.add_argument('--robust', action='store_true',
+                       help='weight each image\'s KD term by the class-balance weight of the teacher\'s prediction '
+                            '(the selection\'s weights plus uniform noise in [0, 0.1))')
+        g.add_argument('--pos_num', default=0, type=int,
+                       help='mix the first N labelled originals of each class of the target task\'s training split '
+                            '(--eval_data_path/train) into the selected images, aspect ratio kept, as the reference\'s '
+                            'ImageNet script')
+        g.add_argument('--class_weights', default='augmented', choices=['augmented', 'selection'],
+                       help='--robust: class-balance weights from a pass over the selection (and the --pos_num '
+                            'originals) with the training augmentation, as the reference (cached beside the '
+                            'selection), or from the unaugmented scoring pass stored in the selection file')
+        g.add_argument('--no_noise_adaptation', action='store_false', dest='noise_adaptation',
+                       help='drop the noise adaptation layer (DFND) and its NLL loss')
+        g.add_argument('--noise_lr', default=1e-3, type=float, help='Adam lr of the noise adaptation parameters')
+        g.add_argument('--teacher_acc', default=None, type=float,
+                       help='teacher accuracy (0-1) on the target task, the diagonal of the noise transition matrix '
+                            '(default: measured on the evaluation set before training)')
+        g.add_argument('--patchattn', default=0.8, type=float, help='weight of the patch attention probe loss')
+        g.add_argument('--probe_blocks', default=None, type=str,
+                       help='teacher blocks whose features the patch probe compares, e.g. 3,7,11 (default: 1/3, 2/3 '
+                            'and the last block); student blocks are matched by relative depth')
+        g.add_argument('--presentations', default=PROBE_PRESENTATIONS, type=int,
+                       help='probe mode without --epochs: train int(presentations / selected images) - 1 epochs, as '
+                            'the reference (default 320000 x 512: 251 epochs for 650,000 selected images; its '
+                            'ImageNet script: 640000 x 512); --pos_num originals are not counted')
+        g.add_argument('--probe_norm', default='tokens', choices=['tokens', 'channels'],
+                       help='L2-normalise features along the token axis (the reference) or the channel axis')
+
     def check(self, args) -> None:
-        if args.grad_checkpointing or args.compile:
-            raise UserError("--grad_checkpointing and --compile apply to the attention transfer modes and plain "
-                            "training, not to --mode probe: drop them")
+        if args.grad_checkpointing:
+            raise UserError("--grad_checkpointing applies to the attention transfer modes and plain training, not to "
+                            "--mode probe: drop it")
         if args.eval:
             return
         check_probe_values(args)
@@ -237,6 +335,7 @@ class AttentionProbe(PlainTraining):
     def train_dataset(self, args) -> ProbeImages:
         """The selected wild images and, with --pos_num, the labelled originals (see ``probe_training_set``)."""
         selection = read_selection(args.selection)
+        check_selected_files(selection, args.selection)
         if selection.get('nb_classes') not in (None, args.nb_classes):
             raise UserError(f"{args.selection} was selected for a {selection['nb_classes']}-class teacher, "
                             f"but --nb_classes is {args.nb_classes}")
@@ -317,6 +416,58 @@ class AttentionProbe(PlainTraining):
         log(f"probe mode: {epochs} epochs = int({args.presentations} presentations / {dataset.num_selected} "
             "selected images) - 1, as the reference (give --epochs to choose)")
         return epochs
+
+
+def load_initial_weights(model, cfg: Config, ckpt: dict | None) -> None:
+    """--finetune: the teacher's weights in transfer modes (unless the checkpoint holds them), the
+    student's starting point in plain mode (unless a checkpoint is resumed)."""
+    if not cfg.finetune:
+        return
+    if model.teacher is not None:
+        if cfg.eval and ckpt is None:
+            raise UserError(f"--eval --mode {cfg.mode} evaluates a trained student, which --finetune (the teacher) "
+                            "does not hold: give the run's checkpoint with --resume CKPT")
+        if not holds_teacher(ckpt):
+            log(f"teacher: {model.load_teacher(cfg.finetune, use_ema=cfg.use_teacher_ema, flag='--finetune')}")
+    elif ckpt is None:
+        report = load_pretrained_weights(model.student, cfg.finetune, use_ema=cfg.use_teacher_ema, flag='--finetune')
+        log(f"student: {report}")
+        if cfg.eval:
+            require_classifier_head(report, '--finetune', cfg.finetune, cfg.nb_classes, EVAL_HEAD_ADVICE)
+        if 'head.weight' not in report.loaded and hasattr(model.student.head, 'weight'):
+            trunc_normal_(model.student.head.weight, std=2e-5)  # MAE's fine-tuning head initialisation
+
+
+def restrict_to_qkv(student: torch.nn.Module) -> None:
+    """--train_qkv: freeze everything but the qkv projections, the head and fc_norm."""
+    for name, param in student.named_parameters():
+        param.requires_grad = 'qkv' in name or name.startswith(('head.', 'fc_norm.'))
+
+
+def load_ensemble_member(cfg: Config) -> torch.nn.Module:
+    """The model of --ensemble_with: a checkpoint of this project (any mode, rebuilt from the configuration it
+    records), a classifier checkpoint of --ensemble_model / --model's architecture (e.g. an MAE fine-tuned ViT),
+    or a named classifier (timm:NAME.tag, hf-hub:ORG/NAME: its own architecture; an https:// URL)."""
+    path = cfg.ensemble_with
+    ckpt = read_checkpoint(local_checkpoint(path, '--ensemble_with'), flag='--ensemble_with')
+    saved = recorded_args(ckpt)
+    if 'model' in saved:
+        member_cfg = cfg.replace(**{k: saved[k] for k in MODEL_ARGS if k in saved}, finetune='')
+        member = get_mode(member_cfg.mode).evaluated_as().build_model(member_cfg)
+        restore_weights(ckpt, path, member, None)
+        return member
+    name = cfg.ensemble_model or cfg.teacher_model or cfg.model
+    kwargs = parse_kwargs(cfg.ensemble_kwargs, '--ensemble_kwargs') if cfg.ensemble_model else cfg.model_kwargs
+    named = checkpoint_architecture(path) if is_named(path) and not cfg.ensemble_model else None
+    pool = cfg.global_pool
+    if named is not None:  # a timm: / hf-hub: name gives its architecture; timm pools by average iff it has fc_norm
+        name, kwargs = named['model'], named['model_kwargs']
+        pool = named['global_pool'] or pool_of_state_dict(select_state_dict(ckpt))
+    member = create_vit(name, num_classes=cfg.nb_classes, global_pool=pool, img_size=cfg.input_size, **kwargs)
+    report = load_pretrained_weights(member, path, checkpoint=ckpt, flag='--ensemble_with')
+    require_classifier_head(report, '--ensemble_with', path, cfg.nb_classes, EVAL_HEAD_ADVICE)
+    log(f"ensemble member: {report}")
+    return member
 
 
 PLAIN = PlainTraining()

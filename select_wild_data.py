@@ -25,6 +25,7 @@ import math
 import os
 import time
 import warnings
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -35,6 +36,7 @@ from models_dual_vit import create_vit, forward_with_capture
 from models_probe import default_probe_blocks, parse_blocks
 from util.args import HelpFormatter, check_normalization, check_writable_folder, parse_kwargs
 from util.checkpoint import save_atomic
+from util.config import Config
 from util.datasets import collate_skipping_bad
 from util.distributed import barrier, broadcast_object, destroy, get_rank, get_world_size, init_distributed_mode, log
 from util.errors import UserError, run_cli
@@ -46,8 +48,8 @@ from util.pretrained import (
     local_checkpoint,
     pool_of_state_dict,
     read_checkpoint,
+    require_classifier_head,
     select_state_dict,
-    trained_architecture,
 )
 from util.selection import ImageFiles, list_images, selection_record, wild_transform, write_selection
 
@@ -159,36 +161,46 @@ def score_chunk(teacher, dataset: ImageFiles, start: int, end: int, blocks: list
 # ---------------------------------------------------------------------------------------------
 # Set-up
 # ---------------------------------------------------------------------------------------------
-def build_teacher(args):
-    """The teacher classifier, architecture from its checkpoint's arguments unless given here."""
-    checkpoint = read_checkpoint(args.teacher, flag='--teacher')
-    arch = (checkpoint_architecture(args.teacher) if is_named(args.teacher) else trained_architecture(checkpoint)) or {}
-    args.mean = list(args.mean or arch.get('mean') or IMAGENET_DEFAULT_MEAN)
-    args.std = list(args.std or arch.get('std') or IMAGENET_DEFAULT_STD)
-    args.model = args.model or arch.get('model')
-    if args.model is None:
-        raise UserError(f"--teacher {args.teacher} does not record its architecture: give --model (and --model_kwargs)")
-    kwargs = {**(arch.get('model_kwargs') or {}), **parse_kwargs(args.model_kwargs, '--model_kwargs')}
-    args.nb_classes = args.nb_classes or arch.get('nb_classes')
-    args.input_size = args.input_size or arch.get('input_size') or 224
-    if not args.nb_classes:
-        raise UserError(f"--teacher {args.teacher} does not record its number of classes: give --nb_classes")
-    pool = False if args.cls_token else arch.get('global_pool')
+def resolve(args) -> tuple[Config, Any]:
+    """The flags checked and resolved into the run's configuration, before any image is scored: precision,
+    the distributed set-up, and the teacher's architecture, classes, input size and normalisation from its
+    checkpoint unless given here. Returns it with the teacher's checkpoint (read once)."""
+    check_args(args)
+    cfg = Config.of(args, amp=args.amp or default_amp(args.device))
+    cfg = cfg.replace(**init_distributed_mode(cfg))
+    checkpoint = read_checkpoint(cfg.teacher, flag='--teacher')
+    arch = checkpoint_architecture(cfg.teacher, checkpoint) or {}
+    cfg = cfg.replace(mean=list(cfg.mean or arch.get('mean') or IMAGENET_DEFAULT_MEAN),
+                      std=list(cfg.std or arch.get('std') or IMAGENET_DEFAULT_STD),
+                      model=cfg.model or arch.get('model'),
+                      model_kwargs={**(arch.get('model_kwargs') or {}), **parse_kwargs(cfg.model_kwargs,
+                                                                                        '--model_kwargs')},
+                      nb_classes=cfg.nb_classes or arch.get('nb_classes'),
+                      input_size=cfg.input_size or arch.get('input_size') or 224)
+    if cfg.model is None:
+        raise UserError(f"--teacher {cfg.teacher} does not record its architecture: give --model (and --model_kwargs)")
+    if not cfg.nb_classes:
+        raise UserError(f"--teacher {cfg.teacher} does not record its number of classes: give --nb_classes")
+    pool = False if cfg.cls_token else arch.get('global_pool')
     if pool is None:  # not recorded (plain files, timm: names): timm's layout says it
-        pool = pool_of_state_dict(select_state_dict(checkpoint)) if is_named(args.teacher) else True
-    if pool not in (False, 'token'):
-        warnings.warn(f"{args.teacher}: the teacher classifies from {pool!r} pooling of the tokens, not from the class "
-                      "token, so the attention probe (the class token's attention) measures a token its head never "
-                      "reads. Attention Probe's teachers classify from the class token: train the teacher with "
-                      "--cls_token (or pass --cls_token here if this one does).", stacklevel=1)
-    teacher = create_vit(args.model, num_classes=args.nb_classes, global_pool=pool, img_size=args.input_size,
-                         **kwargs)
-    report = load_pretrained_weights(teacher, args.teacher, use_ema=args.use_teacher_ema, checkpoint=checkpoint,
+        pool = pool_of_state_dict(select_state_dict(checkpoint)) if is_named(cfg.teacher) else True
+    return cfg.replace(teacher_pool=pool), checkpoint
+
+
+def build_teacher(cfg: Config, checkpoint: Any):
+    """The teacher classifier of the resolved configuration, its weights (head included) from ``checkpoint``."""
+    if cfg.teacher_pool not in (False, 'token'):
+        warnings.warn(f"{cfg.teacher}: the teacher classifies from {cfg.teacher_pool!r} pooling of the tokens, not "
+                      "from the class token, so the attention probe (the class token's attention) measures a token "
+                      "its head never reads. Attention Probe's teachers classify from the class token: train the "
+                      "teacher with --cls_token (or pass --cls_token here if this one does).", stacklevel=1)
+    teacher = create_vit(cfg.model, num_classes=cfg.nb_classes, global_pool=cfg.teacher_pool,
+                         img_size=cfg.input_size, **cfg.model_kwargs)
+    report = load_pretrained_weights(teacher, cfg.teacher, use_ema=cfg.use_teacher_ema, checkpoint=checkpoint,
                                      flag='--teacher')
-    if 'head.weight' not in report.loaded:
-        raise UserError(f"--teacher {args.teacher}: no classifier head for {args.nb_classes} classes; selection "
-                        "needs the teacher trained on the target task")
-    log(f"teacher {args.model} {kwargs}: {report}")
+    require_classifier_head(report, '--teacher', cfg.teacher, cfg.nb_classes,
+                            "selection needs the teacher trained on the target task")
+    log(f"teacher {cfg.model} {cfg.model_kwargs}: {report}")
     return teacher.eval().requires_grad_(False)
 
 
@@ -292,12 +304,9 @@ def check_output_file(output: str) -> None:
 
 
 def main(args) -> dict | None:
-    check_args(args)
-    if args.amp is None:
-        args.amp = default_amp(args.device)
-    init_distributed_mode(args)
+    args, checkpoint = resolve(args)
     rank, world = get_rank(), get_world_size()
-    teacher = build_teacher(args).to(args.device)
+    teacher = build_teacher(args, checkpoint).to(args.device)
     blocks = parse_blocks(args.probe_blocks, len(teacher.blocks), default_probe_blocks(len(teacher.blocks))[:2])
     paths = broadcast_object(list_images(args.wild_path) if rank == 0 else None)
     check_num_select(args.num_select, len(paths), args.wild_path)

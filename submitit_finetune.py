@@ -16,7 +16,6 @@ signals, checkpoint.pth is refreshed every --checkpoint_minutes, which bounds wh
 from __future__ import annotations
 
 import argparse
-import copy
 import getpass
 import itertools
 import os
@@ -29,6 +28,8 @@ import submitit
 
 import main_finetune
 from util.args import HelpFormatter, explicit_flags
+from util.checkpoint import CHECKPOINT
+from util.config import Config
 from util.errors import UserError, run_cli
 from util.output import check_writable
 
@@ -74,9 +75,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     g.add_argument('--max_requeues', default=20, type=int,
                    help='stop requeuing after the job was restarted this many times (preemptions, time-outs, '
                         'node failures); it then ends with its error in the log')
-    args = parser.parse_args(argv)
-    args.explicit_flags = explicit_flags(parser, argv)
-    return args
+    return Config.of(parser.parse_args(argv), explicit_flags=explicit_flags(parser, argv))
 
 
 def resolve_job_dir(job_dir: str) -> str:
@@ -112,10 +111,9 @@ class Trainer:
         import main_finetune as entry  # the job's own import, after its sys.path is set
         from util.run_control import Preempted
 
-        args = copy.deepcopy(self.args)
-        self._setup_environment(args)
+        args = self._setup_environment(self.args)
         if restarts() and not args.resume:  # requeued (e.g. a node failure): the job continues its own run
-            args.resume = 'allow'
+            args = args.replace(resume='allow')
         if restarts() > args.max_requeues:
             raise RuntimeError(f"the job was restarted {restarts()} times (more than --max_requeues "
                                f"{args.max_requeues}); not training again. See the earlier logs in {args.job_dir}")
@@ -133,22 +131,23 @@ class Trainer:
             print(f"not requeuing: the job has already been restarted {restarts()} times "
                   f"(--max_requeues {self.args.max_requeues})", flush=True)
             return None
-        args = copy.deepcopy(self.args)
-        last = Path(args.output_dir.replace('%j', submitit.JobEnvironment().job_id)) / 'checkpoint.pth'
+        args = self.args
+        last = Path(args.output_dir.replace('%j', submitit.JobEnvironment().job_id)) / CHECKPOINT
         if last.is_file():
-            args.resume = str(last)
+            args = args.replace(resume=str(last))
         return submitit.helpers.DelayedSubmission(type(self)(args))
 
     # ---- inside the job ----------------------------------------------------------------------
-    def _setup_environment(self, args: argparse.Namespace) -> None:
-        """RANK / WORLD_SIZE / LOCAL_RANK / MASTER_ADDR / MASTER_PORT from submitit's JobEnvironment."""
+    def _setup_environment(self, args: Config) -> Config:
+        """RANK / WORLD_SIZE / LOCAL_RANK / MASTER_ADDR / MASTER_PORT from submitit's JobEnvironment; returns the
+        configuration with the job's own folders in place of %j."""
         from util.distributed import port_for_job
 
         env = submitit.JobEnvironment()
         job_dir = args.job_dir.replace('%j', str(env.job_id))
-        args.output_dir = args.output_dir.replace('%j', str(env.job_id)) if args.output_dir else job_dir
-        args.log_dir = args.log_dir.replace('%j', str(env.job_id)) if args.log_dir else job_dir
-        args.job_dir = job_dir
+        args = args.replace(output_dir=args.output_dir.replace('%j', str(env.job_id)) if args.output_dir else job_dir,
+                            log_dir=args.log_dir.replace('%j', str(env.job_id)) if args.log_dir else job_dir,
+                            job_dir=job_dir)
         os.environ['RANK'] = str(env.global_rank)
         os.environ['WORLD_SIZE'] = str(env.num_tasks)
         os.environ['LOCAL_RANK'] = str(env.local_rank)
@@ -158,6 +157,7 @@ class Trainer:
         print(f"task {env.global_rank}/{env.num_tasks} on {node} (node {env.node + 1} of {env.num_nodes}, local "
               f"rank {env.local_rank}, restart {restarts()}), "
               f"rendezvous {os.environ['MASTER_ADDR']}:{os.environ['MASTER_PORT']}", flush=True)
+        return args
 
     def _install_preemption_handler(self, args: argparse.Namespace) -> None:
         """On USR2, ask the training loop to save and stop at its next sync point.
@@ -219,12 +219,9 @@ def build_executor(args: argparse.Namespace, job_dir: str) -> submitit.AutoExecu
 def main(argv=None) -> submitit.Job:
     args = parse_args(argv)
     job_dir = resolve_job_dir(args.job_dir)
-    if args.output_dir == DEFAULT_OUTPUT:
-        args.output_dir = job_dir
-    if args.log_dir in (None, DEFAULT_OUTPUT):
-        args.log_dir = job_dir
-    args.job_dir = job_dir
-    main_finetune.resolve_args(copy.deepcopy(args), read_resume=False)  # fail on a bad flag now, not after the queue
+    args = args.replace(output_dir=job_dir if args.output_dir == DEFAULT_OUTPUT else args.output_dir,
+                        log_dir=job_dir if args.log_dir in (None, DEFAULT_OUTPUT) else args.log_dir, job_dir=job_dir)
+    main_finetune.resolve_args(args, read_resume=False)  # fail on a bad flag now, not after the queue
     for flag, folder in (('--job_dir', job_dir), ('--output_dir', args.output_dir), ('--log_dir', args.log_dir)):
         check_writable(existing_part(folder), flag)
     executor = build_executor(args, job_dir)  # submitit puts the job id in place of %j

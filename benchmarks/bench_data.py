@@ -9,7 +9,8 @@ RandAugment rand-m9-mstd0.5-inc1, random erasing; evaluation: bicubic resize and
 
 each with full-resolution JPEG decoding and with reduced-scale decoding (``--no_jpeg_draft`` and the
 default), interleaved in one run. The training step's images per second come from bench_step.py (run
-here, in its own process, on --device) or from --step_images_per_s (e.g. measured on the training GPU);
+here, in its own process, on --device, with main_finetune.py's default precision and attention path there)
+or from --step_images_per_s (e.g. measured on the training GPU);
 the table says which. "workers to feed" = step images/s / one process's images/s.
 
     python benchmarks/bench_data.py --workers 1 2
@@ -31,7 +32,9 @@ from PIL import Image  # noqa: E402
 
 from benchmarks import bench_step  # noqa: E402
 from main_finetune import get_args_parser  # noqa: E402
+from models_dual_vit import resolve_attention_impl  # noqa: E402
 from util.datasets import build_dataset, build_loader  # noqa: E402
+from util.precision import default_amp  # noqa: E402
 from util.samplers import ResumableDistributedSampler  # noqa: E402
 
 DECODES = {'full': False, 'draft': True}
@@ -73,21 +76,22 @@ def get_args(argv=None):
     p.add_argument('--repeats', type=int, default=3, help='timed passes per measurement (median reported)')
     p.add_argument('--step_images_per_s', type=float, default=None,
                    help='the training step\'s images/s, measured elsewhere (skips running bench_step.py)')
-    p.add_argument('--step_model', default='vit_tiny_patch16_224', help='bench_step.py --model')
-    p.add_argument('--step_mode', default='distill', choices=bench_step.MODES[1:], help='bench_step.py mode')
-    p.add_argument('--step_batch_size', type=int, default=32, help='bench_step.py --batch_size')
-    p.add_argument('--step_steps', type=int, default=3, help='bench_step.py --steps')
-    p.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu', help='bench_step.py --device')
+    p.add_argument('--step_model', default='vit_tiny_patch16_224', help='the training step\'s model (pair)')
+    p.add_argument('--step_mode', default='distill', choices=['none', 'copy', 'distill'],
+                   help='the training step\'s mode (none: a plain student step)')
+    p.add_argument('--step_batch_size', type=int, default=32, help='the training step\'s batch size')
+    p.add_argument('--step_steps', type=int, default=3, help='timed training steps (median reported)')
+    p.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu',
+                   help='where the training step runs (cuda or cpu), with the training script\'s default precision '
+                        'and attention path there')
     return p.parse_args(argv)
 
 
 def recipe_args(data: str, input_size: int, batch_size: int, jpeg_draft: bool, workers: int = 0):
     """main_finetune.py's arguments with their defaults (the MAE recipe)."""
-    args = get_args_parser().parse_args(['--data_path', data, '--nb_classes', '2', '--input_size', str(input_size),
+    return get_args_parser().parse_args(['--data_path', data, '--nb_classes', '2', '--input_size', str(input_size),
                                          '--batch_size', str(batch_size), '--num_workers', str(workers),
-                                         '--device', 'cpu'])
-    args.jpeg_draft = jpeg_draft
-    return args
+                                         '--device', 'cpu'] + ([] if jpeg_draft else ['--no_jpeg_draft']))
 
 
 def per_process_rate(dataset, repeats: int) -> list[float]:
@@ -121,12 +125,19 @@ class LoaderEpochs:
 def step_rate(args) -> tuple[float, str]:
     if args.step_images_per_s:
         return args.step_images_per_s, 'given with --step_images_per_s'
-    step_args = bench_step.get_args(['--model', args.step_model, '--batch_size', str(args.step_batch_size),
-                                     '--input_size', str(args.input_size), '--device', args.device,
-                                     '--steps', str(args.step_steps), '--warmup', '1', '--modes', args.step_mode])
-    seconds, _ = bench_step.main(step_args)[args.step_mode]
-    return args.step_batch_size / seconds, (f'bench_step.py {args.step_model} {args.step_mode} step, batch '
-                                            f'{args.step_batch_size}, {args.device}, amp {step_args.amp}')
+    task = 'plain' if args.step_mode == 'none' else args.step_mode
+    # what main_finetune.py runs on this device: a plain student through timm's own (SDPA) attention
+    impl = 'fused' if task == 'plain' else resolve_attention_impl('auto', args.device)
+    spec = bench_step.StepSpec(model=args.step_model, kwargs=(), size=args.input_size, batch=args.step_batch_size,
+                               task=task, path=impl,
+                               device=args.device, amp=default_amp(args.device), end_layer=0, drop_path=0.1,
+                               warmup=1, steps=args.step_steps)
+    result = bench_step.run_measurement(bench_step.measure_step, spec, isolate=True)
+    if not result.ok:
+        raise RuntimeError(f'the training step could not be measured: {result.error}')
+    source = (f'bench_step.py {args.step_model} {bench_step.TASK_NAMES[spec.task]}, batch {args.step_batch_size}, '
+              f'{args.device}, amp {spec.amp}, {impl} attention')
+    return args.step_batch_size / result.seconds, source
 
 
 def main(args) -> list[tuple]:

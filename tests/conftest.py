@@ -1,7 +1,9 @@
 """Shared fixtures: generated image folders (one per distinct set of arguments, read only), the tiny
-teacher checkpoint, a per-module output folder beside them, and a 3-epoch distill run with an EMA."""
+teacher checkpoint, a per-module output folder beside them, a 3-epoch distill run with an EMA, and a Slurm
+cluster on this machine."""
 import inspect
 import os
+import subprocess
 import sys
 from types import SimpleNamespace
 
@@ -12,7 +14,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
-from helpers import make_image_folder, make_teacher_checkpoint, read_log, tiny_args  # noqa: E402
+from helpers import SLURM_CLUSTER, make_image_folder, make_teacher_checkpoint, read_log, slurm_skip_reason, tiny_args  # noqa: E402
 
 import main_finetune  # noqa: E402
 
@@ -107,3 +109,25 @@ def one_epoch_runs(labelled, tmp_path_factory):
         main_finetune.run(tiny_args(labelled.data, out[mode], '--mode', mode, '--finetune', labelled.teacher,
                                     '--lr', '3e-3', '--ema', '0.5', epochs=1))
     return SimpleNamespace(root=root, data=labelled.data, teacher=labelled.teacher, out=out)
+
+
+@pytest.fixture(scope='module')
+def cluster(request, tmp_path_factory):
+    """A Slurm cluster of tests/slurm/cluster.sh for the test module, of as many nodes as the module's
+    SLURM_NODES says (1 if it says nothing); yields the environment its clients need ({'SLURM_CONF': ...}),
+    to be added to the environment of sbatch, squeue, scontrol and submitit. Stopped by process id at the
+    end, also when a test fails; skips where it cannot be started (slurm_skip_reason)."""
+    nodes = getattr(request.module, 'SLURM_NODES', 1)
+    reason = slurm_skip_reason(nodes)
+    if reason:
+        print(f"skipping the {nodes}-node Slurm tests: {reason}")
+        pytest.skip(reason)
+    state = str(tmp_path_factory.mktemp(f'slurm-{nodes}-nodes'))
+    env = {**os.environ, 'SLURM_TEST_DIR': state}
+    started = subprocess.run(['bash', SLURM_CLUSTER, 'start', '--nodes', str(nodes)], env=env, capture_output=True,
+                             text=True, timeout=600)
+    try:
+        assert started.returncode == 0, started.stdout + started.stderr
+        yield {'SLURM_CONF': os.path.join(state, 'slurm.conf')}
+    finally:
+        subprocess.run(['bash', SLURM_CLUSTER, 'stop'], env=env, capture_output=True, text=True, timeout=120)

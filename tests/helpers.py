@@ -6,6 +6,7 @@ import shutil
 import socket
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -19,6 +20,8 @@ from util.losses import TransferCriterion
 from util.run_control import Preempted, clear_stop, request_stop
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# the script that starts and stops the Slurm cluster of tests/test_slurm.py and tests/test_multinode.py
+SLURM_CLUSTER = os.path.join(ROOT, 'tests', 'slurm', 'cluster.sh')
 
 # The one tiny ViT of the tests, small enough for CPU: 32x32 input, patch 8 -> 16 patches + class token,
 # width 48, 4 blocks, 3 heads.
@@ -160,3 +163,68 @@ def run_until_stopped(workdir, monkeypatch, out, n_forward, *extra, epochs=2) ->
         clear_stop()
         monkeypatch.undo()
     return stop.value
+
+
+def make_unwritable(folder) -> bool:
+    """An existing folder nobody (root included, through chattr +i) can create files in; False if impossible.
+    Undo with make_writable."""
+    os.makedirs(folder)
+    if os.geteuid() == 0:
+        if not shutil.which('chattr') or subprocess.run(['chattr', '+i', str(folder)]).returncode:
+            return False
+    else:
+        os.chmod(folder, 0o555)
+    try:
+        open(os.path.join(folder, 'probe'), 'w').close()
+    except OSError:
+        return True
+    os.remove(os.path.join(folder, 'probe'))
+    return False
+
+
+def make_writable(folder) -> None:
+    if os.geteuid() == 0:
+        subprocess.run(['chattr', '-i', str(folder)])
+    else:
+        os.chmod(folder, 0o755)
+
+
+# ---- a Slurm cluster on this machine (the `cluster` fixture of tests/conftest.py) ----------------------
+def slurm_skip_reason(nodes: int) -> str:
+    """Why a Slurm cluster of this many nodes cannot be started here ('' if it can)."""
+    if nodes == 1:
+        if os.geteuid() != 0 and not shutil.which('slurmctld'):
+            return 'needs root (to install and run slurm-wlm and munge) or an installed Slurm'
+        if not shutil.which('apt-get') and not shutil.which('slurmctld'):
+            return 'Slurm is not installed and there is no apt-get to install it'
+        return ''
+    if os.geteuid() != 0:
+        return 'needs root (to run slurmctld and two slurmd, and to add the node names to /etc/hosts)'
+    if not shutil.which('slurmctld') and not shutil.which('apt-get'):
+        return 'Slurm is not installed and there is no apt-get to install it'
+    if not os.access('/etc/hosts', os.W_OK):
+        return '/etc/hosts cannot be written, so the node names cannot be made to resolve'
+    return ''
+
+
+def squeue_state(job_id: str, env: dict) -> tuple[str, str]:
+    """(state, reason) of a Slurm job as squeue shows it; ('GONE', '') once it has left the queue."""
+    out = subprocess.run(['squeue', '-h', '-j', job_id, '-o', '%T %r'], env=env, capture_output=True, text=True)
+    parts = out.stdout.split()
+    return (parts[0], parts[1]) if len(parts) == 2 else ('GONE', '')
+
+
+def wait_for(predicate, timeout: float, what: str, interval: float = 0.1):
+    """predicate()'s first true value, polled every interval seconds; AssertionError after timeout."""
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(interval)
+    raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
+
+
+def read_text(path: str) -> str:
+    """The file's text, or '' while it does not exist (a job's log before the job starts)."""
+    return open(path).read() if os.path.exists(path) else ''

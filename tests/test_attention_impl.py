@@ -90,8 +90,7 @@ def test_resolve_args_gives_fused_for_a_cuda_run(runs, tmp_path):
     args = parser.parse_args(tiny_args(data, str(tmp_path / 'out'), '--finetune', teacher, '--mode', 'distill',
                                        '--device', 'cuda'))
     assert args.attention_impl == 'auto'
-    main_finetune.resolve_args(args)
-    assert args.attention_impl == 'fused'
+    assert main_finetune.resolve_args(args).cfg.attention_impl == 'fused'
 
 
 @pytest.mark.slow

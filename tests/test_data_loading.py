@@ -224,8 +224,7 @@ def test_eval_crop_default_and_transform(shared_images, image_size, probe, expec
 def test_eval_crop_is_resolved_recorded_and_checked(shared_images, tmp_path):
     data = shared_images(classes=3, train_per_class=2, val_per_class=1)
     args = main_finetune.get_args_parser().parse_args(tiny_args(data, str(tmp_path / 'out')))
-    main_finetune.resolve_args(args)
-    assert args.eval_crop_pct == 1.0  # 32x32 images at --input_size 32
+    assert main_finetune.resolve_args(args).cfg.eval_crop_pct == 1.0  # 32x32 images at --input_size 32
     args = main_finetune.get_args_parser().parse_args(tiny_args(data, str(tmp_path / 'out'), '--eval_crop_pct', '0'))
     with pytest.raises(UserError, match='--eval_crop_pct'):
         main_finetune.resolve_args(args)

@@ -4,10 +4,12 @@ verdicts, the table and the figures. Whether the papers' claims hold at the demo
 what the README's table, from a full run, reports."""
 import math
 import os
+import subprocess
 
 import pytest
 
 import demo
+from util.errors import run_cli
 
 TINY_RECIPE = {**demo.RECIPE, 'teacher_epochs': 2, 'student_epochs': 2, 'distill_epochs': 3}
 METHODS = {demo.TEACHER, 'from scratch', 'attention copy', 'attention distillation', 'fine-tuning the teacher',
@@ -53,3 +55,50 @@ def test_quick_is_one_seed_with_the_short_probe_budget_and_bad_counts_are_refuse
     for argv in (['--seeds', '0'], ['--workers', '0']):
         with pytest.raises(demo.UserError, match='at least 1'):
             demo.parse(argv)
+
+
+# ---- the output folder: the demo removes only what it made ------------------------------------------------
+def test_demo_never_removes_a_folder_it_did_not_make(tmp_path, monkeypatch, capsys):
+    out = tmp_path / 'project'
+    experiment = out / 'runs' / 'my_experiment'  # e.g. SummaryWriter's default folder in a project
+    experiment.mkdir(parents=True)
+    (experiment / 'events.out.tfevents.1').write_bytes(b'a user experiment')
+    monkeypatch.setattr(demo, 'seed_jobs', lambda *a, **k: pytest.fail('the demo started its runs'))
+    with pytest.raises(SystemExit) as end:
+        run_cli(demo.main, ['--quick', '--output_dir', str(out)])
+    assert end.value.code == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"error: --output_dir {str(out)!r} holds files the demo did not "
+                                               "write (runs)") and 'another --output_dir' in err[0]
+    assert (experiment / 'events.out.tfevents.1').read_bytes() == b'a user experiment'
+    assert sorted(os.listdir(out)) == ['runs']
+
+
+def test_demo_accepts_a_new_or_empty_folder_and_its_own_again(tmp_path):
+    new, empty = tmp_path / 'new' / 'demo', tmp_path / 'empty'
+    empty.mkdir()
+    for out in (new, empty):
+        demo.claim_output_folder(str(out))
+        assert os.listdir(out) == [demo.MARKER]
+        (out / 'runs').mkdir()
+        (out / 'runs' / 'seed0_teacher.log').write_text('an earlier demo run')
+        demo.claim_output_folder(str(out))  # a rerun into the demo's own folder (which replaces its runs/)
+
+
+def test_demo_into_an_unwritable_folder_is_one_error_line(tmp_path, monkeypatch, capsys):
+    out = tmp_path / 'locked'
+    out.mkdir()
+    if subprocess.run(['chattr', '+i', str(out)], capture_output=True).returncode:
+        if os.geteuid() == 0:
+            pytest.skip('chattr +i is not supported here')
+        out.chmod(0o555)
+    monkeypatch.setattr(demo, 'seed_jobs', lambda *a, **k: pytest.fail('the demo started its runs'))
+    try:
+        with pytest.raises(SystemExit) as end:
+            run_cli(demo.main, ['--quick', '--output_dir', str(out)])
+    finally:
+        subprocess.run(['chattr', '-i', str(out)], capture_output=True)
+        out.chmod(0o755)
+    assert end.value.code == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"error: --output_dir {str(out)!r} cannot be written")

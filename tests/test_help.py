@@ -24,12 +24,13 @@ def test_help_shows_defaults_and_modes_that_parse():
         assert full.parse_args(['--mode', mode]).mode == mode
 
 
-@pytest.mark.parametrize('script', ['submitit_finetune.py', 'select_wild_data.py', 'tools/export_student.py',
+@pytest.mark.parametrize('script', ['main_pretrain.py', 'submitit_finetune.py', 'select_wild_data.py',
+                                    'tools/export_student.py',
                                     'tools/visualize_attention.py', 'tools/prepare_cifar.py',
                                     'tools/prepare_tinyimagenet.py'])
 def test_every_entry_point_help_reads_as_a_command_with_defaults(script, capsys):
     module = importlib.import_module(script[:-3].replace('/', '.'))
-    entry = module.parse_args if script == 'submitit_finetune.py' else (
+    entry = module.run if script == 'main_pretrain.py' else module.parse_args if script == 'submitit_finetune.py' else (
         lambda argv: module.get_args_parser().parse_args(argv)) if script == 'select_wild_data.py' else module.main
     with pytest.raises(SystemExit):
         entry(['--help'])
@@ -38,4 +39,8 @@ def test_every_entry_point_help_reads_as_a_command_with_defaults(script, capsys)
     if script == 'submitit_finetune.py':
         text = ' '.join(text.split())
         for flag, default in (('--nodes', '2'), ('--ngpus', '8'), ('--timeout', '4320'), ('--epochs', '50')):
+            assert re.search(re.escape(flag) + r' [A-Z_]+ .*?\(default: ' + default, text), flag
+    if script == 'main_pretrain.py':
+        text = ' '.join(text.split())
+        for flag, default in (('--mask_ratio', '0.75'), ('--decoder_embed_dim', '512'), ('--epochs', '800')):
             assert re.search(re.escape(flag) + r' [A-Z_]+ .*?\(default: ' + default, text), flag

@@ -11,6 +11,7 @@ import main_finetune
 from models_dual_vit import build_dual_vit
 from modes import get_mode, probe_epochs
 from util.args import explicit_flags
+from util.config import Config
 from util.errors import UserError
 
 # ---- layer-wise lr decay: the reference's grouping in transfer modes, MAE's in plain training ----------
@@ -49,13 +50,13 @@ def test_probe_defaults_class_token_and_step_schedule(tmp_path):
     parser = main_finetune.get_args_parser()
     argv = ['--mode', 'probe', '--eval_data_path', 'x']
     args = parser.parse_args(argv)
-    args.explicit_flags = explicit_flags(parser, argv)
-    get_mode(args.mode).apply_defaults(args)
+    args = Config.of(args, explicit_flags=explicit_flags(parser, argv))
+    args = args.replace(**get_mode(args.mode).recipe(args))
     assert args.global_pool is False and args.sched == 'step' and args.step_epochs == [200, 300]
     argv += ['--global_pool', '--sched', 'cosine']
     args = parser.parse_args(argv)
-    args.explicit_flags = explicit_flags(parser, argv)
-    get_mode(args.mode).apply_defaults(args)
+    args = Config.of(args, explicit_flags=explicit_flags(parser, argv))
+    args = args.replace(**get_mode(args.mode).recipe(args))
     assert args.global_pool is True and args.sched == 'cosine'
 
 
@@ -105,7 +106,7 @@ def test_seed_commands_parse_and_start(command, mode, layers, drop_path, tmp_pat
     parser = main_finetune.get_args_parser()
     args = parser.parse_args(argv)
     assert args.global_pool and args.mode == mode and args.smoothing == 0.1 and args.aa == 'rand-m9-mstd0.5-inc1'
-    ckpt_state, _ = main_finetune.resolve_args(args)
+    args, _, ckpt_state, _ = main_finetune.resolve_args(args)
     assert ckpt_state is None and args.mixup_active  # --resume allow, nothing to resume yet
     model = main_finetune.build_model(args)
     assert len(model.student.blocks) == 24 and model.student.embed_dim == 1024

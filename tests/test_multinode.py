@@ -23,7 +23,18 @@ import time
 
 import pytest
 import torch
-from helpers import ROOT, TINY_ARCH, free_port, kwargs_flags, make_image_folder, make_teacher_checkpoint, tiny_args
+from helpers import (
+    ROOT,
+    TINY_ARCH,
+    free_port,
+    kwargs_flags,
+    make_image_folder,
+    make_teacher_checkpoint,
+    read_text,
+    squeue_state,
+    tiny_args,
+    wait_for,
+)
 
 import main_finetune
 import select_wild_data
@@ -32,7 +43,7 @@ from util.pretrained import read_checkpoint
 
 pytestmark = pytest.mark.slow
 
-CLUSTER = os.path.join(ROOT, 'tests', 'slurm', 'cluster.sh')
+SLURM_NODES = 2  # the cluster fixture's (tests/conftest.py)
 STEPS = 12  # 48 training images, batch 2 on each of 2 ranks
 GATE_STEP = 3  # the step at which a signalled job is held until the signal is sent
 
@@ -133,20 +144,6 @@ def work(tmp_path_factory):
     return Work(str(tmp_path_factory.mktemp('multinode')))
 
 
-def read(path: str) -> str:
-    return open(path).read() if os.path.exists(path) else ''
-
-
-def wait_for(predicate, timeout: float, what: str, interval: float = 0.1):
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(interval)
-    raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
-
-
 def student(path: str) -> dict:
     return load_training_checkpoint(path)['model']
 
@@ -161,7 +158,7 @@ def assert_same_weights(path: str, reference: str) -> None:
 def events_of(path: str, kind: str = 'renamed') -> list[tuple[str, str, str, str]]:
     """(rank, Slurm node, Slurm restart, file name) of the instrumentation's events of this kind ('-' outside
     Slurm)."""
-    lines = [line.split(' ', 4) for line in read(path).splitlines() if line]
+    lines = [line.split(' ', 4) for line in read_text(path).splitlines() if line]
     return [(*fields[1:4], os.path.basename(fields[4])) for fields in lines if fields[0] == kind]
 
 
@@ -170,7 +167,7 @@ def assert_instrumented(logs: str) -> None:
 
 
 def log_lines(folder: str) -> list[str]:
-    return [line for line in read(os.path.join(folder, 'log.txt')).splitlines() if line]
+    return [line for line in read_text(os.path.join(folder, 'log.txt')).splitlines() if line]
 
 
 # ---- torchrun: one agent per node ------------------------------------------------------------------
@@ -224,7 +221,7 @@ def torchrun_reference(work):
     """The uninterrupted job: two agents, static rendezvous."""
     out = os.path.join(work.root, 'torchrun_reference')
     codes = wait_agents(start_agents(work, out, 'static', work.env(out + '.events')), timeout=300)
-    logs = read(out + '.agent0.log') + read(out + '.agent1.log')
+    logs = read_text(out + '.agent0.log') + read_text(out + '.agent1.log')
     assert codes == [0, 0], logs[-6000:]
     return out, logs
 
@@ -247,7 +244,7 @@ def test_multinode_torchrun_stop_mid_epoch_resumes_to_the_same_weights(work, tor
     out = os.path.join(work.root, 'torchrun_stopped')
     events, gate = out + '.events', out + '.go'
     agents = start_agents(work, out, 'c10d', work.env(events, gate=gate))
-    logs = lambda: read(out + '.agent0.log') + read(out + '.agent1.log')  # noqa: E731
+    logs = lambda: read_text(out + '.agent0.log') + read_text(out + '.agent1.log')  # noqa: E731
     try:
         wait_for(lambda: len(events_of(events, 'gate')) == 2, 240, f'both ranks to finish step {GATE_STEP}')
         agents[1].send_signal(signal.SIGTERM)
@@ -273,39 +270,6 @@ def test_multinode_torchrun_stop_mid_epoch_resumes_to_the_same_weights(work, tor
 
 
 # ---- Slurm: two nodes -------------------------------------------------------------------------------
-def cannot_start_cluster() -> str:
-    if os.geteuid() != 0:
-        return 'needs root (to run slurmctld and two slurmd, and to add the node names to /etc/hosts)'
-    if not shutil.which('slurmctld') and not shutil.which('apt-get'):
-        return 'Slurm is not installed and there is no apt-get to install it'
-    if not os.access('/etc/hosts', os.W_OK):
-        return '/etc/hosts cannot be written, so the node names cannot be made to resolve'
-    return ''
-
-
-@pytest.fixture(scope='module')
-def cluster(tmp_path_factory):
-    reason = cannot_start_cluster()
-    if reason:
-        print(f"skipping the two-node Slurm tests: {reason}")
-        pytest.skip(reason)
-    state = str(tmp_path_factory.mktemp('slurm-two-nodes'))
-    env = {**os.environ, 'SLURM_TEST_DIR': state}
-    started = subprocess.run(['bash', CLUSTER, 'start', '--nodes', '2'], env=env, capture_output=True, text=True,
-                             timeout=600)
-    try:
-        assert started.returncode == 0, started.stdout + started.stderr
-        yield {'SLURM_CONF': os.path.join(state, 'slurm.conf')}
-    finally:
-        subprocess.run(['bash', CLUSTER, 'stop'], env=env, capture_output=True, text=True, timeout=120)
-
-
-def squeue_state(job_id: str, env: dict) -> tuple[str, str]:
-    out = subprocess.run(['squeue', '-h', '-j', job_id, '-o', '%T %r'], env=env, capture_output=True, text=True)
-    parts = out.stdout.split()
-    return (parts[0], parts[1]) if len(parts) == 2 else ('GONE', '')
-
-
 class Job:
     """A two-node submitit_finetune.py job of the tiny distill run (one task per node, CPU, gloo)."""
 
@@ -322,10 +286,10 @@ class Job:
         self.id = re.search(r'Submitted job_id: (\d+)', submit.stdout).group(1)
 
     def out(self, task: int) -> str:
-        return read(os.path.join(self.dir, f'{self.id}_{task}_log.out'))
+        return read_text(os.path.join(self.dir, f'{self.id}_{task}_log.out'))
 
     def err(self, task: int) -> str:
-        return read(os.path.join(self.dir, f'{self.id}_{task}_log.err'))
+        return read_text(os.path.join(self.dir, f'{self.id}_{task}_log.err'))
 
     def logs(self) -> str:
         return ''.join(self.out(t) + self.err(t) for t in (0, 1))

@@ -162,7 +162,7 @@ def test_mean_and_std_flags_override_the_teacher_and_reach_the_transforms(offlin
     args = main_finetune.get_args_parser().parse_args(
         ['--finetune', TIMM_NAME, '--data_path', data, '--nb_classes', '3', '--mean', '0.1', '0.2', '0.3',
          '--eval', '--input_size', '32'])
-    main_finetune.resolve_args(args)
+    args = main_finetune.resolve_args(args).cfg
     assert args.mean == [0.1, 0.2, 0.3] and args.std == [0.5, 0.5, 0.5]  # --std not given: the teacher's
     grey = Image.new('RGB', (32, 32), (128, 128, 128))
     x = build_transform(False, args)(grey)
@@ -179,7 +179,8 @@ def test_wild_selection_with_a_named_teacher_uses_its_architecture_and_normalisa
         ['--teacher', 'hf-hub:acme/tiny-clip-vit', '--wild_path', wild, '--output', str(tmp_path / 'sel.pth'),
          '--num_select', '4', '--score', 'output', '--num_workers', '0', '--device', 'cpu'])
     select_wild_data.main(args)
-    assert args.mean == pytest.approx(list(CLIP_MEAN)) and args.model == 'vit_base_patch16_224'
+    resolved, _ = select_wild_data.resolve(args)
+    assert resolved.mean == pytest.approx(list(CLIP_MEAN)) and resolved.model == 'vit_base_patch16_224'
     selection = read_checkpoint(str(tmp_path / 'sel.pth'))
     reference = timm.create_model('vit_base_patch16_224', num_classes=3, img_size=32, global_pool='token',
                                   pretrained=True, **TINY_ARCH,

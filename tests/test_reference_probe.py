@@ -20,6 +20,7 @@ import select_wild_data
 from models_dual_vit import build_dual_vit, create_vit
 from models_probe import build_probe_distiller
 from modes import get_mode
+from util.config import Config
 from util.errors import UserError
 from util.selection import labelled_originals, probe_training_set, training_class_weights
 
@@ -243,8 +244,8 @@ def reference_layout(tmp_path, dataset: str) -> dict:
     """The scripts' folders under tmp_path: the target task (train/, val/), the wild set, a teacher file in the
     reference's format (a state dict under 'model', no architecture recorded; not read by these tests' stubs)."""
     root = str(tmp_path)
-    target = make_image_folder(os.path.join(root, 'database', dataset), classes=2, train_per_class=1,
-                               val_per_class=1, size=8)
+    target = make_image_folder(os.path.join(root, 'database', dataset), classes=2, val_per_class=1, size=8,
+                               train_per_class={'imagenet': 129, 'tinyimagenet': 50}.get(dataset, 1))  # --pos_num
     os.makedirs(os.path.join(root, 'database', 'wild'))
     teacher = os.path.join(root, 'output', dataset, 'teacher', 'checkpoint.pth')
     os.makedirs(os.path.dirname(teacher))
@@ -393,13 +394,13 @@ def test_a_teacher_in_the_reference_format_loads_in_both_steps(tmp_path):
     x = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
         expected = reference(x)
-        selection_teacher = select_wild_data.build_teacher(select_wild_data.get_args_parser().parse_args(select))
+        selection_teacher = select_wild_data.build_teacher(
+            *select_wild_data.resolve(select_wild_data.get_args_parser().parse_args(select)))
         torch.testing.assert_close(selection_teacher(x), expected)
         parser = argparse.ArgumentParser(parents=[main_finetune.get_args_parser()])
         args = parser.parse_args(train)
-        args.explicit_flags = main_finetune.explicit_flags(parser, train)
-        args.selection_pending = True
-        main_finetune.resolve_args(args)
-        model = main_finetune.build_model(args)
+        args = Config.of(args, explicit_flags=main_finetune.explicit_flags(parser, train), selection_pending=True)
+        args, mode, _, _ = main_finetune.resolve_args(args)
+        model = main_finetune.build_model(args, mode)
         model.load_teacher(args.finetune, flag='--finetune')
         torch.testing.assert_close(model.teacher(x), expected)

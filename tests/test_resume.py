@@ -1,6 +1,7 @@
 """Resume: after an epoch or a stop inside one, equal to the uninterrupted run; in samples, also with another
 batch size or number of ranks; checkpoints of the old code; the logs of a resumed epoch."""
 import glob
+import json
 import os
 import re
 import shutil
@@ -8,7 +9,16 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from helpers import args_for, read_log, run_until_stopped, torchrun
+from helpers import (
+    args_for,
+    kwargs_flags,
+    make_image_folder,
+    make_teacher_checkpoint,
+    read_log,
+    run_until_stopped,
+    tiny_args,
+    torchrun,
+)
 
 import main_finetune
 from util.checkpoint import resume_step
@@ -207,3 +217,59 @@ def test_resume_one_rank_checkpoint_on_two_ranks(workdir, mid_epoch):
     assert 'epoch 1, step 1 of 3 (16 samples' in proc.stdout
     assert re.findall(r'Epoch \[1\] \[(\d)/3\]', proc.stdout) == ['2', '3']
     assert [e['epoch'] for e in read_log(str(out))] == [0, 1]
+
+
+# ---- checkpoints of an earlier revision ----------------------------------------------------------------
+LEGACY = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'data', 'checkpoints_61197d7')
+
+
+@pytest.fixture
+def one_thread():
+    """The stored checkpoints were written on one thread: the same kernels give the same bits."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.mark.slow
+@pytest.mark.filterwarnings('ignore:--finetune .* must hold the same weights')  # the recorded teacher is gone
+@pytest.mark.parametrize('name', ['epoch0.pth', 'mid_epoch1.pth'])
+def test_checkpoints_of_revision_61197d7_resume_bit_for_bit(tmp_path, one_thread, name):
+    """A checkpoint written before the configuration / checkpointer restructuring (end of an epoch, and inside
+    one) continues to the weights the uninterrupted run of that revision ended with."""
+    with open(os.path.join(LEGACY, 'command.json')) as f:
+        command = json.load(f)
+    data = make_image_folder(str(tmp_path / 'data'))
+    teacher = make_teacher_checkpoint(str(tmp_path / 'teacher.pth'), **command['arch'])
+    extra = [teacher if previous == '--finetune' else flag
+             for previous, flag in zip([None] + command['extra'], command['extra'])]
+    argv = tiny_args(data, str(tmp_path / 'out'), *extra, '--resume', os.path.join(LEGACY, name), epochs=2)
+    argv[argv.index('--model_kwargs') + 1:argv.index('--input_size')] = kwargs_flags(command['arch'])
+    main_finetune.run(argv)
+    final = torch.load(os.path.join(LEGACY, 'final_weights.pth'), weights_only=True)
+    resumed = read_checkpoint(str(tmp_path / 'out' / 'checkpoint.pth'))
+    for key in ('model', 'model_ema'):
+        for param, value in final[key].items():
+            assert torch.equal(value, resumed[key][param]), f'{key}.{param}'
+
+
+# ---- gradient accumulation: mid-epoch checkpoints at a window's end -----------------------------------------
+@pytest.mark.slow
+def test_a_stop_inside_an_accumulation_window_saves_at_its_end_and_resumes_exactly(workdir, monkeypatch):
+    extra = ['--accum_iter', '4', '--print_freq', '1', '--checkpoint_minutes', '0']  # windows: steps 1-4, 5-6
+    full, _ = train(workdir, 'accum_full', *extra)
+    out = workdir.root / 'accum_part'
+    stop = run_until_stopped(workdir, monkeypatch, out, 6 + 2, *extra)  # asked during epoch 1's second step
+    assert (stop.epoch, stop.step) == (1, 4)  # saved where the window's update was applied, not inside it
+    saved = read_checkpoint(str(out / 'checkpoint.pth'))
+    assert (saved['epoch'], saved['step']) == (1, 4)
+    main_finetune.run(args_for(workdir, out, *extra, '--resume', 'allow'))
+    a = read_checkpoint(os.path.join(full, 'checkpoint.pth'))
+    b = read_checkpoint(str(out / 'checkpoint.pth'))
+    assert a['epoch'] == b['epoch'] == 1 and b['step'] is None
+    for name, value in a['model'].items():
+        assert torch.equal(value, b['model'][name]), name
+    for pid, state in a['optimizer']['state'].items():
+        assert torch.equal(state['exp_avg'], b['optimizer']['state'][pid]['exp_avg'])
+        assert state['step'] == b['optimizer']['state'][pid]['step'] == 4  # 2 windows an epoch, both applied

@@ -191,7 +191,7 @@ def test_selection_warns_when_the_teacher_pools_by_average(tmp_path, pool, warns
     args = select_wild_data.get_args_parser().parse_args(['--teacher', path, '--wild_path', 'w', '--output', 'o'])
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter('always')
-        select_wild_data.build_teacher(args)
+        select_wild_data.build_teacher(*select_wild_data.resolve(args))
     assert any('--cls_token' in str(w.message) for w in caught) == warns
 
 
@@ -207,7 +207,7 @@ def test_class_weights_from_an_augmented_pass(setup, shared_images, tmp_path):
     with warnings.catch_warnings():
         warnings.simplefilter('ignore')
         selection = select_wild_data.main(select_args)
-        teacher = select_wild_data.build_teacher(select_args)
+        teacher = select_wild_data.build_teacher(*select_wild_data.resolve(select_args))
     weights = training_class_weights(teacher, selection_path, teacher_path, 32, 0.5, 7, 5, 'cpu')
 
     # independent: torch seeded with 7, each selected image in order through resize 32x32, pad-4 random crop,

@@ -7,71 +7,23 @@ Job states are read from squeue and from the job's own files (no slurmdbd, so no
 """
 import os
 import re
-import shutil
 import subprocess
 import sys
-import time
 from unittest import mock
 
 import pytest
-from helpers import ROOT, kwargs_flags, make_teacher_checkpoint, tiny_args
+from helpers import ROOT, kwargs_flags, make_teacher_checkpoint, read_text, squeue_state, tiny_args, wait_for
 
 import main_finetune
 import submitit_finetune
 from util.errors import UserError
 
-CLUSTER = os.path.join(ROOT, 'tests', 'slurm', 'cluster.sh')
 ARCH = dict(patch_size=8, embed_dim=192, depth=6, num_heads=3)
-
-
-def _cannot_run() -> str:
-    if os.geteuid() != 0 and not shutil.which('slurmctld'):
-        return 'needs root (to install and run slurm-wlm and munge) or an installed Slurm'
-    if not shutil.which('apt-get') and not shutil.which('slurmctld'):
-        return 'Slurm is not installed and there is no apt-get to install it'
-    return ''
-
-
-@pytest.fixture(scope='module')
-def cluster(tmp_path_factory):
-    reason = _cannot_run()
-    if reason:
-        print(f"skipping the Slurm test: {reason}")
-        pytest.skip(reason)
-    state = str(tmp_path_factory.mktemp('slurm-state'))
-    env = {**os.environ, 'SLURM_TEST_DIR': state}
-    started = subprocess.run(['bash', CLUSTER, 'start'], env=env, capture_output=True, text=True, timeout=600)
-    env['SLURM_CONF'] = os.path.join(state, 'slurm.conf')
-    try:
-        assert started.returncode == 0, started.stdout + started.stderr
-        yield env
-    finally:
-        subprocess.run(['bash', CLUSTER, 'stop'], env=env, capture_output=True, text=True, timeout=120)
-
-
-def squeue_state(job_id: str, env: dict) -> tuple[str, str]:
-    out = subprocess.run(['squeue', '-h', '-j', job_id, '-o', '%T %r'], env=env, capture_output=True, text=True)
-    parts = out.stdout.split()
-    return (parts[0], parts[1]) if len(parts) == 2 else ('GONE', '')
-
-
-def wait_for(predicate, timeout: float, what: str, interval: float = 0.1):
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(interval)
-    raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
-
-
-def read(path: str) -> str:
-    return open(path).read() if os.path.exists(path) else ''
 
 
 @pytest.mark.slow
 def test_preempted_job_requeues_resumes_and_finishes(cluster, shared_images, tmp_path):
-    env = cluster
+    env = {**os.environ, **cluster}
     data = shared_images(train_per_class=32, size=64)
     teacher = make_teacher_checkpoint(str(tmp_path / 'teacher.pth'), img_size=64, **ARCH)
     job_dir = str(tmp_path / 'job')
@@ -90,13 +42,13 @@ def test_preempted_job_requeues_resumes_and_finishes(cluster, shared_images, tmp
     err_log = os.path.join(job_dir, f'{job_id}_0_log.err')
 
     def logs():
-        return read(out_log) + read(err_log)
+        return read_text(out_log) + read_text(err_log)
 
     try:
         # preempt once the job is inside epoch 0
-        wait_for(lambda: 'Epoch [0] [2/12]' in read(out_log), 240, 'the job to train two steps')
+        wait_for(lambda: 'Epoch [0] [2/12]' in read_text(out_log), 240, 'the job to train two steps')
         subprocess.run(['scancel', '--signal=USR2', job_id], env=env, check=True)
-        wait_for(lambda: squeue_state(job_id, env)[1] == 'BeginTime' or 'requeuing' in read(out_log), 120,
+        wait_for(lambda: squeue_state(job_id, env)[1] == 'BeginTime' or 'requeuing' in read_text(out_log), 120,
                  'the job to save and requeue itself')
         wait_for(lambda: squeue_state(job_id, env) == ('PENDING', 'BeginTime'), 60, 'the requeued job to wait')
         subprocess.run(['scontrol', 'update', f'JobId={job_id}', 'StartTime=now'], env=env, check=True)
@@ -105,7 +57,7 @@ def test_preempted_job_requeues_resumes_and_finishes(cluster, shared_images, tmp
         print(logs()[-6000:])
         raise
 
-    text = read(out_log)
+    text = read_text(out_log)
     saved = re.search(r'preempted: state saved at epoch (\d+), step (\d+)', text)
     assert saved, logs()[-4000:]
     epoch, step = int(saved.group(1)), int(saved.group(2))
@@ -115,7 +67,7 @@ def test_preempted_job_requeues_resumes_and_finishes(cluster, shared_images, tmp
     # the logged step counter is continuous: no step trained twice or skipped
     for e in (0, 1):
         assert re.findall(rf'Epoch \[{e}\] \[(\d+)/12\]', text) == [str(i) for i in range(1, 13)], text[-4000:]
-    log = [line for line in read(os.path.join(job_dir, 'log.txt')).splitlines() if line]
+    log = [line for line in read_text(os.path.join(job_dir, 'log.txt')).splitlines() if line]
     assert len(log) == 2
     assert 'Job completed successfully' in text
 

@@ -1,22 +1,24 @@
 """How a run stops: SIGINT / SIGTERM outside SLURM (at the next step, with a checkpoint; a second signal at
 once), and a non-finite loss or model state (on every rank, naming the cause, never saving bad weights)."""
 import glob
+import json
 import os
 import re
 import signal
 import subprocess
 import sys
 import time
+from unittest import mock
 
 import pytest
 import torch
-from helpers import ROOT, args_for, tiny_args, torchrun
+from helpers import ROOT, args_for, read_log, run_until_stopped, tiny_args, torchrun
 
 import main_finetune
 from engine_finetune import NonFiniteLossError
 from util.checkpoint import NonFiniteStateError
 from util.losses import TransferCriterion
-from util.output import RunLock
+from util.output import RunLock, requeued_checkpoint
 from util.pretrained import read_checkpoint
 from util.run_control import stop_on_signals, stop_requested
 
@@ -155,3 +157,71 @@ def test_torchrun_nan_on_one_rank_stops_both(workdir):
     assert 'non-finite loss at epoch 0, a step on another rank' in proc.stderr + proc.stdout
     assert 'non-finite loss at epoch 0, step 3 of 6' in proc.stderr + proc.stdout
     assert time.time() - start < 120
+
+
+# ---- a requeued SLURM job continues its own run, whatever launched it ---------------------------------------
+def slurm_job(restarts: int) -> dict:
+    """The environment SLURM gives a job of a plain ``sbatch --requeue`` script: the same job id every time,
+    SLURM_RESTART_COUNT counting the requeues."""
+    return {'SLURM_JOB_ID': '4711', 'SLURM_RESTART_COUNT': str(restarts)}
+
+
+@pytest.mark.slow
+def test_requeued_sbatch_job_without_resume_continues_its_own_run(workdir, monkeypatch, capsys):
+    out = workdir.root / 'sbatch_requeue'
+    with mock.patch.dict(os.environ, slurm_job(0)):
+        stop = run_until_stopped(workdir, monkeypatch, out, 6 + 2)  # stopped (SIGTERM) in epoch 1
+    assert (stop.epoch, stop.step) == (1, 2)
+    with mock.patch.dict(os.environ, slurm_job(1)):  # requeued: the same command, no --resume
+        main_finetune.run(args_for(workdir, out))
+    assert [e['epoch'] for e in read_log(out)] == [0, 1]
+    assert 'requeued SLURM job 4711 (restart 1): continuing its own run' in capsys.readouterr().out
+
+
+@pytest.mark.slow
+def test_requeued_job_after_a_node_failure_takes_its_own_lock_over(workdir, monkeypatch, capsys):
+    out = workdir.root / 'node_failure'
+    with mock.patch.dict(os.environ, slurm_job(0)):
+        run_until_stopped(workdir, monkeypatch, out, 6 + 2)
+    # the node died (SIGKILL): the job's lock is left behind, written on another host
+    (out / RunLock.NAME).write_text(json.dumps({'host': 'node-that-died', 'pid': 12345, 'job_id': '4711',
+                                                'started': '2026-01-01T00:00:00'}))
+    with mock.patch.dict(os.environ, slurm_job(2)):
+        main_finetune.run(args_for(workdir, out))
+    text = capsys.readouterr().out
+    assert 'taking over the lock of SLURM job 4711 (this job, requeued)' in text
+    assert [e['epoch'] for e in read_log(out)] == [0, 1]
+    assert not os.path.exists(out / RunLock.NAME)
+
+
+@pytest.mark.slow
+def test_requeued_job_started_from_another_runs_checkpoint_continues_its_own(workdir, monkeypatch):
+    source, out = workdir.root / 'someones_run', workdir.root / 'branch'
+    main_finetune.run(args_for(workdir, source, epochs=1))
+    given = ['--resume', str(source / 'checkpoint.pth')]
+    with mock.patch.dict(os.environ, slurm_job(0)):
+        stop = run_until_stopped(workdir, monkeypatch, out, 2, *given, epochs=3)  # epoch 1 of the branch
+    assert (stop.epoch, stop.step) == (1, 2)
+    with mock.patch.dict(os.environ, slurm_job(1)):  # requeued with its first command: --resume OTHER
+        main_finetune.run(args_for(workdir, out, *given, epochs=3))
+    assert [e['epoch'] for e in read_log(out)] == [1, 2]
+    assert read_checkpoint(str(out / 'checkpoint.pth'))['epoch'] == 2
+    assert read_checkpoint(str(source / 'checkpoint.pth'))['epoch'] == 0  # the other run is untouched
+
+
+def test_only_a_requeued_job_continues_the_folders_run(tmp_path):
+    from types import SimpleNamespace
+
+    (tmp_path / 'checkpoint.pth').write_bytes(b'x')
+    args = SimpleNamespace(eval=False, output_dir=str(tmp_path), resume='')
+    own = str(tmp_path / 'checkpoint.pth')
+    for env, expected in (({}, None), (slurm_job(0), None), ({'SLURM_RESTART_COUNT': '1'}, None),
+                          (slurm_job(1), own), (slurm_job(3), own)):
+        with mock.patch.dict(os.environ, env, clear=False):
+            for key in {'SLURM_JOB_ID', 'SLURM_RESTART_COUNT'} - set(env):
+                os.environ.pop(key, None)
+            assert requeued_checkpoint(args) == expected, env
+    with mock.patch.dict(os.environ, slurm_job(1)):
+        assert requeued_checkpoint(SimpleNamespace(eval=True, output_dir=str(tmp_path), resume=own)) is None
+        os.remove(own)
+        assert requeued_checkpoint(args) is None  # nothing of its own yet: it starts as the first time

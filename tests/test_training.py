@@ -84,3 +84,45 @@ def test_fp16_with_grad_scaler_trains(workdir):
     log = read_log(out)
     assert math.isfinite(log[0]['train_loss']) and math.isfinite(log[0]['test_acc1'])
     assert read_checkpoint(os.path.join(out, 'checkpoint.pth'))['scaler']['scale'] > 0
+
+
+# ---- gradient accumulation: every micro-batch of the epoch counts -----------------------------------------
+@pytest.mark.parametrize('n_batches, steps_per_epoch, accum', [
+    (6, 6, 4),   # a last window of 2 micro-batches, closed at the epoch's end
+    (3, 3, 4),   # a loader shorter than one window still updates the model
+    (8, 8, 4),   # whole windows only
+    (5, 6, 4),   # a loader that ends before steps_per_epoch: its last window as far as it went
+])
+def test_each_window_applies_the_mean_gradient_of_its_micro_batches(n_batches, steps_per_epoch, accum):
+    import copy
+    from types import SimpleNamespace
+
+    import torch.nn.functional as F
+
+    from engine_finetune import train_one_epoch
+    from util.lr_sched import Schedule
+
+    torch.manual_seed(0)
+    model = torch.nn.Linear(5, 3)
+    data = [(torch.randn(4, 5), torch.randint(0, 3, (4,)), 0) for _ in range(n_batches)]
+    lr = 0.5
+    # independently: plain SGD steps, each the mean of the micro-batch gradients of its window; windows of
+    # `accum` micro-batches, the last one as long as the epoch's data leave
+    expected = copy.deepcopy(model)
+    for start in range(0, n_batches, accum):
+        grads = [torch.autograd.grad(F.cross_entropy(expected(x), y), list(expected.parameters()))
+                 for x, y, _ in data[start:start + accum]]
+        with torch.no_grad():
+            for i, p in enumerate(expected.parameters()):
+                p -= lr * sum(g[i] for g in grads) / len(grads)
+
+    def criterion(outputs, targets):
+        loss = F.cross_entropy(outputs, targets)
+        return loss, {'loss': loss}
+
+    train_one_epoch(model, criterion, data, torch.optim.SGD(model.parameters(), lr=lr), torch.device('cpu'), 0,
+                    torch.amp.GradScaler('cpu', enabled=False), SimpleNamespace(accum_iter=accum, clip_grad=None,
+                                                                              print_freq=100),
+                    Schedule(lr, lr, 0, 1, 'step'), steps_per_epoch=steps_per_epoch)
+    for name, a, b in zip(('weight', 'bias'), model.parameters(), expected.parameters()):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-6, msg=name)

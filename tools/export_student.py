@@ -28,8 +28,10 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from timm.data.constants import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD  # noqa: E402
 from timm.models import save_for_hf  # noqa: E402
 
-from models_dual_vit import TRANSFER_MODES, create_vit, resolve_model_name  # noqa: E402
+from models_dual_vit import create_vit, resolve_model_name  # noqa: E402
+from modes import get_mode  # noqa: E402
 from util.args import HelpFormatter  # noqa: E402
+from util.checkpoint import holds_ema, recorded_args, student_weights  # noqa: E402
 from util.datasets import mae_eval_crop_pct  # noqa: E402
 from util.errors import UserError, run_cli  # noqa: E402
 from util.pretrained import load_exact, read_checkpoint, trained_architecture  # noqa: E402
@@ -45,22 +47,22 @@ def export(checkpoint_path: str, output: str, use_ema: bool = False) -> dict:
     arch = trained_architecture(ckpt)
     if arch is None:
         raise ExportError(f"{checkpoint_path} does not record its architecture (no 'args' of main_finetune.py)")
-    mode = ckpt['args'].get('mode')
-    if mode in TRANSFER_MODES and TRANSFER_MODES[mode].needs_teacher_at_eval:
+    mode = get_mode(recorded_args(ckpt).get('mode'))
+    if mode.needs_teacher(evaluating=True):
         raise ExportError(
-            f"{checkpoint_path} is a {mode} student: in every forward pass it uses its teacher's "
-            f"{TRANSFER_MODES[mode].exposes} in place of its own, so it cannot run without the teacher. Train with "
+            f"{checkpoint_path} is a {mode.name} student: in every forward pass it uses its teacher's "
+            f"{mode.transfer.exposes} in place of its own, so it cannot run without the teacher. Train with "
             "--mode distill for a standalone student; to use this one, keep the checkpoint (it holds the teacher "
             "too) and evaluate it with main_finetune.py --eval --resume.")
-    key = 'model_ema' if use_ema else 'model'
-    if key not in ckpt:
+    if use_ema and not holds_ema(ckpt):
         raise ExportError(f"{checkpoint_path} holds no EMA weights (the run had no --ema); export without --ema")
+    key = 'model_ema' if use_ema else 'model'
     pool = arch['global_pool']
     pool = ('avg' if pool else 'token') if isinstance(pool, bool) else pool
     name = resolve_model_name(arch['model'])
     model_args = dict(arch['model_kwargs'], img_size=arch['input_size'], global_pool=pool)
     student = create_vit(name, num_classes=arch['nb_classes'], **model_args)
-    load_exact(student, ckpt[key], f"checkpoint {checkpoint_path!r} ({key})")
+    load_exact(student, student_weights(ckpt, use_ema), f"checkpoint {checkpoint_path!r} ({key})")
     student.pretrained_cfg = {k: v for k, v in student.pretrained_cfg.items()
                               if k not in ('tag', 'hf_hub_id', 'url', 'license')}
     size = arch['input_size']

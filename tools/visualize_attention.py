@@ -39,13 +39,13 @@ import torch  # noqa: E402
 from PIL import Image  # noqa: E402
 from torch.utils.data import DataLoader, Subset  # noqa: E402
 
-import main_finetune  # noqa: E402
 from models_dual_vit import forward_dual_with_capture, forward_with_capture  # noqa: E402
-from modes import get_mode  # noqa: E402
+from modes import get_mode, recorded_model  # noqa: E402
 from util.args import HelpFormatter, check_writable_folder  # noqa: E402
+from util.checkpoint import holds_teacher, recorded_args, restore_weights  # noqa: E402
 from util.datasets import build_dataset, build_transform, collate_skipping_bad  # noqa: E402
 from util.errors import UserError, run_cli  # noqa: E402
-from util.pretrained import is_named, load_exact, read_checkpoint  # noqa: E402
+from util.pretrained import is_named, read_checkpoint  # noqa: E402
 
 METRICS = ('teacher_student_ce', 'jsd', 'teacher_entropy', 'student_entropy', 'teacher_distance_px',
            'student_distance_px')
@@ -99,28 +99,24 @@ def load_models(checkpoint: str, teacher_path: str | None):
     """(teacher or None, student, the run's arguments, the run's model) in eval mode, as the checkpoint's run
     built them."""
     ckpt = read_checkpoint(checkpoint, flag='--checkpoint')
-    if not isinstance(ckpt, dict) or not isinstance(ckpt.get('args'), dict):
+    saved = recorded_args(ckpt)
+    if 'model' not in saved:
         raise UserError(f"--checkpoint {checkpoint}: it does not record its run's arguments (not written by "
                         "main_finetune.py); give a checkpoint.pth of a main_finetune.py run")
-    args = main_finetune.get_args_parser().parse_args([])
-    vars(args).update(ckpt['args'])
-    args.finetune = teacher_path or args.finetune
+    args = recorded_model(saved)
+    args = args.replace(finetune=teacher_path or args.finetune)
     mode = get_mode(args.mode)
     if not mode.uses_teacher and teacher_path:
         raise UserError("a plain run has no teacher to compare with; give a checkpoint of a transfer or probe run")
     teacher_file = is_named(args.finetune or '') or os.path.isfile(args.finetune or '')  # a name comes from its cache
-    if mode.uses_teacher and 'teacher' not in ckpt and not teacher_file:
+    if mode.uses_teacher and not holds_teacher(ckpt) and not teacher_file:
         raise UserError(f"the teacher's weights are not in {checkpoint} and {args.finetune!r} does not "
                         "exist: give --teacher PATH")
-    model = main_finetune.build_model(args)
-    load_exact(model.student, ckpt['model'], f"checkpoint {checkpoint!r} (model)")
-    teacher = getattr(model, 'teacher', None)
-    if teacher is not None:
-        if 'teacher' in ckpt:
-            load_exact(teacher, ckpt['teacher'], f"checkpoint {checkpoint!r} (teacher)")
-        else:
-            model.load_teacher(args.finetune, use_ema=args.use_teacher_ema)
-        teacher.eval()
+    model = mode.build_model(args)
+    if model.teacher is not None and not holds_teacher(ckpt):
+        model.load_teacher(args.finetune, use_ema=args.use_teacher_ema)
+    restore_weights(ckpt, checkpoint, model, None)
+    teacher = model.teacher.eval() if model.teacher is not None else None
     return teacher, model.student.eval(), args, model.eval()
 
 
@@ -320,7 +316,7 @@ def main(argv=None) -> list[dict]:
         raise UserError(f"--map_layers {a.map_layers}: no layer {', '.join(map(str, outside))}; the compared models "
                         f"have layers 0 to {depth - 1}")
     sources = student_map_sources(model, layers)
-    args.data_path = a.data_path
+    args = args.replace(data_path=a.data_path)
     dataset = build_dataset(False, args, root=os.path.join(a.data_path, 'val'))
     transform = build_transform(False, args)
 

@@ -9,6 +9,7 @@ import os
 import tempfile
 from collections.abc import Sequence
 
+from util.datasets import LAYOUT, DataError
 from util.errors import UserError
 
 
@@ -131,4 +132,42 @@ def check_values(args) -> None:
     check_range('hflip', args.hflip, 0, 1, meaning='a probability')
     if args.batch_size < 1:
         raise UserError(f"--batch_size {args.batch_size}: must be >= 1 (images per GPU and step)")
+    if args.lr is not None:
+        check_positive('lr', args.lr, 'the absolute learning rate, e.g. --lr 1e-3; or leave it out and set --blr')
+    check_positive('blr', args.blr, 'the base learning rate, scaled by the effective batch size / 256')
     check_normalization(args.mean, args.std)
+
+
+def check_data_folders(cfg, mode) -> None:
+    """The evaluation split, and the training split when the mode (a ``modes`` object) trains on labels, exist."""
+    if not cfg.eval_data_path:
+        raise UserError("give --data_path: a folder holding train/<class>/ and val/<class>/" + mode.data_hint)
+    splits = [(cfg.eval_data_path, 'val')]
+    if not cfg.eval and mode.trains_on_labels:
+        splits.append((cfg.data_path, 'train'))
+    for root, split in splits:
+        if not os.path.isdir(os.path.join(root, split)):
+            raise DataError(f"{split} data not found: {os.path.join(root, split)!r} is not a directory. "
+                            f"Expected the layout {LAYOUT}.")
+
+
+def check_run_flags(cfg, mode, has_teacher_weights: bool, resumes: bool) -> None:
+    """Flags that this run cannot use together, refused before anything is loaded."""
+    if mode.needs_teacher(cfg.eval) and not cfg.finetune and not has_teacher_weights:
+        raise UserError(f"mode {mode.name} needs the teacher's weights: --finetune PATH ({mode.teacher_hint})")
+    mode.check(cfg)
+    if not 0.0 < cfg.eval_crop_pct <= 1.0:
+        raise UserError(f"--eval_crop_pct {cfg.eval_crop_pct}: the crop fraction must be in (0, 1] (1.0: evaluate "
+                        "the image at the input size, uncropped; 0.875: MAE's ImageNet evaluation)")
+    if cfg.save_best == 'ema' and cfg.ema is None and not cfg.eval:
+        raise UserError("--save_best ema keeps the checkpoint of the best EMA top-1, but there is no EMA: add --ema "
+                        "DECAY (e.g. --ema 0.9999), or use --save_best (raw weights)")
+    if cfg.ensemble_with and not cfg.eval:
+        raise UserError("--ensemble_with is an evaluation: add --eval (and --resume CKPT for the first model)")
+    if cfg.eval and not resumes and not cfg.finetune:
+        raise UserError("--eval needs a checkpoint: --resume CKPT (or --finetune CKPT for pre-trained weights)")
+    if cfg.mixup_active and cfg.batch_size % 2:
+        raise UserError("mixup/cutmix pair up the images of a batch: --batch_size must be even "
+                        f"(got {cfg.batch_size})")
+    if cfg.accum_iter < 1 or cfg.print_freq < 1 or cfg.eval_every < 1:
+        raise UserError("--accum_iter, --print_freq and --eval_every must be >= 1")

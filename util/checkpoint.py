@@ -1,4 +1,6 @@
-"""Training checkpoints: atomic writes, resume look-up, and the random-number-generator states.
+"""The run's checkpoints: the names of every file a run writes, the checkpoint's keys, atomic writes,
+resume look-up, the random-number-generator states, and the ``Checkpointer`` the training loop saves and
+loads through. No other module spells a run file's name or reads a checkpoint key.
 
 A checkpoint is a dict:
   model       the student's timm state dict (a plain timm checkpoint, MAE/DeiT style)
@@ -18,6 +20,7 @@ A checkpoint is a dict:
 """
 from __future__ import annotations
 
+import argparse
 import errno
 import filecmp
 import math
@@ -27,21 +30,43 @@ import re
 import tempfile
 import warnings
 from collections.abc import Callable, Iterator
-from typing import Any, Optional
+from dataclasses import dataclass
+from typing import Any, NamedTuple, Optional
 
 import numpy as np
 import torch
 
-from util.distributed import all_gather_object, all_reduce_sum, get_world_size, is_main_process
+from util.distributed import (
+    all_gather_object,
+    all_reduce_sum,
+    barrier,
+    get_rank,
+    get_world_size,
+    is_main_process,
+    log,
+)
 from util.errors import UserError
 from util.pretrained import EMA_ENTRIES, is_named, load_exact, read_checkpoint
+from util.samplers import check_same_permutation
 
+# The files a run writes in its output folder (util/output.py describes each).
+CHECKPOINT = 'checkpoint.pth'
+BEST = 'checkpoint-best.pth'
+LOG = 'log.txt'
+EVAL_RESULTS = 'eval_results.json'
+LOCK = 'run.lock'
+NUMBERED = re.compile(r'checkpoint-(\d+)\.pth')
 # Temporary files of save_atomic: '<target name>.<random>.tmp' beside the target (mkstemp's random part
 # has no dots).
 TMP_SUFFIX = '.tmp'
 # the temporaries of every file a run writes with save_atomic / atomic_write_text
 _RUN_FILE_TMP = re.compile(r'(checkpoint(-\d+|-best)?\.pth|log\.txt|eval_results\.json)\.[^.]+'
                            + re.escape(TMP_SUFFIX))
+
+
+def numbered(epoch: int) -> str:
+    """The name of the checkpoint kept for ``epoch`` (``checkpoint-<epoch>.pth``)."""
+    return f'checkpoint-{epoch}.pth'
 
 
 class NonFiniteStateError(UserError):
@@ -212,7 +237,7 @@ def resume_path(resume: str, output_dir: str) -> Optional[str]:
     if not resume:
         return None
     if resume == 'allow':
-        path = os.path.join(output_dir, 'checkpoint.pth') if output_dir else ''
+        path = os.path.join(output_dir, CHECKPOINT) if output_dir else ''
         return path if path and os.path.isfile(path) else None
     if not os.path.isfile(resume):
         raise UserError(f"--resume {resume!r}: no such checkpoint (use --resume allow to start fresh "
@@ -254,7 +279,7 @@ def intact_neighbour(path: str) -> Optional[str]:
     described with its position; None when there is none."""
     folder = os.path.dirname(os.path.abspath(path))
     numbered = sorted(((int(m.group(1)), name) for name in os.listdir(folder)
-                       if (m := re.fullmatch(r'checkpoint-(\d+)\.pth', name))), reverse=True)
+                       if (m := NUMBERED.fullmatch(name))), reverse=True)
     for _, name in numbered:
         candidate = os.path.join(folder, name)
         if os.path.samefile(candidate, path):
@@ -269,23 +294,18 @@ def intact_neighbour(path: str) -> Optional[str]:
 
 
 def check_resume_matches(ckpt: Optional[dict], path: Optional[str], args, teacher_from_finetune: bool) -> None:
-    """A training run continues the checkpoint's run: the same --mode (else the optimizer's parameter groups
-    do not fit, or the student trains under another objective), and the same teacher. ``teacher_from_finetune``:
-    whether this mode reads its teacher from --finetune (copy modes take it from the checkpoint, when it holds
-    one). Checks nothing for --eval, which takes the model's arguments from the checkpoint."""
-    saved = ckpt.get('args') if ckpt is not None and not args.eval else None
-    if not isinstance(saved, dict):
+    """A training run continues the checkpoint's run with the same teacher (the mode is the mode's own check,
+    ``modes.PlainTraining.check_resumed``). ``teacher_from_finetune``: whether this mode reads its teacher from
+    --finetune (copy modes take it from the checkpoint, when it holds one). Checks nothing for --eval, which
+    takes the model's arguments from the checkpoint."""
+    saved = recorded_args(ckpt) if not args.eval else {}
+    if not saved:
         return
-    saved_mode, mode = saved.get('mode') or 'none', args.mode or 'none'  # older checkpoints: None for plain
-    if saved_mode != mode:
-        raise UserError(f"--resume {path}: the checkpoint is of a --mode {saved_mode} run, but this command "
-                        f"has --mode {mode}: give --mode {saved_mode} to continue it (a run keeps the mode it "
-                        "started with; to train another mode start a new run in another --output_dir)")
     recorded, given = saved.get('finetune') or '', args.finetune or ''
     if not given or given == recorded:
         return
-    if 'teacher' in ckpt or not teacher_from_finetune:
-        used = ("the teacher's weights come from the checkpoint, which holds them" if 'teacher' in ckpt else
+    if holds_teacher(ckpt) or not teacher_from_finetune:
+        used = ("the teacher's weights come from the checkpoint, which holds them" if holds_teacher(ckpt) else
                 "the student's weights come from the checkpoint")
         _warn(f"--finetune {given} is not the run's recorded --finetune {recorded or '(none)'} and is not used when "
               f"resuming {path}: {used}")
@@ -371,32 +391,6 @@ def resume_step(ckpt: dict, path: str, batch_size: int, world_size: int, steps_p
     return epoch, done // per_step
 
 
-def checkpoint_state(model, model_ema, optimizer, scaler, criterion, aux_optimizer, record: dict, epoch: int,
-                     step: Optional[int], best: dict, partial: Optional[dict] = None,
-                     epoch_stats: Optional[dict] = None) -> dict:
-    """The whole training state in the format above, with ``record`` (the run's flags and resolved values) as
-    ``args`` and ``best`` (the best accuracies so far); mid-epoch also the position in samples and the epoch's
-    loss sums. Collective: every rank calls it (each rank's generator states are gathered)."""
-    world = get_world_size()
-    rngs = all_gather_object(rng_state())  # every rank's: a resume on as many ranks restores each its own
-    state = {'model': model.student.state_dict(), 'optimizer': optimizer.state_dict(),
-             'scaler': scaler.state_dict(), 'epoch': epoch, 'step': step, 'args': record, 'rng': rngs[0],
-             'rng_per_rank': rngs, 'world_size': world, 'best': best}
-    if step is not None:
-        state['samples'] = step * record['batch_size'] * world
-        state['partial_epoch'] = partial
-    elif epoch_stats is not None:
-        state['epoch_stats'] = epoch_stats
-    if model.needs_teacher_at_eval:
-        state['teacher'] = model.teacher.state_dict()
-    if model_ema is not None:
-        state['model_ema'] = model_ema.module.state_dict()
-    if aux_optimizer is not None:  # the criterion's own parameters (probe: noise adaptation)
-        state['criterion'] = criterion.state_dict()
-        state['aux_optimizer'] = aux_optimizer.state_dict()
-    return state
-
-
 def restore_weights(ckpt: dict, path: str, model, model_ema) -> None:
     """The student, the teacher (copy modes) and the EMA student from a checkpoint."""
     load_exact(model.student, ckpt['model'], f"checkpoint {path!r} (model)")
@@ -418,3 +412,175 @@ def last_good_sentence(last_good: Optional[str]) -> str:
     if last_good is None:
         return "this run has written no checkpoint yet and resumed none."
     return f"the last good checkpoint is {last_good}."
+
+
+# ---- what a checkpoint holds -------------------------------------------------------------------------
+def recorded_args(ckpt: Optional[dict]) -> dict:
+    """The run's flags and resolved values as the checkpoint records them ({} when it records none, e.g. MAE's
+    checkpoints, whose args are a Namespace)."""
+    saved = ckpt.get('args') if isinstance(ckpt, dict) else None
+    return saved if isinstance(saved, dict) else {}
+
+
+def holds_teacher(ckpt: Optional[dict]) -> bool:
+    """Whether the checkpoint holds the teacher's weights (copy modes' checkpoints do)."""
+    return ckpt is not None and 'teacher' in ckpt
+
+
+def holds_ema(ckpt: Optional[dict]) -> bool:
+    return ckpt is not None and 'model_ema' in ckpt
+
+
+def read_position(path: str) -> Optional[dict]:
+    """A checkpoint's ``epoch`` and ``step`` (memory-mapped, tensors not read), or None when it records no epoch
+    (weights only): this project's format, or MAE's / DeiT's (their args are an argparse.Namespace). Raises on a
+    file torch cannot read."""
+    with torch.serialization.safe_globals([argparse.Namespace]):
+        ckpt = torch.load(path, map_location='cpu', mmap=True, weights_only=True)
+    if not isinstance(ckpt, dict) or 'epoch' not in ckpt:
+        return None
+    return {'epoch': ckpt['epoch'], 'step': ckpt.get('step')}
+
+
+def describe_position(ckpt: dict) -> str:
+    """'end of epoch E' or 'epoch E, step S' of a checkpoint (or of ``read_position``'s answer)."""
+    epoch, step = saved_position(ckpt)
+    return f"end of epoch {epoch}" if step is None else f"epoch {epoch}, step {step}"
+
+
+def student_weights(ckpt: dict, ema: bool = False) -> dict:
+    """The student's state dict (``ema``: the EMA student's)."""
+    return ckpt['model_ema' if ema else 'model']
+
+
+def saved_position(ckpt: dict) -> tuple[int, Optional[int]]:
+    """(epoch, step) as saved: ``step`` None at the end of the epoch."""
+    return ckpt['epoch'], ckpt.get('step')
+
+
+def best_record(ckpt: Optional[dict]) -> Optional[dict]:
+    """The best accuracies so far and their epochs (``BestAccuracy``'s state)."""
+    return ckpt.get('best') if ckpt is not None else None
+
+
+def end_of_epoch_stats(ckpt: Optional[dict]) -> Optional[dict]:
+    """The epoch's training means held by an end-of-epoch checkpoint (None for any other)."""
+    if ckpt is None or ckpt.get('step') is not None:
+        return None
+    return ckpt.get('epoch_stats')
+
+
+def describe_saved(path: str, ckpt: dict) -> str:
+    """``describe_checkpoint`` of a checkpoint read from ``path``."""
+    return describe_checkpoint(path, *saved_position(ckpt))
+
+
+# ---- the checkpointer -----------------------------------------------------------------------------------
+@dataclass
+class TrainingState:
+    """The stateful objects a training checkpoint holds: the teacher-student pair (its student, and its teacher
+    when the student cannot run without it), the optimizer and grad scaler, the EMA student, and the
+    criterion's own parameters with their optimizer (probe: noise adaptation)."""
+    model: Any
+    optimizer: torch.optim.Optimizer
+    scaler: torch.amp.GradScaler
+    model_ema: Any = None
+    criterion: Any = None
+    aux_optimizer: Optional[torch.optim.Optimizer] = None
+
+    def saved_modules(self) -> list[torch.nn.Module]:
+        """The modules whose weights a checkpoint holds (for its size)."""
+        return [self.model.student, self.criterion] + ([self.model_ema.module] if self.model_ema is not None else []) \
+            + ([self.model.teacher] if self.model.needs_teacher_at_eval else [])
+
+
+class ResumePoint(NamedTuple):
+    """Where a resumed run continues: its epoch and step (in this run's batch size and ranks), this rank's
+    generator states to continue a mid-epoch checkpoint with, and the epoch's loss sums so far."""
+    epoch: int
+    step: int
+    rng: Optional[dict]
+    partial: Optional[dict]
+
+
+class Checkpointer:
+    """Owns the run's checkpoints in ``output_dir``: ``save`` writes ``checkpoint.pth`` (and, before it, the
+    epoch's numbered checkpoint every ``save_every`` epochs and at the last, and ``checkpoint-best.pth``), on
+    rank 0, atomically, never a state holding NaN or infinity; ``load`` restores the training state and says
+    where the run continues. ``last_good`` names the last checkpoint written or resumed, for messages."""
+
+    def __init__(self, output_dir: str, state: TrainingState, record: dict, device: torch.device, epochs: int,
+                 save_every: int, last_good: Optional[str] = None) -> None:
+        self.output_dir, self.state, self.record, self.device = output_dir, state, record, device
+        self.epochs, self.save_every, self.last_good = epochs, save_every, last_good
+
+    @property
+    def path(self) -> str:
+        return os.path.join(self.output_dir, CHECKPOINT)
+
+    def keeps_numbered(self, epoch: int) -> bool:
+        """Whether ``epoch`` keeps its own checkpoint-<epoch>.pth: every ``save_every`` epochs and the last."""
+        return bool(self.save_every) and ((epoch + 1) % self.save_every == 0 or epoch + 1 == self.epochs)
+
+    def state_dict(self, epoch: int, step: Optional[int], best: dict, partial: Optional[dict] = None,
+                   epoch_stats: Optional[dict] = None) -> dict:
+        """The whole training state in the format of this module's docstring. Collective: every rank calls it
+        (each rank's generator states are gathered)."""
+        s = self.state
+        world = get_world_size()
+        rngs = all_gather_object(rng_state())  # every rank's: a resume on as many ranks restores each its own
+        out = {'model': s.model.student.state_dict(), 'optimizer': s.optimizer.state_dict(),
+               'scaler': s.scaler.state_dict(), 'epoch': epoch, 'step': step, 'args': self.record, 'rng': rngs[0],
+               'rng_per_rank': rngs, 'world_size': world, 'best': best}
+        if step is not None:
+            out['samples'] = step * self.record['batch_size'] * world
+            out['partial_epoch'] = partial
+        elif epoch_stats is not None:
+            out['epoch_stats'] = epoch_stats
+        if s.model.needs_teacher_at_eval:
+            out['teacher'] = s.model.teacher.state_dict()
+        if s.model_ema is not None:
+            out['model_ema'] = s.model_ema.module.state_dict()
+        if s.aux_optimizer is not None:
+            out['criterion'] = s.criterion.state_dict()
+            out['aux_optimizer'] = s.aux_optimizer.state_dict()
+        return out
+
+    def save(self, epoch: int, step: Optional[int], best: dict, partial: Optional[dict] = None,
+             epoch_stats: Optional[dict] = None, with_best: bool = False) -> None:
+        """checkpoint.pth after the epoch's numbered checkpoint (at an epoch's end, when kept) and
+        checkpoint-best.pth (``with_best``): the record of checkpoint.pth (its best accuracies) never points at a
+        file that was not written. Nothing is written when any rank's state holds NaN or infinity."""
+        if not self.output_dir:
+            return
+        state = self.state_dict(epoch, step, best, partial, epoch_stats)
+        check_finite(state, describe_checkpoint(self.path, epoch, step), self.last_good, self.device)
+        if is_main_process():
+            names = ([numbered(epoch)] if step is None and self.keeps_numbered(epoch) else []) \
+                + ([BEST] if with_best else [])
+            for name in names:
+                save_atomic(state, os.path.join(self.output_dir, name))
+            save_atomic(state, self.path)
+        barrier()
+        self.last_good = describe_checkpoint(self.path, epoch, step)
+
+    def load(self, ckpt: dict, path: str, batch_size: int, steps_per_epoch: int, seed: int, data: dict) -> ResumePoint:
+        """Weights, optimizers and the position from ``ckpt`` (read from ``path``). A mid-epoch checkpoint continues
+        only with the same training set (``data``: its ``dataset_fingerprint``) and ``seed``."""
+        s = self.state
+        restore_weights(ckpt, path, s.model, s.model_ema)
+        s.optimizer.load_state_dict(ckpt['optimizer'])
+        s.scaler.load_state_dict(ckpt['scaler'])
+        if s.aux_optimizer is not None:
+            s.criterion.load_state_dict(ckpt['criterion'])
+            s.aux_optimizer.load_state_dict(ckpt['aux_optimizer'])
+        world = get_world_size()
+        epoch, step = resume_step(ckpt, path, batch_size, world, steps_per_epoch)
+        rng = resume_rng(ckpt, get_rank(), world, batch_size) if step else None
+        partial = ckpt.get('partial_epoch') if step else None
+        if step:
+            check_same_permutation(recorded_args(ckpt), path, seed, data, epoch)
+        self.last_good = describe_saved(path, ckpt)
+        log(f"resumed from {path}: epoch {epoch}, step {step}"
+            + (f" of {steps_per_epoch} ({samples_done(ckpt)} samples of the epoch done)" if step else ''))
+        return ResumePoint(epoch, step, rng, partial)

@@ -59,8 +59,9 @@ def _environment_from_slurm() -> None:
     os.environ.setdefault('MASTER_PORT', str(port_for_job(os.environ.get('SLURM_JOB_ID', '0'))))
 
 
-def init_distributed_mode(args) -> None:
-    """Set ``args.distributed``, ``args.rank``, ``args.world_size``, ``args.gpu`` and join the process group.
+def init_distributed_mode(args) -> dict:
+    """Join the process group when the environment says the run has several processes; returns the resolved
+    ``distributed``, ``rank``, ``world_size``, ``gpu`` and ``device`` (``cuda:<local rank>`` on CUDA).
 
     torchrun (and submitit, which exports the same variables) sets RANK / WORLD_SIZE / LOCAL_RANK;
     a bare ``srun`` sets SLURM_PROCID / SLURM_NTASKS / SLURM_LOCALID. Otherwise the run is single-process.
@@ -69,20 +70,18 @@ def init_distributed_mode(args) -> None:
     if 'RANK' not in os.environ and int(os.environ.get('SLURM_NTASKS', '1')) > 1 and 'SLURM_PROCID' in os.environ:
         _environment_from_slurm()
     if 'RANK' not in os.environ or int(os.environ.get('WORLD_SIZE', '1')) <= 1:
-        args.distributed, args.rank, args.world_size, args.gpu = False, 0, 1, 0
-        return
-    args.rank = int(os.environ['RANK'])
-    args.world_size = int(os.environ['WORLD_SIZE'])
-    args.gpu = int(os.environ.get('LOCAL_RANK', '0'))
-    args.distributed = True
+        return dict(distributed=False, rank=0, world_size=1, gpu=0, device=args.device)
+    rank, world_size = int(os.environ['RANK']), int(os.environ['WORLD_SIZE'])
+    gpu = int(os.environ.get('LOCAL_RANK', '0'))
     use_cuda = str(args.device).startswith('cuda')
+    device = f'cuda:{gpu}' if use_cuda else args.device
     if use_cuda:
-        torch.cuda.set_device(args.gpu)
-        args.device = f'cuda:{args.gpu}'
+        torch.cuda.set_device(gpu)
     backend = 'nccl' if use_cuda else 'gloo'
-    dist.init_process_group(backend=backend, init_method=args.dist_url, world_size=args.world_size,
-                            rank=args.rank, timeout=datetime.timedelta(minutes=args.dist_timeout))
-    log(f"distributed: {args.world_size} processes, backend {backend}, rendezvous {args.dist_url}")
+    dist.init_process_group(backend=backend, init_method=args.dist_url, world_size=world_size, rank=rank,
+                            timeout=datetime.timedelta(minutes=args.dist_timeout))
+    log(f"distributed: {world_size} processes, backend {backend}, rendezvous {args.dist_url}")
+    return dict(distributed=True, rank=rank, world_size=world_size, gpu=gpu, device=device)
 
 
 def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:

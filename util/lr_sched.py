@@ -5,10 +5,13 @@ Probe reference: x0.1 at epochs 200 and 300). Step epochs count from 1, as the r
 from __future__ import annotations
 
 import math
+import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
+
+from util.distributed import is_main_process, log
 
 
 def lr_at(epoch: float, lr: float, min_lr: float, warmup_epochs: float, epochs: float, sched: str = 'cosine',
@@ -64,3 +67,14 @@ def lr_floor_warning(lr: float, min_lr: float, eff_batch_size: int, accum_iter: 
             f"{eff_batch_size} / 256), so the learning rate rises towards --min_lr for the whole run instead of "
             f"decaying. The recipe was tuned for a larger effective batch: raise it, e.g. --accum_iter "
             f"{accum_iter * factor} (peak {lr * factor:.2e}), or set --lr / --min_lr for this batch size.")
+
+
+def learning_rate(cfg, world: int) -> float:
+    """--lr, else --blr x the effective batch size / 256 (MAE's rule)."""
+    eff_batch_size = cfg.batch_size * cfg.accum_iter * world
+    lr = cfg.lr if cfg.lr is not None else cfg.blr * eff_batch_size / 256
+    log(f"base lr: {lr * 256 / eff_batch_size:.2e}  actual lr: {lr:.2e}  "
+        f"accumulate grad iterations: {cfg.accum_iter}  effective batch size: {eff_batch_size}")
+    if cfg.min_lr > lr and is_main_process():
+        print(lr_floor_warning(lr, cfg.min_lr, eff_batch_size, cfg.accum_iter), file=sys.stderr, flush=True)
+    return lr

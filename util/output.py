@@ -22,7 +22,6 @@ import errno
 import json
 import math
 import os
-import re
 import shutil
 import socket
 import stat
@@ -35,16 +34,25 @@ from typing import Optional
 import torch
 from torch.utils.tensorboard import SummaryWriter
 
-from util.checkpoint import atomic_write_text, next_position, stale_temporaries
+from util.checkpoint import (
+    BEST,
+    CHECKPOINT,
+    EVAL_RESULTS,
+    LOCK,
+    LOG,
+    NUMBERED,
+    atomic_write_text,
+    describe_position,
+    end_of_epoch_stats,
+    next_position,
+    read_position,
+    resume_path,
+    saved_position,
+    stale_temporaries,
+)
 from util.distributed import broadcast_object, is_main_process, log
 from util.errors import UserError
 
-CHECKPOINT = 'checkpoint.pth'
-BEST = 'checkpoint-best.pth'
-LOG = 'log.txt'
-EVAL_RESULTS = 'eval_results.json'
-LOCK = 'run.lock'
-NUMBERED = re.compile(r'checkpoint-(\d+)\.pth')
 # Flags naming files a run reads; none of them may be a file the run writes.
 INPUT_FLAGS = ('finetune', 'resume', 'ensemble_with', 'selection')
 
@@ -64,7 +72,7 @@ def output_dir_in_use(args) -> Iterator[None]:
                 lock = RunLock(args.output_dir)
                 lock.acquire()
                 remove_stale_temporaries(args.output_dir)
-                check_replaceable(args.output_dir)
+                check_replaceable(args.output_dir, args)
         except UserError as e:
             error = str(e)
     error = broadcast_object(error)
@@ -172,7 +180,16 @@ def run_files(output_dir: str) -> list[str]:
     """The files in ``output_dir`` that show a training run was there: its checkpoints and log.txt."""
     if not output_dir or not os.path.isdir(output_dir):
         return []
-    return sorted(e for e in os.listdir(output_dir) if e in (CHECKPOINT, BEST, LOG) or NUMBERED.fullmatch(e))
+    found = sorted(e for e in os.listdir(output_dir) if e in (CHECKPOINT, BEST, LOG) or NUMBERED.fullmatch(e))
+    # an empty log.txt (e.g. created by a shell redirection) records no epoch: no run was there
+    return [e for e in found if not (e == LOG and _empty_file(os.path.join(output_dir, e)))]
+
+
+def _empty_file(path: str) -> bool:
+    try:
+        return os.path.isfile(path) and os.path.getsize(path) == 0
+    except OSError:
+        return False
 
 
 def describe_run(output_dir: str) -> str:
@@ -183,13 +200,41 @@ def describe_run(output_dir: str) -> str:
     if os.path.isfile(latest):
         when = datetime.datetime.fromtimestamp(os.path.getmtime(latest)).isoformat(sep=' ', timespec='minutes')
         try:
-            ckpt = torch.load(latest, map_location='cpu', mmap=True, weights_only=True)
-            step = ckpt.get('step')
-            where = f"end of epoch {ckpt['epoch']}" if step is None else f"epoch {ckpt['epoch']}, step {step}"
+            position = read_position(latest)
+            where = 'weights only, no training position' if position is None else describe_position(position)
         except Exception:  # any unreadable file: its position is unknown, its presence is what matters
             where = 'unreadable'
         return f"{what}; checkpoint.pth: {where}, written {when}"
     return what
+
+
+def slurm_restarts() -> int:
+    """How many times SLURM has requeued this job (preemption, time-out, node failure); 0 outside SLURM."""
+    if not os.environ.get('SLURM_JOB_ID'):
+        return 0
+    try:
+        return int(os.environ.get('SLURM_RESTART_COUNT', '0') or 0)
+    except ValueError:
+        return 0
+
+
+def requeued_checkpoint(args, announce: bool = True) -> Optional[str]:
+    """The checkpoint a requeued SLURM job continues: its own run's --output_dir/checkpoint.pth, whatever its
+    command line says (no --resume, --resume allow, or the --resume PATH it started from, which it has trained
+    past). SLURM requeues a job with the same command and SLURM_JOB_ID, SLURM_RESTART_COUNT > 0: a plain
+    ``sbatch --requeue`` script as well as submitit. Its first start was checked like any run (a folder holding
+    another run was refused then), so the folder's run is its own. None when the job is not requeued, or its
+    folder holds no checkpoint.pth yet (it starts as it did the first time)."""
+    if args.eval or not args.output_dir or slurm_restarts() < 1:
+        return None
+    path = os.path.join(args.output_dir, CHECKPOINT)
+    if not os.path.isfile(path):
+        return None
+    if announce and args.resume != 'allow' and not (args.resume and _same_file(args.resume, path)):
+        given = f"--resume {args.resume}, where it started" if args.resume else "no --resume"
+        log(f"requeued SLURM job {os.environ['SLURM_JOB_ID']} (restart {slurm_restarts()}): continuing its own run "
+            f"from {path} ({given})")
+    return path
 
 
 def check_run_folder(args, resume_from: str | None) -> None:
@@ -203,6 +248,7 @@ def check_run_folder(args, resume_from: str | None) -> None:
     if not present:
         return
     if resume_from and os.path.realpath(os.path.dirname(os.path.abspath(resume_from))) == os.path.realpath(out):
+        check_not_a_fork(out, resume_from)
         return
     here = describe_run(out)
     if args.resume == 'allow':  # no checkpoint.pth, but other files of a run
@@ -215,6 +261,30 @@ def check_run_folder(args, resume_from: str | None) -> None:
     source = (f"--resume {args.resume!r} continues a run from another folder, but " if args.resume else '')
     raise UserError(f"{source}--output_dir {out!r} holds a run ({here}), whose files this run would replace. "
                     "Continue that run with --resume allow, or give this run another --output_dir.")
+
+
+def check_not_a_fork(output_dir: str, resume_from: str) -> None:
+    """Resuming an older checkpoint of the folder (e.g. checkpoint-1.pth) where the folder's checkpoint.pth is
+    further on would replace the later epochs' checkpoints and log lines: refused before anything is replaced,
+    naming the way to keep them (another --output_dir) and the way to go back deliberately."""
+    latest = os.path.join(output_dir, CHECKPOINT)
+    if not os.path.isfile(latest) or _same_file(latest, resume_from):
+        return
+    try:
+        later, earlier = read_position(latest), read_position(resume_from)
+    except Exception:  # an unreadable checkpoint.pth: the numbered one is the way on (see intact_neighbour)
+        return
+    if later is None or earlier is None:
+        return
+    if next_position(later) <= next_position(earlier):
+        return
+
+    raise UserError(f"--resume {resume_from!r} ({describe_position(earlier)}) is an earlier checkpoint of the run in "
+                    f"--output_dir {output_dir!r}, whose checkpoint.pth is further on ({describe_position(later)}): "
+                    "continuing from it here would replace that run's later checkpoints and log.txt lines. To branch "
+                    "off it and keep the run, give this run another --output_dir (the checkpoint is read from where it "
+                    "is); to continue the run itself use --resume allow; to take the run back to it, move "
+                    "checkpoint.pth and the later numbered checkpoints out of the folder first.")
 
 
 # ioctl(FS_IOC_GETFLAGS) and its immutable / append-only bits (linux/fs.h)
@@ -250,14 +320,34 @@ def _replace_problem(path: str) -> Optional[str]:
     return None
 
 
-def check_replaceable(output_dir: str) -> None:
+def check_replaceable(output_dir: str, args=None) -> None:
     """Every existing file of the folder a training run writes again must be replaceable, so that the run does
-    not train until its first save and fail there."""
+    not train until its first save and fail there. With the run's ``args``, only the files it writes from the
+    epoch it starts at (``writes``): a numbered checkpoint of an earlier epoch stays as it is."""
+    start = _start_epoch(args) if args is not None else 0
     for name in run_files(output_dir):
+        if args is not None and not writes(args, os.path.join(output_dir, name), start):
+            continue
         problem = _replace_problem(os.path.join(output_dir, name))
         if problem:
             raise UserError(f"{os.path.join(output_dir, name)} cannot be replaced by this run: {problem}; or give "
                             "this run another --output_dir.")
+
+
+def _start_epoch(args) -> int:
+    """The epoch a training run starts at: its resumed checkpoint's next one, else --start_epoch (0 when the
+    checkpoint's position cannot be read: then every file counts)."""
+    try:
+        path = requeued_checkpoint(args, announce=False) or resume_path(args.resume, args.output_dir)
+    except UserError:
+        return 0
+    if path is None:
+        return args.start_epoch
+    try:
+        position = read_position(path)
+    except Exception:  # the resume reports an unreadable checkpoint itself
+        return 0
+    return next_position(position)[0] if position is not None else 0
 
 
 def remove_stale_temporaries(output_dir: str) -> None:
@@ -330,6 +420,11 @@ class RunLock:
             try:
                 fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666)
             except FileExistsError:
+                if os.path.isdir(self.path) or (os.path.lexists(self.path) and not os.path.isfile(self.path)):
+                    raise UserError(f"--output_dir {os.path.dirname(self.path)!r}: {self.path} is not a lock file "
+                                    f"of this project ({'a folder' if os.path.isdir(self.path) else 'not a file'}), "
+                                    "so whether another run uses the folder cannot be told: remove it if no run "
+                                    "uses the folder, or give this run another --output_dir.") from None
                 owner = self._read()
                 if owner is None:
                     continue  # released meanwhile
@@ -337,7 +432,14 @@ class RunLock:
                 if reason is None:
                     raise UserError(self._in_use_message(owner)) from None
                 log(f"taking over the {reason}: {self.path}")
-                os.remove(self.path)
+                try:
+                    os.remove(self.path)
+                except FileNotFoundError:
+                    pass  # removed meanwhile
+                except OSError as e:
+                    raise UserError(f"--output_dir {os.path.dirname(self.path)!r}: cannot remove the {reason} "
+                                    f"({e.strerror or e}): delete {self.path} yourself (e.g. as its owner) if no run "
+                                    "uses the folder, or give this run another --output_dir.") from e
                 continue
             with os.fdopen(fd, 'w', encoding='utf-8') as f:
                 json.dump(self._owner(), f)
@@ -432,8 +534,11 @@ def write_log(args, stats: dict) -> None:
     """One JSON line; NaN and infinity (not JSON) are written as null."""
     if args.output_dir and is_main_process():
         finite = {k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in stats.items()}
-        with open(os.path.join(args.output_dir, 'log.txt'), 'a', encoding='utf-8') as f:
-            f.write(json.dumps(finite, allow_nan=False) + '\n')
+        path = os.path.join(args.output_dir, LOG)
+        with open(path, 'a+b') as f:
+            # a line cut by a kill or a full disk during its append: the new line starts on a line of its own
+            cut = f.seek(0, os.SEEK_END) > 0 and f.seek(-1, os.SEEK_END) >= 0 and f.read(1) != b'\n'
+            f.write((b'\n' if cut else b'') + (json.dumps(finite, allow_nan=False) + '\n').encode('utf-8'))
 
 
 def _epoch_of(line: str) -> Optional[int]:
@@ -458,11 +563,17 @@ def trim_log(output_dir: str, start_epoch: int) -> None:
     path = os.path.join(output_dir, LOG)
     if not output_dir or not is_main_process() or not os.path.isfile(path):
         return
-    with open(path, encoding='utf-8') as f:
+    with open(path, encoding='utf-8', errors='replace') as f:
         lines = f.readlines()
+    cut = lines[-1] if lines and not lines[-1].endswith('\n') and _epoch_of(lines[-1]) is None else None
+    if cut is not None:  # the end of an append that a kill or a full disk cut short: not a line of any epoch
+        lines = lines[:-1]
     kept = [line for line in lines if (_epoch_of(line) is None or _epoch_of(line) < start_epoch)]
-    if len(kept) < len(lines):
+    if len(kept) < len(lines) or cut is not None:
         atomic_write_text(''.join(kept), path)
+    if cut is not None:
+        log(f"log.txt: removed its last line, cut off while it was written ({len(cut)} characters)")
+    if len(kept) < len(lines):
         log(f"log.txt: removed {len(lines) - len(kept)} line(s) of epochs >= {start_epoch}, written after the "
             "resumed checkpoint (those epochs are trained again)")
 
@@ -470,10 +581,9 @@ def trim_log(output_dir: str, start_epoch: int) -> None:
 def epoch_end_missing(ckpt: dict | None, ckpt_path: str | None, output_dir: str) -> bool:
     """Whether the run folder's own end-of-epoch checkpoint lacks its epoch's evaluation and log.txt line (a stop
     or a kill between the two): the resumed run writes them first."""
-    return (ckpt is not None and ckpt.get('step') is None and 'epoch_stats' in ckpt and bool(output_dir)
-            and os.path.isdir(output_dir)
+    return (end_of_epoch_stats(ckpt) is not None and bool(output_dir) and os.path.isdir(output_dir)
             and os.path.samefile(os.path.dirname(os.path.abspath(ckpt_path)), output_dir)
-            and ckpt['epoch'] not in logged_epochs(output_dir))
+            and saved_position(ckpt)[0] not in logged_epochs(output_dir))
 
 
 def finished(ckpt: dict | None, ckpt_path: str | None, epochs: int | None, output_dir: str) -> bool:

@@ -101,19 +101,22 @@ def dataset_fingerprint(dataset: Dataset) -> dict:
     root, so a moved copy of the same set matches)."""
     if hasattr(dataset, 'samples'):  # ImageFolder
         items = [f"{os.path.relpath(path, dataset.root)}\t{label}" for path, label in dataset.samples]
-    elif hasattr(dataset, 'paths'):  # the selected wild images
-        items = list(dataset.paths)
+    elif hasattr(dataset, 'paths'):  # the selected wild images (relative), then --pos_num's originals (absolute)
+        absolute = [p for p in dataset.paths if os.path.isabs(p)]
+        base = os.path.commonpath(absolute) if absolute else ''
+        if len(absolute) == 1:
+            base = os.path.dirname(base)
+        items = [os.path.relpath(p, base) if os.path.isabs(p) else p for p in dataset.paths]
     else:
         items = None
     digest = hashlib.sha1('\n'.join(items).encode('utf-8')).hexdigest() if items is not None else None
     return {'images': len(dataset), 'sha1': digest}
 
 
-def check_same_permutation(ckpt: dict, path: str, seed: int, data: dict, epoch: int) -> None:
+def check_same_permutation(saved: dict, path: str, seed: int, data: dict, epoch: int) -> None:
     """A mid-epoch checkpoint continues the epoch's permutation of the training set where it stopped: only
     the same set and --seed draw the same permutation; otherwise some images would be trained twice in the
-    epoch and others not at all."""
-    saved = ckpt.get('args') or {}
+    epoch and others not at all. ``saved``: the checkpoint's recorded args."""
     changed = []
     if saved.get('seed') is not None and saved['seed'] != seed:
         changed.append(f"--seed {saved['seed']} then, {seed} now")

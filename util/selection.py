@@ -71,6 +71,24 @@ def read_selection(path: str, entries: tuple[str, ...] = SELECTION_ENTRIES) -> d
     return selection
 
 
+def check_selected_files(selection: dict, path: str, samples: int = 64) -> None:
+    """The selection's wild image folder must still hold its images (a selection records the folder's absolute
+    path): the folder, and the first, the last and evenly spaced kept images, checked before training."""
+    root, kept = selection['root'], selection['selected'].tolist()
+    if not os.path.isdir(root):
+        raise UserError(f"--selection {path}: its wild image folder {root!r} no longer exists (moved or unmounted?); "
+                        "make it available at that path again (e.g. a symbolic link to where it is now), or select "
+                        "again with select_wild_data.py --wild_path on the folder where it is now")
+    step = max(len(kept) // samples, 1)
+    probes = sorted(set(kept[::step] + kept[-1:]))
+    missing = [selection['paths'][i] for i in probes if not os.path.isfile(os.path.join(root, selection['paths'][i]))]
+    if missing:
+        raise UserError(f"--selection {path}: {len(missing)} of {len(probes)} kept images checked are missing from "
+                        f"its wild image folder {root!r} (e.g. {os.path.join(root, missing[0])}): the folder's files "
+                        "changed since the selection was written; restore them, or select again with "
+                        "select_wild_data.py")
+
+
 def selected_paths(selection: dict) -> list[str]:
     """The kept images' paths, relative to ``selection['root']``, in selection order."""
     return [selection['paths'][i] for i in selection['selected'].tolist()]
@@ -169,7 +187,8 @@ class ImageFiles(Dataset):
         try:
             image = load_rgb(path)
         except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
-            warnings.warn(f"skipping undecodable image {path}: {type(e).__name__}: {e}", stacklevel=1)
+            what = 'missing' if isinstance(e, FileNotFoundError) else 'undecodable'  # moved, or corrupt
+            warnings.warn(f"skipping {what} image {path}: {type(e).__name__}: {e}", stacklevel=1)
             return None
         transform = self.transform_of(index)
         return (transform(image) if transform is not None else image), index

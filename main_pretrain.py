@@ -1,0 +1,388 @@
+"""MAE pre-training of a ViT on unlabelled images: the teacher "pre-trained on other data" for attention transfer.
+
+    # MAE's ViT-L recipe (64 GPUs x 64 images); here 8 GPUs with --accum_iter 8 give the same effective batch
+    torchrun --nproc_per_node 8 main_pretrain.py --model vit_large_patch16 --batch_size 64 --accum_iter 8 \\
+        --data_path $IMAGENET --output_dir runs/mae_vit_large --resume allow
+    # the encoder as a teacher
+    python main_finetune.py --mode distill --model vit_large_patch16 --finetune runs/mae_vit_large/checkpoint.pth ...
+
+Flow: arguments -> data (every image under --data_path/train, or --data_path; labels unused) -> masked
+autoencoder (a timm ViT encoder, a light decoder) -> AdamW -> resume -> epochs of engine_finetune's
+train_one_epoch (the reconstruction loss is the criterion) / checkpoint / log.txt and TensorBoard. Checkpoints
+hold ``model`` in MAE's layout (the encoder's timm keys beside decoder_* and mask_token): main_finetune.py
+takes them as --finetune.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import datetime
+import json
+import os
+import sys
+import time
+
+import torch
+from timm.data.constants import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+from timm.optim import param_groups_weight_decay
+from torch.nn.parallel import DistributedDataParallel
+from torchvision import transforms
+
+from engine_finetune import NonFiniteLossError, train_one_epoch
+from models_dual_vit import create_vit, resolve_model_name
+from models_mae import MaskedAutoencoder, is_mae_checkpoint, kept_tokens
+from util.args import HelpFormatter, check_positive, check_range, parse_kwargs
+from util.checkpoint import (
+    Checkpointer,
+    ResumePoint,
+    TrainingState,
+    end_of_epoch_stats,
+    last_good_sentence,
+    load_training_checkpoint,
+    next_position,
+    resume_path,
+    saved_position,
+    seed_epoch,
+    set_rng_state,
+    student_weights,
+)
+from util.config import Config
+from util.datasets import DataError, build_loader
+from util.distributed import destroy, get_rank, get_world_size, init_distributed_mode, is_main_process, log
+from util.errors import UserError, run_cli
+from util.lr_sched import Schedule, learning_rate
+from util.output import (
+    check_inputs_not_overwritten,
+    check_output_folders,
+    check_run_folder,
+    checkpoint_bytes,
+    epoch_end_missing,
+    finished,
+    open_log_writer,
+    output_dir_in_use,
+    trim_log,
+    warn_if_little_space,
+    write_log,
+)
+from util.precision import AMP_DTYPES, default_amp
+from util.run_control import Preempted, RunControl, stop_on_signals
+from util.samplers import ResumableDistributedSampler, dataset_fingerprint
+from util.selection import ImageFiles, list_images
+
+DEFAULT_MODEL = 'vit_large_patch16'
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser('MAE pre-training', add_help=False)
+    p.add_argument('--batch_size', default=64, type=int,
+                   help='batch size per GPU (effective batch size is batch_size * accum_iter * # gpus)')
+    p.add_argument('--epochs', default=800, type=int, help='number of pre-training epochs (MAE\'s recipe: 800)')
+    p.add_argument('--accum_iter', default=1, type=int,
+                   help='accumulate gradients over this many iterations (a larger effective batch in less memory)')
+
+    g = p.add_argument_group('model')
+    g.add_argument('--model', default=DEFAULT_MODEL, type=str, metavar='MODEL',
+                   help='architecture of the encoder: an MAE name (vit_large_patch16) or any timm ViT name; '
+                        'fine-tune or distil from it with the same --model and --model_kwargs')
+    g.add_argument('--model_kwargs', default={}, nargs='*', type=str, metavar='KEY=VALUE',
+                   help='timm architecture arguments of the encoder, e.g. patch_size=4 embed_dim=192 depth=6 '
+                        'num_heads=3')
+    g.add_argument('--input_size', default=224, type=int, help='image input size')
+    g.add_argument('--mask_ratio', default=0.75, type=float,
+                   help='fraction of the patches removed from each image (the encoder sees the rest)')
+    g.add_argument('--norm_pix_loss', action='store_true',
+                   help='reconstruct each patch\'s pixels normalised by their mean and variance (MAE\'s recipe; '
+                        'the default)')
+    g.add_argument('--no_norm_pix_loss', action='store_false', dest='norm_pix_loss',
+                   help='reconstruct the (input-normalised) pixels themselves')
+    p.set_defaults(norm_pix_loss=True)
+    g.add_argument('--decoder_embed_dim', default=512, type=int, help='width of the decoder')
+    g.add_argument('--decoder_depth', default=8, type=int, help='number of decoder blocks')
+    g.add_argument('--decoder_num_heads', default=16, type=int, help='attention heads of the decoder blocks')
+
+    g = p.add_argument_group('optimizer')
+    g.add_argument('--weight_decay', type=float, default=0.05, help='weight decay (none on 1-D parameters)')
+    g.add_argument('--lr', type=float, default=None, metavar='LR',
+                   help='learning rate (absolute lr; default: --blr x effective batch size / 256)')
+    g.add_argument('--blr', type=float, default=1.5e-4, metavar='LR',
+                   help='base learning rate: absolute_lr = base_lr * total_batch_size / 256')
+    g.add_argument('--min_lr', type=float, default=0.0, metavar='LR', help='the lr the cosine decay ends at')
+    g.add_argument('--warmup_epochs', type=int, default=40, metavar='N', help='epochs to warm up the lr')
+    g.add_argument('--clip_grad', type=float, default=None, metavar='NORM',
+                   help='clip gradient norm (default: None, no clipping)')
+    g.add_argument('--amp', default=None, choices=list(AMP_DTYPES),
+                   help='mixed precision: bf16 (default on CUDA, no loss scaling), fp16 (with a grad scaler), '
+                        'none (default on CPU)')
+
+    g = p.add_argument_group('data')
+    g.add_argument('--data_path', default='', type=str,
+                   help='images to pre-train on: every image under data_path/train when that folder exists (an '
+                        'ImageNet-style root), else under data_path; any folder layout, class folders are ignored')
+    g.add_argument('--min_crop_scale', type=float, default=0.2,
+                   help='smallest area fraction of the random-resized crop')
+    g.add_argument('--num_workers', default=10, type=int,
+                   help='data loading processes per GPU; they persist across epochs and are re-seeded per epoch')
+    g.add_argument('--pin_mem', action='store_true',
+                   help='pin CPU memory in the DataLoader for more efficient transfer to GPU (default)')
+    g.add_argument('--no_pin_mem', action='store_false', dest='pin_mem', help='do not pin CPU memory')
+    p.set_defaults(pin_mem=True)
+
+    g = p.add_argument_group('run')
+    g.add_argument('--output_dir', default='./output_dir', help='where to save checkpoints and log.txt; empty: none')
+    g.add_argument('--log_dir', default=None, help='where to write TensorBoard events (default: --output_dir)')
+    g.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu',
+                   help='device to use for training (default: cuda when available)')
+    g.add_argument('--seed', default=0, type=int, help='random seed')
+    g.add_argument('--resume', default='',
+                   help='checkpoint of main_pretrain.py to resume from, or "allow": output_dir/checkpoint.pth if it '
+                        'exists, else start fresh')
+    g.add_argument('--save_every', default=20, type=int,
+                   help='also keep checkpoint-<epoch>.pth every N epochs and at the end (0: only checkpoint.pth)')
+    g.add_argument('--print_freq', default=20, type=int,
+                   help='print and log the loss every N steps; mid-epoch checkpoints and preemption stops '
+                        'happen at these steps too')
+    g.add_argument('--checkpoint_minutes', default=10, type=float,
+                   help='also write checkpoint.pth inside an epoch every N minutes (0: only at epoch ends), so a '
+                        'preempted or crashed job loses at most that much training')
+    # read by util.output, which serves main_finetune.py too: pre-training never evaluates nor keeps a best
+    p.set_defaults(eval=False, save_best=None)
+
+    g = p.add_argument_group('distributed')
+    g.add_argument('--world_size', default=1, type=int, help='number of distributed processes (set by torchrun)')
+    g.add_argument('--local_rank', default=-1, type=int, help='ignored; torchrun passes LOCAL_RANK')
+    g.add_argument('--dist_url', default='env://', help='url used to set up distributed training')
+    g.add_argument('--dist_timeout', default=30, type=int,
+                   help='minutes a collective may wait before the job fails (a hung rank ends the job)')
+    return p
+
+
+# ---------------------------------------------------------------------------------------------
+# Flags -> a resolved run
+# ---------------------------------------------------------------------------------------------
+def check_values(args) -> None:
+    """Numeric flags that no run can use, rejected before anything is loaded."""
+    if args.epochs < 1:
+        raise UserError(f"--epochs {args.epochs}: must be >= 1")
+    if args.batch_size < 1 or args.accum_iter < 1 or args.print_freq < 1:
+        raise UserError("--batch_size, --accum_iter and --print_freq must be >= 1")
+    check_range('mask_ratio', args.mask_ratio, 0, 1, low_open=True, high_open=True,
+                meaning='the fraction of patches removed; the encoder sees the rest')
+    check_range('min_crop_scale', args.min_crop_scale, 0, 1, low_open=True,
+                meaning='the smallest area fraction of the random-resized crop')
+    for flag in ('decoder_embed_dim', 'decoder_depth', 'decoder_num_heads'):
+        check_positive(flag, getattr(args, flag))
+    if args.decoder_embed_dim % args.decoder_num_heads or args.decoder_embed_dim % 4:
+        raise UserError(f"--decoder_embed_dim {args.decoder_embed_dim}: must be a multiple of --decoder_num_heads "
+                        f"({args.decoder_num_heads}) and of 4 (its sin-cos position embedding)")
+
+
+def data_root(data_path: str) -> str:
+    """The folder whose images are pre-trained on: data_path/train when it exists, else data_path."""
+    if not data_path:
+        raise UserError("give --data_path: a folder of images (any layout), or a data set root holding train/")
+    if not os.path.isdir(data_path):
+        raise DataError(f"--data_path {data_path!r} is not a folder: give a folder of images (any layout), or a "
+                        "data set root holding train/")
+    train = os.path.join(data_path, 'train')
+    return train if os.path.isdir(train) else data_path
+
+
+def resolve_args(args) -> tuple[Config, dict | None, str | None]:
+    """The flags checked and resolved into the run's read-only configuration before any heavy work; returns it
+    with the checkpoint to resume and its path."""
+    check_values(args)
+    check_output_folders(args)
+    cfg = Config.of(args, model_kwargs=parse_kwargs(args.model_kwargs, '--model_kwargs'),
+                    log_dir=args.output_dir if args.log_dir is None else args.log_dir,
+                    amp=args.amp or default_amp(args.device))
+    resolve_model_name(cfg.model)
+    data_root(cfg.data_path)
+    path = resume_path(cfg.resume, cfg.output_dir)
+    ckpt = load_training_checkpoint(path) if path else None
+    if ckpt is not None and not is_mae_checkpoint(student_weights(ckpt)):
+        raise UserError(f"--resume {path!r} is not a checkpoint of main_pretrain.py (its model has no MAE decoder): "
+                        "continue it with main_finetune.py, or start pre-training in another --output_dir")
+    check_inputs_not_overwritten(cfg, next_position(ckpt)[0] if ckpt is not None else 0)
+    check_run_folder(cfg, path)
+    return cfg, ckpt, path
+
+
+# ---------------------------------------------------------------------------------------------
+# Data and model
+# ---------------------------------------------------------------------------------------------
+def build_pretraining_set(args) -> ImageFiles:
+    """MAE's augmentation of every image under the data root: a bicubic random-resized crop, a horizontal flip,
+    ImageNet's normalisation. Items are (image, index): the index stands where a label would."""
+    root = data_root(args.data_path)
+    transform = transforms.Compose([
+        transforms.RandomResizedCrop(args.input_size, scale=(args.min_crop_scale, 1.0),
+                                     interpolation=transforms.InterpolationMode.BICUBIC),
+        transforms.RandomHorizontalFlip(),
+        transforms.ToTensor(),
+        transforms.Normalize(IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD)])
+    dataset = ImageFiles(root, list_images(root), transform)
+    log(f"pre-training on {len(dataset)} images under {root}")
+    return dataset
+
+
+def build_model(args) -> MaskedAutoencoder:
+    encoder = create_vit(args.model, num_classes=0, global_pool='token', img_size=args.input_size,
+                         **args.model_kwargs)
+    model = MaskedAutoencoder(encoder, args.decoder_embed_dim, args.decoder_depth, args.decoder_num_heads,
+                              mask_ratio=args.mask_ratio, norm_pix_loss=args.norm_pix_loss)
+    keep = kept_tokens(model.num_patches, args.mask_ratio)
+    if not 0 < keep < model.num_patches:
+        raise UserError(f"--mask_ratio {args.mask_ratio}: of the {model.num_patches} patches the encoder would see "
+                        f"{keep}; it needs at least one, and one must be removed")
+    return model
+
+
+def reconstruction_loss(outputs: tuple, _indices: torch.Tensor) -> tuple[torch.Tensor, dict]:
+    """train_one_epoch's criterion: the model's forward has computed the loss already."""
+    return outputs[0], {'loss': outputs[0]}
+
+
+# ---------------------------------------------------------------------------------------------
+# main
+# ---------------------------------------------------------------------------------------------
+class SavedModel:
+    """What the checkpointer saves and restores of a run's model: ``student`` (the checkpoint's 'model'), here
+    the masked autoencoder in MAE's layout; there is no teacher."""
+    teacher = None
+    needs_teacher_at_eval = False
+
+    def __init__(self, model: MaskedAutoencoder) -> None:
+        self.student = model
+
+
+def main(args) -> dict:
+    cfg, ckpt, ckpt_path = resolve_args(Config.of(args, **init_distributed_mode(args)))
+    if finished(ckpt, ckpt_path, cfg.epochs, cfg.output_dir):
+        destroy()
+        return {}
+    with output_dir_in_use(cfg), stop_on_signals():
+        stats = Pretraining(cfg, ckpt, ckpt_path).fit()
+    destroy()
+    return stats
+
+
+class Pretraining:
+    """The pre-training run: model, optimizer, loader, the checkpointer that saves and resumes them, and the
+    loop over epochs (``fit``)."""
+
+    def __init__(self, cfg: Config, ckpt: dict | None, ckpt_path: str | None) -> None:
+        self.cfg, self.device = cfg, torch.device(cfg.device)
+        rank, world = get_rank(), get_world_size()
+        log(f"job dir: {os.path.dirname(os.path.realpath(__file__))}")
+        log(json.dumps(vars(cfg), indent=1, default=str))
+        torch.backends.cudnn.benchmark = True
+        seed_epoch(cfg.seed, 0, rank)
+        self.model = model = build_model(cfg).to(self.device)  # first: it checks --mask_ratio against the patches
+        self.amp_dtype = AMP_DTYPES[cfg.amp]
+        self.n_parameters = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        log(f"masked autoencoder: encoder {model.encoder.default_cfg.get('architecture')} {cfg.model_kwargs}, "
+            f"decoder {cfg.decoder_depth} x {cfg.decoder_embed_dim}, {self.n_parameters / 1e6:.2f}M trainable "
+            f"parameters; the encoder sees {kept_tokens(model.num_patches, cfg.mask_ratio)} of {model.num_patches} "
+            "patches")
+        dataset = build_pretraining_set(cfg)
+        self.sampler = ResumableDistributedSampler(dataset, world, rank, shuffle=True, seed=cfg.seed)
+        self.loader = build_loader(dataset, self.sampler, cfg, train=True)
+        self.steps_per_epoch = self.sampler.num_samples // cfg.batch_size  # the loader drops the last partial batch
+        if self.steps_per_epoch == 0:
+            raise UserError(f"{len(dataset)} images on {world} processes make no full batch of {cfg.batch_size}; "
+                            "lower --batch_size")
+        lr = learning_rate(cfg, world)
+        self.schedule = Schedule.from_args(cfg, lr=lr)
+        optimizer = torch.optim.AdamW(param_groups_weight_decay(model, cfg.weight_decay), lr=lr, betas=(0.9, 0.95),
+                                      fused=self.device.type == 'cuda')
+        self.state = TrainingState(SavedModel(model), optimizer,
+                                   torch.amp.GradScaler(self.device.type, enabled=cfg.amp == 'fp16'))
+        data = dataset_fingerprint(dataset)
+        record = {**cfg.record(), 'lr': lr, 'train_data': data}  # the configuration and the values resolved from it
+        self.checkpointer = Checkpointer(cfg.output_dir, self.state, record, self.device, cfg.epochs, cfg.save_every)
+        if is_main_process() and cfg.output_dir:
+            warn_if_little_space(cfg.output_dir, checkpoint_bytes([model], optimizer), bool(cfg.save_every))
+        self.start = ResumePoint(0, 0, None, None)
+        if ckpt is not None:
+            self.start = self.checkpointer.load(ckpt, ckpt_path, cfg.batch_size, self.steps_per_epoch, cfg.seed, data)
+            trim_log(cfg.output_dir, self.start.epoch)
+        self.ddp_model = model if not cfg.distributed else DistributedDataParallel(
+            model, device_ids=[cfg.gpu] if self.device.type == 'cuda' else None)
+        self.log_writer = open_log_writer(cfg, int((self.start.epoch + self.start.step / self.steps_per_epoch)
+                                                   * 1000))
+        self.unfinished = ckpt if epoch_end_missing(ckpt, ckpt_path, cfg.output_dir) else None
+
+    def save(self, epoch: int, step: int | None, partial: dict | None = None, epoch_stats: dict | None = None) -> None:
+        self.checkpointer.save(epoch, step, {}, partial, epoch_stats)
+
+    def end_epoch(self, epoch: int, train_stats: dict) -> dict:
+        stats = {**{f'train_{k}': v for k, v in train_stats.items()}, 'epoch': epoch,
+                 'n_parameters': self.n_parameters}
+        write_log(self.cfg, stats)
+        if self.log_writer is not None:
+            self.log_writer.flush()
+        return stats
+
+    def train_epoch(self, epoch: int, control: RunControl) -> dict:
+        """One epoch (from the resumed step in the first), its checkpoint and its log.txt line."""
+        cfg, start = self.cfg, self.start
+        seed_epoch(cfg.seed, epoch, get_rank(), self.loader.generator)
+        first_step = start.step if epoch == start.epoch else 0
+        if first_step and start.rng is not None:
+            set_rng_state(start.rng)
+        self.sampler.set_epoch(epoch, start_index=first_step * cfg.batch_size)
+        try:
+            train_stats = train_one_epoch(
+                self.ddp_model, reconstruction_loss, self.loader, self.state.optimizer, self.device, epoch,
+                self.state.scaler, cfg, self.schedule, amp_dtype=self.amp_dtype, log_writer=self.log_writer,
+                partial=start.partial if first_step else None, start_step=first_step,
+                steps_per_epoch=self.steps_per_epoch, control=control)
+        except NonFiniteLossError as e:
+            e.args = (f"{e} Training stopped; " + last_good_sentence(self.checkpointer.last_good),)
+            raise
+        try:
+            self.save(epoch, None, epoch_stats=train_stats)
+        except UserError:  # e.g. a full disk: the epoch's line still goes into log.txt (it is trained again)
+            with contextlib.suppress(OSError):
+                write_log(cfg, {**{f'train_{k}': v for k, v in train_stats.items()}, 'epoch': epoch})
+            raise
+        return self.end_epoch(epoch, train_stats)
+
+    def fit(self) -> dict:
+        stats = {}
+        if self.unfinished is not None:
+            epoch = saved_position(self.unfinished)[0]
+            log(f"finishing epoch {epoch} of {self.checkpointer.last_good}: its log.txt line was not written")
+            stats = self.end_epoch(epoch, end_of_epoch_stats(self.unfinished))
+        control = RunControl(self.cfg.checkpoint_minutes, self.save)
+        log(f"start pre-training for {self.cfg.epochs} epochs ({self.steps_per_epoch} steps each) from epoch "
+            f"{self.start.epoch}" + (f", step {self.start.step}" if self.start.step else ''))
+        start_time = time.time()
+        for epoch in range(self.start.epoch, self.cfg.epochs):
+            stats = self.train_epoch(epoch, control)
+            if epoch + 1 < self.cfg.epochs:
+                control.stop_after_epoch()
+        log(f"pre-training time {datetime.timedelta(seconds=int(time.time() - start_time))}")
+        if self.log_writer is not None:
+            self.log_writer.close()
+        return stats
+
+
+def run(argv=None) -> dict:
+    parser = argparse.ArgumentParser('python main_pretrain.py', parents=[get_args_parser()],
+                                     description=__doc__, formatter_class=HelpFormatter)
+    return main(parser.parse_args(argv))
+
+
+def run_reporting_stop(argv=None) -> dict:
+    """run(), with a requested stop (SIGINT / SIGTERM) reported in one line: its checkpoint is written."""
+    try:
+        return run(argv)
+    except Preempted as stop:
+        print(f"stopped: checkpoint written at epoch {stop.epoch}, step {stop.step}; continue with --resume allow",
+              file=sys.stderr, flush=True)
+        os._exit(128 + stop.signum if stop.signum else 1)
+
+
+if __name__ == '__main__':
+    run_cli(run_reporting_stop)
