@@ -339,6 +339,56 @@ def test_unused_student_parameters_are_announced_for_ddp(family, mode, teacher_f
     assert model.may_leave_student_parameters_unused == bool(unused), unused
 
 
+# ---- q, k, v modes: timm's own q, k, v, read (or replaced) where its attention hands them to SDPA -------------
+def timm_qkv(vit, x, monkeypatch, replace=None):
+    """timm's own forward of ``vit`` (fused attention): its logits and, per block, the (q, k, v) its attention
+    passed to scaled_dot_product_attention (q and k after qk-norm and rotary embedding); ``replace[i]`` maps
+    'q' / 'k' / 'v' to a tensor used instead in block i."""
+    real, seen = F.scaled_dot_product_attention, []
+
+    def sdpa(q, k, v, *args, **kwargs):
+        given = (replace or {}).get(len(seen), {})
+        q, k, v = given.get('q', q), given.get('k', k), given.get('v', v)
+        seen.append({'q': q, 'k': k, 'v': v})
+        return real(q, k, v, *args, **kwargs)
+
+    for blk in vit.blocks:
+        blk.attn.fused_attn = True
+    with monkeypatch.context() as m:
+        m.setattr(torch.nn.functional, 'scaled_dot_product_attention', sdpa)
+        logits = vit(x)
+    assert len(seen) == len(vit.blocks)
+    return logits, seen
+
+
+@pytest.mark.parametrize('mode', ['distill_q', 'distill_k', 'distill_v', 'copy_q', 'copy_k', 'copy_v'])
+@pytest.mark.parametrize('family', list(FAMILIES))
+def test_qkv_modes_move_timms_own_q_k_v(family, mode, teacher_files, monkeypatch):
+    model = dual(family, mode, 'fused', teacher_files[family]).double().train()
+    student = copy.deepcopy(model.student)
+    x, y = images().double(), torch.tensor([0, 2])
+    which = mode.split('_')[1]
+    with torch.no_grad():
+        _, t_qkv = timm_qkv(copy.deepcopy(model.teacher).eval(), x, monkeypatch)
+    if mode.startswith('distill'):
+        _, s_qkv = timm_qkv(student, x, monkeypatch)
+        expected = sum(F.mse_loss(s_qkv[i][which], t_qkv[i][which]) for i in model.layers)
+        _, loss = model(x)
+        torch.testing.assert_close(loss, expected, rtol=1e-5, atol=0)
+    else:
+        expected_logits, _ = timm_qkv(student, x, monkeypatch, replace={i: {which: t_qkv[i][which]}
+                                                                        for i in model.layers})
+        expected = F.cross_entropy(expected_logits, y)
+        loss = F.cross_entropy(model(x), y)
+        torch.testing.assert_close(loss, expected, rtol=1e-5, atol=0)
+    expected.backward()
+    loss.backward()
+    reference = dict(student.named_parameters())
+    for name, p in model.student.named_parameters():
+        if reference[name].grad is not None and p.grad is not None:
+            assert_grad_close(name, p.grad, reference[name].grad)
+
+
 # ---- some heads transferred (--transfer_heads) in every family ---------------------------------------------
 @pytest.mark.parametrize('family', list(FAMILIES))
 @pytest.mark.parametrize('mode', ['copy', 'distill'])

@@ -28,6 +28,10 @@ COLUMNS = (  # (header, test function, parameter suffix)
     ('copy explicit', 'test_copy_uses_the_teachers_maps_as_timm_computes_them', '-explicit'),
     ('main_finetune copy step', 'test_one_training_step_through_main_finetune', '-copy'),
     ('main_finetune distill step', 'test_one_training_step_through_main_finetune', '-distill'),
+    ('copy_q/k/v, distill_q/k/v', 'test_qkv_modes_move_timms_own_q_k_v',
+     tuple(f'-{m}_{w}' for m in ('copy', 'distill') for w in 'qkv')),
+    ('unused parameters announced (DDP)', 'test_unused_student_parameters_are_announced_for_ddp',
+     ('-copy', '-copy_q', '-distill')),
 )
 HEAD_COLUMNS = (
     ('teacher at --nb_classes 10', 'test_teacher_with_its_own_head_loads_for_another_class_count'),
@@ -58,6 +62,13 @@ def cell(outcomes: dict, test: str, param: str) -> str:
     return outcomes.get(f'{test}[{param}]', 'not run')
 
 
+def cells(outcomes: dict, test: str, family: str, suffixes) -> str:
+    """One cell for a family's test over one or more parameter suffixes: 'pass' only when all passed."""
+    results = [cell(outcomes, test, family + suffix) for suffix in
+               ((suffixes,) if isinstance(suffixes, str) else suffixes)]
+    return results[0] if len(set(results)) == 1 else ', '.join(results)
+
+
 def refusal(name: str, kwargs: dict) -> str:
     import timm
 
@@ -81,8 +92,9 @@ def main() -> None:
              'Which timm ViT families attention transfer runs, as teacher and as the student that mirrors it. Each',
              'cell is the outcome of a test of `tests/test_families.py` (a tiny model with random weights, saved in',
              "timm's state-dict layout): maps, transfer loss and the student's gradients compared with timm's own",
-             'attention modules run unfused, and one epoch through `main_finetune.py`. Plain ViTs (ViT, DeiT, MAE,',
-             'DINO, DINOv2, CLIP) are covered by `tests/test_transfer_model.py`.', '',
+             'attention modules run unfused (q, k and v: those timm hands to SDPA), and one epoch through',
+             '`main_finetune.py`. Plain ViTs (ViT, DeiT, MAE, DINO, DINOv2, CLIP) are covered by',
+             '`tests/test_transfer_model.py`. Teachers by `timm:` name are not tested here (no downloads).', '',
              f'Command: `python tools/families_table.py`. Machine: {platform.machine()} CPU, {platform.system()}, '
              f'torch {torch.__version__}. Date: {datetime.date.today().isoformat()}.', '',
              '| family (test) | timm class | example | ' + ' | '.join(c[0] for c in COLUMNS) + ' |',
@@ -90,15 +102,19 @@ def main() -> None:
     import timm
     for family, (name, kwargs) in FAMILIES.items():
         model = timm.create_model(name, pretrained=False, num_classes=3, img_size=32, **kwargs)
-        cells = [cell(outcomes, test, family + suffix) for _, test, suffix in COLUMNS]
+        row = [cells(outcomes, test, family, suffixes) for _, test, suffixes in COLUMNS]
         lines.append(f'| {family} | {type(model).__name__} ({family_of_model(model).name} adapter) | `{name}` | '
-                     + ' | '.join(cells) + ' |')
+                     + ' | '.join(row) + ' |')
     lines += ['', '## Classifier-side heads', '',
               '| family (test) | example | ' + ' | '.join(c[0] for c in HEAD_COLUMNS) + ' |',
               '|' + '---|' * (2 + len(HEAD_COLUMNS))]
     for family, (name, _) in HEADS.items():
         lines.append(f'| {family} | `{name}` | ' + ' | '.join(cell(outcomes, t, family) for _, t in HEAD_COLUMNS)
                      + ' |')
+    pairs = [outcomes.get(k, 'not run') for k in outcomes if k.startswith('test_layer_map_pairs_are_the_maps')]
+    lines += ['', '## A student shallower than its teacher', '',
+              f"`--layer_map` (2-block student of a 4-block ViT teacher; default, `0:0,1:2`, `1:2`; fused and "
+              f"explicit; copy and distill): {'pass' if pairs and set(pairs) == {'pass'} else ', '.join(pairs)}."]
     lines += ['', '## Refused', '', '| blocks | example | message |', '|---|---|---|']
     for label, name, kwargs in REFUSED:
         lines.append(f'| {label} | `{name}` | {refusal(name, kwargs)} |')
