@@ -342,7 +342,7 @@ def _start_epoch(args) -> int:
     except UserError:
         return 0
     if path is None:
-        return args.start_epoch
+        return getattr(args, 'start_epoch', 0)  # main_pretrain.py has no --start_epoch
     try:
         position = read_position(path)
     except Exception:  # the resume reports an unreadable checkpoint itself
