@@ -103,15 +103,17 @@ class Trainer:
     """What submitit runs in every task: main_finetune.main() under the job's distributed environment."""
 
     def __init__(self, args: argparse.Namespace) -> None:
-        self.args = args
+        # a plain namespace: the job unpickles it before its sys.path holds this project's modules
+        self.args = argparse.Namespace(**vars(args))
 
     def __call__(self) -> dict:
         if REPO not in sys.path:
             sys.path.insert(0, REPO)
-        import main_finetune as entry  # the job's own import, after its sys.path is set
+        import main_finetune as entry  # the job's own imports, after its sys.path is set
+        from util.config import Config
         from util.run_control import Preempted
 
-        args = self._setup_environment(self.args)
+        args = self._setup_environment(Config.of(self.args))
         if restarts() and not args.resume:  # requeued (e.g. a node failure): the job continues its own run
             args = args.replace(resume='allow')
         if restarts() > args.max_requeues:
@@ -131,11 +133,10 @@ class Trainer:
             print(f"not requeuing: the job has already been restarted {restarts()} times "
                   f"(--max_requeues {self.args.max_requeues})", flush=True)
             return None
-        args = self.args
-        last = Path(args.output_dir.replace('%j', submitit.JobEnvironment().job_id)) / CHECKPOINT
-        if last.is_file():
-            args = args.replace(resume=str(last))
-        return submitit.helpers.DelayedSubmission(type(self)(args))
+        last = Path(self.args.output_dir.replace('%j', submitit.JobEnvironment().job_id)) / CHECKPOINT
+        resume = str(last) if last.is_file() else self.args.resume
+        return submitit.helpers.DelayedSubmission(type(self)(argparse.Namespace(**{**vars(self.args),
+                                                                                    'resume': resume})))
 
     # ---- inside the job ----------------------------------------------------------------------
     def _setup_environment(self, args: Config) -> Config:
