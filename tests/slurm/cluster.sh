@@ -69,7 +69,7 @@ node_names() {
 
 write_config() {
   local n="$1" cpus mem names ports i
-  cpus=$(nproc)
+  cpus=$(env -u OMP_NUM_THREADS nproc)  # nproc reads OMP_NUM_THREADS, which a test run may set
   mem=$(awk '/MemTotal/ {printf "%d", $2 / 1024 * 0.9}' /proc/meminfo)
   names=$(node_names "$n")
   mapfile -t ports < <(free_ports $((n + 1)))
