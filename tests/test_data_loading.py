@@ -359,7 +359,7 @@ def test_cache_images_reads_each_file_once_and_trains_the_same_weights(workdir, 
 def test_cache_images_in_probe_mode_reads_the_selection_once(tmp_path, monkeypatch, labelled):
     """Probe mode (ImageFiles): two epochs on the selected wild images, the same weights with and without."""
     from helpers import make_wild_folder, run_selection
-    main_finetune.run(tiny_args(labelled.data, str(tmp_path / 'teacher'), '--lr', '3e-3', epochs=1))
+    main_finetune.run(tiny_args(labelled.data, str(tmp_path / 'teacher'), '--lr', '3e-3', '--cls_token', epochs=1))
     teacher = str(tmp_path / 'teacher' / 'checkpoint.pth')
     wild = make_wild_folder(str(tmp_path / 'wild'))
     selection = str(tmp_path / 'selection.pth')
