@@ -65,7 +65,8 @@ PROBE_STUDENT = ['patch_size=4', 'embed_dim=32', 'depth=4', 'num_heads=2', 'mlp_
 PROBE_PRESENTATIONS = {'full': 80000, 'quick': 32000}
 COMMON = ['--model', 'vit_base_patch16_224', '--input_size', str(SIZE), '--nb_classes', '10', '--device', 'cpu',
           '--num_workers', '0', '--aa', 'none', '--reprob', '0', '--min_crop_scale', '0.6', '--hflip', '0',
-          '--drop_path', '0.0', '--print_freq', '1000', '--save_every', '0', '--checkpoint_minutes', '0']
+          '--drop_path', '0.0', '--print_freq', '1000', '--save_every', '0', '--checkpoint_minutes', '0',
+          '--cache_images']
 
 
 # ---------------------------------------------------------------------------------------------

@@ -12,7 +12,7 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
-from helpers import make_image_folder, read_log, tiny_args
+from helpers import args_for, make_image_folder, read_log, tiny_args
 from PIL import Image
 from timm.data.auto_augment import AugmentOp
 from timm.data.constants import IMAGENET_DEFAULT_STD
@@ -314,3 +314,79 @@ def test_progress_line_reports_data_wait_and_run_eta(capsys):
     assert epoch_eta >= 1, line
     assert 58 * epoch_eta // 4 <= run_eta <= 58 * (epoch_eta + 1) / 4, line
     assert ' mem ' not in line  # CUDA only
+
+
+# ---- --cache_images ------------------------------------------------------------------------------
+def count_reads(monkeypatch) -> dict:
+    """Count the files the loaders open (ImageFolder's open_image, ImageFiles' load_rgb), by path."""
+    import util.datasets
+    import util.selection
+    reads: dict[str, int] = {}
+
+    def counted(loader):
+        def read(path):
+            reads[path] = reads.get(path, 0) + 1
+            return loader(path)
+        return read
+
+    monkeypatch.setattr(util.datasets, 'open_image', counted(util.datasets.open_image))
+    monkeypatch.setattr(util.selection.ImageFiles, 'loader', staticmethod(counted(util.selection.load_rgb)))
+    return reads
+
+
+def final_weights(out) -> dict:
+    return torch.load(os.path.join(out, 'checkpoint.pth'), map_location='cpu', weights_only=False)['model']
+
+
+def test_cache_images_reads_each_file_once_and_trains_the_same_weights(workdir, tmp_path, monkeypatch):
+    """Three epochs with augmentation (crop, flip, RandAugment, random erasing) and an evaluation after each:
+    with --cache_images every image file is read once, and the weights come out bit for bit the same."""
+    extra = ['--aa', 'rand-m9-mstd0.5-inc1', '--reprob', '0.25', '--hflip', '0.5', '--eval_every', '1']
+    weights, reads = {}, {}
+    for cache in (False, True):
+        reads[cache] = count_reads(monkeypatch)
+        out = str(tmp_path / f'cache_{cache}')
+        main_finetune.run(args_for(workdir, out, *extra, *(['--cache_images'] if cache else []), epochs=3))
+        weights[cache] = final_weights(out)
+    files = [os.path.join(folder, name) for split in ('train', 'val')
+             for folder, _, names in os.walk(os.path.join(workdir.data, split)) for name in names]
+    assert sorted(reads[True]) == sorted(files) and set(reads[True].values()) == {1}
+    assert min(reads[False].values()) >= 3  # without the cache: every epoch and every evaluation reads again
+    assert weights[True].keys() == weights[False].keys()
+    assert all(torch.equal(weights[True][k], weights[False][k]) for k in weights[True])
+
+
+def test_cache_images_in_probe_mode_reads_the_selection_once(tmp_path, monkeypatch, labelled):
+    """Probe mode (ImageFiles): two epochs on the selected wild images, the same weights with and without."""
+    from helpers import make_wild_folder, run_selection
+    main_finetune.run(tiny_args(labelled.data, str(tmp_path / 'teacher'), '--lr', '3e-3', '--cls_token', epochs=1))
+    teacher = str(tmp_path / 'teacher' / 'checkpoint.pth')
+    wild = make_wild_folder(str(tmp_path / 'wild'))
+    selection = str(tmp_path / 'selection.pth')
+    run_selection(teacher, wild, selection, '--num_select', '16')
+    weights, reads = {}, {}
+    for cache in (False, True):
+        reads[cache] = count_reads(monkeypatch)
+        out = str(tmp_path / f'probe_{cache}')
+        main_finetune.run(tiny_args(labelled.data, out, '--mode', 'probe', '--finetune', teacher, '--selection',
+                                    selection, '--batch_size', '8', *(['--cache_images'] if cache else []),
+                                    epochs=2))
+        weights[cache] = final_weights(out)
+    wild_reads = {p: n for p, n in reads[True].items() if p.startswith(wild)}
+    assert len(wild_reads) == 16 and set(wild_reads.values()) == {1}
+    assert min(n for p, n in reads[False].items() if p.startswith(wild)) >= 2
+    assert all(torch.equal(weights[True][k], weights[False][k]) for k in weights[True])
+
+
+def test_cache_keeps_decoded_images_but_not_undecoded_jpegs(jpegs, shared_images):
+    """An undecoded JPEG (opened for reduced-scale decoding) is not kept: the crop decodes each copy itself;
+    a decoded image is kept and handed out as a copy the transform cannot change."""
+    from util.datasets import DecodedImageCache
+    cache = DecodedImageCache(open_image)
+    first = cache(jpegs.paths[0])
+    assert first.format == 'JPEG' and cache.images == {}
+    png = next(os.path.join(f, n) for f, _, names in os.walk(shared_images()) for n in names if n.endswith('.png'))
+    a = cache(png)
+    a.paste((0, 0, 0), (0, 0, a.size[0], a.size[1]))
+    assert list(cache.images) == [png]
+    assert np.array_equal(np.asarray(cache(png)), np.asarray(Image.open(png).convert('RGB')))

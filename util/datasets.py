@@ -103,6 +103,34 @@ def collate_skipping_bad(batch: list) -> tuple[torch.Tensor, torch.Tensor, int]:
     return images, targets, skipped
 
 
+class DecodedImageCache:
+    """A loader that keeps each image it decoded, by path, and hands out copies: later epochs skip reading and
+    decoding the file, and see the same pixels (so the same augmentation and random draws). An image the
+    wrapped loader leaves undecoded (a JPEG that ``open_image`` opens for reduced-scale decoding, whose
+    ``format`` is still set) is not kept; neither is a failure (it is retried, and warned about, each time)."""
+
+    def __init__(self, loader) -> None:
+        self.loader, self.images = loader, {}
+
+    def __call__(self, path: str) -> Image.Image:
+        image = self.images.get(path)
+        if image is None:
+            image = self.loader(path)
+            if image.format is not None:  # opened but not decoded: decoded (at reduced scale) by the transform
+                return image
+            self.images[path] = image
+        return image.copy()
+
+
+def cache_decoded(dataset: Dataset) -> Dataset:
+    """``dataset`` (an ImageFolder or ``util.selection.ImageFiles``, or a Subset of one) with its loader wrapped
+    in a ``DecodedImageCache`` (--cache_images)."""
+    inner = getattr(dataset, 'dataset', dataset)
+    if not isinstance(getattr(inner, 'loader', None), DecodedImageCache):
+        inner.loader = DecodedImageCache(inner.loader)
+    return dataset
+
+
 def _has_images(folder: str) -> bool:
     for _, _, files in os.walk(folder, followlinks=True):  # as ImageFolder, which follows linked folders
         if any(f.lower().endswith(IMG_EXTENSIONS) for f in files):

@@ -173,6 +173,8 @@ class ImageFiles(Dataset):
     """Images at ``root/<path>`` for the given relative paths; each item is (image, its index).
     An undecodable image gives ``None`` (with a warning), which ``collate_skipping_bad`` drops."""
 
+    loader = staticmethod(load_rgb)  # path -> RGB image (``util.datasets.cache_decoded`` may wrap it)
+
     def __init__(self, root: str, paths: list[str], transform=None) -> None:
         self.root, self.paths, self.transform = root, paths, transform
 
@@ -185,7 +187,7 @@ class ImageFiles(Dataset):
     def __getitem__(self, index: int):
         path = os.path.join(self.root, self.paths[index])
         try:
-            image = load_rgb(path)
+            image = self.loader(path)
         except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
             what = 'missing' if isinstance(e, FileNotFoundError) else 'undecodable'  # moved, or corrupt
             warnings.warn(f"skipping {what} image {path}: {type(e).__name__}: {e}", stacklevel=1)
