@@ -17,7 +17,6 @@ import contextlib
 import datetime
 import json
 import os
-import sys
 import time
 from typing import NamedTuple
 
@@ -99,7 +98,7 @@ from util.pretrained import (
     finetune_source,
     local_checkpoint,
 )
-from util.run_control import Preempted, RunControl, stop_on_signals
+from util.run_control import RunControl, reporting_stop, stop_on_signals
 from util.samplers import ResumableDistributedSampler, ShardSampler, dataset_fingerprint
 
 DEFAULT_MODEL = 'vit_large_patch16'
@@ -625,12 +624,7 @@ def run(argv=None) -> dict:
 
 def run_reporting_stop(argv=None) -> dict:
     """run(), with a requested stop (SIGINT / SIGTERM) reported in one line: its checkpoint is written."""
-    try:
-        return run(argv)
-    except Preempted as stop:
-        print(f"stopped: checkpoint written at epoch {stop.epoch}, step {stop.step}; continue with --resume allow",
-              file=sys.stderr, flush=True)
-        os._exit(128 + stop.signum if stop.signum else 1)
+    return reporting_stop(run, argv)
 
 
 if __name__ == '__main__':

@@ -19,7 +19,6 @@ import contextlib
 import datetime
 import json
 import os
-import sys
 import time
 
 import torch
@@ -65,7 +64,7 @@ from util.output import (
     write_log,
 )
 from util.precision import AMP_DTYPES, default_amp
-from util.run_control import Preempted, RunControl, stop_on_signals
+from util.run_control import RunControl, reporting_stop, stop_on_signals
 from util.samplers import ResumableDistributedSampler, dataset_fingerprint
 from util.selection import ImageFiles, list_images
 
@@ -376,12 +375,7 @@ def run(argv=None) -> dict:
 
 def run_reporting_stop(argv=None) -> dict:
     """run(), with a requested stop (SIGINT / SIGTERM) reported in one line: its checkpoint is written."""
-    try:
-        return run(argv)
-    except Preempted as stop:
-        print(f"stopped: checkpoint written at epoch {stop.epoch}, step {stop.step}; continue with --resume allow",
-              file=sys.stderr, flush=True)
-        os._exit(128 + stop.signum if stop.signum else 1)
+    return reporting_stop(run, argv)
 
 
 if __name__ == '__main__':

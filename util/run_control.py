@@ -129,3 +129,14 @@ class RunControl:
         """Raise Preempted if a stop was agreed at the end of the epoch just saved."""
         if self.stop_at_epoch_end is not None:
             raise Preempted(*self.stop_at_epoch_end)
+
+
+def reporting_stop(run: Callable[[Optional[list]], dict], argv: Optional[list] = None) -> dict:
+    """``run(argv)`` of an entry point, with a requested stop (SIGINT / SIGTERM) reported in one line (its
+    checkpoint is written) and the process ending with the signal's status, 128 + N."""
+    try:
+        return run(argv)
+    except Preempted as stop:
+        print(f"stopped: checkpoint written at epoch {stop.epoch}, step {stop.step}; continue with --resume allow",
+              file=sys.stderr, flush=True)
+        os._exit(128 + stop.signum if stop.signum else 1)
