@@ -8,6 +8,7 @@ the same read-back checks that every loss was finite, agreed over all ranks.
 from __future__ import annotations
 
 import contextlib
+import datetime
 import math
 import time
 from collections.abc import Callable, Iterable, Sequence
@@ -17,8 +18,10 @@ import torch
 import torch.nn as nn
 
 from util import lr_sched
-from util.distributed import all_reduce_sum, get_world_size, log
+from util.checkpoint import end_of_epoch_stats, last_good_sentence, saved_position, seed_epoch, set_rng_state
+from util.distributed import all_reduce_sum, get_rank, get_world_size, log
 from util.errors import UserError
+from util.output import write_log
 from util.run_control import RunControl
 
 
@@ -398,4 +401,86 @@ class Evaluator:
             ema_stats = evaluate(self.loader, model.with_student(ema.module), self.device, self.amp_dtype,
                                  self.dist_eval, name='EMA', print_freq=self.print_freq)
             stats.update({f'ema_test_{k}': v for k, v in ema_stats.items()})
+        return stats
+
+
+class EpochLoop:
+    """The loop over epochs that training (main_finetune.Trainer) and pre-training (main_pretrain.Pretraining)
+    share: each epoch from the resumed step, its checkpoint, then its end (``end_epoch``: evaluation, log.txt);
+    stops agreed by the ranks at a step or at an epoch's end. The subclass sets ``cfg``, ``schedule``, ``state``
+    (util.checkpoint.TrainingState, its ``criterion`` the loss train_one_epoch calls), ``checkpointer``,
+    ``loader``, ``sampler``, ``steps_per_epoch``, ``start`` (ResumePoint), ``ddp_model``, ``device``,
+    ``amp_dtype``, ``log_writer`` and ``unfinished`` (its own checkpoint whose epoch end was not written)."""
+
+    name = 'training'
+    unfinished_part = 'its log.txt line was not written'
+
+    def end_epoch(self, epoch: int, train_stats: dict, evaluate_now: bool) -> dict:
+        raise NotImplementedError
+
+    def due(self, epoch: int) -> bool:
+        """Whether ``epoch``'s end evaluates."""
+        return True
+
+    def best(self) -> dict:
+        """The best accuracies so far, recorded in checkpoints."""
+        return {}
+
+    def step_arguments(self) -> dict:
+        """train_one_epoch's further arguments (mixup, EMA, the criterion's optimizer)."""
+        return {}
+
+    def finish(self, stats: dict) -> None:
+        """After the last epoch."""
+
+    def save(self, epoch: int, step: Optional[int], partial: Optional[dict] = None,
+             epoch_stats: Optional[dict] = None, with_best: bool = False) -> None:
+        self.checkpointer.save(epoch, step, self.best(), partial, epoch_stats, with_best)
+
+    def train_epoch(self, epoch: int, control: RunControl) -> dict:
+        """One epoch (from the resumed step in the first), its checkpoint and, unless a stop was agreed at its
+        last step, its end."""
+        cfg, start = self.cfg, self.start
+        seed_epoch(cfg.seed, epoch, get_rank(), self.loader.generator)
+        first_step = start.step if epoch == start.epoch else 0
+        if first_step and start.rng is not None:
+            set_rng_state(start.rng)
+        self.sampler.set_epoch(epoch, start_index=first_step * cfg.batch_size)
+        try:
+            train_stats = train_one_epoch(
+                self.ddp_model, self.state.criterion, self.loader, self.state.optimizer, self.device, epoch,
+                self.state.scaler, cfg, self.schedule, amp_dtype=self.amp_dtype, log_writer=self.log_writer,
+                partial=start.partial if first_step else None, start_step=first_step,
+                steps_per_epoch=self.steps_per_epoch, control=control, **self.step_arguments())
+        except NonFiniteLossError as e:
+            e.args = (f"{e} Training stopped; " + last_good_sentence(self.checkpointer.last_good),)
+            raise
+        try:
+            self.save(epoch, None, epoch_stats=train_stats)
+        except UserError:  # e.g. a full disk: the epoch's line still goes into log.txt (it is trained again)
+            with contextlib.suppress(OSError):
+                write_log(cfg, {**{f'train_{k}': v for k, v in train_stats.items()}, 'epoch': epoch})
+            raise
+        # a stop agreed at the epoch's last step: no evaluation now (the run itself ends after the last epoch)
+        stopping = control.stop_at_epoch_end is not None and epoch + 1 < self.schedule.epochs
+        return self.end_epoch(epoch, train_stats, not stopping and self.due(epoch))
+
+    def fit(self) -> dict:
+        stats = {}
+        if self.unfinished is not None:
+            epoch = saved_position(self.unfinished)[0]
+            log(f"finishing epoch {epoch} of {self.checkpointer.last_good}: {self.unfinished_part}")
+            stats = self.end_epoch(epoch, end_of_epoch_stats(self.unfinished), self.due(epoch))
+        control = RunControl(self.cfg.checkpoint_minutes, self.save)
+        log(f"start {self.name} for {self.schedule.epochs} epochs ({self.steps_per_epoch} steps each) from epoch "
+            f"{self.start.epoch}" + (f", step {self.start.step}" if self.start.step else ''))
+        start_time = time.time()
+        for epoch in range(self.start.epoch, self.schedule.epochs):
+            stats = self.train_epoch(epoch, control)
+            if epoch + 1 < self.schedule.epochs:
+                control.stop_after_epoch()
+        log(f"{self.name} time {datetime.timedelta(seconds=int(time.time() - start_time))}")
+        self.finish(stats)
+        if self.log_writer is not None:
+            self.log_writer.close()
         return stats

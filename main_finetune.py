@@ -13,11 +13,8 @@ epochs of train_one_epoch / checkpoint / evaluate -> log.txt and TensorBoard.
 from __future__ import annotations
 
 import argparse
-import contextlib
-import datetime
 import json
 import os
-import time
 from typing import NamedTuple
 
 import torch
@@ -25,7 +22,7 @@ from timm.data import Mixup
 from timm.data.constants import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.utils import ModelEmaV3
 
-from engine_finetune import Evaluator, NonFiniteLossError, evaluate_ensemble, train_one_epoch
+from engine_finetune import EpochLoop, Evaluator, evaluate_ensemble
 from models_dual_vit import resolve_attention_impl, resolve_model_name
 from models_pair import TeacherStudentPair
 from modes import (
@@ -57,18 +54,14 @@ from util.checkpoint import (
     TrainingState,
     best_record,
     check_resume_matches,
-    end_of_epoch_stats,
     holds_ema,
     holds_teacher,
-    last_good_sentence,
     load_training_checkpoint,
     next_position,
     recorded_args,
     restore_weights,
     resume_path,
-    saved_position,
     seed_epoch,
-    set_rng_state,
 )
 from util.config import Config
 from util.datasets import DataError, build_loader, cache_decoded
@@ -98,7 +91,7 @@ from util.pretrained import (
     finetune_source,
     local_checkpoint,
 )
-from util.run_control import RunControl, reporting_stop, stop_on_signals
+from util.run_control import reporting_stop, stop_on_signals
 from util.samplers import ResumableDistributedSampler, ShardSampler, dataset_fingerprint
 
 DEFAULT_MODEL = 'vit_large_patch16'
@@ -484,7 +477,7 @@ def trainable_parameters(model: TeacherStudentPair) -> int:
     return sum(p.numel() for p in model.student.parameters() if p.requires_grad)
 
 
-class Trainer:
+class Trainer(EpochLoop):
     """The training run: its optimizer, schedule, loaders and criterion, the checkpointer that saves and
     resumes them, and the loop over epochs (``fit``)."""
 
@@ -520,7 +513,7 @@ class Trainer:
         if is_main_process() and cfg.output_dir:
             warn_if_little_space(cfg.output_dir, checkpoint_bytes(self.state.saved_modules(), optimizer),
                                  bool(cfg.save_every))
-        self.best = BestAccuracy(best_record(ckpt))
+        self.best_accuracy = BestAccuracy(best_record(ckpt))
         self.start = ResumePoint(cfg.start_epoch, 0, None, None)
         if ckpt is not None:
             self.start = self.checkpointer.load(ckpt, run.ckpt_path, cfg.batch_size, self.steps_per_epoch, cfg.seed,
@@ -532,13 +525,21 @@ class Trainer:
         self.best_key = {'raw': 'test_acc1', 'ema': 'ema_test_acc1'}.get(cfg.save_best)
         self.unfinished = run.ckpt if epoch_end_missing(ckpt, run.ckpt_path, cfg.output_dir) else None
 
+    unfinished_part = 'its evaluation and log.txt line were not written'
+
     def due(self, epoch: int) -> bool:
         """Whether ``epoch``'s end evaluates: every --eval_every epochs and after the last."""
         return (epoch + 1) % self.cfg.eval_every == 0 or epoch + 1 == self.schedule.epochs
 
-    def save(self, epoch: int, step: int | None, partial: dict | None = None, epoch_stats: dict | None = None,
-             with_best: bool = False) -> None:
-        self.checkpointer.save(epoch, step, self.best.best, partial, epoch_stats, with_best)
+    def best(self) -> dict:
+        return self.best_accuracy.best
+
+    def step_arguments(self) -> dict:
+        return dict(mixup_fn=self.mixup_fn, model_ema=self.model_ema, ema_source=self.model.student,
+                    aux_optimizer=self.state.aux_optimizer)
+
+    def finish(self, stats: dict) -> None:
+        log(self.best_accuracy.summary(stats))
 
     def end_epoch(self, epoch: int, train_stats: dict, evaluate_now: bool) -> dict:
         """After the epoch's checkpoint: its evaluation (a better top-1 rewrites the epoch's checkpoints, and
@@ -548,13 +549,13 @@ class Trainer:
         if evaluate_now:
             test_stats = self.evaluator(self.model, self.model_ema)
             stats.update(test_stats)
-            improved = self.best.update(test_stats, epoch)
-            stats.update(self.best.log_fields())
+            improved = self.best_accuracy.update(test_stats, epoch)
+            stats.update(self.best_accuracy.log_fields())
             if improved:  # this epoch's checkpoints are written again so that a resume continues the same record
                 self.save(epoch, None, epoch_stats=train_stats, with_best=self.best_key in improved)
             if self.best_key in improved:
                 log(f"{BEST}: epoch {epoch}, {self.best_key} {test_stats[self.best_key]:.2f}%")
-            log(self.best.summary(test_stats))
+            log(self.best_accuracy.summary(test_stats))
             if self.log_writer is not None:
                 for k, v in test_stats.items():
                     if k.endswith(('acc1', 'acc5', 'loss')):
@@ -562,57 +563,6 @@ class Trainer:
         write_log(self.cfg, stats)
         if self.log_writer is not None:
             self.log_writer.flush()
-        return stats
-
-    def train_epoch(self, epoch: int, control: RunControl) -> dict:
-        """One epoch (from the resumed step in the first), its checkpoint and, unless a stop was agreed at its
-        last step, its end."""
-        cfg, start = self.cfg, self.start
-        seed_epoch(cfg.seed, epoch, get_rank(), self.loader.generator)
-        first_step = start.step if epoch == start.epoch else 0
-        if first_step and start.rng is not None:
-            set_rng_state(start.rng)
-        self.sampler.set_epoch(epoch, start_index=first_step * cfg.batch_size)
-        try:
-            train_stats = train_one_epoch(
-                self.ddp_model, self.state.criterion, self.loader, self.state.optimizer, self.device, epoch,
-                self.state.scaler, cfg, self.schedule, amp_dtype=self.amp_dtype, mixup_fn=self.mixup_fn,
-                model_ema=self.model_ema, ema_source=self.model.student, log_writer=self.log_writer,
-                aux_optimizer=self.state.aux_optimizer, partial=start.partial if first_step else None,
-                start_step=first_step, steps_per_epoch=self.steps_per_epoch, control=control)
-        except NonFiniteLossError as e:
-            e.args = (f"{e} Training stopped; " + last_good_sentence(self.checkpointer.last_good),)
-            raise
-        try:
-            self.save(epoch, None, epoch_stats=train_stats)
-        except UserError:  # e.g. a full disk: the epoch's line still goes into log.txt (it is trained again)
-            with contextlib.suppress(OSError):
-                write_log(cfg, {**{f'train_{k}': v for k, v in train_stats.items()}, 'epoch': epoch})
-            raise
-        # a stop agreed at the epoch's last step: no evaluation now (the run itself ends after the last epoch)
-        last = epoch + 1 == self.schedule.epochs
-        stopping = control.stop_at_epoch_end is not None and not last
-        return self.end_epoch(epoch, train_stats, not stopping and self.due(epoch))
-
-    def fit(self) -> dict:
-        stats = {}
-        if self.unfinished is not None:
-            epoch = saved_position(self.unfinished)[0]
-            log(f"finishing epoch {epoch} of {self.checkpointer.last_good}: its evaluation and log.txt line were not "
-                "written")
-            stats = self.end_epoch(epoch, end_of_epoch_stats(self.unfinished), self.due(epoch))
-        control = RunControl(self.cfg.checkpoint_minutes, self.save)
-        log(f"start training for {self.schedule.epochs} epochs ({self.steps_per_epoch} steps each) from epoch "
-            f"{self.start.epoch}" + (f", step {self.start.step}" if self.start.step else ''))
-        start_time = time.time()
-        for epoch in range(self.start.epoch, self.schedule.epochs):
-            stats = self.train_epoch(epoch, control)
-            if epoch + 1 < self.schedule.epochs:
-                control.stop_after_epoch()
-        log(f"training time {datetime.timedelta(seconds=int(time.time() - start_time))}")
-        log(self.best.summary(stats))
-        if self.log_writer is not None:
-            self.log_writer.close()
         return stats
 
 

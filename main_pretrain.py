@@ -15,11 +15,8 @@ takes them as --finetune.
 from __future__ import annotations
 
 import argparse
-import contextlib
-import datetime
 import json
 import os
-import time
 
 import torch
 from timm.data.constants import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
@@ -27,7 +24,7 @@ from timm.optim import param_groups_weight_decay
 from torch.nn.parallel import DistributedDataParallel
 from torchvision import transforms
 
-from engine_finetune import NonFiniteLossError, train_one_epoch
+from engine_finetune import EpochLoop
 from models_dual_vit import create_vit, resolve_model_name
 from models_mae import MaskedAutoencoder, is_mae_checkpoint, kept_tokens
 from util.args import HelpFormatter, check_positive, check_range, parse_kwargs
@@ -35,14 +32,10 @@ from util.checkpoint import (
     Checkpointer,
     ResumePoint,
     TrainingState,
-    end_of_epoch_stats,
-    last_good_sentence,
     load_training_checkpoint,
     next_position,
     resume_path,
-    saved_position,
     seed_epoch,
-    set_rng_state,
     student_weights,
 )
 from util.config import Config
@@ -64,7 +57,7 @@ from util.output import (
     write_log,
 )
 from util.precision import AMP_DTYPES, default_amp
-from util.run_control import RunControl, reporting_stop, stop_on_signals
+from util.run_control import reporting_stop, stop_on_signals
 from util.samplers import ResumableDistributedSampler, dataset_fingerprint
 from util.selection import ImageFiles, list_images
 
@@ -265,9 +258,11 @@ def main(args) -> dict:
     return stats
 
 
-class Pretraining:
-    """The pre-training run: model, optimizer, loader, the checkpointer that saves and resumes them, and the
-    loop over epochs (``fit``)."""
+class Pretraining(EpochLoop):
+    """The pre-training run: model, optimizer, loader, the checkpointer that saves and resumes them; the loop
+    over epochs is EpochLoop's (``fit``)."""
+
+    name = 'pre-training'
 
     def __init__(self, cfg: Config, ckpt: dict | None, ckpt_path: str | None) -> None:
         self.cfg, self.device = cfg, torch.device(cfg.device)
@@ -295,7 +290,8 @@ class Pretraining:
         optimizer = torch.optim.AdamW(param_groups_weight_decay(model, cfg.weight_decay), lr=lr, betas=(0.9, 0.95),
                                       fused=self.device.type == 'cuda')
         self.state = TrainingState(SavedModel(model), optimizer,
-                                   torch.amp.GradScaler(self.device.type, enabled=cfg.amp == 'fp16'))
+                                   torch.amp.GradScaler(self.device.type, enabled=cfg.amp == 'fp16'),
+                                   criterion=reconstruction_loss)
         data = dataset_fingerprint(dataset)
         record = {**cfg.record(), 'lr': lr, 'train_data': data}  # the configuration and the values resolved from it
         self.checkpointer = Checkpointer(cfg.output_dir, self.state, record, self.device, cfg.epochs, cfg.save_every)
@@ -311,59 +307,12 @@ class Pretraining:
                                                    * 1000))
         self.unfinished = ckpt if epoch_end_missing(ckpt, ckpt_path, cfg.output_dir) else None
 
-    def save(self, epoch: int, step: int | None, partial: dict | None = None, epoch_stats: dict | None = None) -> None:
-        self.checkpointer.save(epoch, step, {}, partial, epoch_stats)
-
-    def end_epoch(self, epoch: int, train_stats: dict) -> dict:
+    def end_epoch(self, epoch: int, train_stats: dict, evaluate_now: bool = False) -> dict:
         stats = {**{f'train_{k}': v for k, v in train_stats.items()}, 'epoch': epoch,
                  'n_parameters': self.n_parameters}
         write_log(self.cfg, stats)
         if self.log_writer is not None:
             self.log_writer.flush()
-        return stats
-
-    def train_epoch(self, epoch: int, control: RunControl) -> dict:
-        """One epoch (from the resumed step in the first), its checkpoint and its log.txt line."""
-        cfg, start = self.cfg, self.start
-        seed_epoch(cfg.seed, epoch, get_rank(), self.loader.generator)
-        first_step = start.step if epoch == start.epoch else 0
-        if first_step and start.rng is not None:
-            set_rng_state(start.rng)
-        self.sampler.set_epoch(epoch, start_index=first_step * cfg.batch_size)
-        try:
-            train_stats = train_one_epoch(
-                self.ddp_model, reconstruction_loss, self.loader, self.state.optimizer, self.device, epoch,
-                self.state.scaler, cfg, self.schedule, amp_dtype=self.amp_dtype, log_writer=self.log_writer,
-                partial=start.partial if first_step else None, start_step=first_step,
-                steps_per_epoch=self.steps_per_epoch, control=control)
-        except NonFiniteLossError as e:
-            e.args = (f"{e} Training stopped; " + last_good_sentence(self.checkpointer.last_good),)
-            raise
-        try:
-            self.save(epoch, None, epoch_stats=train_stats)
-        except UserError:  # e.g. a full disk: the epoch's line still goes into log.txt (it is trained again)
-            with contextlib.suppress(OSError):
-                write_log(cfg, {**{f'train_{k}': v for k, v in train_stats.items()}, 'epoch': epoch})
-            raise
-        return self.end_epoch(epoch, train_stats)
-
-    def fit(self) -> dict:
-        stats = {}
-        if self.unfinished is not None:
-            epoch = saved_position(self.unfinished)[0]
-            log(f"finishing epoch {epoch} of {self.checkpointer.last_good}: its log.txt line was not written")
-            stats = self.end_epoch(epoch, end_of_epoch_stats(self.unfinished))
-        control = RunControl(self.cfg.checkpoint_minutes, self.save)
-        log(f"start pre-training for {self.cfg.epochs} epochs ({self.steps_per_epoch} steps each) from epoch "
-            f"{self.start.epoch}" + (f", step {self.start.step}" if self.start.step else ''))
-        start_time = time.time()
-        for epoch in range(self.start.epoch, self.cfg.epochs):
-            stats = self.train_epoch(epoch, control)
-            if epoch + 1 < self.cfg.epochs:
-                control.stop_after_epoch()
-        log(f"pre-training time {datetime.timedelta(seconds=int(time.time() - start_time))}")
-        if self.log_writer is not None:
-            self.log_writer.close()
         return stats
 
 

@@ -11,13 +11,14 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import torch  # noqa: E402
 
+import engine_finetune  # noqa: E402
 import main_finetune  # noqa: E402
 from util.losses import TransferCriterion  # noqa: E402
 
 rank = int(os.environ['RANK'])
 argv = sys.argv[1:]
 output_dir = argv[argv.index('--output_dir') + 1]
-train_one_epoch = main_finetune.train_one_epoch
+train_one_epoch = engine_finetune.train_one_epoch
 
 
 def recording_train_one_epoch(model, *args, **kwargs):
@@ -27,7 +28,7 @@ def recording_train_one_epoch(model, *args, **kwargs):
     return stats
 
 
-main_finetune.train_one_epoch = recording_train_one_epoch
+engine_finetune.train_one_epoch = recording_train_one_epoch
 
 if os.environ.get('NAN_ON_RANK') == str(rank):
     forward, calls = TransferCriterion.forward, [0]

@@ -329,7 +329,7 @@ def test_numeric_flags_are_refused_before_any_work(work, tmp_path, monkeypatch, 
     ('--min_crop_scale', '1.5'), ('--hflip', '1.5'),
 ])
 def test_out_of_range_values(work, flag, value, monkeypatch):
-    monkeypatch.setattr(main_finetune, 'train_one_epoch', lambda *a, **k: pytest.fail('training started'))
+    monkeypatch.setattr(engine_finetune, 'train_one_epoch', lambda *a, **k: pytest.fail('training started'))
     message = user_error(run_args(work, 'values', '--mode', 'distill', '--finetune', work.teacher, flag, value))
     assert f'{flag} {value}' in message
 

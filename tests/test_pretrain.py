@@ -259,15 +259,16 @@ RANK_RECORDING_WORKER = """
 import os, sys
 sys.path.insert(0, {root!r})
 import torch
+import engine_finetune
 import main_pretrain
-train_one_epoch, rank = main_pretrain.train_one_epoch, os.environ['RANK']
+train_one_epoch, rank = engine_finetune.train_one_epoch, os.environ['RANK']
 
 def recording(model, *args, **kwargs):
     stats = train_one_epoch(model, *args, **kwargs)
     torch.save(getattr(model, 'module', model).state_dict(), os.path.join({out!r}, f'rank{{rank}}_epoch{{args[4]}}.pt'))
     return stats
 
-main_pretrain.train_one_epoch = recording
+engine_finetune.train_one_epoch = recording
 main_pretrain.run(sys.argv[1:])
 """
 

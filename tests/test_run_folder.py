@@ -45,6 +45,7 @@ from helpers import (
     tiny_args,
 )
 
+import engine_finetune
 import main_finetune
 import select_wild_data
 import submitit_finetune
@@ -83,7 +84,7 @@ def immutable(path):
 
 
 def no_training(monkeypatch):
-    monkeypatch.setattr(main_finetune, 'train_one_epoch', lambda *a, **k: pytest.fail('training started'))
+    monkeypatch.setattr(engine_finetune, 'train_one_epoch', lambda *a, **k: pytest.fail('training started'))
 
 
 # ---- logs, and the best and final accuracy ------------------------------------------------------------------
@@ -256,7 +257,7 @@ def small_disk(tmp_path):
 @pytest.mark.slow
 def test_full_disk_names_the_file_keeps_the_last_checkpoint_and_the_epochs_line(workdir, small_disk, monkeypatch):
     out = small_disk / 'run'
-    train = main_finetune.train_one_epoch
+    train = engine_finetune.train_one_epoch
 
     def train_then_fill_the_disk(*args, **kwargs):
         stats = train(*args, **kwargs)
@@ -266,7 +267,7 @@ def test_full_disk_names_the_file_keeps_the_last_checkpoint_and_the_epochs_line(
                 f.write(b'\0' * max(free - 64 * 1024, 0))
         return stats
 
-    monkeypatch.setattr(main_finetune, 'train_one_epoch', train_then_fill_the_disk)
+    monkeypatch.setattr(engine_finetune, 'train_one_epoch', train_then_fill_the_disk)
     with pytest.raises(UserError, match=r"cannot write .*checkpoint\.pth: No space left on device\. The previous "
                                         r"checkpoint\.pth .* is intact"):
         main_finetune.run(args_for(workdir, out, '--save_every', '0', epochs=2))
@@ -274,7 +275,7 @@ def test_full_disk_names_the_file_keeps_the_last_checkpoint_and_the_epochs_line(
     assert [e['epoch'] for e in read_log(out)] == [0, 1]  # the failed epoch's training is logged
     assert not [n for n in os.listdir(out) if n.endswith('.tmp')]
     os.remove(small_disk / 'filler')
-    monkeypatch.setattr(main_finetune, 'train_one_epoch', train)
+    monkeypatch.setattr(engine_finetune, 'train_one_epoch', train)
     main_finetune.run(args_for(workdir, out, '--save_every', '0', '--resume', 'allow', epochs=2))
     log = read_log(out)
     assert [e['epoch'] for e in log] == [0, 1] and 'test_acc1' in log[1]  # epoch 1 trained again, once
@@ -668,7 +669,7 @@ def started(monkeypatch):
     def start(*a, **k):
         raise Started
 
-    monkeypatch.setattr(main_finetune, 'train_one_epoch', start)
+    monkeypatch.setattr(engine_finetune, 'train_one_epoch', start)
     return Started
 
 
