@@ -64,7 +64,7 @@ from util.checkpoint import (
     seed_epoch,
 )
 from util.config import Config
-from util.datasets import DataError, build_loader, cache_decoded
+from util.datasets import CACHE_IMAGES_HELP, DataError, build_loader, cache_decoded
 from util.distributed import destroy, get_rank, get_world_size, init_distributed_mode, is_main_process, log, wrap_ddp
 from util.errors import UserError, run_cli
 from util.eval_classes import build_eval_dataset, restrict_classes
@@ -240,11 +240,7 @@ def get_args_parser() -> argparse.ArgumentParser:
                    help='decode JPEGs at full resolution; by default the crop is chosen from the header\'s size and '
                         'the decoder reduces the scale (1/2 to 1/8) as far as the crop still covers the output size '
                         '(same crops and random draws; pixels within about one grey level)')
-    g.add_argument('--cache_images', action='store_true',
-                   help='keep every decoded training and evaluation image in memory after its first read, so later '
-                        'epochs do not read and decode it again (small data sets: memory grows by the decoded '
-                        'images, per loader process); same pixels and random draws. JPEGs opened for reduced-scale '
-                        'decoding (the default --jpeg_draft) are not kept')
+    g.add_argument('--cache_images', action='store_true', help=CACHE_IMAGES_HELP)
     g.add_argument('--pin_mem', action='store_true',
                    help='pin CPU memory in the DataLoader for more efficient transfer to GPU (default)')
     g.add_argument('--no_pin_mem', action='store_false', dest='pin_mem', help='do not pin CPU memory')

@@ -39,7 +39,7 @@ from util.checkpoint import (
     student_weights,
 )
 from util.config import Config
-from util.datasets import DataError, build_loader
+from util.datasets import CACHE_IMAGES_HELP, DataError, build_loader, cache_decoded
 from util.distributed import destroy, get_rank, get_world_size, init_distributed_mode, is_main_process, log
 from util.errors import UserError, run_cli
 from util.lr_sched import Schedule, learning_rate
@@ -114,6 +114,7 @@ def get_args_parser() -> argparse.ArgumentParser:
                    help='smallest area fraction of the random-resized crop')
     g.add_argument('--num_workers', default=10, type=int,
                    help='data loading processes per GPU; they persist across epochs and are re-seeded per epoch')
+    g.add_argument('--cache_images', action='store_true', help=CACHE_IMAGES_HELP)
     g.add_argument('--pin_mem', action='store_true',
                    help='pin CPU memory in the DataLoader for more efficient transfer to GPU (default)')
     g.add_argument('--no_pin_mem', action='store_false', dest='pin_mem', help='do not pin CPU memory')
@@ -213,6 +214,8 @@ def build_pretraining_set(args) -> ImageFiles:
         transforms.ToTensor(),
         transforms.Normalize(IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD)])
     dataset = ImageFiles(root, list_images(root), transform)
+    if args.cache_images:
+        cache_decoded(dataset)
     log(f"pre-training on {len(dataset)} images under {root}")
     return dataset
 

@@ -206,6 +206,25 @@ def test_resume_mid_epoch_ends_at_the_uninterrupted_weights(workdir, pretrained,
 
 
 @pytest.mark.slow
+def test_cached_images_give_the_same_run(workdir, pretrained, monkeypatch):
+    """--cache_images: each file read once; the same weights and log as the run that reads every epoch."""
+    out, reads = str(workdir.root / 'pretrain_cached'), []
+    load_rgb = main_pretrain.ImageFiles.loader
+
+    def counting(path):
+        reads.append(path)
+        return load_rgb(path)
+
+    monkeypatch.setattr(main_pretrain.ImageFiles, 'loader', staticmethod(counting))
+    main_pretrain.run(pretrain_args(workdir.data, out, '--cache_images'))
+    assert len(reads) == len(set(reads)) == 48  # 2 epochs of 48 images, each file read once
+    cached, plain = load(os.path.join(out, 'checkpoint.pth')), load(os.path.join(pretrained, 'checkpoint.pth'))
+    for key, value in plain['model'].items():
+        assert torch.equal(cached['model'][key], value), key
+    assert read_log(out) == read_log(pretrained)
+
+
+@pytest.mark.slow
 def test_checkpoint_is_a_finetune_teacher(workdir, shared_images, pretrained):
     """One step of a copy run of main_finetune.py from the pre-trained encoder: its teacher holds the encoder's
     weights (the decoder's keys and the final norm, unused with average pooling, are left out)."""

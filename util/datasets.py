@@ -103,6 +103,11 @@ def collate_skipping_bad(batch: list) -> tuple[torch.Tensor, torch.Tensor, int]:
     return images, targets, skipped
 
 
+CACHE_IMAGES_HELP = ('keep every decoded image in memory after its first read, so later epochs do not read and decode '
+                     'it again (small data sets: memory grows by the decoded images, per loader process); same pixels '
+                     'and random draws. JPEGs opened for reduced-scale decoding (--jpeg_draft) are not kept')
+
+
 class DecodedImageCache:
     """A loader that keeps each image it decoded, by path, and hands out copies: later epochs skip reading and
     decoding the file, and see the same pixels (so the same augmentation and random draws). An image the
