@@ -6,26 +6,28 @@
 Data: the 1,797 handwritten digits that ship inside scikit-learn (8x8, 16 grey levels), upsampled to
 32x32 RGB and written once per seed as ImageFolders under --output_dir/data/split<seed>, split by that
 seed: a pre-training split, a small labelled split (10 images per class), a held-out test split, and a
-"wild" set of held-out digits (labels hidden) mixed with twice as many distractors that are not digits
-(noise, textures, crops of scikit-learn's sample photographs, shapes).
+"wild" set in which the held-out digits (labels hidden) are 10%: 3,600 images that are not digits
+(noise, textures, crops of scikit-learn's sample photographs, shapes, and letters and scribbles drawn
+and captured like the digits) surround them.
 
-Part 1, attention transfer (Li et al., NeurIPS 2024): a teacher ViT is trained on the pre-training
-split; a student is trained from random initialisation on the small split four ways (from scratch,
-attention copy, attention distillation, fine-tuning the teacher) and evaluated on the test split.
-Part 2, Attention Probe (Wang et al., ICASSP 2022): wild images are selected with the teacher by
-attention probe and at random (same number); a smaller student is distilled on each, without labels,
-and evaluated on the test split. As in the reference, teacher and probe students classify from the
-class token, the 32x32 test images are evaluated as they are (no resize and crop), and the students'
-budget is a fixed number of image presentations (PROBE_PRESENTATIONS; epochs = int(presentations /
-selected images) - 1) with the lr stepped down x0.1 at 80% of the epochs (the reference: 200 of 251).
+Part 1, attention transfer (Li et al., NeurIPS 2024): the teacher ViT is pre-trained with MAE on the
+pre-training split without its labels (main_pretrain.py); a student is trained from random
+initialisation on the small split four ways (from scratch, attention copy, attention distillation,
+fine-tuning the MAE teacher) and evaluated on the test split.
+Part 2, Attention Probe (Wang et al., ICASSP 2022): the fine-tuned MAE teacher of part 1 (the
+classifier of the task) selects wild images by attention probe, and as many at random; a smaller
+student is distilled on each, without labels, and evaluated on the test split. As in the reference, teacher and probe students classify from the class token, the 32x32
+test images are evaluated as they are (no resize and crop), and the students' budget is a fixed number
+of image presentations (PROBE_PRESENTATIONS; epochs = int(presentations / selected images) - 1) with
+the lr stepped down x0.1 at 80% of the epochs (the reference: 200 of 251).
 
-Within a seed every method has the same split and teacher, so each claim is a paired comparison: the
+Within a seed every method has the same split and teachers, so each claim is a paired comparison: the
 per-seed differences, their mean and its 95% Student-t interval; a claim is reproduced only when the
 interval excludes no difference (or lies below the stated margin). See docs/DEMO.md.
 
-Everything runs through the project's own scripts (main_finetune.py, select_wild_data.py,
-tools/visualize_attention.py), in worker processes of one thread each; each run's full log is kept
-under --output_dir/runs/.
+Everything runs through the project's own scripts (main_pretrain.py, main_finetune.py,
+select_wild_data.py, tools/visualize_attention.py), in worker processes of one thread each; each run's
+full log is kept under --output_dir/runs/.
 """
 from __future__ import annotations
 
@@ -48,6 +50,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 import main_finetune
+import main_pretrain
 import select_wild_data
 from modes import probe_epochs
 from tools import visualize_attention
@@ -61,8 +64,8 @@ ARCH = ['patch_size=4', 'embed_dim=64', 'depth=4', 'num_heads=4', 'mlp_ratio=2']
 # The smaller probe student: half the width, half the heads, same token grid.
 PROBE_STUDENT = ['patch_size=4', 'embed_dim=32', 'depth=4', 'num_heads=2', 'mlp_ratio=2']
 # The probe students' budget in image presentations (the reference's rule, scaled down: it uses
-# 320,000 x 512); 80,000 = 199 epochs of the 400 selected images. --quick: 32,000 (79 epochs).
-PROBE_PRESENTATIONS = {'full': 80000, 'quick': 32000}
+# 320,000 x 512); 40,000 = 99 epochs of the 400 selected images. --quick: 16,000 (39 epochs).
+PROBE_PRESENTATIONS = {'full': 40000, 'quick': 16000}
 COMMON = ['--model', 'vit_base_patch16_224', '--input_size', str(SIZE), '--nb_classes', '10', '--device', 'cpu',
           '--num_workers', '0', '--aa', 'none', '--reprob', '0', '--min_crop_scale', '0.6', '--hflip', '0',
           '--drop_path', '0.0', '--print_freq', '1000', '--save_every', '0', '--checkpoint_minutes', '0',
@@ -78,13 +81,27 @@ def digit_image(pixels: np.ndarray) -> Image.Image:
     return Image.fromarray(grey).resize((SIZE, SIZE), Image.BILINEAR).convert('RGB')
 
 
+def as_scanned(drawing: Image.Image) -> Image.Image:
+    """A white-on-black drawing through the digits' own capture: averaged down to 8x8, 16 grey levels, and
+    upsampled like a digit, so that only its shape tells it from one."""
+    small = np.asarray(drawing.convert('L').resize((8, 8), Image.BOX), dtype=np.float64)
+    return digit_image(np.round(small / max(small.max(), 1.0) * 16))
+
+
+# The kinds of wild images that are not digits, in equal numbers. The last two are drawn with the digits' pen and
+# capture: letters (A-Z) and scribbles (random strokes).
+DISTRACTOR_KINDS = ('noise', 'texture', 'photo', 'shape', 'letter', 'scribble')
+
+
 def distractors(count: int, rng: np.random.Generator) -> list[tuple[str, Image.Image]]:
-    """Images that are not digits: noise, textures, crops of sklearn's sample photos, shapes."""
+    """Images that are not digits, DISTRACTOR_KINDS in turn: noise, textures, crops of sklearn's sample photos,
+    filled shapes, capital letters and scribbles."""
+    from PIL import ImageFont
     from sklearn.datasets import load_sample_images
     photos = load_sample_images().images
     out = []
     for i in range(count):
-        kind = ('noise', 'texture', 'photo', 'shape')[i % 4]
+        kind = DISTRACTOR_KINDS[i % len(DISTRACTOR_KINDS)]
         if kind == 'noise':
             img = Image.fromarray(rng.integers(0, 256, (SIZE, SIZE, 3), dtype=np.uint8))
         elif kind == 'texture':
@@ -97,7 +114,7 @@ def distractors(count: int, rng: np.random.Generator) -> list[tuple[str, Image.I
             side = int(rng.integers(24, 96))
             y, x = rng.integers(0, photo.shape[0] - side), rng.integers(0, photo.shape[1] - side)
             img = Image.fromarray(photo[y:y + side, x:x + side]).resize((SIZE, SIZE), Image.BILINEAR)
-        else:
+        elif kind == 'shape':
             img = Image.new('RGB', (SIZE, SIZE), tuple(int(v) for v in rng.integers(0, 80, 3)))
             draw = ImageDraw.Draw(img)
             for _ in range(int(rng.integers(1, 4))):
@@ -105,26 +122,49 @@ def distractors(count: int, rng: np.random.Generator) -> list[tuple[str, Image.I
                 box = [box[0], box[2], box[1] + 2, box[3] + 2]
                 colour = tuple(int(v) for v in rng.integers(120, 256, 3))
                 (draw.ellipse if rng.random() < 0.5 else draw.rectangle)(box, fill=colour)
+        else:
+            canvas = Image.new('L', (SIZE, SIZE), 0)
+            draw = ImageDraw.Draw(canvas)
+            if kind == 'letter':
+                font = ImageFont.load_default(size=int(rng.integers(22, 30)))
+                letter = chr(ord('A') + int(rng.integers(0, 26)))
+                draw.text((SIZE / 2 + rng.uniform(-2, 2), SIZE / 2 + rng.uniform(-2, 2)), letter, fill=255,
+                          font=font, anchor='mm', stroke_width=1, stroke_fill=255)
+            else:
+                points = [tuple(rng.uniform(3, SIZE - 3, 2).tolist()) for _ in range(int(rng.integers(3, 6)))]
+                draw.line(points, fill=255, width=5, joint="curve")
+            img = as_scanned(canvas)
         out.append((kind, img))
     return out
+
+
+# The wild set: the held-out digits (WILD_DIGITS_PER_CLASS per class) among WILD_DISTRACTORS images that are not
+# digits, so that digits are 10% of it.
+WILD_DIGITS_PER_CLASS = 40
+WILD_DISTRACTORS = 3600
 
 
 def prepare_data(root: str, split_seed: int = 0) -> dict:
     """Write the splits of ``split_seed`` once; returns their paths and the wild set's composition."""
     marker = os.path.join(root, 'splits.json')
+    layout = {'wild_digits_per_class': WILD_DIGITS_PER_CLASS, 'wild_distractors': WILD_DISTRACTORS,
+              'distractor_kinds': list(DISTRACTOR_KINDS)}
     if os.path.exists(marker):
         with open(marker) as f:
-            return json.load(f)
+            info = json.load(f)
+        if info.get('layout') == layout and info.get('split_seed') == split_seed:
+            return info
     from sklearn.datasets import load_digits
     digits = load_digits()
     rng = np.random.default_rng(split_seed)
     split = {}
+    wild_end = 50 + WILD_DIGITS_PER_CLASS
     for label in range(10):
         idx = rng.permutation(np.flatnonzero(digits.target == label))
         split.update({int(i): 'small' for i in idx[:10]})
         split.update({int(i): 'test' for i in idx[10:50]})
-        split.update({int(i): 'wild' for i in idx[50:90]})
-        split.update({int(i): 'pretrain' for i in idx[90:]})
+        split.update({int(i): 'wild' for i in idx[50:wild_end]})
+        split.update({int(i): 'pretrain' for i in idx[wild_end:]})
     if os.path.isdir(root):
         shutil.rmtree(root)
 
@@ -143,16 +183,17 @@ def prepare_data(root: str, split_seed: int = 0) -> dict:
     os.makedirs(wild)
     members = {}
     wild_digits = [i for i, part in split.items() if part == 'wild']
-    names = rng.permutation(len(wild_digits) * 3)  # shuffled names: nothing in a file name tells what it is
+    # shuffled names: nothing in a file name tells what it is
+    names = rng.permutation(len(wild_digits) + WILD_DISTRACTORS)
     for k, i in enumerate(wild_digits):
         name = f'img_{names[k]:05d}.png'
         digit_image(digits.images[i]).save(os.path.join(wild, name))
         members[name] = 'digit'
-    for k, (kind, img) in enumerate(distractors(2 * len(wild_digits), rng), start=len(wild_digits)):
+    for k, (kind, img) in enumerate(distractors(WILD_DISTRACTORS, rng), start=len(wild_digits)):
         name = f'img_{names[k]:05d}.png'
         img.save(os.path.join(wild, name))
         members[name] = kind
-    info = {'root': root, 'split_seed': split_seed,
+    info = {'root': root, 'split_seed': split_seed, 'layout': layout,
             'counts': {p: sum(v == p for v in split.values()) for p in set(split.values())}, 'wild_members': members}
     with open(marker, 'w') as f:
         json.dump(info, f)
@@ -162,42 +203,53 @@ def prepare_data(root: str, split_seed: int = 0) -> dict:
 # ---------------------------------------------------------------------------------------------
 # The recipe
 # ---------------------------------------------------------------------------------------------
-TEACHER = 'teacher (pre-training split)'
+MAE_TEACHER = 'MAE teacher (pre-training split, no labels)'
+FINETUNED = 'fine-tuning the teacher'
 PROBE_SELECTION = 'probe distillation, attention-probe selection'
 RANDOM_SELECTION = 'probe distillation, random selection'
 # Fixed before the reported seeds were run, from runs on seeds 100+ (their own data splits); see docs/DEMO.md.
 RECIPE = {
-    'teacher_epochs': 40,
+    # the teacher: MAE on the pre-training split, its labels unused (main_pretrain.py, a light decoder)
+    'mae_args': ['--epochs', '40', '--warmup_epochs', '5', '--lr', '2e-3', '--min_crop_scale', '0.5',
+                 '--decoder_embed_dim', '32', '--decoder_depth', '1', '--decoder_num_heads', '2'],
     'student_epochs': 100,  # from scratch, attention copy, fine-tuning: the copy recipe's 100 epochs
-    'distill_epochs': 200,  # the distill recipe trains twice as long as the copy recipe (200 against 100)
+    'distill_epochs': 150,  # the distill recipe trains longer than the copy recipe (200 against 100 epochs)
     'student_lr': 1e-3,
     # every block (--end_layer 0): on the recipe seeds it beat the first 3 of 4, the distill recipe's share (18 of 24)
     'distill_args': ['--end_layer', '0', '--atd_weight', '3', '--layer_decay', '1'],
     'num_select': 400,
+    'probe_args': [],
 }
 
 
 # ---------------------------------------------------------------------------------------------
-# Runs: each a job for a worker process with one thread; a seed's students wait for its teacher
+# Runs: each a job for a worker process with one thread; a student waits for its teacher
 # ---------------------------------------------------------------------------------------------
 @dataclasses.dataclass
 class Job:
     seed: int
     method: str
     name: str
-    argv: list[str]  # main_finetune.py's arguments
+    argv: list[str]  # main_finetune.py's arguments (main_pretrain.py's with pretrain=True)
+    after: str = ''  # the job whose checkpoint it needs (its teacher): it starts once that one is done
+    pretrain: bool = False  # MAE pre-training (main_pretrain.py) rather than training (main_finetune.py)
     select_argv: list[str] | None = None  # select_wild_data.py's, run first (probe students)
-    data: str = ''  # the seed's data folder, written first (teachers)
 
 
 def job_folder(out: str, name: str) -> str:
     return os.path.join(out, 'runs', name)
 
 
+def data_folder(out: str, seed: int) -> str:
+    return os.path.join(out, 'data', f'split{seed}')
+
+
 def seed_jobs(out: str, seed: int, recipe: dict, presentations: int, figure_seed: bool) -> list[Job]:
-    """One seed's runs on its own data split: the teacher first, then the students that need it."""
-    data = os.path.join(out, 'data', f'split{seed}')
-    teacher = os.path.join(job_folder(out, f'seed{seed}_teacher'), CHECKPOINT)
+    """One seed's runs on its own data split: the MAE teacher, the students that learn from it, and the probe
+    students that learn from the fine-tuned one."""
+    data = data_folder(out, seed)
+    mae, finetuned = f'seed{seed}_mae_teacher', f'seed{seed}_finetune'
+    mae_ckpt, teacher_ckpt = (os.path.join(job_folder(out, name), CHECKPOINT) for name in (mae, finetuned))
 
     def train_args(name: str, epochs: int, figure_every: int = 10) -> list[str]:
         folder = job_folder(out, f'seed{seed}_{name}')
@@ -206,35 +258,41 @@ def seed_jobs(out: str, seed: int, recipe: dict, presentations: int, figure_seed
         return COMMON + ['--output_dir', folder, '--log_dir', folder, '--seed', str(seed), '--epochs', str(epochs),
                          '--eval_every', str(every)]
 
-    jobs = [Job(seed, TEACHER, f'seed{seed}_teacher', train_args('teacher', recipe['teacher_epochs']) + [
-        '--data_path', os.path.join(data, 'pretrain'), '--model_kwargs', *ARCH, '--batch_size', '64',
-        '--lr', '2e-3', '--warmup_epochs', '5', '--layer_decay', '1', '--cls_token'], data=data)]
+    folder = job_folder(out, mae)
+    jobs = [Job(seed, MAE_TEACHER, mae, [
+        '--model', 'vit_base_patch16_224', '--model_kwargs', *ARCH, '--input_size', str(SIZE), '--device', 'cpu',
+        '--data_path', os.path.join(data, 'pretrain'), '--batch_size', '64', '--num_workers', '0', '--cache_images',
+        '--output_dir', folder, '--log_dir', folder, '--seed', str(seed), '--print_freq', '1000', '--save_every', '0',
+        '--checkpoint_minutes', '0'] + recipe['mae_args'], pretrain=True)]
+    small = ['--data_path', os.path.join(data, 'small'), '--model_kwargs', *ARCH, '--batch_size', '32',
+             '--lr', str(recipe['student_lr']), '--warmup_epochs', '10']
+    students = {  # part 1: their teacher is the MAE encoder
+        'from scratch': ('scratch', recipe['student_epochs'], ['--layer_decay', '1']),
+        'attention copy': ('copy', recipe['student_epochs'], ['--mode', 'copy', '--finetune', mae_ckpt,
+                                                              '--layer_decay', '0.75']),
+        'attention distillation': ('distill', recipe['distill_epochs'],
+                                   ['--mode', 'distill', '--finetune', mae_ckpt] + recipe['distill_args']),
+        # MAE's fine-tuning (layer decay 0.75), classifying from the class token: part 2's teacher
+        FINETUNED: ('finetune', recipe['student_epochs'],
+                    ['--finetune', mae_ckpt, '--layer_decay', '0.75', '--cls_token']),
+    }
+    for method, (short, epochs, extra) in students.items():
+        jobs.append(Job(seed, method, f'seed{seed}_{short}', train_args(short, epochs) + small + extra,
+                        after='' if short == 'scratch' else mae))
+    # part 2: the fine-tuned MAE teacher selects wild images and teaches the smaller student on them
     num_select = recipe['num_select']
     for kind, method in (('probe', PROBE_SELECTION), ('random', RANDOM_SELECTION)):
         selection = os.path.join(out, 'runs', f'seed{seed}_selection_{kind}.pth')
-        select = ['--teacher', teacher, '--wild_path', os.path.join(data, 'wild'), '--output', selection,
+        select = ['--teacher', teacher_ckpt, '--wild_path', os.path.join(data, 'wild'), '--output', selection,
                   '--num_select', str(num_select), '--batch_size', '100', '--num_workers', '0', '--device', 'cpu',
                   '--seed', str(seed)] + (['--random'] if kind == 'random' else [])
         n_epochs = probe_epochs(num_select, presentations)
         argv = train_args(f'probe_student_{kind}', n_epochs, figure_every=20) + [
-            '--mode', 'probe', '--finetune', teacher, '--selection', selection,
+            '--mode', 'probe', '--finetune', teacher_ckpt, '--selection', selection,
             '--eval_data_path', os.path.join(data, 'small'), '--student_model', 'vit_base_patch16_224',
             '--student_kwargs', *PROBE_STUDENT, '--batch_size', '64',
-            '--step_epochs', str(n_epochs * 4 // 5 + 1), '--cls_token']
-        jobs.append(Job(seed, method, f'seed{seed}_probe_student_{kind}', argv, select_argv=select))
-    small = ['--data_path', os.path.join(data, 'small'), '--model_kwargs', *ARCH, '--batch_size', '32',
-             '--lr', str(recipe['student_lr']), '--warmup_epochs', '10']
-    students = {
-        'attention distillation': ('distill', recipe['distill_epochs'],
-                                   ['--mode', 'distill', '--finetune', teacher] + recipe['distill_args']),
-        'attention copy': ('copy', recipe['student_epochs'], ['--mode', 'copy', '--finetune', teacher,
-                                                              '--layer_decay', '0.75']),
-        'from scratch': ('scratch', recipe['student_epochs'], ['--layer_decay', '1']),
-        'fine-tuning the teacher': ('finetune', recipe['student_epochs'],
-                                    ['--finetune', teacher, '--layer_decay', '0.75', '--cls_token']),
-    }
-    for method, (short, epochs, extra) in students.items():
-        jobs.append(Job(seed, method, f'seed{seed}_{short}', train_args(short, epochs) + small + extra))
+            '--step_epochs', str(n_epochs * 4 // 5 + 1), '--cls_token'] + recipe['probe_args']
+        jobs.append(Job(seed, method, f'seed{seed}_probe_student_{kind}', argv, after=finetuned, select_argv=select))
     return jobs
 
 
@@ -254,23 +312,27 @@ def worker(tasks, done) -> None:
 
 
 def execute(job: Job, log_path: str) -> dict:
-    """Run one job, its output in its log; returns its accuracy and its wall and CPU seconds."""
+    """Run one job, its output in its log; returns its accuracy (None for pre-training) and its wall and CPU
+    seconds."""
     wall, cpu = time.time(), time.process_time()
     result = {}
     with open(log_path, 'w') as log, contextlib.redirect_stdout(log), contextlib.redirect_stderr(log):
-        if job.data:
-            prepare_data(job.data, job.seed)
         if job.select_argv:
             selection = select_wild_data.main(select_wild_data.get_args_parser().parse_args(job.select_argv))
             result['selected'] = [os.path.basename(selection['paths'][i]) for i in selection['selected'].tolist()]
-        stats = main_finetune.run(job.argv)
-    return {**result, 'accuracy': stats['test_acc1'], 'wall': time.time() - wall, 'cpu': time.process_time() - cpu}
+        if job.pretrain:
+            main_pretrain.run(job.argv)
+            accuracy = None
+        else:
+            accuracy = main_finetune.run(job.argv)['test_acc1']
+    return {**result, 'accuracy': accuracy, 'wall': time.time() - wall, 'cpu': time.process_time() - cpu}
 
 
-def run_jobs(jobs: list[Job], out: str, workers: int) -> dict[str, dict]:
-    """Run the jobs in ``workers`` single-thread processes, teachers first, each seed's students once its
-    teacher is done, in the order given; prints one line per finished run. Returns {job name: result}.
-    A failed run, or Ctrl-C, stops the demo and kills the workers."""
+def run_jobs(jobs: list[Job], out: str, workers: int, prepare=lambda seed: None) -> dict[str, dict]:
+    """Run the jobs in ``workers`` single-thread processes, each once the job it needs is done, in the order
+    given; prints one line per finished run. ``prepare(seed)`` (writing the seed's data) runs here before the
+    seed's first jobs start, while the workers run the earlier seeds'. Returns {job name: result}. A failed run,
+    or Ctrl-C, stops the demo and kills the workers."""
     # a rerun of the demo starts its runs afresh: the previous demo's run folders would be refused
     shutil.rmtree(os.path.join(out, 'runs'), ignore_errors=True)
     os.makedirs(os.path.join(out, 'runs'), exist_ok=True)
@@ -279,13 +341,20 @@ def run_jobs(jobs: list[Job], out: str, workers: int) -> dict[str, dict]:
     tasks, done = context.Queue(), context.Queue()
     processes = [context.Process(target=worker, args=(tasks, done), daemon=True) for _ in range(workers)]
     log_path = {job.name: os.path.join(out, 'runs', f'{job.name}.log') for job in jobs}
-    by_name = {job.name: job for job in jobs}
+
+    def start_after(name: str) -> None:
+        for job in jobs:
+            if job.after and job.after == name:
+                tasks.put((job, log_path[job.name]))
+
     try:
         for process in processes:
             process.start()
-        for job in jobs:
-            if job.method == TEACHER:
-                tasks.put((job, log_path[job.name]))
+        for seed in dict.fromkeys(job.seed for job in jobs):
+            prepare(seed)
+            for job in jobs:
+                if job.seed == seed and not job.after:
+                    tasks.put((job, log_path[job.name]))
         while len(results) < len(jobs):
             try:
                 name, result, error = done.get(timeout=10)
@@ -301,10 +370,7 @@ def run_jobs(jobs: list[Job], out: str, workers: int) -> dict[str, dict]:
             results[name] = result
             print(f"[{len(results):2d}/{len(jobs)}] {name:<30s} {result['wall']:5.0f} s wall {result['cpu']:5.0f} s "
                   f"CPU  (elapsed {(time.time() - start) / 60:4.1f} min)", flush=True)
-            if by_name[name].method == TEACHER:
-                for job in jobs:
-                    if job.seed == by_name[name].seed and job.method != TEACHER:
-                        tasks.put((job, log_path[job.name]))
+            start_after(name)
         for _ in processes:
             tasks.put(None)
         for process in processes:
@@ -363,8 +429,8 @@ class Claim:
     def judge(self, acc: dict[str, list[float]]) -> tuple[str | None, str]:
         """(verdict, line): verdict 'reproduced', 'NOT reproduced', or None (one seed: not judged)."""
         p = paired_interval(acc[self.first], acc[self.second])
-        short = {TEACHER: 'teacher', PROBE_SELECTION: 'probe selection', RANDOM_SELECTION: 'random selection',
-                 'fine-tuning the teacher': 'fine-tuning', 'attention distillation': 'distillation',
+        short = {PROBE_SELECTION: 'probe selection', RANDOM_SELECTION: 'random selection',
+                 FINETUNED: 'fine-tuning', 'attention distillation': 'distillation',
                  'attention copy': 'copy'}
         name = f"{short.get(self.first, self.first)} - {short.get(self.second, self.second)}"
         diffs = ', '.join(f'{d:+.1f}' for d in p['diffs'])
@@ -382,13 +448,14 @@ class Claim:
 CLAIMS = [
     Claim('1a. attention copy beats training from scratch', 'attention copy', 'from scratch'),
     Claim('1b. attention distillation beats training from scratch', 'attention distillation', 'from scratch'),
-    Claim('2. attention distillation within 3 points of fine-tuning', 'fine-tuning the teacher',
+    Claim('2. attention distillation within 3 points of fine-tuning', FINETUNED,
           'attention distillation', bound=3.0, below=True,
-          scale_note="At this scale the student relearns everything but the attention maps from 100 labelled "
+          scale_note="At this scale the student learns everything but the attention maps from 100 labelled "
                      "images, where the paper's had ImageNet's 1.28 million (docs/DEMO.md#what-the-scale-changes)."),
     Claim('3. attention-probe selection beats random selection', PROBE_SELECTION, RANDOM_SELECTION,
-          scale_note="At this scale the distractors the random selection keeps still carry the teacher's soft "
-                     "outputs over the 10 digits (docs/DEMO.md#what-the-scale-changes)."),
+          scale_note="At this scale the probe students get a small budget of image presentations and the "
+                     "distractors the random selection keeps still carry the teacher's soft outputs over the 10 "
+                     "digits (docs/DEMO.md#what-the-scale-changes)."),
 ]
 
 
@@ -412,6 +479,8 @@ def plot_accuracy(runs: dict[str, str], path: str, seed: int) -> None:
     for method, folder in runs.items():
         with open(os.path.join(folder, LOG)) as f:
             entries = [json.loads(line) for line in f if 'test_acc1' in line]
+        if not entries:  # the MAE teacher: no classifier
+            continue
         ax.plot([e['epoch'] + 1 for e in entries], [e['test_acc1'] for e in entries], marker='o', label=method)
     ax.set_xlabel('epoch')
     ax.set_ylabel('test accuracy (%)')
@@ -472,10 +541,10 @@ def main(argv=None) -> dict:
     out = a.output_dir
     claim_output_folder(out)
     t0 = time.time()
-    print(f"seeds {', '.join(map(str, seeds))}, each with its own data split (under {out}/data) and teacher; "
+    print(f"seeds {', '.join(map(str, seeds))}, each with its own data split (under {out}/data) and teachers; "
           f"{a.workers} runs at a time, one thread each; logs in {out}/runs/", flush=True)
     jobs = [job for seed in seeds for job in seed_jobs(out, seed, RECIPE, presentations, seed == seeds[0])]
-    results = run_jobs(jobs, out, a.workers)
+    results = run_jobs(jobs, out, a.workers, prepare=lambda seed: prepare_data(data_folder(out, seed), seed))
     wall = time.time() - t0
 
     per_method: dict[str, list[float]] = {}
@@ -486,18 +555,19 @@ def main(argv=None) -> dict:
         per_method.setdefault(job.method, []).append(r['accuracy'])
         cpu.setdefault(job.method, []).append(r['cpu'])
         if 'selected' in r:
-            members = prepare_data(os.path.join(out, 'data', f'split{job.seed}'), job.seed)['wild_members']
+            members = prepare_data(data_folder(out, job.seed), job.seed)['wild_members']
             fractions.setdefault(job.method, []).append(digit_fraction(r['selected'], members))
     n = len(seeds)
     lines = [f"| method | test accuracy (%), {f'mean ± sd of {n} seeds' if n > 1 else '1 seed'} | per seed | "
              "CPU time per run (s) | digits in the selected wild images (%) |", "| --- | ---: | ---: | ---: | ---: |"]
-    order = [TEACHER, 'from scratch', 'attention copy', 'attention distillation', 'fine-tuning the teacher',
+    order = [MAE_TEACHER, 'from scratch', 'attention copy', 'attention distillation', FINETUNED,
              PROBE_SELECTION, RANDOM_SELECTION]
     per_method = {method: per_method[method] for method in order}
     for method, values in per_method.items():
         frac = mean_std(fractions[method]) if method in fractions else ''
-        lines.append(f"| {method} | {mean_std(values)} | {' / '.join(f'{v:.1f}' for v in values)} | "
-                     f"{statistics.mean(cpu[method]):.0f} | {frac} |")
+        accuracy = ('(no classifier)', '') if None in values else \
+            (mean_std(values), ' / '.join(f'{v:.1f}' for v in values))
+        lines.append(f"| {method} | {accuracy[0]} | {accuracy[1]} | {statistics.mean(cpu[method]):.0f} | {frac} |")
     n_probe = probe_epochs(RECIPE['num_select'], presentations)
     budget = (f"Students on the labelled split: {RECIPE['student_epochs']} epochs (distillation "
               f"{RECIPE['distill_epochs']}); probe students: {presentations} image presentations = {n_probe} epochs "
@@ -528,7 +598,7 @@ def draw_figures(out: str, seed: int, runs: dict[str, str]) -> dict[str, str]:
     distill_ckpt = os.path.join(runs['attention distillation'], CHECKPOINT)
     with open(os.path.join(out, 'runs', 'attention_figures.log'), 'w') as log, contextlib.redirect_stdout(log):
         visualize_attention.main(['--checkpoint', distill_ckpt,
-                                  '--data_path', os.path.join(out, 'data', f'split{seed}', 'small'),
+                                  '--data_path', os.path.join(data_folder(out, seed), 'small'),
                                   '--output_dir', os.path.join(out, 'attention'), '--num_show', '3',
                                   '--num_images', '400', '--batch_size', '50', '--num_workers', '0'])
     for k in range(3):

@@ -11,8 +11,10 @@ import pytest
 import demo
 from util.errors import run_cli
 
-TINY_RECIPE = {**demo.RECIPE, 'teacher_epochs': 2, 'student_epochs': 2, 'distill_epochs': 3}
-METHODS = {demo.TEACHER, 'from scratch', 'attention copy', 'attention distillation', 'fine-tuning the teacher',
+TINY_RECIPE = {**demo.RECIPE, 'student_epochs': 2, 'distill_epochs': 3,
+               'mae_args': ['--epochs', '2', '--warmup_epochs', '1', '--decoder_embed_dim', '16',
+                            '--decoder_depth', '1', '--decoder_num_heads', '2']}
+METHODS = {demo.MAE_TEACHER, 'from scratch', 'attention copy', 'attention distillation', demo.FINETUNED,
            demo.PROBE_SELECTION, demo.RANDOM_SELECTION}
 
 
@@ -20,6 +22,7 @@ METHODS = {demo.TEACHER, 'from scratch', 'attention copy', 'attention distillati
 def tiny_budgets(monkeypatch):
     monkeypatch.setattr(demo, 'RECIPE', TINY_RECIPE)
     monkeypatch.setattr(demo, 'PROBE_PRESENTATIONS', {'full': 1200, 'quick': 800})
+    monkeypatch.setattr(demo, 'WILD_DISTRACTORS', 600)
 
 
 @pytest.mark.slow
@@ -28,6 +31,9 @@ def test_two_seeds_give_paired_verdicts_table_and_figures(tmp_path, tiny_budgets
     result = demo.main(['--seeds', '2', '--output_dir', out])
     assert set(result['accuracy']) == METHODS
     for method, values in result['accuracy'].items():
+        if method == demo.MAE_TEACHER:  # no classifier: no accuracy
+            assert values == [None, None]
+            continue
         assert len(values) == 2 and all(math.isfinite(v) and 0.0 <= v <= 100.0 for v in values), method
     for method in (demo.PROBE_SELECTION, demo.RANDOM_SELECTION):
         assert len(result['fractions'][method]) == 2 and all(0.0 <= f <= 100.0 for f in result['fractions'][method])
@@ -38,13 +44,43 @@ def test_two_seeds_give_paired_verdicts_table_and_figures(tmp_path, tiny_budgets
     small = [sorted(os.listdir(os.path.join(out, 'data', f'split{s}', 'small', 'train', '3'))) for s in (0, 1)]
     assert small[0] != small[1]
     for s in (0, 1):
-        assert os.path.exists(os.path.join(out, 'runs', f'seed{s}_teacher', 'checkpoint.pth'))
+        assert os.path.exists(os.path.join(out, 'runs', f'seed{s}_mae_teacher', 'checkpoint.pth'))
     for path in result['figures'].values():
         assert os.path.getsize(path) > 1000, path
     table = open(os.path.join(out, 'results.md')).read()
     assert table.startswith('Command: python demo.py --seeds 2\n')
     assert '| from scratch |' in table and 'Total wall time' in table
     assert all(c in table for c in result['claims'])
+
+
+def test_the_students_learn_from_the_mae_teacher_and_the_probe_students_from_its_fine_tuned_form(tmp_path):
+    jobs = {job.method: job for job in demo.seed_jobs(str(tmp_path), 7, demo.RECIPE, 8000, False)}
+    mae, finetuned = (os.path.join(str(tmp_path), 'runs', f'seed7_{n}', 'checkpoint.pth')
+                      for n in ('mae_teacher', 'finetune'))
+    assert jobs[demo.MAE_TEACHER].pretrain and not jobs[demo.MAE_TEACHER].after
+    assert '--nb_classes' not in jobs[demo.MAE_TEACHER].argv  # main_pretrain.py: no labels
+    for method in ('attention copy', 'attention distillation', demo.FINETUNED):
+        argv = jobs[method].argv
+        assert argv[argv.index('--finetune') + 1] == mae and jobs[method].after == 'seed7_mae_teacher', method
+    assert '--cls_token' in jobs[demo.FINETUNED].argv  # the token the attention probe reads
+    assert '--finetune' not in jobs['from scratch'].argv and not jobs['from scratch'].after
+    for method in (demo.PROBE_SELECTION, demo.RANDOM_SELECTION):
+        argv, select = jobs[method].argv, jobs[method].select_argv
+        assert argv[argv.index('--finetune') + 1] == finetuned == select[select.index('--teacher') + 1]
+        assert jobs[method].after == 'seed7_finetune'
+
+
+def test_the_wild_set_is_mostly_not_digits(tmp_path, monkeypatch):
+    monkeypatch.setattr(demo, 'WILD_DISTRACTORS', 120)
+    info = demo.prepare_data(str(tmp_path / 'split3'), 3)
+    kinds = list(info['wild_members'].values())
+    assert kinds.count('digit') == 400 and len(kinds) == 520
+    assert {k: kinds.count(k) for k in demo.DISTRACTOR_KINDS} == {k: 20 for k in demo.DISTRACTOR_KINDS}
+    assert sorted(os.listdir(tmp_path / 'split3' / 'wild')) == sorted(info['wild_members'])
+    # a different wild set asked of the same folder is written anew, not taken from the earlier one
+    monkeypatch.setattr(demo, 'WILD_DISTRACTORS', 60)
+    assert len(demo.prepare_data(str(tmp_path / 'split3'), 3)['wild_members']) == 460
+    assert len(os.listdir(tmp_path / 'split3' / 'wild')) == 460
 
 
 def test_quick_is_one_seed_with_the_short_probe_budget_and_bad_counts_are_refused():
