@@ -65,8 +65,8 @@ ARCH = ['patch_size=4', 'embed_dim=64', 'depth=4', 'num_heads=4', 'mlp_ratio=2']
 # The smaller probe student: half the width, half the heads, same token grid.
 PROBE_STUDENT = ['patch_size=4', 'embed_dim=32', 'depth=4', 'num_heads=2', 'mlp_ratio=2']
 # The probe students' budget in image presentations (the reference's rule, scaled down: it uses
-# 320,000 x 512); 24,000 = 59 epochs of the 400 selected images. --quick: 16,000 (39 epochs).
-PROBE_PRESENTATIONS = {'full': 24000, 'quick': 16000}
+# 320,000 x 512); 24,000 = 59 epochs of the 400 selected images. --quick: 12,000 (29 epochs).
+PROBE_PRESENTATIONS = {'full': 24000, 'quick': 12000}
 COMMON = ['--model', 'vit_base_patch16_224', '--input_size', str(SIZE), '--nb_classes', '10', '--device', 'cpu',
           '--num_workers', '0', '--aa', 'none', '--reprob', '0', '--min_crop_scale', '0.6', '--hflip', '0',
           '--drop_path', '0.0', '--print_freq', '1000', '--save_every', '0', '--checkpoint_minutes', '0',
