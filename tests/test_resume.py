@@ -225,19 +225,33 @@ LEGACY = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'data', 'check
 
 @pytest.fixture
 def one_thread():
-    """The stored checkpoints were written on one thread: the same kernels give the same bits."""
+    """The stored checkpoints were written on one thread."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
 
 
+def distance_from_recorded(resumed: dict, recorded: dict, start: dict) -> float:
+    """|resumed - recorded| / |recorded - start| over all tensors: how far the continuation lands from the recorded
+    one, as a share of how far the recorded run moved from the checkpoint."""
+    def norm(a, b):
+        return sum(float(((a[k].double() - b[k].double()) ** 2).sum()) for k in recorded) ** 0.5
+    return norm(resumed, recorded) / norm(recorded, start)
+
+
 @pytest.mark.slow
 @pytest.mark.filterwarnings('ignore:--finetune .* must hold the same weights')  # the recorded teacher is gone
 @pytest.mark.parametrize('name', ['epoch0.pth', 'mid_epoch1.pth'])
-def test_checkpoints_of_revision_61197d7_resume_bit_for_bit(tmp_path, one_thread, name):
+def test_checkpoints_of_revision_61197d7_continue_the_recorded_run(tmp_path, one_thread, name):
     """A checkpoint written before the configuration / checkpointer restructuring (end of an epoch, and inside
-    one) continues to the weights the uninterrupted run of that revision ended with."""
+    one) continues to the weights the uninterrupted run of that revision ended with.
+
+    Those weights were computed on one machine; another CPU's kernels round differently, and Adam's
+    normalisation carries the difference into the weights: on a second machine the continuation landed 0.1% of
+    the way the run moved (model; EMA 0.02%) from the recorded weights, where a resume that drops the optimizer
+    state, the data order's RNG or the EMA lands 12% to 240% away (model or EMA). The bound is 1%; on the machine
+    that recorded them, the weights were equal bit for bit."""
     with open(os.path.join(LEGACY, 'command.json')) as f:
         command = json.load(f)
     data = make_image_folder(str(tmp_path / 'data'))
@@ -247,11 +261,13 @@ def test_checkpoints_of_revision_61197d7_resume_bit_for_bit(tmp_path, one_thread
     argv = tiny_args(data, str(tmp_path / 'out'), *extra, '--resume', os.path.join(LEGACY, name), epochs=2)
     argv[argv.index('--model_kwargs') + 1:argv.index('--input_size')] = kwargs_flags(command['arch'])
     main_finetune.run(argv)
-    final = torch.load(os.path.join(LEGACY, 'final_weights.pth'), weights_only=True)
+    recorded = torch.load(os.path.join(LEGACY, 'final_weights.pth'), weights_only=True)
+    start = torch.load(os.path.join(LEGACY, name), weights_only=False)
     resumed = read_checkpoint(str(tmp_path / 'out' / 'checkpoint.pth'))
     for key in ('model', 'model_ema'):
-        for param, value in final[key].items():
-            assert torch.equal(value, resumed[key][param]), f'{key}.{param}'
+        assert set(resumed[key]) == set(recorded[key]), key
+        distance = distance_from_recorded(resumed[key], recorded[key], start[key])
+        assert distance < 0.01, f'{key}: {distance:.2%} of the way from the recorded weights'
 
 
 # ---- gradient accumulation: mid-epoch checkpoints at a window's end -----------------------------------------
