@@ -262,7 +262,7 @@ def test_checkpoints_of_revision_61197d7_continue_the_recorded_run(tmp_path, one
     argv[argv.index('--model_kwargs') + 1:argv.index('--input_size')] = kwargs_flags(command['arch'])
     main_finetune.run(argv)
     recorded = torch.load(os.path.join(LEGACY, 'final_weights.pth'), weights_only=True)
-    start = torch.load(os.path.join(LEGACY, name), weights_only=False)
+    start = read_checkpoint(os.path.join(LEGACY, name))
     resumed = read_checkpoint(str(tmp_path / 'out' / 'checkpoint.pth'))
     for key in ('model', 'model_ema'):
         assert set(resumed[key]) == set(recorded[key]), key
