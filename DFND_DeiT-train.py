@@ -40,15 +40,14 @@ import os
 import sys
 from typing import NamedTuple
 
-import torch
-
 import main_finetune
 import select_wild_data
 from modes import IMAGENET_PROBE_PRESENTATIONS, PROBE_PRESENTATIONS
 from util.args import HelpFormatter, explicit_flags
 from util.config import Config
 from util.errors import UserError, run_cli
-from util.pretrained import checkpoint_architecture, local_checkpoint
+from util.model_record import classifier_of
+from util.pretrained import local_checkpoint
 from util.selection import labelled_originals
 
 # The reference's CIFAR student: 32x32 input, 4x4 patches, width 128, 12 blocks, 2 heads, MLP ratio 4.
@@ -168,7 +167,7 @@ def teacher_flags(args: argparse.Namespace) -> tuple[str, tuple[str, ...]] | Non
     name = args.teacher
     if name is None:
         local_checkpoint(args.teacher_dir, '--teacher_dir')
-        if checkpoint_architecture(args.teacher_dir) is not None:
+        if classifier_of(args.teacher_dir) is not None:
             return None
         name = DEFAULT_TEACHER
     return REFERENCE_TEACHERS.get(name, (name, ()))
@@ -238,10 +237,8 @@ def check(select: list[str], train: list[str]) -> argparse.Namespace:
             raise UserError(f"--data_cifar {args.eval_data_path!r} has no {split}/ folder: give the target task in "
                             "the ImageFolder layout (train/<class>/, val/<class>/; CIFAR's python files convert with "
                             "python tools/prepare_cifar.py --src cifar-10-batches-py --dst data/cifar10)")
-    resolved = main_finetune.resolve_args(args)
-    check_pos_num(resolved.cfg)
-    with torch.device('meta'):
-        resolved.mode.build_model(resolved.cfg)
+    check_pos_num(args)
+    main_finetune.resolve_args(args)  # describes the model too: an incompatible pair is refused here
     return select_args
 
 

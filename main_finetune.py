@@ -23,19 +23,18 @@ from timm.data.constants import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.utils import ModelEmaV3
 
 from engine_finetune import EpochLoop, Evaluator, evaluate_ensemble
-from models_dual_vit import resolve_attention_impl, resolve_model_name
+from models_attention import resolve_attention_impl
 from models_pair import TeacherStudentPair
+from models_spec import ModelSpec
 from modes import (
-    MODEL_ARGS,
     MODES,
     AttentionProbe,
     AttentionTransfer,
-    PlainTraining,
+    Mode,
     get_mode,
     load_ensemble_member,
     load_initial_weights,
     restrict_to_qkv,
-    student_architecture,
 )
 from util.args import (
     HelpFormatter,
@@ -69,6 +68,7 @@ from util.distributed import destroy, get_rank, get_world_size, init_distributed
 from util.errors import UserError, run_cli
 from util.eval_classes import build_eval_dataset, restrict_classes
 from util.lr_sched import Schedule, learning_rate
+from util.model_record import DEFAULT_MODEL, describe_model, finetune_defaults, recorded_spec
 from util.output import (
     EVAL_RESULTS,
     BestAccuracy,
@@ -87,14 +87,9 @@ from util.output import (
     write_log,
 )
 from util.precision import AMP_DTYPES, default_amp
-from util.pretrained import (
-    finetune_source,
-    local_checkpoint,
-)
+from util.pretrained import local_checkpoint
 from util.run_control import reporting_stop, stop_on_signals
 from util.samplers import ResumableDistributedSampler, ShardSampler, dataset_fingerprint
-
-DEFAULT_MODEL = 'vit_large_patch16'
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -295,32 +290,37 @@ def get_args_parser() -> argparse.ArgumentParser:
                    help='minutes a collective may wait before the job fails (a hung rank ends the job)')
     for name, mode in MODES.items():
         annotate_mode_defaults(p, mode.defaults, name)
+    # set by the caller, not by flags: the flags the command line gave (for the modes' recipes), and whether the
+    # --selection file is written first by the same command (DFND_DeiT-train.py)
+    p.set_defaults(explicit_flags=None, selection_pending=False)
     return p
 
 # ---------------------------------------------------------------------------------------------
 # Flags -> one resolved configuration
 # ---------------------------------------------------------------------------------------------
 class Resolved(NamedTuple):
-    """The resolved run: its read-only configuration, its mode (looked up once), and the checkpoint it resumes
-    (read once) with its path."""
+    """The resolved run: its read-only configuration, its mode (looked up once), its model (described once), and
+    the checkpoint it resumes (read once) with its path."""
     cfg: Config
-    mode: PlainTraining
+    mode: Mode
     ckpt: dict | None
     ckpt_path: str | None
+    spec: ModelSpec | None = None
 
 
-def checkpoint_model_args(saved: dict, cfg: Config) -> dict:
-    """--eval --resume: the model's arguments from the checkpoint, and the normalisation it was trained with
-    unless --mean / --std are given."""
-    values = {key: saved[key] for key in MODEL_ARGS if key in saved}
-    values.update({key: saved[key] for key in ('mean', 'std')
-                   if getattr(cfg, key, None) is None and saved.get(key) is not None})
-    return values
+def evaluated_spec(ckpt: dict, cfg: Config) -> ModelSpec | None:
+    """--eval --resume: the model its checkpoint records, with the normalisation it was trained with unless
+    --mean / --std are given (None: the checkpoint records no model, e.g. MAE's; the flags describe it)."""
+    spec = recorded_spec(ckpt)
+    if spec is None:
+        return None
+    return spec.replace(mean=tuple(cfg.mean or spec.mean), std=tuple(cfg.std or spec.std))
 
 
 def resolve_args(args, read_resume: bool = True) -> Resolved:
     """Resolve the flags into the run's configuration and check them before any heavy work: each step returns
-    a new read-only ``Config``, nothing writes into one afterwards.
+    a new read-only ``Config``, nothing writes into one afterwards; the model is described once
+    (util.model_record.describe_model) or, to evaluate a checkpoint, read from it.
 
     ``read_resume=False`` (the SLURM launcher, at submission) only checks that the checkpoint exists."""
     cfg = Config.of(args)
@@ -330,13 +330,12 @@ def resolve_args(args, read_resume: bool = True) -> Resolved:
                       student_kwargs=parse_kwargs(cfg.student_kwargs, '--student_kwargs'))
     path = requeued_checkpoint(cfg) or resume_path(cfg.resume, cfg.output_dir)
     ckpt = load_training_checkpoint(path, to_train=not cfg.eval) if path and read_resume else None
-    if ckpt is not None and cfg.eval:
-        cfg = cfg.replace(**checkpoint_model_args(recorded_args(ckpt), cfg))
-    mode = get_mode(cfg.mode)
+    spec = evaluated_spec(ckpt, cfg) if ckpt is not None and cfg.eval else None
+    mode = get_mode(spec.mode if spec is not None else cfg.mode)
     if not cfg.eval:
         mode.check_resumed(recorded_args(ckpt), path)
     check_resume_matches(ckpt, path, cfg, mode.uses_teacher)
-    cfg = cfg.replace(mode=mode.name, log_dir=cfg.output_dir if getattr(cfg, 'log_dir', None) is None else cfg.log_dir,
+    cfg = cfg.replace(mode=mode.name, log_dir=cfg.output_dir if cfg.log_dir is None else cfg.log_dir,
                       **({} if cfg.eval else mode.recipe(cfg)))
     cfg = cfg.replace(amp=cfg.amp or default_amp(cfg.device),
                       attention_impl=resolve_attention_impl(attention_impl_for(cfg), cfg.device),
@@ -345,32 +344,31 @@ def resolve_args(args, read_resume: bool = True) -> Resolved:
         log(f"attention: {cfg.attention_impl} (--attention_impl auto on {cfg.device})")
     if cfg.finetune:
         local_checkpoint(cfg.finetune, '--finetune')  # a name is resolved (downloaded) here, a missing file refused
-        cfg = cfg.replace(**finetune_source(cfg, mode))
-    cfg = cfg.replace(model=cfg.model or DEFAULT_MODEL, mean=list(cfg.mean or IMAGENET_DEFAULT_MEAN),
-                      std=list(cfg.std or IMAGENET_DEFAULT_STD))
-    resolve_model_name(cfg.model)
-    if cfg.teacher_model:
-        resolve_model_name(cfg.teacher_model)
-    # the student is recorded completely in every checkpoint: its timm name and arguments
-    _, teacher_kwargs, _ = (mode.evaluated_as() if cfg.eval else mode).teacher_architecture(cfg)
-    student, student_kwargs = student_architecture(cfg, teacher_kwargs)
-    cfg = cfg.replace(student_model=resolve_model_name(student), student_kwargs=student_kwargs,
-                      eval_data_path=cfg.eval_data_path or cfg.data_path)
+    if spec is not None:  # the evaluated checkpoint's model (its architecture is --ensemble_with's default)
+        named = spec.teacher or spec.student
+        cfg = cfg.replace(input_size=spec.img_size, nb_classes=spec.num_classes, eval_crop_pct=spec.eval_crop_pct,
+                          model=named.name, model_kwargs=dict(named.kwargs), global_pool=spec.student.global_pool)
+    elif cfg.finetune:
+        cfg = cfg.replace(**finetune_defaults(cfg, mode))
+    cfg = cfg.replace(model=cfg.model or DEFAULT_MODEL, eval_data_path=cfg.eval_data_path or cfg.data_path,
+                      mean=list(spec.mean if spec else cfg.mean or IMAGENET_DEFAULT_MEAN),
+                      std=list(spec.std if spec else cfg.std or IMAGENET_DEFAULT_STD))
     check_data_folders(cfg, mode)
     if cfg.eval_crop_pct is None:
         cfg = cfg.replace(eval_crop_pct=mode.default_eval_crop_pct(cfg.input_size,
                                                                     os.path.join(cfg.eval_data_path, 'val')))
+    check_run_flags(cfg, mode, holds_teacher(ckpt) or (path is not None and not read_resume), ckpt is not None)
+    check_experiment_flags(cfg, mode)
+    spec = describe_model(cfg, mode) if spec is None else spec.replace(eval_crop_pct=cfg.eval_crop_pct)
     if read_resume or not path:  # at submission the resumed epoch is unknown: the job checks it
         check_inputs_not_overwritten(cfg, next_position(ckpt)[0] if ckpt is not None else cfg.start_epoch)
     check_run_folder(cfg, path)
-    check_run_flags(cfg, mode, holds_teacher(ckpt) or (path is not None and not read_resume), ckpt is not None)
-    check_experiment_flags(cfg, mode)
-    return Resolved(cfg, mode, ckpt, path)
+    return Resolved(cfg, mode, ckpt, path, spec)
 
 
 def attention_impl_for(cfg: Config) -> str:
     """--attention_impl, with auto meaning explicit where --map_average needs the N x N maps."""
-    if cfg.attention_impl == 'auto' and getattr(cfg, 'map_average', 'none') != 'none':
+    if cfg.attention_impl == 'auto' and cfg.map_average != 'none':
         return 'explicit'  # the averaged maps exist only as explicit maps
     return cfg.attention_impl
 
@@ -378,14 +376,14 @@ def attention_impl_for(cfg: Config) -> str:
 # ---------------------------------------------------------------------------------------------
 # Model, optimizer and distributed wrapper
 # ---------------------------------------------------------------------------------------------
-def build_model(cfg: Config, mode: PlainTraining | None = None, eval_only: bool = False) -> TeacherStudentPair:
-    """The mode's model: the teacher/student pair (the student alone in plain mode), or to evaluate, what
-    the saved model is evaluated as (a distilled student is a plain ViT). ``mode``: the run's, else cfg.mode's."""
-    mode = mode or get_mode(cfg.mode)
-    return (mode.evaluated_as() if eval_only else mode).build_model(cfg)
+def build_model(run: Resolved) -> TeacherStudentPair:
+    """The run's model, from its description: the teacher/student pair (the student alone in plain mode), or to
+    evaluate, what the saved model is evaluated as (a distilled student is a plain ViT)."""
+    mode = run.mode.evaluated_as() if run.cfg.eval else run.mode
+    return mode.build_model(run.spec, drop_path=run.cfg.drop_path, attention_impl=run.cfg.attention_impl)
 
 
-def param_groups(model: TeacherStudentPair, mode: PlainTraining, cfg: Config) -> list[dict]:
+def param_groups(model: TeacherStudentPair, mode: Mode, cfg: Config) -> list[dict]:
     """The student's AdamW groups, as the mode forms them (layer-wise lr decay, weight decay exemptions)."""
     return mode.param_groups(model.student, cfg)
 
@@ -440,8 +438,8 @@ def train_and_evaluate(run: Resolved) -> dict:
         raise DataError(f"train and val class folders differ under {cfg.data_path!r}; give both splits the same "
                         "class folders")
     sampler_val = ShardSampler(dataset_val, world, rank) if cfg.dist_eval else range(len(dataset_val))
-    model = build_model(cfg, mode, eval_only=cfg.eval)
-    load_initial_weights(model, cfg, ckpt)
+    model = build_model(run)
+    load_initial_weights(model, mode, cfg, ckpt)
     if cfg.train_qkv:
         restrict_to_qkv(model.student)
     model.to(device)
@@ -453,7 +451,7 @@ def train_and_evaluate(run: Resolved) -> dict:
         model.compile_blocks()
     log(f"student: {type(model.student).__name__} {model.student.default_cfg.get('architecture')}, "
         f"{trainable_parameters(model) / 1e6:.2f}M trainable parameters; mode {mode.name}"
-        + (f", transferred layers {model.describe_layers()}" if model.layers else ''))
+        + (f", transferred layers {model.describe_layers()}" if model.layer_pairs else ''))
     evaluator = Evaluator(build_loader(dataset_val, sampler_val, cfg, train=False), device, amp_dtype,
                           cfg.dist_eval, cfg.print_freq)
     if cfg.eval:
@@ -503,7 +501,7 @@ class Trainer(EpochLoop):
         data = dataset_fingerprint(dataset_train)
         # what checkpoints record as their args: the configuration and the values resolved while building
         record = {**cfg.record(), 'lr': lr, 'epochs': self.schedule.epochs, 'train_data': data,
-                  **mode.recorded_args(cfg, criterion)}
+                  'model_spec': run.spec.to_record(), **mode.recorded_args(cfg, criterion)}
         self.checkpointer = Checkpointer(cfg.output_dir, self.state, record, device, self.schedule.epochs,
                                          cfg.save_every)
         if is_main_process() and cfg.output_dir:

@@ -25,8 +25,8 @@ from torch.nn.parallel import DistributedDataParallel
 from torchvision import transforms
 
 from engine_finetune import EpochLoop
-from models_dual_vit import create_vit, resolve_model_name
 from models_mae import MaskedAutoencoder, is_mae_checkpoint, kept_tokens
+from models_vit import create_vit, resolve_model_name
 from util.args import HelpFormatter, check_positive, check_range, parse_kwargs
 from util.checkpoint import (
     Checkpointer,

@@ -1,738 +1,95 @@
-"""Teacher/student pair of timm Vision Transformers for attention transfer (Li et al., NeurIPS 2024).
+"""The teacher/student pair of attention transfer (Li et al., NeurIPS 2024): ``DualViT``.
 
-Teacher and student are ordinary ``timm`` models (``VisionTransformer``, ``Eva``, ``Beit``). This module
-never re-implements a timm layer: it walks their blocks and calls their own submodules (``norm1``,
-``attn.qkv``, ``attn.q_norm``, ``attn.proj``, ``ls1``, ``mlp`` ...), through the family adapter of
-models_families.py that says how each family's attention computes q, k and its scores, so every timm ViT
-family built from a pre-norm block of a known family works, and a trained student is a plain timm model.
-
-Teacher and student blocks run interleaved, layer by layer: the teacher hands over what the mode
-asks for in layer ``i`` right before the student runs layer ``i``. The teacher stops after the last
-layer the student needs, and stochastic-depth masks are shared between the two for free.
-
-With ``attention_impl='fused'`` every mode runs through ``scaled_dot_product_attention``: the teacher
-hands over q, k or v, never attention probabilities, and the distillation loss is computed through
-the attention kernels too, so no N x N tensor is kept for the backward pass. ``attention_impl='explicit'``
-builds the N x N maps (faster on CPU at ViT sizes; diagnostics); ``resolve_attention_impl`` picks one
-per device for ``--attention_impl auto``.
+Teacher and student blocks run interleaved, layer by layer: the teacher hands over what the mode asks for in
+layer ``i`` (models_attention) right before the student runs layer ``i``, and a ``loss`` mode compares the two
+(models_transfer_losses). The teacher stops after the last layer the student needs, and stochastic-depth masks
+are shared between the two for free. Which layers and heads are paired and transferred is models_pairing's;
+the pair takes them as values.
 """
 from __future__ import annotations
 
-from collections.abc import Callable, Collection, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Collection, Mapping, Sequence
 from functools import partial
-from typing import Optional, TypedDict, Union
+from typing import Optional, Union
 
-import timm
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 import torch.utils.checkpoint
-from timm.layers import Attention, trunc_normal_
 from timm.models.vision_transformer import Block, VisionTransformer
 
-from models_families import family_of_attention, family_of_block, family_of_model
-from models_pair import TeacherStudentPair
-from util.errors import UserError
-from util.pretrained import LoadReport, load_pretrained_weights
+from models_attention import (
+    ATTENTION_IMPLS,
+    MAP_AVERAGES,
+    Captured,
+    DropPathMasks,
+    TransferMode,
+    average_maps,
+    block_forward,
+    draw_drop_path_masks,
+    drop_path_rates,
+    embed_with_context,
+    plain_attention,
+    resolve_attention_impl,
+    transfer_attention,
+    transfer_of,
+)
+from models_families import family_of_attention, family_of_model
+from models_pair import ModelArgumentError, TeacherStudentPair
+from models_pairing import parse_heads, resolve_pairing, token_mismatches
+from models_transfer_losses import transfer_loss
+from models_vit import DUAL_MODEL_NAMES, check_supported, init_class_token
 
 Tensor = torch.Tensor
 
 
-class Captured(TypedDict, total=False):
-    """What one attention layer exposes (see transfer_attention): q, k, v (B, H, N, head_dim); with the
-    fused implementation an attention map as the q and k that define it with their ``scale``; with the
-    explicit one as probabilities ``attn`` (B, H, N, N) and their float32 logits ``attn_logits``."""
-
-    q: Tensor
-    k: Tensor
-    v: Tensor
-    scale: float
-    bias: Tensor
-    attn: Tensor
-    attn_logits: Tensor
-
-
-# ---------------------------------------------------------------------------------------------
-# Modes are data: what the teacher exposes per transferred layer, and how the student uses it.
-# ---------------------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class TransferMode:
-    """One attention-transfer mode.
-
-    exposes: the teacher activation handed over in each transferred layer: ``attn`` (the attention
-        map, handed over as the q and k that define it, or with ``--attention_impl explicit`` as
-        probabilities of shape (B, H, N, N)), or ``q`` / ``k`` / ``v`` (shape (B, H, N, head_dim)).
-    use: ``replace``: the student uses the teacher's activation in place of its own (copy modes;
-        the teacher must run at evaluation too); ``loss``: the student computes its own and is
-        pulled towards the teacher's by a loss (distill modes; the student runs alone at eval).
-    """
-
-    name: str
-    exposes: str
-    use: str
-
-    @property
-    def needs_teacher_at_eval(self) -> bool:
-        return self.use == 'replace'
-
-
-TRANSFER_MODES = {m.name: m for m in (
-    TransferMode('copy', 'attn', 'replace'),
-    TransferMode('copy_q', 'q', 'replace'),
-    TransferMode('copy_k', 'k', 'replace'),
-    TransferMode('copy_v', 'v', 'replace'),
-    TransferMode('distill', 'attn', 'loss'),
-    TransferMode('distill_q', 'q', 'loss'),
-    TransferMode('distill_k', 'k', 'loss'),
-    TransferMode('distill_v', 'v', 'loss'),
-)}
-# the pair's wiring by name (a model built from names, as the tests and benchmarks do): 'none' has no teacher
-WIRING = {'none': None, **TRANSFER_MODES}
-
-
-def transfer_of(mode: Union[TransferMode, str, None]) -> Optional[TransferMode]:
-    """The TransferMode a model is built with: one of TRANSFER_MODES, or its name in ``WIRING``."""
-    if mode is None or isinstance(mode, TransferMode):
-        return mode
-    try:
-        return WIRING[mode]
-    except KeyError:
-        raise ValueError(f"unknown mode {mode!r}; choose one of {', '.join(WIRING)}") from None
-
-
-# ---------------------------------------------------------------------------------------------
-# Losses
-# ---------------------------------------------------------------------------------------------
-class _AttentionCrossEntropy(torch.autograd.Function):
-    """Mean over rows of CE(p_t, softmax(s)) = logsumexp(s) - sum_j p_t[j] * s[j], from explicit maps.
-
-    The identity holds because each teacher row sums to one. Backward uses the student's own
-    softmax (already kept alive by the attention's backward): the gradient per row is
-    (softmax(s) - p_t) / rows. Used by ``--attention_impl explicit`` only.
-    """
-
-    @staticmethod
-    def forward(ctx, s_logits: Tensor, s_probs: Tensor, t_probs: Tensor) -> Tensor:
-        rows = s_logits.numel() // s_logits.shape[-1]
-        ce = torch.logsumexp(s_logits, dim=-1) - (t_probs * s_logits).sum(dim=-1)
-        ctx.save_for_backward(s_probs, t_probs)
-        ctx.rows = rows
-        return ce.sum() / rows
-
-    @staticmethod
-    def backward(ctx, grad_out: Tensor):
-        s_probs, t_probs = ctx.saved_tensors
-        grad = (s_probs - t_probs) * (grad_out / ctx.rows)
-        return grad, None, None
-
-
-def attention_cross_entropy(
-        student_logits: Tensor,
-        teacher_probs: Tensor,
-        student_probs: Optional[Tensor] = None,
-) -> Tensor:
-    """The attention distillation loss of Li et al. (NeurIPS 2024) for one layer, in float32 from explicit
-    student logits: CE(A_teacher, A_student) averaged over rows,
-
-    mean over (batch, head, query i) of -sum_j teacher_probs[i, j] * log_softmax(student_logits)[i, j].
-    ``student_probs`` (softmax of the logits) may be passed when the caller already has it.
-    """
-    s = _at_least_float32(student_logits)
-    t = teacher_probs.to(s.dtype)
-    p = s.softmax(dim=-1) if student_probs is None else student_probs.to(s.dtype)
-    return _AttentionCrossEntropy.apply(s, p, t)
-
-
-# Query rows per block of the distillation loss's log-sum-exp pass: a block's scores (batch x heads x 256
-# x N) take 256 / head_dim times the memory of q (4x at head_dim 64), however large N grows, and N = 785
-# (448 px) needs 4 blocks, N = 1765 (672 px) 7.
-ATTENTION_LSE_ROWS = 256
-
-
-def _row_logsumexp(q: Tensor, k: Tensor, scale: float, chunk: Optional[int], bias: Optional[Tensor] = None) -> Tensor:
-    """logsumexp_j (q k^T * scale + bias)_ij per query row i, without autograd, ``chunk`` query rows at a time
-    (default ATTENTION_LSE_ROWS)."""
-    n, rows = q.shape[-2], chunk or ATTENTION_LSE_ROWS
-    with torch.no_grad():
-        keys = (k * scale).transpose(-2, -1)
-        return torch.cat([torch.logsumexp(_biased(q[..., lo:lo + rows, :] @ keys, bias, lo, rows), dim=-1)
-                          for lo in range(0, n, rows)], dim=-1)
-
-
-def _biased(scores: Tensor, bias: Optional[Tensor], lo: int, rows: int) -> Tensor:
-    """Scores of query rows lo:lo+rows plus those rows of an additive score bias (None: none)."""
-    return scores if bias is None else scores + bias[..., lo:lo + rows, :].to(scores.dtype)
-
-
-def _score_bias_term(q_s: Tensor, k_s: Tensor, q_t: Tensor, k_t: Tensor, scale_s: float, scale_t: float,
-                     bias_s: Tensor, bias_t: Optional[Tensor], chunk: Optional[int]) -> Tensor:
-    """The part of the summed row cross-entropies that a student's additive score bias B_s carries:
-    value -sum_ij P_t,ij B_s,ij, gradient (P_s - P_t) summed over what B_s broadcasts over, from a no-grad
-    pass over ``chunk`` query rows at a time (no (B, H, N, N) tensor kept; the gradient has B_s's shape)."""
-    n, rows = q_s.shape[-2], chunk or ATTENTION_LSE_ROWS
-    value, grads = q_s.new_zeros(()), []
-    with torch.no_grad():
-        b_s = bias_s.detach().to(q_s.dtype)
-        for lo in range(0, n, rows):
-            p_s = _biased(q_s[..., lo:lo + rows, :] @ (k_s * scale_s).transpose(-2, -1), b_s, lo, rows).softmax(-1)
-            p_t = _biased(q_t[..., lo:lo + rows, :] @ (k_t * scale_t).transpose(-2, -1), bias_t, lo, rows).softmax(-1)
-            rows_bias = b_s[..., lo:lo + rows, :]
-            value = value - (p_t * rows_bias).sum()
-            grads.append(_sum_to_shape(p_s - p_t, rows_bias.shape))
-        grad = torch.cat(grads, dim=-2)
-    b = bias_s.to(q_s.dtype)
-    surrogate = (b * grad).sum()
-    return value + (surrogate - surrogate.detach())
-
-
-def _sum_to_shape(x: Tensor, shape: torch.Size) -> Tensor:
-    """``x`` summed over the leading and size-1 dimensions that ``shape`` broadcasts over."""
-    x = x.sum(dim=tuple(range(x.dim() - len(shape)))) if x.dim() > len(shape) else x
-    dims = tuple(i for i, n in enumerate(shape) if n == 1 and x.shape[i] != 1)
-    return x.sum(dim=dims, keepdim=True) if dims else x
-
-
-def attention_distillation_loss(
-        q_s: Tensor,
-        k_s: Tensor,
-        q_t: Tensor,
-        k_t: Tensor,
-        scale_s: float,
-        scale_t: float,
-        chunk: Optional[int] = None,
-        bias_s: Optional[Tensor] = None,
-        bias_t: Optional[Tensor] = None,
-) -> Tensor:
-    """The attention distillation loss of Li et al. (NeurIPS 2024) for one layer from queries and keys
-    (B, H, N, head_dim): mean over (b, h, i) of CE_i = -sum_j softmax(T)_ij log_softmax(S)_ij with
-    S = q_s k_s^T * scale_s and T = q_t k_t^T * scale_t, through the attention kernels, no N x N
-    tensor stored.
-
-    Because each teacher row sums to one, CE_i = logsumexp_j S_ij - scale_s q_s,i . (P_t k_s)_i with
-    P_t = softmax(T), and P_t k_s is ``scaled_dot_product_attention(q_t, k_t, k_s)``. The log-sum-exp's
-    value comes from a no-grad pass over ``chunk`` query rows at a time (see _row_logsumexp); its
-    gradient, scale_s P_s k_s for q_s and scale_s P_s^T q_s for k_s (P_s = softmax(S)), from one more
-    attention call, ``scale_s q_s . SDPA(q_s, k_s, k_s)`` with the softmax's q_s and k_s detached,
-    minus its own value. Gradients reach the teacher's q and k when they require them.
-
-    Computed in float32 (or the inputs' wider dtype) with autocast off, also under bf16/fp16 autocast
-    (which would hand SDPA bf16). Student and teacher may differ in head_dim, not in heads or tokens.
-
-    ``bias_s`` / ``bias_t``: additive score biases (a relative position bias, broadcastable to
-    (B, H, N, N)): S and T gain them, the attention calls take them as ``attn_mask``, and the student's
-    gets its gradient from _score_bias_term (the teacher's gets none).
-    """
-    if q_s.shape[:-1] != q_t.shape[:-1] or k_s.shape[-2] != k_t.shape[-2]:
-        raise ValueError(f"student q {tuple(q_s.shape)} and teacher q {tuple(q_t.shape)} differ in batch, "
-                         "heads or tokens")
-    dtype = torch.promote_types(torch.promote_types(q_s.dtype, q_t.dtype), torch.float32)
-    q_s, k_s, q_t, k_t = (a.to(dtype) for a in (q_s, k_s, q_t, k_t))
-    scale_s, scale_t = float(scale_s), float(scale_t)
-    with torch.autocast(q_s.device.type, enabled=False):
-        mask_s = bias_s.detach().to(dtype) if bias_s is not None else None
-        mask_t = bias_t.detach().to(dtype) if bias_t is not None else None
-        lse = _row_logsumexp(q_s.detach(), k_s.detach(), scale_s, chunk, mask_s)
-        teacher_mix = F.scaled_dot_product_attention(q_t, k_t, k_s, attn_mask=mask_t, scale=scale_t)  # P_t k_s
-        own_mix = F.scaled_dot_product_attention(q_s.detach(), k_s.detach(), k_s, attn_mask=mask_s,
-                                                 scale=scale_s)  # P_s k_s
-        lse_grad = scale_s * (q_s * own_mix).sum(dim=-1)
-        ce = lse + (lse_grad - lse_grad.detach()) - scale_s * (q_s * teacher_mix).sum(dim=-1)
-        if bias_s is None:
-            return ce.mean()
-        bias_term = _score_bias_term(q_s.detach(), k_s.detach(), q_t.detach(), k_t.detach(), scale_s, scale_t,
-                                     bias_s.to(dtype), mask_t, chunk)
-    return ce.mean() + bias_term / ce.numel()
-
-
-def activation_mse(student: Tensor, teacher: Tensor) -> Tensor:
-    """MSE between a student and a teacher activation (q, k or v), in float32 or wider."""
-    s = _at_least_float32(student)
-    return F.mse_loss(s, teacher.to(s.dtype))
-
-
-def _at_least_float32(x: Tensor) -> Tensor:
-    return x.to(torch.promote_types(x.dtype, torch.float32))
-
-
-def transfer_loss(mode: TransferMode, student: Captured, teacher: Captured, impl: str) -> Tensor:
-    """The per-layer loss of a ``loss`` mode, from what the student's and the teacher's attention
-    captured with implementation ``impl`` (explicit maps, or q and k with their scale: see
-    transfer_attention): the MSE of q, k or v, or the attention maps' cross-entropy. When the teacher's
-    capture names ``heads`` (--transfer_heads), the loss is that of those heads alone (its mean runs over
-    them, not over the others)."""
-    if 'heads' in teacher:
-        student, teacher = select_heads(student, teacher['heads']), select_heads(teacher, teacher['heads'])
-    if mode.exposes != 'attn':
-        return activation_mse(student[mode.exposes], teacher[mode.exposes])
-    if impl == 'explicit':
-        return attention_cross_entropy(student['attn_logits'], teacher['attn'], student['attn'])
-    return attention_distillation_loss(student['q'], student['k'], teacher['q'], teacher['k'],
-                                       student['scale'], teacher['scale'], bias_s=student.get('bias'),
-                                       bias_t=teacher.get('bias'))
-
-
-# ---------------------------------------------------------------------------------------------
-# Attention capture and injection over a timm Attention module
-# ---------------------------------------------------------------------------------------------
-ATTENTION_IMPLS = ('fused', 'explicit')
-ATTENTION_IMPL_CHOICES = ('auto',) + ATTENTION_IMPLS
-
-
-def resolve_attention_impl(impl: str, device: Union[str, torch.device]) -> str:
-    """The attention implementation for ``impl`` on ``device``: ``auto`` is ``fused`` on CUDA (SDPA's flash /
-    memory-efficient kernels, no N x N map stored) and ``explicit`` elsewhere (on CPU the explicit maps'
-    steps measured faster at ViT sizes, docs/PERFORMANCE.md); ``fused`` and ``explicit`` stay as given."""
-    if impl == 'auto':
-        return 'fused' if torch.device(device).type == 'cuda' else 'explicit'
-    if impl not in ATTENTION_IMPLS:
-        raise ValueError(f"attention impl {impl!r}: choose one of {', '.join(ATTENTION_IMPL_CHOICES)}")
-    return impl
-
-
-def attention_logits_and_probs(q: Tensor, k: Tensor, scale: float,
-                               bias: Optional[Tensor] = None) -> tuple[Tensor, Tensor]:
-    """Explicit attention map: logits ``q k^T * scale (+ bias)`` in float32 (or wider) and their softmax over keys.
-
-    The only place that builds an (B, H, N, N) map: diagnostics (forward_with_capture, attention
-    probe scoring, visualisation) and ``--attention_impl explicit``."""
-    logits = _at_least_float32((q * scale) @ k.transpose(-2, -1))
-    if bias is not None:
-        logits = logits + bias.to(logits.dtype)
-    return logits, logits.softmax(dim=-1)
-
-
-def transfer_attention(
-        attn: Attention,
-        x: Tensor,
-        expose: Optional[str] = None,
-        given: Optional[Captured] = None,
-        impl: str = 'fused',
-        context=None,
-) -> tuple[Tensor, Captured]:
-    """Run a timm attention module, exposing and/or replacing some of its activations.
-
-    expose: ``q``, ``k``, ``v`` or ``attn`` (the attention map); the returned dict holds it.
-        With ``impl='fused'`` the map is exposed as what defines it, ``q``, ``k`` and ``scale``;
-        with ``impl='explicit'`` as probabilities ``attn`` (B, H, N, N) with their float32 logits
-        ``attn_logits``. ``None`` exposes nothing.
-    given: activations to use instead of the module's own: ``q``, ``k`` or ``v``; ``q`` and ``k``
-        with the ``scale`` that goes with them (another model's attention map, fused); or ``attn``
-        (probabilities, explicit).
-
-    With ``impl='fused'``, or without an explicit map exposed or given, the layer runs
-    ``scaled_dot_product_attention`` and no N x N tensor is built.
-
-    ``context``: what the module's family needs beside ``x`` (models_families: the rotary embedding of an
-    Eva block, the shared relative position bias of a Beit model). A family's additive score bias is part
-    of the map: exposed as ``bias`` with q and k (fused), and a map given as q and k brings its own.
-    """
-    if impl not in ATTENTION_IMPLS:
-        raise ValueError(f"attention impl {impl!r}: choose one of {', '.join(ATTENTION_IMPLS)}")
-    if given and 'heads' in given:
-        return _transfer_some_heads(attn, x, expose, given, impl, context)
-    given = given or {}
-    family = family_of_attention(attn)
-    map_given = 'q' in given and 'k' in given
-    q, k, v = family.project(attn, x, context, only_v='attn' in given or map_given)
-    q, k, v = given.get('q', q), given.get('k', k), given.get('v', v)
-    scale = given.get('scale', attn.scale)
-    bias = given.get('bias') if map_given else family.score_bias(attn, context)
-    captured: Captured = {}
-    if expose in ('q', 'k', 'v'):
-        captured[expose] = {'q': q, 'k': k, 'v': v}[expose]
-    elif expose == 'attn' and impl == 'fused':
-        captured.update(q=q, k=k, scale=scale)
-        if bias is not None:
-            captured['bias'] = bias
-
-    drop_p = attn.attn_drop.p if attn.training else 0.0
-    if 'attn' in given:
-        out = attn.attn_drop(given['attn']).to(v.dtype) @ v
-    elif expose == 'attn' and impl == 'explicit':
-        logits, probs = attention_logits_and_probs(q, k, scale, bias)
-        captured['attn_logits'], captured['attn'] = logits, probs
-        out = attn.attn_drop(probs).to(v.dtype) @ v
-    else:
-        mask = bias.to(q.dtype) if bias is not None else None
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=drop_p, scale=scale)
-    return family.output(attn, out, x), captured
-
-
-def select_heads(captured: Captured, heads: Sequence[int]) -> Captured:
-    """The entries of a capture restricted to ``heads`` (dimension 1 of q, k, v and the maps; a family's score
-    bias by its own head dimension)."""
-    index = list(heads)
-    return {name: (_bias_of_heads(value, index) if name == 'bias' else value[:, index])
-            if isinstance(value, Tensor) else value for name, value in captured.items() if name != 'heads'}
-
-
-def _bias_of_heads(bias: Tensor, heads: list[int]) -> Tensor:
-    """A score bias broadcastable to (B, H, N, N) (e.g. (H, N, N) or (1, H, N, N)) restricted to ``heads``."""
-    return bias[..., heads, :, :] if bias.dim() >= 3 and bias.shape[-3] > 1 else bias
-
-
-def _transfer_some_heads(attn: Attention, x: Tensor, expose: Optional[str], given: Captured,
-                         impl: str, context=None) -> tuple[Tensor, Captured]:
-    """transfer_attention with what ``given`` hands over used in the heads ``given['heads']`` only
-    (--transfer_heads); the module's other heads attend with their own q, k and v (and its family's score
-    bias). With ``expose='attn'`` (explicit) the capture holds the probabilities each head used."""
-    heads = list(given['heads'])
-    given = {name: value for name, value in given.items() if name != 'heads'}
-    family = family_of_attention(attn)
-    q, k, v = family.project(attn, x, context, only_v=False)
-    bias = family.score_bias(attn, context)
-    chosen = torch.zeros(attn.num_heads, dtype=torch.bool, device=x.device)
-    chosen[heads] = True
-    mask = chosen.view(1, -1, 1, 1)
-    drop_p = attn.attn_drop.p if attn.training else 0.0
-    captured: Captured = {}
-    if 'attn' in given:  # explicit probabilities: the teacher's rows in the chosen heads, the student's elsewhere
-        _, own = attention_logits_and_probs(q, k, attn.scale, bias)
-        probs = torch.where(mask, given['attn'].to(own.dtype), own)
-        if expose == 'attn':
-            captured['attn'] = probs
-        return family.output(attn, attn.attn_drop(probs).to(v.dtype) @ v, x), captured
-    if 'q' in given and 'k' in given:  # a fused map: the teacher's q and k (and scale) attend over the chosen heads
-        if expose:
-            raise ValueError("a fused map given to some heads exposes nothing; use impl='explicit' to capture maps")
-        rest = [h for h in range(attn.num_heads) if h not in heads]
-        out_given = F.scaled_dot_product_attention(
-            given['q'][:, heads], given['k'][:, heads], v[:, heads], dropout_p=drop_p, scale=given['scale'],
-            attn_mask=_heads_of(given.get('bias'), heads, q.dtype))
-        out_own = F.scaled_dot_product_attention(q[:, rest], k[:, rest], v[:, rest], dropout_p=drop_p,
-                                                 scale=attn.scale, attn_mask=_heads_of(bias, rest, q.dtype))
-        order = torch.tensor(heads + rest, device=x.device).argsort()
-        return family.output(attn, torch.cat([out_given, out_own], dim=1)[:, order], x), captured
-    q, k, v = (torch.where(mask, given[name].to(own.dtype), own) if name in given else own
-               for name, own in (('q', q), ('k', k), ('v', v)))
-    return transfer_attention(attn, x, expose, {'q': q, 'k': k, 'v': v, 'bias': bias}, impl, context)
-
-
-def _heads_of(bias: Optional[Tensor], heads: list[int], dtype: torch.dtype) -> Optional[Tensor]:
-    """A score bias (broadcastable to (B, H, N, N)) restricted to ``heads``, as an SDPA mask."""
-    if bias is None:
-        return None
-    return _bias_of_heads(bias, heads).to(dtype)
-
-
-# --map_average: how the teacher's maps are averaged before they are handed over
-MAP_AVERAGES = ('none', 'examples', 'queries')
-
-
-def average_maps(handed: Captured, how: str) -> Captured:
-    """--map_average: the teacher's attention probabilities ``attn`` (B, H, N, N) replaced by their mean over
-    the batch's images (``examples``: A'[b, h, i, j] = mean over b' of A[b', h, i, j], the same map for every
-    image) or over the query positions (``queries``: A'[b, h, i, j] = mean over i' of A[b, h, i', j], the same
-    row for every query); each row still sums to one. ``none`` hands the maps over as they are."""
-    if how == 'none':
-        return handed
-    dim = {'examples': 0, 'queries': 2}[how]
-    averaged = {name: value for name, value in handed.items() if name != 'attn_logits'}
-    averaged['attn'] = handed['attn'].mean(dim, keepdim=True).expand_as(handed['attn'])
-    return averaged
-
-
-# ---------------------------------------------------------------------------------------------
-# Blocks, embedding and stochastic depth over a timm VisionTransformer
-# ---------------------------------------------------------------------------------------------
-DropPathMasks = list  # per block: (mask for the attention branch, mask for the MLP branch); None = keep all
-
-AttentionFn = Callable[[Tensor], tuple[Tensor, Captured]]
-
-
-def _plain_attention(attn: nn.Module, context=None) -> AttentionFn:
-    family = family_of_attention(attn)
-    return lambda h: (family.call(attn, h, context), {})
-
-
-def block_forward(
-        blk: Block,
-        x: Tensor,
-        attention: AttentionFn,
-        masks: Optional[tuple[Optional[Tensor], Optional[Tensor]]] = None,
-) -> tuple[Tensor, Captured]:
-    """A timm pre-norm block (``Block``, or another family's: models_families) with a given attention call
-    and, optionally, given drop-path masks.
-
-    Without masks, the block's own ``drop_path1/2`` modules apply (identity in eval mode).
-    """
-    scale1, scale2 = family_of_block(blk).branch_scales(blk)
-    h, captured = attention(blk.norm1(x))
-    x = x + _drop_branch(scale1(h), blk.drop_path1, masks, 0)
-    x = x + _drop_branch(scale2(blk.mlp(blk.norm2(x))), blk.drop_path2, masks, 1)
-    return x, captured
-
-
-def _drop_branch(branch: Tensor, own_drop_path: nn.Module, masks: Optional[tuple], index: int) -> Tensor:
-    if masks is None:
-        return own_drop_path(branch)
-    mask = masks[index]
-    return branch if mask is None else branch * mask.to(branch.dtype)
-
-
-def embed_tokens(vit: VisionTransformer, x: Tensor) -> Tensor:
-    """Patch embedding, prefix tokens, position embedding and pre-norm: the tokens block 0 sees."""
-    return embed_with_context(vit, x)[0]
-
-
-def embed_with_context(vit: nn.Module, x: Tensor) -> tuple[Tensor, list]:
-    """The tokens block 0 sees and, per block, what its attention needs beside its input (its family's
-    context: a rotary embedding, a shared relative position bias, or None)."""
-    return family_of_model(vit).embed(vit, x)
-
-
-def drop_path_rates(vit: VisionTransformer) -> list[tuple[float, float]]:
-    """Per block, the stochastic-depth rate of its two residual branches (0 where none)."""
-    def rate(m: nn.Module) -> float:
-        return float(getattr(m, 'drop_prob', 0.0))
-    return [(rate(b.drop_path1), rate(b.drop_path2)) for b in vit.blocks]
-
-
-def draw_drop_path_masks(
-        rates: Sequence[tuple[float, float]],
-        batch_size: int,
-        device: torch.device,
-) -> DropPathMasks:
-    """One per-sample keep mask per residual branch per block, scaled by 1/keep as timm's DropPath."""
-    def draw(p: float) -> Optional[Tensor]:
-        if p <= 0.0:
-            return None
-        keep = 1.0 - p
-        return torch.empty(batch_size, 1, 1, device=device).bernoulli_(keep).div_(keep)
-    return [(draw(p1), draw(p2)) for p1, p2 in rates]
-
-
-def forward_with_capture(
-        vit: VisionTransformer,
-        x: Tensor,
-        attention_blocks: Collection[int] = (),
-        feature_blocks: Collection[int] = (),
-) -> tuple[Tensor, dict[int, Tensor], dict[int, Tensor]]:
-    """A ViT's logits, its attention probabilities (B, H, N, N) at ``attention_blocks`` and its block
-    outputs (B, N, C) at ``feature_blocks``, through the same attention code as the transfer."""
-    tokens, contexts = embed_with_context(vit, x)
-    maps, features = {}, {}
-    for i, blk in enumerate(vit.blocks):
-        attention = (partial(transfer_attention, blk.attn, expose='attn', impl='explicit', context=contexts[i])
-                     if i in attention_blocks else _plain_attention(blk.attn, contexts[i]))
-        tokens, captured = block_forward(blk, tokens, attention)
-        if i in attention_blocks:
-            maps[i] = captured['attn']
-        if i in feature_blocks:
-            features[i] = tokens
-    return vit.forward_head(vit.norm(tokens)), maps, features
-
-
-SUPPORTED_FAMILIES = ("timm VisionTransformer with its pre-norm Block (ViT, DeiT, MAE, DINO, DINOv2, CLIP, SigLIP, "
-                      "qk-norm), Eva with EvaBlock (EVA-02, vit_*_rope_*, DINOv3, PE) and Beit (BEiT, BEiTv2)")
-
-
-def check_supported(vit: nn.Module, role: str) -> None:
-    """Raise a clear error unless ``vit`` is a timm model of a family models_families has an adapter for,
-    made of that family's pre-norm blocks."""
-    family = family_of_model(vit)
-    if family is None:
-        raise UserError(f"{role}: {type(vit).__name__} is not a ViT family attention transfer supports; it "
-                        f"supports a {SUPPORTED_FAMILIES}. Pick such a model, or train without a transfer mode "
-                        "(--mode none).")
-    for i, blk in enumerate(vit.blocks):
-        attn = getattr(blk, 'attn', None)  # parallel blocks (vit_*_18x2_*, vit_pwee_*) have none
-        if type(blk) not in family.block_types or type(attn) not in family.attention_types:
-            raise UserError(
-                f"{role}: block {i} is {type(blk).__name__} with {type(attn).__name__}; attention transfer "
-                f"supports {family.name} models built from {' or '.join(t.__name__ for t in family.block_types)} "
-                f"with {' or '.join(t.__name__ for t in family.attention_types)} (post-norm blocks such as "
-                "ResPostBlock and EvaBlockPostNorm, and parallel blocks, are not supported). Pick such a model, "
-                "or train without a transfer mode (--mode none).")
-    refusal = family.refusal(vit)
-    if refusal:
-        raise UserError(f"{role}: {type(vit).__name__}: {refusal}. Pick another model, or train without a transfer "
-                        "mode (--mode none).")
-
-
-def pair_layers(spec: Union[str, dict, None], student_depth: int, teacher_depth: int) -> dict[int, int]:
-    """Student layer -> teacher block. ``spec``: ``"0:1,1:3"`` (student:teacher pairs) or a dict; without one,
-    a student as deep as the teacher (or deeper) pairs block i with block i, and a shallower student is spread
-    over the teacher's depth, top layer to top layer: student layer i with teacher block
-    round((i + 1) * teacher_depth / student_depth) - 1 (2 of 4: 0:1, 1:3; 4 of 12: 0:2, 1:5, 2:8, 3:11)."""
-    if spec is None or spec == '' or spec == {}:
-        if student_depth >= teacher_depth:
-            return {i: i for i in range(teacher_depth)}
-        return {i: round((i + 1) * teacher_depth / student_depth) - 1 for i in range(student_depth)}
-    if isinstance(spec, dict):
-        pairs = {int(i): int(j) for i, j in spec.items()}
-    else:
-        pairs = {}
-        for part in str(spec).split(','):
-            try:
-                i, j = (int(n) for n in part.split(':'))
-            except ValueError:
-                raise UserError(f"--layer_map {spec!r}: cannot read {part.strip()!r}; write student:teacher pairs, "
-                                "e.g. 0:1,1:3") from None
-            if i in pairs:
-                raise UserError(f"--layer_map {spec!r}: student layer {i} is paired twice")
-            pairs[i] = j
-    bad = [f'{i}:{j}' for i, j in pairs.items() if not (0 <= i < student_depth and 0 <= j < teacher_depth)]
-    if bad:
-        raise UserError(f"--layer_map: pairs {', '.join(bad)} name layers outside the student's blocks "
-                        f"0..{student_depth - 1} or the teacher's 0..{teacher_depth - 1}")
-    order = sorted(pairs)
-    if any(pairs[a] >= pairs[b] for a, b in zip(order, order[1:])):
-        raise UserError(f"--layer_map {spec!r}: the teacher blocks must rise with the student layers (the teacher "
-                        "runs once, bottom to top), e.g. 0:1,1:3")
-    return {i: pairs[i] for i in order}
-
-
-def transferred_pairs(selected: list[int], pairs: dict[int, int], explicit: bool) -> list[int]:
-    """The transferred student layers: those selected (--transfer_layers / --end_layer) that are paired with a
-    teacher block; an explicit selection of an unpaired layer is an error."""
-    unpaired = [i for i in selected if i not in pairs]
-    if unpaired and explicit:
-        raise UserError(f"--transfer_layers selects layers {unpaired} that --layer_map pairs with no teacher block; "
-                        "pair them, or leave them out")
-    layers = [i for i in selected if i in pairs]
-    if not layers:
-        raise UserError("--layer_map and --transfer_layers / --end_layer leave no layer to transfer")
-    return layers
-
-
-def token_mismatches(teacher: nn.Module, student: nn.Module) -> list[str]:
-    """Why the teacher's and the student's tokens do not correspond one to one (empty when they do). Maps of
-    other patch grids are not resampled and register rows are neither dropped nor mirrored: the student is
-    asked for the teacher's grid and prefix tokens, which its own architecture arguments give."""
-    problems = []
-    t_grid, s_grid = tuple(teacher.patch_embed.grid_size), tuple(student.patch_embed.grid_size)
-    if t_grid != s_grid:
-        t_patch, s_patch = teacher.patch_embed.patch_size, student.patch_embed.patch_size
-        problems.append(f"teacher's patch grid {t_grid[0]}x{t_grid[1]} (patch {t_patch[0]}), student's "
-                        f"{s_grid[0]}x{s_grid[1]} (patch {s_patch[0]}): maps pair the tokens one to one, so give the "
-                        f"student the teacher's patch size (--student_kwargs patch_size={t_patch[0]})")
-    t_prefix, s_prefix = teacher.num_prefix_tokens, student.num_prefix_tokens
-    if t_prefix != s_prefix:
-        key = 'num_reg_tokens' if family_of_model(student).name == 'Eva' else 'reg_tokens'
-        t_regs = t_prefix - int(getattr(teacher, 'cls_token', None) is not None)
-        problems.append(f"teacher has {t_prefix} prefix tokens (class and {t_regs} register tokens), student "
-                        f"{s_prefix}: give the student the teacher's register tokens (--student_kwargs {key}={t_regs})"
-                        " and class token")
-    return problems
-
-
-def parse_layers(spec: Union[str, Sequence[int], None], depth: int, end_layer: int = 0) -> list[int]:
-    """The transferred layer indices.
-
-    ``spec`` is an explicit selection (``"0-17"``, ``"0,2,4"``, ``"0-3,8"`` or a sequence of ints);
-    without one, ``end_layer <= 0`` selects ``[0, depth + end_layer)`` as the reference does.
-    """
-    if spec is None or spec == '':
-        if end_layer > 0:
-            raise UserError(f"--end_layer {end_layer}: must be <= 0, it counts layers from the top (0 = all {depth} "
-                            "layers, -1 = all but the last); to choose layers by index use --transfer_layers")
-        if depth + end_layer <= 0:
-            raise UserError(f"--end_layer {end_layer} leaves no layer of {depth} to transfer; use a value above "
-                            f"-{depth} (0 = all)")
-        return list(range(depth + end_layer))
-    if isinstance(spec, str):
-        layers = []
-        for part in spec.split(','):
-            part = part.strip()
-            try:
-                lo, _, hi = part.partition('-')
-                lo, hi = int(lo), int(hi) if hi else None
-            except ValueError:
-                raise UserError(
-                    f"--transfer_layers {spec!r}: cannot read {part!r}; write e.g. '0-17' or '0,2,4'") from None
-            if hi is not None and hi < lo:
-                raise UserError(f"--transfer_layers {spec!r}: the range {part!r} is empty; write the lower layer "
-                                f"first ('{hi}-{lo}')")
-            layers.extend(range(lo, hi + 1) if hi is not None else [lo])
-    else:
-        layers = [int(i) for i in spec]
-    layers = sorted(set(layers))
-    if not layers:
-        raise UserError(f"--transfer_layers {spec!r} selects no layer; write e.g. '0-17' or '0,2,4'")
-    bad = [i for i in layers if not 0 <= i < depth]
-    if bad:
-        raise UserError(f"--transfer_layers: layers {bad} are outside the model's blocks 0..{depth - 1}")
-    return layers
-
-
-def parse_heads(spec: Union[str, int, Sequence[int], None], num_heads: int) -> Optional[tuple[int, ...]]:
-    """--transfer_heads: the transferred heads of each transferred layer, None for all of them.
-
-    ``spec``: a count ``N`` (the first N heads, ``"2"``), or heads by index with ``,`` and ranges (``"0,2"``,
-    ``"4-7"``; one head by index: ``"3-3"``), or a sequence of indices; None or ``''``: every head."""
-    if spec is None or spec == '':
-        return None
-    if isinstance(spec, int) or (isinstance(spec, str) and spec.strip().isdigit()):
-        count = int(spec)
-        if not 1 <= count <= num_heads:
-            raise UserError(f"--transfer_heads {spec}: transfers the first N heads; N must lie in [1, {num_heads}] "
-                            f"(the transferred layers have {num_heads} heads)")
-        heads = list(range(count))
-    else:
-        try:
-            heads = parse_layers(spec, num_heads)
-        except UserError as e:
-            raise UserError(str(e).replace('--transfer_layers', '--transfer_heads').replace('layers', 'heads')
-                            .replace("model's blocks", 'heads')) from None
-    return None if len(heads) == num_heads else tuple(heads)
-
-
-# ---------------------------------------------------------------------------------------------
-# The pair
-# ---------------------------------------------------------------------------------------------
 class DualViT(TeacherStudentPair):
     """A trainable student ViT and, for transfer modes, a frozen teacher ViT beside it.
 
     forward(x) returns the student's logits; in training under a ``loss`` mode it returns
-    ``(logits, transfer_loss)`` with the loss unweighted and summed over transferred layers.
-    ``attention_impl``: ``fused``, ``explicit``, or ``auto`` (chosen by the input's device at each forward,
-    see resolve_attention_impl).
-    """
+    ``(logits, transfer_loss)`` with the loss unweighted and summed over the transferred layers.
+
+    The wiring comes as resolved values: ``pairs`` (every student layer -> its teacher block; the teacher runs
+    in step with them and shares their drop-path masks), ``layers`` (the transferred student layers, each paired),
+    ``heads`` (the transferred heads, None for all), ``map_average`` and ``attention_impl`` (``fused`` or
+    ``explicit``). Without ``pairs`` / ``layers``, models_pairing's default pairing over every layer."""
 
     def __init__(
             self,
             student: VisionTransformer,
             teacher: Optional[VisionTransformer] = None,
             mode: Union[TransferMode, str, None] = None,
-            layers: Union[str, Sequence[int], None] = None,
-            end_layer: int = 0,
+            pairs: Optional[Mapping[int, int]] = None,
+            layers: Optional[Sequence[int]] = None,
+            heads: Optional[Sequence[int]] = None,
+            map_average: str = 'none',
             share_drop_path: bool = True,
             attention_impl: str = 'fused',
-            layer_map: Union[str, dict, None] = None,
-            transfer_heads: Union[str, int, Sequence[int], None] = None,
-            map_average: str = 'none',
     ) -> None:
         super().__init__()
-        if attention_impl not in ATTENTION_IMPL_CHOICES:
-            raise ValueError(f"attention_impl {attention_impl!r}: choose one of {', '.join(ATTENTION_IMPL_CHOICES)}")
         self.mode = transfer_of(mode)
-        if self.mode is not None and teacher is None:
-            raise ValueError(f"mode {mode!r} needs a teacher model; give one, or use mode 'none'")
-        if self.mode is None and teacher is not None:
-            raise ValueError("a teacher was given without a transfer mode; choose a mode such as 'distill'")
-        self.student = student
-        self.teacher = teacher
-        self.share_drop_path = share_drop_path
-        self.attention_impl = attention_impl
+        if (self.mode is None) != (teacher is None):
+            raise ModelArgumentError(f"mode {mode!r} with {'a' if teacher is not None else 'no'} teacher: a transfer "
+                                     "mode needs a teacher, and a teacher needs a transfer mode", 'teacher')
+        if attention_impl not in ATTENTION_IMPLS:
+            raise ModelArgumentError(f"attention implementation {attention_impl!r}: choose one of "
+                                     f"{', '.join(ATTENTION_IMPLS)} (resolve 'auto' with resolve_attention_impl)",
+                                     'attention_impl')
+        self.student, self.teacher = student, teacher
+        self.share_drop_path, self.attention_impl, self.map_average = share_drop_path, attention_impl, map_average
         self.grad_checkpointing = False
         self._teacher_layer, self._student_layer = teacher_layer, student_layer
-        self._layers: list[int] = []
         self.pairs: dict[int, int] = {}  # student layer -> the teacher block it is paired with
+        self.layers: list[int] = []  # the transferred student layers
+        self.heads = tuple(heads) if heads is not None else None
         if teacher is not None:
             check_supported(teacher, 'teacher')
             check_supported(student, 'student')
-            depth = min(len(teacher.blocks), len(student.blocks))
-            self.pairs = pair_layers(layer_map, len(student.blocks), len(teacher.blocks))
-            self._layers = transferred_pairs(parse_layers(layers, depth, end_layer), self.pairs,
-                                             explicit=layers not in (None, ''))
-            self._check_compatible()
+            default_pairs, default_layers = resolve_pairing(len(student.blocks), len(teacher.blocks))
+            self.pairs = dict(pairs if pairs is not None else default_pairs)
+            self.layers = list(layers if layers is not None else [i for i in default_layers if i in self.pairs])
+            self._check_wiring()
             teacher.requires_grad_(False)
             teacher.eval()
-        self.transfer_heads, self.map_average = transfer_heads, map_average
-        self.heads = self._transferred_heads(transfer_heads)
-        self._check_map_average()
 
     @property
     def needs_teacher_at_eval(self) -> bool:
@@ -740,25 +97,22 @@ class DualViT(TeacherStudentPair):
         return self.mode is not None and self.mode.needs_teacher_at_eval
 
     @property
-    def layers(self) -> list[int]:
-        """The transferred layers (empty without a teacher)."""
-        return self._layers
+    def layer_pairs(self) -> list[tuple[int, int]]:
+        return [(i, self.pairs[i]) for i in self.layers]
 
     @property
     def last_teacher_layer(self) -> int:
         """Index of the last teacher block that runs; -1 without a teacher."""
         return self.pairs[self.layers[-1]] if self.layers else -1
 
-    def describe_layers(self) -> str:
-        """The transferred layers, with the teacher block of each where they differ."""
-        if all(self.pairs[i] == i for i in self.layers):
-            return str(self.layers)
-        return ', '.join(f'{i}:{self.pairs[i]}' for i in self.layers) + ' (student:teacher)'
-
-    def _check_compatible(self) -> None:
+    def _check_wiring(self) -> None:
+        """The pairs, heads and map averaging fit these two models (raises ModelArgumentError)."""
         t, s = self.teacher, self.student
-        problems = []
-        problems += token_mismatches(t, s)
+        unpaired = [i for i in self.layers if i not in self.pairs]
+        if unpaired or any(not (0 <= i < len(s.blocks) and 0 <= j < len(t.blocks)) for i, j in self.pairs.items()):
+            raise ModelArgumentError(f"layers {self.layers} with pairs {self.pairs} do not fit a {len(s.blocks)}-block "
+                                     f"student and a {len(t.blocks)}-block teacher", 'layer_map')
+        problems = token_mismatches(t, s)
         if family_of_model(s).uses_patch_dropout(s):
             problems.append("the student uses patch dropout, which breaks the token correspondence with the teacher")
         for i in self.layers:
@@ -770,28 +124,18 @@ class DualViT(TeacherStudentPair):
                 problems.append(f"layer {i}: teacher head_dim {t_dim}, student {s_dim} "
                                 f"(mode {self.mode.name} moves {self.mode.exposes} between them)")
         if problems:
-            raise UserError(f"teacher and student are incompatible for mode {self.mode.name}:\n  - "
-                            + "\n  - ".join(problems))
-
-    def _transferred_heads(self, spec) -> Optional[tuple[int, ...]]:
-        """--transfer_heads as head indices valid in every transferred layer (None: all heads)."""
-        if spec in (None, ''):
-            return None
-        if self.mode is None:
-            raise UserError("--transfer_heads chooses heads of a transfer mode: give a --mode such as copy or distill")
-        return parse_heads(spec, min(self.student.blocks[i].attn.num_heads for i in self.layers))
-
-    def _check_map_average(self) -> None:
+            raise ModelArgumentError(f"teacher and student are incompatible for mode {self.mode.name}:\n  - "
+                                     + "\n  - ".join(problems), 'student')
+        heads = min(s.blocks[i].attn.num_heads for i in self.layers)
+        if self.heads is not None and (not self.heads or not all(0 <= h < heads for h in self.heads)):
+            raise ModelArgumentError(f"heads {list(self.heads)}: the transferred layers have heads 0..{heads - 1}",
+                                     'transfer_heads')
         if self.map_average not in MAP_AVERAGES:
-            raise UserError(f"--map_average {self.map_average!r}: choose one of {', '.join(MAP_AVERAGES)}")
-        if self.map_average == 'none':
-            return
-        if self.mode is None or self.mode.exposes != 'attn':
-            raise UserError(f"--map_average {self.map_average} averages attention maps: it applies to --mode copy "
-                            f"and distill, not to {self.mode.name if self.mode else 'none'}")
-        if self.attention_impl == 'fused':
-            raise UserError(f"--map_average {self.map_average} averages the teacher's N x N maps, which the fused "
-                            "attention never builds: use --attention_impl explicit (or auto)")
+            raise ModelArgumentError(f"{self.map_average!r}: choose one of {', '.join(MAP_AVERAGES)}", 'map_average')
+        if self.map_average != 'none' and (self.mode.exposes != 'attn' or self.attention_impl == 'fused'):
+            raise ModelArgumentError(f"{self.map_average} averages the teacher's N x N attention maps, which mode "
+                                     f"{self.mode.name} with the {self.attention_impl} attention does not build (it "
+                                     "needs an attention map mode with explicit maps)", 'map_average')
 
     def hand_over(self, handed: Captured) -> Optional[Captured]:
         """What the student's layer receives of the teacher's capture: averaged over examples or queries
@@ -801,20 +145,11 @@ class DualViT(TeacherStudentPair):
         handed = average_maps(handed, self.map_average)
         return handed if self.heads is None else {**handed, 'heads': self.heads}
 
-    def load_teacher(self, path: str, use_ema: bool = False, flag: str = '') -> LoadReport:
-        """Load pre-trained teacher weights (see util.pretrained.load_pretrained_weights)."""
-        if self.teacher is None:
-            raise ValueError("this model has no teacher (mode 'none')")
-        report = load_pretrained_weights(self.teacher, path, use_ema=use_ema, flag=flag)
-        self.teacher.requires_grad_(False)
-        return report
-
     def with_student(self, student: VisionTransformer) -> DualViT:
         """The same teacher and transfer around another student (e.g. the EMA weights, for evaluation)."""
-        return DualViT(student, self.teacher, mode=self.mode, layers=self.layers or None,
-                       share_drop_path=self.share_drop_path, attention_impl=self.attention_impl,
-                       layer_map=self.pairs or None, transfer_heads=self.transfer_heads,
-                       map_average=self.map_average)
+        return DualViT(student, self.teacher, mode=self.mode, pairs=self.pairs, layers=self.layers, heads=self.heads,
+                       map_average=self.map_average, share_drop_path=self.share_drop_path,
+                       attention_impl=self.attention_impl)
 
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         """Recompute each student block in the backward pass instead of keeping its activations:
@@ -861,9 +196,7 @@ class DualViT(TeacherStudentPair):
         if masks is None and self.training and self.share_drop_path:
             masks = self.draw_drop_path_masks(x.shape[0], x.device)
 
-        mode, t, s, impl = self.mode, self.teacher, self.student, resolve_attention_impl(self.attention_impl, x.device)
-        if self.map_average != 'none' and impl == 'fused':
-            impl = 'explicit'  # the averaged maps exist only as explicit maps (--attention_impl auto on CUDA)
+        mode, t, s, impl = self.mode, self.teacher, self.student, self.attention_impl
         checkpointed = self.grad_checkpointing and self.training and torch.is_grad_enabled()
         with torch.no_grad():
             tx, t_context = embed_with_context(t, x)
@@ -902,7 +235,7 @@ def teacher_layer(
 ) -> tuple[Tensor, Captured]:
     """One teacher block of the transfer loop: its output and what it hands over (``expose``)."""
     attention = (partial(transfer_attention, blk.attn, expose=expose, impl=impl, context=context) if expose
-                 else _plain_attention(blk.attn, context))
+                 else plain_attention(blk.attn, context))
     return block_forward(blk, x, attention, masks)
 
 
@@ -920,7 +253,7 @@ def student_layer(
     ``handed``: what the teacher's block handed over, None in a layer without transfer. A
     ``replace`` mode uses it in place of the student's own activations; a ``loss`` mode compares."""
     if handed is None:
-        attention = _plain_attention(blk.attn, context)
+        attention = plain_attention(blk.attn, context)
     elif mode.use == 'replace':
         attention = partial(transfer_attention, blk.attn, given=handed, impl=impl, context=context)
     else:
@@ -982,71 +315,6 @@ def forward_dual_with_capture(
     return student.forward_head(student.norm(sx)), t_maps, s_maps
 
 
-# ---------------------------------------------------------------------------------------------
-# Builders and the reference's registry names
-# ---------------------------------------------------------------------------------------------
-# MAE's plain model names and the timm architectures they are.
-MAE_MODEL_NAMES = {
-    'vit_base_patch16': 'vit_base_patch16_224',
-    'vit_large_patch16': 'vit_large_patch16_224',
-    'vit_huge_patch14': 'vit_huge_patch14_224',
-}
-# The reference's dual model names and the timm architectures of their teacher and student.
-DUAL_MODEL_NAMES = {
-    'dual_vit_small_patch16': 'vit_small_patch16_224',
-    'dual_vit_base_patch16': 'vit_base_patch16_224',
-    'dual_vit_large_patch16': 'vit_large_patch16_224',
-    'dual_vit_huge_patch14': 'vit_huge_patch14_224',
-}
-
-
-def resolve_model_name(name: str) -> str:
-    """The timm architecture for a dual, MAE or timm model name."""
-    name = DUAL_MODEL_NAMES.get(name, MAE_MODEL_NAMES.get(name, name))
-    if not timm.is_model(name):
-        raise UserError(f"unknown model {name!r}: give a dual_vit_* name ({', '.join(DUAL_MODEL_NAMES)}), "
-                        f"an MAE name ({', '.join(MAE_MODEL_NAMES)}) or a timm model name (timm.list_models())")
-    return name
-
-
-def _pool_name(global_pool: Union[bool, str], arch: str = '') -> str:
-    if 'distilled' in arch:  # DeiT-distilled's two heads read the class and distillation tokens
-        return 'token'
-    if isinstance(global_pool, bool):  # MAE's flag: True = average pooling + fc_norm, False = class token
-        return 'avg' if global_pool else 'token'
-    return global_pool
-
-
-def create_vit(
-        name: str,
-        num_classes: int = 1000,
-        global_pool: Union[bool, str] = True,
-        img_size: int = 224,
-        drop_path_rate: float = 0.0,
-        **kwargs,
-) -> VisionTransformer:
-    """A randomly initialised timm ViT (no download) for a dual, MAE or timm name."""
-    arch = resolve_model_name(name)
-    try:
-        return timm.create_model(arch, pretrained=False, num_classes=num_classes,
-                                 global_pool=_pool_name(global_pool, arch), img_size=img_size,
-                                 drop_path_rate=drop_path_rate, **kwargs)
-    except (TypeError, ValueError, AssertionError) as e:
-        # timm's constructors reject a wrong name or argument with these, and their messages name
-        # neither the model nor the flag that set it
-        given = ' '.join(f'{k}={v!r}' for k, v in kwargs.items()) or 'none'
-        raise UserError(
-            f"timm cannot build {arch!r} with the arguments {given} ({type(e).__name__}: {e}). Check the name "
-            "(--model, --teacher_model, --student_model: a timm VisionTransformer such as vit_base_patch16_224) "
-            "and the KEY=VALUE arguments (--model_kwargs, --student_kwargs): known argument names, integers for "
-            "depth / embed_dim / num_heads, embed_dim divisible by num_heads") from e
-
-
-def init_class_token(vit: VisionTransformer) -> None:
-    """The class-token initialisation of both references' timm (0.3 / 0.4): truncated normal, std 0.02
-    (today's timm draws it with std 1e-6). For students trained from scratch beside a teacher."""
-    if vit.cls_token is not None:
-        trunc_normal_(vit.cls_token, std=0.02)
 
 
 def build_dual_vit(
@@ -1066,27 +334,32 @@ def build_dual_vit(
         layer_map: Union[str, dict, None] = None,
         transfer_heads: Union[str, int, Sequence[int], None] = None,
         map_average: str = 'none',
+        device: Union[str, torch.device, None] = None,
 ) -> DualViT:
-    """Build the pair from timm names. The student mirrors the teacher's architecture unless
-    ``student_model`` names another; in plain mode there is no teacher and the student is
-    ``student_model`` (or ``teacher_model`` when only that is given)."""
-    teacher_kwargs = dict(teacher_kwargs or {})
-    student_name = student_model or teacher_model
-    if student_name is None:
-        raise ValueError("give a teacher_model, a student_model, or both")
-    if student_model is None:
-        student_kwargs = {**teacher_kwargs, **(student_kwargs or {})}
-    common = dict(num_classes=num_classes, global_pool=global_pool, img_size=img_size)
-    student = create_vit(student_name, drop_path_rate=drop_path_rate, **common, **(student_kwargs or {}))
-    teacher = None
-    if transfer_of(mode) is not None:
-        if teacher_model is None:
-            raise ValueError(f"mode {mode!r} needs a teacher model (--teacher_model or a dual_vit_* --model)")
-        teacher = create_vit(teacher_model, drop_path_rate=0.0, **common, **teacher_kwargs)
-        init_class_token(student)
-    return DualViT(student, teacher, mode=mode, layers=transfer_layers, end_layer=end_layer,
-                   share_drop_path=share_drop_path, attention_impl=attention_impl, layer_map=layer_map,
-                   transfer_heads=transfer_heads, map_average=map_average)
+    """The pair from timm names (for notebooks, tests and benchmarks): the student's architecture as
+    ``models_spec.student_architecture`` decides it (the teacher's unless ``student_model`` names another), the
+    pairing as models_pairing resolves it, ``attention_impl='auto'`` for ``device`` (default: CUDA when
+    available). In plain mode there is no teacher and the student is ``student_model`` or ``teacher_model``."""
+    from models_spec import Architecture, student_architecture
+
+    transfer = transfer_of(mode)
+    if teacher_model is None and student_model is None:
+        raise ModelArgumentError("give a teacher_model, a student_model, or both", 'teacher')
+    teacher = Architecture.of(teacher_model, teacher_kwargs or {}, global_pool) if teacher_model else None
+    student = student_architecture(teacher, student_model, student_kwargs or {}, global_pool)
+    student_vit = student.create(num_classes, img_size, drop_path_rate)
+    if transfer is None:
+        return DualViT(student_vit)
+    if teacher is None:
+        raise ModelArgumentError(f"mode {transfer.name!r} needs a teacher model", 'teacher')
+    teacher_vit = teacher.create(num_classes, img_size)
+    init_class_token(student_vit)
+    pairs, layers = resolve_pairing(len(student_vit.blocks), len(teacher_vit.blocks), transfer_layers, end_layer,
+                                    layer_map)
+    heads = parse_heads(transfer_heads, min(student_vit.blocks[i].attn.num_heads for i in layers))
+    impl = resolve_attention_impl(attention_impl, device or ('cuda' if torch.cuda.is_available() else 'cpu'))
+    return DualViT(student_vit, teacher_vit, mode=transfer, pairs=pairs, layers=layers, heads=heads,
+                   map_average=map_average, share_drop_path=share_drop_path, attention_impl=impl)
 
 
 def _dual_factory(name: str) -> Callable[..., DualViT]:

@@ -16,7 +16,16 @@ from typing import Optional
 import torch.nn as nn
 from timm.models.vision_transformer import VisionTransformer
 
-from util.pretrained import LoadReport
+
+class ModelArgumentError(ValueError):
+    """A model or pair that cannot be built as asked, said in the model's words (no command-line flags: the model
+    layer is used from notebooks too). ``argument`` names the builder argument at fault (``layer_map``,
+    ``transfer_layers``, ``end_layer``, ``transfer_heads``, ``map_average``, ``probe_blocks``, ``student``,
+    ``teacher``): the command line names the flag that set it (util.model_record.flag_errors)."""
+
+    def __init__(self, message: str, argument: str = '') -> None:
+        super().__init__(message)
+        self.argument = argument
 
 
 class TeacherStudentPair(nn.Module, ABC):
@@ -32,12 +41,17 @@ class TeacherStudentPair(nn.Module, ABC):
 
     @property
     @abstractmethod
-    def layers(self) -> list:
-        """The layers the pair transfers or compares (empty without a teacher), for the start-up line."""
+    def layer_pairs(self) -> list[tuple[int, int]]:
+        """The (student layer, teacher block) pairs the pair transfers or compares, in the order its loss uses
+        them (empty without a teacher)."""
 
     def describe_layers(self) -> str:
-        """The layers as the start of a run prints them."""
-        return str(self.layers)
+        """The pairs as the start of a run prints them: the student layers alone where each is paired with the
+        teacher's block of the same index."""
+        pairs = self.layer_pairs
+        if all(i == j for i, j in pairs):
+            return str([i for i, _ in pairs])
+        return ', '.join(f'{i}:{j}' for i, j in pairs) + ' (student:teacher)'
 
     @property
     @abstractmethod
@@ -47,10 +61,6 @@ class TeacherStudentPair(nn.Module, ABC):
     @abstractmethod
     def with_student(self, student: VisionTransformer) -> TeacherStudentPair:
         """The same teacher and wiring around another student (the EMA weights, for evaluation)."""
-
-    @abstractmethod
-    def load_teacher(self, path: str, use_ema: bool = False, flag: str = '') -> LoadReport:
-        """The teacher's pre-trained weights from a checkpoint or a name (util.pretrained's loaders)."""
 
     @abstractmethod
     def compile_blocks(self, **compile_kwargs) -> None:

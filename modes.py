@@ -1,49 +1,57 @@
-"""One class per ``--mode``: what each mode checks, builds and trains on.
+"""One class per ``--mode`` family: what each mode checks, which model it builds, what it trains on and with
+which loss. The modes are siblings under ``Mode``:
 
     PlainTraining       --mode none: a plain timm ViT (training from scratch, or fine-tuning a checkpoint)
     AttentionTransfer   --mode copy, distill, copy_q/k/v, distill_q/k/v: a student beside a frozen teacher
-                        (Li et al., NeurIPS 2024), one ``TransferMode`` of models_dual_vit's table each
-    FeatureKD, LogitKD  --mode feature_kd, logit_kd: distillation baselines of the residual stream or of the
+                        (Li et al., NeurIPS 2024), one ``TransferMode`` of models_attention's table each
+    KnowledgeDistillation  --mode feature_kd, logit_kd: distillation baselines of the residual stream or of the
                         soft labels (models_kd)
     AttentionProbe      --mode probe: distillation on selected wild images without labels (Wang et al.,
                         ICASSP 2022)
 
 ``MODES`` maps every ``--mode`` value to its object and ``get_mode`` looks one up; nothing else in the
-project tests a mode's name. The training script asks the mode, in this order: ``recipe`` and
-``check`` (while the flags are resolved), ``teacher_architecture`` / ``build_model``, ``train_dataset``,
-``criterion``, ``param_groups`` (with ``lr_decay_layers``) and ``epochs``; ``evaluated_as`` says what a saved
-model is evaluated as.
+project tests a mode's name. Each mode judges its own flags (``check``) and refuses the flags of the others
+(``TAKES``). The run asks the mode, in this order: ``recipe`` and ``check`` (while the flags are resolved),
+``teacher_architecture`` and ``pairing`` (util.model_record.describe_model, the run's ``ModelSpec``),
+``build_model`` (from the spec, deciding nothing), ``load_weights``, ``train_dataset``, ``criterion``,
+``param_groups`` (with ``lr_decay_layers``) and ``epochs``; ``evaluated_as`` says what a saved model is
+evaluated as.
 """
 from __future__ import annotations
 
 import argparse
 import os
+from abc import ABC, abstractmethod
 
 import torch
+import torch.nn as nn
 from timm.layers import trunc_normal_
 
 from engine_finetune import evaluate
-from models_dual_vit import ATTENTION_IMPL_CHOICES, TRANSFER_MODES, DualViT, TransferMode, build_dual_vit, create_vit
-from models_kd import FEATURE_KD, LOGIT_KD, FeatureDistillation, LogitDistillation, build_kd_pair
-from models_probe import ProbeDistiller, build_probe_distiller
+from models_attention import ATTENTION_IMPL_CHOICES, TRANSFER_MODES, TransferMode
+from models_dual_vit import DualViT
+from models_kd import FeatureDistillation, LogitDistillation
+from models_pair import TeacherStudentPair
+from models_pairing import parse_heads, probe_pairs, resolve_pairing
+from models_probe import ProbeDistiller
+from models_spec import Architecture, ModelSpec
+from models_vit import init_class_token
 from util.args import check_positive, check_range, parse_kwargs
-from util.checkpoint import holds_teacher, recorded_args, restore_weights
+from util.checkpoint import holds_teacher, restore_weights
 from util.config import Config
-from util.datasets import build_dataset, default_eval_crop_pct, normalization
+from util.datasets import build_dataset, default_eval_crop_pct
 from util.distributed import barrier, is_main_process, log
 from util.errors import UserError
 from util.losses import ProbeCriterion, TransferCriterion, build_task_criterion
 from util.lr_decay import param_groups_lrd
 from util.pretrained import (
     EVAL_HEAD_ADVICE,
-    checkpoint_architecture,
+    LoadReport,
     is_named,
     load_pretrained_weights,
     local_checkpoint,
-    pool_of_state_dict,
     read_checkpoint,
     require_classifier_head,
-    select_state_dict,
 )
 from util.selection import (
     ProbeImages,
@@ -54,25 +62,15 @@ from util.selection import (
     training_class_weights,
 )
 
-# The Attention Probe reference's training budget: 320,000 iterations of 512 images (251 epochs for
-# 650,000 selected images); its ImageNet script's is twice that.
+# The Attention Probe reference's training budget: 320,000 iterations of 512 images (251 epochs for 650,000
+# selected images); its ImageNet script's is twice that.
 PROBE_PRESENTATIONS = 320000 * 512
 IMAGENET_PROBE_PRESENTATIONS = 640000 * 512
 
-
-# The arguments that define a run's model (--eval --resume, --ensemble_with and the tools rebuild it from those
-# its checkpoint records), each with the value in effect for checkpoints written before it was recorded.
-MODEL_ARGS = {'model': None, 'mode': 'none', 'teacher_model': None, 'student_model': None, 'model_kwargs': {},
-              'student_kwargs': {}, 'input_size': 224, 'nb_classes': 1000, 'global_pool': True,
-              'transfer_layers': None, 'layer_map': None, 'end_layer': 0, 'share_drop_path': True,
-              'probe_blocks': None, 'eval_crop_pct': None, 'transfer_heads': None, 'map_average': 'none'}
-
-
-def recorded_model(saved: dict, **changes) -> Config:
-    """The configuration of the model a checkpoint's recorded args describe (older checkpoints: the values
-    then in effect for what they do not record), with ``changes``: what a tool needs to rebuild that model."""
-    built_with = {'attention_impl': 'auto', 'drop_path': 0.0, 'use_teacher_ema': False, 'finetune': ''}
-    return Config.of({**MODEL_ARGS, **built_with, **saved}, **changes)
+# The flags that act on a teacher's layers, attention or loss, with their values when unset: a mode refuses
+# those it does not take (``Mode.takes``), so that no flag is accepted and silently does nothing.
+TEACHER_FLAGS = {'end_layer': 0, 'transfer_layers': None, 'layer_map': None, 'transfer_heads': None,
+                 'map_average': 'none', 'transfer_until': None, 'transfer_decay': 'step'}
 
 
 def probe_epochs(num_selected: int, presentations: int = PROBE_PRESENTATIONS) -> int:
@@ -81,44 +79,15 @@ def probe_epochs(num_selected: int, presentations: int = PROBE_PRESENTATIONS) ->
     return max(int(presentations / num_selected) - 1, 1)
 
 
-def student_architecture(args, teacher_kwargs: dict) -> tuple[str, dict]:
-    """The student's timm name and arguments: --student_model (with --student_kwargs), else the teacher's
-    architecture with --student_kwargs on top."""
-    if args.student_model:
-        return args.student_model, dict(args.student_kwargs)
-    return args.teacher_model or args.model, {**teacher_kwargs, **args.student_kwargs}
+class Mode(ABC):
+    """A ``--mode``: its recipe, its checks, its model, its training set and loss. ``takes``: which of
+    ``TEACHER_FLAGS`` it uses."""
 
-
-# Flags of the attention transfer modes alone: (flag, its value when unset, what it does)
-TRANSFER_FLAGS = (('transfer_heads', None, 'chooses the transferred heads'),
-                  ('map_average', 'none', "averages the teacher's maps"))
-
-
-def refuse_transfer_flags(mode: PlainTraining, args) -> None:
-    """Flags that act on transferred attention, refused in modes that transfer none."""
-    if args.eval:
-        return
-    until = getattr(args, 'transfer_until', None)
-    if until is not None:
-        if mode.transfer is None or mode.transfer.use != 'loss':
-            raise UserError(f"--transfer_until {until:g} ends a transfer loss, which --mode {mode.name} does not have "
-                            "(it applies to distill modes and the other modes with a loss): drop it")
-        check_positive('transfer_until', until, 'the epoch from which the transfer loss weighs 0')
-    if mode.transfer is not None:
-        return
-    for flag, unset, what in TRANSFER_FLAGS:
-        if getattr(args, flag, unset) not in (unset, ''):
-            raise UserError(f"--{flag} {what} of an attention transfer mode (copy, distill ...); --mode {mode.name} "
-                            "transfers none: drop it")
-
-
-class PlainTraining:
-    """A plain ViT trained on the labelled split with the task loss (no teacher)."""
-
-    name = 'none'
+    name: str = ''
     transfer: TransferMode | None = None
     # flags this mode sets when the command line leaves them unset
     defaults: dict = {}
+    takes: frozenset = frozenset()
     # the teacher's architecture (and normalisation) are read from its --finetune checkpoint
     teacher_from_checkpoint = False
     trains_on_labels = True
@@ -126,26 +95,27 @@ class PlainTraining:
     data_hint = ''
     # whether --student_init may give the student's starting weights (--finetune gives them in plain training)
     student_init = False
+    # what a transfer loss is called in the logs
+    loss_name = 'loss_atd'
 
     @property
     def uses_teacher(self) -> bool:
-        return self.transfer is not None
+        return True
 
-    def evaluated_as(self) -> PlainTraining:
+    def evaluated_as(self) -> Mode:
         """The mode a saved model of this mode is evaluated in (a distilled student runs alone)."""
-        return self
+        return PLAIN
 
     def needs_teacher(self, evaluating: bool) -> bool:
         """Whether this run needs the teacher's weights: to train, and to evaluate a model that runs with it."""
         return self.uses_teacher and (not evaluating or self.evaluated_as() is self)
 
-    def recipe(self, args) -> dict:
-        """The mode's recipe for every flag the command line left unset (code that builds args itself, without
-        ``explicit_flags``, gets its values as given)."""
-        explicit = getattr(args, 'explicit_flags', None)
-        if explicit is None:
+    def recipe(self, cfg: Config) -> dict:
+        """The mode's recipe for every flag the command line left unset (code that builds its configuration
+        itself, without ``explicit_flags``, gets its values as given)."""
+        if cfg.explicit_flags is None:
             return {}
-        return {key: value for key, value in self.defaults.items() if key not in explicit}
+        return {key: value for key, value in self.defaults.items() if key not in cfg.explicit_flags}
 
     def check_resumed(self, saved: dict, path: str) -> None:
         """A training run continues its checkpoint's run in the same mode: another mode's optimizer groups do not
@@ -158,85 +128,156 @@ class PlainTraining:
                             f"--mode {self.name}: give --mode {before.name} to continue it (a run keeps the mode it "
                             "started with; to train another mode start a new run in another --output_dir)")
 
-    def check(self, args) -> None:
-        """Flags this mode cannot use, refused before anything is loaded."""
-        refuse_transfer_flags(self, args)
+    def check(self, cfg: Config) -> None:
+        """Every flag of this mode that no run can use, and the teacher flags it does not take, refused before
+        anything is loaded (an evaluation takes its model from the checkpoint: nothing to refuse)."""
+        if cfg.eval:
+            return
+        for flag, unset in TEACHER_FLAGS.items():
+            if flag not in self.takes and getattr(cfg, flag) not in (unset, ''):
+                raise UserError(f"--{flag} {getattr(cfg, flag)}: --mode {self.name} {self.refusal_reason(flag)}: "
+                                "drop it")
+        if 'transfer_until' in self.takes:
+            check_transfer_schedule(cfg)
+
+    def refusal_reason(self, flag: str) -> str:
+        return "has no teacher whose layers, attention or loss it would act on"
 
     def default_eval_crop_pct(self, input_size: int, val_root: str) -> float:
         return default_eval_crop_pct(input_size, val_root)
 
-    def teacher_architecture(self, args) -> tuple[str, dict, bool | str]:
-        """(timm name, arguments, pooling) of the teacher: --teacher_model or --model with --model_kwargs."""
-        return args.teacher_model or args.model, args.model_kwargs, args.global_pool
+    def teacher_architecture(self, cfg: Config) -> Architecture:
+        """The teacher's architecture: --teacher_model or --model with --model_kwargs (in plain training: the
+        architecture the student mirrors unless --student_model names another)."""
+        return Architecture.of(cfg.teacher_model or cfg.model, cfg.model_kwargs, cfg.global_pool)
 
-    def build_model(self, args) -> DualViT:
-        """The student (with the teacher beside it in transfer modes); its architecture from
-        ``student_architecture``."""
-        teacher, teacher_kwargs, _ = self.teacher_architecture(args)
-        student, student_kwargs = student_architecture(args, teacher_kwargs)
-        return build_dual_vit(teacher if self.uses_teacher else None, student,
-                              mode=self.transfer, drop_path_rate=args.drop_path,
-                              end_layer=args.end_layer, transfer_layers=args.transfer_layers,
-                              num_classes=args.nb_classes, global_pool=args.global_pool, img_size=args.input_size,
-                              share_drop_path=args.share_drop_path, attention_impl=args.attention_impl,
-                              teacher_kwargs=teacher_kwargs, student_kwargs=student_kwargs,
-                              layer_map=getattr(args, 'layer_map', None),
-                              transfer_heads=getattr(args, 'transfer_heads', None) if self.uses_teacher else None,
-                              map_average=getattr(args, 'map_average', 'none') if self.uses_teacher else 'none')
+    def pairing(self, cfg: Config, student: nn.Module, teacher: nn.Module | None) -> dict:
+        """This mode's ModelSpec fields of the pairing (layers, heads, ...), from its flags and the two models'
+        structure (models_pairing decides the pairs)."""
+        return {}
 
-    def train_dataset(self, args):
-        return build_dataset(True, args)
+    @abstractmethod
+    def build_model(self, spec: ModelSpec, drop_path: float = 0.0, attention_impl: str = 'explicit'
+                    ) -> TeacherStudentPair:
+        """The pair of ``spec``, randomly initialised (the student with ``drop_path``)."""
 
-    def criterion(self, args, model, loader_val, device, amp_dtype) -> torch.nn.Module:
+    def load_teacher(self, model: TeacherStudentPair, cfg: Config) -> LoadReport:
+        """The teacher's weights from --finetune."""
+        report = load_pretrained_weights(model.teacher, cfg.finetune, use_ema=cfg.use_teacher_ema, flag='--finetune')
+        model.teacher.requires_grad_(False)
+        return report
+
+    def train_dataset(self, cfg: Config):
+        return build_dataset(True, cfg)
+
+    def criterion(self, cfg: Config, model, loader_val, device, amp_dtype) -> torch.nn.Module:
         """The task loss (soft-target CE under mixup, else label smoothing), plus ``atd_weight`` times the
-        transfer loss the model returns in distill modes."""
-        return TransferCriterion(build_task_criterion(args.mixup_active, args.smoothing), args.atd_weight,
-                                 getattr(args, 'transfer_until', None), getattr(args, 'transfer_decay', 'step'))
+        transfer loss the model returns in modes with one."""
+        return TransferCriterion(build_task_criterion(cfg.mixup_active, cfg.smoothing), cfg.atd_weight,
+                                 cfg.transfer_until, cfg.transfer_decay)
 
-    def recorded_args(self, args, criterion) -> dict:
+    def recorded_args(self, cfg: Config, criterion) -> dict:
         """Values this mode resolved while building, recorded in checkpoints beside the flags."""
         return {}
 
     def lr_decay_layers(self, depth: int) -> int:
-        """The layer count of layer-wise lr decay: MAE's ``depth + 1``."""
-        return depth + 1
+        """The layer count of layer-wise lr decay: the attention transfer reference groups its dual model by the
+        student's ``depth`` (the last block shares the head's scale)."""
+        return depth
 
-    def param_groups(self, student: torch.nn.Module, args) -> list[dict]:
+    def param_groups(self, student: torch.nn.Module, cfg: Config) -> list[dict]:
         """The student's AdamW groups: layer-wise lr decay over ``lr_decay_layers``, no weight decay on norms,
         biases and the student's ``no_weight_decay()`` names (MAE / DeiT)."""
-        return param_groups_lrd(student, args.weight_decay, student.no_weight_decay(), args.layer_decay,
+        return param_groups_lrd(student, cfg.weight_decay, student.no_weight_decay(), cfg.layer_decay,
                                 num_layers=self.lr_decay_layers(len(student.blocks)))
 
-    def known_epochs(self, args) -> int | None:
+    def known_epochs(self, cfg: Config) -> int | None:
         """The run's epochs when the flags alone give them (None: they depend on the training set)."""
-        return args.epochs
+        return cfg.epochs
 
-    def epochs(self, args, dataset) -> int:
+    def epochs(self, cfg: Config, dataset) -> int:
         """The epochs to train on ``dataset``: --epochs."""
-        return args.epochs
+        return cfg.epochs
 
 
-class AttentionTransfer(PlainTraining):
+def check_transfer_schedule(cfg: Config) -> None:
+    """--transfer_until and --transfer_decay of a mode with a transfer loss."""
+    if cfg.transfer_until is not None:
+        check_positive('transfer_until', cfg.transfer_until, 'the epoch from which the transfer loss weighs 0')
+    elif cfg.transfer_decay != 'step':
+        raise UserError(f"--transfer_decay {cfg.transfer_decay} lowers the transfer loss's weight towards 0 at "
+                        "--transfer_until EPOCH, which is not given: add --transfer_until, or drop --transfer_decay")
+
+
+def create_pair_members(spec: ModelSpec, drop_path: float) -> tuple[nn.Module, nn.Module]:
+    """The student (with ``drop_path``, the references' class-token initialisation) and the teacher of ``spec``."""
+    student = spec.student.create(spec.num_classes, spec.img_size, drop_path)
+    teacher = spec.teacher.create(spec.num_classes, spec.img_size)
+    init_class_token(student)
+    return student, teacher
+
+
+class PlainTraining(Mode):
+    """A plain ViT trained on the labelled split with the task loss (no teacher)."""
+
+    name = 'none'
+
+    @property
+    def uses_teacher(self) -> bool:
+        return False
+
+    def build_model(self, spec: ModelSpec, drop_path: float = 0.0, attention_impl: str = 'explicit') -> DualViT:
+        return DualViT(spec.student.create(spec.num_classes, spec.img_size, drop_path))
+
+    def lr_decay_layers(self, depth: int) -> int:
+        """MAE's ``depth + 1``."""
+        return depth + 1
+
+
+class AttentionTransfer(Mode):
     """A student trained on the labelled split beside a frozen teacher that hands over its attention
     (copy modes: used in place of the student's own, so the teacher runs at evaluation too) or pulls the
     student's towards its own by a loss (distill modes: the student runs alone at evaluation)."""
 
     student_init = True
+    takes = frozenset(TEACHER_FLAGS)
 
     def __init__(self, transfer: TransferMode) -> None:
         self.transfer = transfer
         self.name = transfer.name
+        if transfer.use != 'loss':
+            self.takes = self.takes - {'transfer_until', 'transfer_decay'}
 
-    def evaluated_as(self) -> PlainTraining:
+    def evaluated_as(self) -> Mode:
         return self if self.transfer.needs_teacher_at_eval else PLAIN
 
-    def lr_decay_layers(self, depth: int) -> int:
-        """The attention transfer reference groups its dual model by the student's ``depth`` (the last block
-        shares the head's scale)."""
-        return depth
+    def refusal_reason(self, flag: str) -> str:
+        return "has no transfer loss to end (it applies to distill modes and the other modes with a loss)"
+
+    def check(self, cfg: Config) -> None:
+        super().check(cfg)
+        if cfg.eval:
+            return
+        if cfg.map_average == 'examples' and cfg.batch_size == 1:
+            raise UserError("--map_average examples averages the teacher's maps over the images of each batch, but "
+                            "--batch_size 1 holds one image: the mean is that image's own map, so the ablation would "
+                            "not happen. Use a --batch_size of 2 or more")
+
+    def pairing(self, cfg: Config, student: nn.Module, teacher: nn.Module | None) -> dict:
+        pairs, layers = resolve_pairing(len(student.blocks), len(teacher.blocks), cfg.transfer_layers, cfg.end_layer,
+                                        cfg.layer_map)
+        heads = parse_heads(cfg.transfer_heads, min(student.blocks[i].attn.num_heads for i in layers))
+        return dict(pairs=tuple(pairs.items()), layers=tuple(layers), heads=heads, map_average=cfg.map_average,
+                    share_drop_path=cfg.share_drop_path)
+
+    def build_model(self, spec: ModelSpec, drop_path: float = 0.0, attention_impl: str = 'explicit') -> DualViT:
+        student, teacher = create_pair_members(spec, drop_path)
+        return DualViT(student, teacher, mode=self.transfer, pairs=spec.pair_map, layers=spec.layers, heads=spec.heads,
+                       map_average=spec.map_average, share_drop_path=spec.share_drop_path,
+                       attention_impl=attention_impl)
 
     @staticmethod
-    def add_arguments(g: argparse._ArgumentGroup) -> None:
+    def add_arguments(g) -> None:
         """The flags of attention transfer (to the parser's 'attention transfer' group, after --mode)."""
         g.add_argument('--end_layer', default=0, type=int,
                        help='transfer layers [0, depth + end_layer); 0 = all layers, -6 = all but the last 6')
@@ -276,61 +317,61 @@ class AttentionTransfer(PlainTraining):
                             'at start and recorded in checkpoints)')
 
 
-class KnowledgeDistillation(AttentionTransfer):
+class KnowledgeDistillation(Mode):
     """A distillation baseline beside attention transfer (models_kd): the student trained on the labelled split
-    with the task loss plus ``--atd_weight`` (1 unless given) times the loss of ``pair``. The student runs alone
-    at evaluation."""
+    with the task loss plus ``--atd_weight`` (1 unless given) times the pair's loss. The student runs alone at
+    evaluation; no attention is transferred."""
 
     defaults = dict(atd_weight=1.0)
+    student_init = True
 
-    def __init__(self, transfer: TransferMode, pair: type[DualViT]) -> None:
-        super().__init__(transfer)
-        self.pair = pair
-
-    def check(self, args) -> None:
-        super().check(args)
-        for flag, unset, what in TRANSFER_FLAGS:
-            if getattr(args, flag, unset) not in (unset, ''):
-                raise UserError(f"--{flag} {what} of an attention transfer mode; --mode {self.name} transfers no "
-                                "attention: drop it")
-
-    def pair_args(self, args) -> dict:
-        """The pair's own arguments from the flags."""
-        return {}
-
-    def build_model(self, args) -> DualViT:
-        teacher, teacher_kwargs, _ = self.teacher_architecture(args)
-        student, student_kwargs = student_architecture(args, teacher_kwargs)
-        return build_kd_pair(self.pair, teacher, student, drop_path_rate=args.drop_path, num_classes=args.nb_classes,
-                             global_pool=args.global_pool, img_size=args.input_size, teacher_kwargs=teacher_kwargs,
-                             student_kwargs=student_kwargs, **self.pair_args(args))
+    def refusal_reason(self, flag: str) -> str:
+        return "transfers no attention" if flag in ('transfer_heads', 'map_average') else "compares no layers"
 
 
 class FeatureKD(KnowledgeDistillation):
-    """--mode feature_kd: the student's residual stream after each transferred block (--end_layer /
-    --transfer_layers) regressed onto the teacher's (``models_kd.feature_distillation_loss``)."""
+    """--mode feature_kd: the student's residual stream after each paired layer (--end_layer / --transfer_layers,
+    --layer_map) regressed onto the teacher's after the block it is paired with (``models_kd``)."""
 
-    def __init__(self) -> None:
-        super().__init__(FEATURE_KD, FeatureDistillation)
+    name = 'feature_kd'
+    takes = frozenset({'end_layer', 'transfer_layers', 'layer_map', 'transfer_until', 'transfer_decay'})
 
-    def pair_args(self, args) -> dict:
-        return dict(layers=args.transfer_layers, end_layer=args.end_layer)
+    def pairing(self, cfg: Config, student: nn.Module, teacher: nn.Module | None) -> dict:
+        pairs, layers = resolve_pairing(len(student.blocks), len(teacher.blocks), cfg.transfer_layers, cfg.end_layer,
+                                        cfg.layer_map)
+        return dict(pairs=tuple(pairs.items()), layers=tuple(layers))
+
+    def build_model(self, spec: ModelSpec, drop_path: float = 0.0, attention_impl: str = 'explicit'
+                    ) -> FeatureDistillation:
+        return FeatureDistillation(*create_pair_members(spec, drop_path), spec.layer_pairs)
 
 
 class LogitKD(KnowledgeDistillation):
     """--mode logit_kd: the student's class probabilities pulled towards the teacher's soft labels at
     --kd_temperature (``util.losses.kd_loss``); the teacher must be a classifier of the task's classes."""
 
-    def __init__(self) -> None:
-        super().__init__(LOGIT_KD, LogitDistillation)
+    name = 'logit_kd'
+    takes = frozenset({'transfer_until', 'transfer_decay'})
+    loss_name = 'loss_kd'
 
-    def check(self, args) -> None:
-        super().check(args)
-        if not args.eval:
-            check_positive('kd_temperature', args.kd_temperature, 'the temperature of the soft labels')
+    def check(self, cfg: Config) -> None:
+        super().check(cfg)
+        if not cfg.eval:
+            check_positive('kd_temperature', cfg.kd_temperature, 'the temperature of the soft labels')
 
-    def pair_args(self, args) -> dict:
-        return dict(temperature=args.kd_temperature)
+    def pairing(self, cfg: Config, student: nn.Module, teacher: nn.Module | None) -> dict:
+        return dict(kd_temperature=cfg.kd_temperature)
+
+    def build_model(self, spec: ModelSpec, drop_path: float = 0.0, attention_impl: str = 'explicit'
+                    ) -> LogitDistillation:
+        return LogitDistillation(*create_pair_members(spec, drop_path), spec.kd_temperature)
+
+    def load_teacher(self, model: TeacherStudentPair, cfg: Config) -> LoadReport:
+        report = super().load_teacher(model, cfg)
+        require_classifier_head(report, '--finetune', cfg.finetune, cfg.nb_classes,
+                                "--mode logit_kd distils the teacher's class probabilities: give a teacher fine-tuned "
+                                "on this task's classes (--nb_classes must match its head)")
+        return report
 
 
 def check_probe_values(args) -> None:
@@ -348,7 +389,7 @@ def check_probe_values(args) -> None:
                     "0.9665 for 96.65%; leave it out to measure it on the evaluation set")
 
 
-class AttentionProbe(PlainTraining):
+class AttentionProbe(Mode):
     """Attention Probe distillation: the selected wild images (no labels), the target-task teacher beside a
     student, KD + noise adaptation + the patch attention probe loss; the reference's recipe for every flag the
     command line leaves unset. Its models classify from the class token (the attention probe reads that
@@ -364,12 +405,8 @@ class AttentionProbe(PlainTraining):
     teacher_hint = 'the teacher trained on the target task'
     data_hint = " (in probe mode, --eval_data_path: the target task's folder with val/<class>/)"
 
-    @property
-    def uses_teacher(self) -> bool:
-        return True
-
-    def evaluated_as(self) -> PlainTraining:
-        return PLAIN
+    def refusal_reason(self, flag: str) -> str:
+        return "compares features through the patch attention probe (--probe_blocks), not transferred attention"
 
     @staticmethod
     def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -407,39 +444,46 @@ class AttentionProbe(PlainTraining):
         g.add_argument('--probe_norm', default='tokens', choices=['tokens', 'channels'],
                        help='L2-normalise features along the token axis (the reference) or the channel axis')
 
-    def check(self, args) -> None:
-        refuse_transfer_flags(self, args)
-        if args.grad_checkpointing:
+    def check(self, cfg: Config) -> None:
+        super().check(cfg)
+        if cfg.grad_checkpointing:
             raise UserError("--grad_checkpointing applies to the attention transfer modes and plain training, not to "
                             "--mode probe: drop it")
-        if args.eval:
+        if cfg.eval:
             return
-        check_probe_values(args)
+        check_probe_values(cfg)
         # selection_pending: the selection is written first by the same command (DFND_DeiT-train.py checks
         # every flag before it scores the wild images)
-        pending = getattr(args, 'selection_pending', False)
-        if not args.selection or not (pending or os.path.isfile(args.selection)):
+        if not cfg.selection or not (cfg.selection_pending or os.path.isfile(cfg.selection)):
             raise UserError(f"mode probe trains on a selection of wild images: --selection FILE written by "
-                            f"select_wild_data.py (got {args.selection!r})")
-        if args.mixup_active:
+                            f"select_wild_data.py (got {cfg.selection!r})")
+        if cfg.mixup_active:
             raise UserError("mode probe has no labels to mix: drop --mixup / --cutmix")
 
     def default_eval_crop_pct(self, input_size: int, val_root: str) -> float:
         return 1.0  # the reference evaluates its 32x32 images as they are
 
-    def teacher_architecture(self, args) -> tuple[str, dict, bool | str]:
-        """The target-task teacher's own architecture, as its checkpoint records it (--teacher_model overrides)."""
-        arch = checkpoint_architecture(args.finetune) if args.finetune and not args.teacher_model else None
-        if arch is None:
-            return super().teacher_architecture(args)
-        return arch['model'], arch['model_kwargs'], arch['global_pool']
+    def teacher_architecture(self, cfg: Config) -> Architecture:
+        """The target-task teacher's own architecture and pooling, as its checkpoint records them (--teacher_model
+        overrides)."""
+        from util.model_record import classifier_of
+        recorded = classifier_of(cfg.finetune) if cfg.finetune and not cfg.teacher_model else None
+        return recorded.student if recorded is not None else super().teacher_architecture(cfg)
 
-    def build_model(self, args) -> ProbeDistiller:
-        teacher, teacher_kwargs, teacher_pool = self.teacher_architecture(args)
-        student, student_kwargs = student_architecture(args, teacher_kwargs)
-        return build_probe_distiller(teacher, student, args.nb_classes, args.input_size, args.global_pool,
-                                     args.drop_path, args.probe_blocks, teacher_kwargs, student_kwargs,
-                                     teacher_global_pool=teacher_pool)
+    def pairing(self, cfg: Config, student: nn.Module, teacher: nn.Module | None) -> dict:
+        pairs = probe_pairs(cfg.probe_blocks, len(teacher.blocks), len(student.blocks))
+        return dict(pairs=pairs, layers=tuple(i for i, _ in pairs))
+
+    def build_model(self, spec: ModelSpec, drop_path: float = 0.0, attention_impl: str = 'explicit'
+                    ) -> ProbeDistiller:
+        return ProbeDistiller(*create_pair_members(spec, drop_path), spec.layer_pairs)
+
+    def load_teacher(self, model: TeacherStudentPair, cfg: Config) -> LoadReport:
+        """The target-task teacher, head included: KD needs its predictions."""
+        report = super().load_teacher(model, cfg)
+        require_classifier_head(report, '--finetune', cfg.finetune, cfg.nb_classes,
+                                "probe distillation needs the teacher trained on the target task (check --nb_classes)")
+        return report
 
     def train_dataset(self, args) -> ProbeImages:
         """The selected wild images and, with --pos_num, the labelled originals (see ``probe_training_set``)."""
@@ -448,8 +492,8 @@ class AttentionProbe(PlainTraining):
         if selection.get('nb_classes') not in (None, args.nb_classes):
             raise UserError(f"{args.selection} was selected for a {selection['nb_classes']}-class teacher, "
                             f"but --nb_classes is {args.nb_classes}")
-        mean, std = normalization(args)
-        dataset = probe_training_set(selection, self.originals(args), args.input_size, args.hflip, mean, std)
+        dataset = probe_training_set(selection, self.originals(args), args.input_size, args.hflip, args.mean,
+                                     args.std)
         log(f"probe training set: {dataset.num_selected} wild images selected ({selection.get('ranking')}) "
             f"from {selection['root']}")
         if args.pos_num:
@@ -490,10 +534,9 @@ class AttentionProbe(PlainTraining):
             return read_selection(args.selection, ('class_weights',))['class_weights'].float()
 
         def augmented() -> torch.Tensor:
-            mean, std = normalization(args)
             return training_class_weights(model.teacher, args.selection, local_checkpoint(args.finetune),
                                           args.input_size, args.hflip, args.seed, args.batch_size, args.device,
-                                          amp_dtype, mean, std, originals=AttentionProbe.originals(args))
+                                          amp_dtype, args.mean, args.std, originals=AttentionProbe.originals(args))
         if is_main_process():
             clean = augmented()
         barrier()
@@ -514,7 +557,7 @@ class AttentionProbe(PlainTraining):
         return {'teacher_acc': criterion.teacher_acc} if args.noise_adaptation else {}
 
     def known_epochs(self, args) -> int | None:
-        return args.epochs if 'epochs' in (getattr(args, 'explicit_flags', None) or ['epochs']) else None
+        return args.epochs if args.explicit_flags is None or 'epochs' in args.explicit_flags else None
 
     def epochs(self, args, dataset: ProbeImages) -> int:
         """--epochs when given, else the reference's budget in image presentations over the selected images
@@ -527,8 +570,9 @@ class AttentionProbe(PlainTraining):
         return epochs
 
 
-def load_initial_weights(model, cfg: Config, ckpt: dict | None) -> None:
-    """--finetune: the teacher's weights in transfer modes (unless the checkpoint holds them), the
+
+def load_initial_weights(model: TeacherStudentPair, mode: Mode, cfg: Config, ckpt: dict | None) -> None:
+    """--finetune: the teacher's weights in modes with a teacher (unless the checkpoint holds them), the
     student's starting point in plain mode (unless a checkpoint is resumed)."""
     if not cfg.finetune:
         return
@@ -537,8 +581,8 @@ def load_initial_weights(model, cfg: Config, ckpt: dict | None) -> None:
             raise UserError(f"--eval --mode {cfg.mode} evaluates a trained student, which --finetune (the teacher) "
                             "does not hold: give the run's checkpoint with --resume CKPT")
         if not holds_teacher(ckpt):
-            log(f"teacher: {model.load_teacher(cfg.finetune, use_ema=cfg.use_teacher_ema, flag='--finetune')}")
-        if getattr(cfg, 'student_init', '') and ckpt is None and not cfg.eval:
+            log(f"teacher: {mode.load_teacher(model, cfg)}")
+        if cfg.student_init and ckpt is None and not cfg.eval:
             load_student_init(model.student, cfg.student_init)
     elif ckpt is None:
         report = load_pretrained_weights(model.student, cfg.finetune, use_ema=cfg.use_teacher_ema, flag='--finetune')
@@ -565,25 +609,25 @@ def restrict_to_qkv(student: torch.nn.Module) -> None:
 
 
 def load_ensemble_member(cfg: Config) -> torch.nn.Module:
-    """The model of --ensemble_with: a checkpoint of this project (any mode, rebuilt from the configuration it
-    records), a classifier checkpoint of --ensemble_model / --model's architecture (e.g. an MAE fine-tuned ViT),
-    or a named classifier (timm:NAME.tag, hf-hub:ORG/NAME: its own architecture; an https:// URL)."""
+    """The model of --ensemble_with: a checkpoint of this project (any mode, rebuilt from the model it records),
+    a classifier checkpoint of --ensemble_model / --model's architecture (e.g. an MAE fine-tuned ViT), or a named
+    classifier (timm:NAME.tag, hf-hub:ORG/NAME: its own architecture; an https:// URL)."""
+    from util.model_record import classifier_of, rebuild, recorded_spec
+
     path = cfg.ensemble_with
     ckpt = read_checkpoint(local_checkpoint(path, '--ensemble_with'), flag='--ensemble_with')
-    saved = recorded_args(ckpt)
-    if 'model' in saved:
-        member_cfg = cfg.replace(**{k: saved[k] for k in MODEL_ARGS if k in saved}, finetune='')
-        member = get_mode(member_cfg.mode).evaluated_as().build_model(member_cfg)
+    spec = recorded_spec(ckpt)
+    if spec is not None:
+        member = rebuild(spec)
         restore_weights(ckpt, path, member, None)
         return member
-    name = cfg.ensemble_model or cfg.teacher_model or cfg.model
-    kwargs = parse_kwargs(cfg.ensemble_kwargs, '--ensemble_kwargs') if cfg.ensemble_model else cfg.model_kwargs
-    named = checkpoint_architecture(path) if is_named(path) and not cfg.ensemble_model else None
-    pool = cfg.global_pool
-    if named is not None:  # a timm: / hf-hub: name gives its architecture; timm pools by average iff it has fc_norm
-        name, kwargs = named['model'], named['model_kwargs']
-        pool = named['global_pool'] or pool_of_state_dict(select_state_dict(ckpt))
-    member = create_vit(name, num_classes=cfg.nb_classes, global_pool=pool, img_size=cfg.input_size, **kwargs)
+    named = classifier_of(path, ckpt) if is_named(path) and not cfg.ensemble_model else None
+    if named is not None:
+        member = named.student.create(cfg.nb_classes, cfg.input_size)
+    else:
+        kwargs = parse_kwargs(cfg.ensemble_kwargs, '--ensemble_kwargs') if cfg.ensemble_model else cfg.model_kwargs
+        member = Architecture.of(cfg.ensemble_model or cfg.teacher_model or cfg.model, kwargs,
+                                 cfg.global_pool).create(cfg.nb_classes, cfg.input_size)
     report = load_pretrained_weights(member, path, checkpoint=ckpt, flag='--ensemble_with')
     require_classifier_head(report, '--ensemble_with', path, cfg.nb_classes, EVAL_HEAD_ADVICE)
     log(f"ensemble member: {report}")
@@ -591,12 +635,11 @@ def load_ensemble_member(cfg: Config) -> torch.nn.Module:
 
 
 PLAIN = PlainTraining()
-MODES: dict[str, PlainTraining] = {'none': PLAIN, **{name: AttentionTransfer(t) for name, t in TRANSFER_MODES.items()},
-                                   'feature_kd': FeatureKD(), 'logit_kd': LogitKD(),
-                                   'probe': AttentionProbe()}
+MODES: dict[str, Mode] = {'none': PLAIN, **{name: AttentionTransfer(t) for name, t in TRANSFER_MODES.items()},
+                          'feature_kd': FeatureKD(), 'logit_kd': LogitKD(), 'probe': AttentionProbe()}
 
 
-def get_mode(name: str | None) -> PlainTraining:
+def get_mode(name: str | None) -> Mode:
     """The mode of a ``--mode`` value (``None`` and ``''``, as older checkpoints record plain training, are
     ``none``)."""
     name = name or 'none'

@@ -32,24 +32,23 @@ import torch.nn.functional as F
 from timm.data.constants import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from torch.utils.data import DataLoader
 
-from models_dual_vit import create_vit, forward_with_capture
-from models_probe import default_probe_blocks, parse_blocks
+from models_attention import forward_with_capture
+from models_pairing import default_probe_blocks, parse_blocks
+from models_spec import Architecture
 from util.args import HelpFormatter, check_normalization, check_writable_folder, parse_kwargs
 from util.checkpoint import save_atomic
 from util.config import Config
 from util.datasets import collate_skipping_bad
 from util.distributed import barrier, broadcast_object, destroy, get_rank, get_world_size, init_distributed_mode, log
 from util.errors import UserError, run_cli
+from util.model_record import classifier_of, flag_errors
 from util.precision import default_amp
 from util.pretrained import (
-    checkpoint_architecture,
     is_named,
     load_pretrained_weights,
     local_checkpoint,
-    pool_of_state_dict,
     read_checkpoint,
     require_classifier_head,
-    select_state_dict,
 )
 from util.selection import ImageFiles, list_images, selection_record, wild_transform, write_selection
 
@@ -158,44 +157,47 @@ def score_chunk(teacher, dataset: ImageFiles, start: int, end: int, blocks: list
     return result
 
 
+# how the warnings name a teacher's pooling
+POOL_NAMES = {'avg': 'the average', 'map': 'attention pooling', 'max': 'the maximum', 'avgmax': 'average and maximum'}
+
+
 # ---------------------------------------------------------------------------------------------
 # Set-up
 # ---------------------------------------------------------------------------------------------
 def resolve(args) -> tuple[Config, Any]:
     """The flags checked and resolved into the run's configuration, before any image is scored: precision,
-    the distributed set-up, and the teacher's architecture, classes, input size and normalisation from its
-    checkpoint unless given here. Returns it with the teacher's checkpoint (read once)."""
+    the distributed set-up, and the teacher classifier (util.model_record.classifier_of: architecture, classes,
+    input size, pooling and normalisation from its checkpoint or name, each unless given here). Returns it with
+    the teacher's checkpoint (read once)."""
     check_args(args)
     cfg = Config.of(args, amp=args.amp or default_amp(args.device))
     cfg = cfg.replace(**init_distributed_mode(cfg))
     checkpoint = read_checkpoint(cfg.teacher, flag='--teacher')
-    arch = checkpoint_architecture(cfg.teacher, checkpoint) or {}
-    cfg = cfg.replace(mean=list(cfg.mean or arch.get('mean') or IMAGENET_DEFAULT_MEAN),
-                      std=list(cfg.std or arch.get('std') or IMAGENET_DEFAULT_STD),
-                      model=cfg.model or arch.get('model'),
-                      model_kwargs={**(arch.get('model_kwargs') or {}), **parse_kwargs(cfg.model_kwargs,
-                                                                                        '--model_kwargs')},
-                      nb_classes=cfg.nb_classes or arch.get('nb_classes'),
-                      input_size=cfg.input_size or arch.get('input_size') or 224)
-    if cfg.model is None:
+    recorded = classifier_of(cfg.teacher, checkpoint)
+    if cfg.model is None and recorded is None:
         raise UserError(f"--teacher {cfg.teacher} does not record its architecture: give --model (and --model_kwargs)")
-    if not cfg.nb_classes:
+    nb_classes = cfg.nb_classes or (recorded.num_classes if recorded else None)
+    if not nb_classes:
         raise UserError(f"--teacher {cfg.teacher} does not record its number of classes: give --nb_classes")
-    pool = False if cfg.cls_token else arch.get('global_pool')
-    if pool is None:  # not recorded (plain files, timm: names): timm's layout says it
-        pool = pool_of_state_dict(select_state_dict(checkpoint)) if is_named(cfg.teacher) else True
-    return cfg.replace(teacher_pool=pool), checkpoint
+    pool = 'token' if cfg.cls_token else recorded.student.global_pool if recorded else 'avg'
+    kwargs = {**(recorded.student.kwargs if recorded else {}), **parse_kwargs(cfg.model_kwargs, '--model_kwargs')}
+    teacher = Architecture.of(cfg.model or recorded.student.name, kwargs, pool)
+    return cfg.replace(mean=list(cfg.mean or (recorded.mean if recorded else IMAGENET_DEFAULT_MEAN)),
+                       std=list(cfg.std or (recorded.std if recorded else IMAGENET_DEFAULT_STD)),
+                       model=teacher.name, model_kwargs=dict(teacher.kwargs), nb_classes=nb_classes,
+                       input_size=cfg.input_size or (recorded.img_size if recorded else 224),
+                       teacher_pool=teacher.global_pool), checkpoint
 
 
 def build_teacher(cfg: Config, checkpoint: Any):
     """The teacher classifier of the resolved configuration, its weights (head included) from ``checkpoint``."""
-    if cfg.teacher_pool not in (False, 'token'):
-        warnings.warn(f"{cfg.teacher}: the teacher classifies from {cfg.teacher_pool!r} pooling of the tokens, not "
-                      "from the class token, so the attention probe (the class token's attention) measures a token "
-                      "its head never reads. Attention Probe's teachers classify from the class token: train the "
-                      "teacher with --cls_token (or pass --cls_token here if this one does).", stacklevel=1)
-    teacher = create_vit(cfg.model, num_classes=cfg.nb_classes, global_pool=cfg.teacher_pool,
-                         img_size=cfg.input_size, **cfg.model_kwargs)
+    if cfg.teacher_pool != 'token':
+        pooling = POOL_NAMES.get(cfg.teacher_pool, f"{cfg.teacher_pool!r} pooling")
+        warnings.warn(f"{cfg.teacher}: the teacher classifies from {pooling} of the tokens, not from the class "
+                      "token, so the attention probe (the class token's attention) measures a token its head never "
+                      "reads. Attention Probe's teachers classify from the class token: train the teacher with "
+                      "--cls_token (or pass --cls_token here if this one does).", stacklevel=1)
+    teacher = Architecture(cfg.model, cfg.model_kwargs, cfg.teacher_pool).create(cfg.nb_classes, cfg.input_size)
     report = load_pretrained_weights(teacher, cfg.teacher, use_ema=cfg.use_teacher_ema, checkpoint=checkpoint,
                                      flag='--teacher')
     require_classifier_head(report, '--teacher', cfg.teacher, cfg.nb_classes,
@@ -307,7 +309,8 @@ def main(args) -> dict | None:
     args, checkpoint = resolve(args)
     rank, world = get_rank(), get_world_size()
     teacher = build_teacher(args, checkpoint).to(args.device)
-    blocks = parse_blocks(args.probe_blocks, len(teacher.blocks), default_probe_blocks(len(teacher.blocks))[:2])
+    with flag_errors():
+        blocks = parse_blocks(args.probe_blocks, len(teacher.blocks), default_probe_blocks(len(teacher.blocks))[:2])
     paths = broadcast_object(list_images(args.wild_path) if rank == 0 else None)
     check_num_select(args.num_select, len(paths), args.wild_path)
     chunk_dir = args.output + '.chunks'

@@ -13,7 +13,8 @@ from typing import Optional
 
 import torch
 
-from models_dual_vit import DualViT, block_forward, embed_tokens, transfer_attention
+from models_attention import block_forward, embed_tokens, transfer_attention
+from models_dual_vit import DualViT
 
 Tensor = torch.Tensor
 

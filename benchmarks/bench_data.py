@@ -32,7 +32,7 @@ from PIL import Image  # noqa: E402
 
 from benchmarks import bench_step  # noqa: E402
 from main_finetune import get_args_parser  # noqa: E402
-from models_dual_vit import resolve_attention_impl  # noqa: E402
+from models_attention import resolve_attention_impl  # noqa: E402
 from util.datasets import build_dataset, build_loader  # noqa: E402
 from util.precision import default_amp  # noqa: E402
 from util.samplers import ResumableDistributedSampler  # noqa: E402
@@ -88,10 +88,11 @@ def get_args(argv=None):
 
 
 def recipe_args(data: str, input_size: int, batch_size: int, jpeg_draft: bool, workers: int = 0):
-    """main_finetune.py's arguments with their defaults (the MAE recipe)."""
+    """main_finetune.py's arguments with their defaults (the MAE recipe) and ImageNet's normalisation."""
     return get_args_parser().parse_args(['--data_path', data, '--nb_classes', '2', '--input_size', str(input_size),
                                          '--batch_size', str(batch_size), '--num_workers', str(workers),
-                                         '--device', 'cpu'] + ([] if jpeg_draft else ['--no_jpeg_draft']))
+                                         '--device', 'cpu', '--mean', '0.485', '0.456', '0.406', '--std', '0.229',
+                                         '0.224', '0.225'] + ([] if jpeg_draft else ['--no_jpeg_draft']))
 
 
 def per_process_rate(dataset, repeats: int) -> list[float]:

@@ -51,13 +51,11 @@ import torch.nn.functional as F  # noqa: E402
 from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
 
 from benchmarks.baseline import authors_forward, authors_loss_from_qk  # noqa: E402
-from models_dual_vit import (  # noqa: E402
-    DualViT,
-    attention_cross_entropy,
-    attention_distillation_loss,
-    attention_logits_and_probs,
-    create_vit,
-)
+from models_attention import attention_logits_and_probs  # noqa: E402
+from models_dual_vit import DualViT  # noqa: E402
+from models_pairing import resolve_pairing  # noqa: E402
+from models_transfer_losses import attention_cross_entropy, attention_distillation_loss  # noqa: E402
+from models_vit import create_vit  # noqa: E402
 from util.args import HelpFormatter, parse_kwargs  # noqa: E402
 from util.config import Config  # noqa: E402
 from util.precision import AMP_DTYPES, default_amp  # noqa: E402
@@ -282,7 +280,9 @@ class Pair:
         if spec.task == 'plain':
             forward = partial(self.student, self.x)
         else:
-            pair = DualViT(self.student, self.teacher, mode=spec.task, end_layer=spec.end_layer,
+            depths = len(self.student.blocks), len(self.teacher.blocks)
+            pairs, layers = resolve_pairing(*depths, end_layer=spec.end_layer)
+            pair = DualViT(self.student, self.teacher, mode=spec.task, pairs=pairs, layers=layers,
                            attention_impl='fused' if spec.path == 'fused' else 'explicit').train()
             if authors:
                 def forward():

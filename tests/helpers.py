@@ -15,7 +15,7 @@ from PIL import Image
 
 import main_finetune
 import select_wild_data
-from models_dual_vit import create_vit
+from models_vit import create_vit
 from util.losses import TransferCriterion
 from util.run_control import Preempted, clear_stop, request_stop
 
@@ -26,6 +26,9 @@ SLURM_CLUSTER = os.path.join(ROOT, 'tests', 'slurm', 'cluster.sh')
 # The one tiny ViT of the tests, small enough for CPU: 32x32 input, patch 8 -> 16 patches + class token,
 # width 48, 4 blocks, 3 heads.
 TINY = dict(img_size=32, patch_size=8, embed_dim=48, depth=4, num_heads=3)
+# the data flags a resolved configuration always holds, for tests that build datasets from a namespace of their own
+DATA_DEFAULTS = dict(jpeg_draft=False, eval_crop_pct=None, mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225),
+                     min_crop_scale=0.08, hflip=0.5)
 # the same ViT's architecture arguments without the input size (teacher_kwargs, a checkpoint's model_kwargs)
 TINY_ARCH = {k: v for k, v in TINY.items() if k != 'img_size'}
 
@@ -82,6 +85,24 @@ def tiny_args(data: str, out: str, *extra: str, epochs: int = 2) -> list[str]:
 def args_for(workdir, out, *extra, epochs=2) -> list[str]:
     """tiny_args on the shared data, fine-tuned from the shared teacher at lr 3e-3."""
     return tiny_args(workdir.data, str(out), '--finetune', workdir.teacher, '--lr', '3e-3', *extra, epochs=epochs)
+
+
+def pair_of(mode: str, *flags: str, classes: int = 5, arch: dict | None = None, drop_path: float = 0.0):
+    """The randomly initialised pair main_finetune.py builds for ``--mode mode`` with ``flags`` (a tiny teacher
+    of ``arch``, 32 x 32 inputs), through the run's own model description (util.model_record.describe_model)."""
+    from modes import get_mode
+    from util.args import parse_kwargs
+    from util.config import Config
+    from util.model_record import describe_model
+
+    argv = ['--mode', mode, '--model', 'vit_base_patch16_224', '--model_kwargs', *kwargs_flags(arch or TINY_ARCH),
+            '--input_size', '32', '--nb_classes', str(classes), '--attention_impl', 'explicit', *flags]
+    cfg = Config.of(main_finetune.get_args_parser().parse_args(argv))
+    cfg = cfg.replace(model_kwargs=parse_kwargs(cfg.model_kwargs, '--model_kwargs'),
+                      student_kwargs=parse_kwargs(cfg.student_kwargs, '--student_kwargs'),
+                      mean=[0.5] * 3, std=[0.5] * 3, mixup_active=False)
+    mode_ = get_mode(mode)
+    return mode_.build_model(describe_model(cfg, mode_), drop_path=drop_path, attention_impl=cfg.attention_impl)
 
 
 def read_log(out) -> list[dict]:

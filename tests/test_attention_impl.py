@@ -9,7 +9,8 @@ import torch
 from helpers import make_image_folder, make_teacher_checkpoint, tiny_args
 
 import main_finetune
-from models_dual_vit import build_dual_vit, resolve_attention_impl
+from models_attention import resolve_attention_impl
+from models_dual_vit import build_dual_vit
 from tools.visualize_attention import load_models
 from util.pretrained import read_checkpoint
 

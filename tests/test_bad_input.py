@@ -41,7 +41,7 @@ import modes
 import select_wild_data
 import util.eval_classes
 from engine_finetune import NonFiniteLossError
-from models_dual_vit import create_vit
+from models_vit import create_vit
 from modes import get_mode
 from tools import export_student, prepare_cifar, visualize_attention
 from util.datasets import DataError, build_transform
@@ -336,7 +336,7 @@ def test_out_of_range_values(work, flag, value, monkeypatch):
 
 def test_end_layer_above_zero(work):
     message = user_error(run_args(work, 'end', '--mode', 'distill', '--finetune', work.teacher, '--end_layer', '1'))
-    assert '--end_layer 1' in message and 'first -' not in message
+    assert message.startswith('--end_layer: 1: must be <= 0') and 'first -' not in message
 
 
 def test_transfer_layers_reversed_range_does_not_blame_end_layer(work):

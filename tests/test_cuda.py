@@ -15,7 +15,9 @@ import torch
 import torch.nn.functional as F
 from helpers import ROOT, free_port, make_image_folder, make_teacher_checkpoint, tiny_args
 
-from models_dual_vit import TRANSFER_MODES, attention_distillation_loss, build_dual_vit
+from models_attention import TRANSFER_MODES
+from models_dual_vit import build_dual_vit
+from models_transfer_losses import attention_distillation_loss
 from util.pretrained import read_checkpoint
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason='needs a CUDA GPU')

@@ -15,7 +15,7 @@ import torch
 from helpers import args_for, make_image_folder, read_log, tiny_args
 from PIL import Image
 from timm.data.auto_augment import AugmentOp
-from timm.data.constants import IMAGENET_DEFAULT_STD
+from timm.data.constants import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.data.transforms import RandomResizedCropAndInterpolation
 from torchvision import transforms
 
@@ -211,8 +211,9 @@ def expected_eval_tensor(image: Image.Image, size: int, crop_pct: float) -> torc
 def test_eval_crop_default_and_transform(shared_images, image_size, probe, expected_pct):
     data = shared_images(classes=3, train_per_class=1, val_per_class=2, size=image_size)
     assert get_mode('probe' if probe else 'none').default_eval_crop_pct(32, os.path.join(data, 'val')) == expected_pct
-    dataset = build_dataset(False, SimpleNamespace(input_size=32, nb_classes=3, data_path=data,
-                                                   eval_crop_pct=expected_pct))
+    dataset = build_dataset(False, SimpleNamespace(input_size=32, nb_classes=3, data_path=data, jpeg_draft=False,
+                                                   eval_crop_pct=expected_pct, mean=IMAGENET_DEFAULT_MEAN,
+                                                   std=IMAGENET_DEFAULT_STD))
     path, _ = dataset.samples[0]
     torch.testing.assert_close(dataset[0][0], expected_eval_tensor(Image.open(path).convert('RGB'), 32, expected_pct),
                                atol=1e-6, rtol=0)
@@ -228,7 +229,9 @@ def test_eval_crop_is_resolved_recorded_and_checked(shared_images, tmp_path):
     args = main_finetune.get_args_parser().parse_args(tiny_args(data, str(tmp_path / 'out'), '--eval_crop_pct', '0'))
     with pytest.raises(UserError, match='--eval_crop_pct'):
         main_finetune.resolve_args(args)
-    assert 'eval_crop_pct' in main_finetune.MODEL_ARGS  # --eval --resume takes the checkpoint's
+    run = main_finetune.resolve_args(main_finetune.get_args_parser().parse_args(
+        tiny_args(data, str(tmp_path / 'out'), '--eval_crop_pct', '0.5')))
+    assert run.spec.eval_crop_pct == 0.5  # recorded in the model description: --eval --resume takes the checkpoint's
 
 
 # ---- augmentation ------------------------------------------------------------------------------

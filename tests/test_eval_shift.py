@@ -12,7 +12,7 @@ from PIL import Image
 from timm.data import ImageNetInfo
 
 import main_finetune
-from models_dual_vit import create_vit
+from models_vit import create_vit
 from tools import eval_shift
 from util.errors import UserError
 from util.eval_classes import read_eval_classes, subset_file

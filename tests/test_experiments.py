@@ -6,13 +6,15 @@ import os
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import TINY_ARCH, args_for, read_log, run_until_stopped
+from helpers import TINY_ARCH, args_for, kwargs_flags, pair_of, read_log, run_until_stopped
 
 import main_finetune
 import modes
-from models_dual_vit import build_dual_vit, create_vit, forward_dual_with_capture
-from models_kd import FeatureDistillation, LogitDistillation, build_kd_pair
+from models_dual_vit import build_dual_vit, forward_dual_with_capture
+from models_pair import ModelArgumentError
+from models_vit import create_vit
 from util.args import explicit_flags
+from util.config import Config
 from util.errors import UserError
 from util.losses import TransferCriterion
 from util.pretrained import read_checkpoint
@@ -151,9 +153,9 @@ def test_map_average_examples_copies_the_batch_mean_to_every_image():
 
 
 def test_map_average_refuses_the_fused_attention_and_other_modes():
-    with pytest.raises(UserError, match='--attention_impl explicit'):
+    with pytest.raises(ModelArgumentError, match='explicit maps'):
         pair('copy', 'fused', map_average='examples')
-    with pytest.raises(UserError, match='copy_q'):
+    with pytest.raises(ModelArgumentError, match='copy_q'):
         pair('copy_q', 'explicit', map_average='queries')
     model = pair('copy', 'auto', map_average='examples').eval()  # auto: explicit maps on any device
     x = torch.randn(2, 3, 32, 32)
@@ -163,8 +165,11 @@ def test_map_average_refuses_the_fused_attention_and_other_modes():
 
 @pytest.mark.parametrize('spec', ['0', '5', '2-1', 'x'])
 def test_transfer_heads_refuses_heads_the_layers_lack(spec):
-    with pytest.raises(UserError, match='--transfer_heads'):
+    with pytest.raises(ModelArgumentError) as refused:
         pair('copy', 'explicit', transfer_heads=spec)
+    assert refused.value.argument == 'transfer_heads'
+    with pytest.raises(UserError, match='^--transfer_heads: '):
+        pair_of('copy', '--transfer_heads', spec, arch=ARCH)
 
 
 def test_fused_and_explicit_agree_with_some_heads():
@@ -230,14 +235,14 @@ def test_transfer_until_refused_without_a_transfer_loss(workdir):
 
 
 # ---- --mode feature_kd / logit_kd ---------------------------------------------------------------------
-def kd_pair(kind, **kwargs):
+def kd_pair(mode, *flags):
     torch.manual_seed(0)
-    return build_kd_pair(kind, 'vit_base_patch16_224', num_classes=5, img_size=32, teacher_kwargs=ARCH, **kwargs)
+    return pair_of(mode, *flags, arch=ARCH)
 
 
 def test_feature_kd_loss_is_the_summed_mse_of_the_residual_streams():
-    model = kd_pair(FeatureDistillation, end_layer=-1).train()  # layers 0 and 1 of 3
-    assert model.layers == [0, 1]
+    model = kd_pair('feature_kd', '--end_layer', '-1').train()  # layers 0 and 1 of 3
+    assert model.layer_pairs == [(0, 0), (1, 1)]
     x = torch.randn(3, 3, 32, 32)
     out, loss = model(x)
     expected, sx, tx = 0.0, tokens(model.student, x), tokens(model.teacher, x)
@@ -255,13 +260,14 @@ def test_feature_kd_loss_is_the_summed_mse_of_the_residual_streams():
 
 
 def test_feature_kd_refuses_other_widths():
-    with pytest.raises(UserError, match='feature_kd.*widths'):
-        kd_pair(FeatureDistillation, student_model='vit_base_patch16_224', student_kwargs={**ARCH, 'embed_dim': 32})
+    with pytest.raises(UserError, match='--student_model / --student_kwargs: feature distillation.*widths'):
+        kd_pair('feature_kd', '--student_model', 'vit_base_patch16_224', '--student_kwargs',
+                *kwargs_flags({**ARCH, 'embed_dim': 32}))
 
 
 @pytest.mark.parametrize('temperature', [1.0, 4.0])
 def test_logit_kd_loss_is_the_kl_to_the_soft_labels(temperature):
-    model = kd_pair(LogitDistillation, temperature=temperature).train()
+    model = kd_pair('logit_kd', '--kd_temperature', str(temperature)).train()
     with torch.no_grad():  # logits of a few units, as a trained classifier's
         model.teacher.head.weight.mul_(300.0)
         model.student.head.weight.mul_(100.0)
@@ -277,13 +283,15 @@ def test_logit_kd_loss_is_the_kl_to_the_soft_labels(temperature):
 
 
 def test_logit_kd_needs_a_teacher_with_a_head(tmp_path):
-    model = kd_pair(LogitDistillation)
+    model = kd_pair('logit_kd')
     state = {k: v for k, v in model.teacher.state_dict().items() if not k.startswith('head.')}
     torch.save({'model': state}, tmp_path / 'pretrain.pth')
-    with pytest.raises(UserError, match='logit_kd.*classifier head'):
-        model.load_teacher(str(tmp_path / 'pretrain.pth'), flag='--finetune')
+    mode = modes.get_mode('logit_kd')
+    cfg = Config.of(dict(finetune=str(tmp_path / 'pretrain.pth'), use_teacher_ema=False, nb_classes=5))
+    with pytest.raises(UserError, match='logit_kd.*classifier'):
+        mode.load_teacher(model, cfg)
     torch.save({'model': model.teacher.state_dict()}, tmp_path / 'classifier.pth')
-    assert 'head.weight' in model.load_teacher(str(tmp_path / 'classifier.pth'), flag='--finetune').loaded
+    assert 'head.weight' in mode.load_teacher(model, cfg.replace(finetune=str(tmp_path / 'classifier.pth'))).loaded
 
 
 @pytest.mark.slow
@@ -326,8 +334,8 @@ def test_student_init_starts_the_student_from_another_model(workdir, tmp_path, m
     other = create_vit('vit_base_patch16_224', num_classes=3, img_size=32, **TINY_ARCH)
     torch.save({'model': other.state_dict()}, tmp_path / 'other.pth')
     run = resolved(args_for(workdir, tmp_path / 'out', '--mode', mode, '--student_init', str(tmp_path / 'other.pth')))
-    model = main_finetune.build_model(run.cfg, run.mode)
-    modes.load_initial_weights(model, run.cfg, None)
+    model = main_finetune.build_model(run)
+    modes.load_initial_weights(model, run.mode, run.cfg, None)
     student, teacher = model.student.state_dict(), model.teacher.state_dict()
     for name, value in other.state_dict().items():
         assert torch.equal(student[name], value), name

@@ -22,7 +22,7 @@ from test_prepare_inat import miniature
 
 import main_finetune
 import submitit_finetune
-from models_dual_vit import create_vit
+from models_vit import create_vit
 from tools import eval_shift, prepare_inat
 from util.eval_classes import imagenet_synsets, read_eval_classes
 

@@ -15,9 +15,12 @@ import torch.nn.functional as F
 from helpers import kwargs_flags, tiny_args
 
 import main_finetune
-from models_dual_vit import build_dual_vit, forward_dual_with_capture, forward_with_capture, pair_layers
+from models_attention import forward_with_capture
+from models_dual_vit import build_dual_vit, forward_dual_with_capture
 from models_families import family_of_model
-from util.errors import UserError
+from models_pair import ModelArgumentError
+from models_pairing import layer_pairs as pair_layers
+from util.pretrained import load_pretrained_weights
 
 SIZE = dict(patch_size=8, embed_dim=48, depth=3, num_heads=3)
 # family -> (timm name, architecture arguments): tiny members of each family, 32 x 32 input
@@ -69,7 +72,7 @@ def teacher_files(tmp_path_factory):
 def dual(family, mode, impl, teacher_file):
     name, kw = FAMILIES[family]
     model = build_dual_vit(name, mode=mode, num_classes=3, img_size=32, teacher_kwargs=kw, attention_impl=impl)
-    model.load_teacher(teacher_file)
+    load_pretrained_weights(model.teacher, teacher_file)
     randomise(model.student, seed=7)
     return model
 
@@ -217,7 +220,7 @@ def test_teacher_with_its_own_head_loads_for_another_class_count(family, tmp_pat
     src = head_classifier(family, 1000, path)
     name, kw = HEADS[family]
     model = build_dual_vit(name, mode='distill', num_classes=10, img_size=32, teacher_kwargs=kw)
-    report = model.load_teacher(path)
+    report = load_pretrained_weights(model.teacher, path)
     own = src.state_dict()
     for k, v in model.teacher.state_dict().items():
         if k.startswith(('blocks.', 'patch_embed.', 'cls_token', 'pos_embed', 'dist_token')):
@@ -267,7 +270,7 @@ def test_default_layer_map_spreads_a_shallower_student_top_to_top():
     assert pair_layers(None, 4, 12) == {0: 2, 1: 5, 2: 8, 3: 11}
     assert pair_layers(None, 4, 4) == {i: i for i in range(4)} and pair_layers(None, 6, 4) == {i: i for i in range(4)}
     for bad, message in (('1:0,0:1', 'rise'), ('0:4', 'outside'), ('0-1', 'e.g.')):
-        with pytest.raises(UserError, match=message):
+        with pytest.raises(ModelArgumentError, match=message):
             pair_layers(bad, 2, 4)
 
 
@@ -318,7 +321,7 @@ def test_token_mismatches_are_refused_with_the_arguments_that_match():
     that gives the teacher's tokens."""
     arch = dict(patch_size=8, embed_dim=48, depth=2, num_heads=3)
     for student, expected in ((dict(arch, patch_size=4), 'patch_size=8'), (dict(arch, reg_tokens=0), 'reg_tokens=4')):
-        with pytest.raises(UserError, match=expected):
+        with pytest.raises(ModelArgumentError, match=expected):
             build_dual_vit('vit_base_patch16_224', 'vit_base_patch16_224', mode='distill', num_classes=3, img_size=32,
                            teacher_kwargs=dict(arch, reg_tokens=4), student_kwargs=student)
     build_dual_vit('vit_base_patch16_224', 'vit_base_patch16_224', mode='distill', num_classes=3, img_size=32,
@@ -403,7 +406,7 @@ def test_some_heads_transferred_agree_across_paths_and_all_heads_equal_the_full_
             torch.manual_seed(0)  # the same student in every variant
             model = build_dual_vit(name, mode=mode, num_classes=3, img_size=32, teacher_kwargs=kw, attention_impl=impl,
                                    transfer_heads=heads)
-            model.load_teacher(teacher_files[family])
+            load_pretrained_weights(model.teacher, teacher_files[family])
             randomise(model.student, seed=7)
             model.train()
             out = model(x)

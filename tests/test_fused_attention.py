@@ -13,12 +13,9 @@ import torch.nn.functional as F
 from helpers import TINY, tiny_args
 
 import main_finetune
-from models_dual_vit import (
-    TRANSFER_MODES,
-    attention_distillation_loss,
-    build_dual_vit,
-    transfer_attention,
-)
+from models_attention import TRANSFER_MODES, transfer_attention
+from models_dual_vit import build_dual_vit
+from models_transfer_losses import attention_distillation_loss
 from util.errors import UserError
 from util.pretrained import read_checkpoint
 

@@ -14,7 +14,9 @@ import torch
 from helpers import ROOT, TINY_ARCH, make_unwritable, make_writable
 
 from benchmarks import baseline, bench_step, gpu_report
-from models_dual_vit import DualViT, create_vit
+from models_dual_vit import DualViT
+from models_pairing import resolve_pairing
+from models_vit import create_vit
 from util.errors import UserError
 
 PYTEST_LINE = re.compile(r'^tests/test_cuda\.py::(\S+) (PASSED|FAILED|ERROR|SKIPPED|XFAIL|XPASS)\b')
@@ -151,7 +153,8 @@ def test_authors_approach_computes_the_librarys_model(mode):
     """Same logits, loss and gradients as the library's explicit path (the teacher's extra layers change
     nothing but the time), so the step table compares like with like."""
     teacher, student = tiny_models()
-    pair = DualViT(student, teacher, mode=mode, end_layer=-1, attention_impl='explicit').train()
+    pairs, layers = resolve_pairing(len(student.blocks), len(teacher.blocks), end_layer=-1)
+    pair = DualViT(student, teacher, mode=mode, pairs=pairs, layers=layers, attention_impl='explicit').train()
     x = torch.randn(3, 3, 32, 32, dtype=torch.float64)
     masks = pair.draw_drop_path_masks(3, x.device)
     results = []

@@ -7,7 +7,7 @@ import pytest
 import torch
 from helpers import TINY
 
-from models_dual_vit import create_vit
+from models_vit import create_vit
 from util.lr_decay import param_groups_lrd
 from util.lr_sched import Schedule, adjust_learning_rate, lr_at
 

@@ -69,7 +69,7 @@ def test_pos_num_mixes_originals_per_class(shared_images, tmp_path):
     torch.save({'root': wild, 'paths': paths, 'selected': torch.tensor([0, 2, 5]), 'nb_classes': 3,
                 'ranking': 'output'}, selection)
     args = SimpleNamespace(mode='probe', selection=selection, nb_classes=3, input_size=32, hflip=0.5, seed=0,
-                           eval_data_path=target, pos_num=2)
+                           eval_data_path=target, pos_num=2, mean=(0.5,) * 3, std=(0.5,) * 3)
     dataset = get_mode('probe').train_dataset(args)
     assert dataset.paths[:3] == [paths[0], paths[2], paths[5]] and len(dataset) == 3 + 2 * 3
     originals = dataset.paths[3:]

@@ -127,7 +127,7 @@ def test_eval_of_a_named_classifier_follows_its_architecture_and_normalisation(o
                                                               num_classes=3)).eval()
     # the evaluation crop the run resolved for these images (they already have the input size)
     crop = util.datasets.default_eval_crop_pct(32, os.path.join(data, 'val'))
-    args = SimpleNamespace(input_size=32, mean=CLIP_MEAN, std=CLIP_STD, eval_crop_pct=crop)
+    args = SimpleNamespace(input_size=32, mean=CLIP_MEAN, std=CLIP_STD, eval_crop_pct=crop, jpeg_draft=False)
     images = torch.stack([x for x, _ in util.datasets.build_dataset(False, SimpleNamespace(**vars(args),
                           data_path=data, nb_classes=3))])
     labels = torch.tensor([y for _, y in util.datasets.build_dataset(False, SimpleNamespace(**vars(args),
@@ -149,7 +149,7 @@ def test_distill_from_a_timm_name_records_and_exports_the_teachers_normalisation
     del argv[model_flag:model_flag + 2 + 1 + len(TINY_ARCH)]  # no --model / --model_kwargs: from the name
     main_finetune.run(argv)
     ckpt = read_checkpoint(os.path.join(out, 'checkpoint.pth'))
-    assert ckpt['args']['model'] == 'test_vit' and ckpt['args']['student_model'] == 'test_vit'
+    assert ckpt['args']['model'] == 'test_vit' and ckpt['args']['model_spec']['student']['name'] == 'test_vit'
     assert ckpt['args']['mean'] == [0.5, 0.5, 0.5] and ckpt['args']['std'] == [0.5, 0.5, 0.5]
     export_student.export(os.path.join(out, 'checkpoint.pth'), str(tmp_path / 'exported'))
     with open(tmp_path / 'exported' / 'config.json') as f:

@@ -15,8 +15,8 @@ from helpers import ROOT, TINY_ARCH, free_port, kwargs_flags, read_log, tiny_arg
 
 import main_finetune
 import main_pretrain
-from models_dual_vit import create_vit
 from models_mae import MaskedAutoencoder, random_masking, sincos_pos_embed
+from models_vit import create_vit
 from util.errors import UserError
 from util.run_control import Preempted, clear_stop, request_stop
 

@@ -9,10 +9,11 @@ import safetensors.torch
 import timm
 import torch
 import torch.nn.functional as F
-from helpers import TINY, TINY_ARCH, kwargs_flags, tiny_args
+from helpers import DATA_DEFAULTS, TINY, TINY_ARCH, kwargs_flags, tiny_args
 
 import main_finetune
-from models_dual_vit import DualViT, build_dual_vit, create_vit
+from models_dual_vit import DualViT, build_dual_vit
+from models_vit import create_vit
 from tools import export_student
 from util.datasets import build_dataset
 from util.errors import UserError
@@ -39,7 +40,8 @@ def test_mae_pretrain_checkpoint_with_decoder_and_other_grid_loads(tmp_path):
     torch.save(mae_pretrain_checkpoint(src), path)
 
     dual = build_dual_vit('vit_base_patch16_224', mode='distill', num_classes=5, img_size=32, teacher_kwargs=TINY_ARCH)
-    report = dual.load_teacher(str(path))  # teacher grid is 4x4, pools with fc_norm: norm.* is classifier side
+    # the teacher's grid is 4x4 and it pools with fc_norm: norm.* is classifier side
+    report = load_pretrained_weights(dual.teacher, str(path))
     for k, v in src.state_dict().items():
         if k.startswith('blocks.') or k.startswith('patch_embed.') or k == 'cls_token':
             torch.testing.assert_close(dual.teacher.state_dict()[k], v, rtol=0, atol=0)
@@ -148,7 +150,8 @@ def reference_checkpoint(path: str, mode: str) -> DualViT:
 
 def expected_eval(model, data: str) -> tuple[float, float]:
     """Mean cross-entropy and top-1 of ``model`` on data/val, images as they are (32x32 at input 32)."""
-    dataset = build_dataset(False, SimpleNamespace(input_size=32, nb_classes=3, data_path=data, eval_crop_pct=1.0))
+    dataset = build_dataset(False, SimpleNamespace(**{**DATA_DEFAULTS, 'eval_crop_pct': 1.0}, input_size=32,
+                                                   nb_classes=3, data_path=data))
     x = torch.stack([dataset[i][0] for i in range(len(dataset))])
     y = torch.tensor([dataset[i][1] for i in range(len(dataset))])
     with torch.no_grad():

@@ -12,7 +12,8 @@ import torch
 from helpers import ROOT, TINY_ARCH, make_teacher_checkpoint, make_wild_folder, run_selection, tiny_args
 
 import main_finetune
-from models_probe import default_probe_blocks, match_layers
+from models_pairing import default_probe_blocks
+from models_pairing import relative_depth_blocks as match_layers
 from util.losses import kd_loss, noise_transition_matrix, patch_attention_probe_loss
 from util.pretrained import read_checkpoint
 

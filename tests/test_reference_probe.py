@@ -11,17 +11,18 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
-from helpers import ROOT, make_image_folder
+from helpers import DATA_DEFAULTS, ROOT, make_image_folder, pair_of
 from PIL import Image
 from torchvision import transforms
 
 import main_finetune
 import select_wild_data
-from models_dual_vit import build_dual_vit, create_vit
-from models_probe import build_probe_distiller
+from models_dual_vit import build_dual_vit
+from models_vit import create_vit
 from modes import get_mode
 from util.config import Config
 from util.errors import UserError
+from util.pretrained import load_pretrained_weights
 from util.selection import labelled_originals, probe_training_set, training_class_weights
 
 # ---- weight decay: every parameter in probe mode (the reference's AdamW(net.parameters(), weight_decay=0.025)),
@@ -39,8 +40,8 @@ MAE_EXEMPT = ({'cls_token', 'pos_embed', 'patch_embed.proj.bias', 'norm.weight',
 
 def cifar_pair(mode: str):
     if mode == 'probe':
-        return build_probe_distiller('vit_tiny_patch16_224', 'vit_tiny_patch16_224', 10, 32, False,
-                                     teacher_kwargs=CIFAR_STUDENT, student_kwargs=CIFAR_STUDENT)
+        return pair_of('probe', '--model', 'vit_tiny_patch16_224', '--cls_token', classes=10,
+                       arch=CIFAR_STUDENT)
     return build_dual_vit('vit_tiny_patch16_224', mode=mode, num_classes=10, img_size=32, global_pool=False,
                           teacher_kwargs=CIFAR_STUDENT)
 
@@ -71,10 +72,7 @@ def test_weight_decay_groups_and_one_optimizer_step(mode):
 # ---- the probe student's class token: truncated normal, std 0.02 (the reference's timm), not timm's 1e-6 today ----
 def test_probe_student_class_token_initialisation():
     torch.manual_seed(0)
-    args = SimpleNamespace(finetune='', teacher_model='vit_base_patch16_224', model=None, global_pool=False,
-                           model_kwargs=dict(depth=3), student_model=None, student_kwargs={}, nb_classes=3,
-                           input_size=32, drop_path=0.0, probe_blocks=None)
-    token = get_mode('probe').build_model(args).student.cls_token.detach().flatten()  # 768 draws
+    token = pair_of('probe', '--cls_token', classes=3, arch=dict(depth=3)).student.cls_token.detach().flatten()  # 768
     assert 0.018 < token.std().item() < 0.022 and abs(token.mean().item()) < 0.003
 
 
@@ -115,8 +113,9 @@ def test_pos_num_takes_the_first_images_of_each_class_in_imagefolder_order(tmp_p
     paths = [f'w{i}.png' for i in range(5)]
     for p in paths:
         save_image(os.path.join(wild, p), noise(rng, 8, 8))
-    args = SimpleNamespace(selection=write_selection(str(tmp_path / 'sel.pth'), wild, paths, [4, 0, 2]),
-                           nb_classes=2, input_size=8, hflip=0.5, eval_data_path=str(tmp_path / 'target'), pos_num=2)
+    args = SimpleNamespace(**DATA_DEFAULTS,
+                           selection=write_selection(str(tmp_path / 'sel.pth'), wild, paths, [4, 0, 2]),
+                           nb_classes=2, input_size=8, eval_data_path=str(tmp_path / 'target'), pos_num=2)
     dataset = get_mode('probe').train_dataset(args)
     assert dataset.paths == ['w4.png', 'w0.png', 'w2.png'] + expected and dataset.num_selected == 3
 
@@ -161,8 +160,9 @@ def test_budget_is_divided_by_the_selected_images_alone(tmp_path):
     for c in ('c0', 'c1'):
         for i in range(2):
             save_image(os.path.join(target, 'train', c, f'{i}.png'), noise(rng, 8, 8))
-    args = SimpleNamespace(selection=write_selection(str(tmp_path / 'sel.pth'), wild, ['a.png', 'b.png'], [0, 1]),
-                           nb_classes=2, input_size=8, hflip=0.5, eval_data_path=target, pos_num=2,
+    args = SimpleNamespace(**DATA_DEFAULTS,
+                           selection=write_selection(str(tmp_path / 'sel.pth'), wild, ['a.png', 'b.png'], [0, 1]),
+                           nb_classes=2, input_size=8, eval_data_path=target, pos_num=2,
                            presentations=96, explicit_flags=['lr'], epochs=50)
     dataset = mode.train_dataset(args)
     assert len(dataset) == 6 and mode.epochs(args, dataset) == 47
@@ -207,8 +207,9 @@ def test_class_weights_count_the_originals(tmp_path):
     assert not torch.allclose(without, weights, rtol=1e-3)  # the originals count
 
     # probe mode with --robust --pos_num 2 asks for exactly these
-    args = SimpleNamespace(class_weights='augmented', selection=selection, finetune=teacher_path, input_size=32,
-                           hflip=0.5, seed=7, batch_size=4, device='cpu', pos_num=2, eval_data_path=target)
+    args = SimpleNamespace(**DATA_DEFAULTS, class_weights='augmented', selection=selection, finetune=teacher_path,
+                           input_size=32,
+                           seed=7, batch_size=4, device='cpu', pos_num=2, eval_data_path=target)
     assert torch.equal(get_mode('probe').class_weights(args, SimpleNamespace(teacher=teacher), None), weights)
 
 
@@ -400,7 +401,7 @@ def test_a_teacher_in_the_reference_format_loads_in_both_steps(tmp_path):
         parser = argparse.ArgumentParser(parents=[main_finetune.get_args_parser()])
         args = parser.parse_args(train)
         args = Config.of(args, explicit_flags=main_finetune.explicit_flags(parser, train), selection_pending=True)
-        args, mode, _, _ = main_finetune.resolve_args(args)
-        model = main_finetune.build_model(args, mode)
-        model.load_teacher(args.finetune, flag='--finetune')
+        run = main_finetune.resolve_args(args)
+        model = main_finetune.build_model(run)
+        load_pretrained_weights(model.teacher, run.cfg.finetune)
         torch.testing.assert_close(model.teacher(x), expected)

@@ -16,8 +16,8 @@ from PIL import Image
 from torchvision import transforms
 
 import select_wild_data
-from models_dual_vit import create_vit
-from models_probe import default_probe_blocks
+from models_pairing import default_probe_blocks
+from models_vit import create_vit
 from util.errors import UserError
 from util.pretrained import read_checkpoint
 from util.selection import list_images, training_class_weights, wild_transform

@@ -10,9 +10,10 @@ from helpers import ROOT, TINY_ARCH, args_for
 
 import main_finetune
 import modes
-from models_dual_vit import DualViT, build_dual_vit, create_vit
+from models_dual_vit import DualViT, build_dual_vit
 from models_pair import TeacherStudentPair
 from models_probe import ProbeDistiller
+from models_vit import create_vit
 from util.config import Config
 
 # names the run's configuration goes by in the code

@@ -13,21 +13,22 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
+from helpers import DATA_DEFAULTS
 from PIL import Image
 
-import main_finetune
+from modes import get_mode
 from tools import export_student, prepare_cifar, prepare_tinyimagenet, visualize_attention
 from util.datasets import build_dataset, build_transform
+from util.model_record import recorded_spec
 from util.pretrained import read_checkpoint
 
 
 def dual_model_from(checkpoint):
     ckpt = read_checkpoint(checkpoint)
-    args = main_finetune.get_args_parser().parse_args([])
-    vars(args).update(ckpt['args'])
-    model = main_finetune.build_model(args)
+    spec = recorded_spec(ckpt)
+    model = get_mode(spec.mode).build_model(spec)
     model.student.load_state_dict(ckpt['model'])
-    model.teacher.load_state_dict(torch.load(args.finetune)['model'])
+    model.teacher.load_state_dict(torch.load(ckpt['args']['finetune'])['model'])
     return model.eval(), ckpt
 
 
@@ -107,7 +108,7 @@ def test_attention_diagnostics_match_independent_computation(one_epoch_runs, tmp
     model, _ = dual_model_from(checkpoint)
     # the run's evaluation transform: its 32x32 images at --input_size 32 are evaluated uncropped
     assert read_checkpoint(checkpoint)['args']['eval_crop_pct'] == 1.0
-    transform = build_transform(False, SimpleNamespace(input_size=32, eval_crop_pct=1.0))
+    transform = build_transform(False, SimpleNamespace(**{**DATA_DEFAULTS, 'eval_crop_pct': 1.0}, input_size=32))
     paths = sorted(os.path.join(dp, f) for dp, _, fs in os.walk(os.path.join(one_epoch_runs.data, 'val')) for f in fs)
     x = torch.stack([transform(Image.open(p).convert('RGB')) for p in paths])
     layer = 2
@@ -156,7 +157,7 @@ def test_prepare_cifar10_writes_imagefolder_with_cifar_labels(tmp_path):
         ['airplane', 'automobile', 'bird', 'cat', 'deer', 'dog', 'frog', 'horse', 'ship', 'truck'])[labels[1]],
         '00011.png')))
     assert np.array_equal(image, data[1].reshape(3, 32, 32).transpose(1, 2, 0))
-    args = SimpleNamespace(input_size=32, nb_classes=10, data_path=dst)
+    args = SimpleNamespace(**DATA_DEFAULTS, input_size=32, nb_classes=10, data_path=dst)
     val = build_dataset(False, args)
     test_data, test_labels = batches['test_batch']
     assert len(val) == 10 and sorted(t for _, t in val.samples) == sorted(test_labels)
@@ -175,7 +176,7 @@ def test_prepare_cifar100_uses_fine_labels_and_keeps_label_order(tmp_path):
                                                  b'fine_labels': [0, 1, 2, 0, 1, 2], b'coarse_labels': [0] * 6})
     prepare_cifar.convert(src, dst)
     assert sorted(os.listdir(os.path.join(dst, 'train'))) == ['0_zebra', '1_apple', '2_maple_tree']
-    val = build_dataset(False, SimpleNamespace(input_size=32, nb_classes=3, data_path=dst))
+    val = build_dataset(False, SimpleNamespace(**DATA_DEFAULTS, input_size=32, nb_classes=3, data_path=dst))
     assert [t for _, t in val.samples] == [0, 0, 1, 1, 2, 2]
 
 
@@ -200,7 +201,8 @@ def test_prepare_tinyimagenet_moves_val_into_class_folders(tmp_path):
     assert sorted(os.listdir(root / 'val' / wnids[1])) == ['val_1.JPEG', 'val_3.JPEG']
     assert not (root / 'val' / 'images').exists()
     assert prepare_tinyimagenet.reorganise_val(str(root)) == 0  # idempotent
-    args = SimpleNamespace(input_size=32, nb_classes=2, data_path=str(root), color_jitter=None, aa=None,
+    args = SimpleNamespace(**DATA_DEFAULTS, input_size=32, nb_classes=2, data_path=str(root), color_jitter=None,
+                           aa=None,
                            reprob=0.0, remode='pixel', recount=1)
     train, val = build_dataset(True, args), build_dataset(False, args)
     assert train.classes == val.classes == wnids and len(train) == 4 and len(val) == 4

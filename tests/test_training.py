@@ -9,7 +9,7 @@ import torch
 from helpers import TINY, args_for, read_log, tiny_args, torchrun
 
 import main_finetune
-from models_dual_vit import create_vit
+from models_vit import create_vit
 from util.pretrained import read_checkpoint
 
 MODES = ['none', 'copy', 'distill']

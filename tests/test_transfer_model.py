@@ -12,18 +12,12 @@ import torch.nn.functional as F
 from helpers import TINY, TINY_ARCH
 from timm.models.vision_transformer import ResPostBlock
 
-from models_dual_vit import (
-    DUAL_MODEL_NAMES,
-    TRANSFER_MODES,
-    DualViT,
-    attention_cross_entropy,
-    build_dual_vit,
-    check_supported,
-    create_vit,
-    dual_vit_small_patch16,
-    parse_layers,
-)
-from util.errors import UserError
+from models_attention import TRANSFER_MODES
+from models_dual_vit import DualViT, build_dual_vit, dual_vit_small_patch16
+from models_pair import ModelArgumentError
+from models_pairing import selected_layers
+from models_transfer_losses import attention_cross_entropy
+from models_vit import DUAL_MODEL_NAMES, check_supported, create_vit
 
 ALL_MODES = ['none'] + list(TRANSFER_MODES)
 
@@ -256,16 +250,16 @@ def test_teacher_stops_after_last_transferred_layer():
 
 
 def test_layer_selection():
-    assert parse_layers(None, 24, -6) == list(range(18))
-    assert parse_layers(None, 12, 0) == list(range(12))
-    assert parse_layers('0-3,8', 12) == [0, 1, 2, 3, 8]
-    assert parse_layers([2, 0], 12) == [0, 2]
-    with pytest.raises(UserError, match='outside'):
-        parse_layers('11-12', 12)
-    with pytest.raises(UserError, match="'0-17'"):
-        parse_layers('a-b', 12)
-    with pytest.raises(UserError, match='end_layer'):
-        parse_layers(None, 12, 3)
+    assert selected_layers(None, 24, -6) == list(range(18))
+    assert selected_layers(None, 12, 0) == list(range(12))
+    assert selected_layers('0-3,8', 12) == [0, 1, 2, 3, 8]
+    assert selected_layers([2, 0], 12) == [0, 2]
+    with pytest.raises(ModelArgumentError, match='outside'):
+        selected_layers('11-12', 12)
+    with pytest.raises(ModelArgumentError, match="'0-17'"):
+        selected_layers('a-b', 12)
+    with pytest.raises(ModelArgumentError, match='counts layers from the top'):
+        selected_layers(None, 12, 3)
 
 
 # ---- q / k / v variants --------------------------------------------------------------------------
@@ -327,19 +321,19 @@ def test_different_student_checked_at_construction():
                            img_size=32, teacher_kwargs=arch, student_kwargs=dict(arch, embed_dim=24))
     model.train()
     assert torch.isfinite(model(images())[1])
-    with pytest.raises(UserError, match='heads'):
+    with pytest.raises(ModelArgumentError, match='heads'):
         build_dual_vit('vit_base_patch16_224', 'vit_base_patch16_224', mode='distill', num_classes=5,
                        img_size=32, teacher_kwargs=arch, student_kwargs=dict(arch, num_heads=4))
-    with pytest.raises(UserError, match='head_dim'):
+    with pytest.raises(ModelArgumentError, match='head_dim'):
         build_dual_vit('vit_base_patch16_224', 'vit_base_patch16_224', mode='copy_q', num_classes=5,
                        img_size=32, teacher_kwargs=arch, student_kwargs=dict(arch, embed_dim=24))
-    with pytest.raises(UserError, match='tokens'):
+    with pytest.raises(ModelArgumentError, match='tokens'):
         build_dual_vit('vit_base_patch16_224', 'vit_base_patch16_224', mode='copy', num_classes=5,
                        img_size=32, teacher_kwargs=arch, student_kwargs=dict(arch, patch_size=4))
 
 
 def test_unsupported_block_and_missing_teacher_are_clear_errors():
-    with pytest.raises(UserError, match='ResPostBlock'):
+    with pytest.raises(ModelArgumentError, match='ResPostBlock'):
         tiny_pair('distill', cfg=dict(block_fn=ResPostBlock))
     student = create_vit('vit_base_patch16_224', num_classes=5, **TINY)
     with pytest.raises(ValueError, match='needs a teacher'):
@@ -378,13 +372,13 @@ def test_bf16_autocast_end_to_end_close_to_float32(mode):
 
 
 def test_families_without_an_adapter_are_refused_with_a_message():
-    """Parallel blocks and post-norm Eva blocks are refused with a UserError naming the class, not an
+    """Parallel blocks and post-norm Eva blocks are refused with a ModelArgumentError naming the class, not an
     AttributeError from inside the check; Beit and Eva (pre-norm) have adapters (tests/test_families.py)."""
     for name, expected in (('vit_small_patch16_18x2_224', 'ParallelThingsBlock'),
                            ('eva_giant_patch14_224', 'EvaBlockPostNorm')):
         kw = dict(use_post_norm=True) if name.startswith('eva') else {}
         model = timm.create_model(name, pretrained=False, depth=1, embed_dim=48, num_heads=3, **kw)
-        with pytest.raises(UserError, match=expected):
+        with pytest.raises(ModelArgumentError, match=expected):
             check_supported(model, 'teacher')
     for name in ('vit_small_patch14_reg4_dinov2', 'beitv2_base_patch16_224', 'eva02_tiny_patch14_224'):
         check_supported(timm.create_model(name, pretrained=False, depth=1, embed_dim=48, num_heads=3), 'teacher')

@@ -25,16 +25,15 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from timm.data.constants import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD  # noqa: E402
 from timm.models import save_for_hf  # noqa: E402
 
-from models_dual_vit import create_vit, resolve_model_name  # noqa: E402
 from modes import get_mode  # noqa: E402
 from util.args import HelpFormatter  # noqa: E402
-from util.checkpoint import holds_ema, recorded_args, student_weights  # noqa: E402
+from util.checkpoint import holds_ema, student_weights  # noqa: E402
 from util.datasets import mae_eval_crop_pct  # noqa: E402
 from util.errors import UserError, run_cli  # noqa: E402
-from util.pretrained import load_exact, read_checkpoint, trained_architecture  # noqa: E402
+from util.model_record import recorded_spec  # noqa: E402
+from util.pretrained import load_exact, read_checkpoint  # noqa: E402
 
 
 class ExportError(UserError):
@@ -44,10 +43,10 @@ class ExportError(UserError):
 def export(checkpoint_path: str, output: str, use_ema: bool = False) -> dict:
     """Write the student to ``output``; returns the architecture written to config.json."""
     ckpt = read_checkpoint(checkpoint_path, flag='--checkpoint')
-    arch = trained_architecture(ckpt)
-    if arch is None:
-        raise ExportError(f"{checkpoint_path} does not record its architecture (no 'args' of main_finetune.py)")
-    mode = get_mode(recorded_args(ckpt).get('mode'))
+    spec = recorded_spec(ckpt)
+    if spec is None:
+        raise ExportError(f"{checkpoint_path} does not record its model (no 'args' of main_finetune.py)")
+    mode = get_mode(spec.mode)
     if mode.needs_teacher(evaluating=True):
         raise ExportError(
             f"{checkpoint_path} is a {mode.name} student: in every forward pass it uses its teacher's "
@@ -57,25 +56,22 @@ def export(checkpoint_path: str, output: str, use_ema: bool = False) -> dict:
     if use_ema and not holds_ema(ckpt):
         raise ExportError(f"{checkpoint_path} holds no EMA weights (the run had no --ema); export without --ema")
     key = 'model_ema' if use_ema else 'model'
-    pool = arch['global_pool']
-    pool = ('avg' if pool else 'token') if isinstance(pool, bool) else pool
-    name = resolve_model_name(arch['model'])
-    model_args = dict(arch['model_kwargs'], img_size=arch['input_size'], global_pool=pool)
-    student = create_vit(name, num_classes=arch['nb_classes'], **model_args)
+    arch, size = spec.student, spec.img_size
+    model_args = dict(arch.kwargs, img_size=size, global_pool=arch.global_pool)
+    student = arch.create(spec.num_classes, size)
     load_exact(student, student_weights(ckpt, use_ema), f"checkpoint {checkpoint_path!r} ({key})")
     student.pretrained_cfg = {k: v for k, v in student.pretrained_cfg.items()
                               if k not in ('tag', 'hf_hub_id', 'url', 'license')}
-    size = arch['input_size']
     # the normalisation the student was trained with (the teacher's; ImageNet's for older checkpoints)
-    mean, std = tuple(arch['mean'] or IMAGENET_DEFAULT_MEAN), tuple(arch['std'] or IMAGENET_DEFAULT_STD)
+    mean, std = tuple(spec.mean), tuple(spec.std)
     data_config = dict(input_size=(3, size, size), interpolation='bicubic', mean=mean, std=std,
-                       crop_pct=arch.get('eval_crop_pct') or mae_eval_crop_pct(size), crop_mode='center')
+                       crop_pct=spec.eval_crop_pct or mae_eval_crop_pct(size), crop_mode='center')
     try:
         save_for_hf(student, output, model_args=model_args, safe_serialization=True, data_config=data_config)
     except OSError as e:
         raise ExportError(f"--output {output!r}: cannot write the exported model there ({type(e).__name__}: "
                           f"{e.strerror or e}); give a folder you can write to") from e
-    return {'architecture': name, 'num_classes': arch['nb_classes'], 'model_args': model_args, 'weights': key,
+    return {'architecture': arch.name, 'num_classes': spec.num_classes, 'model_args': model_args, 'weights': key,
             'mean': mean, 'std': std}
 
 

@@ -72,7 +72,7 @@ def cells(outcomes: dict, test: str, family: str, suffixes) -> str:
 def refusal(name: str, kwargs: dict) -> str:
     import timm
 
-    from models_dual_vit import check_supported
+    from models_vit import check_supported
     from util.errors import UserError
     model = timm.create_model(name, pretrained=False, depth=1, embed_dim=48, num_heads=3, **kwargs)
     try:

@@ -39,13 +39,15 @@ import torch  # noqa: E402
 from PIL import Image  # noqa: E402
 from torch.utils.data import DataLoader, Subset  # noqa: E402
 
-from models_dual_vit import forward_dual_with_capture, forward_with_capture  # noqa: E402
-from modes import get_mode, recorded_model  # noqa: E402
+from models_attention import forward_with_capture  # noqa: E402
+from models_dual_vit import forward_dual_with_capture  # noqa: E402
+from modes import get_mode  # noqa: E402
 from util.args import HelpFormatter, check_writable_folder  # noqa: E402
 from util.checkpoint import holds_teacher, recorded_args, restore_weights  # noqa: E402
-from util.datasets import build_dataset, build_transform, collate_skipping_bad  # noqa: E402
+from util.datasets import collate_skipping_bad, eval_transform, image_folder  # noqa: E402
 from util.errors import UserError, run_cli  # noqa: E402
-from util.pretrained import is_named, read_checkpoint  # noqa: E402
+from util.model_record import recorded_spec  # noqa: E402
+from util.pretrained import is_named, load_pretrained_weights, read_checkpoint  # noqa: E402
 
 METRICS = ('teacher_student_ce', 'jsd', 'teacher_entropy', 'student_entropy', 'teacher_distance_px',
            'student_distance_px')
@@ -96,28 +98,28 @@ def comparable(t: torch.Tensor, s: torch.Tensor) -> tuple[torch.Tensor, torch.Te
 # Models
 # ---------------------------------------------------------------------------------------------
 def load_models(checkpoint: str, teacher_path: str | None):
-    """(teacher or None, student, the run's arguments, the run's model) in eval mode, as the checkpoint's run
-    built them."""
+    """(teacher or None, student, the model's description, the run's model) in eval mode, rebuilt from the model
+    the checkpoint records (util.model_record)."""
     ckpt = read_checkpoint(checkpoint, flag='--checkpoint')
+    spec = recorded_spec(ckpt)
+    if spec is None:
+        raise UserError(f"--checkpoint {checkpoint}: it does not record its model (not written by main_finetune.py); "
+                        "give a checkpoint.pth of a main_finetune.py run")
     saved = recorded_args(ckpt)
-    if 'model' not in saved:
-        raise UserError(f"--checkpoint {checkpoint}: it does not record its run's arguments (not written by "
-                        "main_finetune.py); give a checkpoint.pth of a main_finetune.py run")
-    args = recorded_model(saved)
-    args = args.replace(finetune=teacher_path or args.finetune)
-    mode = get_mode(args.mode)
+    finetune, mode = teacher_path or saved.get('finetune') or '', get_mode(spec.mode)
     if not mode.uses_teacher and teacher_path:
         raise UserError("a plain run has no teacher to compare with; give a checkpoint of a transfer or probe run")
-    teacher_file = is_named(args.finetune or '') or os.path.isfile(args.finetune or '')  # a name comes from its cache
+    teacher_file = is_named(finetune) or os.path.isfile(finetune)  # a name comes from its cache
     if mode.uses_teacher and not holds_teacher(ckpt) and not teacher_file:
-        raise UserError(f"the teacher's weights are not in {checkpoint} and {args.finetune!r} does not "
-                        "exist: give --teacher PATH")
-    model = mode.build_model(args)
+        raise UserError(f"the teacher's weights are not in {checkpoint} and {finetune!r} does not exist: give "
+                        "--teacher PATH")
+    model = mode.build_model(spec)
     if model.teacher is not None and not holds_teacher(ckpt):
-        model.load_teacher(args.finetune, use_ema=args.use_teacher_ema)
+        load_pretrained_weights(model.teacher, finetune, use_ema=saved.get('use_teacher_ema', False),
+                                flag='--teacher')
     restore_weights(ckpt, checkpoint, model, None)
     teacher = model.teacher.eval() if model.teacher is not None else None
-    return teacher, model.student.eval(), args, model.eval()
+    return teacher, model.student.eval(), spec, model.eval()
 
 
 @torch.no_grad()
@@ -307,7 +309,7 @@ def main(argv=None) -> list[dict]:
     p.add_argument('--num_workers', default=4, type=int, help='data loading processes')
     a = p.parse_args(argv)
     map_layers = check_flags(a)
-    teacher, student, args, model = load_models(a.checkpoint, a.teacher)
+    teacher, student, spec, model = load_models(a.checkpoint, a.teacher)
     depth = len(student.blocks) if teacher is None else min(len(student.blocks), len(teacher.blocks))
     layers = list(range(depth))
     map_layers = map_layers or sorted({0, depth // 2, depth - 1})
@@ -316,9 +318,8 @@ def main(argv=None) -> list[dict]:
         raise UserError(f"--map_layers {a.map_layers}: no layer {', '.join(map(str, outside))}; the compared models "
                         f"have layers 0 to {depth - 1}")
     sources = student_map_sources(model, layers)
-    args = args.replace(data_path=a.data_path)
-    dataset = build_dataset(False, args, root=os.path.join(a.data_path, 'val'))
-    transform = build_transform(False, args)
+    transform = eval_transform(spec.img_size, spec.eval_crop_pct, spec.mean, spec.std)
+    dataset = image_folder(os.path.join(a.data_path, 'val'), transform, 'val')
 
     models = {'teacher': teacher, 'student': student} if teacher is not None else {'student': student}
     shown = [transform(Image.open(f).convert('RGB')) for f in a.images] if a.images else [
@@ -342,7 +343,7 @@ def main(argv=None) -> list[dict]:
     print(f"wrote {len(shown)} images' maps and per-layer metrics over {len(subset)} images to {a.output_dir}")
     copied = [layer for layer, source in sources.items() if source != 'own']
     if copied:
-        print(f"mode {args.mode}: in layers {', '.join(map(str, copied))} the student attends with what the teacher "
+        print(f"mode {spec.mode}: in layers {', '.join(map(str, copied))} the student attends with what the teacher "
               f"hands over; its maps there are the ones it uses: {COPIED_MAP[model.mode.exposes]}"
               + (", so the teacher-student JSD is 0 by construction" if model.mode.exposes == 'attn' else ''))
     for r in rows:

@@ -10,13 +10,13 @@ import math
 import os
 import random
 import warnings
+from collections.abc import Sequence
 from typing import Optional
 
 import numpy as np
 import torch
 from PIL import Image
 from timm.data import create_transform
-from timm.data.constants import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.data.transforms import RandomResizedCropAndInterpolation, interp_mode_to_str, str_to_pil_interp
 from torch.utils.data import DataLoader, Dataset, Sampler
 from torchvision import datasets, transforms
@@ -263,13 +263,6 @@ class DraftResize:
         return f"{type(self).__name__}(size={self.size})"
 
 
-def normalization(args) -> tuple[tuple, tuple]:
-    """(mean, std) of the input normalisation: ``args.mean`` / ``args.std`` (the teacher's, as
-    main_finetune.resolve_args sets them), else ImageNet's."""
-    mean, std = getattr(args, 'mean', None), getattr(args, 'std', None)
-    return tuple(mean or IMAGENET_DEFAULT_MEAN), tuple(std or IMAGENET_DEFAULT_STD)
-
-
 def mae_eval_crop_pct(input_size: int) -> float:
     """MAE's evaluation crop fraction for ImageNet-size inputs: 0.875 up to 224 px, 1.0 above."""
     return 224 / 256 if input_size <= 224 else 1.0
@@ -297,33 +290,33 @@ def default_eval_crop_pct(input_size: int, val_root: str) -> float:
 
 
 def build_transform(is_train: bool, args) -> transforms.Compose:
-    """MAE's transforms: RandAugment, random erasing and a bicubic random-resized crop for training;
-    for evaluation a bicubic resize to input_size / eval_crop_pct and a centre crop (``args.eval_crop_pct``;
-    MAE's rule when unset: 0.875 up to 224 px, no margin above).
+    """MAE's transforms: RandAugment, random erasing and a bicubic random-resized crop for training; for
+    evaluation ``eval_transform``. With ``args.jpeg_draft`` the first step (crop or resize) takes a JPEG opened by
+    ``open_image`` and decodes it at reduced scale where the output does not need the full resolution. Both
+    normalise with ``args.mean`` / ``args.std`` (the resolved configuration's)."""
+    if not is_train:
+        return eval_transform(args.input_size, args.eval_crop_pct, args.mean, args.std, args.jpeg_draft)
+    transform = create_transform(
+        input_size=args.input_size, is_training=True, color_jitter=args.color_jitter,
+        scale=(args.min_crop_scale, 1.0), hflip=args.hflip,
+        auto_augment=args.aa if args.aa not in (None, '', 'none') else None, interpolation='bicubic',
+        re_prob=args.reprob, re_mode=args.remode, re_count=args.recount, mean=tuple(args.mean), std=tuple(args.std))
+    if args.jpeg_draft:
+        transform.transforms[0] = DraftRandomResizedCrop(transform.transforms[0])
+    return transform
 
-    With ``args.jpeg_draft`` the first step (crop or resize) takes a JPEG opened by ``open_image`` and
-    decodes it at reduced scale where the output does not need the full resolution. Both normalise with
-    ``normalization(args)``."""
-    draft = getattr(args, 'jpeg_draft', False)
-    mean, std = normalization(args)
-    if is_train:
-        transform = create_transform(
-            input_size=args.input_size, is_training=True, color_jitter=args.color_jitter,
-            scale=(getattr(args, 'min_crop_scale', 0.08), 1.0), hflip=getattr(args, 'hflip', 0.5),
-            auto_augment=args.aa if args.aa not in (None, '', 'none') else None, interpolation='bicubic',
-            re_prob=args.reprob, re_mode=args.remode, re_count=args.recount,
-            mean=mean, std=std)
-        if draft:
-            transform.transforms[0] = DraftRandomResizedCrop(transform.transforms[0])
-        return transform
-    crop_pct = getattr(args, 'eval_crop_pct', None) or mae_eval_crop_pct(args.input_size)
-    resize_to = int(args.input_size / crop_pct)
+
+def eval_transform(input_size: int, crop_pct: Optional[float], mean: Sequence[float], std: Sequence[float],
+                   draft: bool = False) -> transforms.Compose:
+    """The evaluation transform: a bicubic resize to input_size / crop_pct and a centre crop (MAE's rule when
+    ``crop_pct`` is None: 0.875 up to 224 px, no margin above), normalised with ``mean`` / ``std``."""
+    resize_to = int(input_size / (crop_pct or mae_eval_crop_pct(input_size)))
     return transforms.Compose([
         DraftResize(resize_to) if draft else
         transforms.Resize(resize_to, interpolation=transforms.InterpolationMode.BICUBIC),
-        transforms.CenterCrop(args.input_size),
+        transforms.CenterCrop(input_size),
         transforms.ToTensor(),
-        transforms.Normalize(mean, std),
+        transforms.Normalize(tuple(mean), tuple(std)),
     ])
 
 
@@ -333,7 +326,7 @@ def build_dataset(is_train: bool, args, root: Optional[str] = None, nb_classes: 
     the class folders an evaluation on a subset of the model's classes expects)."""
     split = 'train' if is_train else 'val'
     root = root or os.path.join(args.data_path, split)
-    loader = open_image if getattr(args, 'jpeg_draft', False) else None
+    loader = open_image if args.jpeg_draft else None
     dataset = image_folder(root, build_transform(is_train, args), split, loader)
     if nb_classes is not None and nb_classes != len(dataset.classes):
         raise DataError(f"{root!r} has {len(dataset.classes)} class folders, but the evaluated classes are "

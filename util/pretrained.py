@@ -34,7 +34,6 @@ from timm.models import clean_state_dict, get_pretrained_cfg, split_model_name_t
 from timm.models.vision_transformer import checkpoint_filter_fn
 
 from models_families import checkpoint_filter_for
-from util.distributed import log
 from util.errors import UserError
 
 # Keys of MAE's pre-training decoder: part of the checkpoint, not of the encoder.
@@ -385,22 +384,6 @@ def load_pretrained_weights(model: nn.Module, path: str, use_ema: bool = False, 
     return report
 
 
-def trained_architecture(checkpoint: Any) -> dict | None:
-    """The trained model's architecture from a checkpoint written by main_finetune.py: timm name,
-    its arguments, classes, input size, pooling and input normalisation (mean, std); None for checkpoints
-    without those arguments."""
-    args = checkpoint.get('args') if isinstance(checkpoint, dict) else None
-    if not isinstance(args, dict) or 'model' not in args:
-        return None
-    # checkpoints record the student's architecture completely (older ones: the teacher's, which it mirrored)
-    name = args.get('student_model') or args.get('teacher_model') or args['model']
-    kwargs = dict(args.get('student_kwargs') or {}) if args.get('student_model') else {
-        **(args.get('model_kwargs') or {}), **(args.get('student_kwargs') or {})}
-    return dict(model=name, model_kwargs=kwargs, nb_classes=args.get('nb_classes'),
-                input_size=args.get('input_size'), global_pool=args.get('global_pool', True),
-                mean=args.get('mean'), std=args.get('std'), eval_crop_pct=args.get('eval_crop_pct'))
-
-
 def pool_of_state_dict(state_dict: dict) -> str:
     """A timm ViT's pooling from its weights: an attention-pooling head (SigLIP's ``attn_pool``) pools with
     it; timm gives average-pooling models an ``fc_norm`` (and no final ``norm``), class-token models a final
@@ -408,22 +391,6 @@ def pool_of_state_dict(state_dict: dict) -> str:
     if any(k.startswith('attn_pool.') for k in state_dict):
         return 'map'
     return 'avg' if 'fc_norm.weight' in state_dict else 'token'
-
-
-def checkpoint_architecture(spec: str, checkpoint: Any = None) -> dict | None:
-    """What a checkpoint argument says about its model, in trained_architecture()'s form: from a name
-    (timm:, hf-hub:) or from a checkpoint written by main_finetune.py (``checkpoint``: the file, when it was
-    read already); None when it says nothing. The one place a teacher's architecture is worked out from its
-    checkpoint."""
-    if is_named(spec):
-        named = resolve_named(spec)
-        if named.architecture is None:  # a URL: the file may still be one of this project's checkpoints
-            return trained_architecture(checkpoint if checkpoint is not None else read_checkpoint(named.path))
-        size = named.pretrained_cfg.get('input_size')
-        return dict(model=named.architecture, model_kwargs=dict(named.model_args), nb_classes=named.num_classes,
-                    input_size=size[-1] if size else None, global_pool=named.global_pool, mean=named.mean,
-                    std=named.std)
-    return trained_architecture(checkpoint if checkpoint is not None else read_checkpoint(spec))
 
 
 EVAL_HEAD_ADVICE = ("the evaluation would score a random head. Evaluate a classifier trained on this task's classes "
@@ -437,42 +404,3 @@ def require_classifier_head(report: LoadReport, flag: str, path: str, nb_classes
     if 'head.weight' not in report.loaded:
         raise UserError(f"{flag} {path}: no classifier head for {nb_classes} classes was loaded (the checkpoint has "
                         f"none, as a pre-training checkpoint, or one for another number of classes); {why}")
-
-
-def attention_pooling(cfg, mode) -> dict:
-    """--eval of a local classifier with an attention-pooling head (SigLIP's attn_pool): it pools with that
-    head unless --global_pool / --cls_token say otherwise (average pooling would score it without it)."""
-    pool_given = 'global_pool' in (getattr(cfg, 'explicit_flags', None) or ())
-    if not cfg.eval or mode.uses_teacher or pool_given or is_named(cfg.finetune):
-        return {}
-    if pool_of_state_dict(select_state_dict(read_checkpoint(cfg.finetune, '--finetune'))) != 'map':
-        return {}
-    log(f"pooling: the attention-pooling head of --finetune {cfg.finetune}")
-    return {'global_pool': 'map'}
-
-
-def finetune_source(cfg, mode) -> dict:
-    """What the --finetune checkpoint says about its model: a name (timm:, hf-hub:) gives the architecture
-    when --model / --teacher_model are not set, and its pretrained config's mean and std; a teacher checkpoint
-    of this project (modes whose teacher comes from its checkpoint) gives the normalisation it was trained with.
-    --mean / --std override; ImageNet's are the fallback. (Other local files are not read here: MAE's and
-    timm's record no normalisation, and a large teacher would be read twice.) Returns the resolved values."""
-    pooling = attention_pooling(cfg, mode)
-    if pooling:
-        return pooling
-    arch = checkpoint_architecture(cfg.finetune) if is_named(cfg.finetune) or mode.teacher_from_checkpoint else None
-    if arch is None:
-        return {}
-    values = {}
-    if is_named(cfg.finetune) and not cfg.model and not cfg.teacher_model:
-        values.update(model=arch['model'], model_kwargs={**arch['model_kwargs'], **cfg.model_kwargs})
-        log(f"architecture from --finetune {cfg.finetune}: {values['model']} {values['model_kwargs']}")
-        pool_given = 'global_pool' in (getattr(cfg, 'explicit_flags', None) or ())
-        if cfg.eval and not mode.uses_teacher and not pool_given:  # evaluating the named classifier as it is
-            values['global_pool'] = arch['global_pool'] or pool_of_state_dict(select_state_dict(
-                read_checkpoint(cfg.finetune)))
-    if arch.get('mean') is not None and arch.get('std') is not None and (cfg.mean is None or cfg.std is None):
-        values.update(mean=cfg.mean or list(arch['mean']), std=cfg.std or list(arch['std']))
-        log(f"input normalisation: mean {values['mean']}, std {values['std']} (the --finetune teacher's; --mean / "
-            "--std override)")
-    return values
