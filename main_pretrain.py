@@ -43,6 +43,7 @@ from util.datasets import CACHE_IMAGES_HELP, DataError, build_loader, cache_deco
 from util.distributed import destroy, get_rank, get_world_size, init_distributed_mode, is_main_process, log
 from util.errors import UserError, run_cli
 from util.lr_sched import Schedule, learning_rate
+from util.model_record import flag_errors
 from util.output import (
     check_inputs_not_overwritten,
     check_output_folders,
@@ -188,7 +189,8 @@ def resolve_args(args) -> tuple[Config, dict | None, str | None]:
     cfg = Config.of(args, model_kwargs=parse_kwargs(args.model_kwargs, '--model_kwargs'),
                     log_dir=args.output_dir if args.log_dir is None else args.log_dir,
                     amp=args.amp or default_amp(args.device))
-    resolve_model_name(cfg.model)
+    with flag_errors():
+        resolve_model_name(cfg.model)
     data_root(cfg.data_path)
     path = resume_path(cfg.resume, cfg.output_dir)
     ckpt = load_training_checkpoint(path) if path else None
@@ -221,10 +223,11 @@ def build_pretraining_set(args) -> ImageFiles:
 
 
 def build_model(args) -> MaskedAutoencoder:
-    encoder = create_vit(args.model, num_classes=0, global_pool='token', img_size=args.input_size,
-                         **args.model_kwargs)
-    model = MaskedAutoencoder(encoder, args.decoder_embed_dim, args.decoder_depth, args.decoder_num_heads,
-                              mask_ratio=args.mask_ratio, norm_pix_loss=args.norm_pix_loss)
+    with flag_errors():
+        encoder = create_vit(args.model, num_classes=0, global_pool='token', img_size=args.input_size,
+                             **args.model_kwargs)
+        model = MaskedAutoencoder(encoder, args.decoder_embed_dim, args.decoder_depth, args.decoder_num_heads,
+                                  mask_ratio=args.mask_ratio, norm_pix_loss=args.norm_pix_loss)
     keep = kept_tokens(model.num_patches, args.mask_ratio)
     if not 0 < keep < model.num_patches:
         raise UserError(f"--mask_ratio {args.mask_ratio}: of the {model.num_patches} patches the encoder would see "

@@ -18,7 +18,7 @@ import torch.nn as nn
 from timm.layers import build_sincos2d_pos_embed
 from timm.models.vision_transformer import Block, VisionTransformer
 
-from util.errors import UserError
+from models_pair import ModelArgumentError
 from util.pretrained import IGNORED_PREFIXES
 
 # Keys of the decoder in the state dict (the rest are the encoder's timm keys): util.pretrained's ignored ones.
@@ -32,7 +32,8 @@ def sincos_pos_embed(grid_size: tuple[int, int], dim: int) -> torch.Tensor:
     1 / 10000^(i / (dim / 4)). timm's ``build_sincos2d_pos_embed`` gives the row's half first: the halves are
     swapped to MAE's order."""
     if dim % 4:
-        raise UserError(f"embedding width {dim}: the 2-D sin-cos position embedding needs a multiple of 4")
+        raise ModelArgumentError(f"embedding width {dim}: the 2-D sin-cos position embedding needs a multiple of 4",
+                                 'architecture')
     emb = build_sincos2d_pos_embed(list(grid_size), dim, interleave_sin_cos=True)  # [sin, cos](row), (column)
     emb = torch.cat([emb[:, dim // 2:], emb[:, :dim // 2]], dim=1)
     return torch.cat([emb.new_zeros(1, dim), emb])
@@ -65,7 +66,7 @@ def kept_tokens(num_patches: int, mask_ratio: float) -> int:
 
 def check_encoder(encoder: nn.Module, name: str = 'the encoder') -> None:
     """MAE's masking needs a timm ViT whose tokens are one class token and the patches, with a position embedding
-    of both (timm's default layout); raise UserError naming what ``name`` lacks."""
+    of both (timm's default layout); raise ModelArgumentError naming what ``name`` lacks."""
     problems = []
     if not isinstance(encoder, VisionTransformer):
         problems.append(f"it is a {type(encoder).__name__}, not a timm VisionTransformer")
@@ -79,8 +80,9 @@ def check_encoder(encoder: nn.Module, name: str = 'the encoder') -> None:
         if encoder.dynamic_img_size:
             problems.append('it has dynamic_img_size=True')
     if problems:
-        raise UserError(f"--model: MAE pre-training cannot mask {name}: {'; '.join(problems)}. Use a ViT with a "
-                        "class token and a learned position embedding (e.g. vit_base_patch16_224)")
+        raise ModelArgumentError(f"MAE pre-training cannot mask {name}: {'; '.join(problems)}. Use a ViT with a "
+                                 "class token and a learned position embedding (e.g. vit_base_patch16_224)",
+                                 'architecture')
 
 
 class MaskedAutoencoder(nn.Module):

@@ -259,6 +259,27 @@ def test_feature_kd_loss_is_the_summed_mse_of_the_residual_streams():
         assert torch.equal(model(x), model.student(x))  # the student alone at evaluation
 
 
+@pytest.mark.parametrize('layer_map,pairs', [(None, [(0, 1), (1, 3)]), ('0:0,1:2', [(0, 0), (1, 2)])])
+def test_feature_kd_regresses_onto_the_printed_pairs(layer_map, pairs):
+    """A 2-block student of a 4-block teacher: the start-up line prints the pairs, and the loss is the summed MSE of
+    the student's residual stream after layer i against the teacher's after block j, for exactly those pairs."""
+    flags = ['--student_kwargs', 'depth=2'] + (['--layer_map', layer_map] if layer_map else [])
+    torch.manual_seed(0)
+    model = pair_of('feature_kd', *flags).train()
+    assert model.describe_layers() == ', '.join(f'{i}:{j}' for i, j in pairs) + ' (student:teacher)'
+    x = torch.randn(2, 3, 32, 32)
+    _, loss = model(x)
+    with torch.no_grad():
+        streams = {}
+        for name, vit in (('student', model.student), ('teacher', model.teacher)):
+            h, streams[name] = tokens(vit, x), []
+            for blk in vit.blocks:
+                h = blk(h)
+                streams[name].append(h)
+        expected = sum(F.mse_loss(streams['student'][i], streams['teacher'][j]) for i, j in pairs)
+    torch.testing.assert_close(loss, expected, rtol=1e-6, atol=0)
+
+
 def test_feature_kd_refuses_other_widths():
     with pytest.raises(UserError, match='--student_model / --student_kwargs: feature distillation.*widths'):
         kd_pair('feature_kd', '--student_model', 'vit_base_patch16_224', '--student_kwargs',

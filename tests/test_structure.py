@@ -1,8 +1,22 @@
-"""The code's structure as DESIGN.md states it, checked on the source: one read-only configuration after
-resolution, mode names compared only in modes.py, every run file named in one module, the teacher-student
-pair a declared type, the mode looked up once per run."""
+"""The code's structure, checked on the source. The rules:
+
+1. One read-only configuration: after resolution nothing assigns into ``args`` / ``cfg`` / ``config``.
+2. Mode names are compared only in modes.py (``MODES`` and ``get_mode``); the rest asks the mode object.
+3. Every file name a run writes is spelled in one module.
+4. The teacher-student pair is a declared type (models_pair.TeacherStudentPair) that every pair implements.
+5. The mode is looked up once per run.
+6. One model identity: util.model_record.describe_model is the one function that describes a run's model, and
+   models_spec.student_architecture the one rule for the student's architecture; no other code reads the model's
+   arguments out of a checkpoint's recorded flags, and the routes that did (MODEL_ARGS, recorded_model,
+   checkpoint_model_args, trained_architecture, checkpoint_architecture, finetune_source) are gone.
+7. The model layer (models_*.py) raises its own errors in the model's words: no UserError, no command-line flag
+   in a raised message; the command line names the flags (util.model_record.flag_errors).
+8. Small pieces: no production function longer than 80 lines except argument parsers; models_dual_vit.py, the
+   pair, under 650 lines.
+"""
 import ast
 import os
+import re
 
 import pytest
 import torch
@@ -170,3 +184,89 @@ def test_the_mode_is_looked_up_once_per_run(workdir, monkeypatch):
     monkeypatch.setattr(main_finetune, 'get_mode', counting)
     main_finetune.run(args_for(workdir, workdir.root / 'one_lookup', '--mode', 'distill', epochs=1))
     assert calls == ['distill']
+
+
+# ---- one model identity -------------------------------------------------------------------------------------
+OLD_ROUTES = ('MODEL_ARGS', 'recorded_model', 'checkpoint_model_args', 'trained_architecture',
+              'checkpoint_architecture', 'finetune_source', 'build_kd_pair', 'build_probe_distiller')
+MODEL_ARG_KEYS = {'student_model', 'student_kwargs', 'model_kwargs', 'teacher_model'}
+
+
+def model_arg_reads(tree: ast.Module) -> list[int]:
+    """Lines reading a model argument out of a dict: ``x.get('student_model')`` or ``x['model_kwargs']``."""
+    lines = []
+    for node in ast.walk(tree):
+        key = None
+        if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr == 'get' \
+                and node.args and isinstance(node.args[0], ast.Constant):
+            key = node.args[0].value
+        elif isinstance(node, ast.Subscript) and isinstance(node.slice, ast.Constant):
+            key = node.slice.value
+        if key in MODEL_ARG_KEYS:
+            lines.append(node.lineno)
+    return lines
+
+
+def names_used(tree: ast.Module) -> set[str]:
+    return {n.id for n in ast.walk(tree) if isinstance(n, ast.Name)} | \
+        {n.attr for n in ast.walk(tree) if isinstance(n, ast.Attribute)} | \
+        {a.name for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) for a in n.names} | \
+        {n.name for n in ast.walk(tree) if isinstance(n, (ast.FunctionDef, ast.ClassDef))}
+
+
+def test_one_model_description():
+    sources = project_sources()
+    old = {path: sorted(names_used(tree) & set(OLD_ROUTES)) for path, tree in sources.items()}
+    assert {p: n for p, n in old.items() if n} == {}
+    callers = {path for path, tree in sources.items() for node in ast.walk(tree) if isinstance(node, ast.Call)
+               and getattr(node.func, 'id', getattr(node.func, 'attr', None)) == 'student_architecture'}
+    # describe_model, and the notebook builder
+    assert callers == {os.path.join('util', 'model_record.py'), 'models_dual_vit.py'}
+    describers = {path for path, tree in sources.items() for node in ast.walk(tree) if isinstance(node, ast.Call)
+                  and getattr(node.func, 'id', getattr(node.func, 'attr', None)) == 'describe_model'}
+    assert describers <= {os.path.join('util', 'model_record.py'), 'main_finetune.py'}
+    reads = {path: lines for path, tree in sources.items() if path != os.path.join('util', 'model_record.py')
+             and (lines := model_arg_reads(tree))}
+    assert reads == {}, f"model arguments read out of a checkpoint's flags outside util/model_record.py: {reads}"
+
+
+def test_the_route_checkers_find_what_they_look_for():
+    tree = ast.parse("a = saved.get('student_model')\nb = args['model_kwargs']\nc = x.get('mode')\n")
+    assert model_arg_reads(tree) == [1, 2]
+    assert 'MODEL_ARGS' in names_used(ast.parse("from modes import MODEL_ARGS\n"))
+
+
+def flag_names_in_raises(tree: ast.Module) -> list[int]:
+    """Lines of a raise in which UserError is named or a string holds a command-line flag (``--name``)."""
+    found = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Raise) and node.exc is not None:
+            for part in ast.walk(node.exc):
+                if (isinstance(part, ast.Name) and part.id == 'UserError') or (
+                        isinstance(part, ast.Constant) and isinstance(part.value, str)
+                        and re.search(r'--[a-z]', part.value)):
+                    found.append(node.lineno)
+                    break
+    return found
+
+
+def test_the_model_layer_speaks_no_flags():
+    models = {path: tree for path, tree in project_sources().items() if re.fullmatch(r'models_\w+\.py', path)}
+    assert len(models) >= 9
+    imports = {path for path, tree in models.items() if 'UserError' in names_used(tree)}
+    assert imports == set()
+    assert {path: lines for path, tree in models.items() if (lines := flag_names_in_raises(tree))} == {}
+    assert flag_names_in_raises(ast.parse("raise ValueError(f'--layer_map {x}: bad')\nraise UserError('x')\n"
+                                          "raise ValueError('layer map 0:x')\n")) == [1, 2]
+
+
+PARSERS = {'get_args_parser', 'add_arguments'}
+
+
+def test_functions_are_short():
+    long = {f'{path}:{node.name}': node.end_lineno - node.lineno + 1 for path, tree in project_sources().items()
+            for node in ast.walk(tree) if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef))
+            and node.name not in PARSERS and node.end_lineno - node.lineno + 1 > 80}
+    assert long == {}
+    with open(os.path.join(ROOT, 'models_dual_vit.py'), encoding='utf-8') as f:
+        assert len(f.readlines()) < 650
