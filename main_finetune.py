@@ -501,7 +501,7 @@ class Trainer(EpochLoop):
         data = dataset_fingerprint(dataset_train)
         # what checkpoints record as their args: the configuration and the values resolved while building
         record = {**cfg.record(), 'lr': lr, 'epochs': self.schedule.epochs, 'train_data': data,
-                  'model_spec': run.spec.to_record(), **mode.recorded_args(cfg, criterion)}
+                  'model_spec': run.spec.to_record(), **mode.resolved_values(cfg, criterion)}
         self.checkpointer = Checkpointer(cfg.output_dir, self.state, record, device, self.schedule.epochs,
                                          cfg.save_every)
         if is_main_process() and cfg.output_dir:

@@ -174,9 +174,9 @@ class Mode(ABC):
         """The task loss (soft-target CE under mixup, else label smoothing), plus ``atd_weight`` times the
         transfer loss the model returns in modes with one."""
         return TransferCriterion(build_task_criterion(cfg.mixup_active, cfg.smoothing), cfg.atd_weight,
-                                 cfg.transfer_until, cfg.transfer_decay)
+                                 cfg.transfer_until, cfg.transfer_decay, term=self.loss_name)
 
-    def recorded_args(self, cfg: Config, criterion) -> dict:
+    def resolved_values(self, cfg: Config, criterion) -> dict:
         """Values this mode resolved while building, recorded in checkpoints beside the flags."""
         return {}
 
@@ -334,6 +334,7 @@ class FeatureKD(KnowledgeDistillation):
     --layer_map) regressed onto the teacher's after the block it is paired with (``models_kd``)."""
 
     name = 'feature_kd'
+    loss_name = 'loss_feature'
     takes = frozenset({'end_layer', 'transfer_layers', 'layer_map', 'transfer_until', 'transfer_decay'})
 
     def pairing(self, cfg: Config, student: nn.Module, teacher: nn.Module | None) -> dict:
@@ -552,7 +553,7 @@ class AttentionProbe(Mode):
         return param_groups_lrd(student, args.weight_decay, (), args.layer_decay,
                                 num_layers=self.lr_decay_layers(len(student.blocks)), decay_all=True)
 
-    def recorded_args(self, args, criterion) -> dict:
+    def resolved_values(self, args, criterion) -> dict:
         """The teacher accuracy measured for the noise transition."""
         return {'teacher_acc': criterion.teacher_acc} if args.noise_adaptation else {}
 

@@ -96,12 +96,13 @@ def test_resolve_args_gives_fused_for_a_cuda_run(runs, tmp_path):
 
 @pytest.mark.slow
 def test_checkpoint_without_attention_impl_still_loads(runs, monkeypatch, capsys, tmp_path):
-    """A checkpoint older than the flag records no attention_impl: tools that rebuild the run's model from
-    its arguments get the parser's default, auto."""
+    """A checkpoint older than the flag and the model description records neither attention_impl nor model_spec:
+    tools rebuild the run's model from the flags it records, to the same description."""
     out, _, _ = train(runs, 'old', monkeypatch=monkeypatch, capsys=capsys)
     ckpt = read_checkpoint(os.path.join(out, 'checkpoint.pth'))
+    recorded = ckpt['args'].pop('model_spec')
     del ckpt['args']['attention_impl']
     old = str(tmp_path / 'old.pth')
     torch.save(ckpt, old)
-    teacher, student, args, _ = load_models(old, None)
-    assert args.attention_impl == 'auto' and teacher is not None
+    teacher, student, spec, _ = load_models(old, None)
+    assert teacher is not None and spec.to_record() == recorded

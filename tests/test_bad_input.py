@@ -44,7 +44,7 @@ from engine_finetune import NonFiniteLossError
 from models_vit import create_vit
 from modes import get_mode
 from tools import export_student, prepare_cifar, visualize_attention
-from util.datasets import DataError, build_transform
+from util.datasets import DataError, eval_transform
 from util.errors import DEBUG_ENV, UserError, run_cli
 from util.pretrained import CheckpointMismatchError, read_checkpoint, resolve_named
 
@@ -225,7 +225,7 @@ def test_visualize_attention_refuses_bad_flags_before_loading_models(tmp_path, m
 
 @pytest.mark.slow
 def test_visualize_attention_refuses_a_layer_the_models_lack_before_reading_data(work, runs, tmp_path, monkeypatch):
-    monkeypatch.setattr(visualize_attention, 'build_dataset', lambda *a, **k: pytest.fail('data were read'))
+    monkeypatch.setattr(visualize_attention, 'image_folder', lambda *a, **k: pytest.fail('data were read'))
     with pytest.raises(UserError, match=r"--map_layers 0,99: no layer 99; the compared models have layers 0 to 3"):
         visualize_attention.main(['--checkpoint', runs['distill'].checkpoint, '--data_path', work.data,
                                   '--output_dir', str(tmp_path / 'out'), '--map_layers', '0,99'])
@@ -275,9 +275,9 @@ def test_visualize_attention_of_a_copy_student_compares_the_maps_it_uses(work, r
     assert [r['student_map'] for r in written] == ["teacher's (copied)"] * 3 + ['own']
 
     # independent: the dual model's own evaluation forward, maps recomputed in float64 from its norm1 inputs
-    _, _, run_args, model = visualize_attention.load_models(checkpoint, None)
+    _, _, spec, model = visualize_attention.load_models(checkpoint, None)
     paths = sorted(os.path.join(dp, f) for dp, _, fs in os.walk(os.path.join(work.data, 'val')) for f in fs)
-    transform = build_transform(False, run_args)
+    transform = eval_transform(spec.img_size, spec.eval_crop_pct, spec.mean, spec.std)
     x = torch.stack([transform(Image.open(p).convert('RGB')) for p in paths])
     inputs = norm1_inputs({'teacher': model.teacher, 'student': model.student}, lambda: model(x))
     for layer in range(3):

@@ -12,7 +12,7 @@ import pytest
 import timm
 import torch
 import torch.nn.functional as F
-from helpers import kwargs_flags, tiny_args
+from helpers import DATA_DEFAULTS, kwargs_flags, tiny_args
 
 import main_finetune
 from models_attention import forward_with_capture
@@ -245,7 +245,8 @@ def test_eval_of_a_classifier_reads_its_own_head(family, shared_images, tmp_path
     stats = main_finetune.run(['--eval', '--finetune', path, '--model', name, '--model_kwargs', *kwargs_flags(kw),
                                '--nb_classes', '3', '--input_size', '32', '--data_path', data, '--device', 'cpu',
                                '--num_workers', '0', '--eval_crop_pct', '1.0'])
-    dataset = build_dataset(False, SimpleNamespace(input_size=32, nb_classes=3, data_path=data, eval_crop_pct=1.0))
+    dataset = build_dataset(False, SimpleNamespace(**{**DATA_DEFAULTS, 'eval_crop_pct': 1.0}, input_size=32,
+                                                   nb_classes=3, data_path=data))
     x = torch.stack([dataset[i][0] for i in range(len(dataset))])
     y = torch.tensor([dataset[i][1] for i in range(len(dataset))])
     with torch.no_grad():

@@ -106,9 +106,9 @@ def test_seed_commands_parse_and_start(command, mode, layers, drop_path, tmp_pat
     parser = main_finetune.get_args_parser()
     args = parser.parse_args(argv)
     assert args.global_pool and args.mode == mode and args.smoothing == 0.1 and args.aa == 'rand-m9-mstd0.5-inc1'
-    args, _, ckpt_state, _ = main_finetune.resolve_args(args)
-    assert ckpt_state is None and args.mixup_active  # --resume allow, nothing to resume yet
-    model = main_finetune.build_model(args)
+    run = main_finetune.resolve_args(args)
+    assert run.ckpt is None and run.cfg.mixup_active  # --resume allow, nothing to resume yet
+    model = main_finetune.build_model(run)
     assert len(model.student.blocks) == 24 and model.student.embed_dim == 1024
     assert model.layers == list(range(layers)) and model.last_teacher_layer == layers - 1
     assert getattr(model.student.blocks[-1].drop_path1, 'drop_prob', 0.0) == pytest.approx(drop_path)

@@ -37,14 +37,15 @@ def transfer_weight(weight: float, until: float | None, decay: str, epoch: float
 class TransferCriterion(nn.Module):
     """Task loss on the student's logits plus ``atd_weight`` times the model's transfer loss.
 
-    The model returns logits, or (logits, transfer loss) in distill modes during training. With ``until``
+    The model returns logits, or (logits, transfer loss) in distill modes during training; ``term`` names the
+    transfer loss in the logs (``loss_atd``: attention distillation; the baselines' own names). With ``until``
     (--transfer_until) the weight follows ``transfer_weight`` at the position ``set_progress`` was last given.
     """
 
     def __init__(self, task: nn.Module, atd_weight: float = 3.0, until: float | None = None,
-                 decay: str = 'step') -> None:
+                 decay: str = 'step', term: str = 'loss_atd') -> None:
         super().__init__()
-        self.task = task
+        self.task, self.term = task, term
         self.atd_weight = atd_weight
         self.until, self.decay, self.epoch = until, decay, 0.0
 
@@ -59,7 +60,7 @@ class TransferCriterion(nn.Module):
             return task, {'loss': task}
         weight = transfer_weight(self.atd_weight, self.until, self.decay, self.epoch)
         loss = task + weight * transfer
-        terms = {'loss': loss, 'loss_task': task, 'loss_atd': transfer}
+        terms = {'loss': loss, 'loss_task': task, self.term: transfer}
         if self.until is not None:
             terms['atd_weight'] = task.new_tensor(weight)
         return loss, terms
