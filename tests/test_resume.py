@@ -289,3 +289,96 @@ def test_a_stop_inside_an_accumulation_window_saves_at_its_end_and_resumes_exact
     for pid, state in a['optimizer']['state'].items():
         assert torch.equal(state['exp_avg'], b['optimizer']['state'][pid]['exp_avg'])
         assert state['step'] == b['optimizer']['state'][pid]['step'] == 4  # 2 windows an epoch, both applied
+
+
+# ---- checkpoints of revision 7d1a766: continue, evaluate, export ------------------------------------------
+LEGACY_7D1A766 = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'data', 'checkpoints_7d1a766')
+
+
+def legacy_7d1a766(name: str) -> str:
+    return os.path.join(LEGACY_7D1A766, name)
+
+
+def legacy_7d1a766_json(name: str) -> dict:
+    with open(legacy_7d1a766(name)) as f:
+        return json.load(f)
+
+
+@pytest.fixture(scope='module')
+def inputs_7d1a766(tmp_path_factory):
+    """The data and the teacher of the runs that wrote tests/data/checkpoints_7d1a766 (both generated, seeded)."""
+    root = tmp_path_factory.mktemp('inputs_7d1a766')
+    arch = legacy_7d1a766_json('command.json')['arch']
+    return SimpleNamespace(data=make_image_folder(str(root / 'data')),
+                           teacher=make_teacher_checkpoint(str(root / 'teacher.pth'), **arch), arch=arch)
+
+
+def argv_7d1a766(inputs, out, *extra, epochs) -> list[str]:
+    """tiny_args on the writing runs' data with the checkpoints' architecture."""
+    argv = tiny_args(inputs.data, str(out), *extra, epochs=epochs)
+    argv[argv.index('--model_kwargs') + 1:argv.index('--input_size')] = kwargs_flags(inputs.arch)
+    return argv
+
+
+@pytest.mark.slow
+@pytest.mark.filterwarnings('ignore:--finetune .* must hold the same weights')  # the recorded teacher is gone
+@pytest.mark.parametrize('name', ['distill_epoch0.pth', 'distill_mid_epoch1.pth'])
+def test_checkpoints_of_revision_7d1a766_continue_the_recorded_run(tmp_path, one_thread, inputs_7d1a766, name):
+    """A distill checkpoint with an EMA of revision 7d1a766 (end of an epoch, and inside one) continues to the
+    weights its uninterrupted run ended with, within 1% of the way that run moved from the checkpoint (the
+    measure and its reasons: test_checkpoints_of_revision_61197d7_continue_the_recorded_run)."""
+    command = legacy_7d1a766_json('command.json')
+    extra = ['--finetune', inputs_7d1a766.teacher, *command['distill'], '--resume', legacy_7d1a766(name)]
+    main_finetune.run(argv_7d1a766(inputs_7d1a766, tmp_path / 'out', *extra, epochs=command['epochs']['distill']))
+    recorded = torch.load(legacy_7d1a766('distill_final_weights.pth'), weights_only=True)
+    start = read_checkpoint(legacy_7d1a766(name))
+    resumed = read_checkpoint(str(tmp_path / 'out' / 'checkpoint.pth'))
+    assert resumed['epoch'] == command['epochs']['distill'] - 1 and resumed['step'] is None
+    for key in ('model', 'model_ema'):
+        assert set(resumed[key]) == set(recorded[key]), key
+        distance = distance_from_recorded(resumed[key], recorded[key], start[key])
+        assert distance < 0.01, f'{key}: {distance:.2%} of the way from the recorded weights'
+
+
+@pytest.mark.parametrize('name,recorded', [('distill_epoch0.pth', 'distill_epoch0.pth'),
+                                           ('distill_mid_epoch1.pth', 'distill_mid_epoch1.pth (--eval of 7d1a766)'),
+                                           ('copy_final.pth', 'copy_final.pth')])
+def test_checkpoints_of_revision_7d1a766_evaluate_to_the_recorded_numbers(tmp_path, one_thread, inputs_7d1a766, name,
+                                                                          recorded):
+    """main_finetune.py --eval --resume CKPT on a checkpoint of revision 7d1a766 (a distill student with its EMA;
+    a copy student, which holds its teacher) gives the evaluation its run recorded: top-1 equal, loss within
+    1e-4 relative, for the raw weights and the EMA's."""
+    expected = legacy_7d1a766_json('expected.json')[recorded]
+    stats = main_finetune.run(['--eval', '--resume', legacy_7d1a766(name), '--data_path', inputs_7d1a766.data,
+                               '--output_dir', str(tmp_path / 'eval'), '--device', 'cpu', '--batch_size', '8',
+                               '--num_workers', '0'])
+    prefixes = ('test_', 'ema_test_') if name.startswith('distill') else ('test_',)
+    assert set(prefixes) == {p for p in ('test_', 'ema_test_') if p + 'loss' in expected}
+    for prefix in prefixes:
+        assert stats[prefix + 'acc1'] == expected[prefix + 'acc1'], prefix
+        assert stats[prefix + 'loss'] == pytest.approx(expected[prefix + 'loss'], rel=1e-4), prefix
+
+
+@pytest.mark.parametrize('ema', [False, True])
+def test_the_distill_student_of_revision_7d1a766_exports_to_a_timm_model_with_its_logits(tmp_path, ema):
+    """tools/export_student.py on a distill checkpoint of revision 7d1a766 writes a timm model whose logits are
+    those of the checkpoint's student (raw or EMA) loaded into a plain timm ViT of the recorded architecture;
+    the raw student's are also those the writing revision computed."""
+    import timm
+
+    from tools.export_student import export
+
+    arch = legacy_7d1a766_json('command.json')['arch']
+    export(legacy_7d1a766('distill_epoch0.pth'), str(tmp_path / 'exported'), use_ema=ema)
+    exported = timm.create_model('local-dir:' + str(tmp_path / 'exported'), pretrained=True).eval()
+    saved = torch.load(legacy_7d1a766('distill_epoch0.pth'), map_location='cpu', weights_only=False)
+    vit = timm.create_model('vit_base_patch16_224', pretrained=False, num_classes=3, img_size=32, global_pool='avg',
+                            **arch)
+    vit.load_state_dict(saved['model_ema' if ema else 'model'])
+    x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        logits, reference = exported(x), vit.eval()(x)
+    assert torch.allclose(logits, reference, rtol=0, atol=1e-6), (logits, reference)
+    if not ema:
+        recorded = torch.tensor(legacy_7d1a766_json('expected.json')['distill_epoch0_student_logits']['logits'])
+        assert torch.allclose(logits, recorded, rtol=1e-4, atol=1e-5), (logits, recorded)

@@ -79,11 +79,46 @@ def test_torchrun_two_processes_train_evaluate_and_agree(workdir):
 
 
 # ---- mixed precision ------------------------------------------------------------------------------------
-def test_fp16_with_grad_scaler_trains(workdir):
+def test_fp16_with_grad_scaler_trains(workdir, monkeypatch):
+    """--amp fp16: the student's linear layers run under float16 autocast in training, and every optimizer step
+    goes through the grad scaler: the loss is scaled before backward, the scaler steps and updates once a step."""
+    activations, calls = [], {'scale': 0, 'step': 0, 'update': 0}
+    forward = torch.nn.Linear.forward
+
+    def recording(self, x):
+        out = forward(self, x)
+        if torch.is_grad_enabled():  # the student in training (its teacher and evaluation run without grad)
+            activations.append((torch.is_autocast_enabled('cpu'), torch.get_autocast_dtype('cpu'), out.dtype))
+        return out
+
+    monkeypatch.setattr(torch.nn.Linear, 'forward', recording)
+    scale, step, update = torch.amp.GradScaler.scale, torch.amp.GradScaler.step, torch.amp.GradScaler.update
+
+    def scaling(self, outputs):
+        calls['scale'] += 1
+        scaled = scale(self, outputs)
+        assert self.is_enabled() and torch.equal(scaled, outputs * self.get_scale())
+        return scaled
+
+    def counting(name, method):
+        def counted(self, *args, **kwargs):
+            calls[name] += 1
+            return method(self, *args, **kwargs)
+        return counted
+
+    monkeypatch.setattr(torch.amp.GradScaler, 'scale', scaling)
+    monkeypatch.setattr(torch.amp.GradScaler, 'step', counting('step', step))
+    monkeypatch.setattr(torch.amp.GradScaler, 'update', counting('update', update))
     out, _ = train(workdir, 'fp16', '--mode', 'distill', '--amp', 'fp16', epochs=1)
     log = read_log(out)
     assert math.isfinite(log[0]['train_loss']) and math.isfinite(log[0]['test_acc1'])
-    assert read_checkpoint(os.path.join(out, 'checkpoint.pth'))['scaler']['scale'] > 0
+    assert activations and set(activations) == {(True, torch.float16, torch.float16)}
+    assert calls == {'scale': 6, 'step': 6, 'update': 6}  # 48 images in steps of 8, no aux optimizer
+    saved = read_checkpoint(os.path.join(out, 'checkpoint.pth'))['scaler']
+    # an enabled scaler's state: 2**16 halved once per step whose gradients overflowed (skipped), and the
+    # count of steps applied since the last overflow; the last steps were applied
+    overflows = math.log2(2.0 ** 16 / saved['scale'])
+    assert overflows == int(overflows) and 1 <= saved['_growth_tracker'] <= 6 - overflows
 
 
 # ---- gradient accumulation: every micro-batch of the epoch counts -----------------------------------------
