@@ -60,8 +60,8 @@ from util.checkpoint import (
     next_position,
     recorded_args,
     restore_weights,
-    resume_path,
     seed_epoch,
+    start_epoch,
 )
 from util.config import Config
 from util.datasets import CACHE_IMAGES_HELP, DataError, build_loader, cache_decoded
@@ -74,13 +74,11 @@ from util.output import (
     BestAccuracy,
     check_inputs_not_overwritten,
     check_output_folders,
-    check_run_folder,
     checkpoint_bytes,
-    epoch_end_missing,
-    finished,
     open_log_writer,
     output_dir_in_use,
     requeued_checkpoint,
+    resume_path,
     trim_log,
     warn_if_little_space,
     write_eval_results,
@@ -92,6 +90,7 @@ from util.pretrained import (
     local_checkpoint,
 )
 from util.run_control import reporting_stop, stop_on_signals
+from util.run_loop import check_run_folder, epoch_end_missing, finished
 from util.samplers import ResumableDistributedSampler, ShardSampler, dataset_fingerprint
 
 DEFAULT_MODEL = 'vit_large_patch16'
@@ -399,7 +398,8 @@ def main(args) -> dict:
     if not run.cfg.eval and finished(run.ckpt, run.ckpt_path, run.mode.known_epochs(run.cfg), run.cfg.output_dir):
         destroy()
         return {}
-    with output_dir_in_use(run.cfg), stop_on_signals(enabled=not run.cfg.eval):
+    first_epoch = run.cfg.start_epoch if run.cfg.eval else start_epoch(run.ckpt, run.cfg.start_epoch)
+    with output_dir_in_use(run.cfg, first_epoch), stop_on_signals(enabled=not run.cfg.eval):
         return train_and_evaluate(run)
 
 

@@ -34,8 +34,8 @@ from util.checkpoint import (
     TrainingState,
     load_training_checkpoint,
     next_position,
-    resume_path,
     seed_epoch,
+    start_epoch,
     student_weights,
 )
 from util.config import Config
@@ -46,18 +46,17 @@ from util.lr_sched import Schedule, learning_rate
 from util.output import (
     check_inputs_not_overwritten,
     check_output_folders,
-    check_run_folder,
     checkpoint_bytes,
-    epoch_end_missing,
-    finished,
     open_log_writer,
     output_dir_in_use,
+    resume_path,
     trim_log,
     warn_if_little_space,
     write_log,
 )
 from util.precision import AMP_DTYPES, default_amp
 from util.run_control import reporting_stop, stop_on_signals
+from util.run_loop import check_run_folder, epoch_end_missing, finished
 from util.samplers import ResumableDistributedSampler, dataset_fingerprint
 from util.selection import ImageFiles, list_images
 
@@ -255,7 +254,7 @@ def main(args) -> dict:
     if finished(ckpt, ckpt_path, cfg.epochs, cfg.output_dir):
         destroy()
         return {}
-    with output_dir_in_use(cfg), stop_on_signals():
+    with output_dir_in_use(cfg, start_epoch(ckpt, 0)), stop_on_signals():
         stats = Pretraining(cfg, ckpt, ckpt_path).fit()
     destroy()
     return stats

@@ -50,7 +50,6 @@ import main_finetune
 import select_wild_data
 import submitit_finetune
 import util.checkpoint
-from util.checkpoint import save_atomic
 from util.errors import UserError
 from util.output import (
     EMPTY_LOCK_SECONDS,
@@ -58,6 +57,7 @@ from util.output import (
     RunLock,
     check_inputs_not_overwritten,
     remove_stale_temporaries,
+    save_atomic,
     write_log,
 )
 from util.pretrained import read_checkpoint
@@ -159,7 +159,7 @@ def test_kill_during_checkpoint_write_leaves_previous_checkpoint(tmp_path):
     script = textwrap.dedent(f"""
         import sys, time, torch
         sys.path.insert(0, {ROOT!r})
-        from util.checkpoint import save_atomic
+        from util.output import save_atomic
 
         class Slow:
             def __reduce__(self):

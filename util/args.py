@@ -6,7 +6,6 @@ import ast
 import copy
 import math
 import os
-import tempfile
 from collections.abc import Sequence
 
 from util.datasets import LAYOUT, DataError
@@ -99,23 +98,6 @@ def check_normalization(mean: Sequence[float] | None, std: Sequence[float] | Non
                    + ' '.join(f"{v / 255:.3f}" for v in values) if max(values) > 1 else '')
             raise UserError(f"--{flag} {shown}: must lie in [0, 1], as fractions of the pixel range (images are "
                             f"scaled to [0, 1] before normalisation){fix}")
-
-
-def check_writable_folder(folder: str, subject: str, fix: str) -> None:
-    """Create ``folder`` and write a file into it now, instead of failing once the work is done. ``subject``
-    names the folder in the message (e.g. "--output_dir 'out'"), ``fix`` says what to give instead."""
-    existing = os.path.abspath(folder)
-    while not os.path.exists(existing):
-        existing = os.path.dirname(existing)
-    if not os.path.isdir(existing):
-        where = 'is a file' if existing == os.path.abspath(folder) else f'lies under the file {existing!r}'
-        raise UserError(f"{subject} {where}, not a folder: {fix}")
-    try:
-        os.makedirs(folder, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=folder, prefix='.write-test-'):
-            pass
-    except OSError as e:
-        raise UserError(f"{subject} cannot be written ({e.strerror or e}): {fix}") from e
 
 
 def check_values(args) -> None:

@@ -1,6 +1,7 @@
-"""The run's checkpoints: the names of every file a run writes, the checkpoint's keys, atomic writes,
-resume look-up, the random-number-generator states, and the ``Checkpointer`` the training loop saves and
-loads through. No other module spells a run file's name or reads a checkpoint key.
+"""The checkpoint format: its keys, the accessors that read them, the positions a run continues from, the
+random-number-generator states, and the ``Checkpointer`` the run loop saves and loads through. No other module
+reads a checkpoint key. The checkpointer saves named components (objects with state_dict / load_state_dict)
+that the trainer declares; the files' names and their atomic writes are util/output.py's.
 
 A checkpoint is a dict:
   model       the student's timm state dict (a plain timm checkpoint, MAE/DeiT style)
@@ -21,15 +22,12 @@ A checkpoint is a dict:
 from __future__ import annotations
 
 import argparse
-import errno
 import filecmp
 import math
 import os
 import random
-import re
-import tempfile
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any, NamedTuple, Optional
 
@@ -46,106 +44,14 @@ from util.distributed import (
     log,
 )
 from util.errors import UserError
+from util.output import BEST, CHECKPOINT, NUMBERED, numbered, save_atomic
 from util.pretrained import EMA_ENTRIES, is_named, load_exact, read_checkpoint
 from util.samplers import check_same_permutation
-
-# The files a run writes in its output folder (util/output.py describes each).
-CHECKPOINT = 'checkpoint.pth'
-BEST = 'checkpoint-best.pth'
-LOG = 'log.txt'
-EVAL_RESULTS = 'eval_results.json'
-LOCK = 'run.lock'
-NUMBERED = re.compile(r'checkpoint-(\d+)\.pth')
-# Temporary files of save_atomic: '<target name>.<random>.tmp' beside the target (mkstemp's random part
-# has no dots).
-TMP_SUFFIX = '.tmp'
-# the temporaries of every file a run writes with save_atomic / atomic_write_text
-_RUN_FILE_TMP = re.compile(r'(checkpoint(-\d+|-best)?\.pth|log\.txt|eval_results\.json)\.[^.]+'
-                           + re.escape(TMP_SUFFIX))
-
-
-def numbered(epoch: int) -> str:
-    """The name of the checkpoint kept for ``epoch`` (``checkpoint-<epoch>.pth``)."""
-    return f'checkpoint-{epoch}.pth'
 
 
 class NonFiniteStateError(UserError):
     """The model or optimizer state holds NaN or infinite values: no checkpoint is written (reported as one
     ``error:`` line naming the last good checkpoint and the flags to change)."""
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
-class _RecordingFile:
-    """A binary file whose write errors are kept: torch.save turns an OSError of a write (a full disk) into a
-    RuntimeError that no longer says which, and this keeps the original to report."""
-
-    def __init__(self, f) -> None:
-        self.f, self.error = f, None
-
-    def write(self, data) -> int:
-        try:
-            return self.f.write(data)
-        except OSError as e:
-            self.error = e
-            raise
-
-    def flush(self) -> None:
-        self.f.flush()
-
-
-def _atomic(path: str, write: Callable[[Any], None]) -> None:
-    """``write(file)`` into a temporary file beside ``path``, fsync, then rename it over ``path``; on any
-    failure the temporary is removed and ``path`` is untouched. A full disk or quota becomes a UserError naming
-    the file, also where the writer hides the OSError."""
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=os.path.basename(path) + '.', suffix=TMP_SUFFIX, dir=folder)
-    recording = None
-    try:
-        os.fchmod(fd, 0o666 & ~_umask())
-        with os.fdopen(fd, 'wb') as f:
-            recording = _RecordingFile(f)
-            write(recording)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException as e:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        cause = recording.error if recording is not None and recording.error is not None else e
-        if isinstance(cause, OSError) and cause.errno in (errno.ENOSPC, errno.EDQUOT):
-            raise UserError(f"cannot write {path}: {os.strerror(cause.errno)}. The previous "
-                            f"{os.path.basename(path)} (if any) is intact; free space in {folder} (or give "
-                            "--output_dir on a larger filesystem) and resume with --resume allow") from e
-        raise
-
-
-def save_atomic(obj: Any, path: str) -> None:
-    """Write ``obj`` with torch.save to a temporary file beside ``path``, then rename it over ``path``.
-
-    A crash (or a kill) mid-write leaves the previous file untouched and loadable. The file gets the
-    permissions of an ordinary new file (0666 minus the umask), not mkstemp's 0600, so colleagues on a
-    shared filesystem can read it. A full disk is reported as a UserError naming the file.
-    """
-    _atomic(path, lambda f: torch.save(obj, f))
-
-
-def atomic_write_text(text: str, path: str) -> None:
-    """``text`` (UTF-8) into ``path`` as save_atomic writes checkpoints."""
-    _atomic(path, lambda f: f.write(text.encode('utf-8')))
-
-
-def stale_temporaries(folder: str) -> list[str]:
-    """The temporary files of a run's writes in ``folder`` (checkpoint.pth.<random>.tmp, of
-    checkpoint-<epoch>.pth, checkpoint-best.pth, log.txt, eval_results.json): what killed writes leave."""
-    if not os.path.isdir(folder):
-        return []
-    return sorted(os.path.join(folder, e) for e in os.listdir(folder) if _RUN_FILE_TMP.fullmatch(e))
 
 
 def non_finite_tensors(state: Any, prefix: str = '') -> Iterator[str]:
@@ -229,20 +135,6 @@ def seed_epoch(seed: int, epoch: int, rank: int, loader_generator: Optional[torc
     random.seed(value)
     if loader_generator is not None:  # the loader's own: its worker seeds do not draw on the global stream
         loader_generator.manual_seed(value + 1)
-
-
-def resume_path(resume: str, output_dir: str) -> Optional[str]:
-    """The checkpoint to resume from: ``resume`` itself, or for ``allow`` the run's own
-    ``output_dir/checkpoint.pth`` when it exists (else None: start fresh)."""
-    if not resume:
-        return None
-    if resume == 'allow':
-        path = os.path.join(output_dir, CHECKPOINT) if output_dir else ''
-        return path if path and os.path.isfile(path) else None
-    if not os.path.isfile(resume):
-        raise UserError(f"--resume {resume!r}: no such checkpoint (use --resume allow to start fresh "
-                        "when the output directory has none)")
-    return resume
 
 
 def load_training_checkpoint(path: str, to_train: bool = True) -> dict:
@@ -344,6 +236,11 @@ def next_position(ckpt: dict) -> tuple[int, int]:
     if ckpt.get('step') is None:
         return ckpt['epoch'] + 1, 0
     return ckpt['epoch'], ckpt['step']
+
+
+def start_epoch(ckpt: Optional[dict], default: int) -> int:
+    """The epoch a training run resuming ``ckpt`` starts at (``default`` when it resumes none)."""
+    return next_position(ckpt)[0] if ckpt is not None else default
 
 
 def samples_done(ckpt: dict) -> int:
