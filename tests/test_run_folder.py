@@ -261,7 +261,7 @@ def test_full_disk_names_the_file_keeps_the_last_checkpoint_and_the_epochs_line(
 
     def train_then_fill_the_disk(*args, **kwargs):
         stats = train(*args, **kwargs)
-        if args[5] == 1:  # epoch 1: leave 64 KB, room for a log line, not for a checkpoint
+        if args[2] == 1:  # epoch 1: leave 64 KB, room for a log line, not for a checkpoint
             free = shutil.disk_usage(small_disk).free
             with open(small_disk / 'filler', 'wb') as f:
                 f.write(b'\0' * max(free - 64 * 1024, 0))
@@ -636,7 +636,7 @@ def test_dfnd_reports_a_stop_in_one_line_with_the_signals_status(tmp_path, monke
 
     def stopped(argv):
         with mock.patch('util.run_control.stop_signal', return_value=signal.SIGTERM):
-            raise Preempted(3, 40)
+            raise Preempted(3, 40, True)
 
     def exit_now(code):
         raise SystemExit(code)

@@ -28,8 +28,7 @@ import os
 import random
 import warnings
 from collections.abc import Iterator
-from dataclasses import dataclass
-from typing import Any, NamedTuple, Optional
+from typing import Any, NamedTuple, Optional, Protocol
 
 import numpy as np
 import torch
@@ -69,16 +68,13 @@ def non_finite_tensors(state: Any, prefix: str = '') -> Iterator[str]:
         yield prefix
 
 
-# The checkpoint entries that training changes (the teacher is frozen, the rest are counters and args).
-TRAINED_ENTRIES = ('model', 'model_ema', 'optimizer', 'criterion', 'aux_optimizer')
-
-
-def check_finite(state: dict, target: str, last_good: Optional[str], device: torch.device) -> None:
-    """Raise NonFiniteStateError on every rank if any rank's trained state holds NaN or inf.
+def check_finite(state: dict, entries: list[str], target: str, last_good: Optional[str],
+                 device: torch.device) -> None:
+    """Raise NonFiniteStateError on every rank if the ``entries`` of any rank's state hold NaN or inf.
 
     A loss can be finite while the update after it overflows the weights; such a checkpoint would
     fail again at once on resume, so it is not written and the message names the last good one."""
-    bad = [name for key in TRAINED_ENTRIES if key in state for name in non_finite_tensors(state[key], key)]
+    bad = [name for key in entries if key in state for name in non_finite_tensors(state[key], key)]
     votes = all_reduce_sum(torch.tensor([float(len(bad))], device=device))  # NCCL reduces device tensors only
     if votes.item() == 0:
         return
@@ -373,22 +369,28 @@ def describe_saved(path: str, ckpt: dict) -> str:
 
 
 # ---- the checkpointer -----------------------------------------------------------------------------------
-@dataclass
-class TrainingState:
-    """The stateful objects a training checkpoint holds: the teacher-student pair (its student, and its teacher
-    when the student cannot run without it), the optimizer and grad scaler, the EMA student, and the
-    criterion's own parameters with their optimizer (probe: noise adaptation)."""
-    model: Any
-    optimizer: torch.optim.Optimizer
-    scaler: torch.amp.GradScaler
-    model_ema: Any = None
-    criterion: Any = None
-    aux_optimizer: Optional[torch.optim.Optimizer] = None
+class Stateful(Protocol):
+    """A checkpoint component: what torch's optimizers and grad scalers already are."""
 
-    def saved_modules(self) -> list[torch.nn.Module]:
-        """The modules whose weights a checkpoint holds (for its size)."""
-        return [self.model.student, self.criterion] + ([self.model_ema.module] if self.model_ema is not None else []) \
-            + ([self.model.teacher] if self.model.needs_teacher_at_eval else [])
+    def state_dict(self) -> dict: ...
+
+    def load_state_dict(self, state: dict) -> Any: ...
+
+
+class Weights:
+    """A module as a checkpoint component, loaded with util.pretrained.load_exact: a checkpoint that does not
+    fit names its missing, unexpected and mis-shaped keys. ``if_missing`` says what to do when a resumed
+    checkpoint lacks the entry (None: the entry is optional, e.g. a teacher also read from --finetune);
+    ``frozen`` weights (a teacher) are not checked for NaN before a save, as training does not change them."""
+
+    def __init__(self, module: torch.nn.Module, if_missing: Optional[str] = '', frozen: bool = False) -> None:
+        self.module, self.if_missing, self.frozen = module, if_missing, frozen
+
+    def state_dict(self) -> dict:
+        return self.module.state_dict()
+
+    def load_state_dict(self, state: dict, source: str = 'checkpoint') -> None:
+        load_exact(self.module, state, source)
 
 
 class ResumePoint(NamedTuple):
@@ -401,14 +403,16 @@ class ResumePoint(NamedTuple):
 
 
 class Checkpointer:
-    """Owns the run's checkpoints in ``output_dir``: ``save`` writes ``checkpoint.pth`` (and, before it, the
-    epoch's numbered checkpoint every ``save_every`` epochs and at the last, and ``checkpoint-best.pth``), on
-    rank 0, atomically, never a state holding NaN or infinity; ``load`` restores the training state and says
-    where the run continues. ``last_good`` names the last checkpoint written or resumed, for messages."""
+    """Owns the run's checkpoints in ``output_dir`` (as torchtitan's CheckpointManager): ``save`` writes the
+    named ``components`` (each entry's ``state_dict()``) with the position, the run's ``record`` and every rank's
+    generator states into ``checkpoint.pth`` (and, before it, the epoch's numbered checkpoint every
+    ``save_every`` epochs and at the last, and ``checkpoint-best.pth``), on rank 0, atomically, never a state
+    holding NaN or infinity; ``load`` restores the components and says where the run continues. ``last_good``
+    names the last checkpoint written or resumed, for messages. It knows nothing of what the components are."""
 
-    def __init__(self, output_dir: str, state: TrainingState, record: dict, device: torch.device, epochs: int,
-                 save_every: int, last_good: Optional[str] = None) -> None:
-        self.output_dir, self.state, self.record, self.device = output_dir, state, record, device
+    def __init__(self, output_dir: str, components: dict[str, Stateful | Weights], record: dict,
+                 device: torch.device, epochs: int, save_every: int, last_good: Optional[str] = None) -> None:
+        self.output_dir, self.components, self.record, self.device = output_dir, components, record, device
         self.epochs, self.save_every, self.last_good = epochs, save_every, last_good
 
     @property
@@ -419,39 +423,42 @@ class Checkpointer:
         """Whether ``epoch`` keeps its own checkpoint-<epoch>.pth: every ``save_every`` epochs and the last."""
         return bool(self.save_every) and ((epoch + 1) % self.save_every == 0 or epoch + 1 == self.epochs)
 
+    def size(self) -> int:
+        """About the size of one checkpoint: the modules' tensors and the optimizers' state (AdamW: two moments
+        per trained parameter)."""
+        weights = sum(t.numel() * t.element_size() for c in self.components.values() if isinstance(c, Weights)
+                      for t in c.state_dict().values())
+        moments = sum(p.numel() * p.element_size() for c in self.components.values()
+                      if isinstance(c, torch.optim.Optimizer) for g in c.param_groups for p in g['params'])
+        return weights + 2 * moments
+
     def state_dict(self, epoch: int, step: Optional[int], best: dict, partial: Optional[dict] = None,
                    epoch_stats: Optional[dict] = None) -> dict:
-        """The whole training state in the format of this module's docstring. Collective: every rank calls it
-        (each rank's generator states are gathered)."""
-        s = self.state
+        """The components and the position in the format of this module's docstring. Collective: every rank
+        calls it (each rank's generator states are gathered)."""
         world = get_world_size()
         rngs = all_gather_object(rng_state())  # every rank's: a resume on as many ranks restores each its own
-        out = {'model': s.model.student.state_dict(), 'optimizer': s.optimizer.state_dict(),
-               'scaler': s.scaler.state_dict(), 'epoch': epoch, 'step': step, 'args': self.record, 'rng': rngs[0],
-               'rng_per_rank': rngs, 'world_size': world, 'best': best}
+        out = {name: component.state_dict() for name, component in self.components.items()}
+        out.update({'epoch': epoch, 'step': step, 'args': self.record, 'rng': rngs[0], 'rng_per_rank': rngs,
+                    'world_size': world, 'best': best})
         if step is not None:
             out['samples'] = step * self.record['batch_size'] * world
             out['partial_epoch'] = partial
         elif epoch_stats is not None:
             out['epoch_stats'] = epoch_stats
-        if s.model.needs_teacher_at_eval:
-            out['teacher'] = s.model.teacher.state_dict()
-        if s.model_ema is not None:
-            out['model_ema'] = s.model_ema.module.state_dict()
-        if s.aux_optimizer is not None:
-            out['criterion'] = s.criterion.state_dict()
-            out['aux_optimizer'] = s.aux_optimizer.state_dict()
         return out
 
     def save(self, epoch: int, step: Optional[int], best: dict, partial: Optional[dict] = None,
-             epoch_stats: Optional[dict] = None, with_best: bool = False) -> None:
+             epoch_stats: Optional[dict] = None, with_best: bool = False) -> bool:
         """checkpoint.pth after the epoch's numbered checkpoint (at an epoch's end, when kept) and
         checkpoint-best.pth (``with_best``): the record of checkpoint.pth (its best accuracies) never points at a
-        file that was not written. Nothing is written when any rank's state holds NaN or infinity."""
+        file that was not written. Nothing is written when any rank's state holds NaN or infinity (that raises),
+        nor without an output folder. Returns whether the checkpoint was written."""
         if not self.output_dir:
-            return
+            return False
         state = self.state_dict(epoch, step, best, partial, epoch_stats)
-        check_finite(state, describe_checkpoint(self.path, epoch, step), self.last_good, self.device)
+        checked = [name for name, c in self.components.items() if not getattr(c, 'frozen', False)]
+        check_finite(state, checked, describe_checkpoint(self.path, epoch, step), self.last_good, self.device)
         if is_main_process():
             names = ([numbered(epoch)] if step is None and self.keeps_numbered(epoch) else []) \
                 + ([BEST] if with_best else [])
@@ -460,17 +467,13 @@ class Checkpointer:
             save_atomic(state, self.path)
         barrier()
         self.last_good = describe_checkpoint(self.path, epoch, step)
+        return True
 
     def load(self, ckpt: dict, path: str, batch_size: int, steps_per_epoch: int, seed: int, data: dict) -> ResumePoint:
-        """Weights, optimizers and the position from ``ckpt`` (read from ``path``). A mid-epoch checkpoint continues
+        """The components and the position from ``ckpt`` (read from ``path``). A mid-epoch checkpoint continues
         only with the same training set (``data``: its ``dataset_fingerprint``) and ``seed``."""
-        s = self.state
-        restore_weights(ckpt, path, s.model, s.model_ema)
-        s.optimizer.load_state_dict(ckpt['optimizer'])
-        s.scaler.load_state_dict(ckpt['scaler'])
-        if s.aux_optimizer is not None:
-            s.criterion.load_state_dict(ckpt['criterion'])
-            s.aux_optimizer.load_state_dict(ckpt['aux_optimizer'])
+        for name, component in self.components.items():
+            self._load_component(name, component, ckpt, path)
         world = get_world_size()
         epoch, step = resume_step(ckpt, path, batch_size, world, steps_per_epoch)
         rng = resume_rng(ckpt, get_rank(), world, batch_size) if step else None
@@ -481,3 +484,17 @@ class Checkpointer:
         log(f"resumed from {path}: epoch {epoch}, step {step}"
             + (f" of {steps_per_epoch} ({samples_done(ckpt)} samples of the epoch done)" if step else ''))
         return ResumePoint(epoch, step, rng, partial)
+
+    @staticmethod
+    def _load_component(name: str, component: Stateful | Weights, ckpt: dict, path: str) -> None:
+        weights = isinstance(component, Weights)
+        if name not in ckpt:
+            if weights and component.if_missing is None:
+                return
+            hint = component.if_missing if weights and component.if_missing else \
+                "resume from a checkpoint of a run that kept it, or without --resume"
+            raise UserError(f"--resume {path!r} holds no {name}, which this run needs: {hint}")
+        if weights:
+            component.load_state_dict(ckpt[name], f"checkpoint {path!r} ({name})")
+        else:
+            component.load_state_dict(ckpt[name])

@@ -213,14 +213,6 @@ def check_writable(folder: str, subject: str, fix: str) -> None:
         raise UserError(f"{subject} cannot be written ({e.strerror or e}): {fix}") from e
 
 
-def checkpoint_bytes(modules: list[torch.nn.Module], optimizer: torch.optim.Optimizer) -> int:
-    """About the size of one checkpoint: the saved modules' tensors and the optimizer's state
-    (AdamW: two moments per trained parameter)."""
-    size = sum(t.numel() * t.element_size() for m in modules for t in m.state_dict().values())
-    trained = sum(p.numel() * p.element_size() for g in optimizer.param_groups for p in g['params'])
-    return size + 2 * trained
-
-
 def warn_if_little_space(output_dir: str, one_checkpoint: int, keeps_numbered: bool) -> None:
     """Warn when the free space cannot hold what the run writes at once: checkpoint.pth, its temporary
     copy during a write, and a numbered checkpoint."""
