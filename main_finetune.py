@@ -39,6 +39,9 @@ from modes import (
 )
 from util.args import (
     HelpFormatter,
+    add_distributed_arguments,
+    add_loader_arguments,
+    add_run_arguments,
     annotate_mode_defaults,
     check_data_folders,
     check_experiment_flags,
@@ -63,7 +66,7 @@ from util.checkpoint import (
     start_epoch,
 )
 from util.config import Config
-from util.datasets import CACHE_IMAGES_HELP, DataError, build_loader, cache_decoded
+from util.datasets import DataError, build_loader, cache_decoded
 from util.distributed import destroy, get_rank, get_world_size, init_distributed_mode, log, wrap_ddp
 from util.errors import run_cli
 from util.eval_classes import build_eval_dataset, restrict_classes
@@ -228,27 +231,17 @@ def get_args_parser() -> argparse.ArgumentParser:
                         '--data_path in the ImageFolder layout, whatever the name')
     g.add_argument('--data_path', default='', type=str, help='data set root holding train/<class>/ and val/<class>/')
     g.add_argument('--nb_classes', default=1000, type=int, help='number of classes (must match the class folders)')
-    g.add_argument('--num_workers', default=10, type=int,
-                   help='data loading processes per GPU; they persist across epochs and are re-seeded per epoch')
-    g.add_argument('--no_jpeg_draft', action='store_false', dest='jpeg_draft',
-                   help='decode JPEGs at full resolution; by default the crop is chosen from the header\'s size and '
-                        'the decoder reduces the scale (1/2 to 1/8) as far as the crop still covers the output size '
-                        '(same crops and random draws; pixels within about one grey level)')
-    g.add_argument('--cache_images', action='store_true', help=CACHE_IMAGES_HELP)
-    g.add_argument('--pin_mem', action='store_true',
-                   help='pin CPU memory in the DataLoader for more efficient transfer to GPU (default)')
-    g.add_argument('--no_pin_mem', action='store_false', dest='pin_mem', help='do not pin CPU memory')
-    p.set_defaults(pin_mem=True)
+    add_loader_arguments(g, jpeg_draft=True)
+    add_run_arguments(p, 'training / testing', 'checkpoint to resume from, or "allow": output_dir/checkpoint.pth if it '
+                      'exists, else start fresh', after_resume=add_evaluation_arguments,
+                      after_save_every=add_epoch_end_arguments)
+    add_distributed_arguments(p)
+    for name, mode in MODES.items():
+        annotate_mode_defaults(p, mode.defaults, name)
+    return p
 
-    g = p.add_argument_group('run')
-    g.add_argument('--output_dir', default='./output_dir', help='where to save checkpoints and log.txt; empty: none')
-    g.add_argument('--log_dir', default=None, help='where to write TensorBoard events (default: --output_dir)')
-    g.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu',
-                   help='device to use for training / testing (default: cuda when available)')
-    g.add_argument('--seed', default=0, type=int, help='random seed')
-    g.add_argument('--resume', default='',
-                   help='checkpoint to resume from, or "allow": output_dir/checkpoint.pth if it exists, '
-                        'else start fresh')
+def add_evaluation_arguments(g: argparse._ArgumentGroup) -> None:
+    """The run group's evaluation flags (--eval and what it evaluates)."""
     g.add_argument('--start_epoch', default=0, type=int, metavar='N', help='start epoch (when not resuming)')
     g.add_argument('--eval', action='store_true',
                    help=f'evaluate only (with --resume CKPT or --finetune CKPT); the results are printed and '
@@ -267,29 +260,16 @@ def get_args_parser() -> argparse.ArgumentParser:
                    help='timm architecture arguments of --ensemble_model (default: --model_kwargs)')
     g.add_argument('--dist_eval', action='store_true', default=False,
                    help='shard evaluation over the processes (exact: every image counted once)')
-    g.add_argument('--save_every', default=20, type=int,
-                   help='also keep checkpoint-<epoch>.pth every N epochs and at the end (0: only checkpoint.pth)')
+
+
+def add_epoch_end_arguments(g: argparse._ArgumentGroup) -> None:
+    """The run group's flags of an epoch's end: how often it evaluates, and the best epoch's checkpoint."""
     g.add_argument('--eval_every', default=1, type=int, help='evaluate every N epochs (and after the last)')
     g.add_argument('--save_best', nargs='?', const='raw', default=None, choices=['raw', 'ema'],
                    help='also keep checkpoint-best.pth, the checkpoint of the epoch with the best top-1: of the raw '
                         'weights (--save_best or --save_best raw, as DeiT) or of the EMA weights (--save_best ema, '
                         'needs --ema) (default: not kept)')
-    g.add_argument('--print_freq', default=20, type=int,
-                   help='print and log the loss every N steps; mid-epoch checkpoints and preemption stops '
-                        'happen at these steps too')
-    g.add_argument('--checkpoint_minutes', default=10, type=float,
-                   help='also write checkpoint.pth inside an epoch every N minutes (0: only at epoch ends), so a '
-                        'preempted or crashed job loses at most that much training')
 
-    g = p.add_argument_group('distributed')
-    g.add_argument('--world_size', default=1, type=int, help='number of distributed processes (set by torchrun)')
-    g.add_argument('--local_rank', default=-1, type=int, help='ignored; torchrun passes LOCAL_RANK')
-    g.add_argument('--dist_url', default='env://', help='url used to set up distributed training')
-    g.add_argument('--dist_timeout', default=30, type=int,
-                   help='minutes a collective may wait before the job fails (a hung rank ends the job)')
-    for name, mode in MODES.items():
-        annotate_mode_defaults(p, mode.defaults, name)
-    return p
 
 # ---------------------------------------------------------------------------------------------
 # Flags -> one resolved configuration

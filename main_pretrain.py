@@ -27,7 +27,15 @@ from torchvision import transforms
 from engine_finetune import TrainingStep
 from models_dual_vit import create_vit, resolve_model_name
 from models_mae import MaskedAutoencoder, is_mae_checkpoint, kept_tokens
-from util.args import HelpFormatter, check_positive, check_range, parse_kwargs
+from util.args import (
+    HelpFormatter,
+    add_distributed_arguments,
+    add_loader_arguments,
+    add_run_arguments,
+    check_positive,
+    check_range,
+    parse_kwargs,
+)
 from util.checkpoint import (
     Checkpointer,
     Weights,
@@ -38,7 +46,7 @@ from util.checkpoint import (
     student_weights,
 )
 from util.config import Config
-from util.datasets import CACHE_IMAGES_HELP, DataError, cache_decoded
+from util.datasets import DataError, cache_decoded
 from util.distributed import destroy, get_rank, get_world_size, init_distributed_mode, log
 from util.errors import UserError, run_cli
 from util.lr_sched import Schedule, learning_rate
@@ -106,40 +114,12 @@ def get_args_parser() -> argparse.ArgumentParser:
                         'ImageNet-style root), else under data_path; any folder layout, class folders are ignored')
     g.add_argument('--min_crop_scale', type=float, default=0.2,
                    help='smallest area fraction of the random-resized crop')
-    g.add_argument('--num_workers', default=10, type=int,
-                   help='data loading processes per GPU; they persist across epochs and are re-seeded per epoch')
-    g.add_argument('--cache_images', action='store_true', help=CACHE_IMAGES_HELP)
-    g.add_argument('--pin_mem', action='store_true',
-                   help='pin CPU memory in the DataLoader for more efficient transfer to GPU (default)')
-    g.add_argument('--no_pin_mem', action='store_false', dest='pin_mem', help='do not pin CPU memory')
-    p.set_defaults(pin_mem=True)
-
-    g = p.add_argument_group('run')
-    g.add_argument('--output_dir', default='./output_dir', help='where to save checkpoints and log.txt; empty: none')
-    g.add_argument('--log_dir', default=None, help='where to write TensorBoard events (default: --output_dir)')
-    g.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu',
-                   help='device to use for training (default: cuda when available)')
-    g.add_argument('--seed', default=0, type=int, help='random seed')
-    g.add_argument('--resume', default='',
-                   help='checkpoint of main_pretrain.py to resume from, or "allow": output_dir/checkpoint.pth if it '
-                        'exists, else start fresh')
-    g.add_argument('--save_every', default=20, type=int,
-                   help='also keep checkpoint-<epoch>.pth every N epochs and at the end (0: only checkpoint.pth)')
-    g.add_argument('--print_freq', default=20, type=int,
-                   help='print and log the loss every N steps; mid-epoch checkpoints and preemption stops '
-                        'happen at these steps too')
-    g.add_argument('--checkpoint_minutes', default=10, type=float,
-                   help='also write checkpoint.pth inside an epoch every N minutes (0: only at epoch ends), so a '
-                        'preempted or crashed job loses at most that much training')
+    add_loader_arguments(g, jpeg_draft=False)
+    add_run_arguments(p, 'training', 'checkpoint of main_pretrain.py to resume from, or "allow": '
+                      'output_dir/checkpoint.pth if it exists, else start fresh')
     # read by util.output, which serves main_finetune.py too: pre-training never evaluates nor keeps a best
     p.set_defaults(eval=False, save_best=None)
-
-    g = p.add_argument_group('distributed')
-    g.add_argument('--world_size', default=1, type=int, help='number of distributed processes (set by torchrun)')
-    g.add_argument('--local_rank', default=-1, type=int, help='ignored; torchrun passes LOCAL_RANK')
-    g.add_argument('--dist_url', default='env://', help='url used to set up distributed training')
-    g.add_argument('--dist_timeout', default=30, type=int,
-                   help='minutes a collective may wait before the job fails (a hung rank ends the job)')
+    add_distributed_arguments(p)
     return p
 
 
