@@ -55,9 +55,8 @@ import main_pretrain
 import select_wild_data
 from modes import probe_epochs
 from tools import visualize_attention
-from util.args import check_writable_folder
-from util.checkpoint import CHECKPOINT, LOG
 from util.errors import UserError, run_cli
+from util.output import CHECKPOINT, LOG, check_writable
 
 SIZE = 32
 # Teacher and student architecture (timm vit_base_patch16_224 with these arguments): 64 patches of 4x4.
@@ -529,7 +528,7 @@ def claim_output_folder(out: str) -> None:
         raise UserError(f"--output_dir {out!r} holds files the demo did not write ({shown}); the demo replaces its "
                         "runs/ and data/ folders on every run, so it writes only into a new or empty folder or one an "
                         "earlier demo made. Give another --output_dir (e.g. a new demo_output folder).")
-    check_writable_folder(out, f"--output_dir {out!r}", "give a folder this user can create files in")
+    check_writable(out, f"--output_dir {out!r}", "give a folder this user can create files in")
     try:
         with open(os.path.join(out, MARKER), 'a', encoding='utf-8') as f:
             if not entries:

@@ -8,20 +8,18 @@ the same read-back checks that every loss was finite, agreed over all ranks.
 from __future__ import annotations
 
 import contextlib
-import datetime
 import math
 import time
 from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
 from typing import Optional
 
 import torch
 import torch.nn as nn
 
 from util import lr_sched
-from util.checkpoint import end_of_epoch_stats, last_good_sentence, saved_position, seed_epoch, set_rng_state
-from util.distributed import all_reduce_sum, get_rank, get_world_size, log
+from util.distributed import all_reduce_sum, get_world_size, log
 from util.errors import UserError
-from util.output import write_log
 from util.run_control import RunControl
 
 
@@ -124,151 +122,193 @@ def non_finite_advice(terms: dict[str, float]) -> str:
     return "Lower the learning rate, set --clip_grad, or use --amp bf16 instead of fp16."
 
 
-def train_one_epoch(
-        model: nn.Module,
-        criterion: Callable,
-        data_loader: Iterable,
-        optimizer: torch.optim.Optimizer,
-        device: torch.device,
-        epoch: int,
-        scaler: torch.amp.GradScaler,
-        args,
-        schedule: lr_sched.Schedule,
-        amp_dtype: Optional[torch.dtype] = None,
-        mixup_fn: Optional[Callable] = None,
-        model_ema: Optional[nn.Module] = None,
-        ema_source: Optional[nn.Module] = None,
-        log_writer=None,
-        start_step: int = 0,
-        steps_per_epoch: Optional[int] = None,
-        control: Optional[RunControl] = None,
-        aux_optimizer: Optional[torch.optim.Optimizer] = None,
-        partial: Optional[dict] = None,
-) -> dict[str, float]:
+@dataclass
+class TrainingStep:
+    """The fixed parts of a training step: what is trained (``model``: the pair, DDP-wrapped where distributed),
+    its loss (``criterion(outputs, targets) -> (loss, terms)``), the optimizer with its grad scaler, gradient
+    accumulation over ``accum_iter`` micro-batches, clipping, mixup, the EMA of ``ema_source`` (the student) and
+    ``aux_optimizer``, which steps the criterion's own parameters (probe: noise adaptation), their gradients
+    averaged over ranks."""
+    model: nn.Module
+    criterion: Callable
+    optimizer: torch.optim.Optimizer
+    scaler: torch.amp.GradScaler
+    device: torch.device
+    accum_iter: int = 1
+    clip_grad: Optional[float] = None
+    amp_dtype: Optional[torch.dtype] = None
+    mixup_fn: Optional[Callable] = None
+    model_ema: Optional[nn.Module] = None
+    ema_source: Optional[nn.Module] = None
+    aux_optimizer: Optional[torch.optim.Optimizer] = None
+
+    def zero_grad(self) -> None:
+        self.optimizer.zero_grad(set_to_none=True)
+        if self.aux_optimizer is not None:
+            self.aux_optimizer.zero_grad(set_to_none=True)
+
+    def __call__(self, images: torch.Tensor, targets: torch.Tensor, window_size: int,
+                 update: bool) -> tuple[dict, int]:
+        """Forward, loss and backward of one micro-batch, and at the window's end (``update``) the optimizer
+        step; returns the loss terms (on the device) and the number of images trained on."""
+        images = images.to(self.device, non_blocking=True)
+        targets = targets.to(self.device, non_blocking=True)
+        if self.mixup_fn is not None:
+            if len(images) % 2:  # mixup pairs samples; an undecodable image can leave an odd batch
+                images, targets = images[:-1], targets[:-1]
+            images, targets = self.mixup_fn(images, targets)
+        skip_sync = hasattr(self.model, 'no_sync') and not update  # DDP: all-reduce once, at the window's end
+        with self.model.no_sync() if skip_sync else contextlib.nullcontext():
+            with torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None):
+                outputs = self.model(images)
+                loss, terms = self.criterion(outputs, targets)
+            # the window's gradient: the mean over its micro-batches
+            self.scaler.scale(loss / window_size).backward()
+        if update:
+            self.update_weights()
+        return terms, len(images)
+
+    def update_weights(self) -> None:
+        """Apply the accumulated gradients (clipped, unscaled), then the EMA."""
+        if self.clip_grad:
+            self.scaler.unscale_(self.optimizer)
+            torch.nn.utils.clip_grad_norm_(self.trained_parameters(), self.clip_grad)
+        self.scaler.step(self.optimizer)
+        if self.aux_optimizer is not None:
+            average_gradients(self.aux_optimizer)
+            self.scaler.step(self.aux_optimizer)
+            self.aux_optimizer.zero_grad(set_to_none=True)
+        self.scaler.update()
+        self.optimizer.zero_grad(set_to_none=True)
+        if self.model_ema is not None:
+            self.model_ema.update(self.ema_source)
+
+    def trained_parameters(self) -> list[torch.nn.Parameter]:
+        return [p for p in self.model.parameters() if p.requires_grad]
+
+    def apply_short_window(self, pending: int, window_size: int) -> None:
+        """Apply a window the loader ended early, after ``pending`` of its ``window_size`` micro-batches: its
+        gradient rescaled to their mean."""
+        aux = [p for g in self.aux_optimizer.param_groups for p in g['params']] if self.aux_optimizer else []
+        for p in self.trained_parameters() + aux:
+            if p.grad is not None:
+                p.grad.mul_(window_size / pending)
+        self.update_weights()
+
+
+def train_one_epoch(train_step: TrainingStep, data_loader: Iterable, epoch: int, schedule: lr_sched.Schedule,
+                    print_freq: int = 20, start_step: int = 0, steps_per_epoch: Optional[int] = None,
+                    control: Optional[RunControl] = None, partial: Optional[dict] = None,
+                    log_writer=None) -> dict[str, float]:
     """Train for one epoch (or its rest, from ``start_step``) and return the epoch's mean loss terms.
 
-    ``args`` supplies accum_iter, clip_grad and print_freq; ``schedule`` the per-iteration lr. At every
-    read-back ``control`` (util.run_control) may write a mid-epoch checkpoint or stop the loop, decided by
-    all ranks together. ``aux_optimizer`` steps
-    the criterion's own parameters (probe: noise adaptation), their gradients averaged over ranks.
-    ``partial`` is the resumed epoch's ``EpochTotals.state()`` from a mid-epoch checkpoint.
+    ``schedule`` gives the per-iteration lr. Every ``print_freq`` steps the loss sums are read back and logged,
+    and ``control`` (util.run_control) may write a mid-epoch checkpoint or stop the loop, decided by all ranks
+    together. ``partial`` is the resumed epoch's ``EpochTotals.state()`` from a mid-epoch checkpoint.
     """
-    model.train()
-    steps_per_epoch = steps_per_epoch or len(data_loader) + start_step
-    accum = args.accum_iter
-    autocast = torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None)
-    params = [p for p in model.parameters() if p.requires_grad]
-    window, totals = StepStats(device), EpochTotals(partial)
-    t_window = t_start = t_ready = time.time()
-    data_wait = 0.0  # seconds of this window spent waiting for the loader's next batch
-    lr = optimizer.param_groups[0]['lr']
-
-    def check(stats: StepStats, extra: Sequence[float] = ()) -> tuple[dict[str, float], int, int, list[float]]:
-        """Read the window back (all ranks), stop on a non-finite loss, add it to the epoch's totals."""
-        sums, steps, images, skipped, failure, votes = stats.reduce(extra)
-        if failure is not None:
-            step, terms = failure
-            where = f"step {step}" if step >= 0 else "a step on another rank"
-            raise NonFiniteLossError(
-                f"non-finite loss at epoch {epoch}, {where} of {steps_per_epoch}: "
-                + ', '.join(f"{k}={v}" for k, v in terms.items()) + ". " + non_finite_advice(terms))
-        totals.add(sums, steps, images, skipped)
-        return {k: v / max(steps, 1) for k, v in sums.items()}, images, skipped, votes
-
-    def update_weights() -> None:
-        if args.clip_grad:
-            scaler.unscale_(optimizer)
-            torch.nn.utils.clip_grad_norm_(params, args.clip_grad)
-        scaler.step(optimizer)
-        if aux_optimizer is not None:
-            average_gradients(aux_optimizer)
-            scaler.step(aux_optimizer)
-            aux_optimizer.zero_grad(set_to_none=True)
-        scaler.update()
-        optimizer.zero_grad(set_to_none=True)
-        if model_ema is not None:
-            model_ema.update(ema_source)
-
-    optimizer.zero_grad(set_to_none=True)
-    if aux_optimizer is not None:
-        aux_optimizer.zero_grad(set_to_none=True)
+    train_step.model.train()
+    progress = EpochProgress(train_step, epoch, schedule, steps_per_epoch or len(data_loader) + start_step,
+                             start_step, partial, log_writer)
+    accum, last = train_step.accum_iter, progress.steps_per_epoch
+    train_step.zero_grad()
     deferred: Optional[list[float]] = None  # a save or stop agreed inside a window, done at the window's end
     pending = 0  # micro-batches whose gradients are accumulated but not applied yet
     for step, (images, targets, skipped) in enumerate(data_loader, start=start_step):
-        data_wait += time.time() - t_ready
-        window_size = accumulation_window(step, start_step, accum, steps_per_epoch)
+        progress.batch_arrived()
         if step % accum == 0 or step == start_step:
-            lr = lr_sched.adjust_learning_rate(optimizer, epoch + step / steps_per_epoch, schedule)
-        if hasattr(criterion, 'set_progress'):  # a transfer loss weighted by the position (--transfer_until)
-            criterion.set_progress(epoch + step / steps_per_epoch)
+            progress.lr = lr_sched.adjust_learning_rate(train_step.optimizer, epoch + step / last, schedule)
+        if hasattr(train_step.criterion, 'set_progress'):  # a loss weighted by the position (--transfer_until)
+            train_step.criterion.set_progress(epoch + step / last)
         if len(images) == 0:
             raise RuntimeError(f"epoch {epoch} step {step}: every image of the batch failed to decode; "
                                "check the data set (see the warnings above)")
-        images = images.to(device, non_blocking=True)
-        targets = targets.to(device, non_blocking=True)
-        if mixup_fn is not None:
-            if len(images) % 2:  # mixup pairs samples; an undecodable image can leave an odd batch
-                images, targets = images[:-1], targets[:-1]
-            images, targets = mixup_fn(images, targets)
-
         # the window's end: every K-th step, and the epoch's last step, which closes a shorter last window
-        update = (step + 1) % accum == 0 or step + 1 >= steps_per_epoch
-        no_sync = model.no_sync() if hasattr(model, 'no_sync') and not update else contextlib.nullcontext()
-        with no_sync:
-            with autocast:
-                outputs = model(images)
-                loss, terms = criterion(outputs, targets)
-            scaler.scale(loss / window_size).backward()  # the window's gradient: the mean over its micro-batches
-        pending += 1
-        if update:
-            update_weights()
-            pending = 0
-
-        names, values = list(terms), torch.stack([t.detach().float() for t in terms.values()])
-        window.add(names, values, step, len(images), skipped)
-        last = step + 1 == steps_per_epoch
-        if (step + 1) % args.print_freq == 0 or last or (deferred is not None and update):
-            means, n_images, n_skipped, votes = check(window, control.local_flags() if control else ())
-            elapsed = time.time() - t_window
-            per_step = (time.time() - t_start) / (step + 1 - start_step)
-            steps_left = steps_per_epoch - step - 1
-            run_steps_left = steps_left + (schedule.epochs - epoch - 1) * steps_per_epoch
-            log(f"Epoch [{epoch}] [{step + 1}/{steps_per_epoch}]  "
-                + '  '.join(f"{k} {v:.4f}" for k, v in means.items())
-                + f"  lr {lr:.3e}  {n_images / max(elapsed, 1e-9):.1f} img/s"
-                + f"  {progress_fields(data_wait, elapsed, device)}"
-                + f"  eta {_hms(per_step * steps_left)} (run {_hms(per_step * run_steps_left)})"
-                + (f"  skipped images {n_skipped}" if n_skipped else ''))
-            if log_writer is not None:
-                x = int((epoch + (step + 1) / steps_per_epoch) * 1000)  # epoch_1000x, as MAE
-                for k, v in means.items():
-                    log_writer.add_scalar(f'train/{k}', v, x)
-                log_writer.add_scalar('train/lr', lr, x)
-            window.reset()
-            t_window, data_wait = time.time(), 0.0
+        update = (step + 1) % accum == 0 or step + 1 >= last
+        terms, n_images = train_step(images, targets, accumulation_window(step, start_step, accum, last), update)
+        pending = 0 if update else pending + 1
+        progress.add(terms, step, n_images, skipped)
+        if (step + 1) % print_freq == 0 or step + 1 == last or (deferred is not None and update):
+            votes = progress.read_back(step, control.local_flags() if control else ())
             if control is not None:
                 if deferred is not None:
                     votes = [max(a, b) for a, b in zip(votes, deferred)]
                 if update:  # a checkpoint holds no accumulated gradients: saves and stops happen at a window's end
                     deferred = None
-                    control.act(votes, epoch, step + 1, steps_per_epoch, totals.state())
+                    control.act(votes, epoch, step + 1, last, progress.totals.state())
                 elif any(v > 0 for v in votes):  # the same on every rank (the votes are all-reduced)
                     deferred = votes
-        t_ready = time.time()
-
+        progress.step_done()
     if pending:  # a loader shorter than steps_per_epoch: its last window is applied as far as it went
-        scale = accumulation_window(step, start_step, accum, steps_per_epoch) / pending
-        for p in params + [p for g in (aux_optimizer.param_groups if aux_optimizer else []) for p in g['params']]:
-            if p.grad is not None:
-                p.grad.mul_(scale)
-        update_weights()
-    if window.steps:  # a loader shorter than steps_per_epoch: its last steps were not read back yet
-        check(window)
-    means = totals.means()
-    log(f"Epoch [{epoch}] averaged: " + '  '.join(f"{k} {v:.4f}" for k, v in means.items())
-        + f"  ({totals.images} images on {get_world_size()} ranks in {_hms(time.time() - t_start)}"
-        + (", resumed mid-epoch" if partial else '') + ")")
-    return {**means, 'lr': lr, 'skipped_images': totals.skipped}
+        train_step.apply_short_window(pending, accumulation_window(step, start_step, accum, last))
+    return progress.finish()
+
+
+class EpochProgress:
+    """An epoch's loss sums between read-backs and in total, its timing, and the lines it logs."""
+
+    def __init__(self, step: TrainingStep, epoch: int, schedule: lr_sched.Schedule, steps_per_epoch: int,
+                 start_step: int, partial: Optional[dict], log_writer) -> None:
+        self.device, self.epoch, self.schedule = step.device, epoch, schedule
+        self.steps_per_epoch, self.start_step, self.resumed = steps_per_epoch, start_step, bool(partial)
+        self.log_writer = log_writer
+        self.window, self.totals = StepStats(step.device), EpochTotals(partial)
+        self.t_window = self.t_start = self.t_ready = time.time()
+        self.data_wait = 0.0  # seconds of this window spent waiting for the loader's next batch
+        self.lr = step.optimizer.param_groups[0]['lr']
+
+    def batch_arrived(self) -> None:
+        self.data_wait += time.time() - self.t_ready
+
+    def step_done(self) -> None:
+        self.t_ready = time.time()
+
+    def add(self, terms: dict, step: int, images: int, skipped: int) -> None:
+        values = torch.stack([t.detach().float() for t in terms.values()])
+        self.window.add(list(terms), values, step, images, skipped)
+
+    def check(self, extra: Sequence[float] = ()) -> tuple[dict[str, float], int, int, list[float]]:
+        """Read the window back (all ranks), stop on a non-finite loss, add it to the epoch's totals."""
+        sums, steps, images, skipped, failure, votes = self.window.reduce(extra)
+        if failure is not None:
+            bad_step, terms = failure
+            where = f"step {bad_step}" if bad_step >= 0 else "a step on another rank"
+            raise NonFiniteLossError(
+                f"non-finite loss at epoch {self.epoch}, {where} of {self.steps_per_epoch}: "
+                + ', '.join(f"{k}={v}" for k, v in terms.items()) + ". " + non_finite_advice(terms))
+        self.totals.add(sums, steps, images, skipped)
+        return {k: v / max(steps, 1) for k, v in sums.items()}, images, skipped, votes
+
+    def read_back(self, step: int, extra: Sequence[float]) -> list[float]:
+        """The window's read-back, its progress line and TensorBoard points; returns the summed ``extra`` votes."""
+        means, n_images, n_skipped, votes = self.check(extra)
+        elapsed = time.time() - self.t_window
+        per_step = (time.time() - self.t_start) / (step + 1 - self.start_step)
+        steps_left = self.steps_per_epoch - step - 1
+        run_steps_left = steps_left + (self.schedule.epochs - self.epoch - 1) * self.steps_per_epoch
+        log(f"Epoch [{self.epoch}] [{step + 1}/{self.steps_per_epoch}]  "
+            + '  '.join(f"{k} {v:.4f}" for k, v in means.items())
+            + f"  lr {self.lr:.3e}  {n_images / max(elapsed, 1e-9):.1f} img/s"
+            + f"  {progress_fields(self.data_wait, elapsed, self.device)}"
+            + f"  eta {_hms(per_step * steps_left)} (run {_hms(per_step * run_steps_left)})"
+            + (f"  skipped images {n_skipped}" if n_skipped else ''))
+        if self.log_writer is not None:
+            x = int((self.epoch + (step + 1) / self.steps_per_epoch) * 1000)  # epoch_1000x, as MAE
+            for k, v in means.items():
+                self.log_writer.add_scalar(f'train/{k}', v, x)
+            self.log_writer.add_scalar('train/lr', self.lr, x)
+        self.window.reset()
+        self.t_window, self.data_wait = time.time(), 0.0
+        return votes
+
+    def finish(self) -> dict[str, float]:
+        """The epoch's means (read back first when the loader ended before a read-back step) and its line."""
+        if self.window.steps:
+            self.check()
+        means = self.totals.means()
+        log(f"Epoch [{self.epoch}] averaged: " + '  '.join(f"{k} {v:.4f}" for k, v in means.items())
+            + f"  ({self.totals.images} images on {get_world_size()} ranks in {_hms(time.time() - self.t_start)}"
+            + (", resumed mid-epoch" if self.resumed else '') + ")")
+        return {**means, 'lr': self.lr, 'skipped_images': self.totals.skipped}
 
 
 def accumulation_window(step: int, start_step: int, accum: int, steps_per_epoch: int) -> int:
@@ -401,86 +441,4 @@ class Evaluator:
             ema_stats = evaluate(self.loader, model.with_student(ema.module), self.device, self.amp_dtype,
                                  self.dist_eval, name='EMA', print_freq=self.print_freq)
             stats.update({f'ema_test_{k}': v for k, v in ema_stats.items()})
-        return stats
-
-
-class EpochLoop:
-    """The loop over epochs that training (main_finetune.Trainer) and pre-training (main_pretrain.Pretraining)
-    share: each epoch from the resumed step, its checkpoint, then its end (``end_epoch``: evaluation, log.txt);
-    stops agreed by the ranks at a step or at an epoch's end. The subclass sets ``cfg``, ``schedule``, ``state``
-    (util.checkpoint.TrainingState, its ``criterion`` the loss train_one_epoch calls), ``checkpointer``,
-    ``loader``, ``sampler``, ``steps_per_epoch``, ``start`` (ResumePoint), ``ddp_model``, ``device``,
-    ``amp_dtype``, ``log_writer`` and ``unfinished`` (its own checkpoint whose epoch end was not written)."""
-
-    name = 'training'
-    unfinished_part = 'its log.txt line was not written'
-
-    def end_epoch(self, epoch: int, train_stats: dict, evaluate_now: bool) -> dict:
-        raise NotImplementedError
-
-    def due(self, epoch: int) -> bool:
-        """Whether ``epoch``'s end evaluates."""
-        return True
-
-    def best(self) -> dict:
-        """The best accuracies so far, recorded in checkpoints."""
-        return {}
-
-    def step_arguments(self) -> dict:
-        """train_one_epoch's further arguments (mixup, EMA, the criterion's optimizer)."""
-        return {}
-
-    def finish(self, stats: dict) -> None:
-        """After the last epoch."""
-
-    def save(self, epoch: int, step: Optional[int], partial: Optional[dict] = None,
-             epoch_stats: Optional[dict] = None, with_best: bool = False) -> None:
-        self.checkpointer.save(epoch, step, self.best(), partial, epoch_stats, with_best)
-
-    def train_epoch(self, epoch: int, control: RunControl) -> dict:
-        """One epoch (from the resumed step in the first), its checkpoint and, unless a stop was agreed at its
-        last step, its end."""
-        cfg, start = self.cfg, self.start
-        seed_epoch(cfg.seed, epoch, get_rank(), self.loader.generator)
-        first_step = start.step if epoch == start.epoch else 0
-        if first_step and start.rng is not None:
-            set_rng_state(start.rng)
-        self.sampler.set_epoch(epoch, start_index=first_step * cfg.batch_size)
-        try:
-            train_stats = train_one_epoch(
-                self.ddp_model, self.state.criterion, self.loader, self.state.optimizer, self.device, epoch,
-                self.state.scaler, cfg, self.schedule, amp_dtype=self.amp_dtype, log_writer=self.log_writer,
-                partial=start.partial if first_step else None, start_step=first_step,
-                steps_per_epoch=self.steps_per_epoch, control=control, **self.step_arguments())
-        except NonFiniteLossError as e:
-            e.args = (f"{e} Training stopped; " + last_good_sentence(self.checkpointer.last_good),)
-            raise
-        try:
-            self.save(epoch, None, epoch_stats=train_stats)
-        except UserError:  # e.g. a full disk: the epoch's line still goes into log.txt (it is trained again)
-            with contextlib.suppress(OSError):
-                write_log(cfg, {**{f'train_{k}': v for k, v in train_stats.items()}, 'epoch': epoch})
-            raise
-        # a stop agreed at the epoch's last step: no evaluation now (the run itself ends after the last epoch)
-        stopping = control.stop_at_epoch_end is not None and epoch + 1 < self.schedule.epochs
-        return self.end_epoch(epoch, train_stats, not stopping and self.due(epoch))
-
-    def fit(self) -> dict:
-        stats = {}
-        if self.unfinished is not None:
-            epoch = saved_position(self.unfinished)[0]
-            log(f"finishing epoch {epoch} of {self.checkpointer.last_good}: {self.unfinished_part}")
-            stats = self.end_epoch(epoch, end_of_epoch_stats(self.unfinished), self.due(epoch))
-        control = RunControl(self.cfg.checkpoint_minutes, self.save)
-        log(f"start {self.name} for {self.schedule.epochs} epochs ({self.steps_per_epoch} steps each) from epoch "
-            f"{self.start.epoch}" + (f", step {self.start.step}" if self.start.step else ''))
-        start_time = time.time()
-        for epoch in range(self.start.epoch, self.schedule.epochs):
-            stats = self.train_epoch(epoch, control)
-            if epoch + 1 < self.schedule.epochs:
-                control.stop_after_epoch()
-        log(f"{self.name} time {datetime.timedelta(seconds=int(time.time() - start_time))}")
-        self.finish(stats)
-        if self.log_writer is not None:
-            self.log_writer.close()
         return stats

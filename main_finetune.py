@@ -22,7 +22,7 @@ from timm.data import Mixup
 from timm.data.constants import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.utils import ModelEmaV3
 
-from engine_finetune import EpochLoop, Evaluator, evaluate_ensemble
+from engine_finetune import Evaluator, TrainingStep, evaluate_ensemble
 from models_attention import resolve_attention_impl
 from models_pair import TeacherStudentPair
 from models_spec import ModelSpec
@@ -38,6 +38,9 @@ from modes import (
 )
 from util.args import (
     HelpFormatter,
+    add_distributed_arguments,
+    add_loader_arguments,
+    add_run_arguments,
     annotate_mode_defaults,
     check_data_folders,
     check_experiment_flags,
@@ -49,8 +52,7 @@ from util.args import (
 from util.checkpoint import (
     BEST,
     Checkpointer,
-    ResumePoint,
-    TrainingState,
+    Weights,
     best_record,
     check_resume_matches,
     holds_ema,
@@ -59,13 +61,13 @@ from util.checkpoint import (
     next_position,
     recorded_args,
     restore_weights,
-    resume_path,
     seed_epoch,
+    start_epoch,
 )
 from util.config import Config
-from util.datasets import CACHE_IMAGES_HELP, DataError, build_loader, cache_decoded
-from util.distributed import destroy, get_rank, get_world_size, init_distributed_mode, is_main_process, log, wrap_ddp
-from util.errors import UserError, run_cli
+from util.datasets import DataError, build_loader, cache_decoded
+from util.distributed import destroy, get_rank, get_world_size, init_distributed_mode, log, wrap_ddp
+from util.errors import run_cli
 from util.eval_classes import build_eval_dataset, restrict_classes
 from util.lr_sched import Schedule, learning_rate
 from util.model_record import DEFAULT_MODEL, describe_model, finetune_defaults, recorded_spec
@@ -74,22 +76,17 @@ from util.output import (
     BestAccuracy,
     check_inputs_not_overwritten,
     check_output_folders,
-    check_run_folder,
-    checkpoint_bytes,
-    epoch_end_missing,
-    finished,
-    open_log_writer,
     output_dir_in_use,
     requeued_checkpoint,
-    trim_log,
-    warn_if_little_space,
+    resume_path,
     write_eval_results,
     write_log,
 )
 from util.precision import AMP_DTYPES, default_amp
 from util.pretrained import local_checkpoint
 from util.run_control import reporting_stop, stop_on_signals
-from util.samplers import ResumableDistributedSampler, ShardSampler, dataset_fingerprint
+from util.run_loop import EpochEnd, RunLoop, RunParts, check_run_folder, finished
+from util.samplers import ShardSampler, dataset_fingerprint
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -229,27 +226,21 @@ def get_args_parser() -> argparse.ArgumentParser:
                         '--data_path in the ImageFolder layout, whatever the name')
     g.add_argument('--data_path', default='', type=str, help='data set root holding train/<class>/ and val/<class>/')
     g.add_argument('--nb_classes', default=1000, type=int, help='number of classes (must match the class folders)')
-    g.add_argument('--num_workers', default=10, type=int,
-                   help='data loading processes per GPU; they persist across epochs and are re-seeded per epoch')
-    g.add_argument('--no_jpeg_draft', action='store_false', dest='jpeg_draft',
-                   help='decode JPEGs at full resolution; by default the crop is chosen from the header\'s size and '
-                        'the decoder reduces the scale (1/2 to 1/8) as far as the crop still covers the output size '
-                        '(same crops and random draws; pixels within about one grey level)')
-    g.add_argument('--cache_images', action='store_true', help=CACHE_IMAGES_HELP)
-    g.add_argument('--pin_mem', action='store_true',
-                   help='pin CPU memory in the DataLoader for more efficient transfer to GPU (default)')
-    g.add_argument('--no_pin_mem', action='store_false', dest='pin_mem', help='do not pin CPU memory')
-    p.set_defaults(pin_mem=True)
+    add_loader_arguments(g, jpeg_draft=True)
+    add_run_arguments(p, 'training / testing', 'checkpoint to resume from, or "allow": output_dir/checkpoint.pth if it '
+                      'exists, else start fresh', after_resume=add_evaluation_arguments,
+                      after_save_every=add_epoch_end_arguments)
+    add_distributed_arguments(p)
+    for name, mode in MODES.items():
+        annotate_mode_defaults(p, mode.defaults, name)
+    # set by the caller, not by flags: the flags the command line gave (for the modes' recipes), and whether the
+    # --selection file is written first by the same command (DFND_DeiT-train.py)
+    p.set_defaults(explicit_flags=None, selection_pending=False)
+    return p
 
-    g = p.add_argument_group('run')
-    g.add_argument('--output_dir', default='./output_dir', help='where to save checkpoints and log.txt; empty: none')
-    g.add_argument('--log_dir', default=None, help='where to write TensorBoard events (default: --output_dir)')
-    g.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu',
-                   help='device to use for training / testing (default: cuda when available)')
-    g.add_argument('--seed', default=0, type=int, help='random seed')
-    g.add_argument('--resume', default='',
-                   help='checkpoint to resume from, or "allow": output_dir/checkpoint.pth if it exists, '
-                        'else start fresh')
+
+def add_evaluation_arguments(g: argparse._ArgumentGroup) -> None:
+    """The run group's evaluation flags (--eval and what it evaluates)."""
     g.add_argument('--start_epoch', default=0, type=int, metavar='N', help='start epoch (when not resuming)')
     g.add_argument('--eval', action='store_true',
                    help=f'evaluate only (with --resume CKPT or --finetune CKPT); the results are printed and '
@@ -268,32 +259,16 @@ def get_args_parser() -> argparse.ArgumentParser:
                    help='timm architecture arguments of --ensemble_model (default: --model_kwargs)')
     g.add_argument('--dist_eval', action='store_true', default=False,
                    help='shard evaluation over the processes (exact: every image counted once)')
-    g.add_argument('--save_every', default=20, type=int,
-                   help='also keep checkpoint-<epoch>.pth every N epochs and at the end (0: only checkpoint.pth)')
+
+
+def add_epoch_end_arguments(g: argparse._ArgumentGroup) -> None:
+    """The run group's flags of an epoch's end: how often it evaluates, and the best epoch's checkpoint."""
     g.add_argument('--eval_every', default=1, type=int, help='evaluate every N epochs (and after the last)')
     g.add_argument('--save_best', nargs='?', const='raw', default=None, choices=['raw', 'ema'],
                    help='also keep checkpoint-best.pth, the checkpoint of the epoch with the best top-1: of the raw '
                         'weights (--save_best or --save_best raw, as DeiT) or of the EMA weights (--save_best ema, '
                         'needs --ema) (default: not kept)')
-    g.add_argument('--print_freq', default=20, type=int,
-                   help='print and log the loss every N steps; mid-epoch checkpoints and preemption stops '
-                        'happen at these steps too')
-    g.add_argument('--checkpoint_minutes', default=10, type=float,
-                   help='also write checkpoint.pth inside an epoch every N minutes (0: only at epoch ends), so a '
-                        'preempted or crashed job loses at most that much training')
 
-    g = p.add_argument_group('distributed')
-    g.add_argument('--world_size', default=1, type=int, help='number of distributed processes (set by torchrun)')
-    g.add_argument('--local_rank', default=-1, type=int, help='ignored; torchrun passes LOCAL_RANK')
-    g.add_argument('--dist_url', default='env://', help='url used to set up distributed training')
-    g.add_argument('--dist_timeout', default=30, type=int,
-                   help='minutes a collective may wait before the job fails (a hung rank ends the job)')
-    for name, mode in MODES.items():
-        annotate_mode_defaults(p, mode.defaults, name)
-    # set by the caller, not by flags: the flags the command line gave (for the modes' recipes), and whether the
-    # --selection file is written first by the same command (DFND_DeiT-train.py)
-    p.set_defaults(explicit_flags=None, selection_pending=False)
-    return p
 
 # ---------------------------------------------------------------------------------------------
 # Flags -> one resolved configuration
@@ -397,7 +372,9 @@ def main(args) -> dict:
     if not run.cfg.eval and finished(run.ckpt, run.ckpt_path, run.mode.known_epochs(run.cfg), run.cfg.output_dir):
         destroy()
         return {}
-    with output_dir_in_use(run.cfg), stop_on_signals(enabled=not run.cfg.eval):
+    first_epoch = run.cfg.start_epoch if run.cfg.eval else start_epoch(run.ckpt, run.cfg.start_epoch)
+    with output_dir_in_use(run.cfg, first_epoch), \
+            stop_on_signals(enabled=not run.cfg.eval, keeps_checkpoint=bool(run.cfg.output_dir)):
         return train_and_evaluate(run)
 
 
@@ -471,55 +448,38 @@ def trainable_parameters(model: TeacherStudentPair) -> int:
     return sum(p.numel() for p in model.student.parameters() if p.requires_grad)
 
 
-class Trainer(EpochLoop):
-    """The training run: its optimizer, schedule, loaders and criterion, the checkpointer that saves and
-    resumes them, and the loop over epochs (``fit``)."""
+class Trainer(EpochEnd):
+    """The training run: its optimizer, criterion and training step, the components its checkpoints hold, and
+    each epoch's end (evaluation, best accuracies, log.txt); the loop over epochs is util.run_loop's (``fit``)."""
+
+    unfinished_part = 'its evaluation and log.txt line were not written'
 
     def __init__(self, run: Resolved, model: TeacherStudentPair, model_ema, dataset_train, evaluator: Evaluator,
                  schedule: Schedule, device: torch.device, amp_dtype) -> None:
-        cfg, mode, ckpt = run.cfg, run.mode, run.ckpt
-        self.cfg, self.schedule, self.model, self.model_ema = cfg, schedule, model, model_ema
-        self.evaluator, self.device, self.amp_dtype = evaluator, device, amp_dtype
-        world, rank, lr = get_world_size(), get_rank(), schedule.lr
-        self.sampler = ResumableDistributedSampler(dataset_train, world, rank, shuffle=True, seed=cfg.seed)
-        self.loader = build_loader(dataset_train, self.sampler, cfg, train=True)
-        self.steps_per_epoch = self.sampler.num_samples // cfg.batch_size  # the loader drops the last partial batch
-        if self.steps_per_epoch == 0:
-            raise UserError(f"{len(dataset_train)} training images on {world} processes make no full batch of "
-                            f"{cfg.batch_size}; lower --batch_size")
-        optimizer = torch.optim.AdamW(param_groups(model, mode, cfg), lr=lr, betas=(0.9, cfg.beta2),
+        cfg, mode = run.cfg, run.mode
+        self.cfg, self.schedule, self.model, self.model_ema, self.evaluator = cfg, schedule, model, model_ema, evaluator
+        optimizer = torch.optim.AdamW(param_groups(model, mode, cfg), lr=schedule.lr, betas=(0.9, cfg.beta2),
                                       fused=device.type == 'cuda')
-        self.mixup_fn = None if not cfg.mixup_active else Mixup(
-            mixup_alpha=cfg.mixup, cutmix_alpha=cfg.cutmix, cutmix_minmax=cfg.cutmix_minmax, prob=cfg.mixup_prob,
-            switch_prob=cfg.mixup_switch_prob, mode=cfg.mixup_mode, label_smoothing=cfg.smoothing,
-            num_classes=cfg.nb_classes)
         criterion = mode.criterion(cfg, model, evaluator.loader, device, amp_dtype).to(device)
         aux_params = [p for p in criterion.parameters() if p.requires_grad]
         aux_optimizer = torch.optim.Adam(aux_params, lr=cfg.noise_lr) if aux_params else None
-        self.state = TrainingState(model, optimizer, torch.amp.GradScaler(device.type, enabled=cfg.amp == 'fp16'),
-                                   model_ema, criterion, aux_optimizer)
+        scaler = torch.amp.GradScaler(device.type, enabled=cfg.amp == 'fp16')
         data = dataset_fingerprint(dataset_train)
         # what checkpoints record as their args: the configuration and the values resolved while building
-        record = {**cfg.record(), 'lr': lr, 'epochs': self.schedule.epochs, 'train_data': data,
+        record = {**cfg.record(), 'lr': schedule.lr, 'epochs': schedule.epochs, 'train_data': data,
                   'model_spec': run.spec.to_record(), **mode.resolved_values(cfg, criterion)}
-        self.checkpointer = Checkpointer(cfg.output_dir, self.state, record, device, self.schedule.epochs,
-                                         cfg.save_every)
-        if is_main_process() and cfg.output_dir:
-            warn_if_little_space(cfg.output_dir, checkpoint_bytes(self.state.saved_modules(), optimizer),
-                                 bool(cfg.save_every))
-        self.best_accuracy = BestAccuracy(best_record(ckpt))
-        self.start = ResumePoint(cfg.start_epoch, 0, None, None)
-        if ckpt is not None:
-            self.start = self.checkpointer.load(ckpt, run.ckpt_path, cfg.batch_size, self.steps_per_epoch, cfg.seed,
-                                                data)
-            trim_log(cfg.output_dir, self.start.epoch)
-        self.ddp_model = wrap_ddp(model, cfg)
-        self.log_writer = open_log_writer(cfg, int((self.start.epoch + self.start.step / self.steps_per_epoch)
-                                                   * 1000))
+        checkpointer = Checkpointer(cfg.output_dir, checkpoint_components(model, model_ema, optimizer, scaler,
+                                                                         criterion, aux_optimizer),
+                                    record, device, schedule.epochs, cfg.save_every)
+        self.best_accuracy = BestAccuracy(best_record(run.ckpt))
         self.best_key = {'raw': 'test_acc1', 'ema': 'ema_test_acc1'}.get(cfg.save_best)
-        self.unfinished = run.ckpt if epoch_end_missing(ckpt, run.ckpt_path, cfg.output_dir) else None
+        step = TrainingStep(wrap_ddp(model, cfg), criterion, optimizer, scaler, device, cfg.accum_iter,
+                            cfg.clip_grad, amp_dtype, mixup(cfg), model_ema, model.student, aux_optimizer)
+        self.loop = RunLoop(RunParts('training', cfg, step, dataset_train, data, schedule, checkpointer, run.ckpt,
+                                     run.ckpt_path), self)
 
-    unfinished_part = 'its evaluation and log.txt line were not written'
+    def fit(self) -> dict:
+        return self.loop.fit()
 
     def due(self, epoch: int) -> bool:
         """Whether ``epoch``'s end evaluates: every --eval_every epochs and after the last."""
@@ -528,14 +488,10 @@ class Trainer(EpochLoop):
     def best(self) -> dict:
         return self.best_accuracy.best
 
-    def step_arguments(self) -> dict:
-        return dict(mixup_fn=self.mixup_fn, model_ema=self.model_ema, ema_source=self.model.student,
-                    aux_optimizer=self.state.aux_optimizer)
-
     def finish(self, stats: dict) -> None:
         log(self.best_accuracy.summary(stats))
 
-    def end_epoch(self, epoch: int, train_stats: dict, evaluate_now: bool) -> dict:
+    def end(self, epoch: int, train_stats: dict, evaluate_now: bool, loop: RunLoop) -> dict:
         """After the epoch's checkpoint: its evaluation (a better top-1 rewrites the epoch's checkpoints, and
         checkpoint-best.pth with --save_best) and its log.txt line."""
         stats = {**{f'train_{k}': v for k, v in train_stats.items()}, 'epoch': epoch,
@@ -546,18 +502,41 @@ class Trainer(EpochLoop):
             improved = self.best_accuracy.update(test_stats, epoch)
             stats.update(self.best_accuracy.log_fields())
             if improved:  # this epoch's checkpoints are written again so that a resume continues the same record
-                self.save(epoch, None, epoch_stats=train_stats, with_best=self.best_key in improved)
+                loop.save(epoch, None, epoch_stats=train_stats, with_best=self.best_key in improved)
             if self.best_key in improved:
                 log(f"{BEST}: epoch {epoch}, {self.best_key} {test_stats[self.best_key]:.2f}%")
             log(self.best_accuracy.summary(test_stats))
-            if self.log_writer is not None:
-                for k, v in test_stats.items():
-                    if k.endswith(('acc1', 'acc5', 'loss')):
-                        self.log_writer.add_scalar(f"perf/{k}", v, epoch)
+            loop.log_scalars('perf', {k: v for k, v in test_stats.items() if k.endswith(('acc1', 'acc5', 'loss'))},
+                             epoch)
         write_log(self.cfg, stats)
-        if self.log_writer is not None:
-            self.log_writer.flush()
+        loop.flush()
         return stats
+
+
+def checkpoint_components(model: TeacherStudentPair, model_ema, optimizer: torch.optim.Optimizer,
+                          scaler: torch.amp.GradScaler, criterion: torch.nn.Module,
+                          aux_optimizer: torch.optim.Optimizer | None) -> dict:
+    """What a training checkpoint holds: the student (``model``), the teacher only where the student cannot
+    run without it (copy modes), the EMA student, the optimizer and grad scaler, and the criterion's own
+    parameters with their optimizer when it has any (probe: noise adaptation)."""
+    components = {'model': Weights(model.student)}
+    if model.needs_teacher_at_eval:  # a checkpoint without it (another mode's) takes it from --finetune
+        components['teacher'] = Weights(model.teacher, if_missing=None, frozen=True)
+    if model_ema is not None:
+        components['model_ema'] = Weights(model_ema.module, if_missing="--ema is set: resume without --ema, or from "
+                                                                       "a run that kept one")
+    components.update(optimizer=optimizer, scaler=scaler)
+    if aux_optimizer is not None:
+        components.update(criterion=Weights(criterion), aux_optimizer=aux_optimizer)
+    return components
+
+
+def mixup(cfg: Config) -> Mixup | None:
+    """timm's Mixup / CutMix of the training batches, when --mixup, --cutmix or --cutmix_minmax is set."""
+    return None if not cfg.mixup_active else Mixup(
+        mixup_alpha=cfg.mixup, cutmix_alpha=cfg.cutmix, cutmix_minmax=cfg.cutmix_minmax, prob=cfg.mixup_prob,
+        switch_prob=cfg.mixup_switch_prob, mode=cfg.mixup_mode, label_smoothing=cfg.smoothing,
+        num_classes=cfg.nb_classes)
 
 
 def run(argv=None) -> dict:

@@ -24,42 +24,44 @@ from timm.optim import param_groups_weight_decay
 from torch.nn.parallel import DistributedDataParallel
 from torchvision import transforms
 
-from engine_finetune import EpochLoop
+from engine_finetune import TrainingStep
 from models_mae import MaskedAutoencoder, is_mae_checkpoint, kept_tokens
 from models_vit import create_vit, resolve_model_name
-from util.args import HelpFormatter, check_positive, check_range, parse_kwargs
+from util.args import (
+    HelpFormatter,
+    add_distributed_arguments,
+    add_loader_arguments,
+    add_run_arguments,
+    check_positive,
+    check_range,
+    parse_kwargs,
+)
 from util.checkpoint import (
     Checkpointer,
-    ResumePoint,
-    TrainingState,
+    Weights,
     load_training_checkpoint,
     next_position,
-    resume_path,
     seed_epoch,
+    start_epoch,
     student_weights,
 )
 from util.config import Config
-from util.datasets import CACHE_IMAGES_HELP, DataError, build_loader, cache_decoded
-from util.distributed import destroy, get_rank, get_world_size, init_distributed_mode, is_main_process, log
+from util.datasets import DataError, cache_decoded
+from util.distributed import destroy, get_rank, get_world_size, init_distributed_mode, log
 from util.errors import UserError, run_cli
 from util.lr_sched import Schedule, learning_rate
 from util.model_record import flag_errors
 from util.output import (
     check_inputs_not_overwritten,
     check_output_folders,
-    check_run_folder,
-    checkpoint_bytes,
-    epoch_end_missing,
-    finished,
-    open_log_writer,
     output_dir_in_use,
-    trim_log,
-    warn_if_little_space,
+    resume_path,
     write_log,
 )
 from util.precision import AMP_DTYPES, default_amp
 from util.run_control import reporting_stop, stop_on_signals
-from util.samplers import ResumableDistributedSampler, dataset_fingerprint
+from util.run_loop import EpochEnd, RunLoop, RunParts, check_run_folder, finished
+from util.samplers import dataset_fingerprint
 from util.selection import ImageFiles, list_images
 
 DEFAULT_MODEL = 'vit_large_patch16'
@@ -113,40 +115,12 @@ def get_args_parser() -> argparse.ArgumentParser:
                         'ImageNet-style root), else under data_path; any folder layout, class folders are ignored')
     g.add_argument('--min_crop_scale', type=float, default=0.2,
                    help='smallest area fraction of the random-resized crop')
-    g.add_argument('--num_workers', default=10, type=int,
-                   help='data loading processes per GPU; they persist across epochs and are re-seeded per epoch')
-    g.add_argument('--cache_images', action='store_true', help=CACHE_IMAGES_HELP)
-    g.add_argument('--pin_mem', action='store_true',
-                   help='pin CPU memory in the DataLoader for more efficient transfer to GPU (default)')
-    g.add_argument('--no_pin_mem', action='store_false', dest='pin_mem', help='do not pin CPU memory')
-    p.set_defaults(pin_mem=True)
-
-    g = p.add_argument_group('run')
-    g.add_argument('--output_dir', default='./output_dir', help='where to save checkpoints and log.txt; empty: none')
-    g.add_argument('--log_dir', default=None, help='where to write TensorBoard events (default: --output_dir)')
-    g.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu',
-                   help='device to use for training (default: cuda when available)')
-    g.add_argument('--seed', default=0, type=int, help='random seed')
-    g.add_argument('--resume', default='',
-                   help='checkpoint of main_pretrain.py to resume from, or "allow": output_dir/checkpoint.pth if it '
-                        'exists, else start fresh')
-    g.add_argument('--save_every', default=20, type=int,
-                   help='also keep checkpoint-<epoch>.pth every N epochs and at the end (0: only checkpoint.pth)')
-    g.add_argument('--print_freq', default=20, type=int,
-                   help='print and log the loss every N steps; mid-epoch checkpoints and preemption stops '
-                        'happen at these steps too')
-    g.add_argument('--checkpoint_minutes', default=10, type=float,
-                   help='also write checkpoint.pth inside an epoch every N minutes (0: only at epoch ends), so a '
-                        'preempted or crashed job loses at most that much training')
+    add_loader_arguments(g, jpeg_draft=False)
+    add_run_arguments(p, 'training', 'checkpoint of main_pretrain.py to resume from, or "allow": '
+                      'output_dir/checkpoint.pth if it exists, else start fresh')
     # read by util.output, which serves main_finetune.py too: pre-training never evaluates nor keeps a best
     p.set_defaults(eval=False, save_best=None)
-
-    g = p.add_argument_group('distributed')
-    g.add_argument('--world_size', default=1, type=int, help='number of distributed processes (set by torchrun)')
-    g.add_argument('--local_rank', default=-1, type=int, help='ignored; torchrun passes LOCAL_RANK')
-    g.add_argument('--dist_url', default='env://', help='url used to set up distributed training')
-    g.add_argument('--dist_timeout', default=30, type=int,
-                   help='minutes a collective may wait before the job fails (a hung rank ends the job)')
+    add_distributed_arguments(p)
     return p
 
 
@@ -243,82 +217,59 @@ def reconstruction_loss(outputs: tuple, _indices: torch.Tensor) -> tuple[torch.T
 # ---------------------------------------------------------------------------------------------
 # main
 # ---------------------------------------------------------------------------------------------
-class SavedModel:
-    """What the checkpointer saves and restores of a run's model: ``student`` (the checkpoint's 'model'), here
-    the masked autoencoder in MAE's layout; there is no teacher."""
-    teacher = None
-    needs_teacher_at_eval = False
-
-    def __init__(self, model: MaskedAutoencoder) -> None:
-        self.student = model
-
-
 def main(args) -> dict:
     cfg, ckpt, ckpt_path = resolve_args(Config.of(args, **init_distributed_mode(args)))
     if finished(ckpt, ckpt_path, cfg.epochs, cfg.output_dir):
         destroy()
         return {}
-    with output_dir_in_use(cfg), stop_on_signals():
+    with output_dir_in_use(cfg, start_epoch(ckpt, 0)), stop_on_signals(keeps_checkpoint=bool(cfg.output_dir)):
         stats = Pretraining(cfg, ckpt, ckpt_path).fit()
     destroy()
     return stats
 
 
-class Pretraining(EpochLoop):
-    """The pre-training run: model, optimizer, loader, the checkpointer that saves and resumes them; the loop
-    over epochs is EpochLoop's (``fit``)."""
-
-    name = 'pre-training'
+class Pretraining(EpochEnd):
+    """The pre-training run: the masked autoencoder, its optimizer and training step, the components its
+    checkpoints hold, and each epoch's log.txt line; the loop over epochs is util.run_loop's (``fit``)."""
 
     def __init__(self, cfg: Config, ckpt: dict | None, ckpt_path: str | None) -> None:
-        self.cfg, self.device = cfg, torch.device(cfg.device)
-        rank, world = get_rank(), get_world_size()
+        self.cfg, device = cfg, torch.device(cfg.device)
         log(f"job dir: {os.path.dirname(os.path.realpath(__file__))}")
         log(json.dumps(vars(cfg), indent=1, default=str))
         torch.backends.cudnn.benchmark = True
-        seed_epoch(cfg.seed, 0, rank)
-        self.model = model = build_model(cfg).to(self.device)  # first: it checks --mask_ratio against the patches
-        self.amp_dtype = AMP_DTYPES[cfg.amp]
+        seed_epoch(cfg.seed, 0, get_rank())
+        model = build_model(cfg).to(device)  # first: it checks --mask_ratio against the patches
         self.n_parameters = sum(p.numel() for p in model.parameters() if p.requires_grad)
         log(f"masked autoencoder: encoder {model.encoder.default_cfg.get('architecture')} {cfg.model_kwargs}, "
             f"decoder {cfg.decoder_depth} x {cfg.decoder_embed_dim}, {self.n_parameters / 1e6:.2f}M trainable "
             f"parameters; the encoder sees {kept_tokens(model.num_patches, cfg.mask_ratio)} of {model.num_patches} "
             "patches")
         dataset = build_pretraining_set(cfg)
-        self.sampler = ResumableDistributedSampler(dataset, world, rank, shuffle=True, seed=cfg.seed)
-        self.loader = build_loader(dataset, self.sampler, cfg, train=True)
-        self.steps_per_epoch = self.sampler.num_samples // cfg.batch_size  # the loader drops the last partial batch
-        if self.steps_per_epoch == 0:
-            raise UserError(f"{len(dataset)} images on {world} processes make no full batch of {cfg.batch_size}; "
-                            "lower --batch_size")
-        lr = learning_rate(cfg, world)
-        self.schedule = Schedule.from_args(cfg, lr=lr)
+        lr = learning_rate(cfg, get_world_size())
+        schedule = Schedule.from_args(cfg, lr=lr)
         optimizer = torch.optim.AdamW(param_groups_weight_decay(model, cfg.weight_decay), lr=lr, betas=(0.9, 0.95),
-                                      fused=self.device.type == 'cuda')
-        self.state = TrainingState(SavedModel(model), optimizer,
-                                   torch.amp.GradScaler(self.device.type, enabled=cfg.amp == 'fp16'),
-                                   criterion=reconstruction_loss)
+                                      fused=device.type == 'cuda')
+        scaler = torch.amp.GradScaler(device.type, enabled=cfg.amp == 'fp16')
         data = dataset_fingerprint(dataset)
         record = {**cfg.record(), 'lr': lr, 'train_data': data}  # the configuration and the values resolved from it
-        self.checkpointer = Checkpointer(cfg.output_dir, self.state, record, self.device, cfg.epochs, cfg.save_every)
-        if is_main_process() and cfg.output_dir:
-            warn_if_little_space(cfg.output_dir, checkpoint_bytes([model], optimizer), bool(cfg.save_every))
-        self.start = ResumePoint(0, 0, None, None)
-        if ckpt is not None:
-            self.start = self.checkpointer.load(ckpt, ckpt_path, cfg.batch_size, self.steps_per_epoch, cfg.seed, data)
-            trim_log(cfg.output_dir, self.start.epoch)
-        self.ddp_model = model if not cfg.distributed else DistributedDataParallel(
-            model, device_ids=[cfg.gpu] if self.device.type == 'cuda' else None)
-        self.log_writer = open_log_writer(cfg, int((self.start.epoch + self.start.step / self.steps_per_epoch)
-                                                   * 1000))
-        self.unfinished = ckpt if epoch_end_missing(ckpt, ckpt_path, cfg.output_dir) else None
+        # the autoencoder in MAE's layout is the checkpoint's 'model': main_finetune.py reads it as --finetune
+        checkpointer = Checkpointer(cfg.output_dir, {'model': Weights(model), 'optimizer': optimizer,
+                                                     'scaler': scaler}, record, device, cfg.epochs, cfg.save_every)
+        ddp_model = model if not cfg.distributed else DistributedDataParallel(
+            model, device_ids=[cfg.gpu] if device.type == 'cuda' else None)
+        step = TrainingStep(ddp_model, reconstruction_loss, optimizer, scaler, device, cfg.accum_iter, cfg.clip_grad,
+                            AMP_DTYPES[cfg.amp])
+        self.loop = RunLoop(RunParts('pre-training', cfg, step, dataset, data, schedule, checkpointer, ckpt,
+                                     ckpt_path), self)
 
-    def end_epoch(self, epoch: int, train_stats: dict, evaluate_now: bool = False) -> dict:
+    def fit(self) -> dict:
+        return self.loop.fit()
+
+    def end(self, epoch: int, train_stats: dict, evaluate_now: bool, loop: RunLoop) -> dict:
         stats = {**{f'train_{k}': v for k, v in train_stats.items()}, 'epoch': epoch,
                  'n_parameters': self.n_parameters}
         write_log(self.cfg, stats)
-        if self.log_writer is not None:
-            self.log_writer.flush()
+        loop.flush()
         return stats
 
 

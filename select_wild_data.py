@@ -35,13 +35,13 @@ from torch.utils.data import DataLoader
 from models_attention import forward_with_capture
 from models_pairing import default_probe_blocks, parse_blocks
 from models_spec import Architecture
-from util.args import HelpFormatter, check_normalization, check_writable_folder, parse_kwargs
-from util.checkpoint import save_atomic
+from util.args import HelpFormatter, check_normalization, parse_kwargs
 from util.config import Config
 from util.datasets import collate_skipping_bad
 from util.distributed import barrier, broadcast_object, destroy, get_rank, get_world_size, init_distributed_mode, log
 from util.errors import UserError, run_cli
 from util.model_record import classifier_of, flag_errors
+from util.output import check_writable, save_atomic
 from util.precision import default_amp
 from util.pretrained import (
     is_named,
@@ -300,7 +300,7 @@ def check_output_file(output: str) -> None:
         raise UserError(f"--output {output!r}: {chunks!r} is a file, but the scores go to a folder of that name: "
                         "move that file, or give another --output")
     folder = os.path.dirname(os.path.abspath(output))
-    check_writable_folder(folder, f"--output {output!r}: its folder {folder!r}", "give an --output path in a folder "
+    check_writable(folder, f"--output {output!r}: its folder {folder!r}", "give an --output path in a folder "
                           "this user can create files in (the selection file and its scores, <output>.chunks/, go "
                           "there)")
 

@@ -28,10 +28,9 @@ import submitit
 
 import main_finetune
 from util.args import HelpFormatter, explicit_flags
-from util.checkpoint import CHECKPOINT
 from util.config import Config
 from util.errors import UserError, run_cli
-from util.output import check_writable
+from util.output import CHECKPOINT, RUN_FOLDER_FIX, check_writable
 
 REPO = os.path.dirname(os.path.abspath(__file__))
 SHARED_FOLDER = '/checkpoint'  # the cluster-wide folder some sites provide; jobs default to a folder in it
@@ -224,7 +223,7 @@ def main(argv=None) -> submitit.Job:
                         log_dir=job_dir if args.log_dir in (None, DEFAULT_OUTPUT) else args.log_dir, job_dir=job_dir)
     main_finetune.resolve_args(args, read_resume=False)  # fail on a bad flag now, not after the queue
     for flag, folder in (('--job_dir', job_dir), ('--output_dir', args.output_dir), ('--log_dir', args.log_dir)):
-        check_writable(existing_part(folder), flag)
+        check_writable(existing_part(folder), f"{flag} {existing_part(folder)!r}", RUN_FOLDER_FIX)
     executor = build_executor(args, job_dir)  # submitit puts the job id in place of %j
     job = executor.submit(Trainer(args))
     logs = job_dir.replace('%j', str(job.job_id))

@@ -21,10 +21,11 @@ output_dir = argv[argv.index('--output_dir') + 1]
 train_one_epoch = engine_finetune.train_one_epoch
 
 
-def recording_train_one_epoch(model, *args, **kwargs):
-    stats = train_one_epoch(model, *args, **kwargs)
+def recording_train_one_epoch(step, loader, epoch, *args, **kwargs):
+    stats = train_one_epoch(step, loader, epoch, *args, **kwargs)
+    model = step.model
     student = model.module.student if hasattr(model, 'module') else model.student
-    torch.save(student.state_dict(), os.path.join(output_dir, f'rank{rank}_epoch{args[4]}.pt'))
+    torch.save(student.state_dict(), os.path.join(output_dir, f'rank{rank}_epoch{epoch}.pt'))
     return stats
 
 

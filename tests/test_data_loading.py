@@ -21,7 +21,7 @@ from torchvision import transforms
 
 import main_finetune
 from benchmarks.bench_data import natural_jpeg, recipe_args
-from engine_finetune import train_one_epoch
+from engine_finetune import TrainingStep, train_one_epoch
 from modes import get_mode
 from util.datasets import (
     DraftRandomResizedCrop,
@@ -300,11 +300,11 @@ def test_progress_line_reports_data_wait_and_run_eta(capsys):
         loss = torch.nn.functional.cross_entropy(outputs, targets)
         return loss, {'loss': loss}
 
-    args = SimpleNamespace(accum_iter=1, clip_grad=None, print_freq=2)
     schedule = Schedule(lr=1e-3, min_lr=0.0, warmup_epochs=0, epochs=10)
     optimizer = torch.optim.SGD(model.parameters(), lr=1e-3)
     scaler = torch.amp.GradScaler('cpu', enabled=False)
-    train_one_epoch(model, criterion, SlowBatches(6, 0.3), optimizer, torch.device('cpu'), 0, scaler, args, schedule)
+    train_one_epoch(TrainingStep(model, criterion, optimizer, scaler, torch.device('cpu')), SlowBatches(6, 0.3), 0,
+                    schedule, print_freq=2)
     line = next(line for line in capsys.readouterr().out.splitlines() if line.startswith('Epoch [0] [2/6]'))
     fields = re.search(r'data (\d+)%  eta (\d+):(\d\d):(\d\d) \(run (\d+):(\d\d):(\d\d)\)', line)
     assert fields, line

@@ -282,9 +282,10 @@ import engine_finetune
 import main_pretrain
 train_one_epoch, rank = engine_finetune.train_one_epoch, os.environ['RANK']
 
-def recording(model, *args, **kwargs):
-    stats = train_one_epoch(model, *args, **kwargs)
-    torch.save(getattr(model, 'module', model).state_dict(), os.path.join({out!r}, f'rank{{rank}}_epoch{{args[4]}}.pt'))
+def recording(step, loader, epoch, *args, **kwargs):
+    stats = train_one_epoch(step, loader, epoch, *args, **kwargs)
+    model = step.model
+    torch.save(getattr(model, 'module', model).state_dict(), os.path.join({out!r}, f'rank{{rank}}_epoch{{epoch}}.pt'))
     return stats
 
 engine_finetune.train_one_epoch = recording

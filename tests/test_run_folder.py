@@ -50,7 +50,6 @@ import main_finetune
 import select_wild_data
 import submitit_finetune
 import util.checkpoint
-from util.checkpoint import save_atomic
 from util.errors import UserError
 from util.output import (
     EMPTY_LOCK_SECONDS,
@@ -58,6 +57,7 @@ from util.output import (
     RunLock,
     check_inputs_not_overwritten,
     remove_stale_temporaries,
+    save_atomic,
     write_log,
 )
 from util.pretrained import read_checkpoint
@@ -159,7 +159,7 @@ def test_kill_during_checkpoint_write_leaves_previous_checkpoint(tmp_path):
     script = textwrap.dedent(f"""
         import sys, time, torch
         sys.path.insert(0, {ROOT!r})
-        from util.checkpoint import save_atomic
+        from util.output import save_atomic
 
         class Slow:
             def __reduce__(self):
@@ -261,7 +261,7 @@ def test_full_disk_names_the_file_keeps_the_last_checkpoint_and_the_epochs_line(
 
     def train_then_fill_the_disk(*args, **kwargs):
         stats = train(*args, **kwargs)
-        if args[5] == 1:  # epoch 1: leave 64 KB, room for a log line, not for a checkpoint
+        if args[2] == 1:  # epoch 1: leave 64 KB, room for a log line, not for a checkpoint
             free = shutil.disk_usage(small_disk).free
             with open(small_disk / 'filler', 'wb') as f:
                 f.write(b'\0' * max(free - 64 * 1024, 0))
@@ -636,7 +636,7 @@ def test_dfnd_reports_a_stop_in_one_line_with_the_signals_status(tmp_path, monke
 
     def stopped(argv):
         with mock.patch('util.run_control.stop_signal', return_value=signal.SIGTERM):
-            raise Preempted(3, 40)
+            raise Preempted(3, 40, True)
 
     def exit_now(code):
         raise SystemExit(code)

@@ -12,7 +12,7 @@ from unittest import mock
 
 import pytest
 import torch
-from helpers import ROOT, args_for, read_log, run_until_stopped, tiny_args, torchrun
+from helpers import ROOT, args_for, read_log, run_until_stopped, stop_at_forward, tiny_args, torchrun
 
 import main_finetune
 from engine_finetune import NonFiniteLossError
@@ -20,7 +20,7 @@ from util.checkpoint import NonFiniteStateError
 from util.losses import TransferCriterion
 from util.output import RunLock, requeued_checkpoint
 from util.pretrained import read_checkpoint
-from util.run_control import stop_on_signals, stop_requested
+from util.run_control import clear_stop, stop_on_signals, stop_requested
 
 
 # ---- SIGINT and SIGTERM outside SLURM ---------------------------------------------------------------
@@ -73,6 +73,25 @@ def test_second_sigint_exits_at_once(workdir):
     assert proc.returncode == 130, stdout[-2000:] + stderr[-2000:]
     assert 'Traceback' not in stderr
     assert 'second SIGINT: exiting now' in stderr
+
+
+def test_a_stop_without_an_output_folder_says_nothing_was_kept(workdir, monkeypatch, capsys):
+    """--output_dir '' writes no checkpoint: the start says a stop keeps nothing, the periodic saves
+    (--checkpoint_minutes) claim none, and the stop's line says that nothing was kept."""
+    def exit_now(code):
+        raise SystemExit(code)
+
+    monkeypatch.setattr(os, '_exit', exit_now)  # reporting_stop's exit, with the signal's status
+    stop_at_forward(monkeypatch, 4)
+    try:
+        with pytest.raises(SystemExit):
+            main_finetune.run_reporting_stop(args_for(workdir, '', '--checkpoint_minutes', '1e-9'))
+    finally:
+        clear_stop()
+    out, err = capsys.readouterr()
+    assert 'no --output_dir: no checkpoint is written, so a stop (SIGINT / SIGTERM) keeps nothing' in out
+    assert 'checkpoint written' not in out + err
+    assert 'stopped: at epoch 0, step 4; nothing was kept (no --output_dir)' in err
 
 
 def test_a_signal_stops_only_the_run_it_arrived_in():

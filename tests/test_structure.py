@@ -135,7 +135,7 @@ def test_mode_names_are_compared_only_in_modes_py():
 def test_run_files_are_named_in_one_module():
     found = {path for path, tree in project_sources().items()
              for node in ast.walk(tree) if isinstance(node, ast.Constant) and node.value in RUN_FILES}
-    assert found == {os.path.join('util', 'checkpoint.py')}
+    assert found == {os.path.join('util', 'output.py')}
 
 
 # ---- the teacher-student pair ----------------------------------------------------------------------------

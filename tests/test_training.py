@@ -130,11 +130,10 @@ def test_fp16_with_grad_scaler_trains(workdir, monkeypatch):
 ])
 def test_each_window_applies_the_mean_gradient_of_its_micro_batches(n_batches, steps_per_epoch, accum):
     import copy
-    from types import SimpleNamespace
 
     import torch.nn.functional as F
 
-    from engine_finetune import train_one_epoch
+    from engine_finetune import TrainingStep, train_one_epoch
     from util.lr_sched import Schedule
 
     torch.manual_seed(0)
@@ -155,9 +154,8 @@ def test_each_window_applies_the_mean_gradient_of_its_micro_batches(n_batches, s
         loss = F.cross_entropy(outputs, targets)
         return loss, {'loss': loss}
 
-    train_one_epoch(model, criterion, data, torch.optim.SGD(model.parameters(), lr=lr), torch.device('cpu'), 0,
-                    torch.amp.GradScaler('cpu', enabled=False), SimpleNamespace(accum_iter=accum, clip_grad=None,
-                                                                              print_freq=100),
-                    Schedule(lr, lr, 0, 1, 'step'), steps_per_epoch=steps_per_epoch)
+    step = TrainingStep(model, criterion, torch.optim.SGD(model.parameters(), lr=lr), torch.amp.GradScaler(
+        'cpu', enabled=False), torch.device('cpu'), accum_iter=accum)
+    train_one_epoch(step, data, 0, Schedule(lr, lr, 0, 1, 'step'), print_freq=100, steps_per_epoch=steps_per_epoch)
     for name, a, b in zip(('weight', 'bias'), model.parameters(), expected.parameters()):
         torch.testing.assert_close(a, b, rtol=0, atol=1e-6, msg=name)

@@ -42,11 +42,12 @@ from torch.utils.data import DataLoader, Subset  # noqa: E402
 from models_attention import forward_with_capture  # noqa: E402
 from models_dual_vit import forward_dual_with_capture  # noqa: E402
 from modes import get_mode  # noqa: E402
-from util.args import HelpFormatter, check_writable_folder  # noqa: E402
+from util.args import HelpFormatter  # noqa: E402
 from util.checkpoint import holds_teacher, recorded_args, restore_weights  # noqa: E402
 from util.datasets import collate_skipping_bad, eval_transform, image_folder  # noqa: E402
 from util.errors import UserError, run_cli  # noqa: E402
 from util.model_record import recorded_spec  # noqa: E402
+from util.output import check_writable  # noqa: E402
 from util.pretrained import is_named, load_pretrained_weights, read_checkpoint  # noqa: E402
 
 METRICS = ('teacher_student_ce', 'jsd', 'teacher_entropy', 'student_entropy', 'teacher_distance_px',
@@ -284,7 +285,7 @@ def check_flags(a) -> list[int] | None:
             except (OSError, SyntaxError) as e:  # PIL reports corrupt files as either
                 problem = f"not a readable image ({e})" if os.path.isfile(path) else "no such file"
                 raise UserError(f"--images {path!r}: {problem}; give image files (PNG, JPEG, ...)") from e
-    check_writable_folder(a.output_dir, f"--output_dir {a.output_dir!r}", "give a folder this user can create "
+    check_writable(a.output_dir, f"--output_dir {a.output_dir!r}", "give a folder this user can create "
                           "files in (the PNG and CSV files go there; it is created if missing)")
     return map_layers
 

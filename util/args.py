@@ -6,10 +6,11 @@ import ast
 import copy
 import math
 import os
-import tempfile
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
-from util.datasets import LAYOUT, DataError
+import torch
+
+from util.datasets import CACHE_IMAGES_HELP, LAYOUT, DataError
 from util.errors import UserError
 from util.eval_classes import read_eval_classes
 from util.pretrained import local_checkpoint
@@ -61,8 +62,62 @@ def annotate_mode_defaults(parser: argparse.ArgumentParser, defaults: dict, mode
             note = f"--mode {mode}: {defaults[action.dest]}"
             if 'default' in action.help:
                 action.help = action.help + f' ({note})'
+            elif action.nargs == 0:  # a flag sharing its dest (--cls_token): the dest's default is not the flag's
+                state = 'on' if defaults[action.dest] == action.const else 'off'
+                action.help = action.help + f" (--mode {mode}: {state})"
             else:
                 action.help = action.help + f' (default: %(default)s; {note})'
+
+
+# ---- the flag groups main_finetune.py and main_pretrain.py share ---------------------------------------------
+def add_loader_arguments(group: argparse._ArgumentGroup, jpeg_draft: bool) -> None:
+    """The data loader's flags of the 'data' group; ``jpeg_draft``: with --no_jpeg_draft (main_finetune.py's
+    transforms decode JPEGs in draft mode)."""
+    group.add_argument('--num_workers', default=10, type=int,
+                       help='data loading processes per GPU; they persist across epochs and are re-seeded per epoch')
+    if jpeg_draft:
+        group.add_argument('--no_jpeg_draft', action='store_false', dest='jpeg_draft',
+                           help='decode JPEGs at full resolution; by default the crop is chosen from the header\'s '
+                                'size and the decoder reduces the scale (1/2 to 1/8) as far as the crop still covers '
+                                'the output size (same crops and random draws; pixels within about one grey level)')
+    group.add_argument('--cache_images', action='store_true', help=CACHE_IMAGES_HELP)
+    group.add_argument('--pin_mem', action='store_true',
+                       help='pin CPU memory in the DataLoader for more efficient transfer to GPU (default)')
+    group.add_argument('--no_pin_mem', action='store_false', dest='pin_mem', help='do not pin CPU memory')
+    group.set_defaults(pin_mem=True)
+
+
+def add_run_arguments(parser: argparse.ArgumentParser, task: str, resume_help: str,
+                      after_resume: Callable[[argparse._ArgumentGroup], None] = lambda g: None,
+                      after_save_every: Callable[[argparse._ArgumentGroup], None] = lambda g: None) -> None:
+    """The 'run' group: output folders, device, seed, resume, checkpoints and the loss lines. ``task`` is what
+    --device runs ('training'); the script's own flags of the group go after --resume and after --save_every."""
+    g = parser.add_argument_group('run')
+    g.add_argument('--output_dir', default='./output_dir', help='where to save checkpoints and log.txt; empty: none')
+    g.add_argument('--log_dir', default=None, help='where to write TensorBoard events (default: --output_dir)')
+    g.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu',
+                   help=f'device to use for {task} (default: cuda when available)')
+    g.add_argument('--seed', default=0, type=int, help='random seed')
+    g.add_argument('--resume', default='', help=resume_help)
+    after_resume(g)
+    g.add_argument('--save_every', default=20, type=int,
+                   help='also keep checkpoint-<epoch>.pth every N epochs and at the end (0: only checkpoint.pth)')
+    after_save_every(g)
+    g.add_argument('--print_freq', default=20, type=int,
+                   help='print and log the loss every N steps; mid-epoch checkpoints and preemption stops '
+                        'happen at these steps too')
+    g.add_argument('--checkpoint_minutes', default=10, type=float,
+                   help='also write checkpoint.pth inside an epoch every N minutes (0: only at epoch ends), so a '
+                        'preempted or crashed job loses at most that much training')
+
+
+def add_distributed_arguments(parser: argparse.ArgumentParser) -> None:
+    g = parser.add_argument_group('distributed')
+    g.add_argument('--world_size', default=1, type=int, help='number of distributed processes (set by torchrun)')
+    g.add_argument('--local_rank', default=-1, type=int, help='ignored; torchrun passes LOCAL_RANK')
+    g.add_argument('--dist_url', default='env://', help='url used to set up distributed training')
+    g.add_argument('--dist_timeout', default=30, type=int,
+                   help='minutes a collective may wait before the job fails (a hung rank ends the job)')
 
 
 def check_range(flag: str, value: float, low: float, high: float, low_open: bool = False,
@@ -99,23 +154,6 @@ def check_normalization(mean: Sequence[float] | None, std: Sequence[float] | Non
                    + ' '.join(f"{v / 255:.3f}" for v in values) if max(values) > 1 else '')
             raise UserError(f"--{flag} {shown}: must lie in [0, 1], as fractions of the pixel range (images are "
                             f"scaled to [0, 1] before normalisation){fix}")
-
-
-def check_writable_folder(folder: str, subject: str, fix: str) -> None:
-    """Create ``folder`` and write a file into it now, instead of failing once the work is done. ``subject``
-    names the folder in the message (e.g. "--output_dir 'out'"), ``fix`` says what to give instead."""
-    existing = os.path.abspath(folder)
-    while not os.path.exists(existing):
-        existing = os.path.dirname(existing)
-    if not os.path.isdir(existing):
-        where = 'is a file' if existing == os.path.abspath(folder) else f'lies under the file {existing!r}'
-        raise UserError(f"{subject} {where}, not a folder: {fix}")
-    try:
-        os.makedirs(folder, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=folder, prefix='.write-test-'):
-            pass
-    except OSError as e:
-        raise UserError(f"{subject} cannot be written ({e.strerror or e}): {fix}") from e
 
 
 def check_values(args) -> None:

@@ -1,6 +1,7 @@
-"""The run's checkpoints: the names of every file a run writes, the checkpoint's keys, atomic writes,
-resume look-up, the random-number-generator states, and the ``Checkpointer`` the training loop saves and
-loads through. No other module spells a run file's name or reads a checkpoint key.
+"""The checkpoint format: its keys, the accessors that read them, the positions a run continues from, the
+random-number-generator states, and the ``Checkpointer`` the run loop saves and loads through. No other module
+reads a checkpoint key. The checkpointer saves named components (objects with state_dict / load_state_dict)
+that the trainer declares; the files' names and their atomic writes are util/output.py's.
 
 A checkpoint is a dict:
   model       the student's timm state dict (a plain timm checkpoint, MAE/DeiT style)
@@ -21,17 +22,13 @@ A checkpoint is a dict:
 from __future__ import annotations
 
 import argparse
-import errno
 import filecmp
 import math
 import os
 import random
-import re
-import tempfile
 import warnings
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass
-from typing import Any, NamedTuple, Optional
+from collections.abc import Iterator
+from typing import Any, NamedTuple, Optional, Protocol
 
 import numpy as np
 import torch
@@ -46,106 +43,14 @@ from util.distributed import (
     log,
 )
 from util.errors import UserError
+from util.output import BEST, CHECKPOINT, NUMBERED, numbered, save_atomic
 from util.pretrained import EMA_ENTRIES, is_named, load_exact, read_checkpoint
 from util.samplers import check_same_permutation
-
-# The files a run writes in its output folder (util/output.py describes each).
-CHECKPOINT = 'checkpoint.pth'
-BEST = 'checkpoint-best.pth'
-LOG = 'log.txt'
-EVAL_RESULTS = 'eval_results.json'
-LOCK = 'run.lock'
-NUMBERED = re.compile(r'checkpoint-(\d+)\.pth')
-# Temporary files of save_atomic: '<target name>.<random>.tmp' beside the target (mkstemp's random part
-# has no dots).
-TMP_SUFFIX = '.tmp'
-# the temporaries of every file a run writes with save_atomic / atomic_write_text
-_RUN_FILE_TMP = re.compile(r'(checkpoint(-\d+|-best)?\.pth|log\.txt|eval_results\.json)\.[^.]+'
-                           + re.escape(TMP_SUFFIX))
-
-
-def numbered(epoch: int) -> str:
-    """The name of the checkpoint kept for ``epoch`` (``checkpoint-<epoch>.pth``)."""
-    return f'checkpoint-{epoch}.pth'
 
 
 class NonFiniteStateError(UserError):
     """The model or optimizer state holds NaN or infinite values: no checkpoint is written (reported as one
     ``error:`` line naming the last good checkpoint and the flags to change)."""
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
-class _RecordingFile:
-    """A binary file whose write errors are kept: torch.save turns an OSError of a write (a full disk) into a
-    RuntimeError that no longer says which, and this keeps the original to report."""
-
-    def __init__(self, f) -> None:
-        self.f, self.error = f, None
-
-    def write(self, data) -> int:
-        try:
-            return self.f.write(data)
-        except OSError as e:
-            self.error = e
-            raise
-
-    def flush(self) -> None:
-        self.f.flush()
-
-
-def _atomic(path: str, write: Callable[[Any], None]) -> None:
-    """``write(file)`` into a temporary file beside ``path``, fsync, then rename it over ``path``; on any
-    failure the temporary is removed and ``path`` is untouched. A full disk or quota becomes a UserError naming
-    the file, also where the writer hides the OSError."""
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=os.path.basename(path) + '.', suffix=TMP_SUFFIX, dir=folder)
-    recording = None
-    try:
-        os.fchmod(fd, 0o666 & ~_umask())
-        with os.fdopen(fd, 'wb') as f:
-            recording = _RecordingFile(f)
-            write(recording)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException as e:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        cause = recording.error if recording is not None and recording.error is not None else e
-        if isinstance(cause, OSError) and cause.errno in (errno.ENOSPC, errno.EDQUOT):
-            raise UserError(f"cannot write {path}: {os.strerror(cause.errno)}. The previous "
-                            f"{os.path.basename(path)} (if any) is intact; free space in {folder} (or give "
-                            "--output_dir on a larger filesystem) and resume with --resume allow") from e
-        raise
-
-
-def save_atomic(obj: Any, path: str) -> None:
-    """Write ``obj`` with torch.save to a temporary file beside ``path``, then rename it over ``path``.
-
-    A crash (or a kill) mid-write leaves the previous file untouched and loadable. The file gets the
-    permissions of an ordinary new file (0666 minus the umask), not mkstemp's 0600, so colleagues on a
-    shared filesystem can read it. A full disk is reported as a UserError naming the file.
-    """
-    _atomic(path, lambda f: torch.save(obj, f))
-
-
-def atomic_write_text(text: str, path: str) -> None:
-    """``text`` (UTF-8) into ``path`` as save_atomic writes checkpoints."""
-    _atomic(path, lambda f: f.write(text.encode('utf-8')))
-
-
-def stale_temporaries(folder: str) -> list[str]:
-    """The temporary files of a run's writes in ``folder`` (checkpoint.pth.<random>.tmp, of
-    checkpoint-<epoch>.pth, checkpoint-best.pth, log.txt, eval_results.json): what killed writes leave."""
-    if not os.path.isdir(folder):
-        return []
-    return sorted(os.path.join(folder, e) for e in os.listdir(folder) if _RUN_FILE_TMP.fullmatch(e))
 
 
 def non_finite_tensors(state: Any, prefix: str = '') -> Iterator[str]:
@@ -163,16 +68,13 @@ def non_finite_tensors(state: Any, prefix: str = '') -> Iterator[str]:
         yield prefix
 
 
-# The checkpoint entries that training changes (the teacher is frozen, the rest are counters and args).
-TRAINED_ENTRIES = ('model', 'model_ema', 'optimizer', 'criterion', 'aux_optimizer')
-
-
-def check_finite(state: dict, target: str, last_good: Optional[str], device: torch.device) -> None:
-    """Raise NonFiniteStateError on every rank if any rank's trained state holds NaN or inf.
+def check_finite(state: dict, entries: list[str], target: str, last_good: Optional[str],
+                 device: torch.device) -> None:
+    """Raise NonFiniteStateError on every rank if the ``entries`` of any rank's state hold NaN or inf.
 
     A loss can be finite while the update after it overflows the weights; such a checkpoint would
     fail again at once on resume, so it is not written and the message names the last good one."""
-    bad = [name for key in TRAINED_ENTRIES if key in state for name in non_finite_tensors(state[key], key)]
+    bad = [name for key in entries if key in state for name in non_finite_tensors(state[key], key)]
     votes = all_reduce_sum(torch.tensor([float(len(bad))], device=device))  # NCCL reduces device tensors only
     if votes.item() == 0:
         return
@@ -229,20 +131,6 @@ def seed_epoch(seed: int, epoch: int, rank: int, loader_generator: Optional[torc
     random.seed(value)
     if loader_generator is not None:  # the loader's own: its worker seeds do not draw on the global stream
         loader_generator.manual_seed(value + 1)
-
-
-def resume_path(resume: str, output_dir: str) -> Optional[str]:
-    """The checkpoint to resume from: ``resume`` itself, or for ``allow`` the run's own
-    ``output_dir/checkpoint.pth`` when it exists (else None: start fresh)."""
-    if not resume:
-        return None
-    if resume == 'allow':
-        path = os.path.join(output_dir, CHECKPOINT) if output_dir else ''
-        return path if path and os.path.isfile(path) else None
-    if not os.path.isfile(resume):
-        raise UserError(f"--resume {resume!r}: no such checkpoint (use --resume allow to start fresh "
-                        "when the output directory has none)")
-    return resume
 
 
 def load_training_checkpoint(path: str, to_train: bool = True) -> dict:
@@ -344,6 +232,11 @@ def next_position(ckpt: dict) -> tuple[int, int]:
     if ckpt.get('step') is None:
         return ckpt['epoch'] + 1, 0
     return ckpt['epoch'], ckpt['step']
+
+
+def start_epoch(ckpt: Optional[dict], default: int) -> int:
+    """The epoch a training run resuming ``ckpt`` starts at (``default`` when it resumes none)."""
+    return next_position(ckpt)[0] if ckpt is not None else default
 
 
 def samples_done(ckpt: dict) -> int:
@@ -476,22 +369,28 @@ def describe_saved(path: str, ckpt: dict) -> str:
 
 
 # ---- the checkpointer -----------------------------------------------------------------------------------
-@dataclass
-class TrainingState:
-    """The stateful objects a training checkpoint holds: the teacher-student pair (its student, and its teacher
-    when the student cannot run without it), the optimizer and grad scaler, the EMA student, and the
-    criterion's own parameters with their optimizer (probe: noise adaptation)."""
-    model: Any
-    optimizer: torch.optim.Optimizer
-    scaler: torch.amp.GradScaler
-    model_ema: Any = None
-    criterion: Any = None
-    aux_optimizer: Optional[torch.optim.Optimizer] = None
+class Stateful(Protocol):
+    """A checkpoint component: what torch's optimizers and grad scalers already are."""
 
-    def saved_modules(self) -> list[torch.nn.Module]:
-        """The modules whose weights a checkpoint holds (for its size)."""
-        return [self.model.student, self.criterion] + ([self.model_ema.module] if self.model_ema is not None else []) \
-            + ([self.model.teacher] if self.model.needs_teacher_at_eval else [])
+    def state_dict(self) -> dict: ...
+
+    def load_state_dict(self, state: dict) -> Any: ...
+
+
+class Weights:
+    """A module as a checkpoint component, loaded with util.pretrained.load_exact: a checkpoint that does not
+    fit names its missing, unexpected and mis-shaped keys. ``if_missing`` says what to do when a resumed
+    checkpoint lacks the entry (None: the entry is optional, e.g. a teacher also read from --finetune);
+    ``frozen`` weights (a teacher) are not checked for NaN before a save, as training does not change them."""
+
+    def __init__(self, module: torch.nn.Module, if_missing: Optional[str] = '', frozen: bool = False) -> None:
+        self.module, self.if_missing, self.frozen = module, if_missing, frozen
+
+    def state_dict(self) -> dict:
+        return self.module.state_dict()
+
+    def load_state_dict(self, state: dict, source: str = 'checkpoint') -> None:
+        load_exact(self.module, state, source)
 
 
 class ResumePoint(NamedTuple):
@@ -504,14 +403,16 @@ class ResumePoint(NamedTuple):
 
 
 class Checkpointer:
-    """Owns the run's checkpoints in ``output_dir``: ``save`` writes ``checkpoint.pth`` (and, before it, the
-    epoch's numbered checkpoint every ``save_every`` epochs and at the last, and ``checkpoint-best.pth``), on
-    rank 0, atomically, never a state holding NaN or infinity; ``load`` restores the training state and says
-    where the run continues. ``last_good`` names the last checkpoint written or resumed, for messages."""
+    """Owns the run's checkpoints in ``output_dir`` (as torchtitan's CheckpointManager): ``save`` writes the
+    named ``components`` (each entry's ``state_dict()``) with the position, the run's ``record`` and every rank's
+    generator states into ``checkpoint.pth`` (and, before it, the epoch's numbered checkpoint every
+    ``save_every`` epochs and at the last, and ``checkpoint-best.pth``), on rank 0, atomically, never a state
+    holding NaN or infinity; ``load`` restores the components and says where the run continues. ``last_good``
+    names the last checkpoint written or resumed, for messages. It knows nothing of what the components are."""
 
-    def __init__(self, output_dir: str, state: TrainingState, record: dict, device: torch.device, epochs: int,
-                 save_every: int, last_good: Optional[str] = None) -> None:
-        self.output_dir, self.state, self.record, self.device = output_dir, state, record, device
+    def __init__(self, output_dir: str, components: dict[str, Stateful | Weights], record: dict,
+                 device: torch.device, epochs: int, save_every: int, last_good: Optional[str] = None) -> None:
+        self.output_dir, self.components, self.record, self.device = output_dir, components, record, device
         self.epochs, self.save_every, self.last_good = epochs, save_every, last_good
 
     @property
@@ -522,39 +423,42 @@ class Checkpointer:
         """Whether ``epoch`` keeps its own checkpoint-<epoch>.pth: every ``save_every`` epochs and the last."""
         return bool(self.save_every) and ((epoch + 1) % self.save_every == 0 or epoch + 1 == self.epochs)
 
+    def size(self) -> int:
+        """About the size of one checkpoint: the modules' tensors and the optimizers' state (AdamW: two moments
+        per trained parameter)."""
+        weights = sum(t.numel() * t.element_size() for c in self.components.values() if isinstance(c, Weights)
+                      for t in c.state_dict().values())
+        moments = sum(p.numel() * p.element_size() for c in self.components.values()
+                      if isinstance(c, torch.optim.Optimizer) for g in c.param_groups for p in g['params'])
+        return weights + 2 * moments
+
     def state_dict(self, epoch: int, step: Optional[int], best: dict, partial: Optional[dict] = None,
                    epoch_stats: Optional[dict] = None) -> dict:
-        """The whole training state in the format of this module's docstring. Collective: every rank calls it
-        (each rank's generator states are gathered)."""
-        s = self.state
+        """The components and the position in the format of this module's docstring. Collective: every rank
+        calls it (each rank's generator states are gathered)."""
         world = get_world_size()
         rngs = all_gather_object(rng_state())  # every rank's: a resume on as many ranks restores each its own
-        out = {'model': s.model.student.state_dict(), 'optimizer': s.optimizer.state_dict(),
-               'scaler': s.scaler.state_dict(), 'epoch': epoch, 'step': step, 'args': self.record, 'rng': rngs[0],
-               'rng_per_rank': rngs, 'world_size': world, 'best': best}
+        out = {name: component.state_dict() for name, component in self.components.items()}
+        out.update({'epoch': epoch, 'step': step, 'args': self.record, 'rng': rngs[0], 'rng_per_rank': rngs,
+                    'world_size': world, 'best': best})
         if step is not None:
             out['samples'] = step * self.record['batch_size'] * world
             out['partial_epoch'] = partial
         elif epoch_stats is not None:
             out['epoch_stats'] = epoch_stats
-        if s.model.needs_teacher_at_eval:
-            out['teacher'] = s.model.teacher.state_dict()
-        if s.model_ema is not None:
-            out['model_ema'] = s.model_ema.module.state_dict()
-        if s.aux_optimizer is not None:
-            out['criterion'] = s.criterion.state_dict()
-            out['aux_optimizer'] = s.aux_optimizer.state_dict()
         return out
 
     def save(self, epoch: int, step: Optional[int], best: dict, partial: Optional[dict] = None,
-             epoch_stats: Optional[dict] = None, with_best: bool = False) -> None:
+             epoch_stats: Optional[dict] = None, with_best: bool = False) -> bool:
         """checkpoint.pth after the epoch's numbered checkpoint (at an epoch's end, when kept) and
         checkpoint-best.pth (``with_best``): the record of checkpoint.pth (its best accuracies) never points at a
-        file that was not written. Nothing is written when any rank's state holds NaN or infinity."""
+        file that was not written. Nothing is written when any rank's state holds NaN or infinity (that raises),
+        nor without an output folder. Returns whether the checkpoint was written."""
         if not self.output_dir:
-            return
+            return False
         state = self.state_dict(epoch, step, best, partial, epoch_stats)
-        check_finite(state, describe_checkpoint(self.path, epoch, step), self.last_good, self.device)
+        checked = [name for name, c in self.components.items() if not getattr(c, 'frozen', False)]
+        check_finite(state, checked, describe_checkpoint(self.path, epoch, step), self.last_good, self.device)
         if is_main_process():
             names = ([numbered(epoch)] if step is None and self.keeps_numbered(epoch) else []) \
                 + ([BEST] if with_best else [])
@@ -563,17 +467,13 @@ class Checkpointer:
             save_atomic(state, self.path)
         barrier()
         self.last_good = describe_checkpoint(self.path, epoch, step)
+        return True
 
     def load(self, ckpt: dict, path: str, batch_size: int, steps_per_epoch: int, seed: int, data: dict) -> ResumePoint:
-        """Weights, optimizers and the position from ``ckpt`` (read from ``path``). A mid-epoch checkpoint continues
+        """The components and the position from ``ckpt`` (read from ``path``). A mid-epoch checkpoint continues
         only with the same training set (``data``: its ``dataset_fingerprint``) and ``seed``."""
-        s = self.state
-        restore_weights(ckpt, path, s.model, s.model_ema)
-        s.optimizer.load_state_dict(ckpt['optimizer'])
-        s.scaler.load_state_dict(ckpt['scaler'])
-        if s.aux_optimizer is not None:
-            s.criterion.load_state_dict(ckpt['criterion'])
-            s.aux_optimizer.load_state_dict(ckpt['aux_optimizer'])
+        for name, component in self.components.items():
+            self._load_component(name, component, ckpt, path)
         world = get_world_size()
         epoch, step = resume_step(ckpt, path, batch_size, world, steps_per_epoch)
         rng = resume_rng(ckpt, get_rank(), world, batch_size) if step else None
@@ -584,3 +484,17 @@ class Checkpointer:
         log(f"resumed from {path}: epoch {epoch}, step {step}"
             + (f" of {steps_per_epoch} ({samples_done(ckpt)} samples of the epoch done)" if step else ''))
         return ResumePoint(epoch, step, rng, partial)
+
+    @staticmethod
+    def _load_component(name: str, component: Stateful | Weights, ckpt: dict, path: str) -> None:
+        weights = isinstance(component, Weights)
+        if name not in ckpt:
+            if weights and component.if_missing is None:
+                return
+            hint = component.if_missing if weights and component.if_missing else \
+                "resume from a checkpoint of a run that kept it, or without --resume"
+            raise UserError(f"--resume {path!r} holds no {name}, which this run needs: {hint}")
+        if weights:
+            component.load_state_dict(ckpt[name], f"checkpoint {path!r} ({name})")
+        else:
+            component.load_state_dict(ckpt[name])

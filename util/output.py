@@ -1,4 +1,4 @@
-"""The run's output folder: the one owner of every file a run writes there.
+"""The run's output folder: the one owner of every file a run writes there, and of their names.
 
     checkpoint.pth          the latest state (end of epoch, or mid-epoch every --checkpoint_minutes)
     checkpoint-<epoch>.pth  kept every --save_every epochs and at the end
@@ -9,11 +9,13 @@
     <file>.<random>.tmp     a write in progress (removed at start when a killed write left one)
     events.out.tfevents.*   TensorBoard (in --log_dir, by default the same folder)
 
-At start it decides, once, what the run is: a fresh run into a folder that holds no run, the
-continuation of the run there (a checkpoint of the folder resumed, e.g. --resume allow), or a refusal
-that says what is there and the two ways on. It checks that the folder can be written, that every
-existing file the run will replace can be replaced, that no input flag names a file the run writes,
-and that there is room for a checkpoint. Rank 0 owns the folder (it alone writes); these run there.
+Every file is written atomically (``save_atomic``, ``atomic_write_text``: a temporary beside it, renamed
+over it) except log.txt, which is appended to. Before a run trains, this module checks that its folders
+can be written (``check_writable``, also the one check of the other tools' output folders), that every
+existing file the run will replace can be replaced, that no input flag names a file the run writes, and
+that there is room for a checkpoint; it holds the folder's lock. Rank 0 owns the folder (it alone writes).
+What a checkpoint holds is util/checkpoint.py's; what a run in a folder is (fresh, a continuation, a
+refusal) is decided in util/run_loop.py, which reads checkpoint positions.
 """
 from __future__ import annotations
 
@@ -22,57 +24,150 @@ import errno
 import json
 import math
 import os
+import re
 import shutil
 import socket
 import stat
 import tempfile
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from typing import Optional
+from typing import Any, Optional
 
 import torch
 from torch.utils.tensorboard import SummaryWriter
 
-from util.checkpoint import (
-    BEST,
-    CHECKPOINT,
-    EVAL_RESULTS,
-    LOCK,
-    LOG,
-    NUMBERED,
-    atomic_write_text,
-    describe_position,
-    end_of_epoch_stats,
-    next_position,
-    read_position,
-    resume_path,
-    saved_position,
-    stale_temporaries,
-)
 from util.distributed import broadcast_object, is_main_process, log
 from util.errors import UserError
+
+# The files a run writes in its output folder (the docstring describes each).
+CHECKPOINT = 'checkpoint.pth'
+BEST = 'checkpoint-best.pth'
+LOG = 'log.txt'
+EVAL_RESULTS = 'eval_results.json'
+LOCK = 'run.lock'
+NUMBERED = re.compile(r'checkpoint-(\d+)\.pth')
+# Temporary files of save_atomic: '<target name>.<random>.tmp' beside the target (mkstemp's random part
+# has no dots).
+TMP_SUFFIX = '.tmp'
+# the temporaries of every file a run writes with save_atomic / atomic_write_text
+_RUN_FILE_TMP = re.compile(r'(checkpoint(-\d+|-best)?\.pth|log\.txt|eval_results\.json)\.[^.]+'
+                           + re.escape(TMP_SUFFIX))
+
+
+def numbered(epoch: int) -> str:
+    """The name of the checkpoint kept for ``epoch`` (``checkpoint-<epoch>.pth``)."""
+    return f'checkpoint-{epoch}.pth'
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+class _RecordingFile:
+    """A binary file whose write errors are kept: torch.save turns an OSError of a write (a full disk) into a
+    RuntimeError that no longer says which, and this keeps the original to report."""
+
+    def __init__(self, f) -> None:
+        self.f, self.error = f, None
+
+    def write(self, data) -> int:
+        try:
+            return self.f.write(data)
+        except OSError as e:
+            self.error = e
+            raise
+
+    def flush(self) -> None:
+        self.f.flush()
+
+
+def _atomic(path: str, write: Callable[[Any], None]) -> None:
+    """``write(file)`` into a temporary file beside ``path``, fsync, then rename it over ``path``; on any
+    failure the temporary is removed and ``path`` is untouched. A full disk or quota becomes a UserError naming
+    the file, also where the writer hides the OSError."""
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=os.path.basename(path) + '.', suffix=TMP_SUFFIX, dir=folder)
+    recording = None
+    try:
+        os.fchmod(fd, 0o666 & ~_umask())
+        with os.fdopen(fd, 'wb') as f:
+            recording = _RecordingFile(f)
+            write(recording)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException as e:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        cause = recording.error if recording is not None and recording.error is not None else e
+        if isinstance(cause, OSError) and cause.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise UserError(f"cannot write {path}: {os.strerror(cause.errno)}. The previous "
+                            f"{os.path.basename(path)} (if any) is intact; free space in {folder} (or give "
+                            "--output_dir on a larger filesystem) and resume with --resume allow") from e
+        raise
+
+
+def save_atomic(obj: Any, path: str) -> None:
+    """Write ``obj`` with torch.save to a temporary file beside ``path``, then rename it over ``path``.
+
+    A crash (or a kill) mid-write leaves the previous file untouched and loadable. The file gets the
+    permissions of an ordinary new file (0666 minus the umask), not mkstemp's 0600, so colleagues on a
+    shared filesystem can read it. A full disk is reported as a UserError naming the file.
+    """
+    _atomic(path, lambda f: torch.save(obj, f))
+
+
+def atomic_write_text(text: str, path: str) -> None:
+    """``text`` (UTF-8) into ``path`` as save_atomic writes checkpoints."""
+    _atomic(path, lambda f: f.write(text.encode('utf-8')))
+
+
+def stale_temporaries(folder: str) -> list[str]:
+    """The temporary files of a run's writes in ``folder`` (checkpoint.pth.<random>.tmp, of
+    checkpoint-<epoch>.pth, checkpoint-best.pth, log.txt, eval_results.json): what killed writes leave."""
+    if not os.path.isdir(folder):
+        return []
+    return sorted(os.path.join(folder, e) for e in os.listdir(folder) if _RUN_FILE_TMP.fullmatch(e))
+
+
+def resume_path(resume: str, output_dir: str) -> Optional[str]:
+    """The checkpoint to resume from: ``resume`` itself, or for ``allow`` the run's own
+    ``output_dir/checkpoint.pth`` when it exists (else None: start fresh)."""
+    if not resume:
+        return None
+    if resume == 'allow':
+        path = os.path.join(output_dir, CHECKPOINT) if output_dir else ''
+        return path if path and os.path.isfile(path) else None
+    if not os.path.isfile(resume):
+        raise UserError(f"--resume {resume!r}: no such checkpoint (use --resume allow to start fresh "
+                        "when the output directory has none)")
+    return resume
+
 
 # Flags naming files a run reads; none of them may be a file the run writes.
 INPUT_FLAGS = ('finetune', 'resume', 'ensemble_with', 'selection')
 
 
 @contextmanager
-def output_dir_in_use(args) -> Iterator[None]:
-    """Check that the output folder can be written (and its existing files replaced) before training, hold
-    its lock for the run, and clear the temporaries of killed writes. Rank 0 checks; every rank raises the
-    same error."""
+def output_dir_in_use(args, start_epoch: int) -> Iterator[None]:
+    """Check that the output folder can be written (and its existing files that a training run from
+    ``start_epoch`` replaces can be replaced) before training, hold its lock for the run, and clear the
+    temporaries of killed writes. Rank 0 checks; every rank raises the same error."""
     lock, error = None, None
     if is_main_process() and args.output_dir:
         try:
-            check_writable(args.output_dir, '--output_dir')
+            check_writable(args.output_dir, f"--output_dir {args.output_dir!r}", RUN_FOLDER_FIX)
             if not args.eval:  # evaluation writes eval_results.json alone
                 if args.log_dir:
-                    check_writable(args.log_dir, '--log_dir')
+                    check_writable(args.log_dir, f"--log_dir {args.log_dir!r}", RUN_FOLDER_FIX)
                 lock = RunLock(args.output_dir)
                 lock.acquire()
                 remove_stale_temporaries(args.output_dir)
-                check_replaceable(args.output_dir, args)
+                check_replaceable(args.output_dir, args, start_epoch)
         except UserError as e:
             error = str(e)
     error = broadcast_object(error)
@@ -89,32 +184,33 @@ def check_output_folders(args) -> None:
     """--output_dir / --log_dir must be folders, or paths where one can be created."""
     for flag in ('output_dir', 'log_dir'):
         folder = getattr(args, flag)
-        existing = os.path.abspath(folder) if folder else ''
-        while existing and not os.path.exists(existing):
-            existing = os.path.dirname(existing)
-        if existing and not os.path.isdir(existing):
-            what = 'is a file' if existing == os.path.abspath(folder) else f'lies under the file {existing!r}'
-            raise UserError(f"--{flag} {folder!r} {what}, not a folder: give a folder path (it is created if "
-                            "missing)")
+        if folder:
+            _check_is_folder(folder, f"--{flag} {folder!r}", "give a folder path (it is created if missing)")
 
 
-def check_writable(folder: str, flag: str) -> None:
-    """Create ``folder`` and write a file into it now, instead of failing at the first checkpoint."""
+def _check_is_folder(folder: str, subject: str, fix: str) -> None:
+    existing = os.path.abspath(folder)
+    while not os.path.exists(existing):
+        existing = os.path.dirname(existing)
+    if not os.path.isdir(existing):
+        where = 'is a file' if existing == os.path.abspath(folder) else f'lies under the file {existing!r}'
+        raise UserError(f"{subject} {where}, not a folder: {fix}")
+
+
+# what to do about a run's folder that cannot be written
+RUN_FOLDER_FIX = "give a folder this user can create files in (checkpoints, log.txt and TensorBoard events go there)"
+
+
+def check_writable(folder: str, subject: str, fix: str) -> None:
+    """Create ``folder`` and write a file into it now, instead of failing once the work is done. ``subject``
+    names the folder in the message (e.g. "--output_dir 'out'"), ``fix`` says what to give instead."""
+    _check_is_folder(folder, subject, fix)
     try:
         os.makedirs(folder, exist_ok=True)
         with tempfile.NamedTemporaryFile(dir=folder, prefix='.write-test-'):
             pass
     except OSError as e:
-        raise UserError(f"{flag} {folder!r} cannot be written: {e.strerror or e}. Give a folder this user can "
-                        "create files in (checkpoints, log.txt and TensorBoard events go there).") from e
-
-
-def checkpoint_bytes(modules: list[torch.nn.Module], optimizer: torch.optim.Optimizer) -> int:
-    """About the size of one checkpoint: the saved modules' tensors and the optimizer's state
-    (AdamW: two moments per trained parameter)."""
-    size = sum(t.numel() * t.element_size() for m in modules for t in m.state_dict().values())
-    trained = sum(p.numel() * p.element_size() for g in optimizer.param_groups for p in g['params'])
-    return size + 2 * trained
+        raise UserError(f"{subject} cannot be written ({e.strerror or e}): {fix}") from e
 
 
 def warn_if_little_space(output_dir: str, one_checkpoint: int, keeps_numbered: bool) -> None:
@@ -152,7 +248,8 @@ def writes(args, path: str, start_epoch: int) -> bool:
     return name in (CHECKPOINT, LOG, LOCK) or (name == BEST and bool(args.save_best))
 
 
-def _same_file(a: str, b: str) -> bool:
+def same_path(a: str, b: str) -> bool:
+    """Whether two paths name the same file (through hard links and symlinks), or would."""
     if os.path.exists(a) and os.path.exists(b):
         return os.path.samefile(a, b)  # also through hard links and symlinks
     return os.path.realpath(a) == os.path.realpath(b)
@@ -167,7 +264,7 @@ def check_inputs_not_overwritten(args, start_epoch: int) -> None:
     own = os.path.join(args.output_dir, CHECKPOINT)
     for flag in INPUT_FLAGS:
         path = getattr(args, flag, '') or ''
-        if not path or (flag == 'resume' and (path == 'allow' or _same_file(path, own))):
+        if not path or (flag == 'resume' and (path == 'allow' or same_path(path, own))):
             continue
         real = os.path.realpath(path)  # through a link to the file, the file the run would replace
         if writes(args, path, start_epoch) or (os.path.exists(path) and writes(args, real, start_epoch)):
@@ -192,22 +289,6 @@ def _empty_file(path: str) -> bool:
         return False
 
 
-def describe_run(output_dir: str) -> str:
-    """What the run in ``output_dir`` left: its latest checkpoint's position and when it was written."""
-    files = run_files(output_dir)
-    latest = os.path.join(output_dir, CHECKPOINT)
-    what = ', '.join(files[:6]) + (f' and {len(files) - 6} more' if len(files) > 6 else '')
-    if os.path.isfile(latest):
-        when = datetime.datetime.fromtimestamp(os.path.getmtime(latest)).isoformat(sep=' ', timespec='minutes')
-        try:
-            position = read_position(latest)
-            where = 'weights only, no training position' if position is None else describe_position(position)
-        except Exception:  # any unreadable file: its position is unknown, its presence is what matters
-            where = 'unreadable'
-        return f"{what}; checkpoint.pth: {where}, written {when}"
-    return what
-
-
 def slurm_restarts() -> int:
     """How many times SLURM has requeued this job (preemption, time-out, node failure); 0 outside SLURM."""
     if not os.environ.get('SLURM_JOB_ID'):
@@ -230,61 +311,11 @@ def requeued_checkpoint(args, announce: bool = True) -> Optional[str]:
     path = os.path.join(args.output_dir, CHECKPOINT)
     if not os.path.isfile(path):
         return None
-    if announce and args.resume != 'allow' and not (args.resume and _same_file(args.resume, path)):
+    if announce and args.resume != 'allow' and not (args.resume and same_path(args.resume, path)):
         given = f"--resume {args.resume}, where it started" if args.resume else "no --resume"
         log(f"requeued SLURM job {os.environ['SLURM_JOB_ID']} (restart {slurm_restarts()}): continuing its own run "
             f"from {path} ({given})")
     return path
-
-
-def check_run_folder(args, resume_from: str | None) -> None:
-    """Decide what this run is in --output_dir: a fresh run (the folder holds no run), the continuation of the
-    run there (``resume_from`` is one of the folder's own checkpoints), or a refusal that names what is there
-    and the two ways on. Evaluation writes only eval_results.json and is never refused."""
-    out = args.output_dir
-    if args.eval or not out:
-        return
-    present = run_files(out)
-    if not present:
-        return
-    if resume_from and os.path.realpath(os.path.dirname(os.path.abspath(resume_from))) == os.path.realpath(out):
-        check_not_a_fork(out, resume_from)
-        return
-    here = describe_run(out)
-    if args.resume == 'allow':  # no checkpoint.pth, but other files of a run
-        numbered = sorted((int(NUMBERED.fullmatch(f).group(1)), f) for f in present if NUMBERED.fullmatch(f))
-        hint = (f"continue from its last numbered checkpoint with --resume {os.path.join(out, numbered[-1][1])}"
-                if numbered else "continue it from one of its checkpoints with --resume PATH")
-        raise UserError(f"--resume allow: --output_dir {out!r} holds a run without checkpoint.pth ({here}); a "
-                        f"fresh run would replace its files. {hint[0].upper() + hint[1:]}, or give this run "
-                        "another --output_dir.")
-    source = (f"--resume {args.resume!r} continues a run from another folder, but " if args.resume else '')
-    raise UserError(f"{source}--output_dir {out!r} holds a run ({here}), whose files this run would replace. "
-                    "Continue that run with --resume allow, or give this run another --output_dir.")
-
-
-def check_not_a_fork(output_dir: str, resume_from: str) -> None:
-    """Resuming an older checkpoint of the folder (e.g. checkpoint-1.pth) where the folder's checkpoint.pth is
-    further on would replace the later epochs' checkpoints and log lines: refused before anything is replaced,
-    naming the way to keep them (another --output_dir) and the way to go back deliberately."""
-    latest = os.path.join(output_dir, CHECKPOINT)
-    if not os.path.isfile(latest) or _same_file(latest, resume_from):
-        return
-    try:
-        later, earlier = read_position(latest), read_position(resume_from)
-    except Exception:  # an unreadable checkpoint.pth: the numbered one is the way on (see intact_neighbour)
-        return
-    if later is None or earlier is None:
-        return
-    if next_position(later) <= next_position(earlier):
-        return
-
-    raise UserError(f"--resume {resume_from!r} ({describe_position(earlier)}) is an earlier checkpoint of the run in "
-                    f"--output_dir {output_dir!r}, whose checkpoint.pth is further on ({describe_position(later)}): "
-                    "continuing from it here would replace that run's later checkpoints and log.txt lines. To branch "
-                    "off it and keep the run, give this run another --output_dir (the checkpoint is read from where it "
-                    "is); to continue the run itself use --resume allow; to take the run back to it, move "
-                    "checkpoint.pth and the later numbered checkpoints out of the folder first.")
 
 
 # ioctl(FS_IOC_GETFLAGS) and its immutable / append-only bits (linux/fs.h)
@@ -320,34 +351,18 @@ def _replace_problem(path: str) -> Optional[str]:
     return None
 
 
-def check_replaceable(output_dir: str, args=None) -> None:
+def check_replaceable(output_dir: str, args=None, start_epoch: int = 0) -> None:
     """Every existing file of the folder a training run writes again must be replaceable, so that the run does
-    not train until its first save and fail there. With the run's ``args``, only the files it writes from the
-    epoch it starts at (``writes``): a numbered checkpoint of an earlier epoch stays as it is."""
-    start = _start_epoch(args) if args is not None else 0
+    not train until its first save and fail there. With the run's ``args``, only the files it writes from
+    ``start_epoch``, the epoch it starts at (``writes``): a numbered checkpoint of an earlier epoch stays as
+    it is."""
     for name in run_files(output_dir):
-        if args is not None and not writes(args, os.path.join(output_dir, name), start):
+        if args is not None and not writes(args, os.path.join(output_dir, name), start_epoch):
             continue
         problem = _replace_problem(os.path.join(output_dir, name))
         if problem:
             raise UserError(f"{os.path.join(output_dir, name)} cannot be replaced by this run: {problem}; or give "
                             "this run another --output_dir.")
-
-
-def _start_epoch(args) -> int:
-    """The epoch a training run starts at: its resumed checkpoint's next one, else --start_epoch (0 when the
-    checkpoint's position cannot be read: then every file counts)."""
-    try:
-        path = requeued_checkpoint(args, announce=False) or resume_path(args.resume, args.output_dir)
-    except UserError:
-        return 0
-    if path is None:
-        return getattr(args, 'start_epoch', 0)  # main_pretrain.py has no --start_epoch
-    try:
-        position = read_position(path)
-    except Exception:  # the resume reports an unreadable checkpoint itself
-        return 0
-    return next_position(position)[0] if position is not None else 0
 
 
 def remove_stale_temporaries(output_dir: str) -> None:
@@ -576,25 +591,6 @@ def trim_log(output_dir: str, start_epoch: int) -> None:
     if len(kept) < len(lines):
         log(f"log.txt: removed {len(lines) - len(kept)} line(s) of epochs >= {start_epoch}, written after the "
             "resumed checkpoint (those epochs are trained again)")
-
-
-def epoch_end_missing(ckpt: dict | None, ckpt_path: str | None, output_dir: str) -> bool:
-    """Whether the run folder's own end-of-epoch checkpoint lacks its epoch's evaluation and log.txt line (a stop
-    or a kill between the two): the resumed run writes them first."""
-    return (end_of_epoch_stats(ckpt) is not None and bool(output_dir) and os.path.isdir(output_dir)
-            and os.path.samefile(os.path.dirname(os.path.abspath(ckpt_path)), output_dir)
-            and saved_position(ckpt)[0] not in logged_epochs(output_dir))
-
-
-def finished(ckpt: dict | None, ckpt_path: str | None, epochs: int | None, output_dir: str) -> bool:
-    """Whether the resumed run has trained all ``epochs`` and written their ends (a finished run resumed again,
-    e.g. --resume allow in a requeued job, is not an error: it says so)."""
-    if ckpt is None or epochs is None or next_position(ckpt)[0] < epochs \
-            or epoch_end_missing(ckpt, ckpt_path, output_dir):
-        return False
-    log(f"nothing to do: {ckpt_path} has finished epoch {next_position(ckpt)[0] - 1}, the last of {epochs} "
-        "epochs; to train longer raise --epochs, to evaluate add --eval")
-    return True
 
 
 def open_log_writer(args, position: int) -> SummaryWriter | None:

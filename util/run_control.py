@@ -25,6 +25,7 @@ from util.distributed import is_main_process, log
 
 _stop_requested = False
 _stop_signal: Optional[int] = None
+_stop_keeps = True  # whether a stop writes a checkpoint (not without an output folder), for the handler's line
 
 
 def request_stop(*_signal_args) -> None:
@@ -42,17 +43,20 @@ def _on_stop_signal(signum: int, _frame) -> None:
         os._exit(128 + signum)
     _stop_signal = signum
     request_stop()
+    kept = "after writing a checkpoint" if _stop_keeps else "keeping nothing (no --output_dir)"
     os.write(sys.stderr.fileno(), f"{name} received: stopping at the next step that is a multiple of "
-                                  f"--print_freq, after writing a checkpoint (send it again to exit at once)\n"
-             .encode())
+                                  f"--print_freq, {kept} (send it again to exit at once)\n".encode())
 
 
 @contextmanager
-def stop_on_signals(enabled: bool = True) -> Iterator[None]:
+def stop_on_signals(enabled: bool = True, keeps_checkpoint: bool = True) -> Iterator[None]:
     """While training: SIGINT / SIGTERM checkpoint and stop at the next sync point; a second one exits at once.
+    ``keeps_checkpoint``: whether the run has a folder to write the checkpoint into (its line says so).
 
     Only where nobody else handles them (Python's defaults): under submitit, SLURM's signals stay its
     own. The previous handlers come back afterwards, and a stop that one of them requested is cleared."""
+    global _stop_keeps
+    _stop_keeps = keeps_checkpoint
     installed = {}
     if enabled and threading.current_thread() is threading.main_thread():
         defaults = {signal.SIGINT: signal.default_int_handler, signal.SIGTERM: signal.SIG_DFL}
@@ -84,19 +88,21 @@ def clear_stop() -> None:
 
 
 class Preempted(Exception):
-    """Training stopped on request after saving its state at (epoch, step)."""
+    """Training stopped on request at (epoch, step); ``saved``: whether its checkpoint was written there."""
 
-    def __init__(self, epoch: int, step: int) -> None:
-        super().__init__(f"stopped on request at epoch {epoch}, step {step}, after saving the checkpoint")
-        self.epoch, self.step = epoch, step
+    def __init__(self, epoch: int, step: int, saved: bool) -> None:
+        super().__init__(f"stopped on request at epoch {epoch}, step {step}, "
+                         + ("after saving the checkpoint" if saved else "without a checkpoint (no output folder)"))
+        self.epoch, self.step, self.saved = epoch, step, saved
         # the signal that asked for it, kept here: leaving the run clears the module's record
         self.signum = stop_signal()
 
 
 class RunControl:
-    """Holds the checkpoint clock and the save callback ``save(epoch, steps_done, partial_epoch)``."""
+    """Holds the checkpoint clock and the save callback ``save(epoch, steps_done, partial_epoch)``, which returns
+    whether it wrote the checkpoint."""
 
-    def __init__(self, checkpoint_minutes: float, save: Callable[[int, int, dict], None]) -> None:
+    def __init__(self, checkpoint_minutes: float, save: Callable[[int, int, dict], bool]) -> None:
         self.interval = checkpoint_minutes * 60.0
         self.save = save
         self.last_save = time.time()
@@ -118,25 +124,29 @@ class RunControl:
             if stop:
                 self.stop_at_epoch_end = (epoch, steps_done)
             return
+        saved = False
         if stop or due:
-            self.save(epoch, steps_done, partial)
+            saved = self.save(epoch, steps_done, partial)
             self.last_save = time.time()
-            log(f"checkpoint written at epoch {epoch}, step {steps_done}/{steps_per_epoch}")
+            if saved:
+                log(f"checkpoint written at epoch {epoch}, step {steps_done}/{steps_per_epoch}")
         if stop:
-            raise Preempted(epoch, steps_done)
+            raise Preempted(epoch, steps_done, saved)
 
-    def stop_after_epoch(self) -> None:
-        """Raise Preempted if a stop was agreed at the end of the epoch just saved."""
+    def stop_after_epoch(self, saved: bool) -> None:
+        """Raise Preempted if a stop was agreed at the end of the epoch just ended; ``saved``: whether the
+        epoch's checkpoint was written."""
         if self.stop_at_epoch_end is not None:
-            raise Preempted(*self.stop_at_epoch_end)
+            raise Preempted(*self.stop_at_epoch_end, saved)
 
 
 def reporting_stop(run: Callable[[Optional[list]], dict], argv: Optional[list] = None) -> dict:
-    """``run(argv)`` of an entry point, with a requested stop (SIGINT / SIGTERM) reported in one line (its
-    checkpoint is written) and the process ending with the signal's status, 128 + N."""
+    """``run(argv)`` of an entry point, with a requested stop (SIGINT / SIGTERM) reported in one line (what was
+    kept) and the process ending with the signal's status, 128 + N."""
     try:
         return run(argv)
     except Preempted as stop:
-        print(f"stopped: checkpoint written at epoch {stop.epoch}, step {stop.step}; continue with --resume allow",
-              file=sys.stderr, flush=True)
+        kept = ("checkpoint written at epoch {}, step {}; continue with --resume allow" if stop.saved else
+                "at epoch {}, step {}; nothing was kept (no --output_dir): a new run starts from the beginning")
+        print("stopped: " + kept.format(stop.epoch, stop.step), file=sys.stderr, flush=True)
         os._exit(128 + stop.signum if stop.signum else 1)

@@ -36,9 +36,9 @@ from torch.utils.data import DataLoader, Dataset
 from torchvision import transforms
 from torchvision.datasets.folder import IMG_EXTENSIONS, find_classes, make_dataset
 
-from util.checkpoint import save_atomic
 from util.datasets import DataError, collate_skipping_bad, load_rgb
 from util.errors import UserError
+from util.output import save_atomic
 from util.pretrained import read_checkpoint
 
 # What probe training reads from a selection file.
