@@ -46,10 +46,10 @@ def test_readme_python_examples_run(ema_distill_run, tmp_path, monkeypatch, caps
     assert {'model', 'same', 'data_config', 'x'} <= set(namespace), "the README's example no longer defines them"
     model, same, data_config, x = (namespace[k] for k in ('model', 'same', 'data_config', 'x'))
     saved = read_checkpoint('runs/distill/checkpoint.pth')
-    args = saved['args']
-    student = timm.create_model(args['student_model'], pretrained=False, num_classes=args['nb_classes'],
-                                img_size=args['input_size'], global_pool='avg' if args['global_pool'] else 'token',
-                                **args['student_kwargs']).eval()
+    args, spec = saved['args'], saved['args']['model_spec']
+    student = timm.create_model(spec['student']['name'], pretrained=False, num_classes=spec['num_classes'],
+                                img_size=spec['img_size'], global_pool=spec['student']['global_pool'],
+                                **spec['student']['kwargs']).eval()
     student.load_state_dict(saved['model'])
     with torch.no_grad():
         expected = student(x)
