@@ -26,6 +26,7 @@ from torchvision import transforms
 
 from engine_finetune import TrainingStep
 from models_mae import MaskedAutoencoder, is_mae_checkpoint, kept_tokens
+from models_spec import Architecture, ModelSpec
 from models_vit import create_vit, resolve_model_name
 from util.args import (
     HelpFormatter,
@@ -209,6 +210,12 @@ def build_model(args) -> MaskedAutoencoder:
     return model
 
 
+def encoder_spec(cfg: Config) -> ModelSpec:
+    """The encoder as a plain model's description (util.model_record.classifier_of reads it back)."""
+    return ModelSpec(mode='none', student=Architecture.of(cfg.model, cfg.model_kwargs, 'token'), num_classes=0,
+                     img_size=cfg.input_size, mean=tuple(IMAGENET_DEFAULT_MEAN), std=tuple(IMAGENET_DEFAULT_STD))
+
+
 def reconstruction_loss(outputs: tuple, _indices: torch.Tensor) -> tuple[torch.Tensor, dict]:
     """train_one_epoch's criterion: the model's forward has computed the loss already."""
     return outputs[0], {'loss': outputs[0]}
@@ -251,7 +258,9 @@ class Pretraining(EpochEnd):
                                       fused=device.type == 'cuda')
         scaler = torch.amp.GradScaler(device.type, enabled=cfg.amp == 'fp16')
         data = dataset_fingerprint(dataset)
-        record = {**cfg.record(), 'lr': lr, 'train_data': data}  # the configuration and the values resolved from it
+        # the configuration and the values resolved from it, with the encoder's description: a checkpoint given to
+        # main_finetune.py as --finetune without --model names its architecture
+        record = {**cfg.record(), 'lr': lr, 'train_data': data, 'model_spec': encoder_spec(cfg).to_record()}
         # the autoencoder in MAE's layout is the checkpoint's 'model': main_finetune.py reads it as --finetune
         checkpointer = Checkpointer(cfg.output_dir, {'model': Weights(model), 'optimizer': optimizer,
                                                      'scaler': scaler}, record, device, cfg.epochs, cfg.save_every)

@@ -239,6 +239,21 @@ def test_checkpoint_is_a_finetune_teacher(workdir, shared_images, pretrained):
         assert torch.equal(teacher[key], encoder[key]), key
 
 
+@pytest.mark.slow
+def test_checkpoint_names_the_teacher_architecture_without_model_flags(workdir, pretrained):
+    """A pre-training checkpoint records its encoder's description: given as --finetune with neither --model nor
+    --model_kwargs, the teacher (and the mirrored student) are that encoder's architecture."""
+    argv = tiny_args(workdir.data, str(workdir.root / 'no_model_flags'), '--mode', 'distill', '--finetune',
+                     os.path.join(pretrained, 'checkpoint.pth'))
+    cut = argv.index('--model')
+    argv = argv[:cut] + argv[argv.index('--input_size'):]  # drop --model and its --model_kwargs
+    run = main_finetune.resolve_args(main_finetune.get_args_parser().parse_args(argv))
+    encoder = load(os.path.join(pretrained, 'checkpoint.pth'))['args']['model_spec']['student']
+    assert run.spec.teacher.name == encoder['name'] == 'vit_base_patch16_224'
+    assert dict(run.spec.teacher.kwargs) == encoder['kwargs'] == dict(run.spec.student.kwargs)
+    assert encoder['kwargs']['embed_dim'] == TINY_ARCH['embed_dim']
+
+
 # ---------------------------------------------------------------------------------------------
 # Bad input and the run folder
 # ---------------------------------------------------------------------------------------------
