@@ -35,9 +35,10 @@ class Architecture:
     def of(cls, name: str, kwargs: Optional[Mapping[str, Any]] = None, global_pool: Union[bool, str] = True
            ) -> Architecture:
         """From a dual, MAE or timm name, its arguments and MAE's or timm's pooling (True: average + fc_norm,
-        False: the class token)."""
-        arch = resolve_model_name(name)
-        return cls(arch, dict(kwargs or {}), pool_name(global_pool, arch))
+        False: the class token; a ``global_pool`` among the arguments, as timm spells it, is the pooling)."""
+        arch, kwargs = resolve_model_name(name), dict(kwargs or {})
+        global_pool = kwargs.pop('global_pool', global_pool)  # timm's own spelling among the arguments wins
+        return cls(arch, kwargs, pool_name(global_pool, arch))
 
     def create(self, num_classes: int, img_size: int, drop_path_rate: float = 0.0) -> nn.Module:
         """A randomly initialised model of this architecture (nothing downloaded)."""

@@ -56,6 +56,7 @@ def create_vit(
 ) -> VisionTransformer:
     """A randomly initialised timm ViT (no download) for a dual, MAE or timm name."""
     arch = resolve_model_name(name)
+    global_pool = kwargs.pop('global_pool', global_pool)  # timm's own spelling among the arguments wins
     try:
         return timm.create_model(arch, pretrained=False, num_classes=num_classes,
                                  global_pool=pool_name(global_pool, arch), img_size=img_size,

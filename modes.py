@@ -20,6 +20,7 @@ evaluated as.
 from __future__ import annotations
 
 import argparse
+import math
 import os
 from abc import ABC, abstractmethod
 
@@ -203,6 +204,9 @@ class Mode(ABC):
 def check_transfer_schedule(cfg: Config) -> None:
     """--transfer_until and --transfer_decay of a mode with a transfer loss."""
     if cfg.transfer_until is not None:
+        if math.isinf(cfg.transfer_until):
+            raise UserError(f"--transfer_until {cfg.transfer_until:g}: the transfer loss never ends; leave "
+                            "--transfer_until out to keep it for the whole run")
         check_positive('transfer_until', cfg.transfer_until, 'the epoch from which the transfer loss weighs 0')
     elif cfg.transfer_decay != 'step':
         raise UserError(f"--transfer_decay {cfg.transfer_decay} lowers the transfer loss's weight towards 0 at "

@@ -391,3 +391,36 @@ def test_transfer_heads_recorded_and_used_at_evaluation(workdir):
                                    workdir.data, '--output_dir', str(workdir.root / 'copy_heads_eval'), '--device',
                                    'cpu', '--num_workers', '0'])
     assert evaluated['test_loss'] == pytest.approx(stats['test_loss'], rel=1e-6)
+
+
+# ---- flags that would do nothing are refused, each by its mode's check --------------------------------------
+@pytest.mark.parametrize('mode,flags,message', [
+    ('none', ['--layer_map', '0:0'], "^--layer_map 0:0: --mode none has no teacher"),
+    ('logit_kd', ['--layer_map', '0:0'], "^--layer_map 0:0: --mode logit_kd compares no layers"),
+    ('logit_kd', ['--transfer_layers', '0-1'], "^--transfer_layers 0-1: --mode logit_kd compares no layers"),
+    ('feature_kd', ['--transfer_heads', '1'], "^--transfer_heads 1: --mode feature_kd transfers no attention"),
+    ('distill', ['--transfer_decay', 'linear'], "^--transfer_decay linear .* --transfer_until EPOCH, which is not "
+                                                "given"),
+    ('distill', ['--transfer_until', 'inf'], "^--transfer_until inf: the transfer loss never ends"),
+    ('copy', ['--map_average', 'examples', '--batch_size', '1'], "^--map_average examples .* --batch_size 1 holds "
+                                                                 "one image"),
+])
+def test_flags_that_do_nothing_are_refused(workdir, tmp_path, mode, flags, message):
+    argv = args_for(workdir, tmp_path / 'refused', '--mode', mode, *flags)
+    with pytest.raises(UserError, match=message):
+        resolved(argv)
+    assert not (tmp_path / 'refused').exists()
+
+
+def test_a_reversed_head_range_speaks_of_heads():
+    with pytest.raises(UserError, match=r"^--transfer_heads: '1-0': the range '1-0' selects no head; write the lower "
+                                        r"index first \('0-1'\)"):
+        pair_of('copy', '--transfer_heads', '1-0', arch=ARCH)
+
+
+def test_timm_spelling_of_a_class_token_free_vit():
+    """--model_kwargs class_token=False global_pool=avg, as timm spells a ViT without a class token: the pooling is
+    taken from the arguments, not passed twice."""
+    model = pair_of('distill', '--model_kwargs', *kwargs_flags(ARCH), 'class_token=False', 'global_pool=avg')
+    assert model.student.cls_token is None and model.teacher.cls_token is None
+    assert model.student.global_pool == 'avg'

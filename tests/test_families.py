@@ -20,6 +20,8 @@ from models_dual_vit import build_dual_vit, forward_dual_with_capture
 from models_families import family_of_model
 from models_pair import ModelArgumentError
 from models_pairing import layer_pairs as pair_layers
+from models_pairing import token_mismatches
+from models_vit import create_vit
 from util.pretrained import load_pretrained_weights
 
 SIZE = dict(patch_size=8, embed_dim=48, depth=3, num_heads=3)
@@ -422,3 +424,21 @@ def test_some_heads_transferred_agree_across_paths_and_all_heads_equal_the_full_
     affected = 0 if mode == 'copy' else 1  # copy: the logits; distill: the loss
     assert not torch.allclose(outputs['explicit', '0,2'][affected], outputs['explicit', None][affected], rtol=1e-3,
                               atol=0)
+
+
+def test_prefix_token_advice_names_the_argument_that_fixes_it():
+    """A teacher without a class token (SigLIP) beside a student with one is told class_token=False (no register
+    tokens to add); a DeiT-distilled teacher's second prefix token is named a distillation token, not a register."""
+    siglip = create_vit('vit_base_patch16_224', num_classes=3, img_size=32, global_pool='avg', class_token=False,
+                        patch_size=8, embed_dim=48, depth=1, num_heads=3)
+    plain = create_vit('vit_base_patch16_224', num_classes=3, img_size=32, patch_size=8, embed_dim=48, depth=1,
+                       num_heads=3)
+    [problem] = token_mismatches(siglip, plain)
+    assert "teacher's prefix tokens are none, the student's 1 class" in problem
+    assert 'class_token=False, reg_tokens=0' in problem
+    distilled = timm.create_model('deit_tiny_distilled_patch16_224', pretrained=False, img_size=32, patch_size=8,
+                                  depth=1)
+    student = create_vit('vit_base_patch16_224', num_classes=3, img_size=32, patch_size=8, embed_dim=192, depth=1,
+                         num_heads=3)
+    [problem] = token_mismatches(distilled, student)
+    assert '1 class, 1 distillation' in problem and 'register' not in problem
