@@ -98,6 +98,8 @@ class Mode(ABC):
     student_init = False
     # what a transfer loss is called in the logs
     loss_name = 'loss_atd'
+    # why the teacher needs a classifier head for the task's classes (None: it does not)
+    teacher_head: str | None = None
 
     @property
     def uses_teacher(self) -> bool:
@@ -163,9 +165,11 @@ class Mode(ABC):
         """The pair of ``spec``, randomly initialised (the student with ``drop_path``)."""
 
     def load_teacher(self, model: TeacherStudentPair, cfg: Config) -> LoadReport:
-        """The teacher's weights from --finetune."""
+        """The teacher's weights from --finetune (with a classifier head for the task where ``teacher_head``)."""
         report = load_pretrained_weights(model.teacher, cfg.finetune, use_ema=cfg.use_teacher_ema, flag='--finetune')
         model.teacher.requires_grad_(False)
+        if self.teacher_head:
+            require_classifier_head(report, '--finetune', cfg.finetune, cfg.nb_classes, self.teacher_head)
         return report
 
     def train_dataset(self, cfg: Config):
@@ -357,6 +361,8 @@ class LogitKD(KnowledgeDistillation):
 
     name = 'logit_kd'
     takes = frozenset({'transfer_until', 'transfer_decay'})
+    teacher_head = ("--mode logit_kd distils the teacher's class probabilities: give a teacher fine-tuned on this "
+                    "task's classes (--nb_classes must match its head)")
     loss_name = 'loss_kd'
 
     def check(self, cfg: Config) -> None:
@@ -371,12 +377,6 @@ class LogitKD(KnowledgeDistillation):
                     ) -> LogitDistillation:
         return LogitDistillation(*create_pair_members(spec, drop_path), spec.kd_temperature)
 
-    def load_teacher(self, model: TeacherStudentPair, cfg: Config) -> LoadReport:
-        report = super().load_teacher(model, cfg)
-        require_classifier_head(report, '--finetune', cfg.finetune, cfg.nb_classes,
-                                "--mode logit_kd distils the teacher's class probabilities: give a teacher fine-tuned "
-                                "on this task's classes (--nb_classes must match its head)")
-        return report
 
 
 def check_probe_values(args) -> None:
@@ -406,6 +406,7 @@ class AttentionProbe(Mode):
                     min_lr=0.0, smoothing=0.0, drop_path=0.0, aa='none', reprob=0.0, mixup=0.0, cutmix=0.0,
                     global_pool=False, sched='step')
     teacher_from_checkpoint = True
+    teacher_head = "probe distillation needs the teacher trained on the target task (check --nb_classes)"
     trains_on_labels = False
     teacher_hint = 'the teacher trained on the target task'
     data_hint = " (in probe mode, --eval_data_path: the target task's folder with val/<class>/)"
@@ -483,12 +484,6 @@ class AttentionProbe(Mode):
                     ) -> ProbeDistiller:
         return ProbeDistiller(*create_pair_members(spec, drop_path), spec.layer_pairs)
 
-    def load_teacher(self, model: TeacherStudentPair, cfg: Config) -> LoadReport:
-        """The target-task teacher, head included: KD needs its predictions."""
-        report = super().load_teacher(model, cfg)
-        require_classifier_head(report, '--finetune', cfg.finetune, cfg.nb_classes,
-                                "probe distillation needs the teacher trained on the target task (check --nb_classes)")
-        return report
 
     def train_dataset(self, args) -> ProbeImages:
         """The selected wild images and, with --pos_num, the labelled originals (see ``probe_training_set``)."""

@@ -216,12 +216,12 @@ def check_run_flags(cfg, mode, has_teacher_weights: bool, resumes: bool) -> None
 def check_experiment_flags(cfg, mode) -> None:
     """--student_init (transfer and distillation modes; its file or name resolved now) and --eval_classes (an
     evaluation's, of classes the model has)."""
-    if getattr(cfg, 'student_init', '') and not cfg.eval:
+    if cfg.student_init and not cfg.eval:
         if not mode.student_init:
             raise UserError(f"--student_init initialises the student of a transfer or distillation mode; --mode "
                             f"{mode.name} takes its starting weights from --finetune: use that instead")
         local_checkpoint(cfg.student_init, '--student_init')  # a name is resolved here, a missing file refused
-    if getattr(cfg, 'eval_classes', ''):
+    if cfg.eval_classes:
         if not cfg.eval:
             raise UserError("--eval_classes restricts an evaluation's logits: add --eval (and --resume CKPT)")
         read_eval_classes(cfg.eval_classes, cfg.nb_classes)
