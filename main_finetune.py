@@ -70,7 +70,15 @@ from util.distributed import destroy, get_rank, get_world_size, init_distributed
 from util.errors import run_cli
 from util.eval_classes import build_eval_dataset, restrict_classes
 from util.lr_sched import Schedule, learning_rate
-from util.model_record import DEFAULT_MODEL, describe_model, finetune_defaults, recorded_spec
+from util.model_record import (
+    DEFAULT_MODEL,
+    changed_flags,
+    check_evaluated_flags,
+    check_resumed_model,
+    describe_model,
+    finetune_defaults,
+    recorded_spec,
+)
 from util.output import (
     EVAL_RESULTS,
     BestAccuracy,
@@ -306,6 +314,8 @@ def resolve_args(args, read_resume: bool = True) -> Resolved:
     path = requeued_checkpoint(cfg) or resume_path(cfg.resume, cfg.output_dir)
     ckpt = load_training_checkpoint(path, to_train=not cfg.eval) if path and read_resume else None
     spec = evaluated_spec(ckpt, cfg) if ckpt is not None and cfg.eval else None
+    if spec is not None:
+        check_evaluated_flags(cfg, spec)  # before the checkpoint's values replace the flags
     mode = get_mode(spec.mode if spec is not None else cfg.mode)
     if not cfg.eval:
         mode.check_resumed(recorded_args(ckpt), path)
@@ -335,6 +345,10 @@ def resolve_args(args, read_resume: bool = True) -> Resolved:
     check_run_flags(cfg, mode, holds_teacher(ckpt) or (path is not None and not read_resume), ckpt is not None)
     check_experiment_flags(cfg, mode)
     spec = describe_model(cfg, mode) if spec is None else spec.replace(eval_crop_pct=cfg.eval_crop_pct)
+    if ckpt is not None and not cfg.eval:
+        check_resumed_model(ckpt, path, spec)
+        for line in changed_flags(recorded_args(ckpt), cfg):
+            log(f"resumed with a change: {line}")
     if read_resume or not path:  # at submission the resumed epoch is unknown: the job checks it
         check_inputs_not_overwritten(cfg, next_position(ckpt)[0] if ckpt is not None else cfg.start_epoch)
     check_run_folder(cfg, path)

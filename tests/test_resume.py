@@ -382,3 +382,41 @@ def test_the_distill_student_of_revision_7d1a766_exports_to_a_timm_model_with_it
     if not ema:
         recorded = torch.tensor(legacy_7d1a766_json('expected.json')['distill_epoch0_student_logits']['logits'])
         assert torch.allclose(logits, recorded, rtol=1e-4, atol=1e-5), (logits, recorded)
+
+
+# ---- no silent changes: a resumed run names what differs, a changed model is refused --------------------------
+@pytest.fixture(scope='module')
+def one_epoch_distill(workdir):
+    out = str(workdir.root / 'changes')
+    main_finetune.run(args_for(workdir, out, '--mode', 'distill', epochs=1))
+    return out
+
+
+def test_a_resumed_run_names_the_flags_that_changed(workdir, one_epoch_distill, capsys):
+    out = str(workdir.root / 'changes_more')
+    shutil.copytree(one_epoch_distill, out)
+    main_finetune.run(args_for(workdir, out, '--mode', 'distill', '--resume', 'allow', '--blr', '1e-3',
+                               '--atd_weight', '1', epochs=2))
+    printed = capsys.readouterr().out
+    assert "resumed with a change: --epochs: 1 in the checkpoint's run, 2 from here on" in printed
+    assert "resumed with a change: --atd_weight: 3 in the checkpoint's run, 1.0 from here on" in printed
+    assert 'resumed with a change: --data_path' not in printed and 'resumed with a change: --resume' not in printed
+
+
+@pytest.mark.parametrize('flags,change', [(['--transfer_heads', '2'], 'heads: None -> [0, 1]'),
+                                          (['--layer_map', '0:0,1:1'], 'layers: [0, 1, 2, 3] -> [0, 1]')])
+def test_a_resumed_run_with_another_model_is_refused(workdir, one_epoch_distill, flags, change):
+    with pytest.raises(UserError, match=re.escape(change)):
+        main_finetune.run(args_for(workdir, one_epoch_distill, '--mode', 'distill', '--resume', 'allow', *flags,
+                                   epochs=2))
+
+
+@pytest.mark.parametrize('flags,message', [(['--nb_classes', '7'], '--nb_classes 7: the evaluated checkpoint'),
+                                           (['--transfer_heads', '1'], '--transfer_heads 1: the evaluated checkpoint'),
+                                           (['--mode', 'copy'], '--mode copy: the evaluated checkpoint')])
+def test_eval_refuses_model_flags_that_contradict_the_checkpoint(workdir, one_epoch_distill, tmp_path, flags,
+                                                                  message):
+    argv = ['--eval', '--resume', os.path.join(one_epoch_distill, 'checkpoint.pth'), '--data_path', workdir.data,
+            '--output_dir', str(tmp_path / 'eval'), '--device', 'cpu', '--num_workers', '0', *flags]
+    with pytest.raises(UserError, match=re.escape(message)):
+        main_finetune.run(argv)

@@ -162,6 +162,60 @@ def finetune_defaults(cfg: Config, mode) -> dict:
     return values
 
 
+# Flags a resumed run may change without a word: where the run's files go, how it is launched and reports.
+UNREPORTED = {'resume', 'output_dir', 'log_dir', 'device', 'world_size', 'local_rank', 'dist_url', 'dist_timeout',
+              'rank', 'gpu', 'distributed', 'dist_backend', 'explicit_flags', 'num_workers', 'pin_mem', 'print_freq',
+              'start_epoch', 'eval', 'selection_pending', 'model_spec', 'train_data', 'lr', 'student_model',
+              'student_kwargs', 'teacher_acc'}
+
+
+def spec_changes(saved: ModelSpec, now: ModelSpec) -> list[str]:
+    """The fields in which two model descriptions differ, as 'field: saved -> now'."""
+    before, after = saved.to_record(), now.to_record()
+    return [f"{key}: {before[key]} -> {after[key]}" for key in before if before[key] != after.get(key)]
+
+
+def check_resumed_model(ckpt: dict, path: str, spec: ModelSpec) -> None:
+    """A training run continues the model its checkpoint describes: another architecture, pairing, heads, map
+    averaging or temperature would change the run's model mid-way (and the checkpoint would then record the new
+    one as if the whole run had used it). Refused, naming each difference."""
+    saved = recorded_spec(ckpt)
+    changes = spec_changes(saved, spec) if saved is not None else []
+    if changes:
+        raise UserError(f"--resume {path}: this command describes another model than the run it continues ("
+                        + '; '.join(changes) + "). Give the run's own model flags to continue it, or start a new "
+                        "run in another --output_dir")
+
+
+def changed_flags(saved_args: dict, cfg: Config) -> list[str]:
+    """One line per flag whose value differs from the resumed checkpoint's record (other than where the run writes
+    and how it is launched): what a resumed run does differently from the run it continues."""
+    lines = []
+    for key, before in saved_args.items():
+        now = getattr(cfg, key, before)
+        same = now == before or (isinstance(before, (list, tuple)) and list(before) == list(now or []))
+        if key in UNREPORTED or same:
+            continue
+        lines.append(f"--{key}: {before} in the checkpoint's run, {now} from here on")
+    return lines
+
+
+def check_evaluated_flags(cfg: Config, spec: ModelSpec) -> None:
+    """--eval --resume takes its model from the checkpoint: an explicit model flag that says otherwise is refused
+    with both values (instead of evaluating the checkpoint's model without a word)."""
+    given = set(cfg.explicit_flags or ())
+    recorded = {'nb_classes': spec.num_classes, 'input_size': spec.img_size, 'map_average': spec.map_average,
+                'mode': spec.mode}
+    for flag, value in recorded.items():
+        if flag in given and getattr(cfg, flag) != value:
+            raise UserError(f"--{flag} {getattr(cfg, flag)}: the evaluated checkpoint's model has {flag} {value}, "
+                            f"and --eval --resume evaluates that model: drop --{flag}")
+    if 'transfer_heads' in given and cfg.transfer_heads not in (None, ''):
+        heads = 'all' if spec.heads is None else ','.join(map(str, spec.heads))
+        raise UserError(f"--transfer_heads {cfg.transfer_heads}: the evaluated checkpoint transfers heads {heads}, and "
+                        "--eval --resume evaluates that model: drop --transfer_heads")
+
+
 def rebuild(spec: ModelSpec, attention_impl: str = 'explicit') -> TeacherStudentPair:
     """The model ``spec`` describes, as its checkpoints are evaluated (a distilled student alone, a copy student
     with its teacher), randomly initialised."""
