@@ -43,7 +43,7 @@ from typing import NamedTuple
 import main_finetune
 import select_wild_data
 from modes import IMAGENET_PROBE_PRESENTATIONS, PROBE_PRESENTATIONS
-from util.args import HelpFormatter, explicit_flags
+from util.args import HelpFormatter, Parser, explicit_flags
 from util.config import Config
 from util.errors import UserError, run_cli
 from util.model_record import classifier_of
@@ -225,7 +225,7 @@ def check(select: list[str], train: list[str]) -> argparse.Namespace:
     if not os.path.isdir(select_args.wild_path):
         raise UserError(f"--data_imagenet {select_args.wild_path!r}: not a directory; give the wild image folder "
                         "(e.g. ImageNet's train/)")
-    parser = argparse.ArgumentParser(parents=[main_finetune.get_args_parser()])
+    parser = Parser(parents=[main_finetune.get_args_parser()])
     args, unknown = parser.parse_known_args(train)
     if unknown:
         raise UserError(f"unrecognised arguments: {' '.join(unknown)}. This script passes the flags it does not "

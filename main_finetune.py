@@ -13,7 +13,6 @@ epochs of train_one_epoch / checkpoint / evaluate -> log.txt and TensorBoard.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 from typing import NamedTuple
 
@@ -38,6 +37,7 @@ from modes import (
 )
 from util.args import (
     HelpFormatter,
+    Parser,
     add_distributed_arguments,
     add_loader_arguments,
     add_run_arguments,
@@ -46,8 +46,10 @@ from util.args import (
     check_experiment_flags,
     check_run_flags,
     check_values,
-    explicit_flags,
+    flag_names,
+    parse_command,
     parse_kwargs,
+    usable_workers,
 )
 from util.checkpoint import (
     BEST,
@@ -94,6 +96,7 @@ from util.precision import AMP_DTYPES, default_amp
 from util.pretrained import local_checkpoint
 from util.run_control import reporting_stop, stop_on_signals
 from util.run_loop import EpochEnd, RunLoop, RunParts, check_run_folder, finished
+from util.run_record import Console, command_line
 from util.samplers import ShardSampler, dataset_fingerprint
 
 
@@ -243,7 +246,7 @@ def get_args_parser() -> argparse.ArgumentParser:
         annotate_mode_defaults(p, mode.defaults, name)
     # set by the caller, not by flags: the flags the command line gave (for the modes' recipes), and whether the
     # --selection file is written first by the same command (DFND_DeiT-train.py)
-    p.set_defaults(explicit_flags=None, selection_pending=False)
+    p.set_defaults(explicit_flags=None, selection_pending=False, command=None)
     return p
 
 
@@ -322,7 +325,7 @@ def resolve_args(args, read_resume: bool = True) -> Resolved:
     check_resume_matches(ckpt, path, cfg, mode.uses_teacher)
     cfg = cfg.replace(mode=mode.name, log_dir=cfg.output_dir if cfg.log_dir is None else cfg.log_dir,
                       **({} if cfg.eval else mode.recipe(cfg)))
-    cfg = cfg.replace(amp=cfg.amp or default_amp(cfg.device),
+    cfg = cfg.replace(amp=cfg.amp or default_amp(cfg.device), num_workers=usable_workers(cfg.num_workers),
                       attention_impl=resolve_attention_impl(attention_impl_for(cfg), cfg.device),
                       mixup_active=cfg.mixup > 0 or cfg.cutmix > 0.0 or cfg.cutmix_minmax is not None)
     if args.attention_impl == 'auto' and mode.uses_teacher:
@@ -382,14 +385,17 @@ def param_groups(model: TeacherStudentPair, mode: Mode, cfg: Config) -> list[dic
 # ---------------------------------------------------------------------------------------------
 def main(args) -> dict:
     cfg = Config.of(args)
-    run = resolve_args(cfg.replace(**init_distributed_mode(cfg)))
-    if not run.cfg.eval and finished(run.ckpt, run.ckpt_path, run.mode.known_epochs(run.cfg), run.cfg.output_dir):
-        destroy()
-        return {}
-    first_epoch = run.cfg.start_epoch if run.cfg.eval else start_epoch(run.ckpt, run.cfg.start_epoch)
-    with output_dir_in_use(run.cfg, first_epoch), \
-            stop_on_signals(enabled=not run.cfg.eval, keeps_checkpoint=bool(run.cfg.output_dir)):
-        return train_and_evaluate(run)
+    cfg = cfg.replace(**init_distributed_mode(cfg))
+    with Console():  # rank 0's console, kept in the run folder once the run begins
+        run = resolve_args(cfg)
+        if not run.cfg.eval and finished(run.ckpt, run.ckpt_path, run.mode.known_epochs(run.cfg),
+                                         run.cfg.output_dir):
+            destroy()
+            return {}
+        first_epoch = run.cfg.start_epoch if run.cfg.eval else start_epoch(run.ckpt, run.cfg.start_epoch)
+        with output_dir_in_use(run.cfg, first_epoch), \
+                stop_on_signals(enabled=not run.cfg.eval, keeps_checkpoint=bool(run.cfg.output_dir)):
+            return train_and_evaluate(run)
 
 
 def evaluate_only(cfg: Config, model, ckpt: dict | None, ckpt_path: str | None, evaluator: Evaluator) -> dict:
@@ -408,7 +414,7 @@ def evaluate_only(cfg: Config, model, ckpt: dict | None, ckpt_path: str | None, 
                  for k, v in results[name].items()}
     else:
         stats = evaluator(model, model_ema)
-    write_eval_results(cfg, stats, ckpt_path)
+    write_eval_results(cfg, stats, ckpt_path, (ckpt.get('epoch'), ckpt.get('step')) if ckpt is not None else None)
     return stats
 
 
@@ -416,8 +422,6 @@ def train_and_evaluate(run: Resolved) -> dict:
     cfg, mode, ckpt = run.cfg, run.mode, run.ckpt
     device = torch.device(cfg.device)
     rank, world = get_rank(), get_world_size()
-    log(f"job dir: {os.path.dirname(os.path.realpath(__file__))}")
-    log(json.dumps(vars(cfg), indent=1, default=str))
     torch.backends.cudnn.benchmark = True
     seed_epoch(cfg.seed, 0, rank)
 
@@ -440,9 +444,7 @@ def train_and_evaluate(run: Resolved) -> dict:
         model.set_grad_checkpointing(True)
     if cfg.compile:  # after the EMA's deep copy, which must not share the compiled blocks
         model.compile_blocks()
-    log(f"student: {type(model.student).__name__} {model.student.default_cfg.get('architecture')}, "
-        f"{trainable_parameters(model) / 1e6:.2f}M trainable parameters; mode {mode.name}"
-        + (f", transferred layers {model.describe_layers()}" if model.layer_pairs else ''))
+    log(startup_summary(run, model, dataset_train, dataset_val))
     evaluator = Evaluator(build_loader(dataset_val, sampler_val, cfg, train=False), device, amp_dtype,
                           cfg.dist_eval, cfg.print_freq)
     if cfg.eval:
@@ -456,6 +458,22 @@ def train_and_evaluate(run: Resolved) -> dict:
         stats = Trainer(run, model, model_ema, dataset_train, evaluator, schedule, device, amp_dtype).fit()
     destroy()
     return stats
+
+
+def startup_summary(run: Resolved, model: TeacherStudentPair, dataset_train, dataset_val) -> str:
+    """What the run is, in a few lines (the full configuration is the run folder's config.yaml)."""
+    cfg, spec = run.cfg, run.spec
+    teacher = f"teacher {spec.teacher.label()} from {cfg.finetune or 'random weights'}; " if spec.teacher else ''
+    start = f"--finetune {cfg.finetune}" if cfg.finetune and not spec.teacher else 'random weights'
+    lines = [f"mode {run.mode.name}: {teacher}student {spec.student.label()} ({type(model.student).__name__}, "
+             f"{trainable_parameters(model) / 1e6:.2f}M trainable parameters, from "
+             f"{'the checkpoint' if run.ckpt is not None else start})"
+             + (f"; transferred layers {model.describe_layers()}" if model.layer_pairs else '')]
+    images = (f"{len(dataset_train)} training, " if dataset_train is not None else '') + \
+        f"{len(dataset_val)} validation images"
+    lines.append(f"data: {images}, {spec.num_classes} classes, {spec.img_size} px; output: "
+                 f"{cfg.output_dir or 'none (nothing is kept)'}")
+    return '\n'.join(lines)
 
 
 def trainable_parameters(model: TeacherStudentPair) -> int:
@@ -490,7 +508,7 @@ class Trainer(EpochEnd):
         step = TrainingStep(wrap_ddp(model, cfg), criterion, optimizer, scaler, device, cfg.accum_iter,
                             cfg.clip_grad, amp_dtype, mixup(cfg), model_ema, model.student, aux_optimizer)
         self.loop = RunLoop(RunParts('training', cfg, step, dataset_train, data, schedule, checkpointer, run.ckpt,
-                                     run.ckpt_path), self)
+                                     run.ckpt_path, flag_names(get_args_parser())), self)
 
     def fit(self) -> dict:
         return self.loop.fit()
@@ -553,10 +571,14 @@ def mixup(cfg: Config) -> Mixup | None:
         num_classes=cfg.nb_classes)
 
 
+def command_parser() -> Parser:
+    return Parser('python main_finetune.py', parents=[get_args_parser()], description=__doc__,
+                  formatter_class=HelpFormatter)
+
+
 def run(argv=None) -> dict:
-    parser = argparse.ArgumentParser('python main_finetune.py', parents=[get_args_parser()],
-                                     description=__doc__, formatter_class=HelpFormatter)
-    return main(Config.of(parser.parse_args(argv), explicit_flags=explicit_flags(parser, argv)))
+    args, given = parse_command(command_parser(), argv)
+    return main(Config.of(args, explicit_flags=given, command=command_line('main_finetune.py', argv)))
 
 
 def run_reporting_stop(argv=None) -> dict:

@@ -15,7 +15,6 @@ takes them as --finetune.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 
 import torch
@@ -30,18 +29,23 @@ from models_spec import Architecture, ModelSpec
 from models_vit import create_vit, resolve_model_name
 from util.args import (
     HelpFormatter,
+    Parser,
     add_distributed_arguments,
     add_loader_arguments,
     add_run_arguments,
     check_positive,
     check_range,
+    flag_names,
+    parse_command,
     parse_kwargs,
+    usable_workers,
 )
 from util.checkpoint import (
     Checkpointer,
     Weights,
     load_training_checkpoint,
     next_position,
+    recorded_args,
     seed_epoch,
     start_epoch,
     student_weights,
@@ -51,7 +55,7 @@ from util.datasets import DataError, cache_decoded
 from util.distributed import destroy, get_rank, get_world_size, init_distributed_mode, log
 from util.errors import UserError, run_cli
 from util.lr_sched import Schedule, learning_rate
-from util.model_record import flag_errors
+from util.model_record import changed_flags, flag_errors
 from util.output import (
     check_inputs_not_overwritten,
     check_output_folders,
@@ -62,6 +66,7 @@ from util.output import (
 from util.precision import AMP_DTYPES, default_amp
 from util.run_control import reporting_stop, stop_on_signals
 from util.run_loop import EpochEnd, RunLoop, RunParts, check_run_folder, finished
+from util.run_record import Console, command_line
 from util.samplers import dataset_fingerprint
 from util.selection import ImageFiles, list_images
 
@@ -120,7 +125,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     add_run_arguments(p, 'training', 'checkpoint of main_pretrain.py to resume from, or "allow": '
                       'output_dir/checkpoint.pth if it exists, else start fresh')
     # read by util.output, which serves main_finetune.py too: pre-training never evaluates nor keeps a best
-    p.set_defaults(eval=False, save_best=None)
+    p.set_defaults(eval=False, save_best=None, explicit_flags=None, command=None)
     add_distributed_arguments(p)
     return p
 
@@ -163,15 +168,19 @@ def resolve_args(args) -> tuple[Config, dict | None, str | None]:
     check_output_folders(args)
     cfg = Config.of(args, model_kwargs=parse_kwargs(args.model_kwargs, '--model_kwargs'),
                     log_dir=args.output_dir if args.log_dir is None else args.log_dir,
-                    amp=args.amp or default_amp(args.device))
-    with flag_errors():
+                    amp=args.amp or default_amp(args.device), num_workers=usable_workers(args.num_workers))
+    with flag_errors(), torch.device('meta'):
         resolve_model_name(cfg.model)
+        build_model(cfg)  # the input size against the patches, the mask ratio: before any folder is made
     data_root(cfg.data_path)
     path = resume_path(cfg.resume, cfg.output_dir)
     ckpt = load_training_checkpoint(path) if path else None
     if ckpt is not None and not is_mae_checkpoint(student_weights(ckpt)):
         raise UserError(f"--resume {path!r} is not a checkpoint of main_pretrain.py (its model has no MAE decoder): "
                         "continue it with main_finetune.py, or start pre-training in another --output_dir")
+    if ckpt is not None:
+        for line in changed_flags(recorded_args(ckpt), cfg):
+            log(f"resumed with a change: {line}")
     check_inputs_not_overwritten(cfg, next_position(ckpt)[0] if ckpt is not None else 0)
     check_run_folder(cfg, path)
     return cfg, ckpt, path
@@ -225,12 +234,14 @@ def reconstruction_loss(outputs: tuple, _indices: torch.Tensor) -> tuple[torch.T
 # main
 # ---------------------------------------------------------------------------------------------
 def main(args) -> dict:
-    cfg, ckpt, ckpt_path = resolve_args(Config.of(args, **init_distributed_mode(args)))
-    if finished(ckpt, ckpt_path, cfg.epochs, cfg.output_dir):
-        destroy()
-        return {}
-    with output_dir_in_use(cfg, start_epoch(ckpt, 0)), stop_on_signals(keeps_checkpoint=bool(cfg.output_dir)):
-        stats = Pretraining(cfg, ckpt, ckpt_path).fit()
+    args = Config.of(args, **init_distributed_mode(args))
+    with Console():  # rank 0's console, kept in the run folder once the run begins
+        cfg, ckpt, ckpt_path = resolve_args(args)
+        if finished(ckpt, ckpt_path, cfg.epochs, cfg.output_dir):
+            destroy()
+            return {}
+        with output_dir_in_use(cfg, start_epoch(ckpt, 0)), stop_on_signals(keeps_checkpoint=bool(cfg.output_dir)):
+            stats = Pretraining(cfg, ckpt, ckpt_path).fit()
     destroy()
     return stats
 
@@ -241,8 +252,6 @@ class Pretraining(EpochEnd):
 
     def __init__(self, cfg: Config, ckpt: dict | None, ckpt_path: str | None) -> None:
         self.cfg, device = cfg, torch.device(cfg.device)
-        log(f"job dir: {os.path.dirname(os.path.realpath(__file__))}")
-        log(json.dumps(vars(cfg), indent=1, default=str))
         torch.backends.cudnn.benchmark = True
         seed_epoch(cfg.seed, 0, get_rank())
         model = build_model(cfg).to(device)  # first: it checks --mask_ratio against the patches
@@ -269,7 +278,7 @@ class Pretraining(EpochEnd):
         step = TrainingStep(ddp_model, reconstruction_loss, optimizer, scaler, device, cfg.accum_iter, cfg.clip_grad,
                             AMP_DTYPES[cfg.amp])
         self.loop = RunLoop(RunParts('pre-training', cfg, step, dataset, data, schedule, checkpointer, ckpt,
-                                     ckpt_path), self)
+                                     ckpt_path, flag_names(get_args_parser())), self)
 
     def fit(self) -> dict:
         return self.loop.fit()
@@ -283,9 +292,10 @@ class Pretraining(EpochEnd):
 
 
 def run(argv=None) -> dict:
-    parser = argparse.ArgumentParser('python main_pretrain.py', parents=[get_args_parser()],
-                                     description=__doc__, formatter_class=HelpFormatter)
-    return main(parser.parse_args(argv))
+    parser = Parser('python main_pretrain.py', parents=[get_args_parser()], description=__doc__,
+                    formatter_class=HelpFormatter)
+    args, given = parse_command(parser, argv)
+    return main(Config.of(args, explicit_flags=given, command=command_line('main_pretrain.py', argv)))
 
 
 def run_reporting_stop(argv=None) -> dict:

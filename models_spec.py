@@ -31,6 +31,11 @@ class Architecture:
     kwargs: Mapping[str, Any] = field(default_factory=dict)
     global_pool: str = 'avg'
 
+    def label(self) -> str:
+        """The architecture in one phrase: ``vit_base_patch16_224 (depth=4 embed_dim=64, avg pooling)``."""
+        args = ' '.join(f'{k}={v}' for k, v in self.kwargs.items())
+        return f"{self.name} ({args + ', ' if args else ''}{self.global_pool or 'no'} pooling)"
+
     @classmethod
     def of(cls, name: str, kwargs: Optional[Mapping[str, Any]] = None, global_pool: Union[bool, str] = True
            ) -> Architecture:

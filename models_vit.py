@@ -58,9 +58,9 @@ def create_vit(
     arch = resolve_model_name(name)
     global_pool = kwargs.pop('global_pool', global_pool)  # timm's own spelling among the arguments wins
     try:
-        return timm.create_model(arch, pretrained=False, num_classes=num_classes,
-                                 global_pool=pool_name(global_pool, arch), img_size=img_size,
-                                 drop_path_rate=drop_path_rate, **kwargs)
+        model = timm.create_model(arch, pretrained=False, num_classes=num_classes,
+                                  global_pool=pool_name(global_pool, arch), img_size=img_size,
+                                  drop_path_rate=drop_path_rate, **kwargs)
     except (TypeError, ValueError, AssertionError) as e:
         # timm's constructors reject a wrong name or argument with these, and their messages name
         # neither the model nor the flag that set it
@@ -70,6 +70,24 @@ def create_vit(
             "timm VisionTransformer such as vit_base_patch16_224) and the KEY=VALUE arguments: known argument "
             "names, integers for depth / embed_dim / num_heads, embed_dim divisible by num_heads",
             'architecture') from e
+    check_patch_grid(model, img_size)
+    return model
+
+
+def check_patch_grid(model: nn.Module, img_size: int) -> None:
+    """The input size must be a multiple of the patch size: timm's patch embedding would otherwise drop the last
+    rows and columns of every image without a word."""
+    embed = getattr(model, 'patch_embed', None)
+    patch = getattr(embed, 'patch_size', None)
+    if patch is None or getattr(embed, 'dynamic_img_pad', False):
+        return
+    step = patch[0] if isinstance(patch, (tuple, list)) else patch
+    if img_size % step:
+        below, above = img_size // step * step, (img_size // step + 1) * step
+        fits = f"{below} or {above}" if below else f"{above}"
+        raise ModelArgumentError(f"input size {img_size} is not a multiple of the patch size {step} (the last "
+                                 f"{img_size % step} pixel rows and columns would be dropped); sizes that fit: {fits}",
+                                 'input_size')
 
 
 def init_class_token(vit: VisionTransformer) -> None:

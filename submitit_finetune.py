@@ -27,10 +27,11 @@ from pathlib import Path
 import submitit
 
 import main_finetune
-from util.args import HelpFormatter, explicit_flags
+from util.args import HelpFormatter, Parser, parse_command
 from util.config import Config
 from util.errors import UserError, run_cli
 from util.output import CHECKPOINT, RUN_FOLDER_FIX, check_writable
+from util.run_record import command_line
 
 REPO = os.path.dirname(os.path.abspath(__file__))
 SHARED_FOLDER = '/checkpoint'  # the cluster-wide folder some sites provide; jobs default to a folder in it
@@ -46,9 +47,8 @@ def preemption_signal() -> signal.Signals:
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser('python submitit_finetune.py',
-                                     parents=[main_finetune.get_args_parser()], description=__doc__,
-                                     formatter_class=HelpFormatter)
+    parser = Parser('python submitit_finetune.py', parents=[main_finetune.get_args_parser()], description=__doc__,
+                    formatter_class=HelpFormatter)
     g = parser.add_argument_group('SLURM job')
     g.add_argument('--job_dir', default='', type=str,
                    help='job folder for submitit logs, checkpoints and log.txt ("%%j" becomes the job id); '
@@ -74,7 +74,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     g.add_argument('--max_requeues', default=20, type=int,
                    help='stop requeuing after the job was restarted this many times (preemptions, time-outs, '
                         'node failures); it then ends with its error in the log')
-    return Config.of(parser.parse_args(argv), explicit_flags=explicit_flags(parser, argv))
+    args, given = parse_command(parser, argv)
+    return Config.of(args, explicit_flags=given, command=command_line('submitit_finetune.py', argv))
 
 
 def resolve_job_dir(job_dir: str) -> str:

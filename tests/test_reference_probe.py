@@ -20,6 +20,7 @@ import select_wild_data
 from models_dual_vit import build_dual_vit
 from models_vit import create_vit
 from modes import get_mode
+from util.args import explicit_flags
 from util.config import Config
 from util.errors import UserError
 from util.pretrained import load_pretrained_weights
@@ -400,7 +401,7 @@ def test_a_teacher_in_the_reference_format_loads_in_both_steps(tmp_path):
         torch.testing.assert_close(selection_teacher(x), expected)
         parser = argparse.ArgumentParser(parents=[main_finetune.get_args_parser()])
         args = parser.parse_args(train)
-        args = Config.of(args, explicit_flags=main_finetune.explicit_flags(parser, train), selection_pending=True)
+        args = Config.of(args, explicit_flags=explicit_flags(parser, train), selection_pending=True)
         run = main_finetune.resolve_args(args)
         model = main_finetune.build_model(run)
         load_pretrained_weights(model.teacher, run.cfg.finetune)

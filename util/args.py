@@ -4,9 +4,12 @@ from __future__ import annotations
 import argparse
 import ast
 import copy
+import difflib
 import math
 import os
+import re
 from collections.abc import Callable, Sequence
+from typing import Any
 
 import torch
 
@@ -40,6 +43,109 @@ def explicit_flags(parser: argparse.ArgumentParser, argv: Sequence[str] | None) 
     probe._defaults.clear()
     namespace, _ = probe.parse_known_args(argv)
     return sorted(vars(namespace))
+
+
+CONFIG_HELP = ('a YAML file of flag values (e.g. a recipe under recipes/, or a run\'s config.yaml): its values '
+               'become the defaults, the command line wins')
+
+
+class Parser(argparse.ArgumentParser):
+    """The scripts' parser: flags only as spelled in full (``--epoch`` is not taken for ``--epochs``), and a
+    command-line mistake in one ``error:`` line that names the closest flags (the usage is in ``--help``)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs.setdefault('allow_abbrev', False)
+        super().__init__(*args, **kwargs)
+
+    def options(self) -> list[str]:
+        return [s for action in self._actions for s in action.option_strings if s.startswith('--')]
+
+    def closest(self, word: str) -> list[str]:
+        return difflib.get_close_matches(word.split('=')[0], self.options(), n=3, cutoff=0.6)
+
+    def error(self, message: str) -> None:
+        unknown = re.match(r'unrecognized arguments: (.*)', message)
+        hints = []
+        if unknown:
+            for word in (w for w in unknown.group(1).split() if w.startswith('--')):
+                close = self.closest(word)
+                hints.append(f"{word.split('=')[0]}: did you mean {' or '.join(close)}?" if close
+                             else f"{word.split('=')[0]}: no such flag")
+        text = '; '.join(hints) if hints else message
+        self.exit(2, f"{self.prog}: error: {text}\n{self.prog}: the flags and their defaults: --help\n")
+
+
+def read_config(path: str, parser: Parser) -> dict:
+    """--config FILE: the flag values a YAML mapping gives, checked against ``parser``'s flags (names, choices,
+    types), as defaults."""
+    import yaml
+
+    try:
+        with open(path) as f:
+            values = yaml.safe_load(f)
+    except OSError as e:
+        raise UserError(f"--config {path}: cannot read it ({e.strerror}); give a YAML file of flag values") from e
+    except yaml.YAMLError as e:
+        raise UserError(f"--config {path}: not valid YAML ({str(e).splitlines()[0]}); fix the file") from e
+    if values is None:
+        return {}
+    if not isinstance(values, dict):
+        raise UserError(f"--config {path}: holds a {type(values).__name__}, not a mapping of flag names to values "
+                        "(e.g. `epochs: 100`)")
+    actions = {a.dest: a for a in parser._actions if a.dest not in ('help', 'config')}
+    unknown = [k for k in values if k not in actions]
+    if unknown:
+        advice = '; '.join(f"{k}: did you mean {' or '.join(c)}?" if (c := difflib.get_close_matches(
+            str(k), list(actions), n=3, cutoff=0.6)) else f"{k}: no such flag" for k in unknown)
+        raise UserError(f"--config {path}: unknown flag names ({advice}); the keys are the flags without '--'")
+    return {k: config_value(path, actions[k], v) for k, v in values.items()}
+
+
+def config_value(path: str, action: argparse.Action, value: Any) -> Any:
+    """A config file's value as the flag's own type would parse it, within its choices."""
+    def one(v: Any) -> Any:
+        if action.type is not None and isinstance(v, str):
+            try:
+                v = action.type(v)
+            except (TypeError, ValueError, argparse.ArgumentTypeError) as e:
+                raise UserError(f"--config {path}: {action.dest}: {v!r} is not a valid value ({e})") from e
+        elif action.type in (int, float) and isinstance(v, (int, float)) and not isinstance(v, bool):
+            v = action.type(v)
+        if action.choices is not None and v not in action.choices and not (v is None and action.default is None):
+            choices = ', '.join(map(str, action.choices))
+            raise UserError(f"--config {path}: {action.dest}: {v!r} is not one of {choices}")
+        return v
+    many = action.nargs in ('+', '*') or isinstance(action.nargs, int)
+    return [one(v) for v in value] if many and isinstance(value, list) else one(value)
+
+
+def usable_workers(requested: int) -> int:
+    """--num_workers, lowered (with one line) to the CPUs this process may run on: more loader processes than
+    CPUs only compete (and PyTorch warns about each loader)."""
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else (os.cpu_count() or 1)
+    if requested > cpus:
+        from util.distributed import log
+
+        log(f"--num_workers {requested}: this process may use {cpus} CPUs; loading with {cpus} workers")
+        return cpus
+    return requested
+
+
+def flag_names(parser: argparse.ArgumentParser) -> tuple[str, ...]:
+    """The destinations of a parser's flags (what a --config file may set)."""
+    return tuple(a.dest for a in parser._actions if a.option_strings and a.dest not in ('help', 'config'))
+
+
+def parse_command(parser: Parser, argv: Sequence[str] | None) -> tuple[argparse.Namespace, list[str]]:
+    """The parsed flags of ``argv`` with --config's values as defaults, and the flags given explicitly (on the
+    command line or in the config file: a mode's defaults apply to the others only)."""
+    pre = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
+    pre.add_argument('--config', default=None)
+    known, _ = pre.parse_known_args(argv)
+    values = read_config(known.config, parser) if known.config else {}
+    parser.set_defaults(**values)
+    args = parser.parse_args(argv)
+    return args, sorted(set(explicit_flags(parser, argv)) | set(values))
 
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
@@ -93,6 +199,7 @@ def add_run_arguments(parser: argparse.ArgumentParser, task: str, resume_help: s
     """The 'run' group: output folders, device, seed, resume, checkpoints and the loss lines. ``task`` is what
     --device runs ('training'); the script's own flags of the group go after --resume and after --save_every."""
     g = parser.add_argument_group('run')
+    g.add_argument('--config', default=None, metavar='FILE', help=CONFIG_HELP)
     g.add_argument('--output_dir', default='./output_dir', help='where to save checkpoints and log.txt; empty: none')
     g.add_argument('--log_dir', default=None, help='where to write TensorBoard events (default: --output_dir)')
     g.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu',

@@ -32,7 +32,8 @@ from util.pretrained import is_named, pool_of_state_dict, read_checkpoint, resol
 DEFAULT_MODEL = 'vit_large_patch16'
 SPEC_KEY = 'model_spec'
 # The flags that set each builder argument a model error names.
-ARGUMENT_FLAGS = {'layer_map': '--layer_map', 'transfer_layers': '--transfer_layers', 'end_layer': '--end_layer',
+ARGUMENT_FLAGS = {'input_size': '--input_size',
+                  'layer_map': '--layer_map', 'transfer_layers': '--transfer_layers', 'end_layer': '--end_layer',
                   'transfer_heads': '--transfer_heads', 'map_average': '--map_average',
                   'probe_blocks': '--probe_blocks', 'attention_impl': '--attention_impl',
                   'student': '--student_model / --student_kwargs', 'teacher': '--model / --teacher_model / '
@@ -166,7 +167,7 @@ def finetune_defaults(cfg: Config, mode) -> dict:
 UNREPORTED = {'resume', 'output_dir', 'log_dir', 'device', 'world_size', 'local_rank', 'dist_url', 'dist_timeout',
               'rank', 'gpu', 'distributed', 'dist_backend', 'explicit_flags', 'num_workers', 'pin_mem', 'print_freq',
               'start_epoch', 'eval', 'selection_pending', 'model_spec', 'train_data', 'lr', 'student_model',
-              'student_kwargs', 'teacher_acc'}
+              'student_kwargs', 'teacher_acc', 'run_record', 'command', 'config'}
 
 
 def spec_changes(saved: ModelSpec, now: ModelSpec) -> list[str]:

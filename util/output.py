@@ -19,6 +19,7 @@ refusal) is decided in util/run_loop.py, which reads checkpoint positions.
 """
 from __future__ import annotations
 
+import contextlib
 import datetime
 import errno
 import json
@@ -158,6 +159,7 @@ def output_dir_in_use(args, start_epoch: int) -> Iterator[None]:
     ``start_epoch`` replaces can be replaced) before training, hold its lock for the run, and clear the
     temporaries of killed writes. Rank 0 checks; every rank raises the same error."""
     lock, error = None, None
+    created = [f for f in (args.output_dir, args.log_dir) if f and not os.path.exists(f)] if is_main_process() else []
     if is_main_process() and args.output_dir:
         try:
             check_writable(args.output_dir, f"--output_dir {args.output_dir!r}", RUN_FOLDER_FIX)
@@ -175,9 +177,22 @@ def output_dir_in_use(args, start_epoch: int) -> Iterator[None]:
         raise UserError(error)
     try:
         yield
+    except BaseException:
+        if lock is not None:
+            lock.release()
+            lock = None
+        remove_if_empty(created)  # a run refused before it wrote anything leaves no folder behind
+        raise
     finally:
         if lock is not None:
             lock.release()
+
+
+def remove_if_empty(folders: list[str]) -> None:
+    """Remove each of ``folders`` (created by this run) that holds nothing."""
+    for folder in reversed(folders):
+        with contextlib.suppress(OSError):
+            os.rmdir(folder)  # only an empty folder: anything written stays
 
 
 def check_output_folders(args) -> None:
@@ -497,14 +512,18 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
-def write_eval_results(args, stats: dict, ckpt_path: str | None) -> None:
-    """--eval: the results, and what was evaluated, in output_dir/eval_results.json (beside the printed lines)."""
+def write_eval_results(args, stats: dict, ckpt_path: str | None, position: tuple | None = None) -> None:
+    """--eval: the results, and what was evaluated (the checkpoint, its epoch and step: ``position``; the data,
+    the normalisation, the date), in output_dir/eval_results.json (beside the printed lines)."""
     log(f"evaluation: {json.dumps(stats)}")
     if not args.output_dir or not is_main_process():
         return
     os.makedirs(args.output_dir, exist_ok=True)
-    record = {'checkpoint': ckpt_path or args.finetune, 'ensemble_with': args.ensemble_with or None,
-              'data_path': args.eval_data_path, 'mean': args.mean, 'std': args.std, **stats}
+    epoch, step = position if position is not None else (None, None)
+    record = {'checkpoint': ckpt_path or args.finetune, 'epoch': epoch, 'step': step,
+              'date': datetime.datetime.now(datetime.timezone.utc).isoformat(timespec='seconds'),
+              'ensemble_with': args.ensemble_with or None, 'data_path': args.eval_data_path, 'mean': args.mean,
+              'std': args.std, **stats}
     path = os.path.join(args.output_dir, EVAL_RESULTS)
     atomic_write_text(json.dumps(record, indent=1), path)
     log(f"evaluation results written to {path}")

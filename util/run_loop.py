@@ -44,6 +44,7 @@ from util.output import (
     write_log,
 )
 from util.run_control import RunControl
+from util.run_record import RECORD_KEY, Console, flag_values, recorded_starts, start_record, write_run_files
 from util.samplers import ResumableDistributedSampler
 
 
@@ -128,8 +129,11 @@ def finished(ckpt: dict | None, ckpt_path: str | None, epochs: int | None, outpu
     if ckpt is None or epochs is None or next_position(ckpt)[0] < epochs \
             or epoch_end_missing(ckpt, ckpt_path, output_dir):
         return False
-    log(f"nothing to do: {ckpt_path} has finished epoch {next_position(ckpt)[0] - 1}, the last of {epochs} "
-        "epochs; to train longer raise --epochs, to evaluate add --eval")
+    done = next_position(ckpt)[0]
+    extent = f"the last of its {epochs} epochs" if done == epochs else \
+        f"and --epochs {epochs} asks for no more than it has trained ({done})"
+    log(f"nothing to do: {ckpt_path} has finished epoch {done - 1}, {extent}; to train longer raise --epochs, to "
+        "evaluate add --eval")
     return True
 
 
@@ -139,7 +143,8 @@ class RunParts:
     """What the loop over epochs is given: its ``name`` in the lines it prints ('training'), the run's
     configuration (seed, batch_size, print_freq, checkpoint_minutes, output_dir, log_dir), the training step, the
     training set with its ``fingerprint`` (a mid-epoch checkpoint continues only on the same one), the schedule,
-    the checkpointer of the run's components, and the checkpoint it resumes (with its path), if any."""
+    the checkpointer of the run's components, the checkpoint it resumes (with its path), if any, and the names of
+the script's flags (what the run's config.yaml records: util.run_record)."""
     name: str
     cfg: Config
     step: engine_finetune.TrainingStep
@@ -149,6 +154,7 @@ class RunParts:
     checkpointer: Checkpointer
     ckpt: Optional[dict] = None
     ckpt_path: Optional[str] = None
+    flags: tuple[str, ...] = ()  # the script's flags: what config.yaml holds
 
 
 class EpochEnd:
@@ -192,6 +198,8 @@ class RunLoop:
             self.start = self.checkpointer.load(parts.ckpt, parts.ckpt_path, cfg.batch_size, self.steps_per_epoch,
                                                 cfg.seed, parts.fingerprint)
             trim_log(cfg.output_dir, self.start.epoch)
+        self.starts = recorded_starts(parts.ckpt) + [start_record(cfg.command, self.start.epoch, self.start.step)]
+        self.checkpointer.record = {**self.checkpointer.record, RECORD_KEY: self.starts}  # checkpoints carry it
         self.log_writer = open_log_writer(cfg, int((self.start.epoch + self.start.step / self.steps_per_epoch)
                                                    * 1000))
         self.unfinished = parts.ckpt if epoch_end_missing(parts.ckpt, parts.ckpt_path, cfg.output_dir) else None
@@ -236,6 +244,7 @@ class RunLoop:
             log(f"finishing epoch {epoch} of {self.checkpointer.last_good}: {self.end.unfinished_part}")
             stats = self.end.end(epoch, end_of_epoch_stats(self.unfinished), self.end.due(epoch), self)
         control = RunControl(self.cfg.checkpoint_minutes, self.save)
+        write_run_files(self.cfg.output_dir, flag_values(self.cfg, self.parts.flags), self.starts, Console.current)
         if not self.cfg.output_dir:
             log("no --output_dir: no checkpoint is written, so a stop (SIGINT / SIGTERM) keeps nothing of this run")
         log(f"start {self.parts.name} for {epochs} epochs ({self.steps_per_epoch} steps each) from epoch "
