@@ -46,7 +46,8 @@ def preemption_signal() -> signal.Signals:
     return signal.Signals['SIG' + submitit.JobEnvironment.USR_SIG]
 
 
-def parse_args(argv=None) -> argparse.Namespace:
+def command_parser() -> Parser:
+    """main_finetune.py's flags and the SLURM job's."""
     parser = Parser('python submitit_finetune.py', parents=[main_finetune.get_args_parser()], description=__doc__,
                     formatter_class=HelpFormatter)
     g = parser.add_argument_group('SLURM job')
@@ -74,7 +75,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     g.add_argument('--max_requeues', default=20, type=int,
                    help='stop requeuing after the job was restarted this many times (preemptions, time-outs, '
                         'node failures); it then ends with its error in the log')
-    args, given = parse_command(parser, argv)
+    return parser
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    args, given = parse_command(command_parser(), argv)
     return Config.of(args, explicit_flags=given, command=command_line('submitit_finetune.py', argv))
 
 
