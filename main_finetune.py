@@ -23,6 +23,7 @@ from timm.utils import ModelEmaV3
 
 from engine_finetune import Evaluator, TrainingStep, evaluate_ensemble
 from models_attention import resolve_attention_impl
+from models_mae import is_mae_checkpoint
 from models_pair import TeacherStudentPair
 from models_spec import ModelSpec
 from modes import (
@@ -65,11 +66,12 @@ from util.checkpoint import (
     restore_weights,
     seed_epoch,
     start_epoch,
+    student_weights,
 )
 from util.config import Config
 from util.datasets import DataError, build_loader, cache_decoded
 from util.distributed import destroy, get_rank, get_world_size, init_distributed_mode, log, wrap_ddp
-from util.errors import run_cli
+from util.errors import UserError, run_cli
 from util.eval_classes import build_eval_dataset, restrict_classes
 from util.lr_sched import Schedule, learning_rate
 from util.model_record import (
@@ -316,6 +318,12 @@ def resolve_args(args, read_resume: bool = True) -> Resolved:
                       student_kwargs=parse_kwargs(cfg.student_kwargs, '--student_kwargs'))
     path = requeued_checkpoint(cfg) or resume_path(cfg.resume, cfg.output_dir)
     ckpt = load_training_checkpoint(path, to_train=not cfg.eval) if path and read_resume else None
+    if ckpt is not None and is_mae_checkpoint(student_weights(ckpt)):
+        raise UserError(f"--resume {path}: a pre-training checkpoint of main_pretrain.py (a masked autoencoder), not "
+                        f"a run of this script: give it as --finetune {path} to fine-tune it or to distil from it; "
+                        "continue its pre-training with main_pretrain.py --resume")
+    if ckpt is not None and not cfg.eval and cfg.student_init:
+        log(f"--student_init {cfg.student_init} is not used when resuming: the student's weights come from {path}")
     spec = evaluated_spec(ckpt, cfg) if ckpt is not None and cfg.eval else None
     if spec is not None:
         check_evaluated_flags(cfg, spec)  # before the checkpoint's values replace the flags
@@ -498,7 +506,9 @@ class Trainer(EpochEnd):
         scaler = torch.amp.GradScaler(device.type, enabled=cfg.amp == 'fp16')
         data = dataset_fingerprint(dataset_train)
         # what checkpoints record as their args: the configuration and the values resolved while building
+        started = recorded_args(run.ckpt).get('student_init', cfg.student_init) if run.ckpt else cfg.student_init
         record = {**cfg.record(), 'lr': schedule.lr, 'epochs': schedule.epochs, 'train_data': data,
+                  'student_init': started,  # the student's start: a resumed run's --student_init is not used
                   'model_spec': run.spec.to_record(), **mode.resolved_values(cfg, criterion)}
         checkpointer = Checkpointer(cfg.output_dir, checkpoint_components(model, model_ema, optimizer, scaler,
                                                                          criterion, aux_optimizer),

@@ -150,6 +150,19 @@ def check_values(args) -> None:
                         f"({args.decoder_num_heads}) and of 4 (its sin-cos position embedding)")
 
 
+# The flags that make the autoencoder: a resumed run keeps them (its weights and optimizer state have their shapes).
+ARCHITECTURE_FLAGS = ('model', 'model_kwargs', 'input_size', 'decoder_embed_dim', 'decoder_depth', 'decoder_num_heads')
+
+
+def check_same_autoencoder(saved: dict, cfg: Config, path: str) -> None:
+    """A resumed pre-training run builds the autoencoder its checkpoint holds."""
+    for flag in ARCHITECTURE_FLAGS:
+        if flag in saved and saved[flag] != getattr(cfg, flag):
+            raise UserError(f"--{flag} {getattr(cfg, flag)}: the pre-training run of {path} has --{flag} "
+                            f"{saved[flag]}, and its weights have that shape: give --{flag} {saved[flag]} to "
+                            "continue it, or start a new run in another --output_dir")
+
+
 def data_root(data_path: str) -> str:
     """The folder whose images are pre-trained on: data_path/train when it exists, else data_path."""
     if not data_path:
@@ -179,6 +192,7 @@ def resolve_args(args) -> tuple[Config, dict | None, str | None]:
         raise UserError(f"--resume {path!r} is not a checkpoint of main_pretrain.py (its model has no MAE decoder): "
                         "continue it with main_finetune.py, or start pre-training in another --output_dir")
     if ckpt is not None:
+        check_same_autoencoder(recorded_args(ckpt), cfg, path)
         for line in changed_flags(recorded_args(ckpt), cfg):
             log(f"resumed with a change: {line}")
     check_inputs_not_overwritten(cfg, next_position(ckpt)[0] if ckpt is not None else 0)

@@ -4,6 +4,7 @@ hand computations, the checkpoint's layout against timm's own ViT, resume exactn
 import math
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -352,3 +353,25 @@ def test_sigterm_stops_with_a_checkpoint_and_the_run_continues(workdir):
     last = saved['epoch'] + (saved['step'] is None)  # the epoch the run is in, finished by the resumed run
     resumed = main_pretrain.run(pretrain_args(workdir.data, out, '--resume', 'allow', epochs=last + 1))
     assert resumed['epoch'] == last and load(os.path.join(out, 'checkpoint.pth'))['step'] is None
+
+
+# ---- a pre-training run continued or reused: the autoencoder kept, changes named ------------------------------
+def test_a_resumed_pretraining_keeps_its_autoencoder_and_names_other_changes(workdir, pretrained, tmp_path, capsys):
+    out = str(tmp_path / 'more')
+    shutil.copytree(pretrained, out)
+    depth = DECODER['decoder_depth']
+    with pytest.raises(UserError, match=f"--decoder_depth {depth + 1}: the pre-training run of .* has "
+                                        f"--decoder_depth {depth}"):
+        main_pretrain.run(pretrain_args(workdir.data, out, f'--decoder_depth={depth + 1}', '--resume', 'allow',
+                                        epochs=3))
+    main_pretrain.run(pretrain_args(workdir.data, out, '--mask_ratio', '0.5', '--resume', 'allow', epochs=3))
+    assert "resumed with a change: --mask_ratio: 0.75 in the checkpoint's run, 0.5 from here on" in \
+        capsys.readouterr().out
+
+
+@pytest.mark.parametrize('eval_', [False, True])
+def test_a_pretraining_checkpoint_given_to_resume_is_named_as_one(workdir, pretrained, tmp_path, eval_):
+    argv = tiny_args(workdir.data, str(tmp_path / 'ft'), '--resume', os.path.join(pretrained, 'checkpoint.pth'),
+                     *(['--eval'] if eval_ else []))
+    with pytest.raises(UserError, match='a pre-training checkpoint of main_pretrain.py .* give it as --finetune'):
+        main_finetune.run(argv)

@@ -216,3 +216,16 @@ def test_moco_v3_and_dino_checkpoint_layouts_load_their_encoder(tmp_path):
         for k, v in expected.state_dict().items():
             assert torch.equal(target.state_dict()[k], v), (name, k)
         assert 'blocks.0.attn.qkv.weight' in report.loaded
+
+
+def test_a_resampled_position_embedding_is_reported(tmp_path):
+    """Weights of a 32 px model (4 x 4 patches of 8) loaded into a 48 px one: the grid is resampled, and the load
+    report says so; at the same size it says nothing of it."""
+    from helpers import make_teacher_checkpoint
+
+    path = make_teacher_checkpoint(str(tmp_path / 't.pth'))
+    wider = create_vit('vit_base_patch16_224', num_classes=3, global_pool='avg', img_size=48, **TINY_ARCH)
+    assert 'position embedding resampled (bicubic) from 4 x 4 to 6 x 6 patches' in str(
+        load_pretrained_weights(wider, path))
+    same = create_vit('vit_base_patch16_224', num_classes=3, global_pool='avg', img_size=32, **TINY_ARCH)
+    assert 'position embedding' not in str(load_pretrained_weights(same, path))

@@ -60,7 +60,7 @@ def experiment(name, argv):
 def documented():
     """recipe name -> [(where, script, argv)] of the commands that run it."""
     found = {}
-    for comment, argv in commands('docs/EXPERIMENTS.md'):
+    for _comment, argv in commands('docs/EXPERIMENTS.md'):
         name, args = script_argv(argv)
         for flag in ('--output_dir', '--job_dir'):
             if flag in args and name in ('main_finetune.py', 'submitit_finetune.py') and '--eval' not in args:
@@ -112,9 +112,10 @@ def write_recipes():
         header = (f"# {recipe}: the experiment of docs/EXPERIMENTS.md that writes ${{RUNS}}/{recipe}.\n"
                   "# Give the site's flags beside it: --data_path, --finetune (the teacher), --output_dir, and\n"
                   "# --accum_iter 8 on one node of 8 GPUs (the seed's 64-GPU batch), e.g.\n"
-                  f"#   torchrun --nproc_per_node 8 main_finetune.py --config recipes/{recipe}.yaml --accum_iter 8 ...\n")
+                  f"#   torchrun --nproc_per_node 8 main_finetune.py --config recipes/{recipe}.yaml \\\n"
+                  "#       --accum_iter 8 --data_path ... --finetune ... --output_dir ...\n")
         with open(os.path.join(RECIPES, f'{recipe}.yaml'), 'w') as f:
-            f.write(header + yaml.safe_dump(values, sort_keys=False, default_flow_style=None))
+            f.write(header + yaml.safe_dump(values, sort_keys=False, default_flow_style=False))
 
 
 if __name__ == '__main__':

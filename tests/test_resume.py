@@ -420,3 +420,13 @@ def test_eval_refuses_model_flags_that_contradict_the_checkpoint(workdir, one_ep
             '--output_dir', str(tmp_path / 'eval'), '--device', 'cpu', '--num_workers', '0', *flags]
     with pytest.raises(UserError, match=re.escape(message)):
         main_finetune.run(argv)
+
+
+def test_student_init_on_resume_is_said_unused_and_not_recorded(workdir, one_epoch_distill, tmp_path, capsys):
+    out = str(tmp_path / 'run')
+    shutil.copytree(one_epoch_distill, out)
+    main_finetune.run(args_for(workdir, out, '--mode', 'distill', '--resume', 'allow', '--student_init',
+                               workdir.teacher, epochs=2))
+    assert f"--student_init {workdir.teacher} is not used when resuming" in capsys.readouterr().out
+    ckpt = torch.load(os.path.join(out, 'checkpoint.pth'), map_location='cpu', weights_only=False)
+    assert ckpt['args']['student_init'] in (None, '')  # the student started from random weights

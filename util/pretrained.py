@@ -365,16 +365,24 @@ def load_pretrained_weights(model: nn.Module, path: str, use_ema: bool = False, 
     source = (f"{flag} {path!r}" if flag else f"checkpoint {path!r}") + (' (model_ema)' if use_ema else '')
     checkpoint = read_checkpoint(path, flag) if checkpoint is None else checkpoint
     state_dict = select_state_dict(checkpoint, use_ema=use_ema, source=source)
+    resampled = None
     if hasattr(model, 'patch_embed'):
+        before = state_dict.get('pos_embed')
         # the model family's own timm conversion; plain bicubic, as MAE's interpolate_pos_embed (timm's
         # default adds antialiasing)
         state_dict = (checkpoint_filter_for(model) or checkpoint_filter_fn)(state_dict, model, antialias=False)
+        after = state_dict.get('pos_embed')
+        if before is not None and after is not None and before.shape != after.shape:
+            resampled = (f"position embedding resampled (bicubic) from {grid_of(before, model)} to "
+                         f"{grid_of(after, model)} patches")
     state_dict = {k: v for k, v in state_dict.items() if not k.startswith(IGNORED_PREFIXES)}
     check_fits(model, state_dict, source, tolerate=_is_classifier)
     own = model.state_dict()
     kept = {k: v for k, v in state_dict.items() if k in own and v.shape == own[k].shape}
     model.load_state_dict(kept, strict=False)
     report = LoadReport(path, set(kept))
+    if resampled:
+        report.lines.append(resampled)
     own_kept = sorted(k for k in own if k not in kept)
     ignored = sorted(k for k in state_dict if k not in kept)
     if own_kept:
@@ -382,6 +390,14 @@ def load_pretrained_weights(model: nn.Module, path: str, use_ema: bool = False, 
     if ignored:
         report.lines.append(_listing('ignored from the checkpoint (classifier side)', ignored))
     return report
+
+
+def grid_of(pos_embed: torch.Tensor, model: nn.Module) -> str:
+    """A position embedding's patch grid, 'H x W' (without the model's prefix tokens; square when unknown)."""
+    prefix = 0 if getattr(model, 'no_embed_class', False) else getattr(model, 'num_prefix_tokens', 0)
+    n = pos_embed.shape[1] - prefix if pos_embed.shape[1] > prefix else pos_embed.shape[1]
+    side = int(round(n ** 0.5))
+    return f"{side} x {side}" if side * side == n else f"{n}"
 
 
 def pool_of_state_dict(state_dict: dict) -> str:
