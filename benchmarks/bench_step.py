@@ -222,10 +222,12 @@ def count_flops(step: Callable[[], None]) -> float:
     return float(counter.get_total_flops())
 
 
-def matmul_rate(device: torch.device, n: int, clock: str = 'wall', repeats: int = 10) -> float:
-    """FLOP/s of an n x n x n bf16 matrix product on ``device`` (the MFU denominator)."""
+def matmul_rate(device: torch.device, n: int, clock: str = 'wall', repeats: int = 10,
+                dtype: torch.dtype = torch.bfloat16) -> float:
+    """FLOP/s of an n x n x n matrix product in ``dtype`` on ``device`` (the MFU denominator: the steps' own
+    compute precision, so that a CPU without bf16 units is not measured against its slow bf16 emulation)."""
     now = CLOCKS[clock]
-    a, b = (torch.randn(n, n, device=device, dtype=torch.bfloat16) for _ in range(2))
+    a, b = (torch.randn(n, n, device=device, dtype=dtype) for _ in range(2))
     for _ in range(3):
         a @ b
     sync(device)
@@ -435,8 +437,8 @@ def step_intro(args, peak_rate: Optional[float]) -> list[str]:
             f"drop_path {args.drop_path}; autocast {args.amp} except the authors' approach (float32); median of "
             f"{args.steps} steps after {args.warmup} ({CLOCK_NAMES[args.clock]}). Step memory: the peak minus "
             "the memory before the steps. x plain: the peak over the plain fused step's. MFU: the FLOPs counted "
-            f"in the explicit row of the task per second, over the bf16 matrix-product rate measured here ({rate}, "
-            f"{args.matmul_size}^3 products).", '']
+            f"in the explicit row of the task per second, over the matrix-product rate measured here in the steps' "
+            f"precision ({rate}, {args.matmul_size}^3 {args.amp if args.amp != 'none' else 'float32'} products).", '']
 
 
 def step_table(args, results: dict, peak_rate: Optional[float]) -> list[str]:
@@ -484,7 +486,8 @@ def step_specs(args, model: str, kwargs: tuple, size: int) -> list[StepSpec]:
 def run_steps(args, deadline: Deadline, on_group: Callable[[dict, Optional[float]], None] = lambda *a: None):
     """Every row of the step table, a model and size at a time (``on_group`` called after each); returns the
     results {(model, kwargs, size): [(spec, result)]} and the measured matrix-product rate."""
-    peak_rate = matmul_rate(torch.device(args.device), args.matmul_size, args.clock)
+    peak_rate = matmul_rate(torch.device(args.device), args.matmul_size, args.clock,
+                            dtype=AMP_DTYPES[args.amp] or torch.float32)
     results: dict = {}
     for model, kwargs in args.model_specs:
         for size in args.sizes:
@@ -559,7 +562,8 @@ def add_args(p: argparse.ArgumentParser, models: list[str], sizes: list[int], ba
                    help='transfer layers [0, depth + end_layer) (-3: what the authors\' released code does)')
     g.add_argument('--drop_path', type=float, default=0.1, help='stochastic depth of the student')
     g.add_argument('--matmul_size', type=int, default=None,
-                   help='side of the bf16 matrix product timed for MFU (default: 8192 on CUDA, 1024 on CPU)')
+                   help='side of the matrix product (in the steps\' precision) timed for MFU '
+                        '(default: 8192 on CUDA, 1024 on CPU)')
     g = p.add_argument_group('the distillation loss alone')
     g.add_argument('--loss_tokens', nargs='+', type=int, default=[197, 785, 1765], help='token counts N')
     g.add_argument('--loss_batch', type=int, default=32, help='batch')

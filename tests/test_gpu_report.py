@@ -223,3 +223,17 @@ def test_isolated_measurement_reports_its_own_peak_memory():
         memory[path] = bench_step.step_memory(result)
     assert memory['explicit'] > 2 * 64 * 2 ** 20
     assert memory['fused'] < memory['explicit'] / 2
+
+
+@pytest.mark.parametrize('amp,dtype', [('none', torch.float32), ('bf16', torch.bfloat16)])
+def test_mfu_is_measured_against_the_steps_own_precision(monkeypatch, amp, dtype):
+    """A CPU step without autocast runs in float32: its MFU denominator is the float32 matrix-product rate (a bf16
+    rate, emulated on a CPU without bf16 units, made MFU read 5,000%)."""
+    used = []
+    monkeypatch.setattr(bench_step, 'matmul_rate', lambda *a, dtype=None, **k: used.append(dtype) or 1e9)
+    args = bench_step.get_args(['--models', 'vit_base_patch16_224', '--model_kwargs',
+                                *[f'{k}={v}' for k, v in gpu_report.SMOKE_KWARGS.items()], '--sizes', '32',
+                                '--batch_size', '2', '--warmup', '0', '--steps', '1', '--paths', 'fused',
+                                '--tasks', 'plain', '--device', 'cpu', '--amp', amp])
+    bench_step.main(args)
+    assert used == [dtype]
