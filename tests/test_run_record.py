@@ -142,3 +142,11 @@ def test_more_workers_than_cpus_are_lowered_with_one_line(workdir, tmp_path, cap
     assert usable_workers(cpus + 8) == cpus
     assert f"--num_workers {cpus + 8}: this process may use {cpus} CPUs" in capsys.readouterr().out
     assert usable_workers(cpus) == cpus
+
+
+def test_eval_of_a_finetune_checkpoint_says_what_resume_would_do(workdir, distill_run, tmp_path, capsys):
+    ckpt = os.path.join(distill_run, 'checkpoint.pth')
+    main_finetune.run(['--eval', '--finetune', ckpt, '--data_path', workdir.data, '--output_dir', str(tmp_path),
+                       '--device', 'cpu', '--num_workers', '0', '--nb_classes', '3', '--input_size', '32'])
+    assert (f"--eval --finetune {ckpt}: its weights in the model these flags describe (resized to them); "
+            f"--eval --resume {ckpt} evaluates the model the checkpoint records") in capsys.readouterr().out

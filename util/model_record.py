@@ -139,18 +139,22 @@ def finetune_defaults(cfg: Config, mode) -> dict:
     with it. --mean / --std and an explicit --global_pool / --cls_token win. Returns the resolved values."""
     pool_given = 'global_pool' in (cfg.explicit_flags or ())
     evaluating_plain = cfg.eval and not mode.uses_teacher and not pool_given
-    if evaluating_plain and not is_named(cfg.finetune):
-        if pool_of_state_dict(select_state_dict(read_checkpoint(cfg.finetune, '--finetune'))) != 'map':
-            return {}
-        log(f"pooling: the attention-pooling head of --finetune {cfg.finetune}")
-        return {'global_pool': 'map'}
+    if cfg.eval and not is_named(cfg.finetune) and recorded_spec(read_recorded(cfg.finetune)) is not None:
+        log(f"--eval --finetune {cfg.finetune}: its weights in the model these flags describe (resized to them); "
+            f"--eval --resume {cfg.finetune} evaluates the model the checkpoint records, with its own sizes")
     unnamed = not cfg.model and not cfg.teacher_model
+    values = {}
+    if evaluating_plain and not is_named(cfg.finetune):
+        if pool_of_state_dict(select_state_dict(read_checkpoint(cfg.finetune, '--finetune'))) == 'map':
+            log(f"pooling: the attention-pooling head of --finetune {cfg.finetune}")
+            values['global_pool'] = 'map'
+        if not unnamed:
+            return values
     if not (is_named(cfg.finetune) or mode.teacher_from_checkpoint or unnamed):
-        return {}
+        return values
     source = classifier_of(cfg.finetune)
     if source is None:
-        return {}
-    values = {}
+        return values
     if unnamed:
         values.update(model=source.student.name, model_kwargs={**source.student.kwargs, **cfg.model_kwargs})
         log(f"architecture from --finetune {cfg.finetune}: {values['model']} {values['model_kwargs']}")
