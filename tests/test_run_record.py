@@ -150,3 +150,10 @@ def test_eval_of_a_finetune_checkpoint_says_what_resume_would_do(workdir, distil
                        '--device', 'cpu', '--num_workers', '0', '--nb_classes', '3', '--input_size', '32'])
     assert (f"--eval --finetune {ckpt}: its weights in the model these flags describe (resized to them); "
             f"--eval --resume {ckpt} evaluates the model the checkpoint records") in capsys.readouterr().out
+
+
+def test_evaluating_a_copy_student_with_averaged_maps_says_it_depends_on_the_batch(workdir, tmp_path, capsys):
+    out = str(tmp_path / 'copy')
+    main_finetune.run(args_for(workdir, out, '--mode', 'copy', '--map_average', 'examples', epochs=1))
+    assert "--map_average examples: evaluation too averages the teacher's maps over each batch of 8" in \
+        capsys.readouterr().out
