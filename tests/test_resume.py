@@ -400,6 +400,9 @@ def test_a_resumed_run_names_the_flags_that_changed(workdir, one_epoch_distill, 
     printed = capsys.readouterr().out
     assert "resumed with a change: --epochs: 1 in the checkpoint's run, 2 from here on" in printed
     assert "resumed with a change: --atd_weight: 3 in the checkpoint's run, 1.0 from here on" in printed
+    # the cosine schedule over 2 epochs instead of 1: at epoch 1 half-way down (lr 3e-3, min_lr 1e-6), not at the end
+    assert ("resumed with a change: the lr at the resumed point (epoch 1.00) is 0.0015 under this command's "
+            "schedule, 1e-06 under the checkpoint's (2 epochs, peak 0.003; it had 1, peak 0.003)") in printed
     assert 'resumed with a change: --data_path' not in printed and 'resumed with a change: --resume' not in printed
 
 

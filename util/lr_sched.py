@@ -50,6 +50,22 @@ class Schedule:
                      self.step_rate)
 
 
+def schedule_change(saved: dict, schedule: Schedule, epoch: float) -> str | None:
+    """What a resumed run's schedule changes at ``epoch`` (fractional) against the one its checkpoint's record
+    describes (``saved``: its args), in one line; None when the lr there is the same."""
+    keys = ('lr', 'min_lr', 'warmup_epochs', 'epochs')
+    if not all(k in saved and saved[k] is not None for k in keys):
+        return None
+    before = Schedule(saved['lr'], saved['min_lr'], saved['warmup_epochs'], saved['epochs'],
+                      saved.get('sched', 'cosine'), tuple(saved.get('step_epochs') or ()), saved.get('step_rate', 0.1))
+    old, new = before.at(epoch), schedule.at(epoch)
+    if before == schedule or abs(old - new) <= 1e-12 * max(abs(old), abs(new), 1e-30):
+        return None
+    return (f"the lr at the resumed point (epoch {epoch:.2f}) is {new:.3g} under this command's schedule, "
+            f"{old:.3g} under the checkpoint's ({schedule.epochs} epochs, peak {schedule.lr:.3g}; it had "
+            f"{before.epochs}, peak {before.lr:.3g})")
+
+
 def adjust_learning_rate(optimizer: torch.optim.Optimizer, epoch: float, schedule: Schedule) -> float:
     """Set every group's lr to the schedule's value times the group's ``lr_scale``; returns the base value."""
     value = schedule.at(epoch)

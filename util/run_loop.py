@@ -23,6 +23,7 @@ from util.checkpoint import (
     last_good_sentence,
     next_position,
     read_position,
+    recorded_args,
     saved_position,
     seed_epoch,
     set_rng_state,
@@ -31,7 +32,7 @@ from util.config import Config
 from util.datasets import build_loader
 from util.distributed import get_rank, get_world_size, is_main_process, log
 from util.errors import UserError
-from util.lr_sched import Schedule
+from util.lr_sched import Schedule, schedule_change
 from util.output import (
     CHECKPOINT,
     NUMBERED,
@@ -195,9 +196,13 @@ class RunLoop:
             warn_if_little_space(cfg.output_dir, self.checkpointer.size(), bool(cfg.save_every))
         self.start = ResumePoint(getattr(cfg, 'start_epoch', 0), 0, None, None)  # main_pretrain.py has none
         if parts.ckpt is not None:
+            saved = recorded_args(parts.ckpt)
             self.start = self.checkpointer.load(parts.ckpt, parts.ckpt_path, cfg.batch_size, self.steps_per_epoch,
                                                 cfg.seed, parts.fingerprint)
             trim_log(cfg.output_dir, self.start.epoch)
+            change = schedule_change(saved, parts.schedule, self.start.epoch + self.start.step / self.steps_per_epoch)
+            if change:
+                log(f"resumed with a change: {change}")
         self.starts = recorded_starts(parts.ckpt) + [start_record(cfg.command, self.start.epoch, self.start.step)]
         self.checkpointer.record = {**self.checkpointer.record, RECORD_KEY: self.starts}  # checkpoints carry it
         self.log_writer = open_log_writer(cfg, int((self.start.epoch + self.start.step / self.steps_per_epoch)
