@@ -100,6 +100,7 @@ from util.run_control import reporting_stop, stop_on_signals
 from util.run_loop import EpochEnd, RunLoop, RunParts, check_run_folder, finished
 from util.run_record import Console, command_line
 from util.samplers import ShardSampler, dataset_fingerprint
+from util.tracking import add_tracking_arguments, check_wandb
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -243,6 +244,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     add_run_arguments(p, 'training / testing', 'checkpoint to resume from, or "allow": output_dir/checkpoint.pth if it '
                       'exists, else start fresh', after_resume=add_evaluation_arguments,
                       after_save_every=add_epoch_end_arguments)
+    add_tracking_arguments(p)
     add_distributed_arguments(p)
     for name, mode in MODES.items():
         annotate_mode_defaults(p, mode.defaults, name)
@@ -313,6 +315,7 @@ def resolve_args(args, read_resume: bool = True) -> Resolved:
     ``read_resume=False`` (the SLURM launcher, at submission) only checks that the checkpoint exists."""
     cfg = Config.of(args)
     check_values(cfg)
+    check_wandb(cfg)
     check_output_folders(cfg)
     cfg = cfg.replace(model_kwargs=parse_kwargs(cfg.model_kwargs, '--model_kwargs'),
                       student_kwargs=parse_kwargs(cfg.student_kwargs, '--student_kwargs'))

@@ -69,6 +69,7 @@ from util.run_loop import EpochEnd, RunLoop, RunParts, check_run_folder, finishe
 from util.run_record import Console, command_line
 from util.samplers import dataset_fingerprint
 from util.selection import ImageFiles, list_images
+from util.tracking import add_tracking_arguments, check_wandb
 
 DEFAULT_MODEL = 'vit_large_patch16'
 
@@ -126,6 +127,7 @@ def get_args_parser() -> argparse.ArgumentParser:
                       'output_dir/checkpoint.pth if it exists, else start fresh')
     # read by util.output, which serves main_finetune.py too: pre-training never evaluates nor keeps a best
     p.set_defaults(eval=False, save_best=None, explicit_flags=None, command=None)
+    add_tracking_arguments(p)
     add_distributed_arguments(p)
     return p
 
@@ -178,6 +180,7 @@ def resolve_args(args) -> tuple[Config, dict | None, str | None]:
     """The flags checked and resolved into the run's read-only configuration before any heavy work; returns it
     with the checkpoint to resume and its path."""
     check_values(args)
+    check_wandb(args)
     check_output_folders(args)
     cfg = Config.of(args, model_kwargs=parse_kwargs(args.model_kwargs, '--model_kwargs'),
                     log_dir=args.output_dir if args.log_dir is None else args.log_dir,

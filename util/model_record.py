@@ -171,7 +171,8 @@ def finetune_defaults(cfg: Config, mode) -> dict:
 UNREPORTED = {'resume', 'output_dir', 'log_dir', 'device', 'world_size', 'local_rank', 'dist_url', 'dist_timeout',
               'rank', 'gpu', 'distributed', 'dist_backend', 'explicit_flags', 'num_workers', 'pin_mem', 'print_freq',
               'start_epoch', 'eval', 'selection_pending', 'model_spec', 'train_data', 'lr', 'student_model',
-              'student_kwargs', 'teacher_acc', 'run_record', 'command', 'config', 'student_init'}
+              'student_kwargs', 'teacher_acc', 'run_record', 'command', 'config', 'student_init', 'log_wandb',
+              'wandb_project', 'wandb_name'}
 
 
 def spec_changes(saved: ModelSpec, now: ModelSpec) -> list[str]:

@@ -5,6 +5,8 @@
     checkpoint-best.pth     the best epoch's state (--save_best)
     log.txt                 one JSON line per epoch, with the best accuracies so far
     eval_results.json       --eval's results
+    config.yaml, run_record.json, console.txt   how the run was made (util/run_record.py)
+    curves.png              the run's curves from log.txt (util/tracking.py)
     run.lock                the host, pid and SLURM job of the run using the folder
     <file>.<random>.tmp     a write in progress (removed at start when a killed write left one)
     events.out.tfevents.*   TensorBoard (in --log_dir, by default the same folder)
@@ -52,7 +54,8 @@ NUMBERED = re.compile(r'checkpoint-(\d+)\.pth')
 # has no dots).
 TMP_SUFFIX = '.tmp'
 # the temporaries of every file a run writes with save_atomic / atomic_write_text
-_RUN_FILE_TMP = re.compile(r'(checkpoint(-\d+|-best)?\.pth|log\.txt|eval_results\.json)\.[^.]+'
+_RUN_FILE_TMP = re.compile(r'(checkpoint(-\d+|-best)?\.pth|log\.txt|eval_results\.json|config\.yaml|run_record\.json'
+                          r'|curves\.png)\.[^.]+'
                            + re.escape(TMP_SUFFIX))
 
 
@@ -125,6 +128,11 @@ def save_atomic(obj: Any, path: str) -> None:
 def atomic_write_text(text: str, path: str) -> None:
     """``text`` (UTF-8) into ``path`` as save_atomic writes checkpoints."""
     _atomic(path, lambda f: f.write(text.encode('utf-8')))
+
+
+def atomic_write_bytes(data: bytes, path: str) -> None:
+    """``data`` into ``path`` as save_atomic writes checkpoints."""
+    _atomic(path, lambda f: f.write(data))
 
 
 def stale_temporaries(folder: str) -> list[str]:
@@ -612,14 +620,19 @@ def trim_log(output_dir: str, start_epoch: int) -> None:
             "resumed checkpoint (those epochs are trained again)")
 
 
-def open_log_writer(args, position: int) -> SummaryWriter | None:
-    """TensorBoard events in --log_dir on rank 0; points up to the resumed ``position`` (epoch_1000x, as the
-    engine writes them) were trained and are kept, later ones (a stopped run's) are purged."""
+def open_log_writer(args, position: int):
+    """The run's util.tracking.Tracker on rank 0 (None elsewhere, or with neither --log_dir nor --log_wandb):
+    TensorBoard events in --log_dir, where points up to the resumed ``position`` (epoch_1000x, as the engine
+    writes them) were trained and are kept, later ones (a stopped run's) are purged; W&B with --log_wandb."""
+    from util.tracking import Tracker, open_wandb
+
     if not is_main_process():
         return None
     if args.output_dir:
         os.makedirs(args.output_dir, exist_ok=True)
-    if not args.log_dir:
-        return None
-    os.makedirs(args.log_dir, exist_ok=True)
-    return SummaryWriter(log_dir=args.log_dir, purge_step=position + 1 if position else None)
+    tensorboard = None
+    if args.log_dir:
+        os.makedirs(args.log_dir, exist_ok=True)
+        tensorboard = SummaryWriter(log_dir=args.log_dir, purge_step=position + 1 if position else None)
+    wandb_run = open_wandb(args)
+    return Tracker(tensorboard, wandb_run) if tensorboard is not None or wandb_run is not None else None

@@ -47,6 +47,10 @@ from util.output import (
 from util.run_control import RunControl
 from util.run_record import RECORD_KEY, Console, flag_values, recorded_starts, start_record, write_run_files
 from util.samplers import ResumableDistributedSampler
+from util.tracking import write_curves
+
+# The final values TensorBoard's hyper-parameter table shows beside the flags.
+HPARAM_METRICS = ('test_acc1', 'ema_test_acc1', 'best_test_acc1', 'best_ema_test_acc1', 'train_loss')
 
 
 # ---- what the run is in its folder, decided at start --------------------------------------------------------
@@ -239,7 +243,10 @@ class RunLoop:
             raise
         # a stop agreed at the epoch's last step: no evaluation now (the run itself ends after the last epoch)
         stopping = control.stop_at_epoch_end is not None and epoch + 1 < self.parts.schedule.epochs
-        return self.end.end(epoch, train_stats, not stopping and self.end.due(epoch), self), saved
+        stats = self.end.end(epoch, train_stats, not stopping and self.end.due(epoch), self)
+        if is_main_process():
+            write_curves(cfg.output_dir)
+        return stats, saved
 
     def fit(self) -> dict:
         """Finish the resumed epoch's end if a stop left it undone, then train the remaining epochs."""
@@ -249,7 +256,10 @@ class RunLoop:
             log(f"finishing epoch {epoch} of {self.checkpointer.last_good}: {self.end.unfinished_part}")
             stats = self.end.end(epoch, end_of_epoch_stats(self.unfinished), self.end.due(epoch), self)
         control = RunControl(self.cfg.checkpoint_minutes, self.save)
-        write_run_files(self.cfg.output_dir, flag_values(self.cfg, self.parts.flags), self.starts, Console.current)
+        config = flag_values(self.cfg, self.parts.flags)
+        write_run_files(self.cfg.output_dir, config, self.starts, Console.current)
+        if self.log_writer is not None:
+            self.log_writer.add_config(config, self.starts)
         if not self.cfg.output_dir:
             log("no --output_dir: no checkpoint is written, so a stop (SIGINT / SIGTERM) keeps nothing of this run")
         log(f"start {self.parts.name} for {epochs} epochs ({self.steps_per_epoch} steps each) from epoch "
@@ -262,6 +272,7 @@ class RunLoop:
         log(f"{self.parts.name} time {datetime.timedelta(seconds=int(time.time() - start_time))}")
         self.end.finish(stats)
         if self.log_writer is not None:
+            self.log_writer.add_hparams(config, {k: v for k, v in stats.items() if k in HPARAM_METRICS})
             self.log_writer.close()
         return stats
 
