@@ -165,20 +165,22 @@ def plot_cls_attention(image: torch.Tensor, maps: dict[str, dict[int, torch.Tens
     fig, axes = plt.subplots(len(layers), len(columns) + 1, figsize=(1.3 * (len(columns) + 1), 1.3 * len(layers)),
                              squeeze=False)
     shown = (image - image.min()) / (image.max() - image.min() + 1e-8)
+    rows = {(layer, name, head): maps[name][layer][0, head, 0, models[name].num_prefix_tokens:]
+            .reshape(_grid(models[name])) for layer in layers for name, head in columns}
+    scale = one_scale(rows.values())
     for r, layer in enumerate(layers):
         axes[r, 0].imshow(shown.permute(1, 2, 0).numpy())
         copied = sources and sources.get(layer, 'own') != 'own'
         axes[r, 0].set_ylabel(f'layer {layer}' + (f'\nstudent: {sources[layer]}' if copied else ''), fontsize=7)
         for c, (name, head) in enumerate(columns, start=1):
-            vit = models[name]
-            row = maps[name][layer][0, head, 0, vit.num_prefix_tokens:].reshape(_grid(vit))
-            axes[r, c].imshow(row.numpy(), cmap='viridis')
+            image_ = axes[r, c].imshow(rows[layer, name, head].numpy(), cmap='viridis', **scale)
             if r == 0:
                 axes[r, c].set_title(f'{name} h{head}', fontsize=7)
     for ax in axes.flat:
         ax.set_xticks([])
         ax.set_yticks([])
     fig.tight_layout()
+    fig.colorbar(image_, ax=axes[:, 1:].ravel().tolist(), shrink=0.8, label='attention of the class token')
     fig.savefig(path, dpi=110)
     plt.close(fig)
 
@@ -188,18 +190,28 @@ def plot_token_maps(maps: dict[str, dict[int, torch.Tensor]], layer: int, heads:
     names = list(maps)
     n_heads = max(min(heads, maps[n][layer].shape[1]) for n in names)
     fig, axes = plt.subplots(len(names), n_heads, figsize=(2.2 * n_heads, 2.2 * len(names)), squeeze=False)
+    scale = one_scale(maps[n][layer][0, h] for n in names for h in range(min(heads, maps[n][layer].shape[1])))
+    image_ = None
     for r, name in enumerate(names):
         for h in range(n_heads):
             ax = axes[r, h]
             if h < maps[name][layer].shape[1]:
-                ax.imshow(maps[name][layer][0, h].numpy(), cmap='magma')
+                image_ = ax.imshow(maps[name][layer][0, h].numpy(), cmap='magma', **scale)
                 note = f' ({source})' if name == 'student' and source != 'own' else ''
                 ax.set_title(f'{name} layer {layer} head {h}{note}', fontsize=7)
             ax.set_xticks([])
             ax.set_yticks([])
     fig.tight_layout()
+    fig.colorbar(image_, ax=axes.ravel().tolist(), shrink=0.8, label='attention weight')
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def one_scale(maps) -> dict:
+    """One colour scale for every map of a figure (vmin, vmax over all of them): a near-uniform map then looks
+    near-uniform, instead of stretched to the full colour range as a map scaled on its own is."""
+    maps = list(maps)
+    return {'vmin': float(min(m.min() for m in maps)), 'vmax': float(max(m.max() for m in maps))}
 
 
 def plot_metrics(rows: list[dict], path: str) -> None:
