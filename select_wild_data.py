@@ -348,10 +348,11 @@ def main(args) -> dict | None:
         if missing:
             raise RuntimeError(f"chunks {missing[:10]} were not scored; rerun to finish them")
         selection = select(merge(chunk_dir, n_chunks), args, blocks, paths)
-        write_selection(selection, args.output)
+        views = write_selection(selection, args.output)
         skipped = int((~selection['valid']).sum())
         log(f"kept {len(selection['selected'])} of {len(paths)} images ({selection['ranking']} ranking"
-            + (f"; {skipped} undecodable skipped" if skipped else '') + f") -> {args.output}")
+            + (f"; {skipped} undecodable skipped" if skipped else '') + f") -> {args.output}; the kept files and "
+            f"their scores: {views[0]}; the best- and worst-ranked images: {views[1]}")
         log("class-balance weights: " + ' '.join(f"{w:.3f}" for w in selection['class_weights'].tolist()[:20])
             + (' ...' if args.nb_classes > 20 else ''))
     barrier()

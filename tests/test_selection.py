@@ -232,3 +232,25 @@ def test_class_weights_from_an_augmented_pass(setup, shared_images, tmp_path):
     assert torch.equal(reused, torch.full((classes,), 5.0))
     other = training_class_weights(teacher, selection_path, teacher_path, 32, 0.5, 8, 5, 'cpu')
     assert not torch.equal(other, reused) and other.sum().item() == pytest.approx(classes)
+
+
+def test_a_selection_writes_its_kept_files_as_csv_and_a_contact_sheet(setup):
+    import csv
+
+    root, teacher_path, wild = setup
+    out = str(root / 'sel_views.pth')
+    selection = run_selection(teacher_path, wild, out)
+    with open(out + '.csv') as f:
+        rows = list(csv.DictReader(f))
+    kept = selection['selected'].tolist()
+    assert len(rows) == len(kept) == 10
+    assert {r['file'] for r in rows} == {selection['paths'][i] for i in kept}
+    values = [float(r['value']) for r in rows]
+    assert values == sorted(values)  # best-ranked first
+    assert max(values) <= min(float(v) for i, v in enumerate(selection['value']) if i not in kept)
+    for r in rows:
+        i = selection['paths'].index(r['file'])
+        assert float(r['value']) == pytest.approx(float(selection['value'][i]), rel=1e-5)
+        assert int(r['predicted_class']) == int(selection['predictions'][i])
+    with open(out + '.png', 'rb') as f:
+        assert f.read(8) == b'\x89PNG\r\n\x1a\n'

@@ -24,6 +24,7 @@ of the target task's training split (``labelled_originals``), as the reference's
 from __future__ import annotations
 
 import hashlib
+import math
 import os
 import warnings
 from collections.abc import Sequence
@@ -38,7 +39,7 @@ from torchvision.datasets.folder import IMG_EXTENSIONS, find_classes, make_datas
 
 from util.datasets import DataError, collate_skipping_bad, load_rgb
 from util.errors import UserError
-from util.output import save_atomic
+from util.output import atomic_write_bytes, atomic_write_text, save_atomic
 from util.pretrained import read_checkpoint
 
 # What probe training reads from a selection file.
@@ -57,8 +58,62 @@ def selection_record(root: str, paths: list[str], selected: torch.Tensor, rankin
             'input_size': input_size, 'args': args}
 
 
-def write_selection(selection: dict, path: str) -> None:
+def write_selection(selection: dict, path: str) -> list[str]:
+    """The selection file, then beside it what to read and look at: ``<path>.csv``, the kept images in their
+    ranking order with their scores, and ``<path>.png``, a contact sheet of the best- and worst-ranked images.
+    Returns the paths written."""
     save_atomic(selection, path)
+    return [write_selection_csv(selection, path + '.csv'), write_contact_sheet(selection, path + '.png')]
+
+
+def write_selection_csv(selection: dict, path: str) -> str:
+    """One row per kept image, best-ranked first: rank, file (under the selection's root), the ranking value
+    (lower is kept first), the teacher's predicted class and its output score."""
+    import csv
+    import io
+
+    value, kept = selection['value'], selection['selected'].tolist()
+    order = sorted(kept, key=lambda i: (float(value[i]), i))
+    out = io.StringIO()
+    writer = csv.writer(out)
+    writer.writerow(['rank', 'file', 'value', 'predicted_class', 'output_score'])
+    for rank, i in enumerate(order):
+        writer.writerow([rank, selection['paths'][i], f"{float(value[i]):.6g}", int(selection['predictions'][i]),
+                         f"{float(selection['scores']['output'][i]):.6g}"])
+    atomic_write_text(out.getvalue(), path)
+    return path
+
+
+def write_contact_sheet(selection: dict, path: str, per_row: int = 8, rows: int = 2) -> str:
+    """The ``per_row * rows`` best-ranked images (lowest value: kept first) above the as many worst-ranked ones
+    (of the decodable images), each titled with its value."""
+    import io
+
+    import matplotlib
+    matplotlib.use('Agg')
+    import matplotlib.pyplot as plt
+    value = selection['value']
+    finite = [i for i in range(len(value)) if math.isfinite(float(value[i]))]
+    ranked = sorted(finite, key=lambda i: (float(value[i]), i))
+    n = min(per_row * rows, len(ranked) // 2 or len(ranked))
+    groups = [('best-ranked (kept first)', ranked[:n]), ('worst-ranked', ranked[::-1][:n])]
+    fig, axes = plt.subplots(2 * rows, per_row, figsize=(1.4 * per_row, 1.6 * 2 * rows), squeeze=False)
+    for g, (title, indices) in enumerate(groups):
+        for k, ax in enumerate(axes[g * rows:(g + 1) * rows].flat):
+            ax.axis('off')
+            if k < len(indices):
+                i = indices[k]
+                with Image.open(os.path.join(selection['root'], selection['paths'][i])) as image:
+                    ax.imshow(image.convert('RGB'))
+                ax.set_title(f"{float(value[i]):.3g}", fontsize=6)
+        axes[g * rows, 0].text(0, 1.35, title, transform=axes[g * rows, 0].transAxes, fontsize=8)
+    fig.suptitle(f"{len(selection['selected'])} kept of {len(value)}: ranking {selection['ranking']} "
+                 "(value shown, lower ranks first)", fontsize=8)
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format='png', dpi=100)
+    plt.close(fig)
+    atomic_write_bytes(buffer.getvalue(), path)
+    return path
 
 
 def read_selection(path: str, entries: tuple[str, ...] = SELECTION_ENTRIES) -> dict:
