@@ -144,7 +144,17 @@ class _Tee(io.TextIOBase):
     def flush(self) -> None:
         self.stream.flush()
 
-    def __getattr__(self, name: str) -> Any:  # fileno, isatty, encoding: the terminal's
+    def fileno(self) -> int:  # the terminal's (os.write to it bypasses the kept copy)
+        return self.stream.fileno()
+
+    def isatty(self) -> bool:
+        return self.stream.isatty()
+
+    @property
+    def encoding(self) -> str:
+        return getattr(self.stream, 'encoding', 'utf-8')
+
+    def __getattr__(self, name: str) -> Any:  # anything else: the stream's
         return getattr(self.stream, name)
 
 
