@@ -15,7 +15,7 @@ import main_finetune
 from models_vit import create_vit
 from tools import eval_shift
 from util.errors import UserError
-from util.eval_classes import read_eval_classes, subset_file
+from util.eval_classes import ClassSubset, check_class_folders, read_eval_classes, subset_file
 
 SYNSETS = ImageNetInfo('imagenet-1k').label_names()
 
@@ -42,6 +42,38 @@ def test_a_file_of_wordnet_ids_or_indices(tmp_path):
         read_eval_classes(str(tmp_path / 'bad.txt'), 1000)
     with pytest.raises(UserError, match='--eval_classes'):
         read_eval_classes('imagenet-x', 1000)
+
+
+def test_a_class_named_twice_is_refused(tmp_path):
+    """Two lines naming one class would score two class folders by one logit."""
+    (tmp_path / 'indices.txt').write_text("7\n7\n9\n")
+    with pytest.raises(UserError, match=r"--eval_classes .*indices.txt: 7 is named twice \(lines 1 and 2\)"):
+        read_eval_classes(str(tmp_path / 'indices.txt'), 10)
+    (tmp_path / 'wnids.txt').write_text(f"{SYNSETS[5]}\n{SYNSETS[2]}\n{SYNSETS[5]}\n")
+    with pytest.raises(UserError, match=f"{SYNSETS[5]} is named twice \\(lines 1 and 3\\)"):
+        read_eval_classes(str(tmp_path / 'wnids.txt'), 1000)
+
+
+def test_a_file_saved_with_a_byte_order_mark(tmp_path):
+    (tmp_path / 'wnids.txt').write_text(f"{SYNSETS[5]}\n{SYNSETS[2]}\n", encoding='utf-8-sig')
+    assert read_eval_classes(str(tmp_path / 'wnids.txt'), 1000).indices == (5, 2)
+    (tmp_path / 'indices.txt').write_text("7\n3\n", encoding='utf-8-sig')
+    assert read_eval_classes(str(tmp_path / 'indices.txt'), 10).indices == (7, 3)
+
+
+def test_wordnet_ids_in_another_order_than_the_folders_are_refused_naming_the_order(tmp_path):
+    """Line k of the file scores the k-th sorted class folder: the same classes in another order would score
+    each folder by another class's logit."""
+    (tmp_path / 'wnids.txt').write_text(f"{SYNSETS[5]}\n{SYNSETS[2]}\n")
+    subset = read_eval_classes(str(tmp_path / 'wnids.txt'), 1000)
+    folders = sorted([SYNSETS[5], SYNSETS[2]])
+    with pytest.raises(UserError) as refused:
+        check_class_folders(folders, subset, str(tmp_path / 'wnids.txt'), 'val')
+    message = str(refused.value)
+    assert 'missing []' not in message and 'another order' in message
+    assert f"line 1 names {SYNSETS[5]}, but sorted class folder 1 is {SYNSETS[2]}" in message
+    assert 'sort the lines' in message
+    check_class_folders(folders, ClassSubset((2, 5), tuple(folders)), 'f', 'val')  # in the folders' order: accepted
 
 
 # ---- the tool, end to end, with a classifier whose answers are known ---------------------------------
