@@ -7,7 +7,7 @@ import shutil
 import numpy as np
 import pytest
 import torch
-from helpers import TINY_ARCH, kwargs_flags
+from helpers import TINY_ARCH, kwargs_flags, tiny_args
 from PIL import Image
 from timm.data import ImageNetInfo
 
@@ -160,3 +160,45 @@ def test_eval_classes_refusals(tmp_path, shared_images):
         eval_shift.main(['--imagenet_a', str(tmp_path / 'none'), '--output_dir', str(tmp_path), '--resume', 'x'])
     with pytest.raises(UserError, match='--resume CKPT'):
         eval_shift.main(['--imagenet_a', data, '--output_dir', str(tmp_path)])
+
+
+def tool_flags(tmp_path, *extra):
+    return ['--output_dir', str(tmp_path / 'shift'), '--model', 'vit_base_patch16_224', '--model_kwargs',
+            *kwargs_flags(TINY_ARCH), '--input_size', '32', '--device', 'cpu', '--num_workers', '0', *extra]
+
+
+def test_a_classifier_of_other_classes_is_refused_with_advice_that_can_work(tmp_path, shared_images, capsys):
+    """The class count of a --resume checkpoint is its own (no flag changes it), and the sets are ImageNet-1k's
+    classes: the advice is another checkpoint, not --nb_classes."""
+    run = str(tmp_path / 'run')
+    main_finetune.run(tiny_args(shared_images(), run, epochs=1))  # a 3-class classifier
+    sketch = fake_set(tmp_path / 'sketch', SYNSETS, SYNSETS[0])
+    with pytest.raises(UserError) as refused:
+        eval_shift.main(['--imagenet_sketch', sketch, *tool_flags(tmp_path, '--resume', f'{run}/checkpoint.pth')])
+    message = str(refused.value)
+    assert '--nb_classes' not in message
+    assert message.startswith(f"--resume {run}/checkpoint.pth: a classifier of 3 classes, but the shift sets are "
+                              "scored by an ImageNet-1k classifier's 1000 classes")
+    with pytest.raises(UserError, match=r"^--nb_classes 3: .*1000 classes.*leave --nb_classes out"):
+        eval_shift.main(['--imagenet_sketch', sketch, *tool_flags(tmp_path, '--finetune', f'{run}/checkpoint.pth',
+                                                                  '--nb_classes', '3')])
+    assert not (tmp_path / 'shift' / 'imagenet_sketch' / 'eval_results.json').exists()
+
+
+def test_every_set_is_checked_before_any_is_evaluated(tmp_path, monkeypatch):
+    a = read_eval_classes('imagenet-a', 1000)
+    r = read_eval_classes('imagenet-r', 1000)
+    valid = fake_set(tmp_path / 'a', a.synsets, a.synsets[0])
+    monkeypatch.setattr(eval_shift.main_finetune, 'run', lambda *a, **k: pytest.fail('a set was evaluated'))
+    (tmp_path / 'shift').mkdir()
+    (tmp_path / 'shift' / 'shift_results.md').write_text('an earlier table')
+    broken = {'names': fake_set(tmp_path / 'r1', ['cats', 'dogs'], 'cats'),
+              'classes': fake_set(tmp_path / 'r2', r.synsets[1:], r.synsets[1])}
+    expected = {'names': r"--imagenet_r .*r1.*: the class folder 'cats' is neither",
+                'classes': rf"--imagenet_r .*r2.*: 199 class folders, but ImageNet-R has 200 .*missing "
+                           rf"\['{r.synsets[0]}'\]"}
+    for kind, root in broken.items():
+        with pytest.raises(UserError, match=expected[kind]):
+            eval_shift.main(['--imagenet_a', valid, '--imagenet_r', root, *tool_flags(tmp_path, '--finetune', 'c.pth')])
+    assert (tmp_path / 'shift' / 'shift_results.md').read_text() == 'an earlier table'
+    assert sorted(os.listdir(tmp_path / 'shift')) == ['shift_results.md']  # nothing linked before the refusal
