@@ -56,7 +56,7 @@ import select_wild_data
 from modes import probe_epochs
 from tools import visualize_attention
 from util.errors import UserError, run_cli
-from util.output import CHECKPOINT, LOG, check_writable
+from util.output import CHECKPOINT, LOG, TMP_SUFFIX, atomic_write_text, check_writable
 
 SIZE = 32
 # Teacher and student architecture (timm vit_base_patch16_224 with these arguments): 64 patches of 4x4.
@@ -332,11 +332,10 @@ def execute(job: Job, log_path: str) -> dict:
 
 def run_jobs(jobs: list[Job], out: str, workers: int, prepare=lambda seed: None) -> dict[str, dict]:
     """Run the jobs in ``workers`` single-thread processes, each once the job it needs is done, in the order
-    given; prints one line per finished run. ``prepare(seed)`` (writing the seed's data) runs here before the
-    seed's first jobs start, while the workers run the earlier seeds'. Returns {job name: result}. A failed run,
-    or Ctrl-C, stops the demo and kills the workers."""
-    # a rerun of the demo starts its runs afresh: the previous demo's run folders would be refused
-    shutil.rmtree(os.path.join(out, 'runs'), ignore_errors=True)
+    given, their logs and outputs under runs/ (which ``clear_runs`` emptied); prints one line per finished run.
+    ``prepare(seed)`` (writing the seed's data) runs here before the seed's first jobs start, while the workers
+    run the earlier seeds'. Returns {job name: result}. A failed run, or Ctrl-C, stops the demo and kills the
+    workers."""
     os.makedirs(os.path.join(out, 'runs'), exist_ok=True)
     start, results = time.time(), {}
     context = multiprocessing.get_context('spawn')
@@ -507,6 +506,9 @@ def parse(argv=None) -> tuple[argparse.Namespace, list[int], int]:
     p.add_argument('--workers', default=min(2, os.cpu_count() or 1), type=int,
                    help='runs side by side, one thread each (default: %(default)s)')
     a = p.parse_args(argv)
+    if a.first_seed < 0:
+        raise UserError(f"--first_seed {a.first_seed}: must be 0 or more (each seed numbers a data split, drawn by a "
+                        "random generator that takes no negative seed); give --first_seed 0 or above")
     if a.seeds < 1 or a.workers < 1:
         raise UserError(f"--seeds {a.seeds} --workers {a.workers}: both must be at least 1 (the claims need "
                         "--seeds 2 or more)")
@@ -538,14 +540,62 @@ def claim_output_folder(out: str) -> None:
                         "create files in") from e
 
 
+# The file in the demo's folder that lists what the demo writes under runs/: a rerun removes those entries alone.
+RUNS_MANIFEST = '.attention_transfer_demo_runs.json'
+FIGURES_LOG = 'attention_figures.log'
+
+
+def run_entries(jobs: list[Job]) -> set[str]:
+    """The names the demo's runs write under runs/: each job's folder and log, each selection file and its
+    chunks' folder, the figures' log."""
+    names = {FIGURES_LOG}
+    for job in jobs:
+        names.update((job.name, f'{job.name}.log'))
+        if job.select_argv:
+            selection = os.path.basename(job.select_argv[job.select_argv.index('--output') + 1])
+            names.update((selection, f'{selection}.chunks'))
+    return names
+
+
+def _written_by(name: str, own: set[str]) -> bool:
+    """``name`` is one of ``own`` or the temporary of an atomic write of one (``<name>.<random>.tmp``)."""
+    return name in own or (name.endswith(TMP_SUFFIX) and any(name.startswith(f'{o}.') for o in own))
+
+
+def clear_runs(out: str, jobs: list[Job]) -> None:
+    """Empty runs/ for a rerun, removing only what an earlier demo wrote there (the names RUNS_MANIFEST lists; in
+    a folder of a demo from before the manifest, the names these jobs write), and record what these jobs will
+    write. Anything else under runs/ is refused, naming it, before anything is removed."""
+    runs, manifest = os.path.join(out, 'runs'), os.path.join(out, RUNS_MANIFEST)
+    own = run_entries(jobs)
+    if os.path.isfile(manifest):
+        with open(manifest, encoding='utf-8') as f:
+            own = set(json.load(f))
+    entries = sorted(os.listdir(runs)) if os.path.isdir(runs) else []
+    foreign = [name for name in entries if not _written_by(name, own)]
+    if foreign:
+        more = f' (and {len(foreign) - 1} more)' if len(foreign) > 1 else ''
+        raise UserError(f"--output_dir {out!r}: {os.path.join(runs, foreign[0])}{more} was not written by the demo, "
+                        f"which replaces what it wrote under runs/ on every run; move it out of {runs} (or give "
+                        "another --output_dir)")
+    for name in entries:
+        path = os.path.join(runs, name)
+        if os.path.isdir(path) and not os.path.islink(path):
+            shutil.rmtree(path)
+        else:
+            os.unlink(path)
+    atomic_write_text(json.dumps(sorted(run_entries(jobs)), indent=1), manifest)
+
+
 def main(argv=None) -> dict:
     a, seeds, presentations = parse(argv)
     out = a.output_dir
     claim_output_folder(out)
+    jobs = [job for seed in seeds for job in seed_jobs(out, seed, RECIPE, presentations, seed == seeds[0])]
+    clear_runs(out, jobs)  # a rerun starts its runs afresh: an earlier demo's run folders would be refused
     t0 = time.time()
     print(f"seeds {', '.join(map(str, seeds))}, each with its own data split (under {out}/data) and teachers; "
           f"{a.workers} runs at a time, one thread each; logs in {out}/runs/", flush=True)
-    jobs = [job for seed in seeds for job in seed_jobs(out, seed, RECIPE, presentations, seed == seeds[0])]
     results = run_jobs(jobs, out, a.workers, prepare=lambda seed: prepare_data(data_folder(out, seed), seed))
     wall = time.time() - t0
 
@@ -601,7 +651,7 @@ def draw_figures(out: str, seed: int, runs: dict[str, str]) -> dict[str, str]:
     """The first seed's accuracy per epoch and its distilled student's attention against the teacher's."""
     figures = {}
     distill_ckpt = os.path.join(runs['attention distillation'], CHECKPOINT)
-    with open(os.path.join(out, 'runs', 'attention_figures.log'), 'w') as log, contextlib.redirect_stdout(log):
+    with open(os.path.join(out, 'runs', FIGURES_LOG), 'w') as log, contextlib.redirect_stdout(log):
         visualize_attention.main(['--checkpoint', distill_ckpt,
                                   '--data_path', os.path.join(data_folder(out, seed), 'small'),
                                   '--output_dir', os.path.join(out, 'attention'), '--num_show', '3',

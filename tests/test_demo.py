@@ -138,3 +138,43 @@ def test_demo_into_an_unwritable_folder_is_one_error_line(tmp_path, monkeypatch,
     assert end.value.code == 1
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith(f"error: --output_dir {str(out)!r} cannot be written")
+
+
+def test_a_negative_first_seed_is_one_error_line(monkeypatch, capsys, tmp_path):
+    monkeypatch.setattr(demo, 'seed_jobs', lambda *a, **k: pytest.fail('the demo started its runs'))
+    with pytest.raises(SystemExit) as end:
+        run_cli(demo.main, ['--quick', '--first_seed', '-1', '--output_dir', str(tmp_path / 'demo')])
+    assert end.value.code == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: --first_seed -1: must be 0 or more")
+    assert not (tmp_path / 'demo').exists()
+
+
+def test_a_rerun_removes_only_what_the_demo_wrote_under_runs(tmp_path, monkeypatch, capsys):
+    out = tmp_path / 'demo'
+    demo.claim_output_folder(str(out))
+    (out / 'runs' / 'seed0_scratch').mkdir(parents=True)  # an earlier demo's run
+    (out / 'runs' / 'seed0_scratch' / 'checkpoint.pth').write_bytes(b'the demo run')
+    (out / 'runs' / 'seed0_scratch.log').write_text('its log')
+    (out / 'runs' / 'my_model.pth').write_bytes(b'a checkpoint of the user')
+    monkeypatch.setattr(demo, 'run_jobs', lambda *a, **k: pytest.fail('the demo started its runs'))
+    with pytest.raises(SystemExit) as end:
+        run_cli(demo.main, ['--quick', '--output_dir', str(out)])
+    assert end.value.code == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"error: --output_dir {str(out)!r}: {out / 'runs' / 'my_model.pth'} "
+                                               "was not written by the demo")
+    assert (out / 'runs' / 'my_model.pth').read_bytes() == b'a checkpoint of the user'
+    assert (out / 'runs' / 'seed0_scratch' / 'checkpoint.pth').exists()  # nothing removed before the refusal
+    (out / 'runs' / 'my_model.pth').unlink()
+    jobs = demo.seed_jobs(str(out), 0, demo.RECIPE, 800, True)
+    demo.clear_runs(str(out), jobs)
+    assert os.listdir(out / 'runs') == []  # the demo's own runs, removed
+    (out / 'runs' / 'seed0_scratch.log').write_text('a run of this demo')
+    (out / 'runs' / 'seed0_selection_probe.pth.x1y2.tmp').write_text('a killed write of this demo')
+    (out / 'runs' / 'notes.txt').write_text('the user')
+    with pytest.raises(demo.UserError, match='notes.txt was not written by the demo'):
+        demo.clear_runs(str(out), jobs)
+    (out / 'runs' / 'notes.txt').unlink()
+    demo.clear_runs(str(out), demo.seed_jobs(str(out), 5, demo.RECIPE, 800, True))  # by what the last demo recorded
+    assert os.listdir(out / 'runs') == []

@@ -7,7 +7,7 @@ import shutil
 import numpy as np
 import pytest
 import torch
-from helpers import TINY_ARCH, kwargs_flags
+from helpers import TINY_ARCH, kwargs_flags, tiny_args
 from PIL import Image
 from timm.data import ImageNetInfo
 
@@ -15,7 +15,7 @@ import main_finetune
 from models_vit import create_vit
 from tools import eval_shift
 from util.errors import UserError
-from util.eval_classes import read_eval_classes, subset_file
+from util.eval_classes import ClassSubset, check_class_folders, read_eval_classes, subset_file
 
 SYNSETS = ImageNetInfo('imagenet-1k').label_names()
 
@@ -42,6 +42,38 @@ def test_a_file_of_wordnet_ids_or_indices(tmp_path):
         read_eval_classes(str(tmp_path / 'bad.txt'), 1000)
     with pytest.raises(UserError, match='--eval_classes'):
         read_eval_classes('imagenet-x', 1000)
+
+
+def test_a_class_named_twice_is_refused(tmp_path):
+    """Two lines naming one class would score two class folders by one logit."""
+    (tmp_path / 'indices.txt').write_text("7\n7\n9\n")
+    with pytest.raises(UserError, match=r"--eval_classes .*indices.txt: 7 is named twice \(lines 1 and 2\)"):
+        read_eval_classes(str(tmp_path / 'indices.txt'), 10)
+    (tmp_path / 'wnids.txt').write_text(f"{SYNSETS[5]}\n{SYNSETS[2]}\n{SYNSETS[5]}\n")
+    with pytest.raises(UserError, match=f"{SYNSETS[5]} is named twice \\(lines 1 and 3\\)"):
+        read_eval_classes(str(tmp_path / 'wnids.txt'), 1000)
+
+
+def test_a_file_saved_with_a_byte_order_mark(tmp_path):
+    (tmp_path / 'wnids.txt').write_text(f"{SYNSETS[5]}\n{SYNSETS[2]}\n", encoding='utf-8-sig')
+    assert read_eval_classes(str(tmp_path / 'wnids.txt'), 1000).indices == (5, 2)
+    (tmp_path / 'indices.txt').write_text("7\n3\n", encoding='utf-8-sig')
+    assert read_eval_classes(str(tmp_path / 'indices.txt'), 10).indices == (7, 3)
+
+
+def test_wordnet_ids_in_another_order_than_the_folders_are_refused_naming_the_order(tmp_path):
+    """Line k of the file scores the k-th sorted class folder: the same classes in another order would score
+    each folder by another class's logit."""
+    (tmp_path / 'wnids.txt').write_text(f"{SYNSETS[5]}\n{SYNSETS[2]}\n")
+    subset = read_eval_classes(str(tmp_path / 'wnids.txt'), 1000)
+    folders = sorted([SYNSETS[5], SYNSETS[2]])
+    with pytest.raises(UserError) as refused:
+        check_class_folders(folders, subset, str(tmp_path / 'wnids.txt'), 'val')
+    message = str(refused.value)
+    assert 'missing []' not in message and 'another order' in message
+    assert f"line 1 names {SYNSETS[5]}, but sorted class folder 1 is {SYNSETS[2]}" in message
+    assert 'sort the lines' in message
+    check_class_folders(folders, ClassSubset((2, 5), tuple(folders)), 'f', 'val')  # in the folders' order: accepted
 
 
 # ---- the tool, end to end, with a classifier whose answers are known ---------------------------------
@@ -128,3 +160,45 @@ def test_eval_classes_refusals(tmp_path, shared_images):
         eval_shift.main(['--imagenet_a', str(tmp_path / 'none'), '--output_dir', str(tmp_path), '--resume', 'x'])
     with pytest.raises(UserError, match='--resume CKPT'):
         eval_shift.main(['--imagenet_a', data, '--output_dir', str(tmp_path)])
+
+
+def tool_flags(tmp_path, *extra):
+    return ['--output_dir', str(tmp_path / 'shift'), '--model', 'vit_base_patch16_224', '--model_kwargs',
+            *kwargs_flags(TINY_ARCH), '--input_size', '32', '--device', 'cpu', '--num_workers', '0', *extra]
+
+
+def test_a_classifier_of_other_classes_is_refused_with_advice_that_can_work(tmp_path, shared_images, capsys):
+    """The class count of a --resume checkpoint is its own (no flag changes it), and the sets are ImageNet-1k's
+    classes: the advice is another checkpoint, not --nb_classes."""
+    run = str(tmp_path / 'run')
+    main_finetune.run(tiny_args(shared_images(), run, epochs=1))  # a 3-class classifier
+    sketch = fake_set(tmp_path / 'sketch', SYNSETS, SYNSETS[0])
+    with pytest.raises(UserError) as refused:
+        eval_shift.main(['--imagenet_sketch', sketch, *tool_flags(tmp_path, '--resume', f'{run}/checkpoint.pth')])
+    message = str(refused.value)
+    assert '--nb_classes' not in message
+    assert message.startswith(f"--resume {run}/checkpoint.pth: a classifier of 3 classes, but the shift sets are "
+                              "scored by an ImageNet-1k classifier's 1000 classes")
+    with pytest.raises(UserError, match=r"^--nb_classes 3: .*1000 classes.*leave --nb_classes out"):
+        eval_shift.main(['--imagenet_sketch', sketch, *tool_flags(tmp_path, '--finetune', f'{run}/checkpoint.pth',
+                                                                  '--nb_classes', '3')])
+    assert not (tmp_path / 'shift' / 'imagenet_sketch' / 'eval_results.json').exists()
+
+
+def test_every_set_is_checked_before_any_is_evaluated(tmp_path, monkeypatch):
+    a = read_eval_classes('imagenet-a', 1000)
+    r = read_eval_classes('imagenet-r', 1000)
+    valid = fake_set(tmp_path / 'a', a.synsets, a.synsets[0])
+    monkeypatch.setattr(eval_shift.main_finetune, 'run', lambda *a, **k: pytest.fail('a set was evaluated'))
+    (tmp_path / 'shift').mkdir()
+    (tmp_path / 'shift' / 'shift_results.md').write_text('an earlier table')
+    broken = {'names': fake_set(tmp_path / 'r1', ['cats', 'dogs'], 'cats'),
+              'classes': fake_set(tmp_path / 'r2', r.synsets[1:], r.synsets[1])}
+    expected = {'names': r"--imagenet_r .*r1.*: the class folder 'cats' is neither",
+                'classes': rf"--imagenet_r .*r2.*: 199 class folders, but ImageNet-R has 200 .*missing "
+                           rf"\['{r.synsets[0]}'\]"}
+    for kind, root in broken.items():
+        with pytest.raises(UserError, match=expected[kind]):
+            eval_shift.main(['--imagenet_a', valid, '--imagenet_r', root, *tool_flags(tmp_path, '--finetune', 'c.pth')])
+    assert (tmp_path / 'shift' / 'shift_results.md').read_text() == 'an earlier table'
+    assert sorted(os.listdir(tmp_path / 'shift')) == ['shift_results.md']  # nothing linked before the refusal

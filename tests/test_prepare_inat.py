@@ -8,6 +8,7 @@ from PIL import Image
 from torchvision.datasets import ImageFolder
 
 from tools import prepare_inat
+from util.datasets import DataError, image_folder
 from util.errors import UserError
 
 # how each year's file_name entries and categories look (COCO's layout; the image folders differ by year)
@@ -60,7 +61,7 @@ def test_layout_labels_each_image_with_its_category(tmp_path, year):
     root = miniature(tmp_path / 'inat', year)
     out = str(tmp_path / 'folders')
     counts = prepare_inat.main(['--year', year, '--root', root, '--output', out])
-    assert counts == {'train': 22, 'val': 11, 'made': 33, 'classes': 11}
+    assert counts == {'train': 22, 'val': 11, 'made': 33, 'removed': 0, 'classes': 11}
     for split in ('train', 'val'):
         expected = labels_of(root, year, split)
         folder = ImageFolder(os.path.join(out, split))
@@ -103,3 +104,67 @@ def test_bad_inputs_are_named(tmp_path):
     with pytest.raises(UserError, match='1 annotated images are missing'):
         prepare_inat.main(['--year', '2019', '--root', root, '--output', str(tmp_path / 'o')])
     assert not (tmp_path / 'o').exists()  # checked before anything is linked
+
+
+def test_after_the_source_moves_the_links_are_refused_at_load_and_a_rerun_remakes_them(tmp_path):
+    root = miniature(tmp_path / 'inat', '2018')
+    out = str(tmp_path / 'folders')
+    prepare_inat.main(['--year', '2018', '--root', root, '--output', out])
+    moved = str(tmp_path / 'moved')
+    os.rename(root, moved)
+    with pytest.raises(DataError) as refused:  # one error, not a warning per image and a failed batch
+        image_folder(os.path.join(out, 'train'), None, 'train')
+    message = str(refused.value)
+    assert message.startswith(f"train data at {os.path.join(out, 'train')!r}: 22 images are symbolic links to "
+                              "files that do not exist")
+    assert 'tools/prepare_inat.py again with --root' in message
+    with pytest.raises(UserError, match='train2018.json: not found'):
+        prepare_inat.main(['--year', '2018', '--root', root, '--output', out])  # the old place: refused
+    assert prepare_inat.main(['--year', '2018', '--root', moved, '--output', out])['made'] == 33
+    assert len(image_folder(os.path.join(out, 'train'), None, 'train').samples) == 22
+
+
+def test_a_rerun_removes_the_links_of_images_the_annotations_no_longer_list(tmp_path):
+    root = miniature(tmp_path / 'inat', '2018')
+    out = tmp_path / 'folders'
+    argv = ['--year', '2018', '--root', root, '--output', str(out)]
+    prepare_inat.main(argv)
+    path = os.path.join(root, 'train2018.json')
+    data = json.load(open(path))
+    gone = data['images'].pop(0)
+    data['annotations'] = [a for a in data['annotations'] if a['image_id'] != gone['id']]
+    json.dump(data, open(path, 'w'))
+    (out / 'train' / '00' / 'notes.txt').write_text('a file of the user')  # not a link: kept
+    counts = prepare_inat.main(argv)
+    assert counts['removed'] == 1 and counts['made'] == 0
+    names = [p.name for p in out.rglob('*.jpg')]
+    assert os.path.basename(gone['file_name']) not in names and len(names) == 32
+    assert (out / 'train' / '00' / 'notes.txt').read_text() == 'a file of the user'
+
+
+def broken(root, year, change):
+    path = os.path.join(root, f'train{year}.json')
+    data = json.load(open(path))
+    json.dump(change(data), open(path, 'w'))
+    return path
+
+
+def test_malformed_annotation_files_are_named_with_the_entry(tmp_path):
+    def no_file_name(data):
+        del data['images'][3]['file_name']
+        return data
+
+    def string_ids(data):
+        for c in data['categories']:
+            c['id'] = str(c['id'])
+        return data
+
+    cases = [(lambda data: None, r"train2018.json: holds null, not an annotation file's object"),
+             (no_file_name, r"train2018.json: image entry 3 \(id 3\) has no file_name"),
+             (string_ids, r"train2018.json: category entry 0 has the id '0', a string")]
+    for k, (change, expected) in enumerate(cases):
+        root = miniature(tmp_path / f'inat{k}', '2018')
+        broken(root, '2018', change)
+        with pytest.raises(UserError, match=expected):
+            prepare_inat.main(['--year', '2018', '--root', root, '--output', str(tmp_path / f'o{k}')])
+        assert not (tmp_path / f'o{k}').exists()

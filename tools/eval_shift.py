@@ -30,7 +30,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import main_finetune  # noqa: E402
 from util.args import HelpFormatter  # noqa: E402
 from util.errors import UserError, run_cli  # noqa: E402
-from util.eval_classes import imagenet_synsets  # noqa: E402
+from util.eval_classes import imagenet_synsets, read_eval_classes  # noqa: E402
+from util.model_record import classifier_of  # noqa: E402
 from util.output import EVAL_RESULTS  # noqa: E402
 
 # flag -> (the set's name, its --eval_classes: None scores all 1000 classes)
@@ -54,27 +55,81 @@ def get_args_parser() -> argparse.ArgumentParser:
     return p
 
 
-def link_classes(source: str, view: str) -> None:
-    """``view/<wnid>`` -> ``source/<class folder>`` for every class folder of ``source`` (named by WordNet id or
-    ImageNet-1k index), so that the sorted folder names follow ImageNet-1k's class order. Old links are replaced."""
+def class_links(flag: str, source: str) -> dict[str, str]:
+    """{WordNet id: class folder} for every class folder of ``source`` (named by WordNet id or ImageNet-1k index);
+    reads only."""
     synsets = imagenet_synsets()
     known = set(synsets)
-    os.makedirs(view, exist_ok=True)
-    for name in os.listdir(view):
-        if os.path.islink(os.path.join(view, name)):
-            os.unlink(os.path.join(view, name))
     folders = sorted(name for name in os.listdir(source) if os.path.isdir(os.path.join(source, name)))
     if not folders:
-        raise UserError(f"{source!r} holds no class folder: give the folder whose subfolders are the classes")
+        raise UserError(f"--{flag} {source!r} holds no class folder: give the folder whose subfolders are the classes")
+    links: dict[str, str] = {}
     for name in folders:
         if name.isdigit() and int(name) < len(synsets):
             wnid = synsets[int(name)]
         elif name in known:
             wnid = name
         else:
-            raise UserError(f"{source!r}: the class folder {name!r} is neither an ImageNet-1k WordNet id (n01440764) "
-                            "nor a class index 0-999; give the set's folder as it is distributed")
-        os.symlink(os.path.abspath(os.path.join(source, name)), os.path.join(view, wnid))
+            raise UserError(f"--{flag} {source!r}: the class folder {name!r} is neither an ImageNet-1k WordNet id "
+                            "(n01440764) nor a class index 0-999; give the set's folder as it is distributed")
+        if wnid in links:
+            raise UserError(f"--{flag} {source!r}: the class folders {os.path.basename(links[wnid])!r} and {name!r} "
+                            f"are both class {wnid}; give the set's folder as it is distributed")
+        links[wnid] = os.path.abspath(os.path.join(source, name))
+    return links
+
+
+def check_set_classes(flag: str, source: str, links: dict[str, str]) -> None:
+    """The set's class folders are its classes: ImageNet-A's or -R's 200 (their --eval_classes), all 1000 of
+    ImageNet-1k for the others."""
+    name, classes = SETS[flag]
+    expected = set(read_eval_classes(classes, 1000).synsets) if classes else set(imagenet_synsets())
+    if set(links) != expected:
+        missing, extra = sorted(expected - set(links))[:3], sorted(set(links) - expected)[:3]
+        raise UserError(f"--{flag} {source!r}: {len(links)} class folders, but {name} has {len(expected)} (missing "
+                        f"{missing}, not of {name} {extra}); give the set's folder as it is distributed")
+
+
+def link_classes(links: dict[str, str], view: str) -> None:
+    """``view/<wnid>`` -> its class folder for every entry of ``links``, so that the sorted folder names follow
+    ImageNet-1k's class order. Old links are replaced."""
+    os.makedirs(view, exist_ok=True)
+    for name in os.listdir(view):
+        if os.path.islink(os.path.join(view, name)):
+            os.unlink(os.path.join(view, name))
+    for wnid, folder in links.items():
+        os.symlink(folder, os.path.join(view, wnid))
+
+
+def flag_value(argv: list[str], flag: str) -> str | None:
+    """The last value of ``flag`` in ``argv`` (``--flag V`` or ``--flag=V``), None without it."""
+    value = None
+    for i, item in enumerate(argv):
+        if item == flag and i + 1 < len(argv):
+            value = argv[i + 1]
+        elif item.startswith(flag + '='):
+            value = item[len(flag) + 1:]
+    return value
+
+
+def check_classifier(rest: list[str]) -> None:
+    """The checkpoint must be an ImageNet-1k classifier (1000 classes): the sets' folders are its classes. A
+    --resume checkpoint's class count is its own, which no flag changes; one that records none is left to
+    main_finetune.py to check."""
+    nb_classes = flag_value(rest, '--nb_classes')
+    if nb_classes is not None and nb_classes != '1000':
+        raise UserError(f"--nb_classes {nb_classes}: the shift sets are scored by an ImageNet-1k classifier's 1000 "
+                        "classes (ImageNet-A and -R by 200 of them); leave --nb_classes out")
+    flag = '--resume' if flag_value(rest, '--resume') is not None else '--finetune'
+    path = flag_value(rest, flag)
+    if path is None or not os.path.isfile(path):
+        return
+    spec = classifier_of(path)
+    if spec is not None and spec.num_classes != 1000:
+        raise UserError(f"{flag} {path}: a classifier of {spec.num_classes} classes, but the shift sets are scored "
+                        "by an ImageNet-1k classifier's 1000 classes (ImageNet-A and -R by 200 of them); give the "
+                        "checkpoint of an ImageNet-1k classifier (a run of this project on ImageNet-1k, or "
+                        "--finetune timm:NAME)")
 
 
 def row_of(name: str, stats: dict) -> dict:
@@ -117,11 +172,15 @@ def main(argv=None) -> list[dict]:
     if not any(f.split('=')[0] in ('--resume', '--finetune') for f in rest):
         raise UserError("give the checkpoint to evaluate: --resume CKPT (a run of this project) or --finetune CKPT "
                         "(an ImageNet-1k classifier, e.g. timm:NAME)")
-    rows = []
+    check_classifier(rest)
+    links = {flag: class_links(flag, root) for flag, root in chosen}  # every set checked before any is evaluated
     for flag, root in chosen:
+        check_set_classes(flag, root, links[flag])
+    rows = []
+    for flag, _ in chosen:
         name, classes = SETS[flag]
         out = os.path.join(args.output_dir, flag)
-        link_classes(root, os.path.join(out, 'data', 'val'))
+        link_classes(links[flag], os.path.join(out, 'data', 'val'))
         stats = main_finetune.run([*rest, '--eval', '--data_path', os.path.join(out, 'data'), '--output_dir', out]
                                   + (['--eval_classes', classes] if classes else []))
         with open(os.path.join(out, EVAL_RESULTS)) as f:

@@ -154,8 +154,23 @@ def image_folder(root: str, transform, split: str, loader=None) -> RobustImageFo
         dataset = RobustImageFolder(root, transform=transform, **({'loader': loader} if loader else {}))
     except FileNotFoundError as e:
         raise DataError(f"{split} data at {root!r}: {e}. Expected the layout {LAYOUT}.") from e
+    check_links_resolve(dataset, split)
     warn_files_in_two_classes(dataset)
     return dataset
+
+
+def check_links_resolve(dataset: datasets.ImageFolder, split: str) -> None:
+    """Refuse images that are symbolic links to nothing (the folder they point into moved or was removed): every
+    read of them would fail, each with a warning, until a batch holds no image. Only a tree with links needs the
+    per-file check."""
+    if not _has_symlinks(dataset.root):
+        return
+    dangling = [path for path, _ in dataset.samples if not os.path.exists(path)]
+    if dangling:
+        raise DataError(f"{split} data at {dataset.root!r}: {len(dangling)} images are symbolic links to files that "
+                        f"do not exist, e.g. {dangling[0]} -> {os.readlink(dangling[0])}: the files they point to "
+                        "moved or were removed. Make the links again (a folder of tools/prepare_inat.py: run "
+                        "tools/prepare_inat.py again with --root at the data set's new place).")
 
 
 def _has_symlinks(folder: str) -> bool:

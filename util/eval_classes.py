@@ -67,10 +67,13 @@ def read_eval_classes(spec: str, num_classes: int) -> ClassSubset:
 
 
 def read_class_file(path: str) -> ClassSubset:
-    with open(path, encoding='utf-8') as f:
+    """The classes of an --eval_classes FILE, one a line (a byte-order mark, blank lines and # comments
+    ignored); each class once."""
+    with open(path, encoding='utf-8-sig') as f:
         lines = [line.strip() for line in f if line.strip() and not line.startswith('#')]
     if not lines:
         raise UserError(f"--eval_classes {path}: the file names no class (one WordNet id or logit index a line)")
+    check_named_once(lines, path)
     if all(line.isdigit() for line in lines):
         return ClassSubset(tuple(int(line) for line in lines))
     synsets = imagenet_synsets()
@@ -81,13 +84,31 @@ def read_class_file(path: str) -> ClassSubset:
     return ClassSubset(tuple(position[line] for line in lines), tuple(lines))
 
 
+def check_named_once(lines: list[str], path: str) -> None:
+    """Each class once: line k scores the k-th class folder, so a class named twice would score two folders by
+    one logit. (Line numbers count the class lines.)"""
+    first: dict[str, int] = {}
+    for number, line in enumerate(lines, start=1):
+        key = str(int(line)) if line.isdigit() else line
+        if key in first:
+            raise UserError(f"--eval_classes {path}: {line} is named twice (lines {first[key]} and {number}); "
+                            "each line scores one class folder of the evaluation set, so name each class once")
+        first[key] = number
+
+
 def check_class_folders(folders: list[str], subset: ClassSubset, spec: str, root: str) -> None:
-    """The evaluation set's sorted class folders must be the subset's classes, one for one: by WordNet id where
-    both have them, else by count."""
+    """The evaluation set's sorted class folders must be the subset's classes, one for one and in that order: by
+    WordNet id where both have them, else by count."""
     if len(folders) != len(subset.indices):
         raise UserError(f"{root!r} has {len(folders)} class folders, but --eval_classes {spec} names "
                         f"{len(subset.indices)} classes: give the folder of that evaluation set")
     if subset.synsets is not None and folders != list(subset.synsets) and set(folders) & set(imagenet_synsets()):
+        if sorted(subset.synsets) == folders:
+            line, (named, folder) = next((k, pair) for k, pair in enumerate(zip(subset.synsets, folders), start=1)
+                                         if pair[0] != pair[1])
+            raise UserError(f"--eval_classes {spec}: names the class folders of {root!r} in another order (line "
+                            f"{line} names {named}, but sorted class folder {line} is {folder}); line k scores "
+                            f"the k-th class folder in sorted order, so sort the lines (e.g. sort {spec} -o {spec})")
         missing = sorted(set(subset.synsets) - set(folders))[:3]
         extra = sorted(set(folders) - set(subset.synsets))[:3]
         raise UserError(f"{root!r}: its class folders are not the classes of --eval_classes {spec} (missing "
