@@ -453,9 +453,10 @@ def test_resume_with_another_teacher(small_work, pair_runs, tmp_path, monkeypatc
     no_long_work(monkeypatch, 'build_dataset', 'build_model')
     distill, copy = pair_runs['distill'], pair_runs['copy']
 
-    def resume(run, teacher):
+    def resume(run, teacher):  # with the run's own model flags (the copy run copies layers 0-2)
+        own = ['--end_layer', '-1'] if run is copy else []
         return main_finetune.run(tiny_args(small_work.data, run.out, '--resume', run.checkpoint, '--mode',
-                                           os.path.basename(run.out), '--finetune', teacher, epochs=1))
+                                           os.path.basename(run.out), '--finetune', teacher, *own, epochs=1))
     other = str(tmp_path / 'other_teacher.pth')
     make_teacher_checkpoint(other, sharpen=2.0)
     with pytest.raises(UserError) as err:  # distill: the teacher is read from --finetune, not the checkpoint
