@@ -1,8 +1,12 @@
 """Shared fixtures: generated image folders (one per distinct set of arguments, read only), the tiny
-teacher checkpoint, a per-module output folder beside them, a 3-epoch distill run with an EMA, and a Slurm
-cluster on this machine."""
+teacher checkpoint, per-module output folders beside them, a 3-epoch distill run with an EMA, one-epoch
+runs (distill and copy, with an EMA; distill and copy each with its own teacher; an lr floor above the peak),
+and a Slurm cluster on this machine."""
+import contextlib
 import inspect
+import io
 import os
+import shutil
 import subprocess
 import sys
 from types import SimpleNamespace
@@ -80,6 +84,42 @@ def workdir(labelled, tmp_path_factory, request):
     """The shared data and teacher, and an output folder (root) of this test module's own."""
     root = tmp_path_factory.mktemp(request.module.__name__.removeprefix('test_'))
     return SimpleNamespace(root=root, data=labelled.data, teacher=labelled.teacher)
+
+
+@pytest.fixture(scope='module')
+def small_work(labelled, shared_images, tmp_path_factory, request):
+    """The shared teacher, 8 training and 3 validation images a class (3 steps of 8), and an output folder
+    (root) of this test module's own, apart from workdir's."""
+    root = tmp_path_factory.mktemp(request.module.__name__.removeprefix('test_') + '_small')
+    return SimpleNamespace(root=root, data=shared_images(train_per_class=8, val_per_class=3), teacher=labelled.teacher)
+
+
+@pytest.fixture(scope='session')
+def pair_runs(labelled, shared_images, tmp_path_factory):
+    """One-epoch runs on small_work's data in distill mode and in copy mode (layers 0-2 of 4 copied), each
+    with its own copy of the teacher: pair_runs[mode].out, .teacher, .checkpoint."""
+    root = tmp_path_factory.mktemp('pair_runs')
+    data = shared_images(train_per_class=8, val_per_class=3)
+    runs = {}
+    for mode, extra in (('distill', ()), ('copy', ('--end_layer', '-1'))):
+        runs[mode] = SimpleNamespace(out=str(root / mode), teacher=str(root / f'{mode}_teacher.pth'))
+        shutil.copy(labelled.teacher, runs[mode].teacher)
+        main_finetune.run(tiny_args(data, runs[mode].out, '--mode', mode, '--finetune', runs[mode].teacher,
+                                    *extra, epochs=1))
+        runs[mode].checkpoint = os.path.join(runs[mode].out, 'checkpoint.pth')
+    return runs
+
+
+@pytest.fixture(scope='session')
+def floor_run(shared_images, tmp_path_factory):
+    """One epoch on small_work's data whose --min_lr is above its peak lr (the seed's copy recipe on too small
+    a batch): its folder (out), data, and what it printed."""
+    data = shared_images(train_per_class=8, val_per_class=3)
+    out = str(tmp_path_factory.mktemp('floor') / 'floor')
+    printed, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(printed), contextlib.redirect_stderr(err):
+        main_finetune.run(tiny_args(data, out, '--blr', '1e-3', '--min_lr', '2e-3', '--warmup_epochs', '0', epochs=1))
+    return SimpleNamespace(out=out, data=data, stdout=printed.getvalue(), stderr=err.getvalue())
 
 
 @pytest.fixture(scope='session')

@@ -1,5 +1,6 @@
 """The tiny model, generated data and checkpoints, and command lines shared by the tests (nothing is
 downloaded)."""
+import contextlib
 import json
 import os
 import shutil
@@ -13,9 +14,13 @@ import pytest
 import torch
 from PIL import Image
 
+import engine_finetune
 import main_finetune
+import modes
 import select_wild_data
+import util.eval_classes
 from models_vit import create_vit
+from util.errors import UserError
 from util.losses import TransferCriterion
 from util.run_control import Preempted, clear_stop, request_stop
 
@@ -208,6 +213,49 @@ def make_writable(folder) -> None:
         subprocess.run(['chattr', '-i', str(folder)])
     else:
         os.chmod(folder, 0o755)
+
+
+# ---- refusals: the check comes before any long work ------------------------------------------------------
+# tests that need root: chattr +i (a file or folder nobody can change), mount (a small tmpfs)
+ROOT_ONLY = pytest.mark.skipif(os.geteuid() != 0, reason='needs root (chattr, mount)')
+
+
+def run_args(work, name, *extra, epochs=1):
+    """tiny_args on work.data (the small_work fixture's), written to work.root / name."""
+    return tiny_args(work.data, str(work.root / name), *extra, epochs=epochs)
+
+
+def user_error(argv) -> str:
+    """The message of the UserError main_finetune.run(argv) raises."""
+    with pytest.raises(UserError) as err:
+        main_finetune.run(argv)
+    return str(err.value)
+
+
+def no_long_work(monkeypatch, *names):
+    """Make the named functions of main_finetune (or of the engine) fail the test when called: the check must
+    come first."""
+    for name in names:
+        found = [m for m in (main_finetune, engine_finetune, util.eval_classes, modes) if hasattr(m, name)]
+        assert found, name
+        for module in found:
+            monkeypatch.setattr(module, name, lambda *a, _name=name, **k: pytest.fail(f"{_name} was called"))
+
+
+def no_training(monkeypatch):
+    """Training fails the test when it starts: the run must refuse first."""
+    monkeypatch.setattr(engine_finetune, 'train_one_epoch', lambda *a, **k: pytest.fail('training started'))
+
+
+@contextlib.contextmanager
+def immutable(path):
+    """``chattr +i`` on a file or folder, undone at the end; skips where the filesystem cannot do it."""
+    if subprocess.run(['chattr', '+i', str(path)], capture_output=True).returncode:
+        pytest.skip(f'chattr +i is not supported for {path}')
+    try:
+        yield
+    finally:
+        subprocess.run(['chattr', '-i', str(path)], check=True)
 
 
 # ---- a Slurm cluster on this machine (the `cluster` fixture of tests/conftest.py) ----------------------

@@ -24,6 +24,7 @@ from benchmarks.bench_data import natural_jpeg, recipe_args
 from engine_finetune import TrainingStep, train_one_epoch
 from modes import get_mode
 from util.datasets import (
+    DataError,
     DraftRandomResizedCrop,
     DraftResize,
     build_dataset,
@@ -393,3 +394,17 @@ def test_cache_keeps_decoded_images_but_not_undecoded_jpegs(jpegs, shared_images
     a.paste((0, 0, 0), (0, 0, a.size[0], a.size[1]))
     assert list(cache.images) == [png]
     assert np.array_equal(np.asarray(cache(png)), np.asarray(Image.open(png).convert('RGB')))
+
+
+# ---- moved from test_bad_input.py: missing or empty data, a wrong class count --------------------------------------
+def test_missing_or_empty_data_and_wrong_class_count_are_clear_errors(workdir, tmp_path):
+    with pytest.raises(DataError, match=r"'/no/such/place/val' is not a directory.*train/<class>"):
+        main_finetune.run(tiny_args('/no/such/place', str(tmp_path / 'a')))
+    os.makedirs(tmp_path / 'empty' / 'val' / 'class_0')
+    os.makedirs(tmp_path / 'empty' / 'train' / 'class_0')
+    with pytest.raises(DataError, match='holds no images'):
+        main_finetune.run(tiny_args(str(tmp_path / 'empty'), str(tmp_path / 'b')))
+    with pytest.raises(DataError, match='has 3 class folders but --nb_classes is 5; pass --nb_classes 3'):
+        main_finetune.run(tiny_args(workdir.data, str(tmp_path / 'c')) + ['--nb_classes', '5'])
+    with pytest.raises(UserError, match=r"mode distill needs the teacher's weights: --finetune PATH"):
+        main_finetune.run(tiny_args(workdir.data, str(tmp_path / 'd'), '--mode', 'distill'))

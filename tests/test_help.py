@@ -44,3 +44,15 @@ def test_every_entry_point_help_reads_as_a_command_with_defaults(script, capsys)
         text = ' '.join(text.split())
         for flag, default in (('--mask_ratio', '0.75'), ('--decoder_embed_dim', '512'), ('--epochs', '800')):
             assert re.search(re.escape(flag) + r' [A-Z_]+ .*?\(default: ' + default, text), flag
+
+
+# ---- moved from test_bad_input.py: DFND_DeiT-train.py --help -------------------------------------------------------
+def test_dfnd_help_shows_every_default(capsys):
+    from test_reference_probe import load_dfnd
+
+    with pytest.raises(SystemExit):
+        load_dfnd().main(['--help'])
+    blocks = {b.split()[0]: ' '.join(b.split()) for b in re.split(r'\n  (?=-)', capsys.readouterr().out)[1:]}
+    for flag, default in (('--num_select', '600000'), ('--nb_classes', '10'), ('--lr_S', '0.00075'),
+                          ('--dataset', 'cifar10'), ('--attnlier', '0.05'), ('--outlier', '0.9')):
+        assert f'(default: {default}' in blocks[flag], blocks[flag]

@@ -1,6 +1,7 @@
 """The learning rate: layer-wise decay with the cosine schedule (MAE's formula), and the step schedule of
 probe mode (the reference's loop)."""
 import math
+import re
 from types import SimpleNamespace
 
 import pytest
@@ -50,3 +51,11 @@ def test_step_schedule():
     args.step_epochs = [100, 200]
     assert lr_at(210.0, 1.0, 0.0, 0, 251, 'step', [100, 200], 0.1) == pytest.approx(0.01)
     assert lr_at(98.5, 1.0, 0.0, 0, 251, 'step', [100, 200], 0.1) == pytest.approx(1.0)
+
+
+# ---- moved from test_bad_input.py: an lr floor above the peak ------------------------------------------------------
+def test_lr_floor_above_peak_warns_with_numbers_and_fix(floor_run):
+    # peak lr = 1e-3 * 8 / 256
+    peak = f'{1e-3 * 8 / 256:.2e}'
+    assert re.search(rf'WARNING.*--min_lr 2\.00e-03.*above the peak lr {re.escape(peak)}', floor_run.stderr, re.S)
+    assert '--accum_iter' in floor_run.stderr and '--lr' in floor_run.stderr

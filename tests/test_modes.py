@@ -1,11 +1,12 @@
 """What each mode builds: the lr-decay layers of transfer and plain modes, probe mode's defaults, epochs and
 training set, and the seed's full-size commands (they parse, build and take a step)."""
 import os
+import shutil
 from types import SimpleNamespace
 
 import pytest
 import torch
-from helpers import TINY_ARCH
+from helpers import TINY_ARCH, make_image_folder, make_teacher_checkpoint, read_log
 
 import main_finetune
 from models_dual_vit import build_dual_vit
@@ -13,6 +14,7 @@ from modes import get_mode, probe_epochs
 from util.args import explicit_flags
 from util.config import Config
 from util.errors import UserError
+from util.pretrained import read_checkpoint
 
 # ---- layer-wise lr decay: the reference's grouping in transfer modes, MAE's in plain training ----------
 # Exponent of layer_decay per parameter-name prefix, written out for a 4-block student.
@@ -117,3 +119,49 @@ def test_seed_commands_parse_and_start(command, mode, layers, drop_path, tmp_pat
     logits = out[0] if isinstance(out, tuple) else out
     logits.sum().backward()
     assert logits.shape == (1, 1000)
+
+
+# ---- moved from test_run_folder.py: probe mode, its derived epochs on resume and its originals ---------------------
+@pytest.mark.slow
+def test_probe_run_resumed_past_the_default_epochs_trains_on(tmp_path):
+    target = make_image_folder(str(tmp_path / 'target'), classes=3, train_per_class=2, val_per_class=2)
+    wild = make_image_folder(str(tmp_path / 'wild'), classes=2, train_per_class=4, val_per_class=0)
+    paths = sorted(os.path.relpath(os.path.join(d, f), wild) for d, _, fs in os.walk(wild) for f in fs)
+    selection = str(tmp_path / 'selection.pth')
+    torch.save({'root': wild, 'paths': paths, 'selected': torch.arange(8), 'nb_classes': 3, 'ranking': 'output'},
+               selection)
+    teacher = make_teacher_checkpoint(str(tmp_path / 'teacher.pth'))
+    out = str(tmp_path / 'probe')
+    # 8 images, 8 x 55 presentations: int(55) - 1 = 54 epochs, more than --epochs' default of 50
+    argv = ['--mode', 'probe', '--finetune', teacher, '--selection', selection, '--eval_data_path', target,
+            '--model', 'vit_base_patch16_224', '--model_kwargs', 'patch_size=8', 'embed_dim=48', 'depth=4',
+            'num_heads=3', '--input_size', '32', '--nb_classes', '3', '--batch_size', '8', '--presentations',
+            str(8 * 55), '--teacher_acc', '0.9', '--eval_every', '100', '--save_every', '52', '--num_workers', '0',
+            '--device', 'cpu', '--output_dir', out, '--print_freq', '100']
+    main_finetune.run(argv)
+    assert read_checkpoint(os.path.join(out, 'checkpoint.pth'))['epoch'] == 53
+    os.remove(os.path.join(out, 'checkpoint.pth'))  # back to epoch 51 in the same folder, deliberately
+    stats = main_finetune.run(argv + ['--resume', os.path.join(out, 'checkpoint-51.pth')])
+    assert stats and stats['epoch'] == 53  # not "nothing to do": 52 of 54 epochs were done
+    log = read_log(out)
+    assert [e['epoch'] for e in log] == list(range(54))  # epochs 52 and 53 trained again, logged once
+    assert read_checkpoint(os.path.join(out, 'checkpoint.pth'))['epoch'] == 53
+
+
+def test_pos_num_originals_are_fingerprinted_relative_to_their_folder(tmp_path):
+    from util.samplers import dataset_fingerprint
+    from util.selection import labelled_originals, probe_training_set
+
+    target = make_image_folder(str(tmp_path / 'target'), classes=3, train_per_class=3, val_per_class=0)
+    moved = tmp_path / 'moved_target'
+    shutil.copytree(target, moved)
+    selection = {'root': str(tmp_path / 'wild'), 'paths': ['a.png', 'b.png'], 'selected': torch.tensor([1, 0])}
+
+    def fingerprint(root):
+        return dataset_fingerprint(probe_training_set(selection, labelled_originals(os.path.join(root, 'train'), 2),
+                                                      32, 0.5))
+
+    assert fingerprint(str(moved)) == fingerprint(target)
+    first = sorted(os.listdir(moved / 'train' / 'class_1'))[0]
+    os.rename(moved / 'train' / 'class_1' / first, moved / 'train' / 'class_1' / ('z' + first))
+    assert fingerprint(str(moved)) != fingerprint(target)  # other originals: another training set

@@ -12,7 +12,7 @@ import pytest
 import safetensors.torch
 import timm
 import torch
-from helpers import ROOT, TINY_ARCH, add_to_hub_cache, tiny_args
+from helpers import ROOT, TINY_ARCH, add_to_hub_cache, no_long_work, tiny_args
 from PIL import Image
 from timm.models import save_for_hf
 
@@ -193,3 +193,15 @@ def test_wild_selection_with_a_named_teacher_uses_its_architecture_and_normalisa
         logits = reference(images)
     expected = torch.nn.functional.cross_entropy(logits, logits.argmax(1), reduction='none')
     assert torch.allclose(selection['scores']['output'], expected, atol=1e-5)
+
+
+# ---- moved from test_bad_input.py: a URL naming no file ------------------------------------------------------------
+def test_url_naming_no_file_is_reported_as_such(small_work, tmp_path, monkeypatch):
+    monkeypatch.setattr(huggingface_hub.constants, 'HF_HUB_OFFLINE', True)
+    monkeypatch.setattr(torch.hub, '_hub_dir', str(tmp_path / 'torch_hub'))
+    no_long_work(monkeypatch, 'build_dataset', 'build_model')
+    for url in ('https://host/path/', 'https://host'):
+        with pytest.raises(UserError) as err:
+            main_finetune.run(tiny_args(small_work.data, str(tmp_path / 'out'), '--mode', 'distill', '--finetune', url))
+        message = str(err.value)
+        assert message.startswith(f"{url!r}: the URL names no file") and 'not in the local cache' not in message

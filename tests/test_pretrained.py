@@ -2,14 +2,27 @@
 and the attention transfer reference's checkpoints (the whole dual model)."""
 import argparse
 import copy
+import os
 from types import SimpleNamespace
 
+import huggingface_hub
 import pytest
 import safetensors.torch
 import timm
 import torch
 import torch.nn.functional as F
-from helpers import DATA_DEFAULTS, TINY, TINY_ARCH, kwargs_flags, tiny_args
+from helpers import (
+    DATA_DEFAULTS,
+    TINY,
+    TINY_ARCH,
+    add_to_hub_cache,
+    kwargs_flags,
+    no_long_work,
+    run_args,
+    tiny_args,
+    user_error,
+)
+from timm.models import save_for_hf
 
 import main_finetune
 from models_dual_vit import DualViT, build_dual_vit
@@ -17,7 +30,7 @@ from models_vit import create_vit
 from tools import export_student
 from util.datasets import build_dataset
 from util.errors import UserError
-from util.pretrained import CheckpointMismatchError, load_pretrained_weights
+from util.pretrained import CheckpointMismatchError, load_pretrained_weights, read_checkpoint, resolve_named
 
 
 def encoder(img_size=32, pool='token', **kw):
@@ -229,3 +242,87 @@ def test_a_resampled_position_embedding_is_reported(tmp_path):
         load_pretrained_weights(wider, path))
     same = create_vit('vit_base_patch16_224', num_classes=3, global_pool='avg', img_size=32, **TINY_ARCH)
     assert 'position embedding' not in str(load_pretrained_weights(same, path))
+
+
+# ---- moved from test_bad_input.py: files that are not what the flag needs, weights without a head ------------------
+def test_truncated_safetensors_names_the_file(small_work):
+    path = str(small_work.root / 'teacher.safetensors')
+    vit = create_vit('vit_base_patch16_224', num_classes=3, img_size=32, **TINY_ARCH)
+    safetensors.torch.save_file(vit.state_dict(), path)
+    with open(path, 'r+b') as f:
+        f.truncate(os.path.getsize(path) // 2)
+    message = user_error(run_args(small_work, 'trunc', '--finetune', path))
+    assert path in message and '--finetune' in message
+
+
+def test_resume_of_weights_only_file_points_to_finetune(small_work):
+    path = str(small_work.root / 'weights_only.pth')
+    vit = create_vit('vit_base_patch16_224', num_classes=3, img_size=32, **TINY_ARCH)
+    torch.save({'model': vit.state_dict()}, path)
+    message = user_error(run_args(small_work, 'weights_only', '--resume', path))
+    assert path in message and '--finetune' in message and 'optimizer' in message
+
+
+def test_checkpoint_with_only_model_ema_points_to_use_teacher_ema(small_work):
+    path = str(small_work.root / 'ema_only.pth')
+    vit = create_vit('vit_base_patch16_224', num_classes=3, img_size=32, **TINY_ARCH)
+    torch.save({'model_ema': vit.state_dict()}, path)
+    message = user_error(run_args(small_work, 'ema_only', '--finetune', path))
+    assert path in message and '--use_teacher_ema' in message
+
+
+@pytest.fixture
+def hub_1000_classes(tmp_path, monkeypatch):
+    """timm:test_vit.r160_in1k (1000 classes, random weights) in an offline huggingface_hub cache."""
+    torch.manual_seed(0)
+    save_for_hf(timm.create_model('test_vit', pretrained=False), str(tmp_path / 'test_vit'), safe_serialization=True)
+    cache = str(tmp_path / 'hub')
+    add_to_hub_cache(cache, 'timm/test_vit.r160_in1k', {name: str(tmp_path / 'test_vit' / name)
+                                                         for name in ('config.json', 'model.safetensors')})
+    monkeypatch.setattr(huggingface_hub.constants, 'HF_HUB_CACHE', cache)
+    monkeypatch.setattr(huggingface_hub.constants, 'HF_HUB_OFFLINE', True)
+    monkeypatch.setattr(torch.hub, '_hub_dir', str(tmp_path / 'torch_hub'))
+    resolve_named.cache_clear()
+    yield 'timm:test_vit.r160_in1k'
+    resolve_named.cache_clear()
+
+
+def test_eval_of_weights_without_a_head_for_the_task_is_refused(small_work, tmp_path, monkeypatch, hub_1000_classes):
+    no_long_work(monkeypatch, 'evaluate', 'evaluate_ensemble')
+    pretrain = torch.load(small_work.teacher, weights_only=True)
+    pretrain['model'] = {k: v for k, v in pretrain['model'].items() if not k.startswith('head.')}
+    mae_pretrain = str(tmp_path / 'mae_pretrain.pth')
+    torch.save(pretrain, mae_pretrain)
+    out = str(tmp_path / 'eval')
+
+    def evaluate(*flags):
+        with pytest.raises(UserError) as err:
+            main_finetune.run(['--eval', '--data_path', small_work.data, '--nb_classes', '3', '--input_size', '32',
+                               '--output_dir', out, '--device', 'cpu', '--num_workers', '0', *flags])
+        return str(err.value)
+    message = evaluate('--finetune', hub_1000_classes)
+    assert message.startswith(f"--finetune {hub_1000_classes}: no classifier head for 3 classes was loaded")
+    message = evaluate('--finetune', mae_pretrain, '--model', 'vit_base_patch16_224', '--model_kwargs',
+                       *[f'{k}={v}' for k, v in TINY_ARCH.items()])
+    assert message.startswith(f"--finetune {mae_pretrain}: no classifier head for 3 classes was loaded")
+    message = evaluate('--mode', 'copy', '--finetune', small_work.teacher, '--model', 'vit_base_patch16_224',
+                       '--model_kwargs', *[f'{k}={v}' for k, v in TINY_ARCH.items()])
+    assert '--eval --mode copy evaluates a trained student' in message and '--resume CKPT' in message
+    assert not os.path.exists(os.path.join(out, 'eval_results.json'))
+
+
+def test_resuming_the_reference_dual_checkpoint_names_the_real_reason(small_work, tmp_path, monkeypatch):
+    """The reference's dual-model checkpoint holds an optimizer entry, for the dual model's parameters."""
+    no_long_work(monkeypatch, 'build_dataset', 'build_model')
+    student = create_vit('vit_base_patch16_224', num_classes=3, img_size=32, **TINY_ARCH).state_dict()
+    teacher = read_checkpoint(small_work.teacher)['model']
+    dual = {**{f'student.{k}': v for k, v in student.items()}, **{f'teacher.{k}': v for k, v in teacher.items()}}
+    path = str(tmp_path / 'reference_checkpoint.pth')
+    torch.save({'model': dual, 'optimizer': {'state': {}, 'param_groups': []}, 'epoch': 4,
+                'args': argparse.Namespace(mode='distill', model='dual_vit_base_patch16')}, path)
+    with pytest.raises(UserError) as err:
+        main_finetune.run(tiny_args(small_work.data, str(tmp_path / 'out'), '--resume', path, '--mode', 'distill',
+                                    '--finetune', small_work.teacher))
+    message = str(err.value)
+    assert "attention transfer reference's dual model" in message and 'optimizer state does not map' in message
+    assert 'no optimizer' not in message

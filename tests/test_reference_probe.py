@@ -4,9 +4,11 @@ reference's command lines unchanged. Expected values are written out here by han
 import argparse
 import importlib.util
 import os
+import re
 import string
 import warnings
 from types import SimpleNamespace
+from unittest import mock
 
 import numpy as np
 import pytest
@@ -24,6 +26,7 @@ from util.args import explicit_flags
 from util.config import Config
 from util.errors import UserError
 from util.pretrained import load_pretrained_weights
+from util.run_control import Preempted
 from util.selection import labelled_originals, probe_training_set, training_class_weights
 
 # ---- weight decay: every parameter in probe mode (the reference's AdamW(net.parameters(), weight_decay=0.025)),
@@ -406,3 +409,67 @@ def test_a_teacher_in_the_reference_format_loads_in_both_steps(tmp_path):
         model = main_finetune.build_model(run)
         load_pretrained_weights(model.teacher, run.cfg.finetune)
         torch.testing.assert_close(model.teacher(x), expected)
+
+
+# ---- moved from test_bad_input.py: DFND_DeiT-train.py refuses what the task cannot give ----------------------------
+@pytest.mark.parametrize('extra, expected', [
+    (['--lr_S', '-1'], r"--lr_S -1: the student's learning rate must be > 0"),
+    (['--nb_classes', '0'], r"--nb_classes 0: must be >= 1"),
+    (['--dataset', 'imagenet'], r"--pos_num 129: class folder .* holds only 1 images; lower --pos_num"),  # its default
+    (['--pos_num', '3'], r"--pos_num 3: class folder .* holds only 1 images; lower --pos_num"),
+])
+def test_dfnd_refuses_what_the_task_cannot_give_before_scoring(tmp_path, monkeypatch, capsys, extra, expected):
+    import string
+
+    import select_wild_data
+    from util.errors import run_cli
+
+    v = reference_layout(tmp_path, 'cifar10')  # one training image a class
+    monkeypatch.setattr(select_wild_data, 'main', lambda args: pytest.fail('the selection started'))
+    monkeypatch.setattr(main_finetune, 'run', lambda argv: pytest.fail('training started'))
+    argv = string.Template(REFERENCE_LINES['cifar10']).substitute(v).split() + extra
+    with pytest.raises(SystemExit) as end:
+        run_cli(load_dfnd().main, argv)
+    assert end.value.code == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and re.match('error: ' + expected, err[0]), err
+
+
+# ---- moved from test_run_folder.py: DFND_DeiT-train.py, a rerun after a stop and the stop itself -------------------
+def test_dfnd_rerun_into_a_stopped_students_folder_is_refused_before_the_selection(tmp_path, monkeypatch):
+    import string
+
+    v = reference_layout(tmp_path, 'cifar10')
+    student = v['output_student_cifar10'] + 'student'
+    os.makedirs(student)
+    for name in ('checkpoint.pth', 'log.txt'):
+        open(os.path.join(student, name), 'w').write('a stopped run')
+    monkeypatch.setattr(select_wild_data, 'main', lambda args: pytest.fail('selection started'))
+    argv = string.Template(REFERENCE_LINES['cifar10']).substitute(v).split()
+    with pytest.raises(UserError, match=r"--output_dir .*student' holds a run .*--resume allow"):
+        load_dfnd().main(argv)
+    dfnd = load_dfnd()
+    _, train = dfnd.translate(*dfnd.get_args_parser().parse_known_args(argv + ['--resume', 'allow']))
+    assert train[-2:] == ['--resume', 'allow']  # continued by main_finetune.py
+
+
+def test_dfnd_reports_a_stop_in_one_line_with_the_signals_status(tmp_path, monkeypatch, capsys):
+    import signal
+    import string
+
+    def stopped(argv):
+        with mock.patch('util.run_control.stop_signal', return_value=signal.SIGTERM):
+            raise Preempted(3, 40, True)
+
+    def exit_now(code):
+        raise SystemExit(code)
+
+    v = reference_layout(tmp_path, 'cifar10')
+    monkeypatch.setattr(select_wild_data, 'main', lambda args: None)
+    monkeypatch.setattr(main_finetune, 'run', stopped)
+    monkeypatch.setattr(os, '_exit', exit_now)
+    with pytest.raises(SystemExit) as end:
+        load_dfnd().main(string.Template(REFERENCE_LINES['cifar10']).substitute(v).split())
+    assert end.value.code == 128 + signal.SIGTERM
+    assert capsys.readouterr().err.strip() == ('stopped: checkpoint written at epoch 3, step 40; continue with '
+                                               '--resume allow')

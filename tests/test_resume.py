@@ -5,6 +5,7 @@ import json
 import os
 import re
 import shutil
+import warnings
 from types import SimpleNamespace
 
 import pytest
@@ -14,6 +15,8 @@ from helpers import (
     kwargs_flags,
     make_image_folder,
     make_teacher_checkpoint,
+    no_long_work,
+    no_training,
     read_log,
     run_until_stopped,
     tiny_args,
@@ -21,6 +24,7 @@ from helpers import (
 )
 
 import main_finetune
+from modes import get_mode
 from util.checkpoint import resume_step
 from util.datasets import RobustImageFolder
 from util.errors import UserError
@@ -433,3 +437,123 @@ def test_student_init_on_resume_is_said_unused_and_not_recorded(workdir, one_epo
     assert f"--student_init {workdir.teacher} is not used when resuming" in capsys.readouterr().out
     ckpt = torch.load(os.path.join(out, 'checkpoint.pth'), map_location='cpu', weights_only=False)
     assert ckpt['args']['student_init'] in (None, '')  # the student started from random weights
+
+
+# ---- moved from test_bad_input.py: resuming with another mode or teacher, a finished run ---------------------------
+@pytest.mark.slow
+def test_resume_without_the_runs_mode_is_refused_naming_it(small_work, pair_runs, monkeypatch):
+    no_long_work(monkeypatch, 'build_dataset', 'build_model')
+    run = pair_runs['distill']
+    for mode in ([], ['--mode', 'copy']):
+        with pytest.raises(UserError) as err:
+            main_finetune.run(tiny_args(small_work.data, run.out, '--resume', run.checkpoint, '--finetune', run.teacher,
+                                        *mode, epochs=2))
+        assert 'the checkpoint is of a --mode distill run' in str(err.value) and 'give --mode distill' in str(err.value)
+
+
+def test_resume_mode_of_older_checkpoints_none_means_plain():
+    for recorded in (None, '', 'none'):
+        get_mode('none').check_resumed({'mode': recorded}, 'old.pth')
+        with pytest.raises(UserError, match=r"--resume old.pth: the checkpoint is of a --mode none run, but this "
+                                            r"command has --mode distill: give --mode none"):
+            get_mode('distill').check_resumed({'mode': recorded}, 'old.pth')
+    get_mode('distill').check_resumed({}, 'mae_checkpoint.pth')  # records no args of this project: nothing to check
+
+
+@pytest.mark.slow
+def test_resume_with_another_teacher(small_work, pair_runs, tmp_path, monkeypatch):
+    """Resumes of finished one-epoch runs (with --epochs 1 they stop after the checks: nothing to do)."""
+    no_long_work(monkeypatch, 'build_dataset', 'build_model')
+    distill, copy = pair_runs['distill'], pair_runs['copy']
+
+    def resume(run, teacher):  # with the run's own model flags (the copy run copies layers 0-2)
+        own = ['--end_layer', '-1'] if run is copy else []
+        return main_finetune.run(tiny_args(small_work.data, run.out, '--resume', run.checkpoint, '--mode',
+                                           os.path.basename(run.out), '--finetune', teacher, *own, epochs=1))
+    other = str(tmp_path / 'other_teacher.pth')
+    make_teacher_checkpoint(other, sharpen=2.0)
+    with pytest.raises(UserError) as err:  # distill: the teacher is read from --finetune, not the checkpoint
+        resume(distill, other)
+    message = str(err.value)
+    assert f"--finetune {other} is not the teacher" in message and f"Give --finetune {distill.teacher}" in message
+
+    same_bytes = str(tmp_path / 'moved' / 'teacher.pth')
+    os.makedirs(os.path.dirname(same_bytes))
+    shutil.copy(distill.teacher, same_bytes)
+    with warnings.catch_warnings():
+        warnings.simplefilter('error')
+        assert resume(distill, same_bytes) == {}  # the same weights under another path
+
+    with pytest.warns(UserWarning, match='not used when resuming.*the teacher.s weights come from the checkpoint'):
+        assert resume(copy, other) == {}  # copy: the checkpoint holds the teacher it uses
+
+    moved = str(tmp_path / 'recorded_teacher_gone.pth')
+    shutil.move(distill.teacher, moved)
+    try:
+        with pytest.warns(UserWarning, match='which no longer exists.*must hold the same weights'):
+            assert resume(distill, moved) == {}
+    finally:
+        shutil.move(moved, distill.teacher)
+
+
+def test_resume_of_a_finished_run_says_nothing_to_do(floor_run, capsys, monkeypatch):
+    no_long_work(monkeypatch, 'build_dataset')
+    ckpt = os.path.join(floor_run.out, 'checkpoint.pth')
+    stats = main_finetune.run(tiny_args(floor_run.data, floor_run.out, '--resume', ckpt, epochs=1))
+    assert stats == {}
+    assert 'nothing to do' in capsys.readouterr().out
+
+
+# ---- moved from test_run_folder.py: which checkpoint a resume continues; a mid-epoch one only the same permutation ---
+@pytest.mark.slow
+def test_resume_allow_without_checkpoint_pth_names_the_numbered_one(workdir, monkeypatch):
+    out = workdir.root / 'numbered_only'
+    main_finetune.run(args_for(workdir, out, '--save_every', '1', epochs=1))
+    os.remove(out / 'checkpoint.pth')
+    no_training(monkeypatch)
+    with pytest.raises(UserError, match=r"holds a run without checkpoint.pth .*--resume .*checkpoint-0\.pth"):
+        main_finetune.run(args_for(workdir, out, '--resume', 'allow'))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize('change', ['seed', 'data'])
+def test_mid_epoch_resume_with_another_seed_or_data_is_refused(workdir, mid_epoch, monkeypatch, change):
+    out = workdir.root / f'mid_{change}'
+    shutil.copytree(mid_epoch.part, out)
+    argv = args_for(workdir, out, '--resume', 'allow')
+    if change == 'seed':
+        argv += ['--seed', '1']
+        expected = r"--seed 0 then, 1 now"
+    else:
+        data = workdir.root / 'data_changed'
+        shutil.copytree(workdir.data, data)
+        first = sorted(os.listdir(data / 'train' / 'class_0'))[0]
+        os.rename(data / 'train' / 'class_0' / first, data / 'train' / 'class_0' / ('z' + first))
+        argv[argv.index('--data_path') + 1] = str(data)
+        expected = r"the training set: 48 images then, 48 now \(same count, other files\)"
+    no_training(monkeypatch)
+    with pytest.raises(UserError, match=rf"(?s)stopped inside epoch 1.*{expected}.*end-of-epoch checkpoint"):
+        main_finetune.run(argv)
+
+
+@pytest.mark.slow
+def test_mid_epoch_resume_of_a_moved_copy_of_the_same_data_continues(workdir, mid_epoch):
+    out = workdir.root / 'mid_moved'
+    shutil.copytree(mid_epoch.part, out)
+    moved = workdir.root / 'data_moved'
+    shutil.copytree(workdir.data, moved)
+    argv = args_for(workdir, out, '--resume', 'allow')
+    argv[argv.index('--data_path') + 1] = str(moved)
+    main_finetune.run(argv)
+    assert [e['epoch'] for e in read_log(out)] == [0, 1]
+
+
+@pytest.mark.slow
+def test_a_truncated_checkpoint_names_the_intact_numbered_one(workdir):
+    out = workdir.root / 'truncated'
+    main_finetune.run(args_for(workdir, out, '--save_every', '1', epochs=2))
+    data = open(out / 'checkpoint.pth', 'rb').read()
+    open(out / 'checkpoint.pth', 'wb').write(data[:len(data) // 2])
+    with pytest.raises(UserError, match=r"(?s)cannot read it .*Its folder holds .*checkpoint-1\.pth \(end of epoch "
+                                        r"1\), which reads: resume from it with --resume .*checkpoint-1\.pth"):
+        main_finetune.run(args_for(workdir, out, '--resume', 'allow', epochs=3))

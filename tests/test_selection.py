@@ -8,13 +8,31 @@ import subprocess
 import sys
 import warnings
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import ROOT, TINY_ARCH, free_port, make_wild_folder, run_selection
+from helpers import (
+    ROOT,
+    ROOT_ONLY,
+    TINY_ARCH,
+    free_port,
+    immutable,
+    kwargs_flags,
+    make_image_folder,
+    make_teacher_checkpoint,
+    make_unwritable,
+    make_wild_folder,
+    make_writable,
+    no_training,
+    run_args,
+    run_selection,
+    user_error,
+)
 from PIL import Image
 from torchvision import transforms
 
+import main_finetune
 import select_wild_data
 from models_pairing import default_probe_blocks
 from models_vit import create_vit
@@ -254,3 +272,118 @@ def test_a_selection_writes_its_kept_files_as_csv_and_a_contact_sheet(setup):
         assert int(r['predicted_class']) == int(selection['predictions'][i])
     with open(out + '.png', 'rb') as f:
         assert f.read(8) == b'\x89PNG\r\n\x1a\n'
+
+
+# ---- moved from test_bad_input.py: bad flags refused before scoring; a --selection that is not one -----------------
+@pytest.mark.parametrize('extra, expected', [
+    (['--chunk_size', '0'], '--chunk_size 0: must be >= 1'),
+    (['--chunk_size', '-5'], '--chunk_size -5: must be >= 1'),
+    (['--batch_size', '0'], '--batch_size 0: must be >= 1'),
+    (['--attnlier', 'nan'], '--attnlier nan: must be a finite weight'),
+    (['--outlier', 'nan'], '--outlier nan: must be a finite weight'),
+    (['--output', '{root}/selections/'], "names a folder, but the selection is one file"),
+    (['--output', '{root}/blocker/selection.pth'], "is a file, not a folder"),
+    (['--output', '{root}/readonly/selection.pth'], "cannot be written"),
+])
+def test_select_wild_data_refuses_bad_flags_before_scoring(tmp_path, monkeypatch, extra, expected):
+    (tmp_path / 'blocker').write_text('a file where a folder should be')
+    extra = [x.format(root=tmp_path) for x in extra]
+    if 'readonly' in extra[-1] and not make_unwritable(tmp_path / 'readonly'):
+        pytest.skip('cannot make a folder unwritable here')
+    monkeypatch.setattr(select_wild_data, 'read_checkpoint', lambda *a, **k: pytest.fail('the teacher was loaded'))
+    args = select_wild_data.get_args_parser().parse_args(
+        ['--teacher', 'teacher.pth', '--wild_path', str(tmp_path), '--output', str(tmp_path / 'sel.pth'),
+         '--device', 'cpu', *extra])
+    try:
+        with pytest.raises(UserError) as err:
+            select_wild_data.main(args)
+    finally:
+        if 'readonly' in extra[-1]:
+            make_writable(tmp_path / 'readonly')
+    message = str(err.value)
+    assert expected in message, message
+    if '--output' in extra:
+        assert extra[-1] in message or os.path.dirname(extra[-1]) in message
+    if extra[-1].endswith('/'):
+        assert f"--output {os.path.join(extra[-1], 'selection.pth')}" in message  # the fix, spelled out
+
+
+@pytest.fixture(scope='module')
+def wild(small_work):
+    folder = small_work.root / 'wild'
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(5):
+        Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)).save(folder / f'{i}.png')
+    return str(folder)
+
+
+@pytest.mark.parametrize('num_select', ['0', '6'])
+def test_num_select_checked_before_scoring(small_work, wild, num_select, monkeypatch):
+    monkeypatch.setattr(select_wild_data, 'score_chunk', lambda *a, **k: pytest.fail('scoring started'))
+    args = select_wild_data.get_args_parser().parse_args([
+        '--teacher', small_work.teacher, '--model', 'vit_base_patch16_224', '--model_kwargs',
+        *kwargs_flags(TINY_ARCH), '--nb_classes', '3', '--input_size', '32',
+        '--wild_path', wild, '--output', str(small_work.root / f'sel{num_select}.pth'), '--num_select', num_select,
+        '--num_workers', '0', '--device', 'cpu'])
+    with pytest.raises(UserError, match=f'--num_select {num_select}'):
+        select_wild_data.main(args)
+
+
+def test_selection_that_is_not_a_selection_file(small_work):
+    path = str(small_work.root / 'not_a_selection.pth')
+    torch.save({'something': torch.zeros(2)}, path)
+    message = user_error(run_args(small_work, 'bad_sel', '--mode', 'probe', '--finetune', small_work.teacher,
+                                  '--selection', path))
+    assert '--selection' in message and path in message and 'select_wild_data.py' in message
+
+
+# ---- moved from test_run_folder.py: a class-weight cache beside a read-only selection, a moved wild folder ---------
+@ROOT_ONLY
+def test_class_weight_cache_beside_a_read_only_selection_warns_and_goes_on(tmp_path):
+    teacher_path = make_teacher_checkpoint(str(tmp_path / 'teacher.pth'))
+    ckpt = torch.load(teacher_path)
+    ckpt['args'] = {'model': 'vit_base_patch16_224', 'model_kwargs': TINY_ARCH, 'nb_classes': 3, 'input_size': 32,
+                    'global_pool': True, 'mode': 'none'}
+    torch.save(ckpt, teacher_path)
+    wild = make_image_folder(str(tmp_path / 'wild'), classes=3, train_per_class=4, val_per_class=0)
+    folder = tmp_path / 'selection'
+    folder.mkdir()
+    selection = str(folder / 'selection.pth')
+    args = select_wild_data.get_args_parser().parse_args(
+        ['--teacher', teacher_path, '--wild_path', wild, '--output', selection, '--num_select', '6',
+         '--batch_size', '4', '--num_workers', '0', '--device', 'cpu'])
+    with warnings.catch_warnings():
+        warnings.simplefilter('ignore')
+        select_wild_data.main(args)
+        teacher = select_wild_data.build_teacher(*select_wild_data.resolve(args))
+    with immutable(folder), pytest.warns(UserWarning, match='class weights not cached'):
+        weights = training_class_weights(teacher, selection, teacher_path, 32, 0.5, 0, 4, 'cpu')
+    assert weights.shape == (3,) and weights.sum().item() == pytest.approx(3.0)
+
+
+def test_a_moved_wild_folder_is_refused_at_start(tmp_path, monkeypatch):
+    target = make_image_folder(str(tmp_path / 'target'), classes=3, train_per_class=2, val_per_class=2)
+    wild = make_image_folder(str(tmp_path / 'wild'), classes=2, train_per_class=4, val_per_class=0)
+    paths = sorted(os.path.relpath(os.path.join(d, f), wild) for d, _, fs in os.walk(wild) for f in fs)
+    selection = str(tmp_path / 'selection.pth')
+    torch.save({'root': wild, 'paths': paths, 'selected': torch.arange(8), 'nb_classes': 3, 'ranking': 'output'},
+               selection)
+    teacher = make_teacher_checkpoint(str(tmp_path / 'teacher.pth'))
+    argv = ['--mode', 'probe', '--finetune', teacher, '--selection', selection, '--eval_data_path', target,
+            '--model', 'vit_base_patch16_224', '--model_kwargs', 'patch_size=8', 'embed_dim=48', 'depth=4',
+            'num_heads=3', '--input_size', '32', '--nb_classes', '3', '--batch_size', '8', '--teacher_acc', '0.9',
+            '--num_workers', '0', '--device', 'cpu', '--output_dir', str(tmp_path / 'probe'), '--epochs', '1']
+    no_training(monkeypatch)
+    os.rename(wild, tmp_path / 'wild_moved')
+    with pytest.raises(UserError, match=r"--selection .*selection\.pth: its wild image folder .*wild' no longer "
+                                        r"exists"):
+        main_finetune.run(argv)
+    os.rename(tmp_path / 'wild_moved', wild)
+    os.remove(os.path.join(wild, paths[3]))
+    with pytest.raises(UserError, match=r"1 of 8 kept images checked are missing from its wild image folder"):
+        main_finetune.run(argv)
+    # one that goes missing during training is reported as missing, not as undecodable
+    from util.selection import ImageFiles
+    with pytest.warns(UserWarning, match=r"skipping missing image .*: FileNotFoundError"):
+        assert ImageFiles(wild, [paths[3]])[0] is None

@@ -12,7 +12,18 @@ import sys
 from unittest import mock
 
 import pytest
-from helpers import ROOT, kwargs_flags, make_teacher_checkpoint, read_text, squeue_state, tiny_args, wait_for
+from helpers import (
+    ROOT,
+    ROOT_ONLY,
+    args_for,
+    immutable,
+    kwargs_flags,
+    make_teacher_checkpoint,
+    read_text,
+    squeue_state,
+    tiny_args,
+    wait_for,
+)
 
 import main_finetune
 import submitit_finetune
@@ -94,3 +105,16 @@ def test_job_dir_is_required_without_a_shared_folder(tmp_path, monkeypatch):
     monkeypatch.setattr(submitit_finetune, 'SHARED_FOLDER', str(tmp_path / 'no_such_shared_folder'))
     with pytest.raises(UserError, match='--job_dir is required: no shared folder'):
         submitit_finetune.main(['--data_path', str(tmp_path), '--cluster', 'debug'])
+
+
+# ---- moved from test_run_folder.py: an unwritable --job_dir --------------------------------------------------------
+@ROOT_ONLY
+def test_unwritable_job_dir_is_refused_before_submission(workdir, tmp_path, monkeypatch):
+    locked = tmp_path / 'locked'
+    locked.mkdir()
+    monkeypatch.setattr(submitit_finetune, 'build_executor', lambda *a: pytest.fail('submitted'))
+    argv = args_for(workdir, '', epochs=1)
+    i = argv.index('--output_dir')
+    del argv[i:i + 4]
+    with immutable(locked), pytest.raises(UserError, match=r"--job_dir .*locked' cannot be written"):
+        submitit_finetune.main(['--job_dir', str(locked / 'job_%j'), '--cluster', 'debug', *argv])

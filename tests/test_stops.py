@@ -4,6 +4,7 @@ import glob
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -12,11 +13,13 @@ from unittest import mock
 
 import pytest
 import torch
-from helpers import ROOT, args_for, read_log, run_until_stopped, stop_at_forward, tiny_args, torchrun
+from helpers import ROOT, args_for, read_log, run_args, run_until_stopped, stop_at_forward, tiny_args, torchrun
 
 import main_finetune
+import submitit_finetune
 from engine_finetune import NonFiniteLossError
 from util.checkpoint import NonFiniteStateError
+from util.errors import DEBUG_ENV, run_cli
 from util.losses import TransferCriterion
 from util.output import RunLock, requeued_checkpoint
 from util.pretrained import read_checkpoint
@@ -245,3 +248,68 @@ def test_only_a_requeued_job_continues_the_folders_run(tmp_path):
         assert requeued_checkpoint(SimpleNamespace(eval=True, output_dir=str(tmp_path), resume=own)) is None
         os.remove(own)
         assert requeued_checkpoint(args) is None  # nothing of its own yet: it starts as the first time
+
+
+# ---- moved from test_bad_input.py: a non-finite loss ---------------------------------------------------------------
+@pytest.mark.slow
+def test_non_finite_loss_is_one_error_line_naming_the_last_good_checkpoint(small_work, pair_runs, tmp_path, capsys,
+                                                                           monkeypatch):
+    monkeypatch.delenv(DEBUG_ENV, raising=False)
+    run = pair_runs['distill']
+    out = str(tmp_path / 'resumed')
+    shutil.copytree(run.out, out)
+    poisoned = torch.load(run.teacher, weights_only=True)
+    poisoned['model']['blocks.0.attn.qkv.weight'][0, 0] = float('nan')
+    teacher = str(tmp_path / 'teacher.pth')
+    shutil.copy(run.teacher, teacher)
+    ckpt = torch.load(os.path.join(out, 'checkpoint.pth'), weights_only=False)
+    ckpt['args']['finetune'] = teacher  # the run's own teacher file, which then goes bad
+    torch.save(ckpt, os.path.join(out, 'checkpoint.pth'))
+    torch.save(poisoned, teacher)
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as stop:
+        run_cli(main_finetune.run_reporting_stop, tiny_args(
+            small_work.data, out, '--mode', 'distill', '--finetune', teacher, '--resume', 'allow', epochs=2))
+    assert stop.value.code == 1
+    err = capsys.readouterr().err
+    assert 'Traceback' not in err
+    lines = [line for line in err.splitlines() if line.startswith('error:')]
+    assert len(lines) == 1 and lines[0] == err.strip().splitlines()[-1], err
+    assert lines[0].startswith('error: non-finite loss at epoch 1, step 0 of 3: ')
+    assert 'loss_atd=nan' in lines[0] and '(--finetune)' in lines[0]
+    assert lines[0].endswith(f"the last good checkpoint is {os.path.join(out, 'checkpoint.pth')} (end of epoch 0).")
+
+
+def test_nan_from_the_atd_term_does_not_blame_the_lr(small_work):
+    bad_teacher = str(small_work.root / 'nan_teacher.pth')
+    ckpt = torch.load(small_work.teacher, weights_only=True)
+    ckpt['model']['blocks.0.attn.qkv.weight'][0, 0] = float('nan')
+    torch.save(ckpt, bad_teacher)
+    with pytest.raises(NonFiniteLossError) as err:
+        main_finetune.run(run_args(small_work, 'nan_atd', '--mode', 'distill', '--finetune', bad_teacher))
+    message = str(err.value)
+    assert 'loss_atd' in message and 'teacher' in message and 'Lower the learning rate' not in message
+
+
+# ---- moved from test_run_folder.py: a requeued job -----------------------------------------------------------------
+def test_a_requeued_job_without_resume_continues_its_own_run(tmp_path, monkeypatch):
+    seen = {}
+
+    def fake_main(args):
+        seen['resume'] = args.resume
+        return {}
+
+    class Env:
+        job_id, global_rank, num_tasks, local_rank, node, num_nodes = '7', 0, 1, 0, 0, 1
+        hostname, hostnames = 'n1', ['n1']
+
+    monkeypatch.setattr(main_finetune, 'main', fake_main)
+    monkeypatch.setattr(submitit_finetune.submitit, 'JobEnvironment', Env)
+    monkeypatch.setattr(submitit_finetune.Trainer, '_install_preemption_handler', lambda self, args: None)
+    args = submitit_finetune.parse_args(['--job_dir', str(tmp_path / '%j'), '--data_path', str(tmp_path)])
+    with mock.patch.dict(os.environ, {'SLURM_RESTART_COUNT': '0'}):
+        submitit_finetune.Trainer(args)()
+    assert seen['resume'] == ''  # the first start is a fresh run (refused at submission if the folder holds one)
+    with mock.patch.dict(os.environ, {'SLURM_RESTART_COUNT': '1'}):
+        submitit_finetune.Trainer(args)()
+    assert seen['resume'] == 'allow'

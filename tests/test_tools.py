@@ -5,6 +5,7 @@ import csv
 import math
 import os
 import pickle
+import re
 import subprocess
 import sys
 import textwrap
@@ -13,12 +14,14 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
-from helpers import DATA_DEFAULTS
+from helpers import DATA_DEFAULTS, TINY_ARCH
 from PIL import Image
 
+from models_vit import create_vit
 from modes import get_mode
 from tools import export_student, prepare_cifar, prepare_tinyimagenet, visualize_attention
-from util.datasets import build_dataset, build_transform
+from util.datasets import build_dataset, build_transform, eval_transform
+from util.errors import UserError
 from util.model_record import recorded_spec
 from util.pretrained import read_checkpoint
 
@@ -206,3 +209,119 @@ def test_prepare_tinyimagenet_moves_val_into_class_folders(tmp_path):
                            reprob=0.0, remode='pixel', recount=1)
     train, val = build_dataset(True, args), build_dataset(False, args)
     assert train.classes == val.classes == wnids and len(train) == 4 and len(val) == 4
+
+
+# ---- moved from test_bad_input.py: the tools refuse bad input; the diagnostics of a copy-mode student --------------
+@pytest.mark.parametrize('extra, expected', [
+    (['--images', '{root}/missing.png'], "--images '{root}/missing.png': no such file"),
+    (['--images', '{root}/not_an_image.png'], "not a readable image"),
+    (['--images'], '--images names no file'),
+    (['--map_layers', 'x'], "--map_layers 'x': give layer numbers"),
+    (['--heads', '0'], '--heads 0: must be >= 1'),
+    (['--batch_size', '0'], '--batch_size 0: must be >= 1'),
+    (['--output_dir', '{root}/a_file'], "--output_dir '{root}/a_file' is a file, not a folder"),
+])
+def test_visualize_attention_refuses_bad_flags_before_loading_models(tmp_path, monkeypatch, extra, expected):
+    (tmp_path / 'a_file').write_text('keep me')
+    (tmp_path / 'not_an_image.png').write_bytes(b'not a png')
+    monkeypatch.setattr(visualize_attention, 'load_models', lambda *a: pytest.fail('the models were loaded'))
+    argv = ['--checkpoint', 'ckpt.pth', '--data_path', str(tmp_path), '--output_dir', str(tmp_path / 'out')]
+    with pytest.raises(UserError) as err:
+        visualize_attention.main(argv + [x.format(root=tmp_path) for x in extra])
+    assert expected.format(root=tmp_path) in str(err.value)
+    assert (tmp_path / 'a_file').read_text() == 'keep me'
+
+
+@pytest.mark.slow
+def test_visualize_attention_refuses_a_layer_the_models_lack_before_reading_data(small_work, pair_runs, tmp_path,
+                                                                                 monkeypatch):
+    monkeypatch.setattr(visualize_attention, 'image_folder', lambda *a, **k: pytest.fail('data were read'))
+    with pytest.raises(UserError, match=r"--map_layers 0,99: no layer 99; the compared models have layers 0 to 3"):
+        visualize_attention.main(['--checkpoint', pair_runs['distill'].checkpoint, '--data_path', small_work.data,
+                                  '--output_dir', str(tmp_path / 'out'), '--map_layers', '0,99'])
+
+
+def norm1_inputs(vits: dict, run) -> dict:
+    """Run ``run()`` and return what each named ViT's blocks feed their attention (norm1 outputs)."""
+    inputs = {}
+    hooks = [blk.norm1.register_forward_hook(lambda m, i, o, key=(name, k): inputs.__setitem__(key, o))
+             for name, vit in vits.items() for k, blk in enumerate(vit.blocks)]
+    with torch.no_grad():
+        run()
+    for h in hooks:
+        h.remove()
+    return inputs
+
+
+def float64_map(attn, h) -> torch.Tensor:
+    """softmax(q k^T / sqrt(d)) in float64 from the raw qkv weights (the tiny ViTs have no qk-norm)."""
+    B, N, _ = h.shape
+    qkv = (h.double() @ attn.qkv.weight.double().T + attn.qkv.bias.double()).view(B, N, 3, attn.num_heads, -1)
+    q, k = qkv[:, :, 0].transpose(1, 2), qkv[:, :, 1].transpose(1, 2)
+    return (q @ k.transpose(-1, -2) / math.sqrt(attn.head_dim)).softmax(-1)
+
+
+@pytest.mark.slow
+def test_visualize_attention_of_a_copy_student_compares_the_maps_it_uses(small_work, pair_runs, tmp_path, capsys):
+    """In the copied layers (0-2) a copy-mode student attends with the teacher's maps: the metrics say so
+    (JSD 0, CE = the teacher's entropy) and name the source; in layer 3 it attends with its own map, computed
+    on the tokens of the dual forward (not on those of the student run alone)."""
+    ckpt = torch.load(pair_runs['copy'].checkpoint, weights_only=True)
+    generator = torch.Generator().manual_seed(0)
+    for key, value in ckpt['model'].items():  # a student whose own attention is far from uniform
+        if key.endswith('attn.qkv.weight'):
+            qk = value[:2 * TINY_ARCH['embed_dim']]
+            qk.copy_(torch.randn(qk.shape, generator=generator) * 0.5)
+    checkpoint = str(tmp_path / 'copy_checkpoint.pth')
+    torch.save(ckpt, checkpoint)
+    rows = visualize_attention.main(['--checkpoint', checkpoint, '--data_path', small_work.data, '--output_dir',
+                                     str(tmp_path / 'diag'), '--num_show', '1', '--batch_size', '5',
+                                     '--num_workers', '0'])
+    printed = capsys.readouterr().out
+    assert 'in layers 0, 1, 2 the student attends with what the teacher hands over' in printed
+    assert 'JSD is 0 by construction' in printed
+    with open(tmp_path / 'diag' / 'attention_metrics.csv') as f:
+        written = list(csv.DictReader(f))
+    assert [r['student_map'] for r in written] == ["teacher's (copied)"] * 3 + ['own']
+
+    # independent: the dual model's own evaluation forward, maps recomputed in float64 from its norm1 inputs
+    _, _, spec, model = visualize_attention.load_models(checkpoint, None)
+    paths = sorted(os.path.join(dp, f) for dp, _, fs in os.walk(os.path.join(small_work.data, 'val')) for f in fs)
+    transform = eval_transform(spec.img_size, spec.eval_crop_pct, spec.mean, spec.std)
+    x = torch.stack([transform(Image.open(p).convert('RGB')) for p in paths])
+    inputs = norm1_inputs({'teacher': model.teacher, 'student': model.student}, lambda: model(x))
+    for layer in range(3):
+        t = float64_map(model.teacher.blocks[layer].attn, inputs['teacher', layer])
+        entropy = -(t * t.log()).sum(-1).mean().item()
+        assert rows[layer]['jsd'] == pytest.approx(0.0, abs=1e-6)
+        assert rows[layer]['teacher_entropy'] == pytest.approx(entropy, rel=1e-4)
+        assert rows[layer]['student_entropy'] == pytest.approx(entropy, rel=1e-4)
+        assert rows[layer]['teacher_student_ce'] == pytest.approx(entropy, rel=1e-4)
+    s = float64_map(model.student.blocks[3].attn, inputs['student', 3])
+    entropy = -(s * s.log()).sum(-1).mean().item()
+    assert rows[3]['student_entropy'] == pytest.approx(entropy, rel=1e-4)
+    alone = norm1_inputs({'student': model.student}, lambda: model.student(x))
+    s_alone = float64_map(model.student.blocks[3].attn, alone['student', 3])
+    entropy_alone = -(s_alone * s_alone.log()).sum(-1).mean().item()
+    assert abs(entropy_alone - entropy) > 1e-2 * entropy  # the student run alone has other maps there
+
+
+def test_export_student_garbage_and_unwritable_output(small_work):
+    garbage = small_work.root / 'garbage.pth'
+    garbage.write_bytes(b'not a checkpoint at all')
+    with pytest.raises(UserError, match=re.escape(str(garbage))):
+        export_student.main(['--checkpoint', str(garbage), '--output', str(small_work.root / 'export')])
+    ckpt = str(small_work.root / 'student.pth')
+    vit = create_vit('vit_base_patch16_224', num_classes=3, img_size=32, **TINY_ARCH)
+    torch.save({'model': vit.state_dict(), 'args': dict(model='vit_base_patch16_224', model_kwargs=TINY_ARCH,
+                                                        nb_classes=3, input_size=32, global_pool=True)}, ckpt)
+    blocker = small_work.root / 'blocker'
+    blocker.write_text('a file where a folder should be')
+    with pytest.raises(UserError, match='--output') as err:
+        export_student.main(['--checkpoint', ckpt, '--output', str(blocker / 'student')])
+    assert str(blocker) in str(err.value)
+
+
+def test_prepare_cifar_with_wrong_src(tmp_path):
+    with pytest.raises(UserError, match='--src'):
+        prepare_cifar.main(['--src', str(tmp_path), '--dst', str(tmp_path / 'out')])
