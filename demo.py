@@ -330,6 +330,9 @@ def execute(job: Job, log_path: str) -> dict:
     return {**result, 'accuracy': accuracy, 'wall': time.time() - wall, 'cpu': time.process_time() - cpu}
 
 
+HEARTBEAT_S = 30  # the longest the demo stays silent while its runs train
+
+
 def run_jobs(jobs: list[Job], out: str, workers: int, prepare=lambda seed: None) -> dict[str, dict]:
     """Run the jobs in ``workers`` single-thread processes, each once the job it needs is done, in the order
     given, their logs and outputs under runs/ (which ``clear_runs`` emptied); prints one line per finished run.
@@ -356,6 +359,7 @@ def run_jobs(jobs: list[Job], out: str, workers: int, prepare=lambda seed: None)
             for job in jobs:
                 if job.seed == seed and not job.after:
                     tasks.put((job, log_path[job.name]))
+        last_line = time.time()
         while len(results) < len(jobs):
             try:
                 name, result, error = done.get(timeout=10)
@@ -363,7 +367,13 @@ def run_jobs(jobs: list[Job], out: str, workers: int, prepare=lambda seed: None)
                 if not all(process.is_alive() for process in processes):
                     raise RuntimeError("a worker process of the demo died (out of memory?); the logs of the runs "
                                        f"are under {os.path.join(out, 'runs')}") from None
+                if time.time() - last_line >= HEARTBEAT_S:  # a line at least this often: the first runs take minutes
+                    last_line = time.time()
+                    print(f"     {len(results)}/{len(jobs)} runs finished, {(time.time() - start) / 60:4.1f} min "
+                          f"elapsed; the runs in progress write their logs under {os.path.join(out, 'runs')}/",
+                          flush=True)
                 continue
+            last_line = time.time()
             if error is not None:
                 user_error, message = error
                 text = f"the run {name} failed: {message} (its log: {log_path[name]})"
