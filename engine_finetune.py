@@ -17,6 +17,7 @@ from typing import Optional
 import torch
 import torch.nn as nn
 
+from models_pair import EvaluationMaps, TeacherStudentPair
 from util import lr_sched
 from util.distributed import all_reduce_sum, get_world_size, log
 from util.errors import UserError
@@ -379,6 +380,7 @@ def evaluate_ensemble(
     for model in models.values():
         model.eval()
     autocast = torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None)
+    fix_evaluation_maps(data_loader, models.values(), device, autocast, distributed)
     sums = torch.zeros(len(names), 3, dtype=torch.float64, device=device)  # correct1, correct5, loss sum
     counts = torch.zeros(2, dtype=torch.float64, device=device)  # images, skipped
     batches = len(data_loader) if hasattr(data_loader, '__len__') else 0
@@ -423,6 +425,50 @@ def evaluate_ensemble(
             f"loss {results[name]['loss']:.3f} ({results[name]['images']} images"
             + (f", {skipped} skipped" if skipped else '') + ")")
     return results
+
+
+@torch.no_grad()
+def fix_evaluation_maps(data_loader: Iterable, models: Iterable[nn.Module], device: torch.device, autocast,
+                        distributed: bool = False) -> None:
+    """A copy student trained with the teacher's maps averaged over the images of each batch (--map_average
+    examples) attends at evaluation with their mean over the whole evaluation set, every image of every rank:
+    computed here, in a pass of the teacher over ``data_loader``, for each pair among ``models`` (and the pairs
+    they wrap) that needs it, and kept for later evaluations on the same loader. The evaluated accuracy then
+    depends on neither the batch size nor the number of processes."""
+    pairs = [m for model in models for m in model.modules() if isinstance(m, TeacherStudentPair)
+             and m.needs_evaluation_maps and (m.evaluation_maps is None or m.evaluation_maps.source is not data_loader)]
+    if not pairs:
+        return
+    sums, images_seen = [{} for _ in pairs], 0
+    for images, _, _ in data_loader:
+        if len(images) == 0:
+            continue
+        images = images.to(device, non_blocking=True)
+        with autocast:
+            for total, pair in zip(sums, pairs):
+                for layer, value in pair.teacher_map_sums(images).items():
+                    total[layer] = value if layer not in total else total[layer] + value
+        images_seen += len(images)
+    count = torch.tensor(float(images_seen), dtype=torch.float64, device=device)
+    if distributed:
+        all_reduce_sum(count)
+        for k, pair in enumerate(pairs):
+            sums[k] = sums[k] or pair.teacher_map_sums(empty_batch(pair.student, device))
+            for value in sums[k].values():
+                all_reduce_sum(value)
+    if count.item() == 0:
+        raise UserError("the evaluation set gave no image to average the teacher's maps over (--map_average "
+                        "examples); check --data_path's val/ folder")
+    for total, pair in zip(sums, pairs):
+        pair.evaluation_maps = EvaluationMaps({layer: (value / count).float() for layer, value in total.items()},
+                                              data_loader, int(count.item()))
+    log(f"--map_average examples: the copy student attends with the teacher's maps averaged over the "
+        f"{int(count.item())} evaluation images")
+
+
+def empty_batch(vit: nn.Module, device: torch.device) -> torch.Tensor:
+    """No image, in the shape ``vit`` takes (a rank whose evaluation shard is empty still joins the reductions)."""
+    return torch.zeros(0, vit.patch_embed.proj.in_channels, *vit.patch_embed.img_size, device=device)
 
 
 class Evaluator:

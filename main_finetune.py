@@ -456,10 +456,6 @@ def train_and_evaluate(run: Resolved) -> dict:
     if cfg.compile:  # after the EMA's deep copy, which must not share the compiled blocks
         model.compile_blocks()
     log(startup_summary(run, model, dataset_train, dataset_val))
-    if run.spec.map_average == 'examples' and model.needs_teacher_at_eval:
-        log(f"--map_average examples: evaluation too averages the teacher's maps over each batch of {cfg.batch_size} "
-            "images per process, so its accuracy depends on --batch_size (and the number of processes): evaluate "
-            "with the training run's")
     evaluator = Evaluator(build_loader(dataset_val, sampler_val, cfg, train=False), device, amp_dtype,
                           cfg.dist_eval, cfg.print_freq)
     if cfg.eval:

@@ -34,7 +34,7 @@ from models_attention import (
     transfer_of,
 )
 from models_families import family_of_attention, family_of_model
-from models_pair import ModelArgumentError, TeacherStudentPair
+from models_pair import EvaluationMaps, ModelArgumentError, TeacherStudentPair
 from models_pairing import parse_heads, resolve_pairing, token_mismatches
 from models_transfer_losses import transfer_loss
 from models_vit import DUAL_MODEL_NAMES, check_supported, init_class_token
@@ -81,6 +81,7 @@ class DualViT(TeacherStudentPair):
         self.pairs: dict[int, int] = {}  # student layer -> the teacher block it is paired with
         self.layers: list[int] = []  # the transferred student layers
         self.heads = tuple(heads) if heads is not None else None
+        self.evaluation_maps: Optional[EvaluationMaps] = None  # see fix_evaluation_maps
         if teacher is not None:
             check_supported(teacher, 'teacher')
             check_supported(student, 'student')
@@ -137,19 +138,59 @@ class DualViT(TeacherStudentPair):
                                      f"{self.mode.name} with the {self.attention_impl} attention does not build (it "
                                      "needs an attention map mode with explicit maps)", 'map_average')
 
-    def hand_over(self, handed: Captured) -> Optional[Captured]:
-        """What the student's layer receives of the teacher's capture: averaged over examples or queries
-        (--map_average), and naming the transferred heads (--transfer_heads)."""
+    def hand_over(self, handed: Captured, layer: int) -> Optional[Captured]:
+        """What the student's ``layer`` receives of the teacher's capture: averaged over examples or queries
+        (--map_average), and naming the transferred heads (--transfer_heads). At evaluation, maps averaged over
+        examples are those averaged over the whole evaluation set (``evaluation_maps``), not over the batch."""
         if not handed:
             return None
-        handed = average_maps(handed, self.map_average)
+        if self.needs_evaluation_maps and not self.training:
+            handed = self._evaluation_maps_for(handed, layer)
+        else:
+            handed = average_maps(handed, self.map_average)
         return handed if self.heads is None else {**handed, 'heads': self.heads}
+
+    @property
+    def needs_evaluation_maps(self) -> bool:
+        """A copy student trained with the teacher's maps averaged over examples: evaluated, it attends with their
+        mean over the evaluation set (``evaluation_maps``, which engine_finetune.fix_evaluation_maps sets)."""
+        return self.map_average == 'examples' and self.needs_teacher_at_eval
+
+    def _evaluation_maps_for(self, handed: Captured, layer: int) -> Captured:
+        if self.evaluation_maps is None:
+            raise ValueError("this copy student was trained with the teacher's maps averaged over the images of "
+                             "each batch; evaluated, it attends with their mean over an evaluation set: set its "
+                             "evaluation_maps first (engine_finetune.fix_evaluation_maps)")
+        attn = handed['attn']
+        mean = self.evaluation_maps.maps[layer].to(device=attn.device, dtype=attn.dtype)
+        return {**{k: v for k, v in handed.items() if k != 'attn_logits'}, 'attn': mean.expand_as(attn)}
+
+    @torch.no_grad()
+    def teacher_map_sums(self, x: Tensor) -> dict[int, Tensor]:
+        """Per transferred student layer, the sum over the images ``x`` of the teacher's attention maps handed to
+        it, (H, N, N) in float64: what fix_evaluation_maps averages."""
+        t, impl = self.teacher, self.attention_impl
+        layers_of: dict[int, list[int]] = {}
+        for i in self.layers:
+            layers_of.setdefault(self.pairs[i], []).append(i)
+        tx, t_context = embed_with_context(t, x)
+        sums = {}
+        for j in range(self.last_teacher_layer + 1):
+            expose = 'attn' if j in layers_of else None
+            tx, handed = self._teacher_layer(t.blocks[j], tx, expose, impl, None, t_context[j])
+            for i in layers_of.get(j, ()):
+                sums[i] = handed['attn'].sum(dim=0, dtype=torch.float64)
+        return sums
 
     def with_student(self, student: VisionTransformer) -> DualViT:
         """The same teacher and transfer around another student (e.g. the EMA weights, for evaluation)."""
         return DualViT(student, self.teacher, mode=self.mode, pairs=self.pairs, layers=self.layers, heads=self.heads,
                        map_average=self.map_average, share_drop_path=self.share_drop_path,
-                       attention_impl=self.attention_impl)
+                       attention_impl=self.attention_impl).with_evaluation_maps(self.evaluation_maps)
+
+    def with_evaluation_maps(self, maps: Optional[EvaluationMaps]) -> DualViT:
+        self.evaluation_maps = maps
+        return self
 
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         """Recompute each student block in the backward pass instead of keeping its activations:
@@ -212,7 +253,7 @@ class DualViT(TeacherStudentPair):
                         j_masks = masks[paired_student[j]] if masks is not None and j in paired_student else None
                         tx, handed = self._teacher_layer(t.blocks[j], tx, expose, impl, j_masks, t_context[j])
                 t_next = target + 1
-            args = (mode, s_blk, sx, self.hand_over(handed), impl, block_masks, s_context[i])
+            args = (mode, s_blk, sx, self.hand_over(handed, i), impl, block_masks, s_context[i])
             if checkpointed:
                 sx, layer_loss = torch.utils.checkpoint.checkpoint(self._student_layer, *args, use_reentrant=False)
             else:
@@ -304,7 +345,7 @@ def forward_dual_with_capture(
                 tx, _ = block_forward(t_blk, tx, partial(_attention_used, t_blk.attn, given=None, expose=expose,
                                                          store=store, context=t_context[j]))
             t_next = target + 1
-            given = model.hand_over(store.get('handed'))
+            given = model.hand_over(store.get('handed'), i)
             if i in attention_blocks:
                 t_maps[i] = store['map']
         store = {}

@@ -11,8 +11,11 @@ checkpoints hold the teacher too.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Optional
 
+import torch
 import torch.nn as nn
 from timm.models.vision_transformer import VisionTransformer
 
@@ -28,11 +31,22 @@ class ModelArgumentError(ValueError):
         self.argument = argument
 
 
+@dataclass(frozen=True)
+class EvaluationMaps:
+    """The teacher's maps averaged over an evaluation set, per transferred student layer ((H, N, N), float32), and
+    the set they were averaged over (``source``: the loader, compared by identity) and its image count."""
+
+    maps: Mapping[int, torch.Tensor]
+    source: object
+    images: int
+
+
 class TeacherStudentPair(nn.Module, ABC):
     """A trainable student ViT and, beside it, a frozen teacher ViT (None for plain training)."""
 
     student: VisionTransformer
     teacher: Optional[VisionTransformer]
+    evaluation_maps: Optional[EvaluationMaps] = None
 
     @property
     @abstractmethod
@@ -57,6 +71,12 @@ class TeacherStudentPair(nn.Module, ABC):
     @abstractmethod
     def may_leave_student_parameters_unused(self) -> bool:
         """Whether some trainable student parameters get no gradient in a step (DDP must then look for them)."""
+
+    @property
+    def needs_evaluation_maps(self) -> bool:
+        """Whether evaluation first needs the teacher's maps averaged over the evaluation set (a copy student
+        trained with maps averaged over examples: models_dual_vit.DualViT.teacher_map_sums)."""
+        return False
 
     @abstractmethod
     def with_student(self, student: VisionTransformer) -> TeacherStudentPair:

@@ -303,7 +303,9 @@ class AttentionTransfer(Mode):
                        help='copy / distill: replace the teacher\'s maps, before they are copied or distilled, by '
                             'their mean over the images of the batch on each GPU (examples: every image gets the same '
                             'map) or over the query positions (queries: every query of an image gets the same row of '
-                            'key weights); needs explicit maps (--attention_impl auto or explicit)')
+                            'key weights); needs explicit maps (--attention_impl auto or explicit). A copy student '
+                            'trained with examples is evaluated with the teacher\'s maps averaged over the whole '
+                            'evaluation set')
         g.add_argument('--atd_weight', default=3, type=float,
                        help='weight of the attention distillation loss (distill modes; the transfer loss of every '
                             'mode that has one)')

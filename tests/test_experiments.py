@@ -1,6 +1,7 @@
 """The paper's ablations and baselines: --transfer_heads, --map_average, --transfer_until, --mode feature_kd and
 logit_kd, checked against attention and losses written out by hand from the timm modules' weights."""
 import argparse
+import contextlib
 import os
 
 import pytest
@@ -10,6 +11,7 @@ from helpers import TINY_ARCH, args_for, kwargs_flags, pair_of, read_log, run_un
 
 import main_finetune
 import modes
+from engine_finetune import fix_evaluation_maps
 from models_dual_vit import build_dual_vit, forward_dual_with_capture
 from models_pair import ModelArgumentError
 from models_vit import create_vit
@@ -62,18 +64,22 @@ def tokens(vit, x):
     return vit.norm_pre(vit._pos_embed(vit.patch_embed(x)))
 
 
-def by_hand(model, x, heads, average='none'):
+def by_hand(model, x, heads, average='none', given=None):
     """Student logits and summed distillation loss of a copy / distill pair, written out: in each layer the student
-    uses (copy) or is compared with (distill) the teacher's maps in ``heads``, its own elsewhere."""
+    uses (copy) or is compared with (distill) the teacher's maps in ``heads``, its own elsewhere (``given``: per
+    layer, the (H, N, N) map to use instead of the teacher's for every image)."""
     t, s = model.teacher, model.student
     tx, sx, loss = tokens(t, x), tokens(s, x), 0.0
-    copy = model.mode.use == 'replace'
+    copy, maps_so_far = model.mode.use == 'replace', []
     for t_blk, s_blk in zip(t.blocks, s.blocks):
         t_map = probs(t_blk.attn, t_blk.norm1(tx))
         if average == 'examples':
             t_map = t_map.mean(0, keepdim=True).expand_as(t_map)
         elif average == 'queries':
             t_map = t_map.mean(2, keepdim=True).expand_as(t_map)
+        if given is not None:
+            t_map = given[len(maps_so_far)].expand_as(t_map)
+        maps_so_far.append(t_map)
         tx = t_blk(tx)
         h = s_blk.norm1(sx)
         own = probs(s_blk.attn, h)
@@ -142,8 +148,52 @@ def test_map_average_hands_over_the_mean_map(mode, average):
         assert not torch.allclose(out[1], by_hand(model, x, [0, 1, 2, 3])[1], rtol=1e-4)
 
 
-def test_map_average_examples_copies_the_batch_mean_to_every_image():
+def teacher_maps(model, x):
+    """Per block, the teacher's attention probabilities (B, H, N, N), written out from its weights."""
+    tx, maps = tokens(model.teacher, x), []
+    for blk in model.teacher.blocks:
+        maps.append(probs(blk.attn, blk.norm1(tx)))
+        tx = blk(tx)
+    return maps
+
+
+def batches_of(x, size):
+    return [(x[lo:lo + size], torch.zeros(len(x[lo:lo + size]), dtype=torch.long), 0) for lo in range(0, len(x), size)]
+
+
+def test_map_average_examples_evaluates_with_the_mean_over_the_evaluation_set():
+    """Evaluated, a copy student trained with the teacher's maps averaged over each batch attends with their mean
+    over the whole evaluation set: the same logits whatever the batch, those of a hand computation with that mean,
+    shared with the EMA student's pair."""
     model = pair('copy', 'explicit', map_average='examples').eval()
+    x = torch.randn(6, 3, 32, 32)
+    with pytest.raises(ValueError, match='evaluation_maps'):
+        model(x)
+    loader = batches_of(x, 4)  # a batch of 4 and one of 2
+    fix_evaluation_maps(loader, [model], torch.device('cpu'), contextlib.nullcontext())
+    means = [m.mean(0) for m in teacher_maps(model, x)]
+    expected, _ = by_hand(model, x, [0, 1, 2, 3], given=means)
+    with torch.no_grad():
+        assert torch.allclose(model(x), expected, atol=1e-5, rtol=1e-4)
+        one_at_a_time = torch.cat([model(x[b:b + 1]) for b in range(6)])
+        assert torch.allclose(one_at_a_time, expected, atol=1e-5, rtol=1e-4)
+        # the mean over one batch of 4 alone is another answer: the whole set's mean is what is used
+        batch_mean, _ = by_hand(model, x, [0, 1, 2, 3], given=[m[:4].mean(0) for m in teacher_maps(model, x)])
+        assert not torch.allclose(batch_mean, expected, atol=1e-3)
+        assert model.with_student(model.student).evaluation_maps is model.evaluation_maps
+    assert model.evaluation_maps.images == 6 and model.evaluation_maps.source is loader
+    for layer, mean in enumerate(means):
+        assert torch.allclose(model.evaluation_maps.maps[layer], mean, atol=1e-6)
+    # kept for later evaluations on the same loader, computed again for another
+    kept = model.evaluation_maps
+    fix_evaluation_maps(loader, [model], torch.device('cpu'), contextlib.nullcontext())
+    assert model.evaluation_maps is kept
+    fix_evaluation_maps(batches_of(x[:3], 3), [model], torch.device('cpu'), contextlib.nullcontext())
+    assert model.evaluation_maps.images == 3
+
+
+def test_map_average_examples_copies_the_batch_mean_to_every_image():
+    model = pair('copy', 'explicit', map_average='examples').train()
     x = torch.randn(4, 3, 32, 32)
     _, t_maps, s_maps = forward_dual_with_capture(model, x, [0, 1, 2])
     for i in range(3):
@@ -157,7 +207,7 @@ def test_map_average_refuses_the_fused_attention_and_other_modes():
         pair('copy', 'fused', map_average='examples')
     with pytest.raises(ModelArgumentError, match='copy_q'):
         pair('copy_q', 'explicit', map_average='queries')
-    model = pair('copy', 'auto', map_average='examples').eval()  # auto: explicit maps on any device
+    model = pair('copy', 'auto', map_average='examples').train()  # auto: explicit maps on any device
     x = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
         assert torch.allclose(model(x), by_hand(model, x, [0, 1, 2, 3], 'examples')[0], atol=1e-5, rtol=1e-4)

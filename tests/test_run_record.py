@@ -9,7 +9,7 @@ import sys
 import pytest
 import torch
 import yaml
-from helpers import args_for, read_log
+from helpers import args_for, read_log, torchrun
 
 import main_finetune
 import main_pretrain
@@ -152,8 +152,33 @@ def test_eval_of_a_finetune_checkpoint_says_what_resume_would_do(workdir, distil
             f"--eval --resume {ckpt} evaluates the model the checkpoint records") in capsys.readouterr().out
 
 
-def test_evaluating_a_copy_student_with_averaged_maps_says_it_depends_on_the_batch(workdir, tmp_path, capsys):
+def test_evaluating_a_copy_student_with_averaged_maps_does_not_depend_on_the_batch(workdir, tmp_path, capsys):
+    """--map_average examples: the run's own evaluation (batch 8) and --eval --resume one image at a time agree,
+    and both say over how many images the teacher's maps were averaged."""
     out = str(tmp_path / 'copy')
-    main_finetune.run(args_for(workdir, out, '--mode', 'copy', '--map_average', 'examples', epochs=1))
-    assert "--map_average examples: evaluation too averages the teacher's maps over each batch of 8" in \
-        capsys.readouterr().out
+    stats = main_finetune.run(args_for(workdir, out, '--mode', 'copy', '--map_average', 'examples', epochs=1))
+    evaluated = main_finetune.run(['--eval', '--resume', os.path.join(out, 'checkpoint.pth'), '--batch_size', '1',
+                                   '--data_path', workdir.data, '--output_dir', str(tmp_path / 'eval'), '--device',
+                                   'cpu', '--num_workers', '0'])
+    assert evaluated['test_loss'] == pytest.approx(stats['test_loss'], rel=1e-5)
+    assert evaluated['test_acc1'] == stats['test_acc1']
+    said = capsys.readouterr().out
+    assert said.count("--map_average examples: the copy student attends with the teacher's maps averaged over the "
+                      f"{stats['test_images']} evaluation images") == 2
+
+
+@pytest.mark.slow
+def test_a_copy_student_with_averaged_maps_evaluates_the_same_over_two_processes(workdir, tmp_path):
+    """--dist_eval in two processes, each with its shard of the evaluation set: the teacher's maps are averaged
+    over every image of both, so the result is the single process's."""
+    out = str(tmp_path / 'copy')
+    stats = main_finetune.run(args_for(workdir, out, '--mode', 'copy', '--map_average', 'examples', epochs=1))
+    evaluated = str(tmp_path / 'eval')
+    proc = torchrun(['--eval', '--resume', os.path.join(out, 'checkpoint.pth'), '--batch_size', '3', '--dist_eval',
+                     '--data_path', workdir.data, '--output_dir', evaluated, '--device', 'cpu', '--num_workers', '0'])
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    with open(os.path.join(evaluated, 'eval_results.json')) as f:
+        results = json.load(f)
+    assert results['test_images'] == stats['test_images']
+    assert results['test_loss'] == pytest.approx(stats['test_loss'], rel=1e-5)
+    assert f"maps averaged over the {stats['test_images']} evaluation images" in proc.stdout

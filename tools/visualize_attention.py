@@ -24,6 +24,7 @@ whose maps the student used.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
 import math
 import os
@@ -39,6 +40,7 @@ import torch  # noqa: E402
 from PIL import Image  # noqa: E402
 from torch.utils.data import DataLoader, Subset  # noqa: E402
 
+from engine_finetune import fix_evaluation_maps  # noqa: E402
 from models_attention import forward_with_capture  # noqa: E402
 from models_dual_vit import forward_dual_with_capture  # noqa: E402
 from modes import get_mode  # noqa: E402
@@ -337,6 +339,10 @@ def main(argv=None) -> list[dict]:
     models = {'teacher': teacher, 'student': student} if teacher is not None else {'student': student}
     shown = [transform(Image.open(f).convert('RGB')) for f in a.images] if a.images else [
         dataset[i][0] for i in range(min(a.num_show, len(dataset)))]
+    subset = Subset(dataset, range(min(a.num_images, len(dataset))))
+    loader = DataLoader(subset, batch_size=a.batch_size, num_workers=a.num_workers, collate_fn=collate_skipping_bad)
+    # a copy student trained with maps averaged over examples attends with their mean over these images
+    fix_evaluation_maps(loader, [model], torch.device('cpu'), contextlib.nullcontext())
     for k, image in enumerate(shown):
         maps = maps_used(model, teacher, student, image[None], layers)
         plot_cls_attention(image, maps, models, a.heads, os.path.join(a.output_dir, f'cls_attention_{k}.png'),
@@ -345,8 +351,6 @@ def main(argv=None) -> list[dict]:
             plot_token_maps(maps, layer, a.heads, os.path.join(a.output_dir, f'token_maps_{k}_layer{layer}.png'),
                             sources[layer])
 
-    subset = Subset(dataset, range(min(a.num_images, len(dataset))))
-    loader = DataLoader(subset, batch_size=a.batch_size, num_workers=a.num_workers, collate_fn=collate_skipping_bad)
     rows = [{**r, 'student_map': sources[r['layer']]} for r in layer_metrics(teacher, student, loader, layers, model)]
     with open(os.path.join(a.output_dir, 'attention_metrics.csv'), 'w', newline='') as f:
         writer = csv.DictWriter(f, fieldnames=['layer', *METRICS, 'student_map'])
