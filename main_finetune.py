@@ -39,8 +39,10 @@ from modes import (
 from util.args import (
     HelpFormatter,
     Parser,
+    add_amp_argument,
     add_distributed_arguments,
     add_loader_arguments,
+    add_lr_arguments,
     add_run_arguments,
     annotate_mode_defaults,
     check_data_folders,
@@ -159,10 +161,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     g.add_argument('--clip_grad', type=float, default=None, metavar='NORM',
                    help='clip gradient norm (default: None, no clipping)')
     g.add_argument('--weight_decay', type=float, default=0.05, help='weight decay (default: 0.05)')
-    g.add_argument('--lr', type=float, default=None, metavar='LR',
-                   help='learning rate (absolute lr; default: --blr x effective batch size / 256)')
-    g.add_argument('--blr', type=float, default=1e-3, metavar='LR',
-                   help='base learning rate: absolute_lr = base_lr * total_batch_size / 256')
+    add_lr_arguments(g, blr=1e-3)
     g.add_argument('--beta2', type=float, default=0.999, metavar='BETA2', help='beta_2 of AdamW')
     g.add_argument('--layer_decay', type=float, default=0.75, help='layer-wise lr decay from ELECTRA/BEiT')
     g.add_argument('--min_lr', type=float, default=1e-6, metavar='LR',
@@ -177,9 +176,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     g.add_argument('--warmup_epochs', type=int, default=5, metavar='N', help='epochs to warm up the lr')
     g.add_argument('--ema', default=None, type=float, metavar='ALPHA',
                    help='EMA decay of the student (default: None, no EMA); evaluated beside the raw weights')
-    g.add_argument('--amp', default=None, choices=list(AMP_DTYPES),
-                   help='mixed precision: bf16 (default on CUDA, no loss scaling), fp16 (with a grad scaler), '
-                        'none (default on CPU)')
+    add_amp_argument(g)
 
     g = p.add_argument_group('augmentation')
     g.add_argument('--color_jitter', type=float, default=None, metavar='PCT',

@@ -30,8 +30,10 @@ from models_vit import create_vit, resolve_model_name
 from util.args import (
     HelpFormatter,
     Parser,
+    add_amp_argument,
     add_distributed_arguments,
     add_loader_arguments,
+    add_lr_arguments,
     add_run_arguments,
     check_positive,
     check_range,
@@ -104,17 +106,12 @@ def get_args_parser() -> argparse.ArgumentParser:
 
     g = p.add_argument_group('optimizer')
     g.add_argument('--weight_decay', type=float, default=0.05, help='weight decay (none on 1-D parameters)')
-    g.add_argument('--lr', type=float, default=None, metavar='LR',
-                   help='learning rate (absolute lr; default: --blr x effective batch size / 256)')
-    g.add_argument('--blr', type=float, default=1.5e-4, metavar='LR',
-                   help='base learning rate: absolute_lr = base_lr * total_batch_size / 256')
+    add_lr_arguments(g, blr=1.5e-4)
     g.add_argument('--min_lr', type=float, default=0.0, metavar='LR', help='the lr the cosine decay ends at')
     g.add_argument('--warmup_epochs', type=int, default=40, metavar='N', help='epochs to warm up the lr')
     g.add_argument('--clip_grad', type=float, default=None, metavar='NORM',
                    help='clip gradient norm (default: None, no clipping)')
-    g.add_argument('--amp', default=None, choices=list(AMP_DTYPES),
-                   help='mixed precision: bf16 (default on CUDA, no loss scaling), fp16 (with a grad scaler), '
-                        'none (default on CPU)')
+    add_amp_argument(g)
 
     g = p.add_argument_group('data')
     g.add_argument('--data_path', default='', type=str,

@@ -16,6 +16,7 @@ import torch
 from util.datasets import CACHE_IMAGES_HELP, LAYOUT, DataError
 from util.errors import UserError
 from util.eval_classes import read_eval_classes
+from util.precision import AMP_DTYPES
 from util.pretrained import local_checkpoint
 
 
@@ -191,6 +192,20 @@ def add_loader_arguments(group: argparse._ArgumentGroup, jpeg_draft: bool) -> No
                        help='pin CPU memory in the DataLoader for more efficient transfer to GPU (default)')
     group.add_argument('--no_pin_mem', action='store_false', dest='pin_mem', help='do not pin CPU memory')
     group.set_defaults(pin_mem=True)
+
+
+def add_lr_arguments(group: argparse._ArgumentGroup, blr: float) -> None:
+    """--lr and --blr (the absolute lr, or the base lr it is scaled from), of the 'optimizer' group."""
+    group.add_argument('--lr', type=float, default=None, metavar='LR',
+                       help='learning rate (absolute lr; default: --blr x effective batch size / 256)')
+    group.add_argument('--blr', type=float, default=blr, metavar='LR',
+                       help='base learning rate: absolute_lr = base_lr * total_batch_size / 256')
+
+
+def add_amp_argument(group: argparse._ArgumentGroup) -> None:
+    group.add_argument('--amp', default=None, choices=list(AMP_DTYPES),
+                       help='mixed precision: bf16 (default on CUDA, no loss scaling), fp16 (with a grad scaler), '
+                            'none (default on CPU)')
 
 
 def add_run_arguments(parser: argparse.ArgumentParser, task: str, resume_help: str,
