@@ -96,7 +96,7 @@ from util.output import (
     write_eval_results,
     write_log,
 )
-from util.precision import AMP_DTYPES, default_amp
+from util.precision import AMP_DTYPES, default_amp, hold_teacher, teacher_dtype
 from util.pretrained import local_checkpoint
 from util.run_control import reporting_stop, stop_on_signals
 from util.run_loop import EpochEnd, RunLoop, RunParts, check_run_folder, finished
@@ -154,6 +154,10 @@ def get_args_parser() -> argparse.ArgumentParser:
     g.add_argument('--compile', action='store_true',
                    help='torch.compile the teacher and student blocks (the first steps compile); same losses and '
                         'gradients up to float rounding')
+    g.add_argument('--teacher_dtype', default='auto', choices=['auto', 'float32', 'bf16'],
+                   help='the frozen teacher\'s weights in memory: bf16 halves them (a ViT-g or 7B teacher beside a '
+                        'ViT-L student on one GPU), and needs --amp bf16, whose matrix products read them in bf16 '
+                        'anyway; auto: bf16 with --amp bf16 (the default on CUDA), else float32')
 
     AttentionProbe.add_arguments(p)
 
@@ -336,6 +340,7 @@ def resolve_args(args, read_resume: bool = True) -> Resolved:
     cfg = cfg.replace(amp=cfg.amp or default_amp(cfg.device), num_workers=usable_workers(cfg.num_workers),
                       attention_impl=resolve_attention_impl(attention_impl_for(cfg), cfg.device),
                       mixup_active=cfg.mixup > 0 or cfg.cutmix > 0.0 or cfg.cutmix_minmax is not None)
+    cfg = cfg.replace(teacher_dtype=teacher_dtype(cfg.teacher_dtype, cfg.amp, mode.name, mode.uses_teacher))
     if args.attention_impl == 'auto' and mode.uses_teacher:
         log(f"attention: {cfg.attention_impl} (--attention_impl auto on {cfg.device})")
     if cfg.finetune:
@@ -446,6 +451,9 @@ def train_and_evaluate(run: Resolved) -> dict:
     if cfg.train_qkv:
         restrict_to_qkv(model.student)
     model.to(device)
+    held = hold_teacher(model.teacher, cfg.teacher_dtype)
+    if held:
+        log(held)
     amp_dtype = AMP_DTYPES[cfg.amp]
     model_ema = ModelEmaV3(model.student, decay=cfg.ema) if cfg.ema is not None and not cfg.eval else None
     if cfg.grad_checkpointing:

@@ -58,7 +58,7 @@ from models_transfer_losses import attention_cross_entropy, attention_distillati
 from models_vit import create_vit  # noqa: E402
 from util.args import HelpFormatter, parse_kwargs  # noqa: E402
 from util.config import Config  # noqa: E402
-from util.precision import AMP_DTYPES, default_amp  # noqa: E402
+from util.precision import AMP_DTYPES, default_amp, hold_teacher, parameter_bytes  # noqa: E402
 
 Tensor = torch.Tensor
 GiB, MiB = 2 ** 30, 2 ** 20
@@ -101,6 +101,7 @@ class StepSpec:
     steps: int
     count_flops: bool = False
     clock: str = 'wall'
+    teacher_dtype: str = 'float32'  # the teacher's weights as --teacher_dtype holds them
 
 
 @dataclass(frozen=True)
@@ -259,6 +260,7 @@ class Pair:
             self.teacher = create_vit(spec.model, img_size=spec.size, **kwargs)
             self.student = create_vit(spec.model, img_size=spec.size, drop_path_rate=spec.drop_path, **kwargs)
         self.teacher.requires_grad_(False).eval()
+        hold_teacher(self.teacher, spec.teacher_dtype)
         self.student.train()
         self.optimizer = torch.optim.AdamW(self.student.parameters(), lr=1e-4, fused=device.type == 'cuda')
         self.x = torch.randn(spec.batch, 3, spec.size, spec.size, device=device)
@@ -324,7 +326,7 @@ def release_pairs() -> None:
 def measure_step(spec: StepSpec, isolated: bool = False) -> Result:
     device = torch.device(spec.device)
     try:
-        key = (spec.model, spec.kwargs, spec.size, spec.batch, spec.drop_path)
+        key = (spec.model, spec.kwargs, spec.size, spec.batch, spec.drop_path, spec.teacher_dtype)
         if key not in _PAIRS:
             release_pairs()
             _PAIRS[key] = Pair(spec, device)
@@ -501,6 +503,33 @@ def run_steps(args, deadline: Deadline, on_group: Callable[[dict, Optional[float
             release_pairs()
             on_group(results, peak_rate)
     return results, peak_rate
+
+
+def run_teacher_dtype(args, deadline: Deadline) -> list[str]:
+    """The distill step of the largest model at the smallest size, fused, with the teacher's weights held in
+    float32 and in bf16 (--teacher_dtype): speed, peak memory and the teacher's parameter bytes."""
+    (model, kwargs), size = args.model_specs[-1], min(args.sizes)
+    rows = [f"A distill step (fused) of {model_label(model, kwargs)} at {size} px, batch {args.batch_size}, "
+            f"--amp {args.amp}, with the frozen teacher's weights held in float32 and in bf16 (--teacher_dtype; "
+            "bf16 needs --amp bf16). Teacher weights: its parameters' bytes in that precision.", '',
+            f"| teacher weights | img/s | peak {memory_name(args.device)} (GiB) | teacher weights (MiB) |",
+            '| --- | ---: | ---: | ---: |']
+    for dtype in ('float32', 'bf16'):
+        if dtype == 'bf16' and args.amp != 'bf16':
+            rows.append(f"| {dtype} | needs --amp bf16 | | |")
+            continue
+        spec = replace(step_specs(args, model, kwargs, size)[0], task='distill', path='fused', teacher_dtype=dtype,
+                       count_flops=False)
+        r = SKIPPED if deadline.passed else run_measurement(measure_step, spec, args.isolate)
+        with torch.device('meta'):
+            teacher = create_vit(model, img_size=size, **dict(kwargs))
+        hold_teacher(teacher, dtype)
+        weights = f"{parameter_bytes(teacher) / 2**20:.1f}"
+        rows.append(f"| {dtype} | {spec.batch / r.seconds:.1f} | {gib(r.peak)} | {weights} |" if r.ok else
+                    f"| {dtype} | {r.error} | | {weights} |")
+        print(f"# teacher {dtype}: " + (f"peak {gib(r.peak)} GiB" if r.ok else r.error), flush=True)
+    release_pairs()
+    return rows
 
 
 def run_loss(args, deadline: Deadline) -> list[str]:

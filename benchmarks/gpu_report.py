@@ -15,6 +15,8 @@ after every part, so an interrupted run leaves the tables it finished):
    the library's formulation, its explicit maps, the authors'; time and memory.
 4. Loader against step: the training loader's images/s (MAE recipe transforms, workers on all the
    machine's cores, generated ImageNet-like JPEGs) against the largest model's distill step.
+5. Teacher held in bf16: the largest model's distill step with the teacher's weights in float32 and in bf16
+   (--teacher_dtype): speed, peak memory, the teacher's parameter bytes.
 
     python benchmarks/gpu_report.py                    # on a GPU machine: writes gpu_report.md
     python benchmarks/gpu_report.py --smoke            # every part on CPU, tiny model, one step each (CI)
@@ -49,7 +51,7 @@ from util.config import Config  # noqa: E402
 from util.errors import UserError, run_cli  # noqa: E402
 
 GiB = 2 ** 30
-PARTS = ('tests', 'steps', 'loss', 'loader')
+PARTS = ('tests', 'steps', 'loss', 'loader', 'teacher')
 # The tiny ViT of --smoke: 32 px / patch 8 (17 tokens), and 64 px (65 tokens).
 SMOKE_KWARGS = dict(patch_size=8, embed_dim=48, depth=4, num_heads=3)
 TEST_FILE = 'tests/test_cuda.py'
@@ -259,6 +261,9 @@ def main(args) -> Report:
         report.write()
     if 'loader' in args.parts:
         report.sections['Loader against step'] = run_loader(args, deadline, steps)
+        report.write()
+    if 'teacher' in args.parts:
+        report.sections['Teacher held in bf16'] = bench_step.run_teacher_dtype(args, deadline)
         report.write()
     print(f"\nwrote {args.output}", flush=True)
     return report

@@ -70,6 +70,9 @@ def test_smoke_runs_every_part_and_writes_the_report(tmp_path):
     assert len(losses) == 6 and {row[1] for row in losses} == set(bench_step.LOSS_NAMES.values())
     assert all(float(row[2]) > 0 and abs(float(row[6])) < 1e-5 for row in losses)
 
+    teacher = table(section(report, 'Teacher held in bf16'))
+    assert [row[0] for row in teacher] == ['float32', 'bf16']
+
     loader = table(section(report, 'Loader against step'))
     assert [row[0] for row in loader] == ['32', '64'] and all(float(row[1]) > 0 and float(row[3]) > 0
                                                                for row in loader)
@@ -237,3 +240,33 @@ def test_mfu_is_measured_against_the_steps_own_precision(monkeypatch, amp, dtype
                                 '--tasks', 'plain', '--device', 'cpu', '--amp', amp])
     bench_step.main(args)
     assert used == [dtype]
+
+
+def test_teacher_rows_hold_the_teacher_as_they_say(monkeypatch):
+    """The teacher part: a distill step with the teacher in float32 and one in bf16 (which needs --amp bf16), and
+    the teacher's weight bytes of each row from the parameters the measured step's teacher holds."""
+    kwargs = [f'{k}={v}' for k, v in gpu_report.SMOKE_KWARGS.items()]
+    held = []
+    hold = bench_step.hold_teacher
+
+    def recording(teacher, dtype):
+        line = hold(teacher, dtype)
+        held.append((dtype, {p.dtype for p in teacher.parameters()}, bench_step.parameter_bytes(teacher)))
+        return line
+
+    monkeypatch.setattr(bench_step, 'hold_teacher', recording)
+    for amp, expected in (('bf16', {'float32': torch.float32, 'bf16': torch.bfloat16}), ('none', None)):
+        held.clear()
+        args = bench_step.get_args(['--models', 'vit_base_patch16_224', '--model_kwargs', *kwargs, '--sizes', '32',
+                                    '--batch_size', '2', '--warmup', '0', '--steps', '1', '--device', 'cpu',
+                                    '--amp', amp])
+        rows = table('\n'.join(bench_step.run_teacher_dtype(args, bench_step.Deadline())))
+        assert [row[0] for row in rows] == ['float32', 'bf16']
+        if expected is None:
+            assert rows[1][1] == 'needs --amp bf16'
+            continue
+        assert all(float(row[1]) > 0 for row in rows)
+        assert {d: types for d, types, _ in held} == {d: {t} for d, t in expected.items()}
+        measured = {d: b for d, _, b in held}  # the measured pair's teacher, and the one the column counts
+        assert measured['bf16'] * 2 == measured['float32']
+        assert [row[3] for row in rows] == [f"{measured[d] / 2**20:.1f}" for d in ('float32', 'bf16')]

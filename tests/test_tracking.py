@@ -5,6 +5,7 @@ import json
 import os
 import shutil
 import sys
+import time
 
 import pytest
 from helpers import args_for, read_log
@@ -23,6 +24,8 @@ def wandb_run(workdir, tmp_path_factory):
     os.environ.update(env)
     try:
         main_finetune.run(args_for(workdir, out, '--mode', 'distill', '--log_wandb', '--wandb_name', 'tiny', epochs=2))
+        import wandb
+        wandb.teardown()  # W&B's service process finishes writing the run file (as at the end of a process)
     finally:
         for k, v in saved.items():
             os.environ.pop(k) if v is None else os.environ.__setitem__(k, v)
@@ -57,9 +60,23 @@ def offline_records(out):
     return records
 
 
+def finished_records(out, wait_s=60.0):
+    """The run file's records once it holds the run's exit record: W&B's service process writes the file, and
+    may still be writing it when the run's finish() returns on a loaded machine."""
+    deadline = time.time() + wait_s
+    while True:
+        records = offline_records(out)
+        kinds = [r.WhichOneof('record_type') for r in records]
+        if 'exit' in kinds or time.time() > deadline:
+            return records, kinds
+        time.sleep(0.5)
+
+
 def test_wandb_offline_run_holds_the_scalars_and_the_configuration(wandb_run):
     history, config = [], {}
-    for record in offline_records(wandb_run):
+    records, kinds = finished_records(wandb_run)
+    assert 'exit' in kinds, kinds
+    for record in records:
         kind = record.WhichOneof('record_type')
         if kind == 'history':
             history.append({item.key or '/'.join(item.nested_key): json.loads(item.value_json)
@@ -68,7 +85,7 @@ def test_wandb_offline_run_holds_the_scalars_and_the_configuration(wandb_run):
             config.update({item.key: json.loads(item.value_json) for item in record.config.update})
     log = read_log(wandb_run)
     epoch_ends = [h for h in history if 'perf/test_acc1' in h]
-    assert [h['perf/test_acc1'] for h in epoch_ends] == pytest.approx([line['test_acc1'] for line in log])
+    assert [h['perf/test_acc1'] for h in epoch_ends] == pytest.approx([line['test_acc1'] for line in log]), kinds
     losses = [h['train/loss'] for h in history if 'train/loss' in h]
     assert len(losses) == 2 * 3  # --print_freq 2 of 6 steps, two epochs: the points TensorBoard gets
     assert config['mode'] == 'distill' and config['epochs'] == 2

@@ -86,7 +86,7 @@ class Tracker:
 
 def check_wandb(cfg: Any) -> None:
     """--log_wandb needs wandb: refused at start (before any folder is made) when it cannot be imported."""
-    if getattr(cfg, 'log_wandb', False):
+    if cfg.log_wandb:
         try:
             import wandb  # noqa: F401
         except ImportError as e:
@@ -96,7 +96,7 @@ def check_wandb(cfg: Any) -> None:
 
 def open_wandb(cfg: Any) -> Any:
     """The W&B run of --log_wandb (None without it): the run folder's own, continued on resume."""
-    if not getattr(cfg, 'log_wandb', False) or not cfg.output_dir:
+    if not cfg.log_wandb or not cfg.output_dir:
         return None
     import wandb
 
