@@ -26,6 +26,7 @@ from models_attention import resolve_attention_impl
 from models_mae import is_mae_checkpoint
 from models_pair import TeacherStudentPair
 from models_spec import ModelSpec
+from models_transfer_losses import FUSED_TRANSFER_LOSSES
 from modes import (
     MODES,
     AttentionProbe,
@@ -372,9 +373,9 @@ def resolve_args(args, read_resume: bool = True) -> Resolved:
 
 
 def attention_impl_for(cfg: Config) -> str:
-    """--attention_impl, with auto meaning explicit where --map_average needs the N x N maps."""
-    if cfg.attention_impl == 'auto' and cfg.map_average != 'none':
-        return 'explicit'  # the averaged maps exist only as explicit maps
+    """--attention_impl, with auto meaning explicit where --map_average or --transfer_loss needs the N x N maps."""
+    if cfg.attention_impl == 'auto' and (cfg.map_average != 'none' or cfg.transfer_loss not in FUSED_TRANSFER_LOSSES):
+        return 'explicit'  # the averaged maps, and the losses without a fused path, exist only as explicit maps
     return cfg.attention_impl
 
 

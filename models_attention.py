@@ -17,6 +17,7 @@ on CPU at ViT sizes; diagnostics); ``resolve_attention_impl`` picks one per devi
 """
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass
 from functools import partial
@@ -250,12 +251,20 @@ def average_maps(handed: Captured, how: str) -> Captured:
     """--map_average: the teacher's attention probabilities ``attn`` (B, H, N, N) replaced by their mean over
     the batch's images (``examples``: A'[b, h, i, j] = mean over b' of A[b', h, i, j], the same map for every
     image) or over the query positions (``queries``: A'[b, h, i, j] = mean over i' of A[b, h, i', j], the same
-    row for every query); each row still sums to one. ``none`` hands the maps over as they are."""
+    row for every query); each row still sums to one. ``none`` hands the maps over as they are.
+
+    The averaged map's logits ``attn_logits`` are its log-probabilities, log A', computed from the logits as a
+    log-sum-exp of log-probabilities (finite where a probability underflows in every averaged map), for the map
+    losses that read log-probabilities (models_transfer_losses)."""
     if how == 'none':
         return handed
     dim = {'examples': 0, 'queries': 2}[how]
-    averaged = {name: value for name, value in handed.items() if name != 'attn_logits'}
+    averaged = dict(handed)
     averaged['attn'] = handed['attn'].mean(dim, keepdim=True).expand_as(handed['attn'])
+    if 'attn_logits' in handed:
+        logits = handed['attn_logits']
+        log_mean = logits.log_softmax(-1).logsumexp(dim, keepdim=True) - math.log(logits.shape[dim])
+        averaged['attn_logits'] = log_mean.expand_as(logits)
     return averaged
 
 

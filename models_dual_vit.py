@@ -36,7 +36,7 @@ from models_attention import (
 from models_families import family_of_attention, family_of_model
 from models_pair import EvaluationMaps, ModelArgumentError, TeacherStudentPair
 from models_pairing import parse_heads, resolve_pairing, token_mismatches
-from models_transfer_losses import transfer_loss
+from models_transfer_losses import FUSED_TRANSFER_LOSSES, TRANSFER_LOSSES, transfer_loss
 from models_vit import DUAL_MODEL_NAMES, check_supported, init_class_token
 
 Tensor = torch.Tensor
@@ -50,8 +50,10 @@ class DualViT(TeacherStudentPair):
 
     The wiring comes as resolved values: ``pairs`` (every student layer -> its teacher block; the teacher runs
     in step with them and shares their drop-path masks), ``layers`` (the transferred student layers, each paired),
-    ``heads`` (the transferred heads, None for all), ``map_average`` and ``attention_impl`` (``fused`` or
-    ``explicit``). Without ``pairs`` / ``layers``, models_pairing's default pairing over every layer."""
+    ``heads`` (the transferred heads, None for all), ``map_average``, ``attention_impl`` (``fused`` or
+    ``explicit``) and ``transfer_loss`` (the attention map loss of a ``loss`` mode that compares maps, one of
+    models_transfer_losses.TRANSFER_LOSSES; ``fused`` has FUSED_TRANSFER_LOSSES). Without ``pairs`` / ``layers``,
+    models_pairing's default pairing over every layer."""
 
     def __init__(
             self,
@@ -64,6 +66,7 @@ class DualViT(TeacherStudentPair):
             map_average: str = 'none',
             share_drop_path: bool = True,
             attention_impl: str = 'fused',
+            transfer_loss: str = 'ce',
     ) -> None:
         super().__init__()
         self.mode = transfer_of(mode)
@@ -76,6 +79,7 @@ class DualViT(TeacherStudentPair):
                                      'attention_impl')
         self.student, self.teacher = student, teacher
         self.share_drop_path, self.attention_impl, self.map_average = share_drop_path, attention_impl, map_average
+        self.transfer_loss = transfer_loss
         self.grad_checkpointing = False
         self._teacher_layer, self._student_layer = teacher_layer, student_layer
         self.pairs: dict[int, int] = {}  # student layer -> the teacher block it is paired with
@@ -137,6 +141,23 @@ class DualViT(TeacherStudentPair):
             raise ModelArgumentError(f"{self.map_average} averages the teacher's N x N attention maps, which mode "
                                      f"{self.mode.name} with the {self.attention_impl} attention does not build (it "
                                      "needs an attention map mode with explicit maps)", 'map_average')
+        self._check_transfer_loss()
+
+    def _check_transfer_loss(self) -> None:
+        """The attention map loss is known, has a mode that compares maps by a loss, and a path in this attention
+        implementation (raises ModelArgumentError)."""
+        loss = self.transfer_loss
+        if loss not in TRANSFER_LOSSES:
+            raise ModelArgumentError(f"attention map loss {loss!r}: choose one of {', '.join(TRANSFER_LOSSES)}",
+                                     'transfer_loss')
+        if loss != 'ce' and (self.mode.exposes != 'attn' or self.mode.use != 'loss'):
+            raise ModelArgumentError(f"attention map loss {loss!r}: mode {self.mode.name} compares no attention maps "
+                                     "by a loss (the map loss applies to the mode that distils the maps)",
+                                     'transfer_loss')
+        if self.attention_impl == 'fused' and loss not in FUSED_TRANSFER_LOSSES:
+            raise ModelArgumentError(f"attention map loss {loss!r} compares the N x N maps entry by entry, which the "
+                                     "fused attention never builds: use the explicit attention (the losses with a "
+                                     f"fused path: {', '.join(FUSED_TRANSFER_LOSSES)})", 'transfer_loss')
 
     def hand_over(self, handed: Captured, layer: int) -> Optional[Captured]:
         """What the student's ``layer`` receives of the teacher's capture: averaged over examples or queries
@@ -186,7 +207,8 @@ class DualViT(TeacherStudentPair):
         """The same teacher and transfer around another student (e.g. the EMA weights, for evaluation)."""
         return DualViT(student, self.teacher, mode=self.mode, pairs=self.pairs, layers=self.layers, heads=self.heads,
                        map_average=self.map_average, share_drop_path=self.share_drop_path,
-                       attention_impl=self.attention_impl).with_evaluation_maps(self.evaluation_maps)
+                       attention_impl=self.attention_impl, transfer_loss=self.transfer_loss
+                       ).with_evaluation_maps(self.evaluation_maps)
 
     def with_evaluation_maps(self, maps: Optional[EvaluationMaps]) -> DualViT:
         self.evaluation_maps = maps
@@ -253,7 +275,7 @@ class DualViT(TeacherStudentPair):
                         j_masks = masks[paired_student[j]] if masks is not None and j in paired_student else None
                         tx, handed = self._teacher_layer(t.blocks[j], tx, expose, impl, j_masks, t_context[j])
                 t_next = target + 1
-            args = (mode, s_blk, sx, self.hand_over(handed, i), impl, block_masks, s_context[i])
+            args = (mode, s_blk, sx, self.hand_over(handed, i), impl, block_masks, s_context[i], self.transfer_loss)
             if checkpointed:
                 sx, layer_loss = torch.utils.checkpoint.checkpoint(self._student_layer, *args, use_reentrant=False)
             else:
@@ -288,11 +310,13 @@ def student_layer(
         impl: str,
         masks: Optional[tuple[Optional[Tensor], Optional[Tensor]]],
         context=None,
+        loss: str = 'ce',
 ) -> tuple[Tensor, Optional[Tensor]]:
     """One student block of the transfer loop: its output and its transfer loss (None without one).
 
     ``handed``: what the teacher's block handed over, None in a layer without transfer. A
-    ``replace`` mode uses it in place of the student's own activations; a ``loss`` mode compares."""
+    ``replace`` mode uses it in place of the student's own activations; a ``loss`` mode compares (attention maps
+    with the map loss ``loss``)."""
     if handed is None:
         attention = plain_attention(blk.attn, context)
     elif mode.use == 'replace':
@@ -300,7 +324,7 @@ def student_layer(
     else:
         attention = partial(transfer_attention, blk.attn, expose=mode.exposes, impl=impl, context=context)
     x, captured = block_forward(blk, x, attention, masks)
-    return x, (transfer_loss(mode, captured, handed, impl) if captured else None)
+    return x, (transfer_loss(mode, captured, handed, impl, loss) if captured else None)
 
 
 def _attention_used(attn: nn.Module, h: Tensor, given: Optional[Captured], expose: Optional[str],
@@ -376,11 +400,14 @@ def build_dual_vit(
         transfer_heads: Union[str, int, Sequence[int], None] = None,
         map_average: str = 'none',
         device: Union[str, torch.device, None] = None,
+        transfer_loss: str = 'ce',
 ) -> DualViT:
     """The pair from timm names (for notebooks, tests and benchmarks): the student's architecture as
     ``models_spec.student_architecture`` decides it (the teacher's unless ``student_model`` names another), the
     pairing as models_pairing resolves it, ``attention_impl='auto'`` for ``device`` (default: CUDA when
-    available). In plain mode there is no teacher and the student is ``student_model`` or ``teacher_model``."""
+    available). In plain mode there is no teacher and the student is ``student_model`` or ``teacher_model``.
+    ``transfer_loss``: the attention map loss of distill (models_transfer_losses.TRANSFER_LOSSES; those without a
+    fused path need ``attention_impl='explicit'``)."""
     from models_spec import Architecture, student_architecture
 
     transfer = transfer_of(mode)
@@ -400,7 +427,8 @@ def build_dual_vit(
     heads = parse_heads(transfer_heads, min(student_vit.blocks[i].attn.num_heads for i in layers))
     impl = resolve_attention_impl(attention_impl, device or ('cuda' if torch.cuda.is_available() else 'cpu'))
     return DualViT(student_vit, teacher_vit, mode=transfer, pairs=pairs, layers=layers, heads=heads,
-                   map_average=map_average, share_drop_path=share_drop_path, attention_impl=impl)
+                   map_average=map_average, share_drop_path=share_drop_path, attention_impl=impl,
+                   transfer_loss=transfer_loss)
 
 
 def _dual_factory(name: str) -> Callable[..., DualViT]:

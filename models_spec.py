@@ -4,7 +4,8 @@ a run's model is rebuilt from (as nanoGPT's ``model_args``).
     Architecture          a timm architecture: its name, its arguments, its pooling
     student_architecture  the one rule for the student's architecture: the teacher's unless another is named
     ModelSpec             the run's model: teacher and student architectures, input size, classes, the paired and
-                          transferred layers and heads, map averaging, the input normalisation, the evaluation crop
+                          transferred layers and heads, map averaging, the attention map loss, the input
+                          normalisation, the evaluation crop
 
 A ``ModelSpec`` is plain data (``to_record`` / ``from_record`` give the dict a checkpoint holds under
 ``model_spec``); the pairs built from it (modes.py) take its values and decide nothing themselves.
@@ -74,7 +75,9 @@ def student_architecture(teacher: Optional[Architecture], student_name: Optional
 class ModelSpec:
     """A run's model. ``mode``: the --mode it was trained in; ``pairs``: (student layer, teacher block) of every
     paired layer (the teacher runs in step with them); ``layers``: the transferred (or compared) student layers;
-    ``heads``: the transferred heads (None: all); ``kd_temperature``: logit distillation's temperature."""
+    ``heads``: the transferred heads (None: all); ``transfer_loss``: the loss between attention maps of a mode that
+    distils them (models_transfer_losses.TRANSFER_LOSSES; records written before it existed load as ``ce``, the loss
+    they used); ``kd_temperature``: logit distillation's temperature."""
 
     mode: str
     student: Architecture
@@ -86,6 +89,7 @@ class ModelSpec:
     heads: Optional[tuple[int, ...]] = None
     map_average: str = 'none'
     share_drop_path: bool = True
+    transfer_loss: str = 'ce'
     kd_temperature: Optional[float] = None
     mean: tuple[float, ...] = (0.485, 0.456, 0.406)
     std: tuple[float, ...] = (0.229, 0.224, 0.225)

@@ -36,6 +36,7 @@ from models_pair import TeacherStudentPair
 from models_pairing import parse_heads, probe_pairs, resolve_pairing
 from models_probe import ProbeDistiller
 from models_spec import Architecture, ModelSpec
+from models_transfer_losses import FUSED_TRANSFER_LOSSES, TRANSFER_LOSSES
 from models_vit import init_class_token
 from util.args import check_positive, check_range, parse_kwargs
 from util.checkpoint import holds_teacher, restore_weights
@@ -71,7 +72,7 @@ IMAGENET_PROBE_PRESENTATIONS = 640000 * 512
 # The flags that act on a teacher's layers, attention or loss, with their values when unset: a mode refuses
 # those it does not take (``Mode.takes``), so that no flag is accepted and silently does nothing.
 TEACHER_FLAGS = {'end_layer': 0, 'transfer_layers': None, 'layer_map': None, 'transfer_heads': None,
-                 'map_average': 'none', 'transfer_until': None, 'transfer_decay': 'step'}
+                 'map_average': 'none', 'transfer_loss': 'ce', 'transfer_until': None, 'transfer_decay': 'step'}
 
 
 def probe_epochs(num_selected: int, presentations: int = PROBE_PRESENTATIONS) -> int:
@@ -255,11 +256,22 @@ class AttentionTransfer(Mode):
         self.name = transfer.name
         if transfer.use != 'loss':
             self.takes = self.takes - {'transfer_until', 'transfer_decay'}
+        if not self.compares_maps:
+            self.takes = self.takes - {'transfer_loss'}
+
+    @property
+    def compares_maps(self) -> bool:
+        """Whether the mode pulls the student's attention maps towards the teacher's by a loss (--transfer_loss
+        chooses which)."""
+        return self.transfer.exposes == 'attn' and self.transfer.use == 'loss'
 
     def evaluated_as(self) -> Mode:
         return self if self.transfer.needs_teacher_at_eval else PLAIN
 
     def refusal_reason(self, flag: str) -> str:
+        if flag == 'transfer_loss':
+            return ("compares no attention maps by a loss (--transfer_loss chooses the loss of --mode distill, "
+                    "between the teacher's and the student's maps)")
         return "has no transfer loss to end (it applies to distill modes and the other modes with a loss)"
 
     def check(self, cfg: Config) -> None:
@@ -270,19 +282,24 @@ class AttentionTransfer(Mode):
             raise UserError("--map_average examples averages the teacher's maps over the images of each batch, but "
                             "--batch_size 1 holds one image: the mean is that image's own map, so the ablation would "
                             "not happen. Use a --batch_size of 2 or more")
+        if self.compares_maps and cfg.attention_impl == 'fused' and cfg.transfer_loss not in FUSED_TRANSFER_LOSSES:
+            raise UserError(f"--transfer_loss {cfg.transfer_loss} with --attention_impl fused: {cfg.transfer_loss} "
+                            "compares the teacher's and the student's N x N maps entry by entry, which the fused "
+                            "attention never builds. Use --attention_impl explicit (or auto, which picks it for this "
+                            f"loss); the losses with a fused path are {', '.join(FUSED_TRANSFER_LOSSES)}")
 
     def pairing(self, cfg: Config, student: nn.Module, teacher: nn.Module | None) -> dict:
         pairs, layers = resolve_pairing(len(student.blocks), len(teacher.blocks), cfg.transfer_layers, cfg.end_layer,
                                         cfg.layer_map)
         heads = parse_heads(cfg.transfer_heads, min(student.blocks[i].attn.num_heads for i in layers))
         return dict(pairs=tuple(pairs.items()), layers=tuple(layers), heads=heads, map_average=cfg.map_average,
-                    share_drop_path=cfg.share_drop_path)
+                    transfer_loss=cfg.transfer_loss, share_drop_path=cfg.share_drop_path)
 
     def build_model(self, spec: ModelSpec, drop_path: float = 0.0, attention_impl: str = 'explicit') -> DualViT:
         student, teacher = create_pair_members(spec, drop_path)
         return DualViT(student, teacher, mode=self.transfer, pairs=spec.pair_map, layers=spec.layers, heads=spec.heads,
                        map_average=spec.map_average, share_drop_path=spec.share_drop_path,
-                       attention_impl=attention_impl)
+                       attention_impl=attention_impl, transfer_loss=spec.transfer_loss)
 
     @staticmethod
     def add_arguments(g) -> None:
@@ -306,6 +323,12 @@ class AttentionTransfer(Mode):
                             'key weights); needs explicit maps (--attention_impl auto or explicit). A copy student '
                             'trained with examples is evaluated with the teacher\'s maps averaged over the whole '
                             'evaluation set')
+        g.add_argument('--transfer_loss', default='ce', choices=list(TRANSFER_LOSSES),
+                       help='distill: the loss between the teacher\'s attention map P_t and the student\'s P_s, per '
+                            'query row, averaged over images, heads and rows: ce = CE(P_t, P_s) (the paper\'s), '
+                            'reverse_kl = KL(P_s || P_t), js = Jensen-Shannon divergence, mse = sum over keys of '
+                            '(P_s - P_t)^2 (docs/TRANSFER.md); js and mse need explicit maps (--attention_impl auto '
+                            'picks explicit for them, fused is refused) (default: %(default)s)')
         g.add_argument('--atd_weight', default=3, type=float,
                        help='weight of the attention distillation loss (distill modes; the transfer loss of every '
                             'mode that has one)')
@@ -323,8 +346,9 @@ class AttentionTransfer(Mode):
                        help='fused: every mode through scaled_dot_product_attention, the teacher handing over q/k/v '
                             'and the distillation loss computed through the attention kernels, so no N x N map is '
                             'stored; explicit: N x N attention maps in float32 (same numbers; faster on CPU at ViT '
-                            'sizes); auto: fused on CUDA, explicit on CPU (default: %(default)s; the choice is printed '
-                            'at start and recorded in checkpoints)')
+                            'sizes); auto: fused on CUDA, explicit on CPU and wherever --map_average or '
+                            '--transfer_loss js / mse needs the maps (default: %(default)s; the choice is printed at '
+                            'start and recorded in checkpoints)')
 
 
 class KnowledgeDistillation(Mode):
@@ -336,7 +360,8 @@ class KnowledgeDistillation(Mode):
     student_init = True
 
     def refusal_reason(self, flag: str) -> str:
-        return "transfers no attention" if flag in ('transfer_heads', 'map_average') else "compares no layers"
+        return "transfers no attention" if flag in ('transfer_heads', 'map_average', 'transfer_loss') \
+            else "compares no layers"
 
 
 class FeatureKD(KnowledgeDistillation):

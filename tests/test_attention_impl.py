@@ -31,7 +31,7 @@ def test_dual_vit_with_auto_runs_the_explicit_path_on_cpu(monkeypatch):
     seen = []
     import models_dual_vit
     monkeypatch.setattr(models_dual_vit, 'transfer_loss',
-                        lambda mode, student, teacher, impl: seen.append(impl) or torch.zeros(()))
+                        lambda mode, student, teacher, impl, loss: seen.append(impl) or torch.zeros(()))
     model = build_dual_vit('vit_base_patch16_224', mode='distill', num_classes=3, img_size=32, attention_impl='auto',
                            teacher_kwargs=dict(patch_size=8, embed_dim=48, depth=2, num_heads=3)).train()
     model(torch.randn(2, 3, 32, 32))

@@ -35,7 +35,8 @@ SPEC_KEY = 'model_spec'
 ARGUMENT_FLAGS = {'input_size': '--input_size',
                   'layer_map': '--layer_map', 'transfer_layers': '--transfer_layers', 'end_layer': '--end_layer',
                   'transfer_heads': '--transfer_heads', 'map_average': '--map_average',
-                  'probe_blocks': '--probe_blocks', 'attention_impl': '--attention_impl',
+                  'transfer_loss': '--transfer_loss', 'probe_blocks': '--probe_blocks',
+                  'attention_impl': '--attention_impl',
                   'student': '--student_model / --student_kwargs', 'teacher': '--model / --teacher_model / '
                   '--model_kwargs', 'architecture': '--model / --model_kwargs'}
 # What checkpoints written before the model description was recorded held for flags they did not record.
@@ -43,8 +44,8 @@ LEGACY_DEFAULTS = {'model': None, 'mode': 'none', 'teacher_model': None, 'studen
                    'student_kwargs': {}, 'input_size': 224, 'nb_classes': 1000, 'global_pool': True,
                    'transfer_layers': None, 'layer_map': None, 'end_layer': 0, 'share_drop_path': True,
                    'probe_blocks': None, 'eval_crop_pct': None, 'transfer_heads': None, 'map_average': 'none',
-                   'kd_temperature': 4.0, 'mean': None, 'std': None, 'finetune': '', 'eval': False,
-                   'attention_impl': 'explicit'}
+                   'transfer_loss': 'ce', 'kd_temperature': 4.0, 'mean': None, 'std': None, 'finetune': '',
+                   'eval': False, 'attention_impl': 'explicit'}
 
 
 @contextmanager
@@ -183,8 +184,8 @@ def spec_changes(saved: ModelSpec, now: ModelSpec) -> list[str]:
 
 def check_resumed_model(ckpt: dict, path: str, spec: ModelSpec) -> None:
     """A training run continues the model its checkpoint describes: another architecture, pairing, heads, map
-    averaging or temperature would change the run's model mid-way (and the checkpoint would then record the new
-    one as if the whole run had used it). Refused, naming each difference."""
+    averaging, attention map loss or temperature would change the run's model mid-way (and the checkpoint would
+    then record the new one as if the whole run had used it). Refused, naming each difference."""
     saved = recorded_spec(ckpt)
     changes = spec_changes(saved, spec) if saved is not None else []
     if changes:
@@ -211,7 +212,7 @@ def check_evaluated_flags(cfg: Config, spec: ModelSpec) -> None:
     with both values (instead of evaluating the checkpoint's model without a word)."""
     given = set(cfg.explicit_flags or ())
     recorded = {'nb_classes': spec.num_classes, 'input_size': spec.img_size, 'map_average': spec.map_average,
-                'mode': spec.mode}
+                'transfer_loss': spec.transfer_loss, 'mode': spec.mode}
     for flag, value in recorded.items():
         if flag in given and getattr(cfg, flag) != value:
             raise UserError(f"--{flag} {getattr(cfg, flag)}: the evaluated checkpoint's model has {flag} {value}, "
