@@ -339,7 +339,7 @@ def resolve_args(args, read_resume: bool = True) -> Resolved:
     cfg = cfg.replace(mode=mode.name, log_dir=cfg.output_dir if cfg.log_dir is None else cfg.log_dir,
                       **({} if cfg.eval else mode.recipe(cfg)))
     cfg = cfg.replace(amp=cfg.amp or default_amp(cfg.device), num_workers=usable_workers(cfg.num_workers),
-                      attention_impl=resolve_attention_impl(attention_impl_for(cfg), cfg.device),
+                      attention_impl=resolve_attention_impl(attention_impl_for(cfg, spec), cfg.device),
                       mixup_active=cfg.mixup > 0 or cfg.cutmix > 0.0 or cfg.cutmix_minmax is not None)
     cfg = cfg.replace(teacher_dtype=teacher_dtype(cfg.teacher_dtype, cfg.amp, mode.name, mode.uses_teacher))
     if args.attention_impl == 'auto' and mode.uses_teacher:
@@ -372,9 +372,12 @@ def resolve_args(args, read_resume: bool = True) -> Resolved:
     return Resolved(cfg, mode, ckpt, path, spec)
 
 
-def attention_impl_for(cfg: Config) -> str:
-    """--attention_impl, with auto meaning explicit where --map_average or --transfer_loss needs the N x N maps."""
-    if cfg.attention_impl == 'auto' and (cfg.map_average != 'none' or cfg.transfer_loss not in FUSED_TRANSFER_LOSSES):
+def attention_impl_for(cfg: Config, spec: ModelSpec | None = None) -> str:
+    """--attention_impl, with auto meaning explicit where --map_average or --transfer_loss needs the N x N maps (an
+    evaluated checkpoint's, ``spec``, where there is one)."""
+    described = spec if spec is not None else cfg
+    averaged, loss = described.map_average, described.transfer_loss
+    if cfg.attention_impl == 'auto' and (averaged != 'none' or loss not in FUSED_TRANSFER_LOSSES):
         return 'explicit'  # the averaged maps, and the losses without a fused path, exist only as explicit maps
     return cfg.attention_impl
 

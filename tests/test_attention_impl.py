@@ -106,3 +106,19 @@ def test_checkpoint_without_attention_impl_still_loads(runs, monkeypatch, capsys
     torch.save(ckpt, old)
     teacher, student, spec, _ = load_models(old, None)
     assert teacher is not None and spec.to_record() == recorded
+
+
+@pytest.mark.parametrize('recorded,expected', [({'map_average': 'examples'}, 'explicit'),
+                                               ({'transfer_loss': 'js'}, 'explicit'), ({}, 'auto')])
+def test_auto_follows_the_evaluated_checkpoints_maps_not_the_flags(recorded, expected):
+    """--eval --resume of a checkpoint trained with averaged maps or a loss without a fused path: auto picks the
+    explicit attention from the checkpoint's description (the flags' defaults say none), on CUDA as on CPU."""
+    from models_spec import Architecture, ModelSpec
+    from util.config import Config
+
+    arch = Architecture.of('vit_base_patch16_224', {}, True)
+    spec = ModelSpec(mode='copy' if 'map_average' in recorded else 'distill', student=arch, teacher=arch,
+                     num_classes=3, img_size=32, **recorded)
+    cfg = Config.of(main_finetune.get_args_parser().parse_args(['--attention_impl', 'auto']))
+    assert main_finetune.attention_impl_for(cfg, spec) == expected
+    assert main_finetune.attention_impl_for(cfg) == 'auto'
