@@ -23,6 +23,7 @@ from timm.utils import ModelEmaV3
 
 from engine_finetune import Evaluator, TrainingStep, evaluate_ensemble
 from models_attention import resolve_attention_impl
+from models_component_init import COMPONENTS
 from models_mae import is_mae_checkpoint
 from models_pair import TeacherStudentPair
 from models_spec import ModelSpec
@@ -82,6 +83,7 @@ from util.model_record import (
     changed_flags,
     check_evaluated_flags,
     check_resumed_model,
+    check_teacher_components,
     describe_model,
     finetune_defaults,
     recorded_spec,
@@ -227,6 +229,11 @@ def get_args_parser() -> argparse.ArgumentParser:
                         'a random initialisation (a file or a name, as --finetune, loaded and reported the same way; '
                         'a checkpoint without a classifier for --nb_classes leaves the head freshly initialised); '
                         'not used when resuming')
+    g.add_argument('--init_from_teacher', default='', metavar='COMPONENTS',
+                   help='transfer and distillation modes: copy these components of the student from the teacher at '
+                        'the start (the others keep their random initialisation), comma-separated: '
+                        + ', '.join(COMPONENTS) + ' (docs/TRAINING.md lists their tensors); the tensors copied are '
+                        'printed; not used when resuming')
     g.add_argument('--use_teacher_ema', action='store_true',
                    help='take the model_ema entry of the --finetune checkpoint instead of model')
     g.add_argument('--mean', default=None, type=float, nargs=3, metavar=('R', 'G', 'B'),
@@ -327,8 +334,9 @@ def resolve_args(args, read_resume: bool = True) -> Resolved:
         raise UserError(f"--resume {path}: a pre-training checkpoint of main_pretrain.py (a masked autoencoder), not "
                         f"a run of this script: give it as --finetune {path} to fine-tune it or to distil from it; "
                         "continue its pre-training with main_pretrain.py --resume")
-    if ckpt is not None and not cfg.eval and cfg.student_init:
-        log(f"--student_init {cfg.student_init} is not used when resuming: the student's weights come from {path}")
+    if ckpt is not None and not cfg.eval:
+        for line in unused_start_flags(cfg, recorded_args(ckpt), path):
+            log(line)
     spec = evaluated_spec(ckpt, cfg) if ckpt is not None and cfg.eval else None
     if spec is not None:
         check_evaluated_flags(cfg, spec)  # before the checkpoint's values replace the flags
@@ -362,6 +370,8 @@ def resolve_args(args, read_resume: bool = True) -> Resolved:
     check_run_flags(cfg, mode, holds_teacher(ckpt) or (path is not None and not read_resume), ckpt is not None)
     check_experiment_flags(cfg, mode)
     spec = describe_model(cfg, mode) if spec is None else spec.replace(eval_crop_pct=cfg.eval_crop_pct)
+    if cfg.init_from_teacher and ckpt is None and not cfg.eval:
+        check_teacher_components(spec, cfg.init_from_teacher)
     if ckpt is not None and not cfg.eval:
         check_resumed_model(ckpt, path, spec)
         for line in changed_flags(recorded_args(ckpt), cfg):
@@ -370,6 +380,23 @@ def resolve_args(args, read_resume: bool = True) -> Resolved:
         check_inputs_not_overwritten(cfg, next_position(ckpt)[0] if ckpt is not None else cfg.start_epoch)
     check_run_folder(cfg, path)
     return Resolved(cfg, mode, ckpt, path, spec)
+
+
+# The flags that give the student's starting weights: a resumed run's come from its checkpoint.
+START_FLAGS = ('student_init', 'init_from_teacher')
+
+
+def unused_start_flags(cfg: Config, saved: dict, path: str) -> list[str]:
+    """A line for each START_FLAGS flag a resumed run gives (not used), with the value its run started with when
+    that differs."""
+    lines = []
+    for flag in START_FLAGS:
+        given, started = cfg.record()[flag], saved.get(flag) or ''
+        if given:
+            before = '' if given == started else f" (its run started with --{flag} {started})" if started else \
+                f" (its run started without --{flag})"
+            lines.append(f"--{flag} {given} is not used when resuming: the student's weights come from {path}{before}")
+    return lines
 
 
 def attention_impl_for(cfg: Config, spec: ModelSpec | None = None) -> str:
@@ -451,7 +478,7 @@ def train_and_evaluate(run: Resolved) -> dict:
                         "class folders")
     sampler_val = ShardSampler(dataset_val, world, rank) if cfg.dist_eval else range(len(dataset_val))
     model = build_model(run)
-    load_initial_weights(model, mode, cfg, ckpt)
+    load_initial_weights(model, mode, cfg, ckpt, run.spec.pair_map)
     if cfg.train_qkv:
         restrict_to_qkv(model.student)
     model.to(device)
@@ -518,9 +545,10 @@ class Trainer(EpochEnd):
         scaler = torch.amp.GradScaler(device.type, enabled=cfg.amp == 'fp16')
         data = dataset_fingerprint(dataset_train)
         # what checkpoints record as their args: the configuration and the values resolved while building
-        started = recorded_args(run.ckpt).get('student_init', cfg.student_init) if run.ckpt else cfg.student_init
-        record = {**cfg.record(), 'lr': schedule.lr, 'epochs': schedule.epochs, 'train_data': data,
-                  'student_init': started,  # the student's start: a resumed run's --student_init is not used
+        # the student's start: a resumed run's --student_init and --init_from_teacher are not used
+        started = {flag: recorded_args(run.ckpt).get(flag) or '' if run.ckpt else cfg.record()[flag]
+                   for flag in START_FLAGS}
+        record = {**cfg.record(), 'lr': schedule.lr, 'epochs': schedule.epochs, 'train_data': data, **started,
                   'model_spec': run.spec.to_record(), **mode.resolved_values(cfg, criterion)}
         checkpointer = Checkpointer(cfg.output_dir, checkpoint_components(model, model_ema, optimizer, scaler,
                                                                          criterion, aux_optimizer),

@@ -18,6 +18,7 @@ broadcastable to (B, H, N, N)): the attention map is softmax(q k^T * scale + bia
 from __future__ import annotations
 
 from collections.abc import Callable
+from functools import partial
 from typing import Any, Optional
 
 import torch
@@ -38,7 +39,8 @@ class ViTFamily:
     model_types: tuple = (timm_vit.VisionTransformer,)
     block_types: tuple = (timm_vit.Block,)
     attention_types: tuple = (Attention,)
-    checkpoint_filter: Callable = staticmethod(timm_vit.checkpoint_filter_fn)
+    # adapt_layer_scale: DeiT III's own checkpoints name the layer scales blocks.N.gamma_1 / gamma_2
+    checkpoint_filter: Callable = staticmethod(partial(timm_vit.checkpoint_filter_fn, adapt_layer_scale=True))
 
     # ---- the model ---------------------------------------------------------------------------
     def embed(self, vit: nn.Module, x: Tensor) -> tuple[Tensor, list]:

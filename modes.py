@@ -30,6 +30,7 @@ from timm.layers import trunc_normal_
 
 from engine_finetune import evaluate
 from models_attention import ATTENTION_IMPL_CHOICES, TRANSFER_MODES, TransferMode
+from models_component_init import copy_parts, describe_parts
 from models_dual_vit import DualViT
 from models_kd import FeatureDistillation, LogitDistillation
 from models_pair import TeacherStudentPair
@@ -598,9 +599,11 @@ class AttentionProbe(Mode):
 
 
 
-def load_initial_weights(model: TeacherStudentPair, mode: Mode, cfg: Config, ckpt: dict | None) -> None:
+def load_initial_weights(model: TeacherStudentPair, mode: Mode, cfg: Config, ckpt: dict | None,
+                         pairs: dict[int, int] | None = None) -> None:
     """--finetune: the teacher's weights in modes with a teacher (unless the checkpoint holds them), the
-    student's starting point in plain mode (unless a checkpoint is resumed)."""
+    student's starting point in plain mode (unless a checkpoint is resumed); --student_init or
+    --init_from_teacher (``pairs``: the run's student block -> teacher block) for a new run's student."""
     if not cfg.finetune:
         return
     if model.teacher is not None:
@@ -611,6 +614,8 @@ def load_initial_weights(model: TeacherStudentPair, mode: Mode, cfg: Config, ckp
             log(f"teacher: {mode.load_teacher(model, cfg)}")
         if cfg.student_init and ckpt is None and not cfg.eval:
             load_student_init(model.student, cfg.student_init)
+        if cfg.init_from_teacher and ckpt is None and not cfg.eval:
+            init_from_teacher(model, cfg.init_from_teacher, pairs or {})
     elif ckpt is None:
         report = load_pretrained_weights(model.student, cfg.finetune, use_ema=cfg.use_teacher_ema, flag='--finetune')
         log(f"student: {report}")
@@ -627,6 +632,17 @@ def load_student_init(student: torch.nn.Module, spec: str) -> None:
     log(f"student (--student_init): {report}")
     if 'head.weight' not in report.loaded and hasattr(student.head, 'weight'):
         trunc_normal_(student.head.weight, std=2e-5)
+
+
+def init_from_teacher(model: TeacherStudentPair, components: str, pairs: dict[int, int]) -> None:
+    """--init_from_teacher: the named components of the student copied from the loaded teacher, and a line that
+    names every tensor copied."""
+    from util.model_record import teacher_components
+
+    parts = teacher_components(model.student, model.teacher, components, pairs)
+    copy_parts(model.student, model.teacher, parts)
+    log(f"student (--init_from_teacher {components}): "
+        f"{describe_parts(parts, len(model.student.state_dict()))}")
 
 
 def restrict_to_qkv(student: torch.nn.Module) -> None:

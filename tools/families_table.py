@@ -45,12 +45,12 @@ REFUSED = (
 )
 
 
-def run_tests() -> dict[str, str]:
-    """Outcome per test id of tests/test_families.py: 'pass', 'FAIL' or 'skipped'."""
+def run_tests(path: str = 'tests/test_families.py') -> dict[str, str]:
+    """Outcome per test id of the test file ``path``: 'pass', 'FAIL' or 'skipped'."""
     with tempfile.TemporaryDirectory() as tmp:
         xml = os.path.join(tmp, 'results.xml')
         subprocess.run([sys.executable, '-m', 'pytest', '-q', '-p', 'no:cacheprovider', f'--junitxml={xml}',
-                        'tests/test_families.py'], cwd=ROOT, check=False)
+                        path], cwd=ROOT, check=False)
         outcomes = {}
         for case in ET.parse(xml).getroot().iter('testcase'):
             failed = case.find('failure') is not None or case.find('error') is not None

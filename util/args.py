@@ -13,6 +13,8 @@ from typing import Any
 
 import torch
 
+from models_component_init import parse_components
+from models_pair import ModelArgumentError
 from util.datasets import CACHE_IMAGES_HELP, LAYOUT, DataError
 from util.errors import UserError
 from util.eval_classes import read_eval_classes
@@ -343,7 +345,26 @@ def check_experiment_flags(cfg, mode) -> None:
             raise UserError(f"--student_init initialises the student of a transfer or distillation mode; --mode "
                             f"{mode.name} takes its starting weights from --finetune: use that instead")
         local_checkpoint(cfg.student_init, '--student_init')  # a name is resolved here, a missing file refused
+    if cfg.init_from_teacher and not cfg.eval:
+        check_init_from_teacher(cfg, mode)
     if cfg.eval_classes:
         if not cfg.eval:
             raise UserError("--eval_classes restricts an evaluation's logits: add --eval (and --resume CKPT)")
         read_eval_classes(cfg.eval_classes, cfg.nb_classes)
+
+
+def check_init_from_teacher(cfg, mode) -> None:
+    """--init_from_teacher: known component names, a mode whose student starts from random weights beside a teacher,
+    and no --student_init (both would give the student's starting weights)."""
+    try:
+        parse_components(cfg.init_from_teacher)
+    except ModelArgumentError as e:
+        raise UserError(f"--init_from_teacher {cfg.init_from_teacher}: {e}") from e
+    if not mode.student_init:
+        raise UserError(f"--init_from_teacher {cfg.init_from_teacher}: --mode {mode.name} has no randomly initialised "
+                        "student beside a teacher to copy components into (transfer and distillation modes have); "
+                        "drop --init_from_teacher, or pick such a mode")
+    if cfg.student_init:
+        raise UserError(f"--init_from_teacher {cfg.init_from_teacher} with --student_init {cfg.student_init}: both "
+                        "give the student's starting weights, and the teacher's components would overwrite part of "
+                        "--student_init's; use one of them")

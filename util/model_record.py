@@ -15,14 +15,17 @@ read back from any checkpoint.
 from __future__ import annotations
 
 import argparse
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from typing import Any, Optional
 
 import torch
+import torch.nn as nn
 from timm.data.constants import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 
+from models_component_init import Part, component_parts, parse_components
 from models_pair import ModelArgumentError, TeacherStudentPair
+from models_pairing import layer_pairs
 from models_spec import Architecture, ModelSpec, student_architecture
 from util.config import Config
 from util.distributed import log
@@ -78,6 +81,23 @@ def describe_model(cfg: Config, mode) -> ModelSpec:
         with torch.device('meta'):
             mode.build_model(spec, attention_impl=cfg.attention_impl)
     return spec
+
+
+def teacher_components(student: nn.Module, teacher: nn.Module, components: str,
+                       pairs: Mapping[int, int]) -> list[Part]:
+    """--init_from_teacher's parts of ``student``, each with the teacher tensor it starts from (block tensors from
+    the paired block: ``pairs``, or where the pair has none, the default pairing), a misfit an ``error:`` line."""
+    try:
+        pairs = pairs or layer_pairs(None, len(student.blocks), len(teacher.blocks))
+        return component_parts(student.state_dict(), teacher.state_dict(), parse_components(components), pairs)
+    except ModelArgumentError as e:
+        raise UserError(f"--init_from_teacher {components}: {e}") from e
+
+
+def check_teacher_components(spec: ModelSpec, components: str) -> None:
+    """--init_from_teacher fits the run's student and teacher (on the meta device, before anything is loaded)."""
+    teacher_components(spec.student.create_meta(spec.num_classes, spec.img_size),
+                       spec.teacher.create_meta(spec.num_classes, spec.img_size), components, spec.pair_map)
 
 
 def read_recorded(path: str) -> Any:
@@ -172,8 +192,8 @@ def finetune_defaults(cfg: Config, mode) -> dict:
 UNREPORTED = {'resume', 'output_dir', 'log_dir', 'device', 'world_size', 'local_rank', 'dist_url', 'dist_timeout',
               'rank', 'gpu', 'distributed', 'dist_backend', 'explicit_flags', 'num_workers', 'pin_mem', 'print_freq',
               'start_epoch', 'eval', 'selection_pending', 'model_spec', 'train_data', 'lr', 'student_model',
-              'student_kwargs', 'teacher_acc', 'run_record', 'command', 'config', 'student_init', 'log_wandb',
-              'wandb_project', 'wandb_name'}
+              'student_kwargs', 'teacher_acc', 'run_record', 'command', 'config', 'student_init', 'init_from_teacher',
+              'log_wandb', 'wandb_project', 'wandb_name'}
 
 
 def spec_changes(saved: ModelSpec, now: ModelSpec) -> list[str]:

@@ -21,6 +21,7 @@ import json
 import os
 import urllib.error
 import urllib.parse
+import zipfile
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -199,6 +200,9 @@ def read_checkpoint(path: str, flag: str = '') -> Any:
         path = resolve_named(path).path
     if not os.path.isfile(path):
         raise UserError(f"{source}: no such file")
+    foreign = foreign_format(path)
+    if foreign:
+        raise UserError(f"{source}: {foreign}")
     try:
         if path.endswith('.safetensors'):
             return safetensors.torch.load_file(path, device='cpu')
@@ -210,6 +214,39 @@ def read_checkpoint(path: str, flag: str = '') -> Any:
                         "expected a complete torch .pth file or .safetensors file (a truncated copy? copy it "
                         "again)") from e
     return from_reference_layout(checkpoint)
+
+
+# Released weights in a zip archive that is not a torch checkpoint: what each is, and how to make it one.
+NUMPY_ARCHIVE = ("a NumPy archive (.npz), the format of the JAX ViT releases (AugReg, big_vision), not a torch "
+                 "checkpoint: give its timm name instead (e.g. timm:vit_large_patch16_224.augreg_in21k), or convert "
+                 "it once with timm, model = timm.create_model(ARCH); model.load_pretrained(FILE); "
+                 "torch.save(model.state_dict(), 'teacher.pth'), and give teacher.pth")
+TORCHSCRIPT_ARCHIVE = ("a TorchScript archive (OpenAI's CLIP releases are), a program rather than weights: convert "
+                       "it once, torch.save(torch.jit.load(FILE, map_location='cpu').state_dict(), 'teacher.pth'), "
+                       "and give teacher.pth (its visual.* keys are converted to timm's), or give a timm name such "
+                       "as timm:vit_large_patch14_clip_224.openai")
+OTHER_ARCHIVE = ("a zip archive that is not a torch checkpoint (it holds no data.pkl), e.g. a download of JAX weights "
+                 "such as FLIP's: unpack it, and give a torch or safetensors file holding the state dict of the timm "
+                 "ViT the teacher is built as (docs/TEACHERS.md says how JAX weights map onto it)")
+
+
+def foreign_format(path: str) -> str | None:
+    """What a file is, when it is a zip archive of released weights that torch cannot read as a checkpoint
+    (NumPy, TorchScript, other archives), with how to convert it; None for anything else."""
+    if path.endswith('.safetensors') or not zipfile.is_zipfile(path):
+        return None
+    try:
+        with zipfile.ZipFile(path) as archive:
+            names = archive.namelist()
+    except (zipfile.BadZipFile, OSError):
+        return None
+    if names and all(name.endswith('.npy') for name in names):
+        return NUMPY_ARCHIVE
+    if any(name.endswith('/constants.pkl') or '/code/' in name for name in names):
+        return TORCHSCRIPT_ARCHIVE
+    if not any(name.endswith('data.pkl') for name in names):
+        return OTHER_ARCHIVE
+    return None
 
 
 def _load_error_detail(error: Exception) -> str:
