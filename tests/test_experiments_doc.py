@@ -94,6 +94,8 @@ def test_every_experiment_command_runs(labelled, tmp_path):
     a, r = read_eval_classes('imagenet-a', 1000), read_eval_classes('imagenet-r', 1000)
     env = {
         'IMAGENET': labelled.data, 'MAE_L': teacher, 'MAE_L_FT': teacher, 'STUDENT_INIT': teacher,
+        # the teachers of other sizes and pre-trainings: the tiny teacher too (their layouts: test_teacher_layouts)
+        **{name: teacher for name in ('MAE_B', 'MAE_H', 'SUPERVISED_L', 'DINO_B', 'DINOV2_L', 'CLIP_L')},
         'RUNS': str(tmp_path / 'runs'), 'JOB_DIR': str(tmp_path / 'jobs'),
         'INAT_ROOT': inat_root, 'INAT': str(tmp_path / 'inat2018_folders'),
         'IMAGENET_A': fake_set(tmp_path / 'imagenet_a', a.synsets, None),
@@ -103,7 +105,7 @@ def test_every_experiment_command_runs(labelled, tmp_path):
     }
     classifier = imagenet_classifier(str(tmp_path / 'imagenet_classifier.pth'))
     commands = doc_commands()
-    assert len(commands) >= 20
+    assert len(commands) >= 60
     ran = []
     for command in commands:
         argv = expand(command, env)
@@ -128,3 +130,6 @@ def test_every_experiment_command_runs(labelled, tmp_path):
     assert os.path.isfile(tmp_path / 'runs' / 'distill_vitl' / 'checkpoint.pth')
     assert os.path.isfile(tmp_path / 'runs' / 'distill_vitl_shift' / 'shift_results.md')
     assert os.path.isfile(tmp_path / 'runs' / 'distill_vitl_imagenet_r' / 'eval_results.json')
+    for run in ('copy_q_vitl', 'distill_v_vitl', 'copy_vitl_every_other', 'distill_vith_mae_recipe', 'scratch_vith',
+                'distill_vitl_clip', 'distill_vitl_init_norm_qk'):
+        assert os.path.isfile(tmp_path / 'jobs' / run / 'checkpoint.pth'), run

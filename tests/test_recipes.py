@@ -109,11 +109,13 @@ def write_recipes():
         where, name, argv = next(c for c in cmds if c[1] == 'main_finetune.py')
         args, given = parse_command(parser_of(name), argv)
         values = {k: getattr(args, k) for k in given if k not in SITE}
+        # the documented single-node command's accumulation, and the effective batch it gives on 8 GPUs
+        accum, batch = args.accum_iter, args.batch_size * 8 * args.accum_iter
         header = (f"# {recipe}: the experiment of docs/EXPERIMENTS.md that writes ${{RUNS}}/{recipe}.\n"
                   "# Give the site's flags beside it: --data_path, --finetune (the teacher), --output_dir, and\n"
-                  "# --accum_iter 8 on one node of 8 GPUs (the seed's 64-GPU batch), e.g.\n"
+                  f"# --accum_iter {accum} on one node of 8 GPUs (an effective batch of {batch}), e.g.\n"
                   f"#   torchrun --nproc_per_node 8 main_finetune.py --config recipes/{recipe}.yaml \\\n"
-                  "#       --accum_iter 8 --data_path ... --finetune ... --output_dir ...\n")
+                  f"#       --accum_iter {accum} --data_path ... --finetune ... --output_dir ...\n")
         with open(os.path.join(RECIPES, f'{recipe}.yaml'), 'w') as f:
             f.write(header + yaml.safe_dump(values, sort_keys=False, default_flow_style=False))
 
