@@ -19,6 +19,7 @@ from typing import NamedTuple
 import torch
 from timm.data import Mixup
 from timm.data.constants import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+from timm.optim import param_groups_weight_decay
 from timm.utils import ModelEmaV3
 
 from engine_finetune import Evaluator, TrainingStep, evaluate_ensemble
@@ -420,8 +421,11 @@ def build_model(run: Resolved) -> TeacherStudentPair:
 
 
 def param_groups(model: TeacherStudentPair, mode: Mode, cfg: Config) -> list[dict]:
-    """The student's AdamW groups, as the mode forms them (layer-wise lr decay, weight decay exemptions)."""
-    return mode.param_groups(model.student, cfg)
+    """The student's AdamW groups, as the mode forms them (layer-wise lr decay, weight decay exemptions), and those
+    of the pair's training heads (the feature projector: --weight_decay on its weights, none on its biases, the
+    full lr)."""
+    heads = [g for head in model.training_heads.values() for g in param_groups_weight_decay(head, cfg.weight_decay)]
+    return mode.param_groups(model.student, cfg) + heads
 
 
 # ---------------------------------------------------------------------------------------------
@@ -516,6 +520,8 @@ def startup_summary(run: Resolved, model: TeacherStudentPair, dataset_train, dat
              f"{trainable_parameters(model) / 1e6:.2f}M trainable parameters, from "
              f"{'the checkpoint' if run.ckpt is not None else start})"
              + (f"; transferred layers {model.describe_layers()}" if model.layer_pairs else '')]
+    if 'feature_projector' in model.training_heads:
+        lines.append(f"{model.describe_feature_term()}, weight --feature_weight {cfg.feature_weight:g}")
     images = (f"{len(dataset_train)} training, " if dataset_train is not None else '') + \
         f"{len(dataset_val)} validation images"
     lines.append(f"data: {images}, {spec.num_classes} classes, {spec.img_size} px; output: "
@@ -602,6 +608,7 @@ def checkpoint_components(model: TeacherStudentPair, model_ema, optimizer: torch
     run without it (copy modes), the EMA student, the optimizer and grad scaler, and the criterion's own
     parameters with their optimizer when it has any (probe: noise adaptation)."""
     components = {'model': Weights(model.student)}
+    components.update({name: Weights(head) for name, head in model.training_heads.items()})
     if model.needs_teacher_at_eval:  # a checkpoint without it (another mode's) takes it from --finetune
         components['teacher'] = Weights(model.teacher, if_missing=None, frozen=True)
     if model_ema is not None:

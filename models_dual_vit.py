@@ -36,7 +36,8 @@ from models_attention import (
 from models_families import family_of_attention, family_of_model
 from models_pair import EvaluationMaps, ModelArgumentError, TeacherStudentPair
 from models_pairing import parse_heads, resolve_pairing, token_mismatches
-from models_transfer_losses import FUSED_TRANSFER_LOSSES, TRANSFER_LOSSES, transfer_loss
+from models_transfer_losses import FUSED_TRANSFER_LOSSES, TRANSFER_LOSSES, feature_alignment_loss, transfer_loss
+from models_transfer_losses import feature_projector as feature_projector_of
 from models_vit import DUAL_MODEL_NAMES, check_supported, init_class_token
 
 Tensor = torch.Tensor
@@ -53,7 +54,12 @@ class DualViT(TeacherStudentPair):
     ``heads`` (the transferred heads, None for all), ``map_average``, ``attention_impl`` (``fused`` or
     ``explicit``) and ``transfer_loss`` (the attention map loss of a ``loss`` mode that compares maps, one of
     models_transfer_losses.TRANSFER_LOSSES; ``fused`` has FUSED_TRANSFER_LOSSES). Without ``pairs`` / ``layers``,
-    models_pairing's default pairing over every layer."""
+    models_pairing's default pairing over every layer.
+
+    ``feature_layer`` (a ``loss`` mode's transferred student layer, or None): a feature term beside the attention
+    term (HASTE's holistic alignment), the student's tokens after that layer projected by ``feature_projector``
+    (built by models_transfer_losses.feature_projector unless given) and compared with the teacher's after the
+    block it is paired with; training then returns ``(logits, transfer_loss, feature_loss)``."""
 
     def __init__(
             self,
@@ -67,6 +73,8 @@ class DualViT(TeacherStudentPair):
             share_drop_path: bool = True,
             attention_impl: str = 'fused',
             transfer_loss: str = 'ce',
+            feature_layer: Optional[int] = None,
+            feature_projector: Optional[nn.Module] = None,
     ) -> None:
         super().__init__()
         self.mode = transfer_of(mode)
@@ -95,6 +103,10 @@ class DualViT(TeacherStudentPair):
             self._check_wiring()
             teacher.requires_grad_(False)
             teacher.eval()
+        self.feature_layer = feature_layer
+        if feature_layer is not None:
+            self._check_feature_layer()
+            self.feature_projector = feature_projector or feature_projector_of(student.embed_dim, teacher.embed_dim)
 
     @property
     def needs_teacher_at_eval(self) -> bool:
@@ -142,6 +154,29 @@ class DualViT(TeacherStudentPair):
                                      f"{self.mode.name} with the {self.attention_impl} attention does not build (it "
                                      "needs an attention map mode with explicit maps)", 'map_average')
         self._check_transfer_loss()
+
+    @property
+    def training_heads(self) -> dict[str, nn.Module]:
+        return {'feature_projector': self.feature_projector} if self.feature_layer is not None else {}
+
+    def describe_feature_term(self) -> str:
+        """The feature term as the start of a run prints it ('' without one)."""
+        if self.feature_layer is None:
+            return ''
+        size = sum(p.numel() for p in self.feature_projector.parameters())
+        return (f"feature term: the student's tokens after layer {self.feature_layer}, projected "
+                f"{self.student.embed_dim} -> {self.teacher.embed_dim} wide ({size / 1e6:.2f}M parameters, trained and "
+                f"not part of the student), against the teacher's after block {self.pairs[self.feature_layer]}")
+
+    def _check_feature_layer(self) -> None:
+        """The feature term's layer is a transferred layer of a mode with a loss (raises ModelArgumentError)."""
+        if self.mode is None or self.mode.use != 'loss':
+            raise ModelArgumentError(f"a feature term needs a mode with a transfer loss; "
+                                     f"mode {self.mode.name if self.mode else None!r} has none", 'feature_layer')
+        if self.feature_layer not in self.layers:
+            raise ModelArgumentError(f"feature layer {self.feature_layer}: not one of the transferred layers "
+                                     f"{self.layers} (the teacher runs only up to the blocks they are paired with)",
+                                     'feature_layer')
 
     def _check_transfer_loss(self) -> None:
         """The attention map loss is known, has a mode that compares maps by a loss, and a path in this attention
@@ -207,7 +242,8 @@ class DualViT(TeacherStudentPair):
         """The same teacher and transfer around another student (e.g. the EMA weights, for evaluation)."""
         return DualViT(student, self.teacher, mode=self.mode, pairs=self.pairs, layers=self.layers, heads=self.heads,
                        map_average=self.map_average, share_drop_path=self.share_drop_path,
-                       attention_impl=self.attention_impl, transfer_loss=self.transfer_loss
+                       attention_impl=self.attention_impl, transfer_loss=self.transfer_loss,
+                       feature_layer=self.feature_layer, feature_projector=getattr(self, 'feature_projector', None)
                        ).with_evaluation_maps(self.evaluation_maps)
 
     def with_evaluation_maps(self, maps: Optional[EvaluationMaps]) -> DualViT:
@@ -264,7 +300,7 @@ class DualViT(TeacherStudentPair):
         with torch.no_grad():
             tx, t_context = embed_with_context(t, x)
         sx, s_context = embed_with_context(s, x)
-        loss, t_next, paired_student = None, 0, {j: i for i, j in self.pairs.items()}
+        loss, features, t_next, paired_student = None, None, 0, {j: i for i, j in self.pairs.items()}
         for i, s_blk in enumerate(s.blocks):
             block_masks = masks[i] if masks is not None else None
             handed, target = None, self.pairs.get(i)
@@ -282,9 +318,12 @@ class DualViT(TeacherStudentPair):
                 sx, layer_loss = self._student_layer(*args)
             if layer_loss is not None:
                 loss = layer_loss if loss is None else loss + layer_loss
+            if i == self.feature_layer and self.training:  # tx: the teacher's tokens after the block paired with i
+                features = feature_alignment_loss(self.feature_projector, sx, tx, s.num_prefix_tokens,
+                                                  t.num_prefix_tokens)
         logits = s.forward_head(s.norm(sx))
         if self.training and mode.use == 'loss':
-            return logits, loss
+            return (logits, loss) if features is None else (logits, loss, features)
         return logits
 
 
@@ -401,13 +440,15 @@ def build_dual_vit(
         map_average: str = 'none',
         device: Union[str, torch.device, None] = None,
         transfer_loss: str = 'ce',
+        feature_layer: Optional[int] = None,
 ) -> DualViT:
     """The pair from timm names (for notebooks, tests and benchmarks): the student's architecture as
     ``models_spec.student_architecture`` decides it (the teacher's unless ``student_model`` names another), the
     pairing as models_pairing resolves it, ``attention_impl='auto'`` for ``device`` (default: CUDA when
     available). In plain mode there is no teacher and the student is ``student_model`` or ``teacher_model``.
     ``transfer_loss``: the attention map loss of distill (models_transfer_losses.TRANSFER_LOSSES; those without a
-    fused path need ``attention_impl='explicit'``)."""
+    fused path need ``attention_impl='explicit'``); ``feature_layer``: the transferred student layer of a feature
+    term beside the attention term (see DualViT)."""
     from models_spec import Architecture, student_architecture
 
     transfer = transfer_of(mode)
@@ -428,7 +469,7 @@ def build_dual_vit(
     impl = resolve_attention_impl(attention_impl, device or ('cuda' if torch.cuda.is_available() else 'cpu'))
     return DualViT(student_vit, teacher_vit, mode=transfer, pairs=pairs, layers=layers, heads=heads,
                    map_average=map_average, share_drop_path=share_drop_path, attention_impl=impl,
-                   transfer_loss=transfer_loss)
+                   transfer_loss=transfer_loss, feature_layer=feature_layer)
 
 
 def _dual_factory(name: str) -> Callable[..., DualViT]:

@@ -78,6 +78,13 @@ class TeacherStudentPair(nn.Module, ABC):
         trained with maps averaged over examples: models_dual_vit.DualViT.teacher_map_sums)."""
         return False
 
+    @property
+    def training_heads(self) -> dict[str, nn.Module]:
+        """Trainable modules beside the student that only its training uses (e.g. the feature term's projector),
+        by the name their checkpoint entry has; the optimizer trains them and checkpoints keep them, the student
+        alone is what is evaluated and exported."""
+        return {}
+
     @abstractmethod
     def with_student(self, student: VisionTransformer) -> TeacherStudentPair:
         """The same teacher and wiring around another student (the EMA weights, for evaluation)."""

@@ -77,7 +77,8 @@ class ModelSpec:
     paired layer (the teacher runs in step with them); ``layers``: the transferred (or compared) student layers;
     ``heads``: the transferred heads (None: all); ``transfer_loss``: the loss between attention maps of a mode that
     distils them (models_transfer_losses.TRANSFER_LOSSES; records written before it existed load as ``ce``, the loss
-    they used); ``kd_temperature``: logit distillation's temperature."""
+    they used); ``kd_temperature``: logit distillation's temperature; ``feature_layer``: the transferred student
+    layer whose tokens the feature term beside the attention term compares (None: no feature term)."""
 
     mode: str
     student: Architecture
@@ -91,6 +92,7 @@ class ModelSpec:
     share_drop_path: bool = True
     transfer_loss: str = 'ce'
     kd_temperature: Optional[float] = None
+    feature_layer: Optional[int] = None
     mean: tuple[float, ...] = (0.485, 0.456, 0.406)
     std: tuple[float, ...] = (0.229, 0.224, 0.225)
     eval_crop_pct: Optional[float] = None

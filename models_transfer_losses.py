@@ -9,6 +9,9 @@
     attention_mse                mse: the squared difference of the two maps, from explicit maps
     activation_mse               MSE of a q, k or v activation (distill_q / _k / _v)
     transfer_loss                the loss of one layer of a ``loss`` mode from what both attentions captured
+    feature_projector            the trainable head that projects the student's tokens to the teacher's width
+    feature_alignment_loss       the feature term beside the attention term (HASTE's holistic alignment: REPA's
+                                 negative cosine similarity of projected student tokens and the teacher's)
 
 Each map loss is a sum over the keys j of a row i, averaged over (batch, head, query row i).
 """
@@ -19,6 +22,7 @@ from typing import Optional, Union
 
 import torch
 import torch.nn.functional as F
+from timm.layers import Mlp
 
 from models_attention import Captured, TransferMode, at_least_float32, select_heads
 
@@ -334,3 +338,23 @@ def transfer_loss(mode: TransferMode, student: Captured, teacher: Captured, impl
         return losses[loss](student, teacher)
     return losses[loss](student['q'], student['k'], teacher['q'], teacher['k'], student['scale'], teacher['scale'],
                         bias_s=student.get('bias'), bias_t=teacher.get('bias'))
+
+
+def feature_projector(student_width: int, teacher_width: int) -> torch.nn.Module:
+    """The feature term's projector, trained with the student and dropped after training: timm's ``Mlp``,
+    ``student_width -> 4 x student_width -> teacher_width`` with SiLU (REPA's projector is an MLP with SiLU)."""
+    return Mlp(student_width, 4 * student_width, teacher_width, act_layer=torch.nn.SiLU)
+
+
+def feature_alignment_loss(projector: torch.nn.Module, student_tokens: Tensor, teacher_tokens: Tensor,
+                           student_prefix: int = 0, teacher_prefix: int = 0) -> Tensor:
+    """``mean over images and patches of 1 - cos(projector(s), t)``, in float32 at least: the student's patch
+    tokens (``student_tokens`` (B, N_s, C_s) after its first ``student_prefix`` class / register tokens) projected to
+    the teacher's width and compared with the teacher's patch tokens at the same positions (HASTE, Wang et al.,
+    NeurIPS 2025, after REPA: their negative cosine similarity plus one, so that the term is 0 at alignment)."""
+    s = at_least_float32(projector(student_tokens[:, student_prefix:]))
+    t = at_least_float32(teacher_tokens[:, teacher_prefix:])
+    if s.shape != t.shape:
+        raise ValueError(f"feature alignment: the student's projected patch tokens {tuple(s.shape)} and the teacher's "
+                         f"{tuple(t.shape)} differ (the two models must see the same patches)")
+    return (1 - F.cosine_similarity(s, t, dim=-1)).mean()

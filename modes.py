@@ -73,7 +73,8 @@ IMAGENET_PROBE_PRESENTATIONS = 640000 * 512
 # The flags that act on a teacher's layers, attention or loss, with their values when unset: a mode refuses
 # those it does not take (``Mode.takes``), so that no flag is accepted and silently does nothing.
 TEACHER_FLAGS = {'end_layer': 0, 'transfer_layers': None, 'layer_map': None, 'transfer_heads': None,
-                 'map_average': 'none', 'transfer_loss': 'ce', 'transfer_until': None, 'transfer_decay': 'step'}
+                 'map_average': 'none', 'transfer_loss': 'ce', 'transfer_until': None, 'transfer_decay': 'step',
+                 'feature_weight': 0.0, 'feature_layer': None}
 
 
 def probe_epochs(num_selected: int, presentations: int = PROBE_PRESENTATIONS) -> int:
@@ -181,7 +182,8 @@ class Mode(ABC):
         """The task loss (soft-target CE under mixup, else label smoothing), plus ``atd_weight`` times the
         transfer loss the model returns in modes with one."""
         return TransferCriterion(build_task_criterion(cfg.mixup_active, cfg.smoothing), cfg.atd_weight,
-                                 cfg.transfer_until, cfg.transfer_decay, term=self.loss_name)
+                                 cfg.transfer_until, cfg.transfer_decay, term=self.loss_name,
+                                 feature_weight=cfg.feature_weight)
 
     def resolved_values(self, cfg: Config, criterion) -> dict:
         """Values this mode resolved while building, recorded in checkpoints beside the flags."""
@@ -205,6 +207,17 @@ class Mode(ABC):
     def epochs(self, cfg: Config, dataset) -> int:
         """The epochs to train on ``dataset``: --epochs."""
         return cfg.epochs
+
+
+def feature_layer(cfg: Config, layers: list[int]) -> int:
+    """The student layer of the feature term: --feature_layer, or the middle of the transferred ``layers``."""
+    if cfg.feature_layer is None:
+        return layers[len(layers) // 2]
+    if cfg.feature_layer not in layers:
+        raise UserError(f"--feature_layer {cfg.feature_layer}: not a transferred layer (the transferred layers are "
+                        f"{', '.join(map(str, layers))}); give one of them, or leave --feature_layer out for the "
+                        "middle one")
+    return cfg.feature_layer
 
 
 def check_transfer_schedule(cfg: Config) -> None:
@@ -256,7 +269,7 @@ class AttentionTransfer(Mode):
         self.transfer = transfer
         self.name = transfer.name
         if transfer.use != 'loss':
-            self.takes = self.takes - {'transfer_until', 'transfer_decay'}
+            self.takes = self.takes - {'transfer_until', 'transfer_decay', 'feature_weight', 'feature_layer'}
         if not self.compares_maps:
             self.takes = self.takes - {'transfer_loss'}
 
@@ -270,6 +283,9 @@ class AttentionTransfer(Mode):
         return self if self.transfer.needs_teacher_at_eval else PLAIN
 
     def refusal_reason(self, flag: str) -> str:
+        if flag in ('feature_weight', 'feature_layer'):
+            return ("has no transfer loss beside which a feature term would train (it applies to distill modes: "
+                    "the student's tokens compared with the teacher's through a trained projector)")
         if flag == 'transfer_loss':
             return ("compares no attention maps by a loss (--transfer_loss chooses the loss of --mode distill, "
                     "between the teacher's and the student's maps)")
@@ -288,19 +304,27 @@ class AttentionTransfer(Mode):
                             "compares the teacher's and the student's N x N maps entry by entry, which the fused "
                             "attention never builds. Use --attention_impl explicit (or auto, which picks it for this "
                             f"loss); the losses with a fused path are {', '.join(FUSED_TRANSFER_LOSSES)}")
+        if cfg.feature_weight < 0 or not math.isfinite(cfg.feature_weight):
+            raise UserError(f"--feature_weight {cfg.feature_weight:g}: must be a finite number >= 0 (the weight of "
+                            "the feature term beside the attention term; 0, the default, leaves it out)")
+        if cfg.feature_layer is not None and not cfg.feature_weight:
+            raise UserError(f"--feature_layer {cfg.feature_layer}: the feature term is off without --feature_weight: "
+                            "give --feature_weight W (e.g. 0.5), or drop --feature_layer")
 
     def pairing(self, cfg: Config, student: nn.Module, teacher: nn.Module | None) -> dict:
         pairs, layers = resolve_pairing(len(student.blocks), len(teacher.blocks), cfg.transfer_layers, cfg.end_layer,
                                         cfg.layer_map)
         heads = parse_heads(cfg.transfer_heads, min(student.blocks[i].attn.num_heads for i in layers))
         return dict(pairs=tuple(pairs.items()), layers=tuple(layers), heads=heads, map_average=cfg.map_average,
-                    transfer_loss=cfg.transfer_loss, share_drop_path=cfg.share_drop_path)
+                    transfer_loss=cfg.transfer_loss, share_drop_path=cfg.share_drop_path,
+                    feature_layer=feature_layer(cfg, layers) if cfg.feature_weight else None)
 
     def build_model(self, spec: ModelSpec, drop_path: float = 0.0, attention_impl: str = 'explicit') -> DualViT:
         student, teacher = create_pair_members(spec, drop_path)
         return DualViT(student, teacher, mode=self.transfer, pairs=spec.pair_map, layers=spec.layers, heads=spec.heads,
                        map_average=spec.map_average, share_drop_path=spec.share_drop_path,
-                       attention_impl=attention_impl, transfer_loss=spec.transfer_loss)
+                       attention_impl=attention_impl, transfer_loss=spec.transfer_loss,
+                       feature_layer=spec.feature_layer)
 
     @staticmethod
     def add_arguments(g) -> None:
@@ -333,6 +357,15 @@ class AttentionTransfer(Mode):
         g.add_argument('--atd_weight', default=3, type=float,
                        help='weight of the attention distillation loss (distill modes; the transfer loss of every '
                             'mode that has one)')
+        g.add_argument('--feature_weight', default=0.0, type=float, metavar='W',
+                       help='distill modes: add W times a feature term beside the attention term (HASTE\'s '
+                            'holistic alignment): the student\'s patch tokens after --feature_layer, projected to '
+                            'the teacher\'s width by a trained MLP, against the teacher\'s after the block paired '
+                            'with it, 1 - cosine similarity averaged over images and patches; --transfer_until ends '
+                            'both terms (default: 0, no feature term)')
+        g.add_argument('--feature_layer', default=None, type=int, metavar='LAYER',
+                       help='with --feature_weight: the transferred student layer whose tokens the feature term '
+                            'compares (default: the middle transferred layer)')
         g.add_argument('--transfer_until', default=None, type=float, metavar='EPOCH',
                        help='modes with a transfer loss: its weight is --atd_weight before EPOCH (counted in epochs '
                             'from 0, fractions allowed) and 0 from then on, so the term and its gradient vanish '
@@ -361,7 +394,8 @@ class KnowledgeDistillation(Mode):
     student_init = True
 
     def refusal_reason(self, flag: str) -> str:
-        return "transfers no attention" if flag in ('transfer_heads', 'map_average', 'transfer_loss') \
+        return "transfers no attention" if flag in ('transfer_heads', 'map_average', 'transfer_loss',
+                                                    'feature_weight', 'feature_layer') \
             else "compares no layers"
 
 

@@ -131,5 +131,6 @@ def test_every_experiment_command_runs(labelled, tmp_path):
     assert os.path.isfile(tmp_path / 'runs' / 'distill_vitl_shift' / 'shift_results.md')
     assert os.path.isfile(tmp_path / 'runs' / 'distill_vitl_imagenet_r' / 'eval_results.json')
     for run in ('copy_q_vitl', 'distill_v_vitl', 'copy_vitl_every_other', 'distill_vith_mae_recipe', 'scratch_vith',
+                'distill_vitl_reverse_kl', 'distill_vitl_haste',
                 'distill_vitl_clip', 'distill_vitl_init_norm_qk'):
         assert os.path.isfile(tmp_path / 'jobs' / run / 'checkpoint.pth'), run

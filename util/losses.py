@@ -39,14 +39,16 @@ class TransferCriterion(nn.Module):
 
     The model returns logits, or (logits, transfer loss) in distill modes during training; ``term`` names the
     transfer loss in the logs (``loss_atd``: attention distillation; the baselines' own names). With ``until``
-    (--transfer_until) the weight follows ``transfer_weight`` at the position ``set_progress`` was last given.
+    (--transfer_until) the weight follows ``transfer_weight`` at the position ``set_progress`` was last given. A
+    model that returns (logits, transfer loss, feature loss) adds ``feature_weight`` times the feature loss
+    (``loss_feature_align`` in the logs), on the same schedule.
     """
 
     def __init__(self, task: nn.Module, atd_weight: float = 3.0, until: float | None = None,
-                 decay: str = 'step', term: str = 'loss_atd') -> None:
+                 decay: str = 'step', term: str = 'loss_atd', feature_weight: float = 0.0) -> None:
         super().__init__()
         self.task, self.term = task, term
-        self.atd_weight = atd_weight
+        self.atd_weight, self.feature_weight = atd_weight, feature_weight
         self.until, self.decay, self.epoch = until, decay, 0.0
 
     def set_progress(self, epoch: float) -> None:
@@ -54,13 +56,17 @@ class TransferCriterion(nn.Module):
         self.epoch = epoch
 
     def forward(self, outputs, targets: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
-        logits, transfer = outputs if isinstance(outputs, tuple) else (outputs, None)
+        logits, transfer, *features = outputs if isinstance(outputs, tuple) else (outputs, None)
         task = self.task(logits.float(), targets)
         if transfer is None:
             return task, {'loss': task}
         weight = transfer_weight(self.atd_weight, self.until, self.decay, self.epoch)
         loss = task + weight * transfer
-        terms = {'loss': loss, 'loss_task': task, self.term: transfer}
+        terms = {'loss_task': task, self.term: transfer}
+        if features:
+            loss = loss + transfer_weight(self.feature_weight, self.until, self.decay, self.epoch) * features[0]
+            terms['loss_feature_align'] = features[0]
+        terms = {'loss': loss, **terms}
         if self.until is not None:
             terms['atd_weight'] = task.new_tensor(weight)
         return loss, terms

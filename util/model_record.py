@@ -39,6 +39,7 @@ ARGUMENT_FLAGS = {'input_size': '--input_size',
                   'layer_map': '--layer_map', 'transfer_layers': '--transfer_layers', 'end_layer': '--end_layer',
                   'transfer_heads': '--transfer_heads', 'map_average': '--map_average',
                   'transfer_loss': '--transfer_loss', 'probe_blocks': '--probe_blocks',
+                  'feature_layer': '--feature_layer',
                   'attention_impl': '--attention_impl',
                   'student': '--student_model / --student_kwargs', 'teacher': '--model / --teacher_model / '
                   '--model_kwargs', 'architecture': '--model / --model_kwargs'}
@@ -48,7 +49,7 @@ LEGACY_DEFAULTS = {'model': None, 'mode': 'none', 'teacher_model': None, 'studen
                    'transfer_layers': None, 'layer_map': None, 'end_layer': 0, 'share_drop_path': True,
                    'probe_blocks': None, 'eval_crop_pct': None, 'transfer_heads': None, 'map_average': 'none',
                    'transfer_loss': 'ce', 'kd_temperature': 4.0, 'mean': None, 'std': None, 'finetune': '',
-                   'eval': False, 'attention_impl': 'explicit'}
+                   'eval': False, 'attention_impl': 'explicit', 'feature_weight': 0.0, 'feature_layer': None}
 
 
 @contextmanager
