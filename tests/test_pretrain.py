@@ -364,9 +364,34 @@ def test_a_resumed_pretraining_keeps_its_autoencoder_and_names_other_changes(wor
                                         f"--decoder_depth {depth}"):
         main_pretrain.run(pretrain_args(workdir.data, out, f'--decoder_depth={depth + 1}', '--resume', 'allow',
                                         epochs=3))
-    main_pretrain.run(pretrain_args(workdir.data, out, '--mask_ratio', '0.5', '--resume', 'allow', epochs=3))
-    assert "resumed with a change: --mask_ratio: 0.75 in the checkpoint's run, 0.5 from here on" in \
-        capsys.readouterr().out
+    main_pretrain.run(pretrain_args(workdir.data, out, '--mask_ratio', '0.5', '--no_norm_pix_loss', '--resume',
+                                    'allow', epochs=3))
+    said = capsys.readouterr().out
+    assert "resumed with a change: --mask_ratio: 0.75 in the checkpoint's run, 0.5 from here on" in said
+    assert "resumed with a change: --norm_pix_loss: True in the checkpoint's run, False from here on" in said
+
+
+def test_a_pretraining_run_folder_holds_its_record(workdir, pretrained, tmp_path):
+    """config.yaml (read back by --config to the same flags), run_record.json (the start: command, versions) and
+    console.txt, as a fine-tuning run's folder: the loop that writes them is the one both scripts share."""
+    import json
+
+    import yaml
+    with open(os.path.join(pretrained, 'config.yaml')) as f:
+        config = yaml.safe_load(f)
+    assert config['mask_ratio'] == 0.75 and config['norm_pix_loss'] is True and config['epochs'] == 2
+    assert config['decoder_depth'] == DECODER['decoder_depth']
+    with open(os.path.join(pretrained, 'run_record.json')) as f:
+        starts = json.load(f)['starts']
+    assert len(starts) == 1 and starts[0]['command'].startswith('main_pretrain.py --data_path')
+    assert starts[0]['versions']['torch'] == torch.__version__ and (starts[0]['epoch'], starts[0]['step']) == (0, 0)
+    with open(os.path.join(pretrained, 'console.txt')) as f:
+        assert 'masked autoencoder: encoder' in f.read()
+    # the recorded configuration is a recipe: the same run from --config alone
+    parser = main_pretrain.get_args_parser()
+    again = main_pretrain.parse_command(parser, ['--config', os.path.join(pretrained, 'config.yaml')])[0]
+    for key in ('mask_ratio', 'norm_pix_loss', 'decoder_embed_dim', 'blr', 'batch_size', 'input_size', 'model'):
+        assert getattr(again, key) == config[key], key
 
 
 @pytest.mark.parametrize('eval_', [False, True])

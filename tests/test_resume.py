@@ -400,8 +400,9 @@ def test_a_resumed_run_names_the_flags_that_changed(workdir, one_epoch_distill, 
     out = str(workdir.root / 'changes_more')
     shutil.copytree(one_epoch_distill, out)
     main_finetune.run(args_for(workdir, out, '--mode', 'distill', '--resume', 'allow', '--blr', '1e-3',
-                               '--atd_weight', '1', epochs=2))
+                               '--atd_weight', '1', '--transfer_until', '1.5', epochs=2))
     printed = capsys.readouterr().out
+    assert "resumed with a change: --transfer_until: None in the checkpoint's run, 1.5 from here on" in printed
     assert "resumed with a change: --epochs: 1 in the checkpoint's run, 2 from here on" in printed
     assert "resumed with a change: --atd_weight: 3 in the checkpoint's run, 1.0 from here on" in printed
     # the cosine schedule over 2 epochs instead of 1: at epoch 1 half-way down (lr 3e-3, min_lr 1e-6), not at the end
@@ -411,7 +412,9 @@ def test_a_resumed_run_names_the_flags_that_changed(workdir, one_epoch_distill, 
 
 
 @pytest.mark.parametrize('flags,change', [(['--transfer_heads', '2'], 'heads: None -> [0, 1]'),
-                                          (['--layer_map', '0:0,1:1'], 'layers: [0, 1, 2, 3] -> [0, 1]')])
+                                          (['--layer_map', '0:0,1:1'], 'layers: [0, 1, 2, 3] -> [0, 1]'),
+                                          (['--map_average', 'queries'], 'map_average: none -> queries'),
+                                          (['--feature_weight', '1'], 'feature_layer: None -> 2')])
 def test_a_resumed_run_with_another_model_is_refused(workdir, one_epoch_distill, flags, change):
     with pytest.raises(UserError, match=re.escape(change)):
         main_finetune.run(args_for(workdir, one_epoch_distill, '--mode', 'distill', '--resume', 'allow', *flags,
