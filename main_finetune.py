@@ -345,7 +345,7 @@ def resolve_args(args, read_resume: bool = True) -> Resolved:
         mode.check_resumed(recorded_args(ckpt), path)
     check_resume_matches(ckpt, path, cfg, mode.uses_teacher)
     cfg = cfg.replace(mode=mode.name, log_dir=cfg.output_dir if cfg.log_dir is None else cfg.log_dir,
-                      **({} if cfg.eval else mode.recipe(cfg)))
+                      **({} if cfg.eval else mode.recipe(cfg.explicit_flags)))
     cfg = cfg.replace(amp=cfg.amp or default_amp(cfg.device), num_workers=usable_workers(cfg.num_workers),
                       attention_impl=resolve_attention_impl(attention_impl_for(cfg, spec), cfg.device),
                       mixup_active=cfg.mixup > 0 or cfg.cutmix > 0.0 or cfg.cutmix_minmax is not None)
@@ -419,9 +419,9 @@ def build_model(run: Resolved) -> TeacherStudentPair:
     return mode.build_model(run.spec, drop_path=run.cfg.drop_path, attention_impl=run.cfg.attention_impl)
 
 
-def param_groups(model: TeacherStudentPair, mode: Mode, cfg: Config) -> list[dict]:
+def param_groups(model: TeacherStudentPair, mode: Mode, weight_decay: float, layer_decay: float) -> list[dict]:
     """The student's AdamW groups, as the mode forms them (layer-wise lr decay, weight decay exemptions)."""
-    return mode.param_groups(model.student, cfg)
+    return mode.param_groups(model.student, weight_decay, layer_decay)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -432,8 +432,8 @@ def main(args) -> dict:
     cfg = cfg.replace(**init_distributed_mode(cfg))
     with Console():  # rank 0's console, kept in the run folder once the run begins
         run = resolve_args(cfg)
-        if not run.cfg.eval and finished(run.ckpt, run.ckpt_path, run.mode.known_epochs(run.cfg),
-                                         run.cfg.output_dir):
+        epochs = run.mode.known_epochs(run.cfg.epochs, run.cfg.explicit_flags)
+        if not run.cfg.eval and finished(run.ckpt, run.ckpt_path, epochs, run.cfg.output_dir):
             destroy()
             return {}
         first_epoch = run.cfg.start_epoch if run.cfg.eval else start_epoch(run.ckpt, run.cfg.start_epoch)
@@ -499,7 +499,8 @@ def train_and_evaluate(run: Resolved) -> dict:
         destroy()
         return stats
     lr = learning_rate(cfg, get_world_size())
-    schedule = Schedule.from_args(cfg, lr=lr, epochs=mode.epochs(cfg, dataset_train))
+    epochs = mode.epochs(dataset_train, cfg.epochs, cfg.explicit_flags, cfg.presentations)
+    schedule = Schedule(lr, cfg.min_lr, cfg.warmup_epochs, epochs, cfg.sched, tuple(cfg.step_epochs), cfg.step_rate)
     stats = {}
     if not finished(ckpt, run.ckpt_path, schedule.epochs, cfg.output_dir):  # epochs the training set gave
         stats = Trainer(run, model, model_ema, dataset_train, evaluator, schedule, device, amp_dtype).fit()
@@ -537,8 +538,8 @@ class Trainer(EpochEnd):
                  schedule: Schedule, device: torch.device, amp_dtype) -> None:
         cfg, mode = run.cfg, run.mode
         self.cfg, self.schedule, self.model, self.model_ema, self.evaluator = cfg, schedule, model, model_ema, evaluator
-        optimizer = torch.optim.AdamW(param_groups(model, mode, cfg), lr=schedule.lr, betas=(0.9, cfg.beta2),
-                                      fused=device.type == 'cuda')
+        groups = param_groups(model, mode, cfg.weight_decay, cfg.layer_decay)
+        optimizer = torch.optim.AdamW(groups, lr=schedule.lr, betas=(0.9, cfg.beta2), fused=device.type == 'cuda')
         criterion = mode.criterion(cfg, model, evaluator.loader, device, amp_dtype).to(device)
         aux_params = [p for p in criterion.parameters() if p.requires_grad]
         aux_optimizer = torch.optim.Adam(aux_params, lr=cfg.noise_lr) if aux_params else None
@@ -549,7 +550,7 @@ class Trainer(EpochEnd):
         started = {flag: recorded_args(run.ckpt).get(flag) or '' if run.ckpt else cfg.record()[flag]
                    for flag in START_FLAGS}
         record = {**cfg.record(), 'lr': schedule.lr, 'epochs': schedule.epochs, 'train_data': data, **started,
-                  'model_spec': run.spec.to_record(), **mode.resolved_values(cfg, criterion)}
+                  'model_spec': run.spec.to_record(), **mode.resolved_values(criterion)}
         checkpointer = Checkpointer(cfg.output_dir, checkpoint_components(model, model_ema, optimizer, scaler,
                                                                          criterion, aux_optimizer),
                                     record, device, schedule.epochs, cfg.save_every)

@@ -319,7 +319,7 @@ def check_run_flags(cfg, mode, has_teacher_weights: bool, resumes: bool) -> None
     """Flags that this run cannot use together, refused before anything is loaded."""
     if mode.needs_teacher(cfg.eval) and not cfg.finetune and not has_teacher_weights:
         raise UserError(f"mode {mode.name} needs the teacher's weights: --finetune PATH ({mode.teacher_hint})")
-    mode.check(cfg)
+    mode.check_flags(cfg)
     if not 0.0 < cfg.eval_crop_pct <= 1.0:
         raise UserError(f"--eval_crop_pct {cfg.eval_crop_pct}: the crop fraction must be in (0, 1] (1.0: evaluate "
                         "the image at the input size, uncropped; 0.875: MAE's ImageNet evaluation)")
