@@ -302,13 +302,14 @@ def check_values(args) -> None:
     check_normalization(args.mean, args.std)
 
 
-def check_data_folders(cfg, mode) -> None:
-    """The evaluation split, and the training split when the mode (a ``modes`` object) trains on labels, exist."""
-    if not cfg.eval_data_path:
-        raise UserError("give --data_path: a folder holding train/<class>/ and val/<class>/" + mode.data_hint)
-    splits = [(cfg.eval_data_path, 'val')]
-    if not cfg.eval and mode.trains_on_labels:
-        splits.append((cfg.data_path, 'train'))
+def check_data_folders(eval_data_path: str, data_path: str, trains_on_labels: bool, hint: str = '') -> None:
+    """The evaluation split, and the training split when the run trains on labels, exist (``hint``: where the
+    mode's data go, added to the message without --data_path)."""
+    if not eval_data_path:
+        raise UserError("give --data_path: a folder holding train/<class>/ and val/<class>/" + hint)
+    splits = [(eval_data_path, 'val')]
+    if trains_on_labels:
+        splits.append((data_path, 'train'))
     for root, split in splits:
         if not os.path.isdir(os.path.join(root, split)):
             raise DataError(f"{split} data not found: {os.path.join(root, split)!r} is not a directory. "
