@@ -73,7 +73,7 @@ from util.checkpoint import (
     student_weights,
 )
 from util.config import Config
-from util.datasets import DataError, build_loader, cache_decoded
+from util.datasets import DataError, DataSettings, build_loader, cache_decoded, pins_memory
 from util.distributed import destroy, get_rank, get_world_size, init_distributed_mode, log, wrap_ddp
 from util.errors import UserError, run_cli
 from util.eval_classes import build_eval_dataset, restrict_classes
@@ -453,9 +453,10 @@ def evaluate_only(cfg: Config, model, ckpt: dict | None, ckpt_path: str | None, 
     if ckpt is not None:
         model_ema = ModelEmaV3(model.student) if holds_ema(ckpt) else None
         restore_weights(ckpt, ckpt_path, model, model_ema)
-    model = restrict_classes(model, cfg)
+    model = restrict_classes(model, cfg.eval_classes, cfg.nb_classes)
     if cfg.ensemble_with:
-        models = {'model': model, 'other': restrict_classes(load_ensemble_member(cfg).to(evaluator.device), cfg)}
+        other = load_ensemble_member(cfg).to(evaluator.device)
+        models = {'model': model, 'other': restrict_classes(other, cfg.eval_classes, cfg.nb_classes)}
         results = evaluate_ensemble(evaluator.loader, models, evaluator.device, evaluator.amp_dtype, cfg.dist_eval,
                                     cfg.print_freq)
         stats = {f'{prefix}{k}': v for name, prefix in (('model', 'test_'), ('other', 'other_test_'),
@@ -474,8 +475,9 @@ def train_and_evaluate(run: Resolved) -> dict:
     torch.backends.cudnn.benchmark = True
     seed_epoch(cfg.seed, 0, rank)
 
-    dataset_val = build_eval_dataset(cfg)
-    dataset_train = None if cfg.eval else mode.train_dataset(cfg)
+    data = DataSettings.from_config(cfg)
+    dataset_val = build_eval_dataset(data)
+    dataset_train = None if cfg.eval else mode.train_dataset(data)
     if cfg.cache_images:
         dataset_val, dataset_train = (cache_decoded(d) if d is not None else None for d in (dataset_val, dataset_train))
     if getattr(dataset_train, 'classes', dataset_val.classes) != dataset_val.classes:
@@ -497,8 +499,9 @@ def train_and_evaluate(run: Resolved) -> dict:
     if cfg.compile:  # after the EMA's deep copy, which must not share the compiled blocks
         model.compile_blocks()
     log(startup_summary(run, model, dataset_train, dataset_val))
-    evaluator = Evaluator(build_loader(dataset_val, sampler_val, cfg, train=False), device, amp_dtype,
-                          cfg.dist_eval, cfg.print_freq)
+    loader_val = build_loader(dataset_val, sampler_val, cfg.batch_size, cfg.num_workers,
+                              pins_memory(cfg.pin_mem, cfg.device), train=False)
+    evaluator = Evaluator(loader_val, device, amp_dtype, cfg.dist_eval, cfg.print_freq)
     if cfg.eval:
         stats = evaluate_only(cfg, model, ckpt, run.ckpt_path, evaluator)
         destroy()

@@ -42,7 +42,7 @@ from models_vit import init_class_token
 from util.args import check_positive, check_range, parse_kwargs
 from util.checkpoint import holds_teacher, restore_weights
 from util.config import Config
-from util.datasets import build_dataset, default_eval_crop_pct
+from util.datasets import DataSettings, build_dataset, default_eval_crop_pct
 from util.distributed import barrier, is_main_process, log
 from util.errors import UserError
 from util.losses import ProbeCriterion, TransferCriterion, build_task_criterion
@@ -184,8 +184,9 @@ class Mode(ABC):
             require_classifier_head(report, '--finetune', finetune, nb_classes, self.teacher_head)
         return report
 
-    def train_dataset(self, cfg: Config):
-        return build_dataset(True, cfg)
+    def train_dataset(self, data: DataSettings):
+        """The labelled training split (--data_path/train) with the training augmentation."""
+        return build_dataset(True, data)
 
     def criterion(self, cfg: Config, model, loader_val, device, amp_dtype) -> torch.nn.Module:
         """The task loss (soft-target CE under mixup, else label smoothing), plus ``atd_weight`` times the
@@ -532,28 +533,29 @@ class AttentionProbe(Mode):
         return ProbeDistiller(*create_pair_members(spec, drop_path), spec.layer_pairs)
 
 
-    def train_dataset(self, args) -> ProbeImages:
+    def train_dataset(self, data: DataSettings) -> ProbeImages:
         """The selected wild images and, with --pos_num, the labelled originals (see ``probe_training_set``)."""
-        selection = read_selection(args.selection)
-        check_selected_files(selection, args.selection)
-        if selection.get('nb_classes') not in (None, args.nb_classes):
-            raise UserError(f"{args.selection} was selected for a {selection['nb_classes']}-class teacher, "
-                            f"but --nb_classes is {args.nb_classes}")
-        dataset = probe_training_set(selection, self.originals(args), args.input_size, args.hflip, args.mean,
-                                     args.std)
+        selection = read_selection(data.selection)
+        check_selected_files(selection, data.selection)
+        if selection.get('nb_classes') not in (None, data.nb_classes):
+            raise UserError(f"{data.selection} was selected for a {selection['nb_classes']}-class teacher, "
+                            f"but --nb_classes is {data.nb_classes}")
+        dataset = probe_training_set(selection, self.originals(data), data.input_size, data.hflip, data.mean,
+                                     data.std)
         log(f"probe training set: {dataset.num_selected} wild images selected ({selection.get('ranking')}) "
             f"from {selection['root']}")
-        if args.pos_num:
-            log(f"  + {len(dataset) - dataset.num_selected} labelled originals (the first {args.pos_num} per class) "
-                f"from {os.path.join(args.eval_data_path, 'train')}, used like the wild images (no labels)")
+        if data.pos_num:
+            log(f"  + {len(dataset) - dataset.num_selected} labelled originals (the first {data.pos_num} per class) "
+                f"from {os.path.join(data.eval_data_path, 'train')}, used like the wild images (no labels)")
         return dataset
 
     @staticmethod
-    def originals(args) -> list[str]:
-        """--pos_num's labelled originals from the target task's training split (none without it)."""
-        if not args.pos_num:
+    def originals(data) -> list[str]:
+        """--pos_num's labelled originals from the target task's training split (none without it; ``data``: the
+        run's DataSettings, or its configuration)."""
+        if not data.pos_num:
             return []
-        return labelled_originals(os.path.join(args.eval_data_path, 'train'), args.pos_num)
+        return labelled_originals(os.path.join(data.eval_data_path, 'train'), data.pos_num)
 
     def criterion(self, args, model, loader_val, device, amp_dtype) -> ProbeCriterion:
         teacher_acc = args.teacher_acc

@@ -29,7 +29,7 @@ from util.checkpoint import (
     set_rng_state,
 )
 from util.config import Config
-from util.datasets import build_loader
+from util.datasets import build_loader, pins_memory
 from util.distributed import get_rank, get_world_size, is_main_process, log
 from util.errors import UserError
 from util.lr_sched import Schedule, schedule_change
@@ -191,7 +191,8 @@ class RunLoop:
         self.parts, self.end, self.cfg, self.checkpointer = parts, end, parts.cfg, parts.checkpointer
         cfg, world = parts.cfg, get_world_size()
         self.sampler = ResumableDistributedSampler(parts.dataset, world, get_rank(), shuffle=True, seed=cfg.seed)
-        self.loader = build_loader(parts.dataset, self.sampler, cfg, train=True)
+        self.loader = build_loader(parts.dataset, self.sampler, cfg.batch_size, cfg.num_workers,
+                                   pins_memory(cfg.pin_mem, cfg.device), train=True)
         self.steps_per_epoch = self.sampler.num_samples // cfg.batch_size  # the loader drops the last partial batch
         if self.steps_per_epoch == 0:
             raise UserError(f"{len(parts.dataset)} training images on {world} processes make no full batch of "
