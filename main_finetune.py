@@ -74,7 +74,7 @@ from util.checkpoint import (
     student_weights,
 )
 from util.config import Config
-from util.datasets import DataError, build_loader, cache_decoded
+from util.datasets import DataError, DataSettings, build_loader, cache_decoded, pins_memory
 from util.distributed import destroy, get_rank, get_world_size, init_distributed_mode, log, wrap_ddp
 from util.errors import UserError, run_cli
 from util.eval_classes import build_eval_dataset, restrict_classes
@@ -91,7 +91,9 @@ from util.model_record import (
 )
 from util.output import (
     EVAL_RESULTS,
+    INPUT_FLAGS,
     BestAccuracy,
+    RunFolder,
     check_inputs_not_overwritten,
     check_output_folders,
     output_dir_in_use,
@@ -300,21 +302,22 @@ def add_epoch_end_arguments(g: argparse._ArgumentGroup) -> None:
 # ---------------------------------------------------------------------------------------------
 class Resolved(NamedTuple):
     """The resolved run: its read-only configuration, its mode (looked up once), its model (described once), and
-    the checkpoint it resumes (read once) with its path."""
+    the checkpoint it resumes (read once) with its path, and the files it writes where (its run folder)."""
     cfg: Config
     mode: Mode
     ckpt: dict | None
     ckpt_path: str | None
     spec: ModelSpec | None = None
+    folder: RunFolder | None = None
 
 
-def evaluated_spec(ckpt: dict, cfg: Config) -> ModelSpec | None:
+def evaluated_spec(ckpt: dict, mean: list | None, std: list | None) -> ModelSpec | None:
     """--eval --resume: the model its checkpoint records, with the normalisation it was trained with unless
     --mean / --std are given (None: the checkpoint records no model, e.g. MAE's; the flags describe it)."""
     spec = recorded_spec(ckpt)
     if spec is None:
         return None
-    return spec.replace(mean=tuple(cfg.mean or spec.mean), std=tuple(cfg.std or spec.std))
+    return spec.replace(mean=tuple(mean or spec.mean), std=tuple(std or spec.std))
 
 
 def resolve_args(args, read_resume: bool = True) -> Resolved:
@@ -325,30 +328,32 @@ def resolve_args(args, read_resume: bool = True) -> Resolved:
     ``read_resume=False`` (the SLURM launcher, at submission) only checks that the checkpoint exists."""
     cfg = Config.of(args)
     check_values(cfg)
-    check_wandb(cfg)
-    check_output_folders(cfg)
+    check_wandb(cfg.log_wandb)
+    check_output_folders(cfg.output_dir, cfg.log_dir)
     cfg = cfg.replace(model_kwargs=parse_kwargs(cfg.model_kwargs, '--model_kwargs'),
                       student_kwargs=parse_kwargs(cfg.student_kwargs, '--student_kwargs'))
-    path = requeued_checkpoint(cfg) or resume_path(cfg.resume, cfg.output_dir)
+    path = requeued_checkpoint(cfg.output_dir, cfg.resume, cfg.eval) or resume_path(cfg.resume, cfg.output_dir)
     ckpt = load_training_checkpoint(path, to_train=not cfg.eval) if path and read_resume else None
     if ckpt is not None and is_mae_checkpoint(student_weights(ckpt)):
         raise UserError(f"--resume {path}: a pre-training checkpoint of main_pretrain.py (a masked autoencoder), not "
                         f"a run of this script: give it as --finetune {path} to fine-tune it or to distil from it; "
                         "continue its pre-training with main_pretrain.py --resume")
     if ckpt is not None and not cfg.eval:
-        for line in unused_start_flags(cfg, recorded_args(ckpt), path):
+        for line in unused_start_flags({flag: getattr(cfg, flag) for flag in START_FLAGS}, recorded_args(ckpt), path):
             log(line)
-    spec = evaluated_spec(ckpt, cfg) if ckpt is not None and cfg.eval else None
+    spec = evaluated_spec(ckpt, cfg.mean, cfg.std) if ckpt is not None and cfg.eval else None
     if spec is not None:
         check_evaluated_flags(cfg, spec)  # before the checkpoint's values replace the flags
     mode = get_mode(spec.mode if spec is not None else cfg.mode)
     if not cfg.eval:
         mode.check_resumed(recorded_args(ckpt), path)
-    check_resume_matches(ckpt, path, cfg, mode.uses_teacher)
+    check_resume_matches(ckpt, path, cfg.finetune, mode.uses_teacher, cfg.eval)
     cfg = cfg.replace(mode=mode.name, log_dir=cfg.output_dir if cfg.log_dir is None else cfg.log_dir,
-                      **({} if cfg.eval else mode.recipe(cfg)))
+                      **({} if cfg.eval else mode.recipe(cfg.explicit_flags)))
+    described = spec if spec is not None else cfg  # the evaluated checkpoint's maps and map loss, else the flags'
+    impl = attention_impl_for(cfg.attention_impl, described.map_average, described.transfer_loss)
     cfg = cfg.replace(amp=cfg.amp or default_amp(cfg.device), num_workers=usable_workers(cfg.num_workers),
-                      attention_impl=resolve_attention_impl(attention_impl_for(cfg, spec), cfg.device),
+                      attention_impl=resolve_attention_impl(impl, cfg.device),
                       mixup_active=cfg.mixup > 0 or cfg.cutmix > 0.0 or cfg.cutmix_minmax is not None)
     cfg = cfg.replace(teacher_dtype=teacher_dtype(cfg.teacher_dtype, cfg.amp, mode.name, mode.uses_teacher))
     if args.attention_impl == 'auto' and mode.uses_teacher:
@@ -364,7 +369,7 @@ def resolve_args(args, read_resume: bool = True) -> Resolved:
     cfg = cfg.replace(model=cfg.model or DEFAULT_MODEL, eval_data_path=cfg.eval_data_path or cfg.data_path,
                       mean=list(spec.mean if spec else cfg.mean or IMAGENET_DEFAULT_MEAN),
                       std=list(spec.std if spec else cfg.std or IMAGENET_DEFAULT_STD))
-    check_data_folders(cfg, mode)
+    check_data_folders(cfg.eval_data_path, cfg.data_path, not cfg.eval and mode.trains_on_labels, mode.data_hint)
     if cfg.eval_crop_pct is None:
         cfg = cfg.replace(eval_crop_pct=mode.default_eval_crop_pct(cfg.input_size,
                                                                     os.path.join(cfg.eval_data_path, 'val')))
@@ -377,22 +382,24 @@ def resolve_args(args, read_resume: bool = True) -> Resolved:
         check_resumed_model(ckpt, path, spec)
         for line in changed_flags(recorded_args(ckpt), cfg):
             log(f"resumed with a change: {line}")
+    folder = RunFolder(cfg.output_dir, cfg.log_dir, cfg.save_every, bool(cfg.save_best), cfg.eval)
     if read_resume or not path:  # at submission the resumed epoch is unknown: the job checks it
-        check_inputs_not_overwritten(cfg, next_position(ckpt)[0] if ckpt is not None else cfg.start_epoch)
-    check_run_folder(cfg, path)
-    return Resolved(cfg, mode, ckpt, path, spec)
+        check_inputs_not_overwritten(folder, {flag: getattr(cfg, flag) for flag in INPUT_FLAGS},
+                                     next_position(ckpt)[0] if ckpt is not None else cfg.start_epoch)
+    check_run_folder(cfg.output_dir, cfg.resume, path, cfg.eval)
+    return Resolved(cfg, mode, ckpt, path, spec, folder)
 
 
 # The flags that give the student's starting weights: a resumed run's come from its checkpoint.
 START_FLAGS = ('student_init', 'init_from_teacher')
 
 
-def unused_start_flags(cfg: Config, saved: dict, path: str) -> list[str]:
-    """A line for each START_FLAGS flag a resumed run gives (not used), with the value its run started with when
-    that differs."""
+def unused_start_flags(given_flags: dict, saved: dict, path: str) -> list[str]:
+    """A line for each START_FLAGS flag a resumed run gives (``given_flags``: their values), not used, with the
+    value its run started with when that differs."""
     lines = []
     for flag in START_FLAGS:
-        given, started = cfg.record()[flag], saved.get(flag) or ''
+        given, started = given_flags[flag], saved.get(flag) or ''
         if given:
             before = '' if given == started else f" (its run started with --{flag} {started})" if started else \
                 f" (its run started without --{flag})"
@@ -400,14 +407,12 @@ def unused_start_flags(cfg: Config, saved: dict, path: str) -> list[str]:
     return lines
 
 
-def attention_impl_for(cfg: Config, spec: ModelSpec | None = None) -> str:
-    """--attention_impl, with auto meaning explicit where --map_average or --transfer_loss needs the N x N maps (an
-    evaluated checkpoint's, ``spec``, where there is one)."""
-    described = spec if spec is not None else cfg
-    averaged, loss = described.map_average, described.transfer_loss
-    if cfg.attention_impl == 'auto' and (averaged != 'none' or loss not in FUSED_TRANSFER_LOSSES):
+def attention_impl_for(attention_impl: str, map_average: str, transfer_loss: str) -> str:
+    """--attention_impl, with auto meaning explicit where the map averaging or the attention map loss of the model
+    (an evaluated checkpoint's, else --map_average and --transfer_loss) needs the N x N maps."""
+    if attention_impl == 'auto' and (map_average != 'none' or transfer_loss not in FUSED_TRANSFER_LOSSES):
         return 'explicit'  # the averaged maps, and the losses without a fused path, exist only as explicit maps
-    return cfg.attention_impl
+    return attention_impl
 
 
 # ---------------------------------------------------------------------------------------------
@@ -420,12 +425,12 @@ def build_model(run: Resolved) -> TeacherStudentPair:
     return mode.build_model(run.spec, drop_path=run.cfg.drop_path, attention_impl=run.cfg.attention_impl)
 
 
-def param_groups(model: TeacherStudentPair, mode: Mode, cfg: Config) -> list[dict]:
+def param_groups(model: TeacherStudentPair, mode: Mode, weight_decay: float, layer_decay: float) -> list[dict]:
     """The student's AdamW groups, as the mode forms them (layer-wise lr decay, weight decay exemptions), and those
-    of the pair's training heads (the feature projector: --weight_decay on its weights, none on its biases, the
+    of the pair's training heads (the feature projector: ``weight_decay`` on its weights, none on its biases, the
     full lr)."""
-    heads = [g for head in model.training_heads.values() for g in param_groups_weight_decay(head, cfg.weight_decay)]
-    return mode.param_groups(model.student, cfg) + heads
+    heads = [g for head in model.training_heads.values() for g in param_groups_weight_decay(head, weight_decay)]
+    return mode.param_groups(model.student, weight_decay, layer_decay) + heads
 
 
 # ---------------------------------------------------------------------------------------------
@@ -436,12 +441,12 @@ def main(args) -> dict:
     cfg = cfg.replace(**init_distributed_mode(cfg))
     with Console():  # rank 0's console, kept in the run folder once the run begins
         run = resolve_args(cfg)
-        if not run.cfg.eval and finished(run.ckpt, run.ckpt_path, run.mode.known_epochs(run.cfg),
-                                         run.cfg.output_dir):
+        epochs = run.mode.known_epochs(run.cfg.epochs, run.cfg.explicit_flags)
+        if not run.cfg.eval and finished(run.ckpt, run.ckpt_path, epochs, run.cfg.output_dir):
             destroy()
             return {}
         first_epoch = run.cfg.start_epoch if run.cfg.eval else start_epoch(run.ckpt, run.cfg.start_epoch)
-        with output_dir_in_use(run.cfg, first_epoch), \
+        with output_dir_in_use(run.folder, first_epoch), \
                 stop_on_signals(enabled=not run.cfg.eval, keeps_checkpoint=bool(run.cfg.output_dir)):
             return train_and_evaluate(run)
 
@@ -452,9 +457,10 @@ def evaluate_only(cfg: Config, model, ckpt: dict | None, ckpt_path: str | None, 
     if ckpt is not None:
         model_ema = ModelEmaV3(model.student) if holds_ema(ckpt) else None
         restore_weights(ckpt, ckpt_path, model, model_ema)
-    model = restrict_classes(model, cfg)
+    model = restrict_classes(model, cfg.eval_classes, cfg.nb_classes)
     if cfg.ensemble_with:
-        models = {'model': model, 'other': restrict_classes(load_ensemble_member(cfg).to(evaluator.device), cfg)}
+        other = load_ensemble_member(cfg).to(evaluator.device)
+        models = {'model': model, 'other': restrict_classes(other, cfg.eval_classes, cfg.nb_classes)}
         results = evaluate_ensemble(evaluator.loader, models, evaluator.device, evaluator.amp_dtype, cfg.dist_eval,
                                     cfg.print_freq)
         stats = {f'{prefix}{k}': v for name, prefix in (('model', 'test_'), ('other', 'other_test_'),
@@ -473,8 +479,9 @@ def train_and_evaluate(run: Resolved) -> dict:
     torch.backends.cudnn.benchmark = True
     seed_epoch(cfg.seed, 0, rank)
 
-    dataset_val = build_eval_dataset(cfg)
-    dataset_train = None if cfg.eval else mode.train_dataset(cfg)
+    data = DataSettings.from_config(cfg)
+    dataset_val = build_eval_dataset(data)
+    dataset_train = None if cfg.eval else mode.train_dataset(data)
     if cfg.cache_images:
         dataset_val, dataset_train = (cache_decoded(d) if d is not None else None for d in (dataset_val, dataset_train))
     if getattr(dataset_train, 'classes', dataset_val.classes) != dataset_val.classes:
@@ -496,14 +503,16 @@ def train_and_evaluate(run: Resolved) -> dict:
     if cfg.compile:  # after the EMA's deep copy, which must not share the compiled blocks
         model.compile_blocks()
     log(startup_summary(run, model, dataset_train, dataset_val))
-    evaluator = Evaluator(build_loader(dataset_val, sampler_val, cfg, train=False), device, amp_dtype,
-                          cfg.dist_eval, cfg.print_freq)
+    loader_val = build_loader(dataset_val, sampler_val, cfg.batch_size, cfg.num_workers,
+                              pins_memory(cfg.pin_mem, cfg.device), train=False)
+    evaluator = Evaluator(loader_val, device, amp_dtype, cfg.dist_eval, cfg.print_freq)
     if cfg.eval:
         stats = evaluate_only(cfg, model, ckpt, run.ckpt_path, evaluator)
         destroy()
         return stats
     lr = learning_rate(cfg, get_world_size())
-    schedule = Schedule.from_args(cfg, lr=lr, epochs=mode.epochs(cfg, dataset_train))
+    epochs = mode.epochs(dataset_train, cfg.epochs, cfg.explicit_flags, cfg.presentations)
+    schedule = Schedule(lr, cfg.min_lr, cfg.warmup_epochs, epochs, cfg.sched, tuple(cfg.step_epochs), cfg.step_rate)
     stats = {}
     if not finished(ckpt, run.ckpt_path, schedule.epochs, cfg.output_dir):  # epochs the training set gave
         stats = Trainer(run, model, model_ema, dataset_train, evaluator, schedule, device, amp_dtype).fit()
@@ -542,9 +551,10 @@ class Trainer(EpochEnd):
     def __init__(self, run: Resolved, model: TeacherStudentPair, model_ema, dataset_train, evaluator: Evaluator,
                  schedule: Schedule, device: torch.device, amp_dtype) -> None:
         cfg, mode = run.cfg, run.mode
-        self.cfg, self.schedule, self.model, self.model_ema, self.evaluator = cfg, schedule, model, model_ema, evaluator
-        optimizer = torch.optim.AdamW(param_groups(model, mode, cfg), lr=schedule.lr, betas=(0.9, cfg.beta2),
-                                      fused=device.type == 'cuda')
+        self.schedule, self.model, self.model_ema, self.evaluator = schedule, model, model_ema, evaluator
+        self.eval_every, self.output_dir = cfg.eval_every, cfg.output_dir
+        groups = param_groups(model, mode, cfg.weight_decay, cfg.layer_decay)
+        optimizer = torch.optim.AdamW(groups, lr=schedule.lr, betas=(0.9, cfg.beta2), fused=device.type == 'cuda')
         criterion = mode.criterion(cfg, model, evaluator.loader, device, amp_dtype).to(device)
         aux_params = [p for p in criterion.parameters() if p.requires_grad]
         aux_optimizer = torch.optim.Adam(aux_params, lr=cfg.noise_lr) if aux_params else None
@@ -552,16 +562,17 @@ class Trainer(EpochEnd):
         data = dataset_fingerprint(dataset_train)
         # what checkpoints record as their args: the configuration and the values resolved while building
         # the student's start: a resumed run's --student_init and --init_from_teacher are not used
-        started = {flag: recorded_args(run.ckpt).get(flag) or '' if run.ckpt else cfg.record()[flag]
+        started = {flag: recorded_args(run.ckpt).get(flag) or '' if run.ckpt else getattr(cfg, flag)
                    for flag in START_FLAGS}
         record = {**cfg.record(), 'lr': schedule.lr, 'epochs': schedule.epochs, 'train_data': data, **started,
-                  'model_spec': run.spec.to_record(), **mode.resolved_values(cfg, criterion)}
+                  'model_spec': run.spec.to_record(), **mode.resolved_values(criterion)}
         checkpointer = Checkpointer(cfg.output_dir, checkpoint_components(model, model_ema, optimizer, scaler,
                                                                          criterion, aux_optimizer),
                                     record, device, schedule.epochs, cfg.save_every)
         self.best_accuracy = BestAccuracy(best_record(run.ckpt))
         self.best_key = {'raw': 'test_acc1', 'ema': 'ema_test_acc1'}.get(cfg.save_best)
-        step = TrainingStep(wrap_ddp(model, cfg), criterion, optimizer, scaler, device, cfg.accum_iter,
+        ddp_model = wrap_ddp(model, cfg.distributed, cfg.gpu, cfg.device)
+        step = TrainingStep(ddp_model, criterion, optimizer, scaler, device, cfg.accum_iter,
                             cfg.clip_grad, amp_dtype, mixup(cfg), model_ema, model.student, aux_optimizer)
         self.loop = RunLoop(RunParts('training', cfg, step, dataset_train, data, schedule, checkpointer, run.ckpt,
                                      run.ckpt_path, flag_names(get_args_parser())), self)
@@ -571,7 +582,7 @@ class Trainer(EpochEnd):
 
     def due(self, epoch: int) -> bool:
         """Whether ``epoch``'s end evaluates: every --eval_every epochs and after the last."""
-        return (epoch + 1) % self.cfg.eval_every == 0 or epoch + 1 == self.schedule.epochs
+        return (epoch + 1) % self.eval_every == 0 or epoch + 1 == self.schedule.epochs
 
     def best(self) -> dict:
         return self.best_accuracy.best
@@ -596,7 +607,7 @@ class Trainer(EpochEnd):
             log(self.best_accuracy.summary(test_stats))
             loop.log_scalars('perf', {k: v for k, v in test_stats.items() if k.endswith(('acc1', 'acc5', 'loss'))},
                              epoch)
-        write_log(self.cfg, stats)
+        write_log(self.output_dir, stats)
         loop.flush()
         return stats
 

@@ -59,6 +59,8 @@ from util.errors import UserError, run_cli
 from util.lr_sched import Schedule, learning_rate
 from util.model_record import changed_flags, flag_errors
 from util.output import (
+    INPUT_FLAGS,
+    RunFolder,
     check_inputs_not_overwritten,
     check_output_folders,
     output_dir_in_use,
@@ -177,8 +179,8 @@ def resolve_args(args) -> tuple[Config, dict | None, str | None]:
     """The flags checked and resolved into the run's read-only configuration before any heavy work; returns it
     with the checkpoint to resume and its path."""
     check_values(args)
-    check_wandb(args)
-    check_output_folders(args)
+    check_wandb(args.log_wandb)
+    check_output_folders(args.output_dir, args.log_dir)
     cfg = Config.of(args, model_kwargs=parse_kwargs(args.model_kwargs, '--model_kwargs'),
                     log_dir=args.output_dir if args.log_dir is None else args.log_dir,
                     amp=args.amp or default_amp(args.device), num_workers=usable_workers(args.num_workers))
@@ -195,9 +197,15 @@ def resolve_args(args) -> tuple[Config, dict | None, str | None]:
         check_same_autoencoder(recorded_args(ckpt), cfg, path)
         for line in changed_flags(recorded_args(ckpt), cfg):
             log(f"resumed with a change: {line}")
-    check_inputs_not_overwritten(cfg, next_position(ckpt)[0] if ckpt is not None else 0)
-    check_run_folder(cfg, path)
+    check_inputs_not_overwritten(run_folder(cfg), {flag: getattr(cfg, flag, '') for flag in INPUT_FLAGS},
+                                 next_position(ckpt)[0] if ckpt is not None else 0)
+    check_run_folder(cfg.output_dir, cfg.resume, path)
     return cfg, ckpt, path
+
+
+def run_folder(cfg: Config) -> RunFolder:
+    """Where the pre-training run writes (numbered checkpoints every --save_every epochs; no checkpoint-best.pth)."""
+    return RunFolder(cfg.output_dir, cfg.log_dir, cfg.save_every)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -254,7 +262,8 @@ def main(args) -> dict:
         if finished(ckpt, ckpt_path, cfg.epochs, cfg.output_dir):
             destroy()
             return {}
-        with output_dir_in_use(cfg, start_epoch(ckpt, 0)), stop_on_signals(keeps_checkpoint=bool(cfg.output_dir)):
+        with output_dir_in_use(run_folder(cfg), start_epoch(ckpt, 0)), \
+                stop_on_signals(keeps_checkpoint=bool(cfg.output_dir)):
             stats = Pretraining(cfg, ckpt, ckpt_path).fit()
     destroy()
     return stats
@@ -300,7 +309,7 @@ class Pretraining(EpochEnd):
     def end(self, epoch: int, train_stats: dict, evaluate_now: bool, loop: RunLoop) -> dict:
         stats = {**{f'train_{k}': v for k, v in train_stats.items()}, 'epoch': epoch,
                  'n_parameters': self.n_parameters}
-        write_log(self.cfg, stats)
+        write_log(self.cfg.output_dir, stats)
         loop.flush()
         return stats
 

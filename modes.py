@@ -10,8 +10,8 @@ which loss. The modes are siblings under ``Mode``:
                         ICASSP 2022)
 
 ``MODES`` maps every ``--mode`` value to its object and ``get_mode`` looks one up; nothing else in the
-project tests a mode's name. Each mode judges its own flags (``check``) and refuses the flags of the others
-(``TAKES``). The run asks the mode, in this order: ``recipe`` and ``check`` (while the flags are resolved),
+project tests a mode's name. Each mode judges its own flags (``check_flags``) and refuses the flags of the others
+(``TAKES``). The run asks the mode, in this order: ``recipe`` and ``check_flags`` (while the flags are resolved),
 ``teacher_architecture`` and ``pairing`` (util.model_record.describe_model, the run's ``ModelSpec``),
 ``build_model`` (from the spec, deciding nothing), ``load_weights``, ``train_dataset``, ``criterion``,
 ``param_groups`` (with ``lr_decay_layers``) and ``epochs``; ``evaluated_as`` says what a saved model is
@@ -42,7 +42,7 @@ from models_vit import init_class_token
 from util.args import check_positive, check_range, parse_kwargs
 from util.checkpoint import holds_teacher, restore_weights
 from util.config import Config
-from util.datasets import build_dataset, default_eval_crop_pct
+from util.datasets import DataSettings, build_dataset, default_eval_crop_pct
 from util.distributed import barrier, is_main_process, log
 from util.errors import UserError
 from util.losses import ProbeCriterion, TransferCriterion, build_task_criterion
@@ -116,12 +116,12 @@ class Mode(ABC):
         """Whether this run needs the teacher's weights: to train, and to evaluate a model that runs with it."""
         return self.uses_teacher and (not evaluating or self.evaluated_as() is self)
 
-    def recipe(self, cfg: Config) -> dict:
-        """The mode's recipe for every flag the command line left unset (code that builds its configuration
-        itself, without ``explicit_flags``, gets its values as given)."""
-        if cfg.explicit_flags is None:
+    def recipe(self, explicit_flags) -> dict:
+        """The mode's recipe for every flag the command line left unset (``explicit_flags``: the flags it gave;
+        code that builds its configuration itself, without them (None), gets its values as given)."""
+        if explicit_flags is None:
             return {}
-        return {key: value for key, value in self.defaults.items() if key not in cfg.explicit_flags}
+        return {key: value for key, value in self.defaults.items() if key not in explicit_flags}
 
     def check_resumed(self, saved: dict, path: str) -> None:
         """A training run continues its checkpoint's run in the same mode: another mode's optimizer groups do not
@@ -134,17 +134,22 @@ class Mode(ABC):
                             f"--mode {self.name}: give --mode {before.name} to continue it (a run keeps the mode it "
                             "started with; to train another mode start a new run in another --output_dir)")
 
-    def check(self, cfg: Config) -> None:
+    def check_flags(self, cfg: Config) -> None:
         """Every flag of this mode that no run can use, and the teacher flags it does not take, refused before
-        anything is loaded (an evaluation takes its model from the checkpoint: nothing to refuse)."""
-        if cfg.eval:
-            return
-        for flag, unset in TEACHER_FLAGS.items():
-            if flag not in self.takes and getattr(cfg, flag) not in (unset, ''):
-                raise UserError(f"--{flag} {getattr(cfg, flag)}: --mode {self.name} {self.refusal_reason(flag)}: "
-                                "drop it")
-        if 'transfer_until' in self.takes:
-            check_transfer_schedule(cfg)
+        anything is loaded (an evaluation takes its model from the checkpoint: nothing to refuse), then the
+        mode's own flags (``check_own_flags``)."""
+        if not cfg.eval:
+            for flag, unset in TEACHER_FLAGS.items():
+                if flag not in self.takes and getattr(cfg, flag) not in (unset, ''):
+                    raise UserError(f"--{flag} {getattr(cfg, flag)}: --mode {self.name} {self.refusal_reason(flag)}: "
+                                    "drop it")
+            if 'transfer_until' in self.takes:
+                check_transfer_schedule(cfg)
+        self.check_own_flags(cfg)
+
+    def check_own_flags(self, cfg: Config) -> None:
+        """The flags of this mode alone (after the teacher flags of ``check_flags``): none by default."""
+        return None
 
     def refusal_reason(self, flag: str) -> str:
         return "has no teacher whose layers, attention or loss it would act on"
@@ -152,14 +157,18 @@ class Mode(ABC):
     def default_eval_crop_pct(self, input_size: int, val_root: str) -> float:
         return default_eval_crop_pct(input_size, val_root)
 
-    def teacher_architecture(self, cfg: Config) -> Architecture:
+    def teacher_architecture(self, model: str, teacher_model: str | None, kwargs: dict, global_pool,
+                             finetune: str = '') -> Architecture:
         """The teacher's architecture: --teacher_model or --model with --model_kwargs (in plain training: the
         architecture the student mirrors unless --student_model names another)."""
-        return Architecture.of(cfg.teacher_model or cfg.model, cfg.model_kwargs, cfg.global_pool)
+        return Architecture.of(teacher_model or model, kwargs, global_pool)
 
-    def pairing(self, cfg: Config, student: nn.Module, teacher: nn.Module | None) -> dict:
-        """This mode's ModelSpec fields of the pairing (layers, heads, ...), from its flags and the two models'
-        structure (models_pairing decides the pairs)."""
+    # the flags ``pairing`` reads
+    pairing_flags: tuple[str, ...] = ()
+
+    def pairing(self, flags: dict, student: nn.Module, teacher: nn.Module | None) -> dict:
+        """This mode's ModelSpec fields of the pairing (layers, heads, ...), from its flags (``flags``: the values
+        of ``pairing_flags``) and the two models' structure (models_pairing decides the pairs)."""
         return {}
 
     @abstractmethod
@@ -167,16 +176,18 @@ class Mode(ABC):
                     ) -> TeacherStudentPair:
         """The pair of ``spec``, randomly initialised (the student with ``drop_path``)."""
 
-    def load_teacher(self, model: TeacherStudentPair, cfg: Config) -> LoadReport:
-        """The teacher's weights from --finetune (with a classifier head for the task where ``teacher_head``)."""
-        report = load_pretrained_weights(model.teacher, cfg.finetune, use_ema=cfg.use_teacher_ema, flag='--finetune')
+    def load_teacher(self, model: TeacherStudentPair, finetune: str, use_ema: bool, nb_classes: int) -> LoadReport:
+        """The teacher's weights from --finetune (its EMA entry with ``use_ema``; with a classifier head for the
+        task's ``nb_classes`` where ``teacher_head``)."""
+        report = load_pretrained_weights(model.teacher, finetune, use_ema=use_ema, flag='--finetune')
         model.teacher.requires_grad_(False)
         if self.teacher_head:
-            require_classifier_head(report, '--finetune', cfg.finetune, cfg.nb_classes, self.teacher_head)
+            require_classifier_head(report, '--finetune', finetune, nb_classes, self.teacher_head)
         return report
 
-    def train_dataset(self, cfg: Config):
-        return build_dataset(True, cfg)
+    def train_dataset(self, data: DataSettings):
+        """The labelled training split (--data_path/train) with the training augmentation."""
+        return build_dataset(True, data)
 
     def criterion(self, cfg: Config, model, loader_val, device, amp_dtype) -> torch.nn.Module:
         """The task loss (soft-target CE under mixup, else label smoothing), plus ``atd_weight`` times the
@@ -185,7 +196,7 @@ class Mode(ABC):
                                  cfg.transfer_until, cfg.transfer_decay, term=self.loss_name,
                                  feature_weight=cfg.feature_weight)
 
-    def resolved_values(self, cfg: Config, criterion) -> dict:
+    def resolved_values(self, criterion) -> dict:
         """Values this mode resolved while building, recorded in checkpoints beside the flags."""
         return {}
 
@@ -194,30 +205,32 @@ class Mode(ABC):
         student's ``depth`` (the last block shares the head's scale)."""
         return depth
 
-    def param_groups(self, student: torch.nn.Module, cfg: Config) -> list[dict]:
+    def param_groups(self, student: torch.nn.Module, weight_decay: float, layer_decay: float) -> list[dict]:
         """The student's AdamW groups: layer-wise lr decay over ``lr_decay_layers``, no weight decay on norms,
         biases and the student's ``no_weight_decay()`` names (MAE / DeiT)."""
-        return param_groups_lrd(student, cfg.weight_decay, student.no_weight_decay(), cfg.layer_decay,
+        return param_groups_lrd(student, weight_decay, student.no_weight_decay(), layer_decay,
                                 num_layers=self.lr_decay_layers(len(student.blocks)))
 
-    def known_epochs(self, cfg: Config) -> int | None:
-        """The run's epochs when the flags alone give them (None: they depend on the training set)."""
-        return cfg.epochs
+    def known_epochs(self, epochs: int, explicit_flags) -> int | None:
+        """The run's epochs when the flags alone give them (None: they depend on the training set): --epochs
+        (``explicit_flags``: the flags the command line gave, None where code built the configuration)."""
+        return epochs
 
-    def epochs(self, cfg: Config, dataset) -> int:
+    def epochs(self, dataset, epochs: int, explicit_flags, presentations: int) -> int:
         """The epochs to train on ``dataset``: --epochs."""
-        return cfg.epochs
+        return epochs
 
 
-def feature_layer(cfg: Config, layers: list[int]) -> int:
-    """The student layer of the feature term: --feature_layer, or the middle of the transferred ``layers``."""
-    if cfg.feature_layer is None:
+def feature_layer(given: int | None, layers: list[int]) -> int:
+    """The student layer of the feature term: --feature_layer (``given``), or the middle of the transferred
+    ``layers``."""
+    if given is None:
         return layers[len(layers) // 2]
-    if cfg.feature_layer not in layers:
-        raise UserError(f"--feature_layer {cfg.feature_layer}: not a transferred layer (the transferred layers are "
+    if given not in layers:
+        raise UserError(f"--feature_layer {given}: not a transferred layer (the transferred layers are "
                         f"{', '.join(map(str, layers))}); give one of them, or leave --feature_layer out for the "
                         "middle one")
-    return cfg.feature_layer
+    return given
 
 
 def check_transfer_schedule(cfg: Config) -> None:
@@ -291,8 +304,7 @@ class AttentionTransfer(Mode):
                     "between the teacher's and the student's maps)")
         return "has no transfer loss to end (it applies to distill modes and the other modes with a loss)"
 
-    def check(self, cfg: Config) -> None:
-        super().check(cfg)
+    def check_own_flags(self, cfg: Config) -> None:
         if cfg.eval:
             return
         if cfg.map_average == 'examples' and cfg.batch_size == 1:
@@ -311,13 +323,16 @@ class AttentionTransfer(Mode):
             raise UserError(f"--feature_layer {cfg.feature_layer}: the feature term is off without --feature_weight: "
                             "give --feature_weight W (e.g. 0.5), or drop --feature_layer")
 
-    def pairing(self, cfg: Config, student: nn.Module, teacher: nn.Module | None) -> dict:
-        pairs, layers = resolve_pairing(len(student.blocks), len(teacher.blocks), cfg.transfer_layers, cfg.end_layer,
-                                        cfg.layer_map)
-        heads = parse_heads(cfg.transfer_heads, min(student.blocks[i].attn.num_heads for i in layers))
-        return dict(pairs=tuple(pairs.items()), layers=tuple(layers), heads=heads, map_average=cfg.map_average,
-                    transfer_loss=cfg.transfer_loss, share_drop_path=cfg.share_drop_path,
-                    feature_layer=feature_layer(cfg, layers) if cfg.feature_weight else None)
+    pairing_flags = ('transfer_layers', 'end_layer', 'layer_map', 'transfer_heads', 'map_average', 'transfer_loss',
+                     'share_drop_path', 'feature_weight', 'feature_layer')
+
+    def pairing(self, flags: dict, student: nn.Module, teacher: nn.Module | None) -> dict:
+        pairs, layers = resolve_pairing(len(student.blocks), len(teacher.blocks), flags['transfer_layers'],
+                                        flags['end_layer'], flags['layer_map'])
+        heads = parse_heads(flags['transfer_heads'], min(student.blocks[i].attn.num_heads for i in layers))
+        return dict(pairs=tuple(pairs.items()), layers=tuple(layers), heads=heads, map_average=flags['map_average'],
+                    transfer_loss=flags['transfer_loss'], share_drop_path=flags['share_drop_path'],
+                    feature_layer=feature_layer(flags['feature_layer'], layers) if flags['feature_weight'] else None)
 
     def build_model(self, spec: ModelSpec, drop_path: float = 0.0, attention_impl: str = 'explicit') -> DualViT:
         student, teacher = create_pair_members(spec, drop_path)
@@ -407,9 +422,11 @@ class FeatureKD(KnowledgeDistillation):
     loss_name = 'loss_feature'
     takes = frozenset({'end_layer', 'transfer_layers', 'layer_map', 'transfer_until', 'transfer_decay'})
 
-    def pairing(self, cfg: Config, student: nn.Module, teacher: nn.Module | None) -> dict:
-        pairs, layers = resolve_pairing(len(student.blocks), len(teacher.blocks), cfg.transfer_layers, cfg.end_layer,
-                                        cfg.layer_map)
+    pairing_flags = ('transfer_layers', 'end_layer', 'layer_map')
+
+    def pairing(self, flags: dict, student: nn.Module, teacher: nn.Module | None) -> dict:
+        pairs, layers = resolve_pairing(len(student.blocks), len(teacher.blocks), flags['transfer_layers'],
+                                        flags['end_layer'], flags['layer_map'])
         return dict(pairs=tuple(pairs.items()), layers=tuple(layers))
 
     def build_model(self, spec: ModelSpec, drop_path: float = 0.0, attention_impl: str = 'explicit'
@@ -427,13 +444,14 @@ class LogitKD(KnowledgeDistillation):
                     "task's classes (--nb_classes must match its head)")
     loss_name = 'loss_kd'
 
-    def check(self, cfg: Config) -> None:
-        super().check(cfg)
+    def check_own_flags(self, cfg: Config) -> None:
         if not cfg.eval:
             check_positive('kd_temperature', cfg.kd_temperature, 'the temperature of the soft labels')
 
-    def pairing(self, cfg: Config, student: nn.Module, teacher: nn.Module | None) -> dict:
-        return dict(kd_temperature=cfg.kd_temperature)
+    pairing_flags = ('kd_temperature',)
+
+    def pairing(self, flags: dict, student: nn.Module, teacher: nn.Module | None) -> dict:
+        return dict(kd_temperature=flags['kd_temperature'])
 
     def build_model(self, spec: ModelSpec, drop_path: float = 0.0, attention_impl: str = 'explicit'
                     ) -> LogitDistillation:
@@ -512,8 +530,7 @@ class AttentionProbe(Mode):
         g.add_argument('--probe_norm', default='tokens', choices=['tokens', 'channels'],
                        help='L2-normalise features along the token axis (the reference) or the channel axis')
 
-    def check(self, cfg: Config) -> None:
-        super().check(cfg)
+    def check_own_flags(self, cfg: Config) -> None:
         if cfg.grad_checkpointing:
             raise UserError("--grad_checkpointing applies to the attention transfer modes and plain training, not to "
                             "--mode probe: drop it")
@@ -531,15 +548,19 @@ class AttentionProbe(Mode):
     def default_eval_crop_pct(self, input_size: int, val_root: str) -> float:
         return 1.0  # the reference evaluates its 32x32 images as they are
 
-    def teacher_architecture(self, cfg: Config) -> Architecture:
-        """The target-task teacher's own architecture and pooling, as its checkpoint records them (--teacher_model
-        overrides)."""
+    def teacher_architecture(self, model: str, teacher_model: str | None, kwargs: dict, global_pool,
+                             finetune: str = '') -> Architecture:
+        """The target-task teacher's own architecture and pooling, as its --finetune checkpoint records them
+        (--teacher_model overrides)."""
         from util.model_record import classifier_of
-        recorded = classifier_of(cfg.finetune) if cfg.finetune and not cfg.teacher_model else None
-        return recorded.student if recorded is not None else super().teacher_architecture(cfg)
+        recorded = classifier_of(finetune) if finetune and not teacher_model else None
+        return recorded.student if recorded is not None else \
+            super().teacher_architecture(model, teacher_model, kwargs, global_pool)
 
-    def pairing(self, cfg: Config, student: nn.Module, teacher: nn.Module | None) -> dict:
-        pairs = probe_pairs(cfg.probe_blocks, len(teacher.blocks), len(student.blocks))
+    pairing_flags = ('probe_blocks',)
+
+    def pairing(self, flags: dict, student: nn.Module, teacher: nn.Module | None) -> dict:
+        pairs = probe_pairs(flags['probe_blocks'], len(teacher.blocks), len(student.blocks))
         return dict(pairs=pairs, layers=tuple(i for i, _ in pairs))
 
     def build_model(self, spec: ModelSpec, drop_path: float = 0.0, attention_impl: str = 'explicit'
@@ -547,28 +568,29 @@ class AttentionProbe(Mode):
         return ProbeDistiller(*create_pair_members(spec, drop_path), spec.layer_pairs)
 
 
-    def train_dataset(self, args) -> ProbeImages:
+    def train_dataset(self, data: DataSettings) -> ProbeImages:
         """The selected wild images and, with --pos_num, the labelled originals (see ``probe_training_set``)."""
-        selection = read_selection(args.selection)
-        check_selected_files(selection, args.selection)
-        if selection.get('nb_classes') not in (None, args.nb_classes):
-            raise UserError(f"{args.selection} was selected for a {selection['nb_classes']}-class teacher, "
-                            f"but --nb_classes is {args.nb_classes}")
-        dataset = probe_training_set(selection, self.originals(args), args.input_size, args.hflip, args.mean,
-                                     args.std)
+        selection = read_selection(data.selection)
+        check_selected_files(selection, data.selection)
+        if selection.get('nb_classes') not in (None, data.nb_classes):
+            raise UserError(f"{data.selection} was selected for a {selection['nb_classes']}-class teacher, "
+                            f"but --nb_classes is {data.nb_classes}")
+        dataset = probe_training_set(selection, self.originals(data), data.input_size, data.hflip, data.mean,
+                                     data.std)
         log(f"probe training set: {dataset.num_selected} wild images selected ({selection.get('ranking')}) "
             f"from {selection['root']}")
-        if args.pos_num:
-            log(f"  + {len(dataset) - dataset.num_selected} labelled originals (the first {args.pos_num} per class) "
-                f"from {os.path.join(args.eval_data_path, 'train')}, used like the wild images (no labels)")
+        if data.pos_num:
+            log(f"  + {len(dataset) - dataset.num_selected} labelled originals (the first {data.pos_num} per class) "
+                f"from {os.path.join(data.eval_data_path, 'train')}, used like the wild images (no labels)")
         return dataset
 
     @staticmethod
-    def originals(args) -> list[str]:
-        """--pos_num's labelled originals from the target task's training split (none without it)."""
-        if not args.pos_num:
+    def originals(data) -> list[str]:
+        """--pos_num's labelled originals from the target task's training split (none without it; ``data``: the
+        run's DataSettings, or its configuration)."""
+        if not data.pos_num:
             return []
-        return labelled_originals(os.path.join(args.eval_data_path, 'train'), args.pos_num)
+        return labelled_originals(os.path.join(data.eval_data_path, 'train'), data.pos_num)
 
     def criterion(self, args, model, loader_val, device, amp_dtype) -> ProbeCriterion:
         teacher_acc = args.teacher_acc
@@ -608,28 +630,28 @@ class AttentionProbe(Mode):
             + ' '.join(f"{w:.3f}" for w in clean.tolist()[:20]) + (' ...' if len(clean) > 20 else ''))
         return clean
 
-    def param_groups(self, student: torch.nn.Module, args) -> list[dict]:
+    def param_groups(self, student: torch.nn.Module, weight_decay: float, layer_decay: float) -> list[dict]:
         """Every parameter decays at --weight_decay, norms, biases, ``pos_embed`` and ``cls_token`` included, as
         the reference's ``AdamW(net.parameters(), weight_decay=0.025)``; --layer_decay (1.0 here) still applies."""
-        return param_groups_lrd(student, args.weight_decay, (), args.layer_decay,
+        return param_groups_lrd(student, weight_decay, (), layer_decay,
                                 num_layers=self.lr_decay_layers(len(student.blocks)), decay_all=True)
 
-    def resolved_values(self, args, criterion) -> dict:
-        """The teacher accuracy measured for the noise transition."""
-        return {'teacher_acc': criterion.teacher_acc} if args.noise_adaptation else {}
+    def resolved_values(self, criterion: ProbeCriterion) -> dict:
+        """The teacher accuracy measured for the noise transition (with noise adaptation)."""
+        return {'teacher_acc': criterion.teacher_acc} if criterion.noise_params is not None else {}
 
-    def known_epochs(self, args) -> int | None:
-        return args.epochs if args.explicit_flags is None or 'epochs' in args.explicit_flags else None
+    def known_epochs(self, epochs: int, explicit_flags) -> int | None:
+        return epochs if explicit_flags is None or 'epochs' in explicit_flags else None
 
-    def epochs(self, args, dataset: ProbeImages) -> int:
-        """--epochs when given, else the reference's budget in image presentations over the selected images
+    def epochs(self, dataset: ProbeImages, epochs: int, explicit_flags, presentations: int) -> int:
+        """--epochs when given, else the reference's budget in image ``presentations`` over the selected images
         (the originals of --pos_num are not counted, as in the reference's ImageNet script)."""
-        if self.known_epochs(args) is not None:
-            return args.epochs
-        epochs = probe_epochs(dataset.num_selected, args.presentations)
-        log(f"probe mode: {epochs} epochs = int({args.presentations} presentations / {dataset.num_selected} "
+        if self.known_epochs(epochs, explicit_flags) is not None:
+            return epochs
+        derived = probe_epochs(dataset.num_selected, presentations)
+        log(f"probe mode: {derived} epochs = int({presentations} presentations / {dataset.num_selected} "
             "selected images) - 1, as the reference (give --epochs to choose)")
-        return epochs
+        return derived
 
 
 
@@ -645,7 +667,7 @@ def load_initial_weights(model: TeacherStudentPair, mode: Mode, cfg: Config, ckp
             raise UserError(f"--eval --mode {cfg.mode} evaluates a trained student, which --finetune (the teacher) "
                             "does not hold: give the run's checkpoint with --resume CKPT")
         if not holds_teacher(ckpt):
-            log(f"teacher: {mode.load_teacher(model, cfg)}")
+            log(f"teacher: {mode.load_teacher(model, cfg.finetune, cfg.use_teacher_ema, cfg.nb_classes)}")
         if cfg.student_init and ckpt is None and not cfg.eval:
             load_student_init(model.student, cfg.student_init)
         if cfg.init_from_teacher and ckpt is None and not cfg.eval:

@@ -33,7 +33,7 @@ from PIL import Image  # noqa: E402
 from benchmarks import bench_step  # noqa: E402
 from main_finetune import get_args_parser  # noqa: E402
 from models_attention import resolve_attention_impl  # noqa: E402
-from util.datasets import build_dataset, build_loader  # noqa: E402
+from util.datasets import build_dataset, build_loader, pins_memory  # noqa: E402
 from util.precision import default_amp  # noqa: E402
 from util.samplers import ResumableDistributedSampler  # noqa: E402
 
@@ -111,7 +111,8 @@ class LoaderEpochs:
 
     def __init__(self, dataset, args) -> None:
         self.sampler = ResumableDistributedSampler(dataset, 1, 0, shuffle=True, seed=0)
-        self.loader = build_loader(dataset, self.sampler, args, train=True)
+        self.loader = build_loader(dataset, self.sampler, args.batch_size, args.num_workers,
+                                   pins_memory(args.pin_mem, args.device), train=True)
         self.epoch = 0
 
     def rate(self) -> float:

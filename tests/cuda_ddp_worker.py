@@ -1,7 +1,6 @@
 """torchrun worker of tests/test_cuda.py: one bf16 training step of a distill pair wrapped by
 util.distributed.wrap_ddp (NCCL, this rank's GPU) beside the same step of an unwrapped copy, then an AdamW step
 through DDP; writes what the test checks to the JSON file named by the first argument."""
-import argparse
 import copy
 import json
 import os
@@ -25,7 +24,7 @@ arch = dict(patch_size=8, embed_dim=128, depth=3, num_heads=2)
 model = build_dual_vit('vit_base_patch16_224', mode='distill', drop_path_rate=0.1, num_classes=5, img_size=64,
                        teacher_kwargs=arch, attention_impl='fused').to(device)
 plain = copy.deepcopy(model)
-ddp = wrap_ddp(model, argparse.Namespace(distributed=True, gpu=local_rank, device=str(device)))
+ddp = wrap_ddp(model, True, local_rank, str(device))
 x = torch.randn(4, 3, 64, 64, device=device)
 y = torch.randint(0, 5, (4,), device=device)
 masks = model.draw_drop_path_masks(4, device)

@@ -120,5 +120,5 @@ def test_auto_follows_the_evaluated_checkpoints_maps_not_the_flags(recorded, exp
     spec = ModelSpec(mode='copy' if 'map_average' in recorded else 'distill', student=arch, teacher=arch,
                      num_classes=3, img_size=32, **recorded)
     cfg = Config.of(main_finetune.get_args_parser().parse_args(['--attention_impl', 'auto']))
-    assert main_finetune.attention_impl_for(cfg, spec) == expected
-    assert main_finetune.attention_impl_for(cfg) == 'auto'
+    assert main_finetune.attention_impl_for(cfg.attention_impl, spec.map_average, spec.transfer_loss) == expected
+    assert main_finetune.attention_impl_for(cfg.attention_impl, cfg.map_average, cfg.transfer_loss) == 'auto'

@@ -261,7 +261,7 @@ def test_persistent_workers_are_reseeded_per_epoch():
 
     def epochs(which):
         sampler = ResumableDistributedSampler(RandomDraws(), 1, 0, shuffle=True, seed=3)
-        loader = build_loader(RandomDraws(), sampler, args, train=True)
+        loader = build_loader(RandomDraws(), sampler, args.batch_size, args.num_workers, False, train=True)
         assert loader.persistent_workers
         out = {}
         for epoch in which:

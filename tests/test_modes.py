@@ -34,7 +34,7 @@ def test_layer_decay_scales_per_parameter_name(mode, table):
     model = build_dual_vit('vit_base_patch16_224' if mode else None, 'vit_base_patch16_224', mode=mode,
                            num_classes=3, img_size=32, teacher_kwargs=TINY_ARCH, student_kwargs=TINY_ARCH)
     args = SimpleNamespace(mode=mode, weight_decay=0.05, layer_decay=decay)
-    groups = main_finetune.param_groups(model, get_mode(mode), args)
+    groups = main_finetune.param_groups(model, get_mode(mode), args.weight_decay, args.layer_decay)
     scale = {name: g['lr_scale'] for g in groups for name in g['names']}
     assert set(scale) == {n for n, _ in model.student.named_parameters()}
     for name, value in scale.items():
@@ -53,12 +53,12 @@ def test_probe_defaults_class_token_and_step_schedule(tmp_path):
     argv = ['--mode', 'probe', '--eval_data_path', 'x']
     args = parser.parse_args(argv)
     args = Config.of(args, explicit_flags=explicit_flags(parser, argv))
-    args = args.replace(**get_mode(args.mode).recipe(args))
+    args = args.replace(**get_mode(args.mode).recipe(args.explicit_flags))
     assert args.global_pool is False and args.sched == 'step' and args.step_epochs == [200, 300]
     argv += ['--global_pool', '--sched', 'cosine']
     args = parser.parse_args(argv)
     args = Config.of(args, explicit_flags=explicit_flags(parser, argv))
-    args = args.replace(**get_mode(args.mode).recipe(args))
+    args = args.replace(**get_mode(args.mode).recipe(args.explicit_flags))
     assert args.global_pool is True and args.sched == 'cosine'
 
 

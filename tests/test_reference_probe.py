@@ -55,7 +55,7 @@ def test_weight_decay_groups_and_one_optimizer_step(mode):
     assert len(ALL_TENSORS) == 152 and len(MAE_EXEMPT) == 102
     model = cifar_pair(mode)
     args = SimpleNamespace(weight_decay=0.025, layer_decay=1.0)
-    groups = main_finetune.param_groups(model, get_mode(mode), args)
+    groups = main_finetune.param_groups(model, get_mode(mode), args.weight_decay, args.layer_decay)
     decay = {name: g['weight_decay'] for g in groups for name in g['names']}
     expected = {n: 0.0 if mode != 'probe' and n in MAE_EXEMPT else 0.025 for n in ALL_TENSORS}
     assert decay == expected
@@ -155,7 +155,8 @@ def test_budget_is_divided_by_the_selected_images_alone(tmp_path):
     for presentations, selected, epochs in ((640000 * 512, 1000000, 326), (640000 * 512, 800000, 408),
                                             (320000 * 512, 650000, 251)):
         args = SimpleNamespace(presentations=presentations, explicit_flags=['lr'], epochs=50)
-        assert mode.epochs(args, SimpleNamespace(num_selected=selected)) == epochs
+        assert mode.epochs(SimpleNamespace(num_selected=selected), args.epochs, args.explicit_flags,
+                           args.presentations) == epochs
     # a training set of 2 selected + 4 originals: 96 presentations / 2 - 1 = 47 (not 96 / 6 - 1 = 15)
     rng = np.random.default_rng(1)
     wild, target = str(tmp_path / 'wild'), str(tmp_path / 'target')
@@ -169,9 +170,9 @@ def test_budget_is_divided_by_the_selected_images_alone(tmp_path):
                            nb_classes=2, input_size=8, eval_data_path=target, pos_num=2,
                            presentations=96, explicit_flags=['lr'], epochs=50)
     dataset = mode.train_dataset(args)
-    assert len(dataset) == 6 and mode.epochs(args, dataset) == 47
+    assert len(dataset) == 6 and mode.epochs(dataset, args.epochs, args.explicit_flags, args.presentations) == 47
     args.explicit_flags = ['epochs']
-    assert mode.epochs(args, dataset) == 50
+    assert mode.epochs(dataset, args.epochs, args.explicit_flags, args.presentations) == 50
 
 
 def test_class_weights_count_the_originals(tmp_path):

@@ -26,7 +26,6 @@ import subprocess
 import sys
 import textwrap
 import time
-from types import SimpleNamespace
 
 import pytest
 import torch
@@ -51,6 +50,7 @@ from util.errors import UserError
 from util.output import (
     EMPTY_LOCK_SECONDS,
     BestAccuracy,
+    RunFolder,
     RunLock,
     check_inputs_not_overwritten,
     remove_stale_temporaries,
@@ -123,13 +123,11 @@ def test_save_best_ema_needs_an_ema(shared_images, tmp_path):
 
 
 def test_log_txt_stays_strict_json(tmp_path):
-    args = SimpleNamespace(output_dir=str(tmp_path))
-    write_log(args, {'epoch': 0, 'test_loss': float('inf'), 'train_loss': float('nan'), 'x': 1.5})
+    write_log(str(tmp_path), {'epoch': 0, 'test_loss': float('inf'), 'train_loss': float('nan'), 'x': 1.5})
     assert read_log(str(tmp_path)) == [{'epoch': 0, 'test_loss': None, 'train_loss': None, 'x': 1.5}]
 
 
 def test_a_log_line_cut_by_a_kill_is_dropped_and_the_next_starts_its_own_line(tmp_path, capsys):
-    from types import SimpleNamespace
 
     from util.output import trim_log, write_log
 
@@ -137,11 +135,11 @@ def test_a_log_line_cut_by_a_kill_is_dropped_and_the_next_starts_its_own_line(tm
     log.write_text('{"epoch": 0, "train_loss": 1.5}\n{"epoch": 1, "train_lo')  # epoch 1's append was cut
     trim_log(str(tmp_path), 1)  # the run resumes at epoch 1
     assert 'removed its last line, cut off while it was written' in capsys.readouterr().out
-    write_log(SimpleNamespace(output_dir=str(tmp_path)), {'epoch': 1, 'train_loss': 1.25})
+    write_log(str(tmp_path), {'epoch': 1, 'train_loss': 1.25})
     assert read_log(tmp_path) == [{'epoch': 0, 'train_loss': 1.5}, {'epoch': 1, 'train_loss': 1.25}]
     # a cut line that trim_log did not see (e.g. a full disk, then the run went on): the next line is its own
     log.write_text('{"epoch": 0}\n{"epo')
-    write_log(SimpleNamespace(output_dir=str(tmp_path)), {'epoch': 1})
+    write_log(str(tmp_path), {'epoch': 1})
     assert log.read_text().splitlines() == ['{"epoch": 0}', '{"epo', '{"epoch": 1}']
 
 
@@ -341,16 +339,15 @@ def test_finetune_from_the_folders_best_checkpoint_is_refused(workdir):
 
 def test_inputs_not_overwritten_rules(tmp_path):
     out = str(tmp_path)
-    base = dict(output_dir=out, finetune='', resume='', ensemble_with='', selection='', eval=False, epochs=10,
-                save_every=5)
-    check_inputs_not_overwritten(SimpleNamespace(**base, ), start_epoch=0)
+    folder = RunFolder(out, save_every=5)
+    check_inputs_not_overwritten(folder, {}, start_epoch=0)
     # the run's own checkpoint.pth is what a resumed run continues: allowed
-    check_inputs_not_overwritten(SimpleNamespace(**{**base, 'resume': f'{out}/checkpoint.pth'}), start_epoch=3)
+    check_inputs_not_overwritten(folder, {'resume': f'{out}/checkpoint.pth'}, start_epoch=3)
     # an older numbered checkpoint that this run will not write again: allowed
-    check_inputs_not_overwritten(SimpleNamespace(**{**base, 'resume': f'{out}/checkpoint-4.pth'}), start_epoch=5)
+    check_inputs_not_overwritten(folder, {'resume': f'{out}/checkpoint-4.pth'}, start_epoch=5)
     for flag, name in (('resume', 'checkpoint-9.pth'), ('selection', 'log.txt'), ('finetune', 'checkpoint.pth')):
         with pytest.raises(UserError, match=rf"--{flag} .*{name}.* would be overwritten"):
-            check_inputs_not_overwritten(SimpleNamespace(**{**base, flag: f'{out}/{name}'}), start_epoch=5)
+            check_inputs_not_overwritten(folder, {flag: f'{out}/{name}'}, start_epoch=5)
 
 
 @pytest.fixture(scope='module')

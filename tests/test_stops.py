@@ -233,21 +233,18 @@ def test_requeued_job_started_from_another_runs_checkpoint_continues_its_own(wor
 
 
 def test_only_a_requeued_job_continues_the_folders_run(tmp_path):
-    from types import SimpleNamespace
-
     (tmp_path / 'checkpoint.pth').write_bytes(b'x')
-    args = SimpleNamespace(eval=False, output_dir=str(tmp_path), resume='')
     own = str(tmp_path / 'checkpoint.pth')
     for env, expected in (({}, None), (slurm_job(0), None), ({'SLURM_RESTART_COUNT': '1'}, None),
                           (slurm_job(1), own), (slurm_job(3), own)):
         with mock.patch.dict(os.environ, env, clear=False):
             for key in {'SLURM_JOB_ID', 'SLURM_RESTART_COUNT'} - set(env):
                 os.environ.pop(key, None)
-            assert requeued_checkpoint(args) == expected, env
+            assert requeued_checkpoint(str(tmp_path), '') == expected, env
     with mock.patch.dict(os.environ, slurm_job(1)):
-        assert requeued_checkpoint(SimpleNamespace(eval=True, output_dir=str(tmp_path), resume=own)) is None
+        assert requeued_checkpoint(str(tmp_path), own, evaluating=True) is None
         os.remove(own)
-        assert requeued_checkpoint(args) is None  # nothing of its own yet: it starts as the first time
+        assert requeued_checkpoint(str(tmp_path), '') is None  # nothing of its own yet: it starts as the first time
 
 
 # ---- moved from test_bad_input.py: a non-finite loss ---------------------------------------------------------------

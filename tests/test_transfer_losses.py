@@ -345,7 +345,7 @@ def test_auto_takes_the_explicit_maps_for_the_losses_without_a_fused_path():
     """The one decision of --attention_impl auto (main_finetune.attention_impl_for): explicit for js and mse on any
     device; ce and reverse_kl leave it to the device (fused on CUDA)."""
     def chosen(loss):
-        return main_finetune.attention_impl_for(Config(attention_impl='auto', map_average='none', transfer_loss=loss))
+        return main_finetune.attention_impl_for('auto', 'none', loss)
 
     assert {loss: chosen(loss) for loss in TRANSFER_LOSSES} == {'ce': 'auto', 'reverse_kl': 'auto', 'js': 'explicit',
                                                                 'mse': 'explicit'}

@@ -302,13 +302,14 @@ def check_values(args) -> None:
     check_normalization(args.mean, args.std)
 
 
-def check_data_folders(cfg, mode) -> None:
-    """The evaluation split, and the training split when the mode (a ``modes`` object) trains on labels, exist."""
-    if not cfg.eval_data_path:
-        raise UserError("give --data_path: a folder holding train/<class>/ and val/<class>/" + mode.data_hint)
-    splits = [(cfg.eval_data_path, 'val')]
-    if not cfg.eval and mode.trains_on_labels:
-        splits.append((cfg.data_path, 'train'))
+def check_data_folders(eval_data_path: str, data_path: str, trains_on_labels: bool, hint: str = '') -> None:
+    """The evaluation split, and the training split when the run trains on labels, exist (``hint``: where the
+    mode's data go, added to the message without --data_path)."""
+    if not eval_data_path:
+        raise UserError("give --data_path: a folder holding train/<class>/ and val/<class>/" + hint)
+    splits = [(eval_data_path, 'val')]
+    if trains_on_labels:
+        splits.append((data_path, 'train'))
     for root, split in splits:
         if not os.path.isdir(os.path.join(root, split)):
             raise DataError(f"{split} data not found: {os.path.join(root, split)!r} is not a directory. "
@@ -319,7 +320,7 @@ def check_run_flags(cfg, mode, has_teacher_weights: bool, resumes: bool) -> None
     """Flags that this run cannot use together, refused before anything is loaded."""
     if mode.needs_teacher(cfg.eval) and not cfg.finetune and not has_teacher_weights:
         raise UserError(f"mode {mode.name} needs the teacher's weights: --finetune PATH ({mode.teacher_hint})")
-    mode.check(cfg)
+    mode.check_flags(cfg)
     if not 0.0 < cfg.eval_crop_pct <= 1.0:
         raise UserError(f"--eval_crop_pct {cfg.eval_crop_pct}: the crop fraction must be in (0, 1] (1.0: evaluate "
                         "the image at the input size, uncropped; 0.875: MAE's ImageNet evaluation)")

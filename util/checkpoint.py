@@ -181,15 +181,16 @@ def intact_neighbour(path: str) -> Optional[str]:
     return None
 
 
-def check_resume_matches(ckpt: Optional[dict], path: Optional[str], args, teacher_from_finetune: bool) -> None:
+def check_resume_matches(ckpt: Optional[dict], path: Optional[str], finetune: str, teacher_from_finetune: bool,
+                         evaluating: bool = False) -> None:
     """A training run continues the checkpoint's run with the same teacher (the mode is the mode's own check,
-    ``modes.PlainTraining.check_resumed``). ``teacher_from_finetune``: whether this mode reads its teacher from
-    --finetune (copy modes take it from the checkpoint, when it holds one). Checks nothing for --eval, which
-    takes the model's arguments from the checkpoint."""
-    saved = recorded_args(ckpt) if not args.eval else {}
+    ``modes.PlainTraining.check_resumed``; ``finetune``: this command's --finetune). ``teacher_from_finetune``:
+    whether this mode reads its teacher from --finetune (copy modes take it from the checkpoint, when it holds
+    one). Checks nothing for --eval (``evaluating``), which takes the model's arguments from the checkpoint."""
+    saved = recorded_args(ckpt) if not evaluating else {}
     if not saved:
         return
-    recorded, given = saved.get('finetune') or '', args.finetune or ''
+    recorded, given = saved.get('finetune') or '', finetune or ''
     if not given or given == recorded:
         return
     if holds_teacher(ckpt) or not teacher_from_finetune:

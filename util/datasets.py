@@ -11,7 +11,8 @@ import os
 import random
 import warnings
 from collections.abc import Sequence
-from typing import Optional
+from dataclasses import dataclass, fields
+from typing import Any, Optional
 
 import numpy as np
 import torch
@@ -304,11 +305,43 @@ def default_eval_crop_pct(input_size: int, val_root: str) -> float:
     return mae_eval_crop_pct(input_size)
 
 
+@dataclass(frozen=True)
+class DataSettings:
+    """The resolved flags a run's data sets are built from (``build_dataset``, ``build_transform``, the evaluation
+    set of util.eval_classes and probe mode's training set): where the splits are, the classes, the input size and
+    normalisation, the evaluation crop, the training augmentation, and probe mode's selection with the labelled
+    originals (--pos_num) mixed into it."""
+    data_path: str
+    eval_data_path: str
+    nb_classes: int
+    input_size: int
+    mean: Sequence[float]
+    std: Sequence[float]
+    eval_crop_pct: Optional[float]
+    jpeg_draft: bool
+    color_jitter: Optional[float]
+    min_crop_scale: float
+    hflip: float
+    aa: Optional[str]
+    reprob: float
+    remode: str
+    recount: int
+    eval_classes: str
+    selection: str
+    pos_num: int
+
+    @classmethod
+    def from_config(cls, cfg: Any) -> DataSettings:
+        """The settings of a resolved configuration (its values of these fields' flags)."""
+        return cls(**{field.name: getattr(cfg, field.name) for field in fields(cls)})
+
+
 def build_transform(is_train: bool, args) -> transforms.Compose:
     """MAE's transforms: RandAugment, random erasing and a bicubic random-resized crop for training; for
     evaluation ``eval_transform``. With ``args.jpeg_draft`` the first step (crop or resize) takes a JPEG opened by
     ``open_image`` and decodes it at reduced scale where the output does not need the full resolution. Both
-    normalise with ``args.mean`` / ``args.std`` (the resolved configuration's)."""
+    normalise with ``args.mean`` / ``args.std`` (``args``: the run's ``DataSettings``, or any object with those
+    fields)."""
     if not is_train:
         return eval_transform(args.input_size, args.eval_crop_pct, args.mean, args.std, args.jpeg_draft)
     transform = create_transform(
@@ -337,8 +370,9 @@ def eval_transform(input_size: int, crop_pct: Optional[float], mean: Sequence[fl
 
 def build_dataset(is_train: bool, args, root: Optional[str] = None, nb_classes: Optional[int] = None
                   ) -> RobustImageFolder:
-    """``data_path/train`` or ``data_path/val`` with its transform; checks ``--nb_classes`` (or ``nb_classes``,
-    the class folders an evaluation on a subset of the model's classes expects)."""
+    """``data_path/train`` or ``data_path/val`` with its transform (``args``: as ``build_transform``'s); checks
+    ``--nb_classes`` (or ``nb_classes``, the class folders an evaluation on a subset of the model's classes
+    expects)."""
     split = 'train' if is_train else 'val'
     root = root or os.path.join(args.data_path, split)
     loader = open_image if args.jpeg_draft else None
@@ -352,13 +386,18 @@ def build_dataset(is_train: bool, args, root: Optional[str] = None, nb_classes: 
     return dataset
 
 
-def build_loader(dataset: Dataset, sampler: Sampler, args, train: bool, batch_size: Optional[int] = None) -> DataLoader:
-    """The DataLoader; its workers (``--num_workers`` > 0) persist across epochs. A training sampler is a
-    DistributedSampler, whose (seed, epoch, rank) re-seeds the workers each epoch (``EpochSeededDataset``)."""
-    workers = args.num_workers
+def build_loader(dataset: Dataset, sampler: Sampler, batch_size: int, workers: int, pin_memory: bool, train: bool
+                 ) -> DataLoader:
+    """The DataLoader of ``batch_size`` images; its ``workers`` (--num_workers > 0) persist across epochs;
+    ``pin_memory``: --pin_mem on CUDA (``pins_memory``). A training sampler is a DistributedSampler, whose (seed,
+    epoch, rank) re-seeds the workers each epoch (``EpochSeededDataset``)."""
     if train and workers > 0:
         dataset, sampler = EpochSeededDataset(dataset), EpochSeeds(sampler)
     return DataLoader(
-        dataset, sampler=sampler, batch_size=batch_size or args.batch_size, num_workers=workers,
-        pin_memory=args.pin_mem and str(args.device).startswith('cuda'), drop_last=train,
+        dataset, sampler=sampler, batch_size=batch_size, num_workers=workers, pin_memory=pin_memory, drop_last=train,
         collate_fn=collate_skipping_bad, persistent_workers=workers > 0, generator=torch.Generator())
+
+
+def pins_memory(pin_mem: bool, device: str) -> bool:
+    """Whether a loader pins its batches: --pin_mem, on a CUDA ``device``."""
+    return pin_mem and str(device).startswith('cuda')

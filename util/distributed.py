@@ -130,14 +130,15 @@ def ddp_ignore(module: torch.nn.Module, names: list[str]) -> None:
     DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(module, names)
 
 
-def wrap_ddp(model: torch.nn.Module, args) -> torch.nn.Module:
-    """DDP over the student's gradients; the frozen teacher is neither broadcast nor reduced."""
-    if not args.distributed:
+def wrap_ddp(model: torch.nn.Module, distributed: bool, gpu: int, device: str) -> torch.nn.Module:
+    """DDP over the student's gradients (when the run is ``distributed``, on local ``gpu`` of a CUDA ``device``);
+    the frozen teacher is neither broadcast nor reduced."""
+    if not distributed:
         return model
     if model.teacher is not None:
         ignored = [f'teacher.{n}' for n, _ in model.teacher.named_parameters()]
         ignored += [f'teacher.{n}' for n, _ in model.teacher.named_buffers()]
         ddp_ignore(model, ignored)
-    device_ids = [args.gpu] if str(args.device).startswith('cuda') else None
+    device_ids = [gpu] if str(device).startswith('cuda') else None
     return DistributedDataParallel(model, device_ids=device_ids,
                                    find_unused_parameters=model.may_leave_student_parameters_unused)

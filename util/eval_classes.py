@@ -15,7 +15,7 @@ import torch
 import torch.nn as nn
 from timm.data import ImageNetInfo
 
-from util.datasets import build_dataset
+from util.datasets import DataSettings, build_dataset
 from util.distributed import log
 from util.errors import UserError
 
@@ -133,22 +133,23 @@ class RestrictedClassifier(nn.Module):
             self.indices.device)
 
 
-def build_eval_dataset(cfg):
+def build_eval_dataset(data: DataSettings):
     """The evaluation set: --eval_data_path/val, whose class folders are the model's classes or, with
     --eval_classes, those of the subset."""
-    root = os.path.join(cfg.eval_data_path, 'val')
-    if not getattr(cfg, 'eval_classes', ''):
-        return build_dataset(False, cfg, root=root)
-    subset = read_eval_classes(cfg.eval_classes, cfg.nb_classes)
-    dataset = build_dataset(False, cfg, root=root, nb_classes=len(subset.indices))
-    check_class_folders(dataset.classes, subset, cfg.eval_classes, root)
+    root = os.path.join(data.eval_data_path, 'val')
+    if not data.eval_classes:
+        return build_dataset(False, data, root=root)
+    subset = read_eval_classes(data.eval_classes, data.nb_classes)
+    dataset = build_dataset(False, data, root=root, nb_classes=len(subset.indices))
+    check_class_folders(dataset.classes, subset, data.eval_classes, root)
     return dataset
 
 
-def restrict_classes(model: nn.Module, cfg) -> nn.Module:
-    """The model scored on --eval_classes alone (the model itself without)."""
-    if not getattr(cfg, 'eval_classes', ''):
+def restrict_classes(model: nn.Module, eval_classes: str, nb_classes: int) -> nn.Module:
+    """The model scored on ``eval_classes`` (--eval_classes) of its ``nb_classes`` alone (the model itself
+    without)."""
+    if not eval_classes:
         return model
-    subset = read_eval_classes(cfg.eval_classes, cfg.nb_classes)
-    log(f"--eval_classes {cfg.eval_classes}: logits restricted to {len(subset.indices)} of {cfg.nb_classes} classes")
+    subset = read_eval_classes(eval_classes, nb_classes)
+    log(f"--eval_classes {eval_classes}: logits restricted to {len(subset.indices)} of {nb_classes} classes")
     return RestrictedClassifier(model, subset.indices).to(next(model.parameters()).device)

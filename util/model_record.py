@@ -69,16 +69,19 @@ def describe_model(cfg: Config, mode) -> ModelSpec:
     the input normalisation (--mean / --std, else the teacher's, else ImageNet's) and the evaluation crop; the
     pair is assembled once on the meta device, so that every incompatibility is reported now."""
     with flag_errors('teacher'):
-        teacher = mode.teacher_architecture(cfg)  # without a teacher: the architecture the student mirrors
+        # without a teacher: the architecture the student mirrors
+        teacher = mode.teacher_architecture(cfg.model, cfg.teacher_model, cfg.model_kwargs, cfg.global_pool,
+                                            cfg.finetune)
     with flag_errors('student' if cfg.student_model else 'teacher'):
         student = student_architecture(teacher, cfg.student_model, cfg.student_kwargs, cfg.global_pool)
         s_meta = student.create_meta(cfg.nb_classes, cfg.input_size)
     with flag_errors('teacher'):
         t_meta = teacher.create_meta(cfg.nb_classes, cfg.input_size) if mode.uses_teacher else None
+    pairing_flags = {flag: getattr(cfg, flag) for flag in mode.pairing_flags}
     with flag_errors('student'):
         spec = ModelSpec(mode=mode.name, student=student, num_classes=cfg.nb_classes, img_size=cfg.input_size,
                          teacher=teacher if mode.uses_teacher else None, mean=tuple(cfg.mean), std=tuple(cfg.std),
-                         eval_crop_pct=cfg.eval_crop_pct, **mode.pairing(cfg, s_meta, t_meta))
+                         eval_crop_pct=cfg.eval_crop_pct, **mode.pairing(pairing_flags, s_meta, t_meta))
         with torch.device('meta'):
             mode.build_model(spec, attention_impl=cfg.attention_impl)
     return spec

@@ -35,6 +35,7 @@ import tempfile
 import warnings
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from typing import Any, Optional
 
 import torch
@@ -161,23 +162,36 @@ def resume_path(resume: str, output_dir: str) -> Optional[str]:
 INPUT_FLAGS = ('finetune', 'resume', 'ensemble_with', 'selection')
 
 
+@dataclass(frozen=True)
+class RunFolder:
+    """Where a run writes, and which of the output folder's files: --output_dir and --log_dir (resolved), the
+    numbered checkpoints of --save_every, checkpoint-best.pth with --save_best; an evaluation (``evaluating``)
+    writes eval_results.json alone."""
+    output_dir: str
+    log_dir: Optional[str] = None
+    save_every: int = 0
+    save_best: bool = False
+    evaluating: bool = False
+
+
 @contextmanager
-def output_dir_in_use(args, start_epoch: int) -> Iterator[None]:
+def output_dir_in_use(folder: RunFolder, start_epoch: int) -> Iterator[None]:
     """Check that the output folder can be written (and its existing files that a training run from
     ``start_epoch`` replaces can be replaced) before training, hold its lock for the run, and clear the
     temporaries of killed writes. Rank 0 checks; every rank raises the same error."""
     lock, error = None, None
-    created = [f for f in (args.output_dir, args.log_dir) if f and not os.path.exists(f)] if is_main_process() else []
-    if is_main_process() and args.output_dir:
+    out, log_dir = folder.output_dir, folder.log_dir
+    created = [f for f in (out, log_dir) if f and not os.path.exists(f)] if is_main_process() else []
+    if is_main_process() and out:
         try:
-            check_writable(args.output_dir, f"--output_dir {args.output_dir!r}", RUN_FOLDER_FIX)
-            if not args.eval:  # evaluation writes eval_results.json alone
-                if args.log_dir:
-                    check_writable(args.log_dir, f"--log_dir {args.log_dir!r}", RUN_FOLDER_FIX)
-                lock = RunLock(args.output_dir)
+            check_writable(out, f"--output_dir {out!r}", RUN_FOLDER_FIX)
+            if not folder.evaluating:  # evaluation writes eval_results.json alone
+                if log_dir:
+                    check_writable(log_dir, f"--log_dir {log_dir!r}", RUN_FOLDER_FIX)
+                lock = RunLock(out)
                 lock.acquire()
-                remove_stale_temporaries(args.output_dir)
-                check_replaceable(args.output_dir, args, start_epoch)
+                remove_stale_temporaries(out)
+                check_replaceable(folder, start_epoch)
         except UserError as e:
             error = str(e)
     error = broadcast_object(error)
@@ -203,10 +217,9 @@ def remove_if_empty(folders: list[str]) -> None:
             os.rmdir(folder)  # only an empty folder: anything written stays
 
 
-def check_output_folders(args) -> None:
+def check_output_folders(output_dir: str, log_dir: Optional[str]) -> None:
     """--output_dir / --log_dir must be folders, or paths where one can be created."""
-    for flag in ('output_dir', 'log_dir'):
-        folder = getattr(args, flag)
+    for flag, folder in (('output_dir', output_dir), ('log_dir', log_dir)):
         if folder:
             _check_is_folder(folder, f"--{flag} {folder!r}", "give a folder path (it is created if missing)")
 
@@ -257,18 +270,17 @@ def _size(n: float) -> str:
     return f"{n:.1f} TB"
 
 
-def writes(args, path: str, start_epoch: int) -> bool:
+def writes(folder: RunFolder, path: str, start_epoch: int) -> bool:
     """Whether a training run from ``start_epoch`` on writes ``path``: checkpoint.pth, log.txt, run.lock,
     checkpoint-best.pth (--save_best) and checkpoint-<epoch>.pth of any epoch from ``start_epoch`` on (the
     epochs a mode derives are not known yet: every later one counts) in --output_dir."""
-    folder = os.path.realpath(args.output_dir)
-    if os.path.realpath(os.path.dirname(os.path.abspath(path))) != folder:
+    if os.path.realpath(os.path.dirname(os.path.abspath(path))) != os.path.realpath(folder.output_dir):
         return False
     name = os.path.basename(path)
     numbered = NUMBERED.fullmatch(name)
     if numbered:
-        return int(numbered.group(1)) >= start_epoch and bool(args.save_every)
-    return name in (CHECKPOINT, LOG, LOCK) or (name == BEST and bool(args.save_best))
+        return int(numbered.group(1)) >= start_epoch and bool(folder.save_every)
+    return name in (CHECKPOINT, LOG, LOCK) or (name == BEST and bool(folder.save_best))
 
 
 def same_path(a: str, b: str) -> bool:
@@ -278,21 +290,22 @@ def same_path(a: str, b: str) -> bool:
     return os.path.realpath(a) == os.path.realpath(b)
 
 
-def check_inputs_not_overwritten(args, start_epoch: int) -> None:
-    """Refuse a run whose outputs would replace a file it reads (e.g. --finetune OUT/checkpoint-0.pth).
+def check_inputs_not_overwritten(folder: RunFolder, inputs: dict[str, str], start_epoch: int) -> None:
+    """Refuse a run whose outputs would replace a file it reads (``inputs``: the value of each of INPUT_FLAGS the
+    run has, e.g. --finetune OUT/checkpoint-0.pth).
 
     The one exception is the run's own checkpoint.pth given to --resume: continuing it is resuming."""
-    if args.eval or not args.output_dir:
+    if folder.evaluating or not folder.output_dir:
         return  # evaluation writes nothing the run reads
-    own = os.path.join(args.output_dir, CHECKPOINT)
+    own = os.path.join(folder.output_dir, CHECKPOINT)
     for flag in INPUT_FLAGS:
-        path = getattr(args, flag, '') or ''
+        path = inputs.get(flag) or ''
         if not path or (flag == 'resume' and (path == 'allow' or same_path(path, own))):
             continue
         real = os.path.realpath(path)  # through a link to the file, the file the run would replace
-        if writes(args, path, start_epoch) or (os.path.exists(path) and writes(args, real, start_epoch)):
+        if writes(folder, path, start_epoch) or (os.path.exists(path) and writes(folder, real, start_epoch)):
             raise UserError(f"--{flag} {path!r} would be overwritten by this run's {os.path.basename(real)} "
-                            f"in --output_dir {args.output_dir!r}. Give the run another --output_dir, or copy "
+                            f"in --output_dir {folder.output_dir!r}. Give the run another --output_dir, or copy "
                             "the file out of it first.")
 
 
@@ -322,20 +335,21 @@ def slurm_restarts() -> int:
         return 0
 
 
-def requeued_checkpoint(args, announce: bool = True) -> Optional[str]:
+def requeued_checkpoint(output_dir: str, resume: str, evaluating: bool = False) -> Optional[str]:
     """The checkpoint a requeued SLURM job continues: its own run's --output_dir/checkpoint.pth, whatever its
     command line says (no --resume, --resume allow, or the --resume PATH it started from, which it has trained
     past). SLURM requeues a job with the same command and SLURM_JOB_ID, SLURM_RESTART_COUNT > 0: a plain
     ``sbatch --requeue`` script as well as submitit. Its first start was checked like any run (a folder holding
     another run was refused then), so the folder's run is its own. None when the job is not requeued, or its
-    folder holds no checkpoint.pth yet (it starts as it did the first time)."""
-    if args.eval or not args.output_dir or slurm_restarts() < 1:
+    folder holds no checkpoint.pth yet (it starts as it did the first time), and for an evaluation
+    (``evaluating``)."""
+    if evaluating or not output_dir or slurm_restarts() < 1:
         return None
-    path = os.path.join(args.output_dir, CHECKPOINT)
+    path = os.path.join(output_dir, CHECKPOINT)
     if not os.path.isfile(path):
         return None
-    if announce and args.resume != 'allow' and not (args.resume and same_path(args.resume, path)):
-        given = f"--resume {args.resume}, where it started" if args.resume else "no --resume"
+    if resume != 'allow' and not (resume and same_path(resume, path)):
+        given = f"--resume {resume}, where it started" if resume else "no --resume"
         log(f"requeued SLURM job {os.environ['SLURM_JOB_ID']} (restart {slurm_restarts()}): continuing its own run "
             f"from {path} ({given})")
     return path
@@ -374,13 +388,13 @@ def _replace_problem(path: str) -> Optional[str]:
     return None
 
 
-def check_replaceable(output_dir: str, args=None, start_epoch: int = 0) -> None:
+def check_replaceable(folder: RunFolder, start_epoch: int) -> None:
     """Every existing file of the folder a training run writes again must be replaceable, so that the run does
-    not train until its first save and fail there. With the run's ``args``, only the files it writes from
-    ``start_epoch``, the epoch it starts at (``writes``): a numbered checkpoint of an earlier epoch stays as
-    it is."""
+    not train until its first save and fail there: the files it writes from ``start_epoch``, the epoch it starts
+    at (``writes``); a numbered checkpoint of an earlier epoch stays as it is."""
+    output_dir = folder.output_dir
     for name in run_files(output_dir):
-        if args is not None and not writes(args, os.path.join(output_dir, name), start_epoch):
+        if not writes(folder, os.path.join(output_dir, name), start_epoch):
             continue
         problem = _replace_problem(os.path.join(output_dir, name))
         if problem:
@@ -572,11 +586,11 @@ class BestAccuracy:
         return 'top-1 accuracy ' + '; '.join(parts) if parts else 'no evaluation ran'
 
 
-def write_log(args, stats: dict) -> None:
-    """One JSON line; NaN and infinity (not JSON) are written as null."""
-    if args.output_dir and is_main_process():
+def write_log(output_dir: str, stats: dict) -> None:
+    """One JSON line of ``output_dir``'s log.txt; NaN and infinity (not JSON) are written as null."""
+    if output_dir and is_main_process():
         finite = {k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in stats.items()}
-        path = os.path.join(args.output_dir, LOG)
+        path = os.path.join(output_dir, LOG)
         with open(path, 'a+b') as f:
             # a line cut by a kill or a full disk during its append: the new line starts on a line of its own
             cut = f.seek(0, os.SEEK_END) > 0 and f.seek(-1, os.SEEK_END) >= 0 and f.read(1) != b'\n'

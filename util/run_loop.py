@@ -29,7 +29,7 @@ from util.checkpoint import (
     set_rng_state,
 )
 from util.config import Config
-from util.datasets import build_loader
+from util.datasets import build_loader, pins_memory
 from util.distributed import get_rank, get_world_size, is_main_process, log
 from util.errors import UserError
 from util.lr_sched import Schedule, schedule_change
@@ -70,12 +70,12 @@ def describe_run(output_dir: str) -> str:
     return what
 
 
-def check_run_folder(args, resume_from: str | None) -> None:
-    """Decide what this run is in --output_dir: a fresh run (the folder holds no run), the continuation of the
-    run there (``resume_from`` is one of the folder's own checkpoints), or a refusal that names what is there
-    and the two ways on. Evaluation writes only eval_results.json and is never refused."""
-    out = args.output_dir
-    if args.eval or not out:
+def check_run_folder(out: str, resume: str, resume_from: str | None, evaluating: bool = False) -> None:
+    """Decide what this run is in --output_dir ``out``: a fresh run (the folder holds no run), the continuation
+    of the run there (``resume_from``, the checkpoint --resume ``resume`` gave, is one of the folder's own), or a
+    refusal that names what is there and the two ways on. Evaluation writes only eval_results.json and is never
+    refused."""
+    if evaluating or not out:
         return
     present = run_files(out)
     if not present:
@@ -84,14 +84,14 @@ def check_run_folder(args, resume_from: str | None) -> None:
         check_not_a_fork(out, resume_from)
         return
     here = describe_run(out)
-    if args.resume == 'allow':  # no checkpoint.pth, but other files of a run
+    if resume == 'allow':  # no checkpoint.pth, but other files of a run
         numbered = sorted((int(NUMBERED.fullmatch(f).group(1)), f) for f in present if NUMBERED.fullmatch(f))
         hint = (f"continue from its last numbered checkpoint with --resume {os.path.join(out, numbered[-1][1])}"
                 if numbered else "continue it from one of its checkpoints with --resume PATH")
         raise UserError(f"--resume allow: --output_dir {out!r} holds a run without checkpoint.pth ({here}); a "
                         f"fresh run would replace its files. {hint[0].upper() + hint[1:]}, or give this run "
                         "another --output_dir.")
-    source = (f"--resume {args.resume!r} continues a run from another folder, but " if args.resume else '')
+    source = (f"--resume {resume!r} continues a run from another folder, but " if resume else '')
     raise UserError(f"{source}--output_dir {out!r} holds a run ({here}), whose files this run would replace. "
                     "Continue that run with --resume allow, or give this run another --output_dir.")
 
@@ -191,7 +191,8 @@ class RunLoop:
         self.parts, self.end, self.cfg, self.checkpointer = parts, end, parts.cfg, parts.checkpointer
         cfg, world = parts.cfg, get_world_size()
         self.sampler = ResumableDistributedSampler(parts.dataset, world, get_rank(), shuffle=True, seed=cfg.seed)
-        self.loader = build_loader(parts.dataset, self.sampler, cfg, train=True)
+        self.loader = build_loader(parts.dataset, self.sampler, cfg.batch_size, cfg.num_workers,
+                                   pins_memory(cfg.pin_mem, cfg.device), train=True)
         self.steps_per_epoch = self.sampler.num_samples // cfg.batch_size  # the loader drops the last partial batch
         if self.steps_per_epoch == 0:
             raise UserError(f"{len(parts.dataset)} training images on {world} processes make no full batch of "
@@ -239,7 +240,7 @@ class RunLoop:
             saved = self.save(epoch, None, epoch_stats=train_stats)
         except UserError:  # e.g. a full disk: the epoch's line still goes into log.txt (it is trained again)
             with contextlib.suppress(OSError):
-                write_log(cfg, {**{f'train_{k}': v for k, v in train_stats.items()}, 'epoch': epoch})
+                write_log(cfg.output_dir, {**{f'train_{k}': v for k, v in train_stats.items()}, 'epoch': epoch})
             raise
         # a stop agreed at the epoch's last step: no evaluation now (the run itself ends after the last epoch)
         stopping = control.stop_at_epoch_end is not None and epoch + 1 < self.parts.schedule.epochs

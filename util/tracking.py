@@ -84,9 +84,9 @@ class Tracker:
             self.wandb_run = None
 
 
-def check_wandb(cfg: Any) -> None:
+def check_wandb(log_wandb: bool) -> None:
     """--log_wandb needs wandb: refused at start (before any folder is made) when it cannot be imported."""
-    if cfg.log_wandb:
+    if log_wandb:
         try:
             import wandb  # noqa: F401
         except ImportError as e:
