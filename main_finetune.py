@@ -49,7 +49,6 @@ from util.args import (
     add_run_arguments,
     annotate_mode_defaults,
     check_data_folders,
-    check_experiment_flags,
     check_run_flags,
     check_values,
     flag_names,
@@ -81,6 +80,7 @@ from util.eval_classes import build_eval_dataset, restrict_classes
 from util.lr_sched import Schedule, learning_rate
 from util.model_record import (
     DEFAULT_MODEL,
+    EVALUATED_FLAGS,
     changed_flags,
     check_evaluated_flags,
     check_resumed_model,
@@ -343,7 +343,8 @@ def resolve_args(args, read_resume: bool = True) -> Resolved:
             log(line)
     spec = evaluated_spec(ckpt, cfg.mean, cfg.std) if ckpt is not None and cfg.eval else None
     if spec is not None:
-        check_evaluated_flags(cfg, spec)  # before the checkpoint's values replace the flags
+        # before the checkpoint's values replace the flags
+        check_evaluated_flags(cfg.explicit_flags, {flag: getattr(cfg, flag) for flag in EVALUATED_FLAGS}, spec)
     mode = get_mode(spec.mode if spec is not None else cfg.mode)
     if not cfg.eval:
         mode.check_resumed(recorded_args(ckpt), path)
@@ -374,13 +375,12 @@ def resolve_args(args, read_resume: bool = True) -> Resolved:
         cfg = cfg.replace(eval_crop_pct=mode.default_eval_crop_pct(cfg.input_size,
                                                                     os.path.join(cfg.eval_data_path, 'val')))
     check_run_flags(cfg, mode, holds_teacher(ckpt) or (path is not None and not read_resume), ckpt is not None)
-    check_experiment_flags(cfg, mode)
     spec = describe_model(cfg, mode) if spec is None else spec.replace(eval_crop_pct=cfg.eval_crop_pct)
     if cfg.init_from_teacher and ckpt is None and not cfg.eval:
         check_teacher_components(spec, cfg.init_from_teacher)
     if ckpt is not None and not cfg.eval:
         check_resumed_model(ckpt, path, spec)
-        for line in changed_flags(recorded_args(ckpt), cfg):
+        for line in changed_flags(recorded_args(ckpt), cfg.record()):
             log(f"resumed with a change: {line}")
     folder = RunFolder(cfg.output_dir, cfg.log_dir, cfg.save_every, bool(cfg.save_best), cfg.eval)
     if read_resume or not path:  # at submission the resumed epoch is unknown: the job checks it

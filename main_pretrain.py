@@ -195,7 +195,7 @@ def resolve_args(args) -> tuple[Config, dict | None, str | None]:
                         "continue it with main_finetune.py, or start pre-training in another --output_dir")
     if ckpt is not None:
         check_same_autoencoder(recorded_args(ckpt), cfg, path)
-        for line in changed_flags(recorded_args(ckpt), cfg):
+        for line in changed_flags(recorded_args(ckpt), cfg.record()):
             log(f"resumed with a change: {line}")
     check_inputs_not_overwritten(run_folder(cfg), {flag: getattr(cfg, flag, '') for flag in INPUT_FLAGS},
                                  next_position(ckpt)[0] if ckpt is not None else 0)

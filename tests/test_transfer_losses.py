@@ -21,7 +21,6 @@ from models_dual_vit import DualViT, build_dual_vit
 from models_pair import ModelArgumentError
 from models_spec import ModelSpec
 from models_transfer_losses import FUSED_MAP_LOSSES, FUSED_TRANSFER_LOSSES, TRANSFER_LOSSES, transfer_loss
-from util.config import Config
 from util.errors import UserError
 from util.model_record import changed_flags
 from util.pretrained import read_checkpoint
@@ -382,7 +381,7 @@ def test_resuming_with_another_loss_is_refused_naming_it(runs, tiny_teacher):
 
 
 def test_a_changed_loss_is_a_changed_flag():
-    assert changed_flags({'transfer_loss': 'ce'}, Config(transfer_loss='js')) == [
+    assert changed_flags({'transfer_loss': 'ce'}, {'transfer_loss': 'js'}) == [
         "--transfer_loss: ce in the checkpoint's run, js from here on"]
 
 

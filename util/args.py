@@ -317,7 +317,8 @@ def check_data_folders(eval_data_path: str, data_path: str, trains_on_labels: bo
 
 
 def check_run_flags(cfg, mode, has_teacher_weights: bool, resumes: bool) -> None:
-    """Flags that this run cannot use together, refused before anything is loaded."""
+    """Flags that this run cannot use together, refused before anything is loaded, then those of the experiments
+    (``check_experiment_flags``)."""
     if mode.needs_teacher(cfg.eval) and not cfg.finetune and not has_teacher_weights:
         raise UserError(f"mode {mode.name} needs the teacher's weights: --finetune PATH ({mode.teacher_hint})")
     mode.check_flags(cfg)
@@ -336,6 +337,7 @@ def check_run_flags(cfg, mode, has_teacher_weights: bool, resumes: bool) -> None
                         f"(got {cfg.batch_size})")
     if cfg.accum_iter < 1 or cfg.print_freq < 1 or cfg.eval_every < 1:
         raise UserError("--accum_iter, --print_freq and --eval_every must be >= 1")
+    check_experiment_flags(cfg, mode)
 
 
 def check_experiment_flags(cfg, mode) -> None:

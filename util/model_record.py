@@ -218,12 +218,13 @@ def check_resumed_model(ckpt: dict, path: str, spec: ModelSpec) -> None:
                         "run in another --output_dir")
 
 
-def changed_flags(saved_args: dict, cfg: Config) -> list[str]:
-    """One line per flag whose value differs from the resumed checkpoint's record (other than where the run writes
-    and how it is launched): what a resumed run does differently from the run it continues."""
+def changed_flags(saved_args: dict, now_flags: dict) -> list[str]:
+    """One line per flag whose value (``now_flags``: this run's flag values) differs from the resumed checkpoint's
+    record (other than where the run writes and how it is launched): what a resumed run does differently from the
+    run it continues."""
     lines = []
     for key, before in saved_args.items():
-        now = getattr(cfg, key, before)
+        now = now_flags.get(key, before)
         same = now == before or (isinstance(before, (list, tuple)) and list(before) == list(now or []))
         if key in UNREPORTED or same:
             continue
@@ -231,20 +232,26 @@ def changed_flags(saved_args: dict, cfg: Config) -> list[str]:
     return lines
 
 
-def check_evaluated_flags(cfg: Config, spec: ModelSpec) -> None:
-    """--eval --resume takes its model from the checkpoint: an explicit model flag that says otherwise is refused
-    with both values (instead of evaluating the checkpoint's model without a word)."""
-    given = set(cfg.explicit_flags or ())
+# The model flags --eval --resume checks against the evaluated checkpoint's model.
+EVALUATED_FLAGS = ('nb_classes', 'input_size', 'map_average', 'transfer_loss', 'mode', 'transfer_heads')
+
+
+def check_evaluated_flags(explicit_flags, flags: dict, spec: ModelSpec) -> None:
+    """--eval --resume takes its model from the checkpoint: an explicit model flag (``explicit_flags``: the flags
+    the command line gave; ``flags``: their values) that says otherwise is refused with both values (instead of
+    evaluating the checkpoint's model without a word)."""
+    given = set(explicit_flags or ())
     recorded = {'nb_classes': spec.num_classes, 'input_size': spec.img_size, 'map_average': spec.map_average,
                 'transfer_loss': spec.transfer_loss, 'mode': spec.mode}
     for flag, value in recorded.items():
-        if flag in given and getattr(cfg, flag) != value:
-            raise UserError(f"--{flag} {getattr(cfg, flag)}: the evaluated checkpoint's model has {flag} {value}, "
+        if flag in given and flags[flag] != value:
+            raise UserError(f"--{flag} {flags[flag]}: the evaluated checkpoint's model has {flag} {value}, "
                             f"and --eval --resume evaluates that model: drop --{flag}")
-    if 'transfer_heads' in given and cfg.transfer_heads not in (None, ''):
+    if 'transfer_heads' in given and flags['transfer_heads'] not in (None, ''):
         heads = 'all' if spec.heads is None else ','.join(map(str, spec.heads))
-        raise UserError(f"--transfer_heads {cfg.transfer_heads}: the evaluated checkpoint transfers heads {heads}, and "
-                        "--eval --resume evaluates that model: drop --transfer_heads")
+        raise UserError(f"--transfer_heads {flags['transfer_heads']}: the evaluated checkpoint transfers heads "
+                        f"{heads}, "
+                        "and --eval --resume evaluates that model: drop --transfer_heads")
 
 
 def rebuild(spec: ModelSpec, attention_impl: str = 'explicit') -> TeacherStudentPair:
