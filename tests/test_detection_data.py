@@ -15,6 +15,7 @@ import torchvision
 from PIL import Image
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
+from torch.utils.data import DistributedSampler
 
 import util.coco_eval
 from tools import make_coco_miniature
@@ -227,10 +228,10 @@ def test_gathered_ranks_results_equal_a_single_process(mini, monkeypatch):
     dataset = val_set(mini)
     results, ids = noisy_results(dataset)
     single_metrics = coco_evaluate(gather_results(results), dataset.coco, gather_image_ids(ids), verbose=False)
-    # two ranks of a DistributedSampler over 6 images... padded to 8: ranks 0 and 1 repeat the first two images
-    order = ids + ids[:2]
-    rank_ids = [order[0::2], order[1::2]]
-    by_rank = [[r for r in results if r['image_id'] in rank] for rank in rank_ids]
+    # 4 ranks of a DistributedSampler over the 6 images: it pads to 8, ranks 2 and 3 repeating the first two images
+    rank_ids = [[ids[i] for i in DistributedSampler(ids, num_replicas=4, rank=r, shuffle=False)] for r in range(4)]
+    assert sorted(sum(rank_ids, [])) == sorted(ids + ids[:2])
+    by_rank = [[r for i in rank for r in results if r['image_id'] == i] for rank in rank_ids]
     monkeypatch.setattr(util.coco_eval, 'all_gather_object', lambda obj: by_rank if obj is results else rank_ids)
     gathered = gather_results(results)
     assert gathered == sorted(results, key=util.coco_eval.result_order) and len(gathered) == len(results)
@@ -267,6 +268,29 @@ def test_training_samples_are_jittered_crops_with_aligned_masks_and_deterministi
         assert torch.equal(image, again_image) and all(torch.equal(target[k], again[k]) for k in ('boxes', 'masks'))
         assert 'scale' not in target and target['image_id'] == dataset.source.ids[seed % len(dataset)]
     assert len(sizes) > 6
+
+
+def two_apart(data: dict) -> None:
+    """The first training image holds two instances only: a rectangle (id 1) left of a triangle (id 7)."""
+    first = data['images'][0]['id']
+    data['annotations'] = [a for a in data['annotations'] if a['image_id'] != first]
+    for ann_id, category, x in ((1000, 1, 5.0), (1001, 7, 50.0)):
+        data['annotations'].append(dict(id=ann_id, image_id=first, category_id=category, iscrowd=0, area=300.0,
+                                        bbox=[x, 10.0, 15.0, 20.0],
+                                        segmentation=[[x, 10.0, x + 15, 10.0, x + 15, 30.0, x, 30.0]]))
+
+
+def test_training_flips_left_and_right(mini, tmp_path):
+    """A crop keeps the order of two instances whose x spans are apart (clamped boxes stay in their spans); a flip
+    swaps it."""
+    dataset = split(edited_copy(mini, tmp_path, two_apart), 'train2017', 64, train=True)
+    orders = set()
+    for seed in range(30):
+        torch.manual_seed(seed)
+        _, target = dataset[0]
+        if len(target['labels']) == 2:
+            orders.add(tuple(target['labels'][target['boxes'][:, 0].argsort()].tolist()))
+    assert orders == {(1, 3), (3, 1)}
 
 
 def one_speck(data: dict) -> None:

@@ -75,8 +75,9 @@ def result_order(result: dict) -> tuple:
 
 def gather_results(results: list[dict]) -> list[dict]:
     """Every rank's results, de-duplicated and sorted (``result_order``). A DistributedSampler pads the last
-    round by repeating images on other ranks, so an image's results are kept from the first rank that has any;
-    the AP under --dist_eval is then a single process's exactly (which must gather too, for the same order)."""
+    round by repeating images, each on another rank than its first pass (util.samplers.ShardSampler repeats
+    none), so an image's results are kept from the first rank that has any: the AP under --dist_eval is then a
+    single process's exactly (a single process gathers too, for the same order)."""
     kept, owner = [], {}
     for rank, rank_results in enumerate(all_gather_object(results)):
         for result in rank_results:
