@@ -142,6 +142,7 @@ class TrainingStep:
     model_ema: Optional[nn.Module] = None
     ema_source: Optional[nn.Module] = None
     aux_optimizer: Optional[torch.optim.Optimizer] = None
+    targets_to_model: bool = False  # the model's forward takes the targets too (a detector computes its losses)
 
     def zero_grad(self) -> None:
         self.optimizer.zero_grad(set_to_none=True)
@@ -161,7 +162,7 @@ class TrainingStep:
         skip_sync = hasattr(self.model, 'no_sync') and not update  # DDP: all-reduce once, at the window's end
         with self.model.no_sync() if skip_sync else contextlib.nullcontext():
             with torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None):
-                outputs = self.model(images)
+                outputs = self.model(images, targets) if self.targets_to_model else self.model(images)
                 loss, terms = self.criterion(outputs, targets)
             # the window's gradient: the mean over its micro-batches
             self.scaler.scale(loss / window_size).backward()

@@ -10,7 +10,7 @@ import math
 import os
 import random
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, fields
 from typing import Any, Optional
 
@@ -386,16 +386,17 @@ def build_dataset(is_train: bool, args, root: Optional[str] = None, nb_classes: 
     return dataset
 
 
-def build_loader(dataset: Dataset, sampler: Sampler, batch_size: int, workers: int, pin_memory: bool, train: bool
-                 ) -> DataLoader:
+def build_loader(dataset: Dataset, sampler: Sampler, batch_size: int, workers: int, pin_memory: bool, train: bool,
+                 collate: Optional[Callable] = None) -> DataLoader:
     """The DataLoader of ``batch_size`` images; its ``workers`` (--num_workers > 0) persist across epochs;
     ``pin_memory``: --pin_mem on CUDA (``pins_memory``). A training sampler is a DistributedSampler, whose (seed,
-    epoch, rank) re-seeds the workers each epoch (``EpochSeededDataset``)."""
+    epoch, rank) re-seeds the workers each epoch (``EpochSeededDataset``). ``collate`` batches the samples into
+    (images, targets, skipped) (default: collate_skipping_bad, for labels)."""
     if train and workers > 0:
         dataset, sampler = EpochSeededDataset(dataset), EpochSeeds(sampler)
     return DataLoader(
         dataset, sampler=sampler, batch_size=batch_size, num_workers=workers, pin_memory=pin_memory, drop_last=train,
-        collate_fn=collate_skipping_bad, persistent_workers=workers > 0, generator=torch.Generator())
+        collate_fn=collate or collate_skipping_bad, persistent_workers=workers > 0, generator=torch.Generator())
 
 
 def pins_memory(pin_mem: bool, device: str) -> bool:

@@ -9,6 +9,7 @@ import contextlib
 import datetime
 import os
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Optional
 
@@ -160,6 +161,7 @@ the script's flags (what the run's config.yaml records: util.run_record)."""
     ckpt: Optional[dict] = None
     ckpt_path: Optional[str] = None
     flags: tuple[str, ...] = ()  # the script's flags: what config.yaml holds
+    collate: Optional[Callable] = None  # the loader's batching (util.datasets.build_loader's default: images, labels)
 
 
 class EpochEnd:
@@ -192,7 +194,7 @@ class RunLoop:
         cfg, world = parts.cfg, get_world_size()
         self.sampler = ResumableDistributedSampler(parts.dataset, world, get_rank(), shuffle=True, seed=cfg.seed)
         self.loader = build_loader(parts.dataset, self.sampler, cfg.batch_size, cfg.num_workers,
-                                   pins_memory(cfg.pin_mem, cfg.device), train=True)
+                                   pins_memory(cfg.pin_mem, cfg.device), train=True, collate=parts.collate)
         self.steps_per_epoch = self.sampler.num_samples // cfg.batch_size  # the loader drops the last partial batch
         if self.steps_per_epoch == 0:
             raise UserError(f"{len(parts.dataset)} training images on {world} processes make no full batch of "
