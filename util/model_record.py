@@ -40,7 +40,8 @@ ARGUMENT_FLAGS = {'input_size': '--input_size',
                   'transfer_heads': '--transfer_heads', 'map_average': '--map_average',
                   'transfer_loss': '--transfer_loss', 'probe_blocks': '--probe_blocks',
                   'feature_layer': '--feature_layer',
-                  'attention_impl': '--attention_impl',
+                  'attention_impl': '--attention_impl', 'window_size': '--window_size',
+                  'global_blocks': '--global_blocks',
                   'student': '--student_model / --student_kwargs', 'teacher': '--model / --teacher_model / '
                   '--model_kwargs', 'architecture': '--model / --model_kwargs'}
 # What checkpoints written before the model description was recorded held for flags they did not record.
