@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import getpass
+import importlib
 import itertools
 import os
 import signal
@@ -46,9 +47,11 @@ def preemption_signal() -> signal.Signals:
     return signal.Signals['SIG' + submitit.JobEnvironment.USR_SIG]
 
 
-def command_parser() -> Parser:
-    """main_finetune.py's flags and the SLURM job's."""
-    parser = Parser('python submitit_finetune.py', parents=[main_finetune.get_args_parser()], description=__doc__,
+def command_parser(entry=main_finetune, script: str = 'submitit_finetune.py', description: str = __doc__
+                   ) -> Parser:
+    """The flags of the ``entry`` script (main_finetune.py, or main_detection.py for submitit_detection.py) and the
+    SLURM job's."""
+    parser = Parser(f'python {script}', parents=[entry.get_args_parser()], description=description,
                     formatter_class=HelpFormatter)
     g = parser.add_argument_group('SLURM job')
     g.add_argument('--job_dir', default='', type=str,
@@ -78,9 +81,10 @@ def command_parser() -> Parser:
     return parser
 
 
-def parse_args(argv=None) -> argparse.Namespace:
-    args, given = parse_command(command_parser(), argv)
-    return Config.of(args, explicit_flags=given, command=command_line('submitit_finetune.py', argv))
+def parse_args(argv=None, entry=main_finetune, script: str = 'submitit_finetune.py',
+               description: str = __doc__) -> argparse.Namespace:
+    args, given = parse_command(command_parser(entry, script, description), argv)
+    return Config.of(args, explicit_flags=given, command=command_line(script, argv))
 
 
 def resolve_job_dir(job_dir: str) -> str:
@@ -105,16 +109,17 @@ def restarts() -> int:
 
 
 class Trainer:
-    """What submitit runs in every task: main_finetune.main() under the job's distributed environment."""
+    """What submitit runs in every task: the entry script's main() (``entry``: its module, main_finetune or
+    main_detection) under the job's distributed environment."""
 
-    def __init__(self, args: argparse.Namespace) -> None:
-        # a plain namespace: the job unpickles it before its sys.path holds this project's modules
-        self.args = argparse.Namespace(**vars(args))
+    def __init__(self, args: argparse.Namespace, entry: str = 'main_finetune') -> None:
+        # a plain namespace and a module name: the job unpickles them before its sys.path holds this project's modules
+        self.args, self.entry = argparse.Namespace(**vars(args)), entry
 
     def __call__(self) -> dict:
         if REPO not in sys.path:
             sys.path.insert(0, REPO)
-        import main_finetune as entry  # the job's own imports, after its sys.path is set
+        entry = importlib.import_module(self.entry)  # the job's own imports, after its sys.path is set
         from util.config import Config
         from util.run_control import Preempted
 
@@ -141,7 +146,7 @@ class Trainer:
         last = Path(self.args.output_dir.replace('%j', submitit.JobEnvironment().job_id)) / CHECKPOINT
         resume = str(last) if last.is_file() else self.args.resume
         return submitit.helpers.DelayedSubmission(type(self)(argparse.Namespace(**{**vars(self.args),
-                                                                                    'resume': resume})))
+                                                                                    'resume': resume}), self.entry))
 
     # ---- inside the job ----------------------------------------------------------------------
     def _setup_environment(self, args: Config) -> Config:
@@ -222,16 +227,18 @@ def build_executor(args: argparse.Namespace, job_dir: str) -> submitit.AutoExecu
     return executor
 
 
-def main(argv=None) -> submitit.Job:
-    args = parse_args(argv)
+def main(argv=None, entry=main_finetune, script: str = 'submitit_finetune.py',
+         description: str = __doc__) -> submitit.Job:
+    """Submit the ``entry`` script's run (main_finetune by default) as a SLURM job."""
+    args = parse_args(argv, entry, script, description)
     job_dir = resolve_job_dir(args.job_dir)
     args = args.replace(output_dir=job_dir if args.output_dir == DEFAULT_OUTPUT else args.output_dir,
                         log_dir=job_dir if args.log_dir in (None, DEFAULT_OUTPUT) else args.log_dir, job_dir=job_dir)
-    main_finetune.resolve_args(args, read_resume=False)  # fail on a bad flag now, not after the queue
+    entry.resolve_args(args, read_resume=False)  # fail on a bad flag now, not after the queue
     for flag, folder in (('--job_dir', job_dir), ('--output_dir', args.output_dir), ('--log_dir', args.log_dir)):
         check_writable(existing_part(folder), f"{flag} {existing_part(folder)!r}", RUN_FOLDER_FIX)
     executor = build_executor(args, job_dir)  # submitit puts the job id in place of %j
-    job = executor.submit(Trainer(args))
+    job = executor.submit(Trainer(args, entry.__name__))
     logs = job_dir.replace('%j', str(job.job_id))
     print(f"Submitted job_id: {job.job_id}")
     print(f"logs: {logs}/{job.job_id}_<task>_log.out and .err; checkpoints and log.txt in "

@@ -13,9 +13,10 @@ from util.datasets import DataError
 from util.errors import DEBUG_ENV, UserError, run_cli
 from util.pretrained import CheckpointMismatchError
 
-ENTRY_POINTS = ['main_finetune.py', 'select_wild_data.py', 'submitit_finetune.py', 'demo.py',
-                'tools/export_student.py', 'tools/prepare_cifar.py', 'tools/prepare_tinyimagenet.py',
-                'tools/visualize_attention.py']
+ENTRY_POINTS = ['main_finetune.py', 'main_pretrain.py', 'main_detection.py', 'select_wild_data.py',
+                'submitit_finetune.py', 'submitit_detection.py', 'demo.py', 'tools/export_student.py',
+                'tools/prepare_cifar.py', 'tools/prepare_tinyimagenet.py', 'tools/visualize_attention.py',
+                'tools/make_coco_miniature.py']
 
 
 # ---- reporting: one error line, bugs keep their traceback ----------------------------------------------------------

@@ -24,14 +24,15 @@ def test_help_shows_defaults_and_modes_that_parse():
         assert full.parse_args(['--mode', mode]).mode == mode
 
 
-@pytest.mark.parametrize('script', ['main_pretrain.py', 'submitit_finetune.py', 'select_wild_data.py',
-                                    'tools/export_student.py',
+@pytest.mark.parametrize('script', ['main_pretrain.py', 'main_detection.py', 'submitit_finetune.py',
+                                    'submitit_detection.py', 'select_wild_data.py', 'tools/export_student.py',
                                     'tools/visualize_attention.py', 'tools/prepare_cifar.py',
-                                    'tools/prepare_tinyimagenet.py'])
+                                    'tools/prepare_tinyimagenet.py', 'tools/make_coco_miniature.py'])
 def test_every_entry_point_help_reads_as_a_command_with_defaults(script, capsys):
     module = importlib.import_module(script[:-3].replace('/', '.'))
-    entry = module.run if script == 'main_pretrain.py' else module.parse_args if script == 'submitit_finetune.py' else (
-        lambda argv: module.get_args_parser().parse_args(argv)) if script == 'select_wild_data.py' else module.main
+    entry = module.run if script in ('main_pretrain.py', 'main_detection.py') else (
+        module.parse_args if script == 'submitit_finetune.py' else
+        (lambda argv: module.get_args_parser().parse_args(argv)) if script == 'select_wild_data.py' else module.main)
     with pytest.raises(SystemExit):
         entry(['--help'])
     text = capsys.readouterr().out
@@ -40,6 +41,11 @@ def test_every_entry_point_help_reads_as_a_command_with_defaults(script, capsys)
         text = ' '.join(text.split())
         for flag, default in (('--nodes', '2'), ('--ngpus', '8'), ('--timeout', '4320'), ('--epochs', '50')):
             assert re.search(re.escape(flag) + r' [A-Z_]+ .*?\(default: ' + default, text), flag
+    if script in ('main_detection.py', 'submitit_detection.py'):
+        text = ' '.join(text.split())
+        for flag, default in (('--input_size', '1024'), ('--window_size', '16'), ('--layer_decay', '0.7'),
+                              ('--mode', 'distill')):
+            assert re.search(re.escape(flag) + r' [A-Za-z_{},]+ .*?\(default: ' + default, text), flag
     if script == 'main_pretrain.py':
         text = ' '.join(text.split())
         for flag, default in (('--mask_ratio', '0.75'), ('--decoder_embed_dim', '512'), ('--epochs', '800')):

@@ -212,6 +212,11 @@ class CocoDetectionData(Dataset):
     def coco(self) -> COCO:
         return self.source.coco
 
+    @property
+    def paths(self) -> list[str]:
+        """The images' files in sample order, relative to the images folder (util.samplers.dataset_fingerprint)."""
+        return [self.coco.imgs[i]['file_name'] for i in self.source.ids]
+
     def __len__(self) -> int:
         return len(self.images)
 
