@@ -27,7 +27,7 @@ from timm.data.constants import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.optim import param_groups_weight_decay
 
 from engine_finetune import TrainingStep
-from models_attention import ATTENTION_IMPL_CHOICES, TRANSFER_MODES, resolve_attention_impl
+from models_attention import ATTENTION_IMPL_CHOICES, WIRING, resolve_attention_impl
 from models_detection import DetectionTrunk, TransferDetector, ViTDetector, evenly_spaced_blocks
 from models_pairing import parse_heads, parse_indices, resolve_pairing
 from models_spec import Architecture
@@ -91,10 +91,12 @@ from util.tracking import add_tracking_arguments, check_wandb
 
 DEFAULT_MODEL = 'vit_base_patch16_224'
 PREDICTIONS = 'coco_instances_results.json'  # --eval's predictions, in COCO's results format
-DETECTION_MODES = ('none',) + tuple(TRANSFER_MODES)
+DETECTION_MODES = tuple(WIRING)  # none (no teacher) and the transfer modes
 # the flags that make the detector: a resumed run keeps them (its weights and optimizer state have their shapes)
 ARCHITECTURE_FLAGS = ('model', 'model_kwargs', 'input_size', 'window_size', 'global_blocks', 'mode', 'nb_classes',
                       'transfer_layers', 'fpn_channels')
+# what --eval --resume takes from the checkpoint's run unless the command gives it
+EVALUATED_FLAGS = ARCHITECTURE_FLAGS + ('transfer_heads', 'mean', 'std')
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -158,8 +160,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     g.add_argument('--step_epochs', default=[89, 97], type=int, nargs='+', metavar='EPOCH',
                    help='--sched step: epochs (from 1) from which the lr is multiplied by --step_rate')
     g.add_argument('--step_rate', default=0.1, type=float, help='--sched step: lr factor at each step epoch')
-    g.add_argument('--warmup_epochs', default=0.25, type=float, metavar='N',
-                   help='epochs of linear warmup (fractions allowed; ViTDet: 250 steps of 64 images)')
+    g.add_argument('--warmup_epochs', default=0.14, type=float, metavar='N',
+                   help='epochs of linear warmup (fractions allowed; ViTDet: 250 steps of 64 images, 0.14 of COCO\'s '
+                        '118k training images)')
     g.add_argument('--clip_grad', default=None, type=float, metavar='NORM', help='clip the gradient norm')
     add_amp_argument(g)
 
@@ -211,13 +214,15 @@ def check_values(args) -> None:
                         "to multiples of 32, the feature pyramid's coarsest stride); ViTDet's is 1024")
     if args.window_size < 0:
         raise UserError(f"--window_size {args.window_size}: must be >= 0 (0: global attention in every block)")
-    if args.mode == 'none':
+    transfer = WIRING[args.mode]
+    if transfer is None:
         given = [f for f in ('transfer_layers', 'transfer_heads') if getattr(args, f) is not None]
         if given:
             raise UserError(f"--{given[0]}: --mode none transfers nothing; give --mode copy or distill, or drop it")
     elif not args.finetune and not args.eval:
         raise UserError(f"--mode {args.mode} needs a teacher: give --finetune CKPT (e.g. mae_pretrain_vit_base.pth)")
-    if args.attention_impl == 'fused' and args.mode == 'distill' and args.transfer_loss not in FUSED_TRANSFER_LOSSES:
+    compares_maps = transfer is not None and transfer.exposes == 'attn' and transfer.use == 'loss'
+    if args.attention_impl == 'fused' and compares_maps and args.transfer_loss not in FUSED_TRANSFER_LOSSES:
         raise UserError(f"--transfer_loss {args.transfer_loss} with --attention_impl fused: it compares the maps "
                         "entry by entry, which the fused attention never builds; use --attention_impl explicit")
     if args.mean is not None or args.std is not None:
@@ -239,20 +244,25 @@ def resolve_args(args, read_resume: bool = True) -> tuple[Config, dict | None, s
                     amp=args.amp or default_amp(args.device), num_workers=usable_workers(args.num_workers),
                     attention_impl=impl, mean=tuple(args.mean or IMAGENET_DEFAULT_MEAN),
                     std=tuple(args.std or IMAGENET_DEFAULT_STD), eval_data_path=args.data_path)
-    with flag_errors(), torch.device('meta'):
-        build_model(cfg, cfg.nb_classes or 1)  # the window against the grid, the blocks and layers: before any folder
     for split in (('val2017',) if cfg.eval else ('train2017', 'val2017')):
         coco_paths(cfg.data_path, split, cfg.train_ann if split == 'train2017' else cfg.val_ann)
     if not read_resume:
+        check_model_flags(cfg)
         return cfg, None, None
     path = resume_path(requeued_checkpoint(cfg.output_dir, cfg.resume, cfg.eval) or cfg.resume, cfg.output_dir)
     if cfg.eval and not path:
         raise UserError("--eval evaluates a detection checkpoint: give --resume CKPT (a checkpoint of "
                         "main_detection.py)")
     ckpt = load_training_checkpoint(path, to_train=not cfg.eval) if path else None
+    if ckpt is not None and cfg.eval:  # the evaluated detector is the checkpoint's, unless the command says
+        saved = recorded_args(ckpt)
+        cfg = cfg.replace(**{flag: saved[flag] for flag in EVALUATED_FLAGS
+                             if flag in saved and flag not in (cfg.explicit_flags or ())})
+    check_model_flags(cfg)
     if ckpt is not None:
         check_detection_checkpoint(ckpt, path, cfg)
-        check_resume_matches(ckpt, path, cfg.finetune, teacher_from_finetune=cfg.mode != 'none', evaluating=cfg.eval)
+        check_resume_matches(ckpt, path, cfg.finetune, teacher_from_finetune=WIRING[cfg.mode] is not None,
+                             evaluating=cfg.eval)
         if not cfg.eval:
             for line in changed_flags(recorded_args(ckpt), cfg.record()):
                 log(f"resumed with a change: {line}")
@@ -261,6 +271,13 @@ def resolve_args(args, read_resume: bool = True) -> tuple[Config, dict | None, s
                                      next_position(ckpt)[0] if ckpt is not None else 0)
     check_run_folder(cfg.output_dir, cfg.resume, path, cfg.eval)
     return cfg, ckpt, path
+
+
+def check_model_flags(cfg: Config) -> None:
+    """The detector's flags build a detector (the window against the grid, the blocks and layers), before any
+    folder is made and any weight exists."""
+    with flag_errors(), torch.device('meta'):
+        build_model(cfg, cfg.nb_classes or 1)
 
 
 def check_detection_checkpoint(ckpt: dict, path: str, cfg: Config) -> None:
@@ -299,13 +316,14 @@ def build_model(cfg: Config, num_classes: int) -> TransferDetector:
         raise UserError(f"--window_size {cfg.window_size}: does not tile the {grid[0]} x {grid[1]} patch grid "
                         f"(--input_size {cfg.input_size} / patch {patch}); give a divisor of {grid[0]}, or 0")
     teacher, pairs, layers, heads = None, None, (), None
-    if cfg.mode != 'none':
+    transfer = WIRING[cfg.mode]
+    if transfer is not None:
         teacher = arch.create(0, cfg.input_size)
         init_class_token(student)
         pairs, layers = resolve_pairing(depth, len(teacher.blocks), cfg.transfer_layers)
         heads = parse_heads(cfg.transfer_heads, min(student.blocks[i].attn.num_heads for i in layers))
     trunk = DetectionTrunk(student, grid, cfg.window_size, global_blocks, teacher=teacher,
-                           mode=None if cfg.mode == 'none' else cfg.mode, pairs=pairs, layers=layers, heads=heads,
+                           mode=transfer, pairs=pairs, layers=layers, heads=heads,
                            attention_impl=cfg.attention_impl, transfer_loss=cfg.transfer_loss)
     detector = ViTDetector(student, num_classes + 1, cfg.input_size, cfg.mean, cfg.std, cfg.fpn_channels,
                            cfg.rois_per_image, cfg.score_thresh)
@@ -489,10 +507,13 @@ class Detection(EpochEnd):
         return stats
 
 
+def command_parser() -> Parser:
+    return Parser('python main_detection.py', parents=[get_args_parser()], description=__doc__,
+                  formatter_class=HelpFormatter)
+
+
 def run(argv=None) -> dict:
-    parser = Parser('python main_detection.py', parents=[get_args_parser()], description=__doc__,
-                    formatter_class=HelpFormatter)
-    args, given = parse_command(parser, argv)
+    args, given = parse_command(command_parser(), argv)
     return main(Config.of(args, explicit_flags=given, command=command_line('main_detection.py', argv)))
 
 

@@ -99,8 +99,8 @@ def test_each_run_trains_checkpoints_resumes_and_evaluates(coco, run):
         assert 'train_loss_transfer' in read_log(out)[1]
     # evaluated from the checkpoint: eval_results.json, and its AP from pycocotools on the predictions written
     ev_dir = str(root / f'{run}_eval')
-    quiet(main_detection.run, det_args(data, ev_dir, '--eval', '--resume', os.path.join(out, 'checkpoint.pth'),
-                                       *flags))
+    # (the detector, its mode and teacher from the checkpoint: no --mode, no --finetune)
+    quiet(main_detection.run, det_args(data, ev_dir, '--eval', '--resume', os.path.join(out, 'checkpoint.pth')))
     with open(os.path.join(ev_dir, 'eval_results.json')) as f:
         written = json.load(f)
     assert written['epoch'] == 1
@@ -282,3 +282,55 @@ def test_overfitting_a_handful_of_images_raises_box_ap(coco):
     end = box_ap()
     print(f"box AP {start:.2f} -> {end:.2f}")
     assert start < 2.0 and end > start + 20.0, (start, end)
+
+
+# ---- docs/EXPERIMENTS.md: the detection section's commands run -----------------------------------------------------
+TINY_DETECTION = {'--input_size': str(SIZE), '--batch_size': '4', '--accum_iter': '1', '--epochs': '1',
+                  '--num_workers': '0'}
+
+
+def tiny_detection(argv: list[str]) -> list[str]:
+    """A documented detection command's flags with the model, sizes and device made tiny (every other flag kept)."""
+    from test_experiments_doc import SLURM_FLAGS
+
+    out, i = [], 0
+    while i < len(argv):
+        flag = argv[i]
+        if flag == '--model':
+            out += ['--model', 'vit_base_patch16_224', '--model_kwargs', *kwargs_flags(ARCH)]
+            i += 2
+        elif flag in SLURM_FLAGS or flag in TINY_DETECTION:
+            i += 2
+        elif flag == '--job_dir':
+            out += ['--output_dir', argv[i + 1]]
+            i += 2
+        else:
+            out.append(flag)
+            i += 1
+    return out + [x for flag, value in TINY_DETECTION.items() for x in (flag, value)] + [
+        '--window_size', '4', '--global_blocks', '1,3', '--fpn_channels', '32', '--rois_per_image', '32',
+        '--score_thresh', '0', '--device', 'cpu']
+
+
+@pytest.mark.slow
+def test_every_detection_command_of_the_experiments_page_runs(coco, tmp_path):
+    from test_experiments_doc import detection_commands, expand
+
+    import submitit_finetune
+    _, data, teacher = coco
+    env = {'COCO': data, 'MAE_B': teacher, 'RUNS': str(tmp_path / 'runs'), 'JOB_DIR': str(tmp_path / 'jobs')}
+    commands = detection_commands()
+    assert len(commands) == 9
+    for command in commands:
+        argv = expand(command, env)
+        if argv[0] == 'torchrun':
+            quiet(main_detection.run, tiny_detection(argv[argv.index('main_detection.py') + 1:]))
+        else:
+            assert argv[:2] == ['python', 'submitit_detection.py'], command
+            submitit_finetune.parse_args(argv[2:], main_detection, 'submitit_detection.py')  # as written
+            quiet(main_detection.run, tiny_detection(argv[2:]))
+    for run in ('detect_scratch_vitb', 'detect_finetune_vitb', 'detect_copy_vitb', 'detect_distill_vitb'):
+        assert os.path.isfile(tmp_path / 'runs' / run / 'checkpoint.pth'), run
+        assert os.path.isfile(tmp_path / 'jobs' / run / 'checkpoint.pth'), run
+    with open(tmp_path / 'runs' / 'detect_distill_vitb_eval' / 'eval_results.json') as f:
+        assert 'test_segm_AP' in json.load(f)

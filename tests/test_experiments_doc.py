@@ -35,11 +35,23 @@ ARCH = {**TINY_ARCH, 'embed_dim': 64, 'depth': 24, 'num_heads': 16}
 TINY = {'--input_size': '32', '--batch_size': '8', '--accum_iter': '1', '--epochs': '1', '--num_workers': '0'}
 
 
-def doc_commands() -> list[str]:
+DETECTION_SCRIPTS = ('main_detection.py', 'submitit_detection.py')  # run by tests/test_detection.py
+
+
+def all_doc_commands() -> list[str]:
     with open(DOC, encoding='utf-8') as f:
         blocks = re.findall(r'```bash\n(.*?)\n```', f.read(), flags=re.S)
     lines = [line.strip() for block in blocks for line in re.sub(r'\\\n\s*', ' ', block).splitlines()]
     return [line for line in lines if line and not line.startswith('#')]
+
+
+def doc_commands() -> list[str]:
+    """The page's commands of main_finetune.py, its launcher and the tools (the detection ones: detection_commands)."""
+    return [c for c in all_doc_commands() if not any(script in c for script in DETECTION_SCRIPTS)]
+
+
+def detection_commands() -> list[str]:
+    return [c for c in all_doc_commands() if any(script in c for script in DETECTION_SCRIPTS)]
 
 
 def expand(command: str, env: dict) -> list[str]:

@@ -9,6 +9,7 @@ import shlex
 import pytest
 import yaml
 
+import main_detection
 import main_finetune
 import submitit_finetune
 from util.args import parse_command
@@ -43,16 +44,26 @@ def script_argv(argv):
     return os.path.basename(argv[script]), argv[script + 1:]
 
 
+# each training script, and its SLURM launcher
+SCRIPTS = {'main_finetune.py': 'submitit_finetune.py', 'main_detection.py': 'submitit_detection.py'}
+ENTRIES = {'main_finetune.py': main_finetune, 'main_detection.py': main_detection}
+
+
+def main_script(name):
+    return next(main for main, launcher in SCRIPTS.items() if name in (main, launcher))
+
+
 def parser_of(name):
-    if name == 'submitit_finetune.py':
-        return submitit_finetune.command_parser()
-    return main_finetune.command_parser()
+    entry = ENTRIES[main_script(name)]
+    if name in SCRIPTS.values():
+        return submitit_finetune.command_parser(entry, name)
+    return entry.command_parser()
 
 
 def experiment(name, argv):
     """The experiment a command runs: its parsed flags and the flags it gives, without the site's."""
     args, given = parse_command(parser_of(name), argv)
-    flags = set(main_finetune.command_parser().parse_args([]).__dict__)
+    flags = set(ENTRIES[main_script(name)].command_parser().parse_args([]).__dict__)
     values = {k: v for k, v in vars(args).items() if k in flags and k not in SITE}
     return values, sorted(set(given) - SITE)
 
@@ -63,7 +74,7 @@ def documented():
     for _comment, argv in commands('docs/EXPERIMENTS.md'):
         name, args = script_argv(argv)
         for flag in ('--output_dir', '--job_dir'):
-            if flag in args and name in ('main_finetune.py', 'submitit_finetune.py') and '--eval' not in args:
+            if flag in args and name in (*SCRIPTS, *SCRIPTS.values()) and '--eval' not in args:
                 recipe = os.path.basename(args[args.index(flag) + 1])
                 found.setdefault(recipe, []).append((f'EXPERIMENTS.md {flag} {recipe}', name, args))
     for comment, argv in commands('README.md'):
@@ -91,7 +102,8 @@ def test_every_documented_experiment_has_its_recipe_and_both_commands():
     shipped = sorted(f[:-5] for f in os.listdir(RECIPES) if f.endswith('.yaml'))
     assert sorted(found) == shipped
     for recipe, cmds in found.items():
-        assert {name for _, name, _ in cmds} == {'main_finetune.py', 'submitit_finetune.py'}, recipe
+        main = main_script(cmds[0][1])
+        assert {name for _, name, _ in cmds} == {main, SCRIPTS[main]}, recipe
 
 
 @pytest.mark.parametrize('recipe', sorted(documented()))
@@ -106,7 +118,7 @@ def write_recipes():
     """(Re)write recipes/ from the documented commands: ``python tests/test_recipes.py``."""
     os.makedirs(RECIPES, exist_ok=True)
     for recipe, cmds in sorted(documented().items()):
-        where, name, argv = next(c for c in cmds if c[1] == 'main_finetune.py')
+        where, name, argv = next(c for c in cmds if c[1] in SCRIPTS)
         args, given = parse_command(parser_of(name), argv)
         values = {k: getattr(args, k) for k in given if k not in SITE}
         # the documented single-node command's accumulation, and the effective batch it gives on 8 GPUs
@@ -114,7 +126,7 @@ def write_recipes():
         header = (f"# {recipe}: the experiment of docs/EXPERIMENTS.md that writes ${{RUNS}}/{recipe}.\n"
                   "# Give the site's flags beside it: --data_path, --finetune (the teacher), --output_dir, and\n"
                   f"# --accum_iter {accum} on one node of 8 GPUs (an effective batch of {batch}), e.g.\n"
-                  f"#   torchrun --nproc_per_node 8 main_finetune.py --config recipes/{recipe}.yaml \\\n"
+                  f"#   torchrun --nproc_per_node 8 {name} --config recipes/{recipe}.yaml \\\n"
                   f"#       --accum_iter {accum} --data_path ... --finetune ... --output_dir ...\n")
         with open(os.path.join(RECIPES, f'{recipe}.yaml'), 'w') as f:
             f.write(header + yaml.safe_dump(values, sort_keys=False, default_flow_style=False))
