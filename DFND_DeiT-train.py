@@ -48,6 +48,7 @@ from util.config import Config
 from util.errors import UserError, run_cli
 from util.model_record import classifier_of
 from util.pretrained import local_checkpoint
+from util.run_control import reporting_stop
 from util.selection import labelled_originals
 
 # The reference's CIFAR student: 32x32 input, 4x4 patches, width 128, 12 blocks, 2 heads, MLP ratio 4.
@@ -264,7 +265,7 @@ def main(argv=None) -> dict:
     select, train = translate(args, extra)
     select_args = check(select, train)
     select_wild_data.main(select_args)
-    return main_finetune.run_reporting_stop(train)  # a stop: one line, the signal's exit status
+    return reporting_stop(main_finetune.run, train)  # a stop: one line, the signal's exit status
 
 
 if __name__ == '__main__':

@@ -45,8 +45,8 @@ from util.args import (
     check_positive,
     check_range,
     flag_names,
-    parse_command,
     parse_kwargs,
+    run_command,
     usable_workers,
 )
 from util.checkpoint import (
@@ -85,7 +85,7 @@ from util.precision import AMP_DTYPES, default_amp
 from util.pretrained import load_exact, load_pretrained_weights
 from util.run_control import reporting_stop, stop_on_signals
 from util.run_loop import EpochEnd, RunLoop, RunParts, check_run_folder, finished
-from util.run_record import Console, command_line
+from util.run_record import Console
 from util.samplers import ShardSampler, dataset_fingerprint
 from util.tracking import add_tracking_arguments, check_wandb
 
@@ -202,9 +202,7 @@ def get_args_parser() -> argparse.ArgumentParser:
 # ---------------------------------------------------------------------------------------------
 def check_values(args) -> None:
     """Numeric and combined flags that no run can use, rejected before anything is loaded."""
-    if args.epochs < 1:
-        raise UserError(f"--epochs {args.epochs}: must be >= 1")
-    for flag in ('batch_size', 'accum_iter', 'print_freq', 'eval_every', 'fpn_channels', 'rois_per_image'):
+    for flag in ('epochs', 'batch_size', 'accum_iter', 'print_freq', 'eval_every', 'fpn_channels', 'rois_per_image'):
         check_positive(flag, getattr(args, flag))
     check_range('layer_decay', args.layer_decay, 0, 1, low_open=True, meaning='the lr factor per block')
     check_range('drop_path', args.drop_path, 0, 1, high_open=True, meaning='the stochastic depth rate')
@@ -513,14 +511,8 @@ def command_parser() -> Parser:
 
 
 def run(argv=None) -> dict:
-    args, given = parse_command(command_parser(), argv)
-    return main(Config.of(args, explicit_flags=given, command=command_line('main_detection.py', argv)))
-
-
-def run_reporting_stop(argv=None) -> dict:
-    """run(), with a requested stop (SIGINT / SIGTERM) reported in one line: its checkpoint is written."""
-    return reporting_stop(run, argv)
+    return run_command(command_parser(), 'main_detection.py', main, argv)
 
 
 if __name__ == '__main__':
-    run_cli(run_reporting_stop)
+    run_cli(reporting_stop, run)  # a requested stop (SIGINT / SIGTERM) reported in one line

@@ -52,8 +52,8 @@ from util.args import (
     check_run_flags,
     check_values,
     flag_names,
-    parse_command,
     parse_kwargs,
+    run_command,
     usable_workers,
 )
 from util.checkpoint import (
@@ -106,7 +106,7 @@ from util.precision import AMP_DTYPES, default_amp, hold_teacher, teacher_dtype
 from util.pretrained import local_checkpoint
 from util.run_control import reporting_stop, stop_on_signals
 from util.run_loop import EpochEnd, RunLoop, RunParts, check_run_folder, finished
-from util.run_record import Console, command_line
+from util.run_record import Console
 from util.samplers import ShardSampler, dataset_fingerprint
 from util.tracking import add_tracking_arguments, check_wandb
 
@@ -645,14 +645,8 @@ def command_parser() -> Parser:
 
 
 def run(argv=None) -> dict:
-    args, given = parse_command(command_parser(), argv)
-    return main(Config.of(args, explicit_flags=given, command=command_line('main_finetune.py', argv)))
-
-
-def run_reporting_stop(argv=None) -> dict:
-    """run(), with a requested stop (SIGINT / SIGTERM) reported in one line: its checkpoint is written."""
-    return reporting_stop(run, argv)
+    return run_command(command_parser(), 'main_finetune.py', main, argv)
 
 
 if __name__ == '__main__':
-    run_cli(run_reporting_stop)
+    run_cli(reporting_stop, run)  # a requested stop (SIGINT / SIGTERM) reported in one line

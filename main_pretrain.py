@@ -38,8 +38,8 @@ from util.args import (
     check_positive,
     check_range,
     flag_names,
-    parse_command,
     parse_kwargs,
+    run_command,
     usable_workers,
 )
 from util.checkpoint import (
@@ -70,7 +70,7 @@ from util.output import (
 from util.precision import AMP_DTYPES, default_amp
 from util.run_control import reporting_stop, stop_on_signals
 from util.run_loop import EpochEnd, RunLoop, RunParts, check_run_folder, finished
-from util.run_record import Console, command_line
+from util.run_record import Console
 from util.samplers import dataset_fingerprint
 from util.selection import ImageFiles, list_images
 from util.tracking import add_tracking_arguments, check_wandb
@@ -317,14 +317,8 @@ class Pretraining(EpochEnd):
 def run(argv=None) -> dict:
     parser = Parser('python main_pretrain.py', parents=[get_args_parser()], description=__doc__,
                     formatter_class=HelpFormatter)
-    args, given = parse_command(parser, argv)
-    return main(Config.of(args, explicit_flags=given, command=command_line('main_pretrain.py', argv)))
-
-
-def run_reporting_stop(argv=None) -> dict:
-    """run(), with a requested stop (SIGINT / SIGTERM) reported in one line: its checkpoint is written."""
-    return reporting_stop(run, argv)
+    return run_command(parser, 'main_pretrain.py', main, argv)
 
 
 if __name__ == '__main__':
-    run_cli(run_reporting_stop)
+    run_cli(reporting_stop, run)  # a requested stop (SIGINT / SIGTERM) reported in one line

@@ -147,8 +147,9 @@ class DetectionTrunk(nn.Module):
                  transfer_loss: str = 'ce') -> None:
         super().__init__()
         if type(student) is not VisionTransformer:
-            raise ModelArgumentError(f"the detection backbone is a timm VisionTransformer; "
-                                     f"{type(student).__name__} has blocks of another kind", 'student')
+            raise ModelArgumentError(f"the detection backbone is a timm VisionTransformer (ViT, DeiT, MAE, DINO, "
+                                     f"DINOv2, CLIP, SigLIP); {type(student).__name__} is another family",
+                                     'architecture')
         self.student, self.teacher, self.mode = student, teacher, transfer_of(mode)
         self.grid, self.window_size = tuple(grid), window_size
         self.global_blocks = sorted(set(global_blocks))
@@ -190,7 +191,7 @@ class DetectionTrunk(nn.Module):
                                 f"{s.blocks[i].attn.num_heads}")
         if problems:
             raise ModelArgumentError("teacher and student are incompatible for detection transfer:\n  - "
-                                     + "\n  - ".join(problems), 'student')
+                                     + "\n  - ".join(problems), 'architecture')
         if self.transfer_loss not in TRANSFER_LOSSES or (self.attention_impl == 'fused'
                                                          and self.transfer_loss not in FUSED_TRANSFER_LOSSES):
             raise ModelArgumentError(f"attention map loss {self.transfer_loss!r} has no {self.attention_impl} path",
@@ -332,8 +333,9 @@ class TransferDetector(nn.Module):
         super().__init__()
         if trunk.student is not detector.student:
             raise ModelArgumentError("the trunk must run the detector's own student", 'trunk')
+        # the trunk's teacher, registered first so that its parameters are named teacher.* (what DDP ignores)
+        self.teacher = trunk.teacher
         self.detector, self.trunk = detector, trunk
-        self.teacher = trunk.teacher  # the same module: what DDP ignores and copy checkpoints hold
 
     @property
     def student(self) -> VisionTransformer:

@@ -158,24 +158,35 @@ def test_a_stop_inside_an_epoch_continues_at_its_step(coco, monkeypatch):
 
 
 @pytest.mark.slow
-def test_two_ranks_with_dist_eval_give_a_single_process_ap(coco):
-    root, data, _ = coco
-    ckpt = os.path.join(root, 'scratch', 'checkpoint.pth')
-    if not os.path.exists(ckpt):
-        quiet(main_detection.run, det_args(data, str(root / 'scratch'), '--mode', 'none'))
-    single = str(root / 'eval_single')
-    quiet(main_detection.run, det_args(data, single, '--eval', '--resume', ckpt, '--mode', 'none'))
-    two = str(root / 'eval_two')
+def test_two_ranks_train_and_their_dist_eval_gives_a_single_process_ap(coco):
+    """torchrun, two CPU processes (gloo): a distill epoch under DDP (the frozen teacher neither broadcast nor
+    reduced), then the end-of-run evaluation split over the ranks (--dist_eval, one image a step each), whose AP
+    equals a single process's --eval of the checkpoint (one image a step and one thread, as the ranks: the same
+    arithmetic per image)."""
+    root, data, teacher = coco
+    two = str(root / 'ddp')
     cmd = [sys.executable, '-m', 'torch.distributed.run', '--nproc_per_node', '2', '--master_port', str(free_port()),
            os.path.join(ROOT, 'main_detection.py'),
-           *det_args(data, two, '--eval', '--resume', ckpt, '--mode', 'none', '--dist_eval', '--batch_size', '1')]
+           *det_args(data, two, '--mode', 'distill', '--finetune', teacher, '--dist_eval', '--batch_size', '1')]
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=240, cwd=ROOT,
                           env={**os.environ, 'OMP_NUM_THREADS': '1'})
     assert done.returncode == 0, done.stderr[-3000:]
-    with open(os.path.join(single, 'eval_results.json')) as f, open(os.path.join(two, 'eval_results.json')) as g:
-        a, b = json.load(f), json.load(g)
+    assert done.stdout.count('start training for 1 epochs (4 steps each)') == 1  # 8 images, 2 ranks x 1 a step
+    saved = torch.load(os.path.join(two, 'checkpoint.pth'), weights_only=True)
+    assert saved['world_size'] == 2 and not any(k.startswith('teacher') for k in saved['model'])
+    single = str(root / 'ddp_eval_single')
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        quiet(main_detection.run, det_args(data, single, '--eval', '--resume', os.path.join(two, 'checkpoint.pth'),
+                                           '--batch_size', '1'))
+    finally:
+        torch.set_num_threads(threads)
+    with open(os.path.join(single, 'eval_results.json')) as f:
+        alone = json.load(f)
+    split = read_log(two)[0]
     for key in ('test_bbox_AP', 'test_bbox_AP50', 'test_segm_AP', 'test_segm_AP50'):
-        assert a[key] == b[key], key
+        assert alone[key] == split[key], key
 
 
 def test_the_slurm_launcher_runs_a_detection_job(coco, tmp_path):
@@ -217,6 +228,8 @@ def no_annotations(root: str) -> None:
     (lambda r: None, ('--window_size', '3'), r"--window_size 3: does not tile the 8 x 8 patch grid"),
     (lambda r: None, ('--global_blocks', '1,7'), r"--global_blocks: blocks \[7\] are outside"),
     (lambda r: None, ('--input_size', '72'), r"--input_size 72: must be a multiple of 32"),
+    (lambda r: None, ('--model', 'eva02_tiny_patch14_224'),
+     r"--model / --model_kwargs: the detection backbone is a timm VisionTransformer .*; Eva is another family"),
 ])
 def test_bad_input_is_refused_naming_the_flag_or_file(coco, tmp_path, change, flags, message):
     _, data, _ = coco
@@ -307,6 +320,8 @@ def tiny_detection(argv: list[str]) -> list[str]:
         else:
             out.append(flag)
             i += 1
+    if '--model' not in argv and '--eval' not in argv:  # the default ViT-B, made tiny
+        out += ['--model', 'vit_base_patch16_224', '--model_kwargs', *kwargs_flags(ARCH)]
     return out + [x for flag, value in TINY_DETECTION.items() for x in (flag, value)] + [
         '--window_size', '4', '--global_blocks', '1,3', '--fpn_channels', '32', '--rois_per_image', '32',
         '--score_thresh', '0', '--device', 'cpu']
@@ -334,3 +349,26 @@ def test_every_detection_command_of_the_experiments_page_runs(coco, tmp_path):
         assert os.path.isfile(tmp_path / 'jobs' / run / 'checkpoint.pth'), run
     with open(tmp_path / 'runs' / 'detect_distill_vitb_eval' / 'eval_results.json') as f:
         assert 'test_segm_AP' in json.load(f)
+
+
+def test_the_detection_pages_commands_run(coco, tmp_path):
+    """docs/DETECTION.md's first block: the miniature, a distill run on it, its evaluation (paths under
+    tmp_path, the teacher file the tiny teacher, the model and sizes tiny)."""
+    import re
+    import shlex
+
+    from tools import make_coco_miniature
+
+    _, _, teacher = coco
+    with open(os.path.join(ROOT, 'docs', 'DETECTION.md'), encoding='utf-8') as f:
+        block = re.findall(r'```bash\n(.*?)\n```', f.read(), flags=re.S)[0]
+    lines = [line.strip() for line in re.sub(r'\\\n\s*', ' ', block).splitlines()]
+    commands = [shlex.split(line.replace('/tmp/', f'{tmp_path}/').replace('mae_pretrain_vit_base.pth', teacher))
+                for line in lines if line and not line.startswith('#')]
+    assert [c[:2] for c in commands] == [['python', 'tools/make_coco_miniature.py'], ['python', 'main_detection.py'],
+                                         ['python', 'main_detection.py']]
+    quiet(make_coco_miniature.main, commands[0][2:])
+    for argv in commands[1:]:
+        quiet(main_detection.run, tiny_detection(argv[2:]))
+    with open(tmp_path / 'det_distill_eval' / 'eval_results.json') as f:
+        assert json.load(f)['checkpoint'] == str(tmp_path / 'det_distill' / 'checkpoint.pth')

@@ -148,7 +148,6 @@ def test_window_layout_and_global_blocks():
 
 
 def test_the_detector_trains_and_predicts_in_the_input_frame():
-    student, teacher = tiny_vit(0).float(), tiny_vit(1).float()
     size = SIZE * 2
     student = create_vit('vit_base_patch16_224', num_classes=0, global_pool='token', img_size=size, patch_size=8,
                          embed_dim=16, depth=4, num_heads=2)
@@ -156,7 +155,8 @@ def test_the_detector_trains_and_predicts_in_the_input_frame():
                          embed_dim=16, depth=4, num_heads=2)
     trunk = DetectionTrunk(student, (8, 8), 4, (1, 3), teacher=teacher, mode='distill', pairs={i: i for i in range(4)},
                            layers=[0, 1, 2, 3])
-    model = TransferDetector(ViTDetector(student, 3, size, (0.5,) * 3, (0.25,) * 3), trunk)
+    model = TransferDetector(ViTDetector(student, 3, size, (0.5,) * 3, (0.25,) * 3, width=32, rois_per_image=64),
+                             trunk)
     masks = torch.zeros(1, size, size, dtype=torch.uint8)
     masks[0, 8:40, 4:30] = 1
     targets = [{'boxes': torch.tensor([[4.0, 8.0, 30.0, 40.0]]), 'labels': torch.tensor([2]), 'masks': masks}] * 2

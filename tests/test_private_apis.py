@@ -22,6 +22,9 @@ Pinned, with the production code that uses each:
 - argparse ``HelpFormatter._get_help_string`` (overridden; called once per option's help):
   util/args.HelpFormatter.
 
+- torch ``torch.utils._python_dispatch.TorchDispatchMode`` (a mode that sees every operator's outputs, those of
+  the backward pass included): benchmarks/detection_step.LargestTensors (are N x N maps created?).
+
 Not pinned: ``os._exit`` (public by convention, documented)."""
 import argparse
 import copy
@@ -264,3 +267,12 @@ def test_help_formatter_calls_get_help_string_for_each_options_help():
     assert {'from_parent', 'lr', 'pin_mem'} <= set(calls)
     assert 'learning rate (default: 0.001)' in text and 'of the parent (default: 7)' in text
     assert 'pin (default' not in text  # a flag without a value shows none (HelpFormatter's rule)
+
+
+def test_a_dispatch_mode_sees_the_outputs_of_forward_and_backward_operators():
+    from benchmarks.detection_step import LargestTensors
+
+    x = torch.randn(3, 5, requires_grad=True)
+    with LargestTensors({5, 7}) as seen:
+        (x.t() @ x).sum().backward()  # the forward's 5 x 5 product, and its backward's
+    assert seen.square >= 2 and seen.largest == 5 * 5 * 4

@@ -23,7 +23,7 @@ from util.errors import DEBUG_ENV, run_cli
 from util.losses import TransferCriterion
 from util.output import RunLock, requeued_checkpoint
 from util.pretrained import read_checkpoint
-from util.run_control import clear_stop, stop_on_signals, stop_requested
+from util.run_control import clear_stop, reporting_stop, stop_on_signals, stop_requested
 
 
 # ---- SIGINT and SIGTERM outside SLURM ---------------------------------------------------------------
@@ -88,7 +88,7 @@ def test_a_stop_without_an_output_folder_says_nothing_was_kept(workdir, monkeypa
     stop_at_forward(monkeypatch, 4)
     try:
         with pytest.raises(SystemExit):
-            main_finetune.run_reporting_stop(args_for(workdir, '', '--checkpoint_minutes', '1e-9'))
+            reporting_stop(main_finetune.run, args_for(workdir, '', '--checkpoint_minutes', '1e-9'))
     finally:
         clear_stop()
     out, err = capsys.readouterr()
@@ -265,7 +265,7 @@ def test_non_finite_loss_is_one_error_line_naming_the_last_good_checkpoint(small
     torch.save(poisoned, teacher)
     capsys.readouterr()
     with pytest.raises(SystemExit) as stop:
-        run_cli(main_finetune.run_reporting_stop, tiny_args(
+        run_cli(reporting_stop, main_finetune.run, tiny_args(
             small_work.data, out, '--mode', 'distill', '--finetune', teacher, '--resume', 'allow', epochs=2))
     assert stop.value.code == 1
     err = capsys.readouterr().err

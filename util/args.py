@@ -15,11 +15,13 @@ import torch
 
 from models_component_init import parse_components
 from models_pair import ModelArgumentError
+from util.config import Config
 from util.datasets import CACHE_IMAGES_HELP, LAYOUT, DataError
 from util.errors import UserError
 from util.eval_classes import read_eval_classes
 from util.precision import AMP_DTYPES
 from util.pretrained import local_checkpoint
+from util.run_record import command_line
 
 
 def parse_kwargs(items: Sequence[str] | dict, flag: str) -> dict:
@@ -149,6 +151,13 @@ def parse_command(parser: Parser, argv: Sequence[str] | None) -> tuple[argparse.
     parser.set_defaults(**values)
     args = parser.parse_args(argv)
     return args, sorted(set(explicit_flags(parser, argv)) | set(values))
+
+
+def run_command(parser: Parser, script: str, main: Callable[[Config], dict], argv: Sequence[str] | None) -> dict:
+    """An entry point's run: ``argv`` parsed by ``parser`` (with --config's values) into the configuration,
+    which records the flags given and the command line of ``script``, and ``main`` run on it."""
+    args, given = parse_command(parser, argv)
+    return main(Config.of(args, explicit_flags=given, command=command_line(script, argv)))
 
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
