@@ -93,10 +93,10 @@ DEFAULT_MODEL = 'vit_base_patch16_224'
 PREDICTIONS = 'coco_instances_results.json'  # --eval's predictions, in COCO's results format
 DETECTION_MODES = tuple(WIRING)  # none (no teacher) and the transfer modes
 # the flags that make the detector: a resumed run keeps them (its weights and optimizer state have their shapes)
-ARCHITECTURE_FLAGS = ('model', 'model_kwargs', 'input_size', 'window_size', 'global_blocks', 'mode', 'nb_classes',
-                      'transfer_layers', 'fpn_channels')
+ARCHITECTURE_FLAGS = ('model', 'model_kwargs', 'input_size', 'window_size', 'global_blocks', 'mode',
+                      'transfer_layers', 'fpn_channels')  # and the categories, checked against the annotations
 # what --eval --resume takes from the checkpoint's run unless the command gives it
-EVALUATED_FLAGS = ARCHITECTURE_FLAGS + ('transfer_heads', 'mean', 'std')
+EVALUATED_FLAGS = ARCHITECTURE_FLAGS + ('nb_classes', 'transfer_heads', 'mean', 'std')
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -286,8 +286,6 @@ def check_detection_checkpoint(ckpt: dict, path: str, cfg: Config) -> None:
                         "checkpoint, or start from pre-trained ViT weights with --finetune")
     for flag in ARCHITECTURE_FLAGS:
         value = getattr(cfg, flag)
-        if flag == 'nb_classes' and value is None:
-            continue
         if flag in saved and saved[flag] != value:
             raise UserError(f"--{flag} {value}: the run of {path} has --{flag} {saved[flag]}, and its detector has "
                             f"that shape: give --{flag} {saved[flag]}, or start a new run in another --output_dir")
@@ -445,8 +443,11 @@ class Detection(EpochEnd):
         sampler = ShardSampler(self.val_set, world, rank) if cfg.dist_eval else range(len(self.val_set))
         self.val_loader = build_loader(self.val_set, sampler, cfg.batch_size, cfg.num_workers,
                                        pins_memory(cfg.pin_mem, cfg.device), train=False, collate=collate_detection)
-        self.record = {**cfg.record(), 'task': 'detection', 'nb_classes': self.num_classes,
-                       'categories': list(categories.ids)}
+        saved = recorded_args(ckpt).get('categories') if ckpt is not None else None
+        if saved is not None and list(saved) != list(categories.ids):
+            raise UserError(f"{val_ann}: its category ids {list(categories.ids)} are not those the detector of "
+                            f"{ckpt_path} was trained on ({list(saved)}); give the annotations of its categories")
+        self.record = {**cfg.record(), 'task': 'detection', 'categories': list(categories.ids)}
         if cfg.eval:
             return
         lr = learning_rate(cfg, world)

@@ -93,6 +93,8 @@ def test_each_run_trains_checkpoints_resumes_and_evaluates(coco, run):
     # resumed: the second epoch, then its evaluation
     stats, printed = quiet(main_detection.run, det_args(data, out, *flags, '--resume', 'allow', epochs=2))
     assert f"resumed from {out}/checkpoint.pth" in printed
+    changes = [line for line in printed.splitlines() if 'resumed with a change' in line]
+    assert changes == ["resumed with a change: --epochs: 1 in the checkpoint's run, 2 from here on"], changes
     assert [line['epoch'] for line in read_log(out)] == [0, 1]
     assert all('test_bbox_AP' in line for line in read_log(out))  # each run evaluates after its last epoch
     if run == 'distill':
@@ -250,12 +252,17 @@ def test_a_transfer_mode_without_a_teacher_and_a_command_line_error_are_one_line
     assert done.stderr.startswith('error: --mode copy needs a teacher'), done.stderr
 
 
-def test_resuming_another_detector_is_refused(coco, tmp_path):
+def test_resuming_or_evaluating_another_detector_is_refused(coco, tmp_path):
     root, data, teacher = coco
     out = str(tmp_path / 'run')
     quiet(main_detection.run, det_args(data, out, '--mode', 'none'))
     with pytest.raises(UserError, match=r"--window_size 2: the run of .* has --window_size 4"):
         main_detection.run(det_args(data, out, '--mode', 'none', '--window_size', '2', '--resume', 'allow', epochs=2))
+    other = make_miniature(str(tmp_path / 'four'), images=2, val_images=2, size=SIZE, seed=1, categories=4)
+    with pytest.raises(UserError, match=r"its category ids \[1, 3, 7, 8\] are not those the detector of .* was "
+                                        r"trained on \(\[1, 3, 7\]\)"):
+        main_detection.run(det_args(other, str(tmp_path / 'ev'), '--eval', '--resume', os.path.join(out,
+                                                                                                   'checkpoint.pth')))
 
 
 # ---- the detector learns --------------------------------------------------------------------------------------------
