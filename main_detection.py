@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 
 import torch
@@ -53,6 +54,7 @@ from util.checkpoint import (
     Checkpointer,
     Weights,
     check_resume_matches,
+    holds_teacher,
     load_training_checkpoint,
     next_position,
     recorded_args,
@@ -64,7 +66,16 @@ from util.coco_eval import coco_evaluate, gather_image_ids, gather_results, to_c
 from util.config import Config
 from util.datasets import build_loader, pins_memory
 from util.detection_data import build_coco_dataset, coco_paths, collate_detection
-from util.distributed import destroy, get_rank, get_world_size, init_distributed_mode, is_main_process, log, wrap_ddp
+from util.distributed import (
+    all_reduce_sum,
+    destroy,
+    get_rank,
+    get_world_size,
+    init_distributed_mode,
+    is_main_process,
+    log,
+    wrap_ddp,
+)
 from util.errors import UserError, run_cli
 from util.lr_decay import param_groups_lrd
 from util.lr_sched import Schedule, learning_rate
@@ -202,8 +213,21 @@ def get_args_parser() -> argparse.ArgumentParser:
 # ---------------------------------------------------------------------------------------------
 def check_values(args) -> None:
     """Numeric and combined flags that no run can use, rejected before anything is loaded."""
-    for flag in ('epochs', 'batch_size', 'accum_iter', 'print_freq', 'eval_every', 'fpn_channels', 'rois_per_image'):
+    for flag in ('epochs', 'batch_size', 'accum_iter', 'print_freq', 'eval_every', 'fpn_channels', 'rois_per_image',
+                 'input_size', 'blr'):
         check_positive(flag, getattr(args, flag))
+    for flag in ('lr', 'clip_grad'):
+        if getattr(args, flag) is not None:
+            check_positive(flag, getattr(args, flag))
+    for flag in ('weight_decay', 'atd_weight', 'warmup_epochs', 'min_lr'):
+        if not math.isfinite(getattr(args, flag)) or getattr(args, flag) < 0:
+            raise UserError(f"--{flag} {getattr(args, flag):g}: must be a finite number >= 0")
+    check_range('step_rate', args.step_rate, 0, 1, low_open=True, meaning='the lr factor at each step epoch')
+    if min(args.step_epochs) < 1:
+        raise UserError(f"--step_epochs {' '.join(map(str, args.step_epochs))}: epochs count from 1")
+    if args.window_size == 0 and args.global_blocks is not None:
+        raise UserError(f"--global_blocks {args.global_blocks}: with --window_size 0 every block attends globally; "
+                        "give a --window_size, or drop --global_blocks")
     check_range('layer_decay', args.layer_decay, 0, 1, low_open=True, meaning='the lr factor per block')
     check_range('drop_path', args.drop_path, 0, 1, high_open=True, meaning='the stochastic depth rate')
     check_range('score_thresh', args.score_thresh, 0, 1, high_open=True, meaning='the lowest score kept')
@@ -219,8 +243,7 @@ def check_values(args) -> None:
             raise UserError(f"--{given[0]}: --mode none transfers nothing; give --mode copy or distill, or drop it")
     elif not args.finetune and not args.eval:
         raise UserError(f"--mode {args.mode} needs a teacher: give --finetune CKPT (e.g. mae_pretrain_vit_base.pth)")
-    compares_maps = transfer is not None and transfer.exposes == 'attn' and transfer.use == 'loss'
-    if args.attention_impl == 'fused' and compares_maps and args.transfer_loss not in FUSED_TRANSFER_LOSSES:
+    if args.attention_impl == 'fused' and compares_maps(args.mode) and args.transfer_loss not in FUSED_TRANSFER_LOSSES:
         raise UserError(f"--transfer_loss {args.transfer_loss} with --attention_impl fused: it compares the maps "
                         "entry by entry, which the fused attention never builds; use --attention_impl explicit")
     if args.mean is not None or args.std is not None:
@@ -234,9 +257,9 @@ def resolve_args(args, read_resume: bool = True) -> tuple[Config, dict | None, s
     check_wandb(args.log_wandb)
     check_output_folders(args.output_dir, args.log_dir)
     impl = args.attention_impl
-    if impl == 'auto':
-        impl = 'explicit' if args.transfer_loss not in FUSED_TRANSFER_LOSSES else resolve_attention_impl(
-            'auto', args.device)
+    if impl == 'auto':  # explicit maps where distill's map loss has no fused path
+        impl = 'explicit' if compares_maps(args.mode) and args.transfer_loss not in FUSED_TRANSFER_LOSSES else \
+            resolve_attention_impl('auto', args.device)
     cfg = Config.of(args, model_kwargs=parse_kwargs(args.model_kwargs, '--model_kwargs'),
                     log_dir=args.output_dir if args.log_dir is None else args.log_dir,
                     amp=args.amp or default_amp(args.device), num_workers=usable_workers(args.num_workers),
@@ -244,23 +267,31 @@ def resolve_args(args, read_resume: bool = True) -> tuple[Config, dict | None, s
                     std=tuple(args.std or IMAGENET_DEFAULT_STD), eval_data_path=args.data_path)
     for split in (('val2017',) if cfg.eval else ('train2017', 'val2017')):
         coco_paths(cfg.data_path, split, cfg.train_ann if split == 'train2017' else cfg.val_ann)
+    if cfg.eval and not cfg.resume:
+        raise UserError("--eval evaluates a detection checkpoint: give --resume CKPT (a checkpoint of "
+                        "main_detection.py)")
     if not read_resume:
         check_model_flags(cfg)
         return cfg, None, None
     path = resume_path(requeued_checkpoint(cfg.output_dir, cfg.resume, cfg.eval) or cfg.resume, cfg.output_dir)
     if cfg.eval and not path:
-        raise UserError("--eval evaluates a detection checkpoint: give --resume CKPT (a checkpoint of "
-                        "main_detection.py)")
+        raise UserError(f"--eval --resume {cfg.resume}: no checkpoint to evaluate there")
     ckpt = load_training_checkpoint(path, to_train=not cfg.eval) if path else None
-    if ckpt is not None and cfg.eval:  # the evaluated detector is the checkpoint's, unless the command says
+    if ckpt is not None:
         saved = recorded_args(ckpt)
-        cfg = cfg.replace(**{flag: saved[flag] for flag in EVALUATED_FLAGS
-                             if flag in saved and flag not in (cfg.explicit_flags or ())})
+        if saved.get('task') != 'detection':
+            raise UserError(f"--resume {path!r} is not a checkpoint of main_detection.py: resume a detection run's "
+                            "checkpoint, or start from pre-trained ViT weights with --finetune")
+        if cfg.eval:  # the evaluated detector is the checkpoint's, unless the command says otherwise
+            cfg = cfg.replace(**{flag: saved[flag] for flag in EVALUATED_FLAGS
+                                 if flag in saved and flag not in (cfg.explicit_flags or ())})
     check_model_flags(cfg)
     if ckpt is not None:
-        check_detection_checkpoint(ckpt, path, cfg)
+        check_same_detector(saved, path, cfg)
         check_resume_matches(ckpt, path, cfg.finetune, teacher_from_finetune=WIRING[cfg.mode] is not None,
                              evaluating=cfg.eval)
+        if holds_teacher(ckpt) and saved.get('finetune'):  # the teacher is the checkpoint's: so is its origin
+            cfg = cfg.replace(finetune=saved['finetune'])
         if not cfg.eval:
             for line in changed_flags(recorded_args(ckpt), cfg.record()):
                 log(f"resumed with a change: {line}")
@@ -278,14 +309,23 @@ def check_model_flags(cfg: Config) -> None:
         build_model(cfg, cfg.nb_classes or 1)
 
 
-def check_detection_checkpoint(ckpt: dict, path: str, cfg: Config) -> None:
-    """A resumed or evaluated checkpoint is main_detection.py's, of the detector these flags build."""
-    saved = recorded_args(ckpt)
-    if saved.get('task') != 'detection':
-        raise UserError(f"--resume {path!r} is not a checkpoint of main_detection.py: resume a detection run's "
-                        "checkpoint, or start from pre-trained ViT weights with --finetune")
+def compares_maps(mode: str) -> bool:
+    """Whether ``mode`` pulls the student's attention maps towards the teacher's by a loss (--transfer_loss's)."""
+    transfer = WIRING[mode]
+    return transfer is not None and transfer.exposes == 'attn' and transfer.use == 'loss'
+
+
+def block_set(spec) -> list[int] | None:
+    """--global_blocks as the set of blocks it names (None: the default), for comparing two runs' values."""
+    return None if spec is None else parse_indices(spec, 10 ** 6, 'blocks', 'global_blocks')
+
+
+def check_same_detector(saved: dict, path: str, cfg: Config) -> None:
+    """A resumed or evaluated checkpoint's detector is the one these flags build (``saved``: its record)."""
     for flag in ARCHITECTURE_FLAGS:
         value = getattr(cfg, flag)
+        if flag == 'global_blocks' and flag in saved and block_set(saved[flag]) == block_set(value):
+            continue
         if flag in saved and saved[flag] != value:
             raise UserError(f"--{flag} {value}: the run of {path} has --{flag} {saved[flag]}, and its detector has "
                             f"that shape: give --{flag} {saved[flag]}, or start a new run in another --output_dir")
@@ -371,9 +411,10 @@ def evaluate_detection(model: torch.nn.Module, loader, dataset, device: torch.de
     """Box and mask AP (%) of ``model`` on the evaluation set, from pycocotools' COCOeval, and the predictions as
     COCO results: every rank's shard gathered first under ``dist_eval``, so the numbers equal a single process's."""
     model.eval()
-    results, seen = [], []
+    results, seen, skipped = [], [], 0
     autocast = torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None)
-    for batch, (images, targets, _skipped) in enumerate(loader, start=1):
+    for batch, (images, targets, batch_skipped) in enumerate(loader, start=1):
+        skipped += batch_skipped
         if len(images) == 0:
             continue
         with autocast:
@@ -385,7 +426,10 @@ def evaluate_detection(model: torch.nn.Module, loader, dataset, device: torch.de
             log(f"evaluation [{batch}/{len(loader)}]")
     if dist_eval:
         results, seen = gather_results(results), gather_image_ids(seen)
-    return coco_evaluate(results, dataset.coco, sorted(set(seen))), results
+        skipped = int(all_reduce_sum(torch.tensor([float(skipped)], device=device)).item())
+    stats = coco_evaluate(results, dataset.coco, sorted(set(seen)))
+    # the images the AP is over (undecodable ones are left out of it, and counted)
+    return {**stats, 'images': len(set(seen)), 'skipped_images': skipped}, results
 
 
 # ---------------------------------------------------------------------------------------------
@@ -438,7 +482,7 @@ class Detection(EpochEnd):
         self.n_parameters = sum(p.numel() for p in model.parameters() if p.requires_grad)
         log(f"detector: {Architecture.of(cfg.model, cfg.model_kwargs, 'token').label()} backbone, "
             f"{self.num_classes} categories, {cfg.input_size} px frame, {self.n_parameters / 1e6:.2f}M trainable "
-            f"parameters; {model.trunk.describe()}; attention {cfg.attention_impl}")
+            f"parameters; {model.trunk.describe()}; attention {cfg.attention_impl}, precision {cfg.amp}")
         world, rank = get_world_size(), get_rank()
         sampler = ShardSampler(self.val_set, world, rank) if cfg.dist_eval else range(len(self.val_set))
         self.val_loader = build_loader(self.val_set, sampler, cfg.batch_size, cfg.num_workers,
@@ -473,7 +517,8 @@ class Detection(EpochEnd):
     def evaluate(self) -> tuple[dict, list[dict]]:
         stats, results = evaluate_detection(self.model, self.val_loader, self.val_set, self.device, self.amp_dtype,
                                             self.cfg.dist_eval, self.cfg.print_freq)
-        log(f"box AP {stats['bbox_AP']:.2f}  mask AP {stats['segm_AP']:.2f} on {len(self.val_set)} images")
+        skipped = (f" ({stats['skipped_images']} undecodable, left out)" if stats['skipped_images'] else '')
+        log(f"box AP {stats['bbox_AP']:.2f}  mask AP {stats['segm_AP']:.2f} on {stats['images']} images{skipped}")
         return stats, results
 
     def evaluate_only(self) -> dict:

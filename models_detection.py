@@ -192,8 +192,9 @@ class DetectionTrunk(nn.Module):
         if problems:
             raise ModelArgumentError("teacher and student are incompatible for detection transfer:\n  - "
                                      + "\n  - ".join(problems), 'architecture')
-        if self.transfer_loss not in TRANSFER_LOSSES or (self.attention_impl == 'fused'
-                                                         and self.transfer_loss not in FUSED_TRANSFER_LOSSES):
+        compares_maps = self.mode.exposes == 'attn' and self.mode.use == 'loss'
+        if compares_maps and (self.transfer_loss not in TRANSFER_LOSSES or (
+                self.attention_impl == 'fused' and self.transfer_loss not in FUSED_TRANSFER_LOSSES)):
             raise ModelArgumentError(f"attention map loss {self.transfer_loss!r} has no {self.attention_impl} path",
                                      'transfer_loss')
 

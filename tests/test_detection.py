@@ -230,6 +230,12 @@ def no_annotations(root: str) -> None:
     (lambda r: None, ('--window_size', '3'), r"--window_size 3: does not tile the 8 x 8 patch grid"),
     (lambda r: None, ('--global_blocks', '1,7'), r"--global_blocks: blocks \[7\] are outside"),
     (lambda r: None, ('--input_size', '72'), r"--input_size 72: must be a multiple of 32"),
+    (lambda r: None, ('--input_size', '0'), r"--input_size 0: must be > 0"),
+    (lambda r: None, ('--blr', '-1'), r"--blr -1: must be > 0"),
+    (lambda r: None, ('--weight_decay', '-1'), r"--weight_decay -1: must be a finite number >= 0"),
+    (lambda r: None, ('--step_rate', '0'), r"--step_rate 0: must lie in \(0, 1\]"),
+    (lambda r: None, ('--window_size', '0', '--global_blocks', '1'),
+     r"--global_blocks 1: with --window_size 0 every block attends globally"),
     (lambda r: None, ('--model', 'eva02_tiny_patch14_224'),
      r"--model / --model_kwargs: the detection backbone is a timm VisionTransformer .*; Eva is another family"),
 ])
@@ -258,6 +264,14 @@ def test_resuming_or_evaluating_another_detector_is_refused(coco, tmp_path):
     quiet(main_detection.run, det_args(data, out, '--mode', 'none'))
     with pytest.raises(UserError, match=r"--window_size 2: the run of .* has --window_size 4"):
         main_detection.run(det_args(data, out, '--mode', 'none', '--window_size', '2', '--resume', 'allow', epochs=2))
+    # the same blocks in another order are the same detector
+    quiet(main_detection.run, det_args(data, out, '--mode', 'none', '--global_blocks', '3,1', '--resume', 'allow',
+                                       epochs=2))
+    finetuned = tmp_path / 'classifier.pth'  # a checkpoint of main_finetune.py
+    torch.save({'model': {}, 'optimizer': {}, 'epoch': 0, 'args': {'mode': 'none'}}, finetuned)
+    with pytest.raises(UserError, match=r"is not a checkpoint of main_detection.py"):
+        main_detection.run(['--eval', '--resume', str(finetuned), '--data_path', data, '--device', 'cpu',
+                            '--output_dir', str(tmp_path / 'ev0')])
     other = make_miniature(str(tmp_path / 'four'), images=2, val_images=2, size=SIZE, seed=1, categories=4)
     with pytest.raises(UserError, match=r"its category ids \[1, 3, 7, 8\] are not those the detector of .* was "
                                         r"trained on \(\[1, 3, 7\]\)"):
@@ -379,3 +393,53 @@ def test_the_detection_pages_commands_run(coco, tmp_path):
         quiet(main_detection.run, tiny_detection(argv[2:]))
     with open(tmp_path / 'det_distill_eval' / 'eval_results.json') as f:
         assert json.load(f)['checkpoint'] == str(tmp_path / 'det_distill' / 'checkpoint.pth')
+
+
+def test_an_undecodable_evaluation_image_is_left_out_and_counted(coco, tmp_path):
+    root, data, _ = coco
+    out = str(tmp_path / 'run')
+    quiet(main_detection.run, det_args(data, out, '--mode', 'none'))
+    broken = broken_copy(data, tmp_path, lambda r: open(os.path.join(
+        r, 'val2017', sorted(os.listdir(os.path.join(r, 'val2017')))[0]), 'wb').write(b'not an image'))
+    with pytest.warns(UserWarning, match='skipping undecodable image'):
+        _, printed = quiet(main_detection.run, det_args(broken, str(tmp_path / 'ev'), '--eval', '--resume',
+                                                        os.path.join(out, 'checkpoint.pth')))
+    assert 'on 3 images (1 undecodable, left out)' in printed
+    with open(tmp_path / 'ev' / 'eval_results.json') as f:
+        written = json.load(f)
+    assert written['test_images'] == 3 and written['test_skipped_images'] == 1
+
+
+def test_a_teacher_of_another_patch_size_is_named_and_one_of_other_tokens_refused(coco, tmp_path):
+    _, data, _ = coco
+    torch.manual_seed(0)
+    other = create_vit('vit_base_patch16_224', num_classes=0, global_pool='avg', img_size=32,
+                       **{**ARCH, 'patch_size': 4})
+    torch.save({'model': other.state_dict()}, tmp_path / 'patch4.pth')
+    _, printed = quiet(main_detection.run, det_args(data, str(tmp_path / 'p4'), '--mode', 'distill', '--finetune',
+                                                    str(tmp_path / 'patch4.pth')))
+    assert 'patch embedding resampled from 4 x 4 to 8 x 8 pixels' in printed
+    with pytest.raises(UserError, match=r"does not fit the model: timm cannot convert its weights"):
+        main_detection.run(det_args(data, str(tmp_path / 'reg'), '--mode', 'distill', '--finetune',
+                                    str(tmp_path / 'patch4.pth'), '--model_kwargs', *kwargs_flags(ARCH),
+                                    'reg_tokens=4'))
+
+
+def test_copy_takes_any_map_loss_flag_it_does_not_use():
+    args = main_detection.get_args_parser().parse_args(['--mode', 'copy', '--finetune', 't.pth', '--transfer_loss',
+                                                        'js', '--attention_impl', 'fused'])
+    main_detection.check_values(args)  # no refusal: copy compares no maps
+    with pytest.raises(UserError, match='--transfer_loss js with --attention_impl fused'):
+        main_detection.check_values(main_detection.get_args_parser().parse_args(
+            ['--mode', 'distill', '--finetune', 't.pth', '--transfer_loss', 'js', '--attention_impl', 'fused']))
+
+
+def test_a_resumed_copy_run_keeps_its_teachers_origin(coco, tmp_path):
+    """A copy checkpoint holds its teacher: another --finetune on resume is not used, said so, and not recorded."""
+    _, data, teacher = coco
+    out = str(tmp_path / 'copy')
+    quiet(main_detection.run, det_args(data, out, '--mode', 'copy', '--finetune', teacher))
+    with pytest.warns(UserWarning, match=r"is not the run's recorded --finetune .* the teacher's weights come from"):
+        quiet(main_detection.run, det_args(data, out, '--mode', 'copy', '--finetune', str(tmp_path / 'gone.pth'),
+                                           '--resume', 'allow', epochs=2))
+    assert torch.load(os.path.join(out, 'checkpoint.pth'), weights_only=True)['args']['finetune'] == teacher

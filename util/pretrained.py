@@ -403,23 +403,32 @@ def load_pretrained_weights(model: nn.Module, path: str, use_ema: bool = False, 
     checkpoint = read_checkpoint(path, flag) if checkpoint is None else checkpoint
     state_dict = select_state_dict(checkpoint, use_ema=use_ema, source=source)
     resampled = None
+    patch_note = None
     if hasattr(model, 'patch_embed'):
-        before = state_dict.get('pos_embed')
+        before, kernel = state_dict.get('pos_embed'), state_dict.get('patch_embed.proj.weight')
         # the model family's own timm conversion; plain bicubic, as MAE's interpolate_pos_embed (timm's
         # default adds antialiasing)
-        state_dict = (checkpoint_filter_for(model) or checkpoint_filter_fn)(state_dict, model, antialias=False)
-        after = state_dict.get('pos_embed')
+        try:
+            state_dict = (checkpoint_filter_for(model) or checkpoint_filter_fn)(state_dict, model, antialias=False)
+        except (RuntimeError, ValueError) as e:  # e.g. a position embedding of other prefix tokens
+            raise CheckpointMismatchError(f"{source} does not fit the model: timm cannot convert its weights to "
+                                          f"the model's shapes ({e}); give the checkpoint's architecture (its "
+                                          "patch size, width, class and register tokens)") from e
+        after, resized = state_dict.get('pos_embed'), state_dict.get('patch_embed.proj.weight')
         if before is not None and after is not None and before.shape != after.shape:
             resampled = (f"position embedding resampled (bicubic) from {grid_of(before, model)} to "
                          f"{grid_of(after, model)} patches")
+        if kernel is not None and resized is not None and kernel.shape != resized.shape:
+            patch_note = (f"patch embedding resampled from {kernel.shape[-2]} x {kernel.shape[-1]} to "
+                          f"{resized.shape[-2]} x {resized.shape[-1]} pixels (timm's resample_patch_embed): the "
+                          "checkpoint's patch size is not the model's")
     state_dict = {k: v for k, v in state_dict.items() if not k.startswith(IGNORED_PREFIXES)}
     check_fits(model, state_dict, source, tolerate=_is_classifier)
     own = model.state_dict()
     kept = {k: v for k, v in state_dict.items() if k in own and v.shape == own[k].shape}
     model.load_state_dict(kept, strict=False)
     report = LoadReport(path, set(kept))
-    if resampled:
-        report.lines.append(resampled)
+    report.lines += [line for line in (resampled, patch_note) if line]
     own_kept = sorted(k for k in own if k not in kept)
     ignored = sorted(k for k in state_dict if k not in kept)
     if own_kept:
