@@ -18,6 +18,7 @@ import main_finetune
 import main_pretrain
 from models_mae import MaskedAutoencoder, random_masking, sincos_pos_embed
 from models_vit import create_vit
+from util.args import parse_command
 from util.errors import UserError
 from util.run_control import Preempted, clear_stop, request_stop
 
@@ -389,7 +390,7 @@ def test_a_pretraining_run_folder_holds_its_record(workdir, pretrained, tmp_path
         assert 'masked autoencoder: encoder' in f.read()
     # the recorded configuration is a recipe: the same run from --config alone
     parser = main_pretrain.get_args_parser()
-    again = main_pretrain.parse_command(parser, ['--config', os.path.join(pretrained, 'config.yaml')])[0]
+    again = parse_command(parser, ['--config', os.path.join(pretrained, 'config.yaml')])[0]
     for key in ('mask_ratio', 'norm_pix_loss', 'decoder_embed_dim', 'blr', 'batch_size', 'input_size', 'model'):
         assert getattr(again, key) == config[key], key
 

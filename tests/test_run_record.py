@@ -13,6 +13,7 @@ from helpers import args_for, read_log, torchrun
 
 import main_finetune
 import main_pretrain
+from util.args import parse_command
 from util.errors import UserError
 from util.run_record import CONFIG_FILE, CONSOLE_FILE, RECORD_FILE
 
@@ -63,7 +64,7 @@ def test_the_config_file_starts_the_same_run(workdir, distill_run):
 def test_the_command_line_wins_over_the_config_file(workdir, distill_run, tmp_path):
     recipe = tmp_path / 'recipe.yaml'
     recipe.write_text(f"data_path: {workdir.data}\nepochs: 7\nbatch_size: 4\n")
-    args, given = main_finetune.parse_command(main_finetune.command_parser(), ['--config', str(recipe),
+    args, given = parse_command(main_finetune.command_parser(), ['--config', str(recipe),
                                                                                '--epochs', '2'])
     assert (args.epochs, args.batch_size, args.data_path) == (2, 4, workdir.data)
     assert {'epochs', 'batch_size', 'data_path'} <= set(given)  # a recipe's values are not the mode's to change
@@ -77,7 +78,7 @@ def test_a_config_file_with_a_wrong_entry_is_refused(tmp_path, text, message):
     recipe = tmp_path / 'recipe.yaml'
     recipe.write_text(text)
     with pytest.raises(UserError, match=message):
-        main_finetune.parse_command(main_finetune.command_parser(), ['--config', str(recipe)])
+        parse_command(main_finetune.command_parser(), ['--config', str(recipe)])
 
 
 def test_a_resumed_run_adds_its_start(workdir, distill_run):
