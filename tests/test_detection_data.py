@@ -86,14 +86,15 @@ def test_miniature_is_coco_with_gapped_ids_and_masks_that_are_the_shapes(mini):
     assert sorted(coco.getCatIds()) == [1, 3, 7]
     assert [c['name'] for c in coco.loadCats([1, 3, 7])] == ['rectangle', 'ellipse', 'triangle']
     colour = {c[0]: np.array(c[3]) for c in CATEGORIES}
-    sizes = set()
+    sizes, counts = set(), set()
     for image in coco.loadImgs(coco.getImgIds()):
         pixels = np.asarray(Image.open(os.path.join(mini, 'train2017', image['file_name'])), dtype=float)
         assert pixels.shape[:2] == (image['height'], image['width'])
         assert all(0.75 * SIZE <= side <= 1.25 * SIZE for side in pixels.shape[:2])
         sizes.add(pixels.shape[:2])
         annotations = coco.loadAnns(coco.getAnnIds(image['id']))
-        assert 1 <= len(annotations) <= 4
+        assert 1 <= len(annotations) <= 4  # the tool's 1-4 objects an image
+        counts.add(len(annotations))
         for ann in annotations:
             mask = coco.annToMask(ann).astype(bool)
             xy = np.array(ann['segmentation'][0]).reshape(-1, 2)
@@ -103,7 +104,7 @@ def test_miniature_is_coco_with_gapped_ids_and_masks_that_are_the_shapes(mini):
             assert np.allclose([xy[:, 0].min(), xy[:, 1].min(), xy[:, 0].max(), xy[:, 1].max()], [x, y, x + w, y + h])
             assert np.abs(pixels[mask].mean(0) - colour[ann['category_id']]).max() < 25  # painted where annotated
             assert ann['iscrowd'] == 0
-    assert len(sizes) > 3
+    assert len(sizes) > 3 and len(counts) > 1  # images of several sizes and object counts
 
 
 def test_miniature_is_deterministic_and_refuses_a_used_folder(mini, tmp_path, capsys):

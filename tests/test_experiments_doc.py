@@ -60,29 +60,35 @@ def expand(command: str, env: dict) -> list[str]:
     return shlex.split(re.sub(r'\$\{(\w+)\}', lambda m: env[m.group(1)], command))
 
 
-def tiny(argv: list[str], classifier: str | None = None) -> list[str]:
-    """main_finetune.py's flags with the model, sizes and device made tiny (see the module's docstring)."""
+def replace_flags(argv: list[str], arch: dict, set_later: tuple[str, ...], resume: str | None = None) -> list[str]:
+    """A documented command's flags with ``--model X`` as a ViT of ``arch``, the SLURM job's flags dropped
+    (``--job_dir D`` becoming ``--output_dir D``, where submitit would write), the ``set_later`` flags removed (the
+    caller sets them) and, with ``resume``, a --resume other than ``allow`` pointing there; every other flag kept."""
     out, i = [], 0
     while i < len(argv):
         flag = argv[i]
         if flag == '--model':
-            out += ['--model', 'vit_base_patch16_224', '--model_kwargs', *kwargs_flags(ARCH)]
+            out += ['--model', 'vit_base_patch16_224', '--model_kwargs', *kwargs_flags(arch)]
             i += 2
-        elif flag in SLURM_FLAGS:
+        elif flag in SLURM_FLAGS or flag in set_later:
             i += 2
         elif flag == '--use_volta32':
             i += 1
         elif flag == '--job_dir':
             out += ['--output_dir', argv[i + 1]]
             i += 2
-        elif flag in TINY or flag == '--nb_classes':
-            i += 2  # set below
-        elif flag == '--resume' and classifier and argv[i + 1] != 'allow':
-            out += ['--resume', classifier]
+        elif flag == '--resume' and resume and argv[i + 1] != 'allow':
+            out += ['--resume', resume]
             i += 2
         else:
             out.append(flag)
             i += 1
+    return out
+
+
+def tiny(argv: list[str], classifier: str | None = None) -> list[str]:
+    """main_finetune.py's flags with the model, sizes and device made tiny (see the module's docstring)."""
+    out = replace_flags(argv, ARCH, (*TINY, '--nb_classes'), classifier)
     data = out[out.index('--data_path') + 1] if '--data_path' in out else None
     if data and os.path.isdir(os.path.join(data, 'train')):
         out += ['--nb_classes', str(len(os.listdir(os.path.join(data, 'train'))))]
