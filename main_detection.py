@@ -237,17 +237,30 @@ def check_values(args) -> None:
     if args.window_size < 0:
         raise UserError(f"--window_size {args.window_size}: must be >= 0 (0: global attention in every block)")
     transfer = WIRING[args.mode]
-    if transfer is None:
-        given = [f for f in ('transfer_layers', 'transfer_heads') if getattr(args, f) is not None]
-        if given:
-            raise UserError(f"--{given[0]}: --mode none transfers nothing; give --mode copy or distill, or drop it")
-    elif not args.finetune and not args.eval:
+    check_mode_flags(args)
+    if transfer is not None and not args.finetune and not args.eval:
         raise UserError(f"--mode {args.mode} needs a teacher: give --finetune CKPT (e.g. mae_pretrain_vit_base.pth)")
     if args.attention_impl == 'fused' and compares_maps(args.mode) and args.transfer_loss not in FUSED_TRANSFER_LOSSES:
         raise UserError(f"--transfer_loss {args.transfer_loss} with --attention_impl fused: it compares the maps "
                         "entry by entry, which the fused attention never builds; use --attention_impl explicit")
     if args.mean is not None or args.std is not None:
         check_normalization(args.mean, args.std)
+
+
+def check_mode_flags(args) -> None:
+    """The transfer flags a mode does nothing with are refused when the command gives them: every one in mode
+    none; --atd_weight where no transfer loss trains (copy modes), --transfer_loss where no maps are compared by a
+    loss (all but distill)."""
+    given = set(args.explicit_flags or ()) | {f for f in ('transfer_layers', 'transfer_heads')
+                                               if getattr(args, f) is not None}
+    transfer = WIRING[args.mode]
+    unused = {'transfer_layers': transfer is None, 'transfer_heads': transfer is None,
+              'atd_weight': transfer is None or transfer.use != 'loss', 'transfer_loss': not compares_maps(args.mode)}
+    for flag in sorted(f for f, does_nothing in unused.items() if does_nothing and f in given):
+        raise UserError(f"--{flag}: --mode {args.mode} does nothing with it ("
+                        + ("it transfers nothing" if transfer is None else
+                           "it trains no transfer loss" if flag == 'atd_weight' else
+                           "it compares no attention maps by a loss") + "); give --mode distill, or drop it")
 
 
 def resolve_args(args, read_resume: bool = True) -> tuple[Config, dict | None, str | None]:
@@ -293,7 +306,7 @@ def resolve_args(args, read_resume: bool = True) -> tuple[Config, dict | None, s
         if holds_teacher(ckpt) and saved.get('finetune'):  # the teacher is the checkpoint's: so is its origin
             cfg = cfg.replace(finetune=saved['finetune'])
         if not cfg.eval:
-            for line in changed_flags(recorded_args(ckpt), cfg.record()):
+            for line in changed_flags(saved, cfg.record()):
                 log(f"resumed with a change: {line}")
     if not cfg.eval:
         check_inputs_not_overwritten(run_folder(cfg), {flag: getattr(cfg, flag, '') for flag in INPUT_FLAGS},

@@ -325,22 +325,9 @@ TINY_DETECTION = {'--input_size': str(SIZE), '--batch_size': '4', '--accum_iter'
 
 def tiny_detection(argv: list[str]) -> list[str]:
     """A documented detection command's flags with the model, sizes and device made tiny (every other flag kept)."""
-    from test_experiments_doc import SLURM_FLAGS
+    from test_experiments_doc import replace_flags
 
-    out, i = [], 0
-    while i < len(argv):
-        flag = argv[i]
-        if flag == '--model':
-            out += ['--model', 'vit_base_patch16_224', '--model_kwargs', *kwargs_flags(ARCH)]
-            i += 2
-        elif flag in SLURM_FLAGS or flag in TINY_DETECTION:
-            i += 2
-        elif flag == '--job_dir':
-            out += ['--output_dir', argv[i + 1]]
-            i += 2
-        else:
-            out.append(flag)
-            i += 1
+    out = replace_flags(argv, ARCH, tuple(TINY_DETECTION))
     if '--model' not in argv and '--eval' not in argv:  # the default ViT-B, made tiny
         out += ['--model', 'vit_base_patch16_224', '--model_kwargs', *kwargs_flags(ARCH)]
     return out + [x for flag, value in TINY_DETECTION.items() for x in (flag, value)] + [
@@ -425,13 +412,34 @@ def test_a_teacher_of_another_patch_size_is_named_and_one_of_other_tokens_refuse
                                     'reg_tokens=4'))
 
 
-def test_copy_takes_any_map_loss_flag_it_does_not_use():
-    args = main_detection.get_args_parser().parse_args(['--mode', 'copy', '--finetune', 't.pth', '--transfer_loss',
-                                                        'js', '--attention_impl', 'fused'])
-    main_detection.check_values(args)  # no refusal: copy compares no maps
-    with pytest.raises(UserError, match='--transfer_loss js with --attention_impl fused'):
-        main_detection.check_values(main_detection.get_args_parser().parse_args(
-            ['--mode', 'distill', '--finetune', 't.pth', '--transfer_loss', 'js', '--attention_impl', 'fused']))
+@pytest.mark.parametrize('mode, flags, message', [
+    ('none', ('--transfer_layers', '0-1'), '--transfer_layers: --mode none does nothing with it'),
+    ('none', ('--atd_weight', '2'), '--atd_weight: --mode none does nothing with it'),
+    ('copy', ('--atd_weight', '2'), '--atd_weight: --mode copy does nothing with it .it trains no transfer loss'),
+    ('copy', ('--transfer_loss', 'js', '--attention_impl', 'fused'),
+     '--transfer_loss: --mode copy does nothing with it .it compares no attention maps'),
+    ('distill_k', ('--transfer_loss', 'reverse_kl'), '--transfer_loss: --mode distill_k does nothing with it'),
+    ('distill', ('--transfer_loss', 'js', '--attention_impl', 'fused'),
+     '--transfer_loss js with --attention_impl fused'),
+])
+def test_a_flag_the_mode_does_nothing_with_is_refused(coco, tmp_path, mode, flags, message):
+    _, data, teacher = coco
+    with pytest.raises(UserError, match=message):
+        main_detection.run(det_args(data, str(tmp_path / 'out'), '--mode', mode, '--finetune', teacher, *flags))
+    assert not (tmp_path / 'out').exists()
+
+
+@pytest.mark.parametrize('mode, impl', [('copy', 'fused'), ('distill', 'fused'), ('none', 'fused')])
+def test_auto_picks_the_fused_attention_on_cuda_unless_distills_map_loss_needs_maps(coco, mode, impl):
+    _, data, teacher = coco
+    args = main_detection.get_args_parser().parse_args(det_args(data, '', '--mode', mode, '--finetune', teacher,
+                                                                '--device', 'cuda', '--attention_impl', 'auto'))
+    resolved = main_detection.resolve_args(Config.of(args, explicit_flags=['mode']), read_resume=False)[0]
+    assert resolved.attention_impl == impl
+    explicit = main_detection.get_args_parser().parse_args(det_args(
+        data, '', '--mode', 'distill', '--finetune', teacher, '--device', 'cuda', '--transfer_loss', 'mse'))
+    assert main_detection.resolve_args(Config.of(explicit, explicit_flags=['mode']),
+                                       read_resume=False)[0].attention_impl == 'explicit'
 
 
 def test_a_resumed_copy_run_keeps_its_teachers_origin(coco, tmp_path):
